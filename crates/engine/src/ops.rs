@@ -1,0 +1,224 @@
+//! CPU ops over whole batches (no per-element callbacks), each with a `# Shapes` line. The
+//! scalar twins in `reference` are the oracles these are tested against.
+
+use crate::simd::dot;
+use crate::Weight;
+use rayon::prelude::*;
+
+/// Rows of W widened per tile in the batched product; a [64, d] f32 tile stays in L2.
+const TILE_ROWS: usize = 64;
+/// Up to this many tokens the product runs as dot products over widened rows (decode).
+const GEMV_MAX_TOKENS: usize = 4;
+
+struct SendPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of output elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method, so closures capture the whole wrapper rather than its raw-pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// y = x · Wᵀ.
+/// # Shapes
+/// x [t, d_in], w [d_out, d_in] → y [t, d_out]
+pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
+    let (d_out, d_in) = (w.rows, w.cols);
+    debug_assert_eq!(x.len(), t * d_in);
+    debug_assert_eq!(y.len(), t * d_out);
+    let yp = SendPtr(y.as_mut_ptr());
+    if t <= GEMV_MAX_TOKENS {
+        // Decode: stream each row of W once, widened into a per-task buffer, dotted with every token.
+        let chunk = (d_out / (rayon::current_num_threads() * 8)).clamp(16, 256);
+        (0..d_out.div_ceil(chunk)).into_par_iter().for_each_init(
+            || vec![0f32; chunk * d_in],
+            |buf, c| {
+                let r0 = c * chunk;
+                let n = chunk.min(d_out - r0);
+                let rows = &mut buf[..n * d_in];
+                w.dequantize_rows(r0, rows);
+                for (i, row) in rows.chunks_exact(d_in).enumerate() {
+                    for tok in 0..t {
+                        let v = dot(&x[tok * d_in..(tok + 1) * d_in], row);
+                        // SAFETY: (tok, r0 + i) is written by this task only.
+                        unsafe { *yp.get().add(tok * d_out + r0 + i) = v };
+                    }
+                }
+            },
+        );
+        return;
+    }
+    (0..d_out.div_ceil(TILE_ROWS)).into_par_iter().for_each_init(
+        || vec![0f32; TILE_ROWS * d_in],
+        |buf, c| {
+            let r0 = c * TILE_ROWS;
+            let n = TILE_ROWS.min(d_out - r0);
+            let tile = &mut buf[..n * d_in];
+            w.dequantize_rows(r0, tile);
+            // SAFETY: the task writes columns r0..r0+n of y, disjoint from other tasks; strides
+            // describe x [t, d_in] row-major, tileᵀ [d_in, n] and y[:, r0..r0+n].
+            unsafe {
+                gemm::gemm(
+                    t,
+                    n,
+                    d_in,
+                    yp.get().add(r0),
+                    1,
+                    d_out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    d_in as isize,
+                    tile.as_ptr(),
+                    d_in as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
+}
+
+/// RMSNorm as transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) · weight, in f32.
+/// # Shapes
+/// x [t, d], weight [d] → y [t, d]
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32]) {
+    let d = weight.len();
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
+        let ms = dot(xr, xr) / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(weight) {
+            *o = g * (v * inv);
+        }
+    });
+}
+
+/// Rotary embedding in HF's rotate-half layout, in place: for each head, pairs (i, i + hd/2).
+/// # Shapes
+/// x [t, h, hd], cos/sin [t, hd/2] (per token, from `RopeTable`)
+pub fn rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    x.par_chunks_mut(heads * hd).enumerate().for_each(|(tok, xt)| {
+        let (c, s) = (&cos[tok * half..(tok + 1) * half], &sin[tok * half..(tok + 1) * half]);
+        for head in xt.chunks_exact_mut(hd) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * c[i] - x2 * s[i];
+                b[i] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    });
+}
+
+/// Causal grouped-query attention of `t` new queries at absolute positions `pos0 ..` over a
+/// cache holding keys/values for positions `0 .. pos0 + t`. `window`: Mistral's sliding
+/// window (a query at p sees keys p-window+1 ..= p).
+/// # Shapes
+/// q [t, h, hd], k/v cache [n_ctx, kv, hd] → out [t, h, hd]
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    pos0: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        || Vec::with_capacity(pos0 + t),
+        |scores: &mut Vec<f32>, (idx, o)| {
+            let (tok, head) = (idx / heads, idx % heads);
+            let p = pos0 + tok;
+            let kvh = head / group;
+            let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let qv = &q[idx * hd..(idx + 1) * hd];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in lo..=p {
+                let kr = &k[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
+                let s = dot(qv, kr) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            o.fill(0.0);
+            for (jj, &s) in scores.iter().enumerate() {
+                let j = lo + jj;
+                let vr = &v[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
+                let pw = s / sum;
+                for (a, &b) in o.iter_mut().zip(vr) {
+                    *a += pw * b;
+                }
+            }
+        },
+    );
+}
+
+/// SwiGLU: silu(gate) · up, in place into `gate`.
+/// # Shapes
+/// gate, up [t, f]
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
+        for (a, &b) in g.iter_mut().zip(u) {
+            *a = *a / (1.0 + (-*a).exp()) * b;
+        }
+    });
+}
+
+/// Embedding lookup: rows of the table, widened.
+/// # Shapes
+/// ids [t], table [v, d] → y [t, d]
+pub fn embedding(ids: &[u32], table: &Weight, y: &mut [f32]) {
+    let d = table.cols;
+    y.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(row, &id)| {
+        table.dequantize_rows(id as usize, row);
+    });
+}
+
+/// Adds b into a.
+pub fn add_in_place(a: &mut [f32], b: &[f32]) {
+    for (x, &y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+/// Rotary tables for a set of positions.
+pub struct RopeTable {
+    /// [hd/2]
+    pub inv_freq: Vec<f32>,
+}
+
+impl RopeTable {
+    /// cos/sin [t, hd/2] for the given positions; angles are pos·inv_freq in f32 as in transformers.
+    pub fn cos_sin(&self, positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for p in positions {
+            for &f in &self.inv_freq {
+                let a = (p as f32 * f) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+}

@@ -1,0 +1,112 @@
+//! Each fast op against its scalar reference, on odd shapes and every weight format it widens.
+
+use qlora_engine::{ops, reference, Weight, WeightFormat};
+use qlora_quant::GgmlType;
+use std::sync::Arc;
+
+/// f32 accumulation-order differences on sums of ~500 products of O(1) values.
+const TOL: f32 = 2e-5;
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn linear_matches_reference_for_decode_and_prefill_shapes() {
+    for &(t, out, inp) in &[(1, 37, 64), (3, 130, 96), (5, 70, 33), (17, 129, 160)] {
+        let x = data(t * inp, 1);
+        let w = Weight::from_f32(out, inp, &data(out * inp, 2));
+        let mut y = vec![0f32; t * out];
+        ops::linear(&x, t, &w, &mut y);
+        close(&y, &reference::linear(&x, t, &w), TOL);
+    }
+}
+
+#[test]
+fn linear_widens_f16_bf16_and_q8_0_rows() {
+    let (t, out, inp) = (6, 40, 64);
+    let vals = data(out * inp, 3);
+    let x = data(t * inp, 4);
+    let f16: Vec<u8> = vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+    let bf16: Vec<u8> = vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+    let mut q8 = Vec::new();
+    for blk in vals.chunks(32) {
+        q8.extend_from_slice(&half::f16::from_f32(1.0 / 64.0).to_le_bytes());
+        q8.extend(blk.iter().map(|v| ((v * 64.0).round() as i8) as u8));
+    }
+    for (fmt, bytes) in [(GgmlType::F16, f16), (GgmlType::BF16, bf16), (GgmlType::Q8_0, q8)] {
+        let w = Weight::new(WeightFormat::Ggml(fmt), out, inp, Arc::new(bytes)).unwrap();
+        for t in [1, t] {
+            let mut y = vec![0f32; t * out];
+            ops::linear(&x[..t * inp], t, &w, &mut y);
+            close(&y, &reference::linear(&x[..t * inp], t, &w), TOL);
+        }
+    }
+}
+
+#[test]
+fn weight_rejects_wrong_byte_count_and_partial_blocks() {
+    assert!(Weight::new(WeightFormat::Ggml(GgmlType::F32), 2, 3, Arc::new(vec![0u8; 20])).is_err());
+    assert!(Weight::new(WeightFormat::Ggml(GgmlType::Q4_0), 1, 48, Arc::new(vec![0u8; 36])).is_err());
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    let x = data(5 * 48, 5);
+    let g = data(48, 6);
+    let mut y = vec![0f32; x.len()];
+    ops::rms_norm(&x, &g, 1e-5, &mut y);
+    close(&y, &reference::rms_norm(&x, &g, 1e-5), 1e-6);
+}
+
+#[test]
+fn rope_matches_reference() {
+    let (t, h, hd) = (4, 3, 10);
+    let x = data(t * h * hd, 7);
+    let table = ops::RopeTable {
+        inv_freq: (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect(),
+    };
+    let positions = [5usize, 6, 7, 300];
+    let (cos, sin) = table.cos_sin(positions.iter().copied());
+    let mut y = x.clone();
+    ops::rope(&mut y, h, hd, &cos, &sin);
+    close(&y, &reference::rope(&x, h, hd, &positions, &table.inv_freq), 1e-6);
+}
+
+#[test]
+fn attention_matches_reference_with_gqa_and_window() {
+    let (h, kv, hd) = (6, 2, 8);
+    for &(t, pos0, window) in &[(7, 0, None), (7, 0, Some(3)), (1, 9, Some(4)), (3, 5, None)] {
+        let n = pos0 + t;
+        let q = data(t * h * hd, 8);
+        let k = data(n * kv * hd, 9);
+        let v = data(n * kv * hd, 10);
+        let mut out = vec![0f32; t * h * hd];
+        ops::attention(&q, &k, &v, t, pos0, h, kv, hd, window, &mut out);
+        close(&out, &reference::attention(&q, &k, &v, t, pos0, h, kv, hd, window), 1e-5);
+    }
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    let g = data(300, 11);
+    let u = data(300, 12);
+    let mut y = g.clone();
+    ops::swiglu(&mut y, &u);
+    close(&y, &reference::swiglu(&g, &u), 1e-6);
+}

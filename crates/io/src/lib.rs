@@ -1,0 +1,63 @@
+//! qlora-io: every file format qlora reads and writes, and nothing else.
+//! Tensors leave this crate as `RawTensor`s addressed by their Hugging Face name; foreign names
+//! (GGUF's `blk.3.ffn_down`) are translated here, once.
+
+mod bytes;
+mod config;
+mod error;
+mod gguf;
+mod model_dir;
+mod safetensors_file;
+mod tokenizer;
+
+pub use bytes::Bytes;
+pub use config::{ModelConfig, RopeScaling};
+pub use error::{Error, Result};
+pub use gguf::{GgmlType, GgufFile, GgufValue};
+pub use model_dir::{ModelSource, TensorStore};
+pub use safetensors_file::{write_safetensors, SafetensorsFile, WriteTensor};
+pub use tokenizer::{load_tokenizer_json, tokenizer_from_gguf, TokenizerInfo};
+
+/// How one tensor's elements are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementType {
+    F32,
+    F16,
+    BF16,
+    U8,
+    I8,
+    I32,
+    I64,
+    /// A block-quantized GGUF type (the block layout lives in qlora-quant).
+    Ggml(GgmlType),
+}
+
+impl ElementType {
+    pub fn name(&self) -> String {
+        match self {
+            ElementType::F32 => "f32".into(),
+            ElementType::F16 => "f16".into(),
+            ElementType::BF16 => "bf16".into(),
+            ElementType::U8 => "u8".into(),
+            ElementType::I8 => "i8".into(),
+            ElementType::I32 => "i32".into(),
+            ElementType::I64 => "i64".into(),
+            ElementType::Ggml(t) => t.name().into(),
+        }
+    }
+}
+
+/// One tensor as stored in a file: its HF name, element type, shape (row-major, HF order) and bytes.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: ElementType,
+    pub shape: Vec<usize>,
+    pub data: Bytes,
+}
+
+impl RawTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}

@@ -1,0 +1,244 @@
+//! Tokenizers: `tokenizer.json` (+ `tokenizer_config.json`) from HF directories, or one built
+//! from a GGUF file's `tokenizer.ggml.*` metadata as a tokenizer.json document (so `convert` can
+//! write it out unchanged).
+
+use crate::{Error, GgufFile, GgufValue, Result};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// A tokenizer plus what generation needs to know about it.
+pub struct TokenizerInfo {
+    pub tokenizer: Tokenizer,
+    /// The tokenizer.json document it was built from.
+    pub json: String,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Whether encoding adds BOS (tokenizer_config's `add_bos_token`, or GGUF's flag).
+    pub add_bos: bool,
+}
+
+fn tok_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Tokenizer {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads `dir/tokenizer.json` and, when present, `tokenizer_config.json` and `chat_template.jinja`.
+pub fn load_tokenizer_json(dir: &Path) -> Result<Option<TokenizerInfo>> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let json = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let tokenizer = json.parse::<Tokenizer>().map_err(|e| tok_err(&path, e.to_string()))?;
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg: Value = if cfg_path.exists() {
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: cfg_path.clone(),
+            reason: e.to_string(),
+        })?
+    } else {
+        Value::Null
+    };
+    // A token in tokenizer_config.json is a string or an AddedToken object with "content".
+    let token = |key: &str| match &cfg[key] {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|v| v.as_str()).map(String::from),
+        _ => None,
+    };
+    let mut chat_template = match &cfg["chat_template"] {
+        Value::String(s) => Some(s.clone()),
+        // A list of named templates: take "default".
+        Value::Array(a) => a
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(String::from),
+        _ => None,
+    };
+    let jinja = dir.join("chat_template.jinja");
+    if chat_template.is_none() && jinja.exists() {
+        chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+    }
+    let bos_token = token("bos_token");
+    // BOS is added when the post-processor adds it; tokenizer_config's flag is informational.
+    let add_bos = match &bos_token {
+        Some(b) => tokenizer
+            .encode("a", true)
+            .ok()
+            .and_then(|e| e.get_tokens().first().cloned())
+            .is_some_and(|t| &t == b),
+        None => false,
+    };
+    Ok(Some(TokenizerInfo {
+        tokenizer,
+        json,
+        chat_template,
+        bos_token,
+        eos_token: token("eos_token"),
+        add_bos,
+    }))
+}
+
+/// Llama-3's pre-tokenizer split regex (llama.cpp pre type "llama-bpe").
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model` "gpt2" or "llama").
+pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
+    let path = g.path.as_path();
+    let Some(model) = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()) else {
+        return Ok(None);
+    };
+    let strings = |key: &str| -> Result<Vec<String>> {
+        let arr = g.get(key).and_then(|v| v.as_array()).ok_or_else(|| tok_err(path, format!("{key} is missing")))?;
+        arr.iter()
+            .map(|v| v.as_str().map(String::from).ok_or_else(|| tok_err(path, format!("{key} holds a non-string"))))
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+        Some(GgufValue::Array(a)) => a.iter().map(|v| v.as_u64().map(|x| x as i64).unwrap_or(1)).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let id = |key: &str| g.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let bos = id("tokenizer.ggml.bos_token_id");
+    let eos = id("tokenizer.ggml.eos_token_id");
+    let name_of = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize).cloned());
+    let default_add_bos = model == "llama";
+    let add_bos = g
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(default_add_bos);
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    // Control (3) and user-defined (4) tokens are matched in raw text, as HF does.
+    let added: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)) || (model == "llama" && types.get(*i) == Some(&2)))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": types.get(i) != Some(&4)})
+        })
+        .collect();
+    let bos_processor = |fallback: Value| match (add_bos, name_of(bos)) {
+        (true, Some(b)) => json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}
+        }),
+        _ => fallback,
+    };
+    let doc = match model {
+        "gpt2" => {
+            let merges = strings("tokenizer.ggml.merges")?;
+            let merges: Vec<Value> = merges
+                .iter()
+                .map(|m| {
+                    let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                    json!([a, b])
+                })
+                .collect();
+            let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+            let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+            let pre_tokenizer = match pre {
+                "default" | "gpt2" | "gpt-2" => byte_level,
+                "smollm" => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level]}),
+                "llama3" | "llama-bpe" | "llama-v3" => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+                other => {
+                    return Err(tok_err(
+                        path,
+                        format!("pre-tokenizer type \"{other}\" is not supported yet (qlora knows default, gpt2, smollm, llama-bpe); use the model's Hugging Face directory with its tokenizer.json"),
+                    ))
+                }
+            };
+            json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": null, "pre_tokenizer": pre_tokenizer,
+                "post_processor": bos_processor(json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})),
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                          "ignore_merges": false, "vocab": vocab, "merges": merges}
+            })
+        }
+        "llama" => {
+            let scores: Vec<f64> = match g.get("tokenizer.ggml.scores") {
+                Some(GgufValue::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+                _ => return Err(tok_err(path, "tokenizer.ggml.scores is missing")),
+            };
+            let merges = spm_merges(&tokens, &scores);
+            let unk = name_of(id("tokenizer.ggml.unknown_token_id")).unwrap_or_else(|| "<unk>".into());
+            json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": {"type": "Sequence", "normalizers": [
+                    {"type": "Prepend", "prepend": "\u{2581}"},
+                    {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+                "pre_tokenizer": null,
+                "post_processor": bos_processor(Value::Null),
+                "decoder": {"type": "Sequence", "decoders": [
+                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                    {"type": "ByteFallback"}, {"type": "Fuse"},
+                    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+                "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                          "ignore_merges": false, "vocab": vocab, "merges": merges}
+            })
+        }
+        other => {
+            return Err(tok_err(
+                path,
+                format!("tokenizer model \"{other}\" is not supported; qlora builds \"gpt2\" (byte-level BPE) and \"llama\" (SentencePiece) tokenizers"),
+            ))
+        }
+    };
+    let json = serde_json::to_string(&doc).map_err(|e| tok_err(path, e.to_string()))?;
+    let tokenizer = json.parse::<Tokenizer>().map_err(|e| tok_err(path, e.to_string()))?;
+    Ok(Some(TokenizerInfo {
+        tokenizer,
+        json,
+        chat_template: g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from),
+        bos_token: name_of(bos),
+        eos_token: name_of(eos),
+        add_bos,
+    }))
+}
+
+/// Merges of a SentencePiece BPE vocabulary, derived from piece scores the way transformers'
+/// `SentencePieceExtractor` does: every split of a piece into two vocabulary pieces, pieces in
+/// descending score order (stable), splits ordered by (id(left), id(right)).
+fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<Value> {
+    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut order: Vec<usize> = (0..tokens.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (sa, sb) = (scores.get(a).copied().unwrap_or(0.0), scores.get(b).copied().unwrap_or(0.0));
+        sb.partial_cmp(&sa).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut merges = Vec::new();
+    for &p in &order {
+        let piece = &tokens[p];
+        let mut local: Vec<(usize, usize, &str, &str)> = Vec::new();
+        for (i, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(i);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                local.push((li, ri, l, r));
+            }
+        }
+        local.sort();
+        merges.extend(local.into_iter().map(|(_, _, l, r)| json!([l, r])));
+    }
+    merges
+}
