@@ -47,3 +47,9 @@ pub(crate) fn map_file(path: &std::path::Path) -> crate::Result<Arc<memmap2::Mma
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::Error::io(path, e))?;
     Ok(Arc::new(map))
 }
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}

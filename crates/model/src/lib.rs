@@ -1,1 +1,18 @@
-//! placeholder
+//! qlora-model: the one Llama/Mistral definition. Loading HF-named tensors into `Model`
+//! (every name, shape and type checked against the config), the forward pass with a KV cache,
+//! sampling and generation. Model code never knows how a weight is stored.
+
+mod error;
+mod forward;
+mod generate;
+mod load;
+mod model;
+mod rope;
+mod sampling;
+
+pub use error::{Error, Result};
+pub use forward::{KvCache, Logits};
+pub use generate::{render_chat, GenerateParams, Generation};
+pub use model::{Layer, Model, Projection};
+pub use rope::inv_freq;
+pub use sampling::{Sampler, SamplingParams};

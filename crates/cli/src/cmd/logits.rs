@@ -1,0 +1,41 @@
+//! `qlora logits`: run token ids through the model and write every position's logits.
+
+use crate::load::load;
+use anyhow::{Context, Result};
+use qlora_io::{write_safetensors, ElementType, WriteTensor};
+use qlora_model::{KvCache, Logits};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Write the logits of a token sequence to a safetensors file (`logits`, f32 [n_tokens, vocab]).
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  qlora logits --model ./SmolLM2-135M-Instruct --tokens 1,504,3458 --out logits.safetensors")]
+pub struct Args {
+    /// Hugging Face model directory or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tokens: Vec<u32>,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let loaded = load(&a.model)?;
+    let model = &loaded.model;
+    let mut cache = KvCache::new(model);
+    let logits = model.forward(&a.tokens, &mut cache, Logits::All)?;
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let t = WriteTensor {
+        name: "logits".into(),
+        dtype: ElementType::F32,
+        shape: vec![a.tokens.len(), model.vocab_size()],
+        data: bytes.into(),
+    };
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(&a.out, &[t], &meta).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote logits [{}, {}] to {}", a.tokens.len(), model.vocab_size(), a.out.display());
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! The commands and their flags (the public interface: keep names and flags stable).
+
+mod bench;
+mod convert;
+mod generate;
+mod logits;
+mod perplexity;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "qlora", version, about = "QLoRA for Llama/Mistral-family models: load, run, convert (fine-tuning and adapters next)")]
+pub struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Logits(logits::Args),
+    Generate(generate::Args),
+    Perplexity(perplexity::Args),
+    Convert(convert::Args),
+    Bench(bench::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()?;
+    }
+    match cli.command {
+        Command::Logits(a) => logits::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

@@ -1,0 +1,110 @@
+//! Generation: chat-template rendering (minijinja, as transformers' `apply_chat_template`),
+//! prefill, then token-by-token decode with streaming text and timings.
+
+use crate::sampling::{Sampler, SamplingParams};
+use crate::{Error, KvCache, Logits, Model, Result};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+/// Renders one user message with the model's chat template and the generation prompt.
+pub fn render_chat(template: &str, user: &str, bos: Option<&str>, eos: Option<&str>) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
+    let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+    tmpl.render(minijinja::context! {
+        messages => vec![minijinja::context! { role => "user", content => user }],
+        add_generation_prompt => true,
+        bos_token => bos.unwrap_or(""),
+        eos_token => eos.unwrap_or(""),
+    })
+    .map_err(|e| Error::Template(e.to_string()))
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids that end generation.
+    pub stop: Vec<u32>,
+}
+
+/// What a generation produced, with timings for the stderr line and benchmarks.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub stopped_at_eos: bool,
+}
+
+impl Generation {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_s.max(1e-9)
+    }
+    /// Decode rate over the tokens after the first (the first comes from the prefill logits).
+    pub fn decode_tok_s(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode_s.max(1e-9)
+    }
+}
+
+impl Model {
+    /// Generates from prompt ids, calling `on_text` with each newly decoded piece of text.
+    pub fn generate(
+        &self,
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        if prompt.is_empty() {
+            return Err(Error::Invalid("the prompt is empty after tokenization".into()));
+        }
+        let mut cache = KvCache::new(self);
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let t0 = Instant::now();
+        let mut logits = self.forward(prompt, &mut cache, Logits::Last)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut seen = prompt.to_vec();
+        let mut out: Vec<u32> = Vec::new();
+        let mut printed = String::new();
+        let mut stopped_at_eos = false;
+        while out.len() < params.max_new_tokens {
+            let id = sampler.sample(&logits, &seen);
+            if params.stop.contains(&id) {
+                stopped_at_eos = true;
+                break;
+            }
+            out.push(id);
+            seen.push(id);
+            let text = tokenizer.decode(&out, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            // Hold back an incomplete UTF-8 sequence until its remaining bytes arrive.
+            if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
+                on_text(&text[printed.len()..]);
+                printed = text;
+            }
+            if out.len() == params.max_new_tokens {
+                break;
+            }
+            logits = self.forward(&[id], &mut cache, Logits::Last)?;
+        }
+        let text = tokenizer.decode(&out, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        if text.len() > printed.len() && text.starts_with(&printed) {
+            on_text(&text[printed.len()..]);
+        }
+        Ok(Generation {
+            tokens: out,
+            text,
+            prompt_tokens: prompt.len(),
+            prefill_s,
+            decode_s: t1.elapsed().as_secs_f64(),
+            stopped_at_eos,
+        })
+    }
+}
