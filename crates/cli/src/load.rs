@@ -31,7 +31,11 @@ impl Loaded {
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut ids = self.model.config.eos_token_ids();
         if let Some(t) = &self.tokenizer {
-            if let Some(id) = t.eos_token.as_ref().and_then(|e| t.tokenizer.token_to_id(e)) {
+            if let Some(id) = t
+                .eos_token
+                .as_ref()
+                .and_then(|e| t.tokenizer.token_to_id(e))
+            {
                 ids.push(id);
             }
         }

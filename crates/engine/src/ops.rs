@@ -51,40 +51,42 @@ pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
         );
         return;
     }
-    (0..d_out.div_ceil(TILE_ROWS)).into_par_iter().for_each_init(
-        || vec![0f32; TILE_ROWS * d_in],
-        |buf, c| {
-            let r0 = c * TILE_ROWS;
-            let n = TILE_ROWS.min(d_out - r0);
-            let tile = &mut buf[..n * d_in];
-            w.dequantize_rows(r0, tile);
-            // SAFETY: the task writes columns r0..r0+n of y, disjoint from other tasks; strides
-            // describe x [t, d_in] row-major, tileᵀ [d_in, n] and y[:, r0..r0+n].
-            unsafe {
-                gemm::gemm(
-                    t,
-                    n,
-                    d_in,
-                    yp.get().add(r0),
-                    1,
-                    d_out as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    d_in as isize,
-                    tile.as_ptr(),
-                    d_in as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        },
-    );
+    (0..d_out.div_ceil(TILE_ROWS))
+        .into_par_iter()
+        .for_each_init(
+            || vec![0f32; TILE_ROWS * d_in],
+            |buf, c| {
+                let r0 = c * TILE_ROWS;
+                let n = TILE_ROWS.min(d_out - r0);
+                let tile = &mut buf[..n * d_in];
+                w.dequantize_rows(r0, tile);
+                // SAFETY: the task writes columns r0..r0+n of y, disjoint from other tasks; strides
+                // describe x [t, d_in] row-major, tileᵀ [d_in, n] and y[:, r0..r0+n].
+                unsafe {
+                    gemm::gemm(
+                        t,
+                        n,
+                        d_in,
+                        yp.get().add(r0),
+                        1,
+                        d_out as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        d_in as isize,
+                        tile.as_ptr(),
+                        d_in as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
 }
 
 /// RMSNorm as transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) · weight, in f32.
@@ -92,13 +94,15 @@ pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
 /// x [t, d], weight [d] → y [t, d]
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32]) {
     let d = weight.len();
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-        let ms = dot(xr, xr) / d as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(weight) {
-            *o = g * (v * inv);
-        }
-    });
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let ms = dot(xr, xr) / d as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(weight) {
+                *o = g * (v * inv);
+            }
+        });
 }
 
 /// Rotary embedding in HF's rotate-half layout, in place: for each head, pairs (i, i + hd/2).
@@ -106,17 +110,22 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, y: &mut [f32]) {
 /// x [t, h, hd], cos/sin [t, hd/2] (per token, from `RopeTable`)
 pub fn rope(x: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
     let half = hd / 2;
-    x.par_chunks_mut(heads * hd).enumerate().for_each(|(tok, xt)| {
-        let (c, s) = (&cos[tok * half..(tok + 1) * half], &sin[tok * half..(tok + 1) * half]);
-        for head in xt.chunks_exact_mut(hd) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = x1 * c[i] - x2 * s[i];
-                b[i] = x2 * c[i] + x1 * s[i];
+    x.par_chunks_mut(heads * hd)
+        .enumerate()
+        .for_each(|(tok, xt)| {
+            let (c, s) = (
+                &cos[tok * half..(tok + 1) * half],
+                &sin[tok * half..(tok + 1) * half],
+            );
+            for head in xt.chunks_exact_mut(hd) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * c[i] - x2 * s[i];
+                    b[i] = x2 * c[i] + x1 * s[i];
+                }
             }
-        }
-    });
+        });
 }
 
 /// Causal grouped-query attention of `t` new queries at absolute positions `pos0 ..` over a
@@ -177,11 +186,13 @@ pub fn attention(
 /// # Shapes
 /// gate, up [t, f]
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
-        for (a, &b) in g.iter_mut().zip(u) {
-            *a = *a / (1.0 + (-*a).exp()) * b;
-        }
-    });
+    gate.par_chunks_mut(4096)
+        .zip(up.par_chunks(4096))
+        .for_each(|(g, u)| {
+            for (a, &b) in g.iter_mut().zip(u) {
+                *a = *a / (1.0 + (-*a).exp()) * b;
+            }
+        });
 }
 
 /// Embedding lookup: rows of the table, widened.
@@ -189,9 +200,11 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 /// ids [t], table [v, d] → y [t, d]
 pub fn embedding(ids: &[u32], table: &Weight, y: &mut [f32]) {
     let d = table.cols;
-    y.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(row, &id)| {
-        table.dequantize_rows(id as usize, row);
-    });
+    y.par_chunks_mut(d)
+        .zip(ids.par_iter())
+        .for_each(|(row, &id)| {
+            table.dequantize_rows(id as usize, row);
+        });
 }
 
 /// Adds b into a.

@@ -53,12 +53,17 @@ pub fn attention(
         let p = pos0 + tok;
         for head in 0..heads {
             let kvh = head / (heads / kv_heads);
-            let visible: Vec<usize> = (0..=p).filter(|&j| window.is_none_or(|w| p - j < w)).collect();
+            let visible: Vec<usize> = (0..=p)
+                .filter(|&j| window.is_none_or(|w| p - j < w))
+                .collect();
             let scores: Vec<f64> = visible
                 .iter()
                 .map(|&j| {
                     (0..hd)
-                        .map(|c| q[(tok * heads + head) * hd + c] as f64 * k[(j * kv_heads + kvh) * hd + c] as f64)
+                        .map(|c| {
+                            q[(tok * heads + head) * hd + c] as f64
+                                * k[(j * kv_heads + kvh) * hd + c] as f64
+                        })
                         .sum::<f64>()
                         / (hd as f64).sqrt()
                 })

@@ -33,18 +33,32 @@ pub struct Weight {
 
 impl std::fmt::Debug for Weight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Weight({} [{}, {}])", self.format.name(), self.rows, self.cols)
+        write!(
+            f,
+            "Weight({} [{}, {}])",
+            self.format.name(),
+            self.rows,
+            self.cols
+        )
     }
 }
 
 impl Weight {
     /// Wraps stored bytes. Returns a description of the problem when the byte count or the
     /// row length does not fit the format (the caller adds the file and tensor name).
-    pub fn new(format: WeightFormat, rows: usize, cols: usize, bytes: SharedBytes) -> Result<Self, String> {
+    pub fn new(
+        format: WeightFormat,
+        rows: usize,
+        cols: usize,
+        bytes: SharedBytes,
+    ) -> Result<Self, String> {
         let WeightFormat::Ggml(t) = format;
         let (bs, bb) = t.block();
         if cols % bs != 0 {
-            return Err(format!("row length {cols} is not a multiple of the {} block size {bs}", t.name()));
+            return Err(format!(
+                "row length {cols} is not a multiple of the {} block size {bs}",
+                t.name()
+            ));
         }
         let row_bytes = cols / bs * bb;
         let have = (*bytes).as_ref().len();

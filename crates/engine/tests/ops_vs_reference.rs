@@ -22,7 +22,10 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
 fn close(a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len());
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}");
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "element {i}: {x} vs {y}"
+        );
     }
 }
 
@@ -42,14 +45,24 @@ fn linear_widens_f16_bf16_and_q8_0_rows() {
     let (t, out, inp) = (6, 40, 64);
     let vals = data(out * inp, 3);
     let x = data(t * inp, 4);
-    let f16: Vec<u8> = vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
-    let bf16: Vec<u8> = vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
+    let f16: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let bf16: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        .collect();
     let mut q8 = Vec::new();
     for blk in vals.chunks(32) {
         q8.extend_from_slice(&half::f16::from_f32(1.0 / 64.0).to_le_bytes());
         q8.extend(blk.iter().map(|v| ((v * 64.0).round() as i8) as u8));
     }
-    for (fmt, bytes) in [(GgmlType::F16, f16), (GgmlType::BF16, bf16), (GgmlType::Q8_0, q8)] {
+    for (fmt, bytes) in [
+        (GgmlType::F16, f16),
+        (GgmlType::BF16, bf16),
+        (GgmlType::Q8_0, q8),
+    ] {
         let w = Weight::new(WeightFormat::Ggml(fmt), out, inp, Arc::new(bytes)).unwrap();
         for t in [1, t] {
             let mut y = vec![0f32; t * out];
@@ -61,8 +74,20 @@ fn linear_widens_f16_bf16_and_q8_0_rows() {
 
 #[test]
 fn weight_rejects_wrong_byte_count_and_partial_blocks() {
-    assert!(Weight::new(WeightFormat::Ggml(GgmlType::F32), 2, 3, Arc::new(vec![0u8; 20])).is_err());
-    assert!(Weight::new(WeightFormat::Ggml(GgmlType::Q4_0), 1, 48, Arc::new(vec![0u8; 36])).is_err());
+    assert!(Weight::new(
+        WeightFormat::Ggml(GgmlType::F32),
+        2,
+        3,
+        Arc::new(vec![0u8; 20])
+    )
+    .is_err());
+    assert!(Weight::new(
+        WeightFormat::Ggml(GgmlType::Q4_0),
+        1,
+        48,
+        Arc::new(vec![0u8; 36])
+    )
+    .is_err());
 }
 
 #[test]
@@ -79,13 +104,19 @@ fn rope_matches_reference() {
     let (t, h, hd) = (4, 3, 10);
     let x = data(t * h * hd, 7);
     let table = ops::RopeTable {
-        inv_freq: (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect(),
+        inv_freq: (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect(),
     };
     let positions = [5usize, 6, 7, 300];
     let (cos, sin) = table.cos_sin(positions.iter().copied());
     let mut y = x.clone();
     ops::rope(&mut y, h, hd, &cos, &sin);
-    close(&y, &reference::rope(&x, h, hd, &positions, &table.inv_freq), 1e-6);
+    close(
+        &y,
+        &reference::rope(&x, h, hd, &positions, &table.inv_freq),
+        1e-6,
+    );
 }
 
 #[test]
@@ -98,7 +129,11 @@ fn attention_matches_reference_with_gqa_and_window() {
         let v = data(n * kv * hd, 10);
         let mut out = vec![0f32; t * h * hd];
         ops::attention(&q, &k, &v, t, pos0, h, kv, hd, window, &mut out);
-        close(&out, &reference::attention(&q, &k, &v, t, pos0, h, kv, hd, window), 1e-5);
+        close(
+            &out,
+            &reference::attention(&q, &k, &v, t, pos0, h, kv, hd, window),
+            1e-5,
+        );
     }
 }
 

@@ -92,12 +92,18 @@ impl ModelConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |reason: String| Err(Error::Config {
-            path: path.into(),
-            reason,
-        });
-        let arch_ok = self.architectures.iter().any(|a| SUPPORTED.contains(&a.as_str()))
-            || (self.architectures.is_empty() && matches!(self.model_type.as_str(), "llama" | "mistral"));
+        let bad = |reason: String| {
+            Err(Error::Config {
+                path: path.into(),
+                reason,
+            })
+        };
+        let arch_ok = self
+            .architectures
+            .iter()
+            .any(|a| SUPPORTED.contains(&a.as_str()))
+            || (self.architectures.is_empty()
+                && matches!(self.model_type.as_str(), "llama" | "mistral"));
         if !arch_ok {
             return bad(format!(
                 "unsupported architecture {:?} (model_type \"{}\"); qlora runs {} models",
@@ -108,10 +114,16 @@ impl ModelConfig {
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return bad(format!("unsupported hidden_act \"{act}\"; Llama/Mistral use \"silu\""));
+                return bad(format!(
+                    "unsupported hidden_act \"{act}\"; Llama/Mistral use \"silu\""
+                ));
             }
         }
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || self.num_hidden_layers == 0
+            || self.vocab_size == 0
+        {
             return bad("hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be positive".into());
         }
         let kv = self.num_kv_heads();
@@ -128,7 +140,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
+            return bad(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim()
+            ));
         }
         if let Some(s) = self.rope() {
             match s.rope_type.as_deref() {
@@ -154,7 +169,8 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// The scaling section, wherever this config's transformers version put it.
@@ -170,7 +186,8 @@ impl ModelConfig {
 
     /// The attention window: Mistral's `sliding_window`; Llama has none.
     pub fn attention_window(&self) -> Option<usize> {
-        if self.model_type == "llama" || self.architectures.iter().any(|a| a == "LlamaForCausalLM") {
+        if self.model_type == "llama" || self.architectures.iter().any(|a| a == "LlamaForCausalLM")
+        {
             None
         } else {
             self.sliding_window
@@ -180,8 +197,14 @@ impl ModelConfig {
     /// End-of-sequence ids (`eos_token_id` may be a number or a list).
     pub fn eos_token_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => Vec::new(),
         }
     }

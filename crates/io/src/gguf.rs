@@ -105,7 +105,11 @@ impl<'a> Reader<'a> {
     fn err(&self, what: &str) -> Error {
         Error::Gguf {
             path: self.path.into(),
-            reason: format!("{what} at byte {} (file is {} bytes; truncated or corrupt)", self.pos, self.buf.len()),
+            reason: format!(
+                "{what} at byte {} (file is {} bytes; truncated or corrupt)",
+                self.pos,
+                self.buf.len()
+            ),
         }
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
@@ -246,10 +250,17 @@ impl GgufFile {
                     "unsupported ggml tensor type id {ty}; qlora reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K"
                 )));
             };
-            let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| terr("dims overflow".into()))?;
+            let numel = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| terr("dims overflow".into()))?;
             let (bs, bb) = ggml_type.block();
             if dims[0] % bs as u64 != 0 {
-                return Err(terr(format!("row length {} is not a multiple of the {} block size {bs}", dims[0], ggml_type.name())));
+                return Err(terr(format!(
+                    "row length {} is not a multiple of the {} block size {bs}",
+                    dims[0],
+                    ggml_type.name()
+                )));
             }
             let nbytes = numel / bs as u64 * bb as u64;
             let start = (data_start as u64).checked_add(offset);
@@ -283,14 +294,18 @@ impl GgufFile {
     }
 
     pub fn architecture(&self) -> &str {
-        self.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("")
+        self.get("general.architecture")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
     }
 
     fn arch_u64(&self, key: &str) -> Option<u64> {
-        self.get(&format!("{}.{key}", self.architecture())).and_then(|v| v.as_u64())
+        self.get(&format!("{}.{key}", self.architecture()))
+            .and_then(|v| v.as_u64())
     }
     fn arch_f64(&self, key: &str) -> Option<f64> {
-        self.get(&format!("{}.{key}", self.architecture())).and_then(|v| v.as_f64())
+        self.get(&format!("{}.{key}", self.architecture()))
+            .and_then(|v| v.as_f64())
     }
 
     /// The HF config this file's metadata describes.
@@ -303,10 +318,12 @@ impl GgufFile {
             });
         }
         let need = |key: &str| {
-            self.arch_u64(key).map(|v| v as usize).ok_or_else(|| Error::Config {
-                path: self.path.clone(),
-                reason: format!("metadata key llama.{key} is missing"),
-            })
+            self.arch_u64(key)
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::Config {
+                    path: self.path.clone(),
+                    reason: format!("metadata key llama.{key} is missing"),
+                })
         };
         let heads = need("attention.head_count")?;
         let hidden = need("embedding_length")?;
@@ -316,7 +333,10 @@ impl GgufFile {
                 .get("tokenizer.ggml.tokens")
                 .and_then(|v| v.as_array())
                 .map(|a| a.len())
-                .or_else(|| self.find("token_embd.weight").map(|t| t.dims.get(1).copied().unwrap_or(0) as usize))
+                .or_else(|| {
+                    self.find("token_embd.weight")
+                        .map(|t| t.dims.get(1).copied().unwrap_or(0) as usize)
+                })
                 .unwrap_or(0),
         };
         let head_dim = self.arch_u64("attention.key_length").map(|v| v as usize);
@@ -352,14 +372,23 @@ impl GgufFile {
             intermediate_size: need("feed_forward_length")?,
             num_hidden_layers: need("block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: Some(self.arch_u64("attention.head_count_kv").map(|v| v as usize).unwrap_or(heads)),
+            num_key_value_heads: Some(
+                self.arch_u64("attention.head_count_kv")
+                    .map(|v| v as usize)
+                    .unwrap_or(heads),
+            ),
             head_dim: head_dim.filter(|&d| heads == 0 || d != hidden / heads),
             vocab_size: vocab,
-            rms_norm_eps: self.arch_f64("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rms_norm_eps: self
+                .arch_f64("attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5),
             rope_theta: Some(self.arch_f64("rope.freq_base").unwrap_or(10000.0)),
             rope_scaling,
             rope_parameters: None,
-            max_position_embeddings: self.arch_u64("context_length").map(|v| v as usize).unwrap_or(2048),
+            max_position_embeddings: self
+                .arch_u64("context_length")
+                .map(|v| v as usize)
+                .unwrap_or(2048),
             tie_word_embeddings: tied,
             sliding_window: None,
             attention_bias: self.find("blk.0.attn_q.bias").is_some(),
@@ -402,10 +431,12 @@ impl GgufFile {
                 None
             };
             if let Some(n_head) = n_head {
-                data = unpermute_rows(data.as_slice(), shape[0], n_head).map_err(|reason| Error::Tensor {
-                    path: self.path.clone(),
-                    tensor: t.name.clone(),
-                    reason,
+                data = unpermute_rows(data.as_slice(), shape[0], n_head).map_err(|reason| {
+                    Error::Tensor {
+                        path: self.path.clone(),
+                        tensor: t.name.clone(),
+                        reason,
+                    }
                 })?;
             }
             out.push(RawTensor {
@@ -424,7 +455,9 @@ impl GgufFile {
 /// blocks of bytes in every GGUF type, so this works on quantized data too.
 fn unpermute_rows(bytes: &[u8], rows: usize, n_head: usize) -> std::result::Result<Bytes, String> {
     if rows == 0 || n_head == 0 || rows % (2 * n_head) != 0 || bytes.len() % rows != 0 {
-        return Err(format!("{rows} rows cannot be split into {n_head} heads of rotary pairs"));
+        return Err(format!(
+            "{rows} rows cannot be split into {n_head} heads of rotary pairs"
+        ));
     }
     let row_bytes = bytes.len() / rows;
     let half = rows / n_head / 2;
@@ -434,7 +467,8 @@ fn unpermute_rows(bytes: &[u8], rows: usize, n_head: usize) -> std::result::Resu
             for j in 0..2 {
                 let src = h * 2 * half + i * 2 + j;
                 let dst = h * 2 * half + j * half + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }

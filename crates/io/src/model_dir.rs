@@ -2,8 +2,8 @@
 //! tokenizer files) or a `.gguf` file, as one `ModelSource` of HF-named tensors.
 
 use crate::{
-    load_tokenizer_json, tokenizer_from_gguf, Error, GgufFile, ModelConfig, RawTensor, Result, SafetensorsFile,
-    TokenizerInfo,
+    load_tokenizer_json, tokenizer_from_gguf, Error, GgufFile, ModelConfig, RawTensor, Result,
+    SafetensorsFile, TokenizerInfo,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,10 @@ impl TensorStore {
     }
     /// Names in file order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.order.iter().filter(|n| self.tensors.contains_key(*n)).map(|s| s.as_str())
+        self.order
+            .iter()
+            .filter(|n| self.tensors.contains_key(*n))
+            .map(|s| s.as_str())
     }
     pub fn len(&self) -> usize {
         self.tensors.len()
@@ -58,7 +61,10 @@ impl ModelSource {
         if !path.exists() {
             return Err(Error::io(
                 path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory; check the --model path"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory; check the --model path",
+                ),
             ));
         }
         if path.is_dir() {
@@ -169,6 +175,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     };
     Err(Error::io(
         &single,
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("no model.safetensors or model.safetensors.index.json{hint}")),
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no model.safetensors or model.safetensors.index.json{hint}"),
+        ),
     ))
 }

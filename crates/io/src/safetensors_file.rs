@@ -46,12 +46,11 @@ impl SafetensorsFile {
     /// do not overlap, cover the data exactly and agree with dtype × shape.
     pub fn open(path: &Path) -> Result<Self> {
         let map = map_file(path)?;
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
-            Error::Safetensors {
+        let (header_len, meta) =
+            safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| Error::Safetensors {
                 path: path.into(),
                 reason: describe(&e, map.len()),
-            }
-        })?;
+            })?;
         let data_start = 8 + header_len;
         let mut tensors = Vec::new();
         // `offset_keys` lists names sorted by data offset: file order.
@@ -128,7 +127,10 @@ pub fn write_safetensors(
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
     }
     let mut offset = 0usize;
     for t in &sorted {
@@ -144,7 +146,11 @@ pub fn write_safetensors(
             return Err(Error::Tensor {
                 path: path.into(),
                 tensor: t.name.clone(),
-                reason: format!("{} bytes for shape {:?}, expected {expect}", t.data.len(), t.shape),
+                reason: format!(
+                    "{} bytes for shape {:?}, expected {expect}",
+                    t.data.len(),
+                    t.shape
+                ),
             });
         }
         header.insert(
@@ -182,6 +188,9 @@ pub fn write_safetensors(
 
 /// `dir/name` → `dir/.name.tmp`: where a file is written before it is renamed into place.
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
 }

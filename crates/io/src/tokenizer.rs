@@ -34,7 +34,9 @@ pub fn load_tokenizer_json(dir: &Path) -> Result<Option<TokenizerInfo>> {
         return Ok(None);
     }
     let json = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let tokenizer = json.parse::<Tokenizer>().map_err(|e| tok_err(&path, e.to_string()))?;
+    let tokenizer = json
+        .parse::<Tokenizer>()
+        .map_err(|e| tok_err(&path, e.to_string()))?;
     let cfg_path = dir.join("tokenizer_config.json");
     let cfg: Value = if cfg_path.exists() {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -95,14 +97,24 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
         return Ok(None);
     };
     let strings = |key: &str| -> Result<Vec<String>> {
-        let arr = g.get(key).and_then(|v| v.as_array()).ok_or_else(|| tok_err(path, format!("{key} is missing")))?;
+        let arr = g
+            .get(key)
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| tok_err(path, format!("{key} is missing")))?;
         arr.iter()
-            .map(|v| v.as_str().map(String::from).ok_or_else(|| tok_err(path, format!("{key} holds a non-string"))))
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| tok_err(path, format!("{key} holds a non-string")))
+            })
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
-        Some(GgufValue::Array(a)) => a.iter().map(|v| v.as_u64().map(|x| x as i64).unwrap_or(1)).collect(),
+        Some(GgufValue::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().map(|x| x as i64).unwrap_or(1))
+            .collect(),
         _ => vec![1; tokens.len()],
     };
     let id = |key: &str| g.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
@@ -123,7 +135,10 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
     let added: Vec<Value> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)) || (model == "llama" && types.get(*i) == Some(&2)))
+        .filter(|(i, _)| {
+            matches!(types.get(*i), Some(3) | Some(4))
+                || (model == "llama" && types.get(*i) == Some(&2))
+        })
         .map(|(i, t)| {
             json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
                    "normalized": false, "special": types.get(i) != Some(&4)})
@@ -206,11 +221,16 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
         }
     };
     let json = serde_json::to_string(&doc).map_err(|e| tok_err(path, e.to_string()))?;
-    let tokenizer = json.parse::<Tokenizer>().map_err(|e| tok_err(path, e.to_string()))?;
+    let tokenizer = json
+        .parse::<Tokenizer>()
+        .map_err(|e| tok_err(path, e.to_string()))?;
     Ok(Some(TokenizerInfo {
         tokenizer,
         json,
-        chat_template: g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from),
+        chat_template: g
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from),
         bos_token: name_of(bos),
         eos_token: name_of(eos),
         add_bos,
@@ -221,10 +241,17 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
 /// `SentencePieceExtractor` does: every split of a piece into two vocabulary pieces, pieces in
 /// descending score order (stable), splits ordered by (id(left), id(right)).
 fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<Value> {
-    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut order: Vec<usize> = (0..tokens.len()).collect();
     order.sort_by(|&a, &b| {
-        let (sa, sb) = (scores.get(a).copied().unwrap_or(0.0), scores.get(b).copied().unwrap_or(0.0));
+        let (sa, sb) = (
+            scores.get(a).copied().unwrap_or(0.0),
+            scores.get(b).copied().unwrap_or(0.0),
+        );
         sb.partial_cmp(&sa).unwrap_or(std::cmp::Ordering::Equal)
     });
     let mut merges = Vec::new();

@@ -65,7 +65,16 @@ impl Model {
         let mut x = vec![0f32; t * d];
         ops::embedding(ids, &self.embed_tokens, &mut x);
         for (i, layer) in self.layers.iter().enumerate() {
-            self.layer_forward(layer, &mut x, t, pos0, &cos, &sin, &mut cache.k[i], &mut cache.v[i]);
+            self.layer_forward(
+                layer,
+                &mut x,
+                t,
+                pos0,
+                &cos,
+                &sin,
+                &mut cache.k[i],
+                &mut cache.v[i],
+            );
         }
         cache.len += t;
         let rows = match which {
@@ -106,7 +115,18 @@ impl Model {
         k_cache.extend_from_slice(&k);
         v_cache.extend_from_slice(&v);
         let mut attn = vec![0f32; t * heads * hd];
-        ops::attention(&q, k_cache, v_cache, t, pos0, heads, kv, hd, cfg.attention_window(), &mut attn);
+        ops::attention(
+            &q,
+            k_cache,
+            v_cache,
+            t,
+            pos0,
+            heads,
+            kv,
+            hd,
+            cfg.attention_window(),
+            &mut attn,
+        );
         let o = l.o_proj.forward(&attn, t);
         ops::add_in_place(x, &o);
         ops::rms_norm(x, &l.post_attention_layernorm, eps, &mut h);
@@ -115,5 +135,28 @@ impl Model {
         ops::swiglu(&mut gate, &up);
         let down = l.down_proj.forward(&gate, t);
         ops::add_in_place(x, &down);
+    }
+}
+
+impl Model {
+    /// Σ −log p(ids[i] | ids[..i]) over i ≥ 1 from one fresh forward pass, and the number of
+    /// predictions (the quantity behind transformers' `labels=ids` loss and perplexity).
+    pub fn nll(&self, ids: &[u32]) -> Result<(f64, usize)> {
+        let mut cache = KvCache::new(self);
+        let logits = self.forward(ids, &mut cache, Logits::All)?;
+        let v = self.vocab_size();
+        let mut nll = 0f64;
+        for (i, &next) in ids.iter().enumerate().skip(1) {
+            let row = &logits[(i - 1) * v..i * v];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
+            nll += lse - row[next as usize] as f64;
+        }
+        Ok((nll, ids.len().saturating_sub(1)))
     }
 }

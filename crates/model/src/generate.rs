@@ -7,14 +7,28 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 
 /// Renders one user message with the model's chat template and the generation prompt.
-pub fn render_chat(template: &str, user: &str, bos: Option<&str>, eos: Option<&str>) -> Result<String> {
+pub fn render_chat(
+    template: &str,
+    user: &str,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
-    env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| Error::Template(e.to_string()))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| Error::Template(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => vec![minijinja::context! { role => "user", content => user }],
         add_generation_prompt => true,
@@ -63,7 +77,9 @@ impl Model {
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         if prompt.is_empty() {
-            return Err(Error::Invalid("the prompt is empty after tokenization".into()));
+            return Err(Error::Invalid(
+                "the prompt is empty after tokenization".into(),
+            ));
         }
         let mut cache = KvCache::new(self);
         let mut sampler = Sampler::new(params.sampling.clone());
@@ -83,9 +99,14 @@ impl Model {
             }
             out.push(id);
             seen.push(id);
-            let text = tokenizer.decode(&out, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            let text = tokenizer
+                .decode(&out, true)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
             // Hold back an incomplete UTF-8 sequence until its remaining bytes arrive.
-            if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
+            if !text.ends_with('\u{FFFD}')
+                && text.len() > printed.len()
+                && text.starts_with(&printed)
+            {
                 on_text(&text[printed.len()..]);
                 printed = text;
             }
@@ -94,7 +115,9 @@ impl Model {
             }
             logits = self.forward(&[id], &mut cache, Logits::Last)?;
         }
-        let text = tokenizer.decode(&out, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let text = tokenizer
+            .decode(&out, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         if text.len() > printed.len() && text.starts_with(&printed) {
             on_text(&text[printed.len()..]);
         }

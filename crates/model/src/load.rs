@@ -70,10 +70,17 @@ impl Loader<'_> {
                 ))
             }
         };
-        Weight::new(WeightFormat::Ggml(format), rows, cols, Arc::new(t.data)).map_err(|r| self.err(name, r))
+        Weight::new(WeightFormat::Ggml(format), rows, cols, Arc::new(t.data))
+            .map_err(|r| self.err(name, r))
     }
 
-    fn projection(&mut self, name: &str, d_out: usize, d_in: usize, bias: bool) -> Result<Projection> {
+    fn projection(
+        &mut self,
+        name: &str,
+        d_out: usize,
+        d_in: usize,
+        bias: bool,
+    ) -> Result<Projection> {
         let base = self.weight(&format!("{name}.weight"), d_out, d_in)?;
         let bias_name = format!("{name}.bias");
         let bias = if bias || self.src.tensors.get(&bias_name).is_some() {
@@ -107,7 +114,8 @@ impl Model {
                 k_proj: ld.projection(&format!("{p}.self_attn.k_proj"), kv * hd, d, ab)?,
                 v_proj: ld.projection(&format!("{p}.self_attn.v_proj"), kv * hd, d, ab)?,
                 o_proj: ld.projection(&format!("{p}.self_attn.o_proj"), d, h * hd, ab)?,
-                post_attention_layernorm: ld.vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
+                post_attention_layernorm: ld
+                    .vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
                 gate_proj: ld.projection(&format!("{p}.mlp.gate_proj"), f, d, cfg.mlp_bias)?,
                 up_proj: ld.projection(&format!("{p}.mlp.up_proj"), f, d, cfg.mlp_bias)?,
                 down_proj: ld.projection(&format!("{p}.mlp.down_proj"), d, f, cfg.mlp_bias)?,

@@ -99,7 +99,11 @@ impl Model {
     pub fn parameter_count(&self) -> usize {
         let d = self.config.hidden_size;
         let per_layer: usize = self.layers.first().map_or(0, |l| {
-            l.projections().iter().map(|p| p.d_in() * p.d_out()).sum::<usize>() + 2 * d
+            l.projections()
+                .iter()
+                .map(|p| p.d_in() * p.d_out())
+                .sum::<usize>()
+                + 2 * d
         });
         let head = if self.config.tie_word_embeddings {
             0

