@@ -52,7 +52,8 @@ impl GgufValue {
     }
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Self::F32(v) => Some(v as f64),
+            // The shortest decimal that round-trips the f32 (1e-5, not 9.999999747378752e-6).
+            Self::F32(v) => v.to_string().parse().ok(),
             Self::F64(v) => Some(v),
             _ => self.as_u64().map(|v| v as f64),
         }
