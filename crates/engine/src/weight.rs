@@ -54,7 +54,7 @@ impl Weight {
     ) -> Result<Self, String> {
         let WeightFormat::Ggml(t) = format;
         let (bs, bb) = t.block();
-        if cols % bs != 0 {
+        if !cols.is_multiple_of(bs) {
             return Err(format!(
                 "row length {cols} is not a multiple of the {} block size {bs}",
                 t.name()

@@ -127,19 +127,19 @@ impl ModelConfig {
             return bad("hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be positive".into());
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
                 self.num_attention_heads
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {} and no head_dim is given",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim()

@@ -6,12 +6,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is part of the message (not a `source`), so `{:#}` prints it once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: not a model: expected a Hugging Face model directory (config.json + *.safetensors) or a .gguf file")]
     NotAModel { path: PathBuf },
     #[error("{path}: invalid safetensors file: {reason}; the file is truncated or corrupt, re-download or re-export it")]
@@ -36,7 +33,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

@@ -455,7 +455,11 @@ impl GgufFile {
 /// view moves to (h, j, i) of the (n_head, 2, rows/n_head/2) view. Rows are independent
 /// blocks of bytes in every GGUF type, so this works on quantized data too.
 fn unpermute_rows(bytes: &[u8], rows: usize, n_head: usize) -> std::result::Result<Bytes, String> {
-    if rows == 0 || n_head == 0 || rows % (2 * n_head) != 0 || bytes.len() % rows != 0 {
+    if rows == 0
+        || n_head == 0
+        || !rows.is_multiple_of(2 * n_head)
+        || !bytes.len().is_multiple_of(rows)
+    {
         return Err(format!(
             "{rows} rows cannot be split into {n_head} heads of rotary pairs"
         ));

@@ -1,0 +1,302 @@
+//! Broken inputs give a clean error: exit 1 (2 for bad usage), no panic, and a message naming
+//! the file or tensor and what is wrong.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn fails_with(args: &[&str], code: i32, words: &[&str]) {
+    let o = qlora(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(code), "args {args:?}\nstderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for w in words {
+        assert!(err.contains(w), "expected {w:?} in: {err}");
+    }
+}
+
+fn logits_fails(model: &Path, words: &[&str]) {
+    let out = model.with_extension("out.safetensors");
+    fails_with(
+        &[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            "1,2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        1,
+        words,
+    );
+    assert!(!out.exists(), "no output may be written on failure");
+}
+
+fn good_model(tag: &str) -> std::path::PathBuf {
+    let dir = temp_dir(tag).join("m");
+    write_model(&spec("llama-gqa"), &dir);
+    dir
+}
+
+#[test]
+fn missing_model_path() {
+    logits_fails(
+        Path::new("/nonexistent/model-dir"),
+        &["/nonexistent/model-dir", "no such file"],
+    );
+}
+
+#[test]
+fn directory_without_config_is_not_a_model() {
+    let dir = temp_dir("noconfig");
+    logits_fails(&dir, &["not a model", "config.json"]);
+}
+
+#[test]
+fn missing_weight_file() {
+    let dir = good_model("noweights");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    logits_fails(&dir, &["model.safetensors", "no model.safetensors"]);
+}
+
+#[test]
+fn missing_shard_named_by_index() {
+    let tmp = temp_dir("noshard");
+    let mut s = spec("llama-gqa");
+    s["sharded"] = serde_json::json!(true);
+    write_model(&s, &tmp);
+    std::fs::remove_file(tmp.join("model-00002-of-00002.safetensors")).unwrap();
+    logits_fails(&tmp, &["model-00002-of-00002.safetensors", "missing"]);
+}
+
+#[test]
+fn truncated_weight_file() {
+    let dir = good_model("truncated");
+    let f = dir.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    logits_fails(&dir, &["model.safetensors", "truncated"]);
+}
+
+fn raw_safetensors(path: &Path, header: &str, data_len: usize) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + data_len, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn safetensors_header_whose_offsets_lie() {
+    let dir = good_model("lying");
+    let f = dir.join("model.safetensors");
+    // Overlapping tensors.
+    raw_safetensors(
+        &f,
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+        12,
+    );
+    logits_fails(&dir, &["model.safetensors", "invalid safetensors"]);
+    // Offsets past the end of the data.
+    raw_safetensors(
+        &f,
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+        8,
+    );
+    logits_fails(&dir, &["model.safetensors", "do not match the file size"]);
+    // A header length beyond the file.
+    std::fs::write(&f, 1_000_000u64.to_le_bytes()).unwrap();
+    logits_fails(&dir, &["model.safetensors", "header length"]);
+}
+
+#[test]
+fn config_sizes_disagree_with_tensors() {
+    let dir = good_model("disagree");
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["intermediate_size"] = serde_json::json!(96);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    logits_fails(
+        &dir,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[80, 48]",
+            "[96, 48]",
+            "disagree",
+        ],
+    );
+}
+
+#[test]
+fn config_with_fewer_layers_than_the_weights() {
+    let dir = good_model("fewerlayers");
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = serde_json::json!(1);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    logits_fails(&dir, &["model.layers.1.", "unexpected tensor"]);
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = temp_dir("missingtensor");
+    let mut s = spec("llama-gqa");
+    s["config"]["tie_word_embeddings"] = serde_json::json!(false);
+    write_model(&s, &tmp);
+    // Claim tied embeddings' opposite: a model that needs lm_head but the file lacks it.
+    let p = tmp.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = serde_json::json!(3);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    logits_fails(&tmp, &["model.layers.2.input_layernorm.weight", "missing"]);
+}
+
+#[test]
+fn unsupported_architecture() {
+    let dir = good_model("arch");
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    cfg["model_type"] = serde_json::json!("gpt2");
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    logits_fails(
+        &dir,
+        &["config.json", "unsupported architecture", "GPT2LMHeadModel"],
+    );
+}
+
+#[test]
+fn invalid_config_json() {
+    let dir = good_model("badjson");
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": 48,").unwrap();
+    logits_fails(&dir, &["config.json", "invalid JSON"]);
+}
+
+#[test]
+fn unsupported_tensor_type_in_safetensors() {
+    let dir = good_model("i64");
+    let f = dir.join("model.safetensors");
+    raw_safetensors(
+        &f,
+        r#"{"model.embed_tokens.weight":{"dtype":"F8_E4M3","shape":[100,48],"data_offsets":[0,4800]}}"#,
+        4800,
+    );
+    logits_fails(
+        &dir,
+        &["model.embed_tokens.weight", "unsupported tensor type"],
+    );
+}
+
+/// A minimal GGUF v3 file: general.architecture = llama and one tensor.
+fn gguf_bytes(ggml_type: u32, dims: &[u64], data_len: usize) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // kv
+    let s = |b: &mut Vec<u8>, t: &str| {
+        b.extend((t.len() as u64).to_le_bytes());
+        b.extend(t.as_bytes());
+    };
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "llama");
+    s(&mut b, "token_embd.weight");
+    b.extend((dims.len() as u32).to_le_bytes());
+    for d in dims {
+        b.extend(d.to_le_bytes());
+    }
+    b.extend(ggml_type.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+    b.resize(b.len() + data_len, 0);
+    b
+}
+
+#[test]
+fn gguf_with_unsupported_tensor_type() {
+    let f = temp_dir("gguf-type").join("m.gguf");
+    std::fs::write(&f, gguf_bytes(10, &[256, 4], 84 * 4)).unwrap(); // Q2_K
+    logits_fails(
+        &f,
+        &[
+            "m.gguf",
+            "token_embd.weight",
+            "unsupported ggml tensor type id 10",
+        ],
+    );
+}
+
+#[test]
+fn truncated_gguf() {
+    let f = temp_dir("gguf-trunc").join("m.gguf");
+    let mut b = gguf_bytes(0, &[64, 4], 64 * 4 * 4);
+    b.truncate(b.len() - 10);
+    std::fs::write(&f, &b).unwrap();
+    logits_fails(&f, &["m.gguf", "token_embd.weight", "truncated"]);
+    std::fs::write(&f, &b[..20]).unwrap();
+    logits_fails(&f, &["m.gguf", "invalid GGUF"]);
+}
+
+#[test]
+fn gguf_missing_metadata() {
+    let f = temp_dir("gguf-meta").join("m.gguf");
+    std::fs::write(&f, gguf_bytes(0, &[64, 4], 64 * 4 * 4)).unwrap();
+    logits_fails(&f, &["m.gguf", "llama.attention.head_count", "missing"]);
+}
+
+#[test]
+fn token_ids_out_of_range() {
+    let dir = good_model("range");
+    let out = dir.with_extension("o.safetensors");
+    fails_with(
+        &[
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "1,500",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        1,
+        &["token id 500 is out of range", "100 tokens"],
+    );
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    fails_with(&["logits", "--model", "x"], 2, &["--tokens"]);
+    fails_with(
+        &["logits", "--model", "x", "--tokens", "1,a", "--out", "o"],
+        2,
+        &["invalid"],
+    );
+    fails_with(&["frobnicate"], 2, &[]);
+}
+
+#[test]
+fn convert_refuses_existing_output_and_non_gguf() {
+    let dir = good_model("convert-exists");
+    fails_with(
+        &[
+            "convert",
+            "--model",
+            "/nonexistent.gguf",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        1,
+        &["already exists"],
+    );
+}
