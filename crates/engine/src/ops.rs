@@ -2,7 +2,8 @@
 //! scalar twins in `reference` are the oracles these are tested against.
 
 use crate::simd::dot;
-use crate::Weight;
+use crate::{Weight, WeightFormat};
+use qlora_quant::{block_sums, dot_row, has_fused_dot};
 use rayon::prelude::*;
 
 /// Rows of W widened per tile in the batched product; a [64, d] f32 tile stays in L2.
@@ -31,24 +32,7 @@ pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
     debug_assert_eq!(y.len(), t * d_out);
     let yp = SendPtr(y.as_mut_ptr());
     if t <= GEMV_MAX_TOKENS {
-        // Decode: stream each row of W once, widened into a per-task buffer, dotted with every token.
-        let chunk = (d_out / (rayon::current_num_threads() * 8)).clamp(16, 256);
-        (0..d_out.div_ceil(chunk)).into_par_iter().for_each_init(
-            || vec![0f32; chunk * d_in],
-            |buf, c| {
-                let r0 = c * chunk;
-                let n = chunk.min(d_out - r0);
-                let rows = &mut buf[..n * d_in];
-                w.dequantize_rows(r0, rows);
-                for (i, row) in rows.chunks_exact(d_in).enumerate() {
-                    for tok in 0..t {
-                        let v = dot(&x[tok * d_in..(tok + 1) * d_in], row);
-                        // SAFETY: (tok, r0 + i) is written by this task only.
-                        unsafe { *yp.get().add(tok * d_out + r0 + i) = v };
-                    }
-                }
-            },
-        );
+        gemv(x, t, w, y);
         return;
     }
     (0..d_out.div_ceil(TILE_ROWS))
@@ -87,6 +71,46 @@ pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
                 }
             },
         );
+}
+
+/// Decode: stream each row of W once and dot it with every token, fused with dequantization
+/// where qlora-quant has a kernel for the format, else through a widened row.
+/// # Shapes
+/// x [t, d_in], w [d_out, d_in] → y [t, d_out]
+fn gemv(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
+    let (d_out, d_in) = (w.rows, w.cols);
+    let yp = SendPtr(y.as_mut_ptr());
+    let WeightFormat::Ggml(fmt) = w.format;
+    let fused = has_fused_dot(fmt);
+    let xsums: Vec<Vec<f32>> = if fused {
+        x.chunks(d_in).map(block_sums).collect()
+    } else {
+        Vec::new()
+    };
+    let row_bytes = w.stored_bytes() / d_out;
+    let chunk = (d_out / (rayon::current_num_threads() * 4)).clamp(16, 512);
+    (0..d_out.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let r0 = c * chunk;
+        let n = chunk.min(d_out - r0);
+        let mut buf = if fused { Vec::new() } else { vec![0f32; d_in] };
+        for r in r0..r0 + n {
+            if fused {
+                let row = &w.bytes()[r * row_bytes..(r + 1) * row_bytes];
+                for tok in 0..t {
+                    let v = dot_row(fmt, row, &x[tok * d_in..(tok + 1) * d_in], &xsums[tok]);
+                    // SAFETY: (tok, r) is written by this task only.
+                    unsafe { *yp.get().add(tok * d_out + r) = v };
+                }
+            } else {
+                w.dequantize_rows(r, &mut buf);
+                for tok in 0..t {
+                    let v = dot(&x[tok * d_in..(tok + 1) * d_in], &buf);
+                    // SAFETY: as above.
+                    unsafe { *yp.get().add(tok * d_out + r) = v };
+                }
+            }
+        }
+    });
 }
 
 /// RMSNorm as transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) · weight, in f32.

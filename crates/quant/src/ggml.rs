@@ -87,7 +87,7 @@ impl GgmlType {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn h(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }

@@ -1,6 +1,9 @@
 //! qlora-quant: number formats, each with a scalar reference (the documentation and the test
 //! oracle) and, where it pays, a fast path tested against it. Depends on nothing of qlora's.
 
+mod dot;
 mod ggml;
+
+pub use dot::{block_sums, dot_row, dot_row_scalar, has_fused_dot};
 
 pub use ggml::{dequantize_ggml, GgmlType};

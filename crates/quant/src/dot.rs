@@ -1,0 +1,192 @@
+//! Fused dequantize-and-dot for the 32-element GGUF blocks (Q4_0, Q4_1, Q8_0): one row of W
+//! against one activation vector without widening the row to memory first. This is the decode
+//! (GEMV) hot path. The scalar twin is `dequantize_ggml` followed by a plain dot product.
+
+use crate::GgmlType;
+use half::f16;
+
+/// Whether `dot_row` has a fused kernel for this type.
+pub fn has_fused_dot(t: GgmlType) -> bool {
+    matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+/// Per-32-element block sums of x, needed by the offset terms of Q4_0/Q4_1.
+pub fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks(32).map(|c| c.iter().sum()).collect()
+}
+
+/// Σ W[row]·x for one row stored as `row` bytes of type `t` (one of `has_fused_dot`).
+/// `xsum` = `block_sums(x)`.
+pub fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the features were detected just above.
+            return unsafe { avx2::dot_row(t, row, x, xsum) };
+        }
+    }
+    dot_row_scalar(t, row, x, xsum)
+}
+
+#[inline(always)]
+fn h(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Scalar version with the same algebra as the AVX2 kernel: Σ_blocks d·(q·x) + m·Σx.
+pub fn dot_row_scalar(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let (_, bb) = t.block();
+    let mut acc = 0f32;
+    for (i, b) in row.chunks_exact(bb).enumerate() {
+        let xb = &x[32 * i..32 * i + 32];
+        match t {
+            GgmlType::Q8_0 => {
+                let d = h(b, 0);
+                let s: f32 = (0..32).map(|j| b[2 + j] as i8 as f32 * xb[j]).sum();
+                acc += d * s;
+            }
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let (d, m, qs) = if t == GgmlType::Q4_0 {
+                    let d = h(b, 0);
+                    (d, -8.0 * d, &b[2..18])
+                } else {
+                    (h(b, 0), h(b, 2), &b[4..20])
+                };
+                let s: f32 = (0..16)
+                    .map(|j| (qs[j] & 0xF) as f32 * xb[j] + (qs[j] >> 4) as f32 * xb[j + 16])
+                    .sum();
+                acc += d * s + m * xsum[i];
+            }
+            _ => unreachable!("dot_row is only called for types with a fused kernel"),
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::GgmlType;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn fma8(q: __m128i, x: *const f32, acc: __m256) -> __m256 {
+        // 8 bytes of q (u8 or i8 already widened by the caller) → 8 f32.
+        _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)),
+            _mm256_loadu_ps(x),
+            acc,
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn fma8_i8(q: __m128i, x: *const f32, acc: __m256) -> __m256 {
+        _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+            _mm256_loadu_ps(x),
+            acc,
+        )
+    }
+
+    /// f16 → f32 with the F16C instruction (every AVX2 CPU has it).
+    #[inline(always)]
+    unsafe fn h(b: &[u8], at: usize) -> f32 {
+        let v = u16::from_le_bytes([*b.get_unchecked(at), *b.get_unchecked(at + 1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(v as i32)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let (_, bb) = t.block();
+        let nb = row.len() / bb;
+        // Two accumulators (even/odd blocks) halve the FMA dependency chain.
+        let mut accs = [_mm256_setzero_ps(); 2];
+        let mut offset = 0f32;
+        let mask = _mm_set1_epi8(0x0F);
+        for i in 0..nb {
+            let b = &row[i * bb..(i + 1) * bb];
+            let xp = x.as_ptr().add(32 * i);
+            let z = _mm256_setzero_ps();
+            match t {
+                GgmlType::Q8_0 => {
+                    let q0 = _mm_loadu_si128(b.as_ptr().add(2) as *const __m128i);
+                    let q1 = _mm_loadu_si128(b.as_ptr().add(18) as *const __m128i);
+                    let mut p = fma8_i8(q0, xp, z);
+                    p = fma8_i8(_mm_srli_si128(q0, 8), xp.add(8), p);
+                    p = fma8_i8(q1, xp.add(16), p);
+                    p = fma8_i8(_mm_srli_si128(q1, 8), xp.add(24), p);
+                    accs[i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(h(b, 0)), p, accs[i & 1]);
+                }
+                _ => {
+                    let (d, m, qs) = if t == GgmlType::Q4_0 {
+                        let d = h(b, 0);
+                        (d, -8.0 * d, b.as_ptr().add(2))
+                    } else {
+                        (h(b, 0), h(b, 2), b.as_ptr().add(4))
+                    };
+                    let q = _mm_loadu_si128(qs as *const __m128i);
+                    let lo = _mm_and_si128(q, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                    let mut p = fma8(lo, xp, z);
+                    p = fma8(_mm_srli_si128(lo, 8), xp.add(8), p);
+                    p = fma8(hi, xp.add(16), p);
+                    p = fma8(_mm_srli_si128(hi, 8), xp.add(24), p);
+                    accs[i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, accs[i & 1]);
+                    offset += m * xsum[i];
+                }
+            }
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(accs[0], accs[1]));
+        lanes.iter().sum::<f32>() + offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dequantize_ggml;
+
+    fn row(t: GgmlType, blocks: usize, seed: u32) -> Vec<u8> {
+        let (_, bb) = t.block();
+        let mut s = seed;
+        let mut v: Vec<u8> = (0..blocks * bb)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 24) as u8
+            })
+            .collect();
+        // Sane f16 scales (random bytes can be inf/NaN).
+        for b in v.chunks_exact_mut(bb) {
+            b[0..2].copy_from_slice(&f16::from_f32(0.01 * (b[5] as f32 + 1.0)).to_le_bytes());
+            if t == GgmlType::Q4_1 {
+                b[2..4].copy_from_slice(&f16::from_f32(-0.003 * b[7] as f32).to_le_bytes());
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn fused_dot_matches_dequantize_then_dot() {
+        for t in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for blocks in [1, 3, 18] {
+                let r = row(t, blocks, blocks as u32 * 7 + 1);
+                let x: Vec<f32> = (0..32 * blocks)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
+                let mut w = vec![0f32; 32 * blocks];
+                dequantize_ggml(t, &r, &mut w);
+                let want: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let xs = block_sums(&x);
+                for got in [dot_row(t, &r, &x, &xs), dot_row_scalar(t, &r, &x, &xs)] {
+                    assert!(
+                        (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{t:?} {blocks}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
