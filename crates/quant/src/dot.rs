@@ -160,9 +160,10 @@ mod tests {
             .collect();
         // Sane f16 scales (random bytes can be inf/NaN).
         for b in v.chunks_exact_mut(bb) {
-            b[0..2].copy_from_slice(&f16::from_f32(0.01 * (b[5] as f32 + 1.0)).to_le_bytes());
+            let (s5, s7) = (b[5] as f32, b[7] as f32);
+            b[0..2].copy_from_slice(&f16::from_f32(0.01 * (s5 + 1.0)).to_le_bytes());
             if t == GgmlType::Q4_1 {
-                b[2..4].copy_from_slice(&f16::from_f32(-0.003 * b[7] as f32).to_le_bytes());
+                b[2..4].copy_from_slice(&f16::from_f32(-0.003 * s7).to_le_bytes());
             }
         }
         v
