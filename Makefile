@@ -26,7 +26,7 @@ demo: fixtures build
 test: fixtures
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
-	QLORA_FIXTURES=$(FIXTURES) QLORA_REQUIRE_FIXTURES=1 cargo test --all-targets
+	QLORA_FIXTURES=$(FIXTURES) QLORA_LLAMA_CPP_MODELS=$(FIXTURES)/llama.cpp-vocab QLORA_REQUIRE_FIXTURES=1 cargo test --all-targets
 
 bench: fixtures build
 	$(QLORA) bench --model $(SMOL) --prompt-tokens 128 --gen-tokens 64 --repeats 5

