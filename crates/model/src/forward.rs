@@ -51,6 +51,13 @@ impl Model {
     /// # Shapes
     /// ids [t] → logits [t, v] (All) or [1, v] (Last)
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+        // Run on a pool worker: the ~12 parallel ops per layer then fork from inside the pool
+        // instead of each waking a worker and parking the calling thread (which dominated
+        // small-model decode).
+        rayon::scope(|_| self.forward_on_worker(ids, cache, which))
+    }
+
+    fn forward_on_worker(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         let t = ids.len();
         if t == 0 {
