@@ -33,6 +33,15 @@ fn logits_fails(model: &Path, words: &[&str]) {
     assert!(!out.exists(), "no output may be written on failure");
 }
 
+/// Rewrites a model directory's config.json.
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+}
+
 fn good_model(tag: &str) -> std::path::PathBuf {
     let dir = temp_dir(tag).join("m");
     write_model(&spec("llama-gqa"), &dir);

@@ -140,7 +140,9 @@ impl ModelConfig {
             ));
         }
         if self.sliding_window == Some(0) {
-            return bad("sliding_window is 0; use null for no window or a positive number of tokens".into());
+            return bad(
+                "sliding_window is 0; use null for no window or a positive number of tokens".into(),
+            );
         }
         if !self.head_dim().is_multiple_of(2) {
             return bad(format!(

@@ -57,7 +57,12 @@ impl Model {
         rayon::scope(|_| self.forward_on_worker(ids, cache, which))
     }
 
-    fn forward_on_worker(&self, ids: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
+    fn forward_on_worker(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         let t = ids.len();
         if t == 0 {
