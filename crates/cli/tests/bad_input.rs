@@ -126,11 +126,9 @@ fn safetensors_header_whose_offsets_lie() {
 #[test]
 fn config_sizes_disagree_with_tensors() {
     let dir = good_model("disagree");
-    let p = dir.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    cfg["intermediate_size"] = serde_json::json!(96);
-    std::fs::write(&p, cfg.to_string()).unwrap();
+    edit_config(&dir, |cfg| {
+        cfg["intermediate_size"] = serde_json::json!(96);
+    });
     logits_fails(
         &dir,
         &[
@@ -145,11 +143,9 @@ fn config_sizes_disagree_with_tensors() {
 #[test]
 fn config_with_fewer_layers_than_the_weights() {
     let dir = good_model("fewerlayers");
-    let p = dir.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    cfg["num_hidden_layers"] = serde_json::json!(1);
-    std::fs::write(&p, cfg.to_string()).unwrap();
+    edit_config(&dir, |cfg| {
+        cfg["num_hidden_layers"] = serde_json::json!(1);
+    });
     logits_fails(&dir, &["model.layers.1.", "unexpected tensor"]);
 }
 
@@ -160,23 +156,19 @@ fn missing_tensor_is_named() {
     s["config"]["tie_word_embeddings"] = serde_json::json!(false);
     write_model(&s, &tmp);
     // Claim tied embeddings' opposite: a model that needs lm_head but the file lacks it.
-    let p = tmp.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    cfg["num_hidden_layers"] = serde_json::json!(3);
-    std::fs::write(&p, cfg.to_string()).unwrap();
+    edit_config(&tmp, |cfg| {
+        cfg["num_hidden_layers"] = serde_json::json!(3);
+    });
     logits_fails(&tmp, &["model.layers.2.input_layernorm.weight", "missing"]);
 }
 
 #[test]
 fn unsupported_architecture() {
     let dir = good_model("arch");
-    let p = dir.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
-    cfg["model_type"] = serde_json::json!("gpt2");
-    std::fs::write(&p, cfg.to_string()).unwrap();
+    edit_config(&dir, |cfg| {
+        cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+        cfg["model_type"] = serde_json::json!("gpt2");
+    });
     logits_fails(
         &dir,
         &["config.json", "unsupported architecture", "GPT2LMHeadModel"],
