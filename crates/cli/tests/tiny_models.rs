@@ -29,21 +29,41 @@ fn tokens_arg(spec: &serde_json::Value) -> String {
         .join(",")
 }
 
-fn check_logits(model_dir: &std::path::Path, name: &str, out_dir: &std::path::Path) {
-    let spec = spec(name);
-    let out = out_dir.join(format!("{name}.safetensors"));
+/// Runs `qlora logits` on a model directory with a fixture's tokens; returns (shape, logits).
+fn run_logits(
+    model_dir: &std::path::Path,
+    spec: &serde_json::Value,
+    out: &std::path::Path,
+) -> (Vec<usize>, Vec<f32>) {
     let o = qlora(&[
         "logits",
         "--model",
         model_dir.to_str().unwrap(),
         "--tokens",
-        &tokens_arg(&spec),
+        &tokens_arg(spec),
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{name}: {}", stderr(&o));
-    let (shape, got) = read_f32(&out, "logits");
-    let (want_shape, want) = read_f32(&tiny_dir(name).join("expected.safetensors"), "logits");
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        model_dir.display(),
+        stderr(&o)
+    );
+    read_f32(out, "logits")
+}
+
+fn expected(name: &str) -> (Vec<usize>, Vec<f32>) {
+    read_f32(&tiny_dir(name).join("expected.safetensors"), "logits")
+}
+
+fn check_logits(model_dir: &std::path::Path, name: &str, out_dir: &std::path::Path) {
+    let (shape, got) = run_logits(
+        model_dir,
+        &spec(name),
+        &out_dir.join(format!("{name}.safetensors")),
+    );
+    let (want_shape, want) = expected(name);
     assert_eq!(shape, want_shape, "{name}");
     let diff = max_abs_diff(&got, &want);
     assert!(diff < LOGITS_TOL, "{name}: max |Δlogit| = {diff}");
@@ -104,21 +124,7 @@ fn sliding_window_changes_the_result() {
     let mut s2 = spec.clone();
     s2["config"] = cfg;
     write_model(&s2, &tmp.join("m"));
-    let out = tmp.join("l.safetensors");
-    let o = qlora(&[
-        "logits",
-        "--model",
-        tmp.join("m").to_str().unwrap(),
-        "--tokens",
-        &tokens_arg(&spec),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let (_, got) = read_f32(&out, "logits");
-    let (_, want) = read_f32(
-        &tiny_dir("mistral-window").join("expected.safetensors"),
-        "logits",
-    );
+    let (_, got) = run_logits(&tmp.join("m"), &spec, &tmp.join("l.safetensors"));
+    let (_, want) = expected("mistral-window");
     assert!(max_abs_diff(&got, &want) > 1e-3);
 }

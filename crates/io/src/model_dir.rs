@@ -52,8 +52,6 @@ pub struct ModelSource {
     pub config: ModelConfig,
     pub tensors: TensorStore,
     pub tokenizer: Option<TokenizerInfo>,
-    /// The GGUF file, when the model came from one (for its metadata).
-    pub gguf: Option<GgufFile>,
 }
 
 impl ModelSource {
@@ -89,7 +87,6 @@ impl ModelSource {
             config,
             tensors,
             tokenizer,
-            gguf: Some(g),
         })
     }
 
@@ -112,7 +109,6 @@ impl ModelSource {
             config,
             tensors,
             tokenizer,
-            gguf: None,
         })
     }
 }
