@@ -151,7 +151,7 @@ pub fn quantize_4bit(x: &[f32], blocksize: usize, quant: Quant4) -> (Vec<u8>, Ve
             codes.push(code_of(s.clamp(-1.0, 1.0), quant));
         }
     }
-    if n % 2 == 1 {
+    if !n.is_multiple_of(2) {
         codes.push(code_of(0.0, quant));
     }
     let packed = codes.chunks_exact(2).map(|c| (c[0] << 4) | c[1]).collect();
@@ -295,10 +295,7 @@ pub fn quantize_blockwise_8bit(
 
 fn nearest_code(s: f32, code: &[f32; 256]) -> u8 {
     // The binary search returns the last entry <= s (0 when s is below all, or NaN).
-    let mut idx = match code.iter().rposition(|&c| c <= s) {
-        Some(i) => i,
-        None => 0,
-    };
+    let mut idx = code.iter().rposition(|&c| c <= s).unwrap_or_default();
     if idx < 255 {
         let left = (s - code[idx]).abs();
         let right = (s - code[idx + 1]).abs();
@@ -386,16 +383,15 @@ fn multi_row_sum<const L: usize>(
     let mut i = 0;
     while i + level_step <= size {
         for _ in 0..level_step {
-            for k in 0..4 {
-                add(&mut acc[0][k], &load(i, k));
+            for (k, a) in acc[0].iter_mut().enumerate() {
+                add(a, &load(i, k));
             }
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..4 {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0f32; L];
+            let lower = std::mem::replace(&mut acc[j - 1], [[0f32; L]; 4]);
+            for (a, l) in acc[j].iter_mut().zip(&lower) {
+                add(a, l);
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -403,15 +399,15 @@ fn multi_row_sum<const L: usize>(
         }
     }
     while i < size {
-        for k in 0..4 {
-            add(&mut acc[0][k], &load(i, k));
+        for (k, a) in acc[0].iter_mut().enumerate() {
+            add(a, &load(i, k));
         }
         i += 1;
     }
     for j in 1..LEVELS {
-        for k in 0..4 {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
+        let upper = acc[j];
+        for (a, u) in acc[0].iter_mut().zip(&upper) {
+            add(a, u);
         }
     }
     acc[0]
@@ -419,7 +415,7 @@ fn multi_row_sum<const L: usize>(
 
 /// LLM.int8 row-wise dequantization (`int8_vectorwise_dequant`): `CB · SCB · (1/127)`, in f32.
 pub fn dequantize_int8_row(cb: &[u8], scb: f32, out: &mut [f32]) {
-    const INV127: f32 = 7.874_015_7e-3;
+    const INV127: f32 = 7.874_016e-3;
     for (o, &q) in out.iter_mut().zip(cb) {
         *o = q as i8 as f32 * scb * INV127;
     }
