@@ -180,7 +180,7 @@ pub fn code_of(s: f32, quant: Quant4) -> u8 {
 #[inline(always)]
 pub fn nibble(packed: &[u8], i: usize) -> u8 {
     let b = packed[i / 2];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b >> 4
     } else {
         b & 0xF
@@ -201,7 +201,7 @@ pub fn dequantize_4bit(
     let end = start + out.len();
     let mut o = 0;
     // Odd start: one low nibble to reach a byte boundary.
-    if i % 2 == 1 && i < end {
+    if !i.is_multiple_of(2) && i < end {
         out[o] = code[nibble(packed, i) as usize] * absmax[i / blocksize];
         i += 1;
         o += 1;
