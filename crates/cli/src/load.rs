@@ -2,18 +2,61 @@
 
 use anyhow::{Context, Result};
 use qlora_io::{ModelSource, TokenizerInfo};
-use qlora_model::Model;
+use qlora_model::{LoadOptions, Model, QuantizeSpec};
+use qlora_quant::Quant4;
 use std::path::Path;
+
+/// `--quantize nf4|fp4 [--double-quant]`: quantize the decoder's linear layers at load, as
+/// transformers' `BitsAndBytesConfig(load_in_4bit=True, ...)` does.
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+pub struct QuantizeArgs {
+    /// Quantize the decoder's linear layers to 4-bit at load (embeddings, norms and lm_head
+    /// stay as stored), bit-exact with bitsandbytes.
+    #[arg(long, value_enum)]
+    quantize: Option<QuantType>,
+    /// Double-quantize the absmax (bnb_4bit_use_double_quant).
+    #[arg(long, requires = "quantize")]
+    double_quant: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum QuantType {
+    Nf4,
+    Fp4,
+}
+
+impl QuantType {
+    pub fn quant(self) -> Quant4 {
+        match self {
+            QuantType::Nf4 => Quant4::Nf4,
+            QuantType::Fp4 => Quant4::Fp4,
+        }
+    }
+}
+
+impl QuantizeArgs {
+    pub fn spec(&self) -> Option<QuantizeSpec> {
+        self.quantize.map(|q| QuantizeSpec {
+            quant: q.quant(),
+            double_quant: self.double_quant,
+            blocksize: 64,
+        })
+    }
+}
 
 pub struct Loaded {
     pub model: Model,
     pub tokenizer: Option<TokenizerInfo>,
 }
 
-pub fn load(path: &Path) -> Result<Loaded> {
+pub fn load(path: &Path, quantize: QuantizeArgs) -> Result<Loaded> {
     let mut src = ModelSource::open(path)?;
     let tokenizer = src.tokenizer.take();
-    let model = Model::load(&mut src).with_context(|| format!("loading {}", path.display()))?;
+    let opts = LoadOptions {
+        quantize: quantize.spec(),
+    };
+    let model =
+        Model::load_with(&mut src, opts).with_context(|| format!("loading {}", path.display()))?;
     Ok(Loaded { model, tokenizer })
 }
 

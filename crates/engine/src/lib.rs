@@ -10,4 +10,4 @@ pub mod reference;
 mod simd;
 mod weight;
 
-pub use weight::{Weight, WeightFormat};
+pub use weight::{Scales, Weight, WeightFormat};

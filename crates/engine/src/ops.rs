@@ -3,7 +3,7 @@
 
 use crate::simd::dot;
 use crate::{Weight, WeightFormat};
-use qlora_quant::{block_sums, dot_row, has_fused_dot};
+use qlora_quant::{block_sums, bnb4_dot_row, dot_row, has_fused_dot};
 use rayon::prelude::*;
 
 /// Rows of W widened per tile in the batched product; a [64, d] f32 tile stays in L2.
@@ -80,24 +80,54 @@ pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
 fn gemv(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
     let (d_out, d_in) = (w.rows, w.cols);
     let yp = SendPtr(y.as_mut_ptr());
-    let WeightFormat::Ggml(fmt) = w.format;
-    let fused = has_fused_dot(fmt);
-    let xsums: Vec<Vec<f32>> = if fused {
+    // The fused kernel that applies, if any.
+    enum Fused<'a> {
+        Ggml(qlora_quant::GgmlType),
+        Bnb4(&'a crate::weight::Scales),
+        None,
+    }
+    let fused = match w.format {
+        WeightFormat::Ggml(fmt) if has_fused_dot(fmt) => Fused::Ggml(fmt),
+        WeightFormat::Bnb4(_) => {
+            let s = w.scales().expect("bnb4 weight has scales");
+            if s.blocksize.is_multiple_of(32) && d_in.is_multiple_of(s.blocksize) {
+                Fused::Bnb4(s)
+            } else {
+                Fused::None
+            }
+        }
+        _ => Fused::None,
+    };
+    let xsums: Vec<Vec<f32>> = if matches!(fused, Fused::Ggml(_)) {
         x.chunks(d_in).map(block_sums).collect()
     } else {
         Vec::new()
     };
-    let row_bytes = w.stored_bytes() / d_out;
+    let row_bytes = w.row_bytes();
     let chunk = (d_out / (rayon::current_num_threads() * 4)).clamp(16, 512);
     (0..d_out.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let r0 = c * chunk;
         let n = chunk.min(d_out - r0);
-        let mut buf = if fused { Vec::new() } else { vec![0f32; d_in] };
+        let mut buf = if matches!(fused, Fused::None) {
+            vec![0f32; d_in]
+        } else {
+            Vec::new()
+        };
         for r in r0..r0 + n {
-            if fused {
+            if let Fused::Ggml(fmt) = fused {
                 let row = &w.bytes()[r * row_bytes..(r + 1) * row_bytes];
                 for tok in 0..t {
                     let v = dot_row(fmt, row, &x[tok * d_in..(tok + 1) * d_in], &xsums[tok]);
+                    // SAFETY: (tok, r) is written by this task only.
+                    unsafe { *yp.get().add(tok * d_out + r) = v };
+                }
+            } else if let Fused::Bnb4(s) = fused {
+                let row = &w.bytes()[r * d_in / 2..(r + 1) * d_in / 2];
+                let per_row = d_in / s.blocksize;
+                let absmax = &s.values[r * per_row..(r + 1) * per_row];
+                for tok in 0..t {
+                    let xr = &x[tok * d_in..(tok + 1) * d_in];
+                    let v = bnb4_dot_row(row, absmax, &s.code, s.blocksize, xr);
                     // SAFETY: (tok, r) is written by this task only.
                     unsafe { *yp.get().add(tok * d_out + r) = v };
                 }

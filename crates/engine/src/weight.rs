@@ -1,7 +1,8 @@
 //! `Weight`: a frozen `[rows, cols]` matrix kept in its stored format; rows are widened to f32
 //! on demand, per tile, by the matrix products.
 
-use qlora_quant::{dequantize_ggml, GgmlType};
+use qlora_quant::bnb::{dequantize_4bit, dequantize_int8_row};
+use qlora_quant::{dequantize_ggml, GgmlType, Quant4};
 use std::sync::Arc;
 
 /// How a weight's bytes encode its elements.
@@ -9,14 +10,32 @@ use std::sync::Arc;
 pub enum WeightFormat {
     /// f32/f16/bf16 or a GGUF block format; blocks never cross rows.
     Ggml(GgmlType),
+    /// bitsandbytes 4-bit: packed codes of the row-major flattened matrix, two per byte (high
+    /// nibble first), one absmax per block of the flat index (blocks may cross rows).
+    Bnb4(Quant4),
+    /// LLM.int8: int8 rows with one f32 scale (SCB) per row.
+    Int8,
 }
 
 impl WeightFormat {
     pub fn name(&self) -> &'static str {
         match self {
             WeightFormat::Ggml(t) => t.name(),
+            WeightFormat::Bnb4(q) => q.name(),
+            WeightFormat::Int8 => "int8",
         }
     }
+}
+
+/// The side data of the bitsandbytes formats.
+#[derive(Debug)]
+pub struct Scales {
+    /// Bnb4: the code book (the stored `quant_map`); unused for Int8.
+    pub code: [f32; 16],
+    /// Bnb4: elements per absmax; Int8: `cols`.
+    pub blocksize: usize,
+    /// Bnb4: f32 absmax per block (double quantization already undone); Int8: SCB per row.
+    pub values: Vec<f32>,
 }
 
 /// Bytes owned by someone else (a memory map, a buffer).
@@ -28,7 +47,9 @@ pub struct Weight {
     pub rows: usize,
     pub cols: usize,
     bytes: SharedBytes,
+    /// Bytes per row for the formats whose rows are byte-aligned (0 for Bnb4).
     row_bytes: usize,
+    scales: Option<Arc<Scales>>,
 }
 
 impl std::fmt::Debug for Weight {
@@ -52,7 +73,9 @@ impl Weight {
         cols: usize,
         bytes: SharedBytes,
     ) -> Result<Self, String> {
-        let WeightFormat::Ggml(t) = format;
+        let WeightFormat::Ggml(t) = format else {
+            return Err(format!("{} weights are built with their own constructor", format.name()));
+        };
         let (bs, bb) = t.block();
         if !cols.is_multiple_of(bs) {
             return Err(format!(
@@ -75,7 +98,76 @@ impl Weight {
             cols,
             bytes,
             row_bytes,
+            scales: None,
         })
+    }
+
+    /// A bitsandbytes 4-bit weight: `packed` holds `ceil(rows·cols / 2)` bytes, `absmax` one
+    /// value per `blocksize` elements of the flattened matrix.
+    pub fn bnb4(
+        quant: Quant4,
+        code: [f32; 16],
+        blocksize: usize,
+        rows: usize,
+        cols: usize,
+        packed: SharedBytes,
+        absmax: Vec<f32>,
+    ) -> Result<Self, String> {
+        let n = rows * cols;
+        let have = (*packed).as_ref().len();
+        if have != n.div_ceil(2) {
+            return Err(format!(
+                "{have} bytes of packed 4-bit codes for shape [{rows}, {cols}], expected {}",
+                n.div_ceil(2)
+            ));
+        }
+        if absmax.len() != n.div_ceil(blocksize) {
+            return Err(format!(
+                "absmax has {} values, expected {} (one per {blocksize} elements of [{rows}, {cols}])",
+                absmax.len(),
+                n.div_ceil(blocksize)
+            ));
+        }
+        Ok(Weight {
+            format: WeightFormat::Bnb4(quant),
+            rows,
+            cols,
+            bytes: packed,
+            row_bytes: 0,
+            scales: Some(Arc::new(Scales {
+                code,
+                blocksize,
+                values: absmax,
+            })),
+        })
+    }
+
+    /// An LLM.int8 weight: `[rows, cols]` int8 and one scale per row.
+    pub fn int8(rows: usize, cols: usize, cb: SharedBytes, scb: Vec<f32>) -> Result<Self, String> {
+        let have = (*cb).as_ref().len();
+        if have != rows * cols {
+            return Err(format!("{have} int8 values for shape [{rows}, {cols}]"));
+        }
+        if scb.len() != rows {
+            return Err(format!("SCB has {} values, expected one per row ({rows})", scb.len()));
+        }
+        Ok(Weight {
+            format: WeightFormat::Int8,
+            rows,
+            cols,
+            bytes: cb,
+            row_bytes: cols,
+            scales: Some(Arc::new(Scales {
+                code: [0.0; 16],
+                blocksize: cols,
+                values: scb,
+            })),
+        })
+    }
+
+    /// The bitsandbytes side data (absmax or SCB), if this is such a weight.
+    pub fn scales(&self) -> Option<&Scales> {
+        self.scales.as_deref()
     }
 
     /// An f32 weight from values (tests, converted tensors).
@@ -88,6 +180,7 @@ impl Weight {
             cols,
             bytes: Arc::new(bytes),
             row_bytes: cols * 4,
+            scales: None,
         }
     }
 
@@ -97,16 +190,35 @@ impl Weight {
 
     /// Bytes read per full pass over the matrix (what a decode step streams).
     pub fn stored_bytes(&self) -> usize {
-        self.rows * self.row_bytes
+        self.bytes().len() + self.scales.as_ref().map_or(0, |s| s.values.len() * 4)
+    }
+
+    /// Bytes of one row, for the formats whose rows are byte-aligned (not Bnb4).
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
     }
 
     /// Widens rows `r0 .. r0 + out.len() / cols` into `out` (row-major f32).
     pub fn dequantize_rows(&self, r0: usize, out: &mut [f32]) {
         let n = out.len() / self.cols;
         debug_assert!(r0 + n <= self.rows);
-        let src = &self.bytes()[r0 * self.row_bytes..(r0 + n) * self.row_bytes];
         match self.format {
-            WeightFormat::Ggml(t) => dequantize_ggml(t, src, out),
+            WeightFormat::Ggml(t) => {
+                let src = &self.bytes()[r0 * self.row_bytes..(r0 + n) * self.row_bytes];
+                dequantize_ggml(t, src, out)
+            }
+            WeightFormat::Bnb4(_) => {
+                let s = self.scales.as_ref().expect("bnb4 weight has scales");
+                dequantize_4bit(self.bytes(), &s.values, &s.code, s.blocksize, r0 * self.cols, out)
+            }
+            WeightFormat::Int8 => {
+                let s = self.scales.as_ref().expect("int8 weight has scales");
+                for (i, o) in out.chunks_mut(self.cols).enumerate() {
+                    let r = r0 + i;
+                    let row = &self.bytes()[r * self.cols..(r + 1) * self.cols];
+                    dequantize_int8_row(row, s.values[r], o);
+                }
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! Tensors leave this crate as `RawTensor`s addressed by their Hugging Face name; foreign names
 //! (GGUF's `blk.3.ffn_down`) are translated here, once.
 
+mod bnb;
 mod bytes;
 mod config;
 mod error;
@@ -10,6 +11,7 @@ mod model_dir;
 mod safetensors_file;
 mod tokenizer;
 
+pub use bnb::{python_float_repr, quant_state_key, BnbConfig, NestedJson, QuantStateJson};
 pub use bytes::Bytes;
 pub use config::{ModelConfig, RopeScaling};
 pub use error::{Error, Result};

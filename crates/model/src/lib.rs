@@ -7,12 +7,15 @@ mod forward;
 mod generate;
 mod load;
 mod model;
+pub mod quantize;
 mod rope;
 mod sampling;
 
 pub use error::{Error, Result};
 pub use forward::{KvCache, Logits};
 pub use generate::{render_chat, GenerateParams, Generation};
+pub use load::LoadOptions;
 pub use model::{Layer, Model, Projection};
+pub use quantize::QuantizeSpec;
 pub use rope::inv_freq;
 pub use sampling::{Sampler, SamplingParams};

@@ -2,15 +2,24 @@
 //! config implies and a type qlora computes with; nothing unexplained left over.
 
 use crate::model::{Layer, Model, Projection};
+use crate::quantize::{quantize_tensor, QuantizeSpec};
 use crate::{inv_freq, Error, Result};
 use qlora_engine::{Weight, WeightFormat};
-use qlora_io::{ElementType, ModelSource, RawTensor};
-use qlora_quant::GgmlType;
+use qlora_io::{quant_state_key, BnbConfig, ElementType, ModelSource, QuantStateJson, RawTensor};
+use qlora_quant::bnb;
+use qlora_quant::{GgmlType, Quant4};
 use std::path::Path;
 use std::sync::Arc;
 
+/// How to load: as stored, or with the decoder's linear layers quantized on the way in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub quantize: Option<QuantizeSpec>,
+}
+
 struct Loader<'a> {
     src: &'a mut ModelSource,
+    opts: LoadOptions,
 }
 
 impl Loader<'_> {
@@ -74,6 +83,138 @@ impl Loader<'_> {
             .map_err(|r| self.err(name, r))
     }
 
+    fn has(&self, name: &str) -> bool {
+        self.src.tensors.get(name).is_some()
+    }
+
+    /// A tensor that must be present, of one of the given types and `n` elements (any shape).
+    fn take_aux(&mut self, name: &str, owner: &str, types: &[ElementType], n: usize) -> Result<RawTensor> {
+        let Some(t) = self.src.tensors.remove(name) else {
+            return Err(self.err(
+                owner,
+                format!("4-bit weight without \"{name}\"; the checkpoint's quant state is incomplete (re-save it with transformers, or re-quantize with `qlora quantize`)"),
+            ));
+        };
+        if !types.contains(&t.dtype) || t.numel() != n {
+            let want: Vec<String> = types.iter().map(|t| t.name()).collect();
+            return Err(self.err(
+                name,
+                format!(
+                    "{} {:?} where the quant state needs {} values of type {}; the checkpoint is corrupt",
+                    t.dtype.name(),
+                    t.shape,
+                    n,
+                    want.join(" or ")
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    fn f32s(t: &RawTensor) -> Vec<f32> {
+        t.data
+            .as_slice()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    /// A bitsandbytes 4-bit weight `wname` (`P.weight`) and its quant-state tensors.
+    fn bnb4(&mut self, wname: &str, quant: Quant4, rows: usize, cols: usize) -> Result<Weight> {
+        let key = format!("{wname}.{}", quant_state_key(quant));
+        let blob = self.src.tensors.remove(&key).expect("caller saw the key");
+        let st = QuantStateJson::parse(blob.data.as_slice()).map_err(|r| self.err(&key, r))?;
+        if st.quant != quant {
+            return Err(self.err(
+                &key,
+                format!("the key says {} but the quant state says {}; the checkpoint is corrupt", quant.name(), st.quant.name()),
+            ));
+        }
+        if st.shape != [rows, cols] {
+            return Err(self.err(
+                &key,
+                format!("quant state shape {:?} does not match the config, which implies [{rows}, {cols}]", st.shape),
+            ));
+        }
+        let n = rows * cols;
+        let blocks = n.div_ceil(st.blocksize);
+        let map = self.take_aux(&format!("{wname}.quant_map"), wname, &[ElementType::F32], 16)?;
+        let code: [f32; 16] = Self::f32s(&map).try_into().expect("16 values");
+        let absmax = match &st.nested {
+            None => {
+                let a = self.take_aux(&format!("{wname}.absmax"), wname, &[ElementType::F32], blocks)?;
+                Self::f32s(&a)
+            }
+            Some(nested) => {
+                if nested.blocksize == 0 {
+                    return Err(self.err(&key, "nested_blocksize is 0".into()));
+                }
+                let a = self.take_aux(&format!("{wname}.absmax"), wname, &[ElementType::U8], blocks)?;
+                let nb = blocks.div_ceil(nested.blocksize);
+                let na = self.take_aux(&format!("{wname}.nested_absmax"), wname, &[ElementType::F32], nb)?;
+                let nm = self.take_aux(&format!("{wname}.nested_quant_map"), wname, &[ElementType::F32], 256)?;
+                let nested_code: [f32; 256] = Self::f32s(&nm).try_into().expect("256 values");
+                bnb::dequantize_absmax(a.data.as_slice(), &Self::f32s(&na), &nested_code, nested.blocksize, nested.offset)
+            }
+        };
+        let packed = self.src.tensors.remove(wname).ok_or_else(|| Error::Missing {
+            path: self.src.path.clone(),
+            tensor: wname.into(),
+        })?;
+        if !matches!(packed.dtype, ElementType::U8 | ElementType::BF16 | ElementType::F16 | ElementType::F32) {
+            return Err(self.err(
+                wname,
+                format!("packed 4-bit codes stored as {}; bitsandbytes stores them as uint8 (or the bnb_4bit_quant_storage float type)", packed.dtype.name()),
+            ));
+        }
+        Weight::bnb4(quant, code, st.blocksize, rows, cols, Arc::new(packed.data), absmax)
+            .map_err(|r| self.err(wname, r))
+    }
+
+    /// An LLM.int8 weight: int8 `P.weight` and f32 `P.SCB`.
+    fn int8(&mut self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let wname = format!("{name}.weight");
+        let scb = self.take_aux(&format!("{name}.SCB"), &wname, &[ElementType::F32], rows)?;
+        self.src.tensors.remove(&format!("{name}.weight_format"));
+        let t = self.take(&wname, &[rows, cols])?;
+        if t.dtype != ElementType::I8 {
+            return Err(self.err(&wname, format!("8-bit weight stored as {}, expected int8 (LLM.int8 checkpoints store int8 rows and an f32 SCB)", t.dtype.name())));
+        }
+        Weight::int8(rows, cols, Arc::new(t.data), Self::f32s(&scb)).map_err(|r| self.err(&wname, r))
+    }
+
+    /// A decoder linear's weight in whatever form the checkpoint has it, quantized on the way
+    /// in when asked.
+    fn linear_weight(&mut self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let wname = format!("{name}.weight");
+        for quant in [Quant4::Nf4, Quant4::Fp4] {
+            if self.has(&format!("{wname}.{}", quant_state_key(quant))) {
+                return self.bnb4(&wname, quant, rows, cols);
+            }
+        }
+        if self.has(&format!("{name}.SCB")) {
+            return self.int8(name, rows, cols);
+        }
+        for part in ["absmax", "quant_map", "nested_absmax"] {
+            if self.has(&format!("{wname}.{part}")) {
+                return Err(self.err(
+                    &wname,
+                    format!("has \"{wname}.{part}\" but no \"{wname}.quant_state.bitsandbytes__nf4\" (or __fp4): the 4-bit quant state is missing; the checkpoint is incomplete"),
+                ));
+            }
+        }
+        let w = self.weight(&wname, rows, cols)?;
+        match self.opts.quantize {
+            None => Ok(w),
+            Some(spec) => {
+                let q = quantize_tensor(&w.to_f32(), spec);
+                let absmax = q.effective_absmax();
+                Weight::bnb4(spec.quant, spec.quant.code(), spec.blocksize, rows, cols, Arc::new(q.packed), absmax)
+                    .map_err(|r| self.err(&wname, r))
+            }
+        }
+    }
+
     fn projection(
         &mut self,
         name: &str,
@@ -81,7 +222,11 @@ impl Loader<'_> {
         d_in: usize,
         bias: bool,
     ) -> Result<Projection> {
-        let base = self.weight(&format!("{name}.weight"), d_out, d_in)?;
+        let base = if name == "lm_head" {
+            self.weight(&format!("{name}.weight"), d_out, d_in)?
+        } else {
+            self.linear_weight(name, d_out, d_in)?
+        };
         let bias_name = format!("{name}.bias");
         let bias = if bias || self.src.tensors.get(&bias_name).is_some() {
             Some(self.vector(&bias_name, d_out)?)
@@ -99,10 +244,28 @@ impl Loader<'_> {
 impl Model {
     /// Loads the model a `ModelSource` describes, consuming its tensors.
     pub fn load(src: &mut ModelSource) -> Result<Model> {
+        Self::load_with(src, LoadOptions::default())
+    }
+
+    /// `load`, optionally quantizing the decoder's linear layers (like transformers'
+    /// `BitsAndBytesConfig`); already-quantized checkpoints load as they are.
+    pub fn load_with(src: &mut ModelSource, opts: LoadOptions) -> Result<Model> {
         let cfg = src.config.clone();
+        let bnb_cfg = BnbConfig::from_config(cfg.quantization_config.as_ref()).map_err(|r| {
+            Error::Invalid(format!("{}: {r}", src.path.join("config.json").display()))
+        })?;
+        if let (Some(c), Some(_)) = (&bnb_cfg, opts.quantize) {
+            if c.load_in_4bit || c.load_in_8bit {
+                return Err(Error::Invalid(format!(
+                    "{} is already a bitsandbytes {}-bit checkpoint; drop --quantize (it loads as stored)",
+                    src.path.display(),
+                    if c.load_in_4bit { 4 } else { 8 }
+                )));
+            }
+        }
         let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-        let mut ld = Loader { src };
+        let mut ld = Loader { src, opts };
         let embed_tokens = ld.weight("model.embed_tokens.weight", v, d)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

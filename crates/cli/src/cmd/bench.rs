@@ -1,7 +1,7 @@
 //! `qlora bench`: prefill and decode tokens/s on this machine, with the weight-read bandwidth
 //! decode achieves against the machine's measured read bandwidth. Medians over --repeats.
 
-use crate::load::load;
+use crate::load::{load, QuantizeArgs};
 use anyhow::{bail, Result};
 use qlora_model::{KvCache, Logits};
 use rayon::prelude::*;
@@ -17,6 +17,8 @@ pub struct Args {
     /// Hugging Face model directory or .gguf file.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    quantize: QuantizeArgs,
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -49,7 +51,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.repeats == 0 || a.prompt_tokens == 0 || a.gen_tokens == 0 {
         bail!("--repeats, --prompt-tokens and --gen-tokens must be positive");
     }
-    let loaded = load(&a.model)?;
+    let loaded = load(&a.model, a.quantize)?;
     let m = &loaded.model;
     let v = m.vocab_size() as u64;
     // Arbitrary in-vocabulary ids: the cost of a forward pass does not depend on them.

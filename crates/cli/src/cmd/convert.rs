@@ -63,7 +63,7 @@ pub fn run(a: Args) -> Result<()> {
             a.out.display()
         );
     }
-    let loaded = load(&a.model)?;
+    let loaded = load(&a.model, Default::default())?;
     let m = &loaded.model;
     let cfg = &m.config;
     let tmp = a.out.with_file_name(format!(

@@ -1,6 +1,6 @@
 //! `qlora generate`: stream a completion (or a chat reply) to stdout, timings to stderr.
 
-use crate::load::{encode, load};
+use crate::load::{encode, load, QuantizeArgs};
 use anyhow::{bail, Result};
 use qlora_model::{render_chat, GenerateParams, SamplingParams};
 use std::io::Write;
@@ -15,6 +15,8 @@ pub struct Args {
     /// Hugging Face model directory or .gguf file.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    quantize: QuantizeArgs,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -43,7 +45,7 @@ pub fn run(a: Args) -> Result<()> {
     if !(a.temperature >= 0.0 && a.top_p > 0.0 && a.top_p <= 1.0 && a.repetition_penalty > 0.0) {
         bail!("--temperature must be ≥ 0, --top-p in (0, 1] and --repetition-penalty > 0");
     }
-    let loaded = load(&a.model)?;
+    let loaded = load(&a.model, a.quantize)?;
     let tok = loaded.tokenizer(&a.model)?;
     let ids = if a.chat {
         let Some(template) = &tok.chat_template else {

@@ -1,6 +1,6 @@
 //! `qlora logits`: run token ids through the model and write every position's logits.
 
-use crate::load::load;
+use crate::load::{load, QuantizeArgs};
 use anyhow::{Context, Result};
 use qlora_io::{write_safetensors, ElementType, WriteTensor};
 use qlora_model::{KvCache, Logits};
@@ -16,6 +16,8 @@ pub struct Args {
     /// Hugging Face model directory or .gguf file.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    quantize: QuantizeArgs,
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',', required = true)]
     tokens: Vec<u32>,
@@ -25,7 +27,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let loaded = load(&a.model)?;
+    let loaded = load(&a.model, a.quantize)?;
     let model = &loaded.model;
     let mut cache = KvCache::new(model);
     let logits = model.forward(&a.tokens, &mut cache, Logits::All)?;

@@ -5,6 +5,7 @@ mod convert;
 mod generate;
 mod logits;
 mod perplexity;
+mod quantize;
 
 use clap::{Parser, Subcommand};
 
@@ -12,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "qlora",
     version,
-    about = "QLoRA for Llama/Mistral-family models: load, run, convert (fine-tuning and adapters next)"
+    about = "QLoRA for Llama/Mistral-family models: load, run, quantize (NF4/FP4, bit-exact with bitsandbytes), convert (fine-tuning and adapters next)"
 )]
 pub struct Cli {
     /// Worker threads (default: all cores).
@@ -28,6 +29,7 @@ enum Command {
     Generate(generate::Args),
     Perplexity(perplexity::Args),
     Convert(convert::Args),
+    Quantize(quantize::Args),
     Bench(bench::Args),
 }
 
@@ -42,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -1,6 +1,6 @@
 //! `qlora perplexity`: exp(mean negative log-likelihood) of a text, in windows of --context.
 
-use crate::load::{encode, load};
+use crate::load::{encode, load, QuantizeArgs};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -14,6 +14,8 @@ pub struct Args {
     /// Hugging Face model directory or .gguf file.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    quantize: QuantizeArgs,
     /// UTF-8 text file.
     #[arg(long)]
     text: PathBuf,
@@ -25,7 +27,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
-    let loaded = load(&a.model)?;
+    let loaded = load(&a.model, a.quantize)?;
     let tok = loaded.tokenizer(&a.model)?;
     let ids = encode(tok, &text, true)?;
     let context = a

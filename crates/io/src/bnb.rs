@@ -1,0 +1,271 @@
+//! bitsandbytes checkpoints as transformers saves them: the quant-state JSON blob stored as a
+//! uint8 tensor next to each 4-bit weight, and config.json's `quantization_config`.
+//!
+//! Keys of a 4-bit linear `P` (bitsandbytes `QuantState.as_dict(packed=True)`):
+//! `P.weight` (packed codes), `P.weight.absmax`, `P.weight.quant_map`,
+//! `P.weight.nested_absmax` and `P.weight.nested_quant_map` (double quantization only) and
+//! `P.weight.quant_state.bitsandbytes__nf4` (or `__fp4`). 8-bit: `P.weight` int8, `P.SCB`,
+//! optionally `P.weight_format`.
+
+use qlora_quant::Quant4;
+use serde_json::{Map, Value};
+
+/// The JSON part of a 4-bit quant state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantStateJson {
+    pub quant: Quant4,
+    pub blocksize: usize,
+    /// The dtype the weight had before quantization ("bfloat16", "float16", "float32").
+    pub dtype: String,
+    /// The logical shape `[out, in]`.
+    pub shape: Vec<usize>,
+    pub nested: Option<NestedJson>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NestedJson {
+    pub blocksize: usize,
+    pub dtype: String,
+    pub offset: f32,
+}
+
+/// The suffix of the quant-state key for a weight: `weight.quant_state.bitsandbytes__nf4`.
+pub fn quant_state_key(quant: Quant4) -> String {
+    format!("quant_state.bitsandbytes__{}", quant.name())
+}
+
+impl QuantStateJson {
+    /// Parses the blob; the error says which field is missing or wrong.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let v: Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("quant state is not valid JSON ({e})"))?;
+        let obj = v.as_object().ok_or("quant state is not a JSON object")?;
+        let field = |k: &str| obj.get(k).ok_or(format!("quant state lacks \"{k}\""));
+        let uint = |k: &str| -> Result<usize, String> {
+            field(k)?
+                .as_u64()
+                .map(|u| u as usize)
+                .ok_or(format!("quant state \"{k}\" is not a non-negative integer"))
+        };
+        let string = |k: &str| -> Result<String, String> {
+            field(k)?
+                .as_str()
+                .map(String::from)
+                .ok_or(format!("quant state \"{k}\" is not a string"))
+        };
+        let qt = string("quant_type")?;
+        let quant = Quant4::parse(&qt).ok_or(format!(
+            "unknown quant_type \"{qt}\" (bitsandbytes 4-bit is \"nf4\" or \"fp4\")"
+        ))?;
+        let blocksize = uint("blocksize")?;
+        if !qlora_quant::bnb::valid_blocksize(blocksize) {
+            return Err(format!(
+                "blocksize {blocksize} is not one bitsandbytes makes (a power of two from 32 to 4096)"
+            ));
+        }
+        let shape = field("shape")?
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|u| u as usize)).collect())
+            .ok_or("quant state \"shape\" is not a list of sizes")?;
+        let nested = if obj.contains_key("nested_blocksize") || obj.contains_key("nested_offset") {
+            let offset = field("nested_offset")?
+                .as_f64()
+                .ok_or("quant state \"nested_offset\" is not a number")?;
+            Some(NestedJson {
+                blocksize: uint("nested_blocksize")?,
+                dtype: string("nested_dtype").unwrap_or_else(|_| "float32".into()),
+                offset: offset as f32,
+            })
+        } else {
+            None
+        };
+        Ok(QuantStateJson {
+            quant,
+            blocksize,
+            dtype: string("dtype")?,
+            shape,
+            nested,
+        })
+    }
+
+    /// The blob as bitsandbytes writes it: `json.dumps` with default separators and its key
+    /// order; `nested_offset` as Python prints a float.
+    pub fn to_json(&self) -> String {
+        let shape: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        let mut s = format!(
+            "{{\"quant_type\": \"{}\", \"blocksize\": {}, \"dtype\": \"{}\", \"shape\": [{}]",
+            self.quant.name(),
+            self.blocksize,
+            self.dtype,
+            shape.join(", ")
+        );
+        if let Some(n) = &self.nested {
+            s += &format!(
+                ", \"nested_blocksize\": {}, \"nested_dtype\": \"{}\", \"nested_offset\": {}",
+                n.blocksize,
+                n.dtype,
+                python_float_repr(n.offset as f64)
+            );
+        }
+        s + "}"
+    }
+}
+
+/// Python's `repr(float)`: the shortest round-trip digits, fixed notation for exponents in
+/// [-4, 16), scientific (`1e-05`, `1.5e+16`) outside.
+pub fn python_float_repr(v: f64) -> String {
+    if v == 0.0 {
+        return if v.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+    }
+    if !v.is_finite() {
+        return if v.is_nan() {
+            "nan".into()
+        } else if v > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
+    }
+    let sci = format!("{v:e}"); // e.g. "-5.1685333251953125e-2"
+    let (mant, exp) = sci.split_once('e').unwrap();
+    let exp: i32 = exp.parse().unwrap();
+    let (sign, mant) = match mant.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mant),
+    };
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let point = exp + 1; // digits before the decimal point
+        let body = if point <= 0 {
+            format!("0.{}{}", "0".repeat((-point) as usize), digits)
+        } else if point as usize >= digits.len() {
+            format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
+        } else {
+            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+        };
+        format!("{sign}{body}")
+    } else {
+        let m = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits
+        };
+        let es = if exp < 0 { "-" } else { "+" };
+        format!("{sign}{m}e{es}{:02}", exp.abs())
+    }
+}
+
+/// config.json's `quantization_config` for bitsandbytes, read leniently (2023 configs lack the
+/// newer keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BnbConfig {
+    pub load_in_4bit: bool,
+    pub load_in_8bit: bool,
+    pub quant_type: Option<String>,
+    pub double_quant: bool,
+    pub quant_storage: Option<String>,
+    pub skip_modules: Vec<String>,
+}
+
+impl BnbConfig {
+    /// `Ok(None)` when there is no quantization config; an error for other methods (GPTQ, AWQ…)
+    /// or a malformed block.
+    pub fn from_config(q: Option<&Value>) -> Result<Option<BnbConfig>, String> {
+        let Some(q) = q else { return Ok(None) };
+        let obj = q
+            .as_object()
+            .ok_or("\"quantization_config\" is not a JSON object")?;
+        let method = obj
+            .get("quant_method")
+            .and_then(Value::as_str)
+            .unwrap_or("bitsandbytes");
+        if method != "bitsandbytes" {
+            return Err(format!(
+                "quantization_config.quant_method is \"{method}\"; qlora reads bitsandbytes 4-bit/8-bit checkpoints (dequantize other formats with their own tools first)"
+            ));
+        }
+        let flag = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_bool);
+        let load_in_4bit = flag(obj, "load_in_4bit")
+            .or(flag(obj, "_load_in_4bit"))
+            .unwrap_or(false);
+        let load_in_8bit = flag(obj, "load_in_8bit")
+            .or(flag(obj, "_load_in_8bit"))
+            .unwrap_or(false);
+        let s = |k: &str| obj.get(k).and_then(Value::as_str).map(String::from);
+        Ok(Some(BnbConfig {
+            load_in_4bit,
+            load_in_8bit,
+            quant_type: s("bnb_4bit_quant_type"),
+            double_quant: flag(obj, "bnb_4bit_use_double_quant").unwrap_or(false),
+            quant_storage: s("bnb_4bit_quant_storage"),
+            skip_modules: obj
+                .get("llm_int8_skip_modules")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
+                .unwrap_or_default(),
+        }))
+    }
+
+    /// The block transformers writes for a 4-bit checkpoint (`BitsAndBytesConfig.to_dict()`).
+    pub fn transformers_4bit(quant: Quant4, double_quant: bool, compute_dtype: &str) -> Value {
+        serde_json::json!({
+            "_load_in_4bit": true,
+            "_load_in_8bit": false,
+            "bnb_4bit_compute_dtype": compute_dtype,
+            "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_quant_type": quant.name(),
+            "bnb_4bit_use_double_quant": double_quant,
+            "llm_int8_enable_fp32_cpu_offload": false,
+            "llm_int8_has_fp16_weight": false,
+            "llm_int8_skip_modules": null,
+            "llm_int8_threshold": 6.0,
+            "load_in_4bit": true,
+            "load_in_8bit": false,
+            "quant_method": "bitsandbytes"
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_repr_of_floats() {
+        for (v, s) in [
+            (0.051685333251953125, "0.051685333251953125"),
+            (1e-5, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (0.0001, "0.0001"),
+            (12.0, "12.0"),
+            (-0.25, "-0.25"),
+            (1e16, "1e+16"),
+            (123456789.0, "123456789.0"),
+        ] {
+            assert_eq!(python_float_repr(v), s);
+        }
+    }
+
+    #[test]
+    fn quant_state_round_trips_in_bitsandbytes_form() {
+        let dq = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [128, 128], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.051685333251953125}"#;
+        let plain = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [128, 128]}"#;
+        for s in [dq, plain] {
+            assert_eq!(QuantStateJson::parse(s.as_bytes()).unwrap().to_json(), s);
+        }
+        assert_eq!(dq.len(), 171);
+        assert_eq!(plain.len(), 80);
+    }
+
+    #[test]
+    fn quant_state_errors_name_the_field() {
+        let e = QuantStateJson::parse(br#"{"quant_type": "int3", "blocksize": 64}"#).unwrap_err();
+        assert!(e.contains("int3"), "{e}");
+        let e = QuantStateJson::parse(br#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"}"#)
+            .unwrap_err();
+        assert!(e.contains("shape"), "{e}");
+        let e = QuantStateJson::parse(br#"{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [2, 2]}"#)
+            .unwrap_err();
+        assert!(e.contains("48"), "{e}");
+    }
+}
