@@ -40,6 +40,10 @@ def make_input(kind, shape, dtype, seed):
         # Rows with very different magnitudes.
         rows = torch.logspace(-6, 2, shape[0]).unsqueeze(1)
         x = x * rows
+    elif kind == "flat":
+        # Every block has the same absmax: double quantization sees 0 / 0.
+        x = torch.full(shape, 0.5)
+        x.view(-1)[::2] = -0.25
     elif kind == "specials":
         flat = x.view(-1)
         flat[3] = float("inf") if dtype != torch.float16 else 65504.0
@@ -66,6 +70,10 @@ def main():
         ("normal", (3, 4100), 4096, "f32", "nf4", True),
         ("normal", (1, 1), 64, "f32", "nf4", False),
         ("scales", (64, 64), 64, "bf16", "nf4", True),
+        ("flat", (4, 64), 64, "f32", "nf4", True),
+        ("flat", (4, 64), 64, "bf16", "fp4", True),
+        ("specials", (8, 128), 64, "bf16", "nf4", True),
+        ("specials", (8, 128), 64, "f16", "fp4", False),
     ]
     for i, (kind, shape, bs, dt, q, dq) in enumerate(spec):
         x = make_input(kind, shape, DTYPES[dt], 100 + i)

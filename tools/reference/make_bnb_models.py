@@ -26,24 +26,23 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 sys.path.insert(0, os.path.dirname(__file__))
 from make_tiny_models import MODELS, TORCH, TOKENS, build  # noqa: E402
 
-# bitsandbytes 0.50.2 on an AVX-512 CPU (1) runs single-token inference in bf16 through a
-# repacked-weight kernel and (2) has a dequantize_4bit kernel that indexes blocks per row, wrong
-# when blocks cross rows (48-wide rows, blocksize 64). The reference keeps bitsandbytes' own
-# quantized bytes and its flat-index dequantization (the default backend, what CUDA computes),
-# in fp32.
+# The reference logits are those of the model with each quantized linear replaced by its
+# dequantized weight, computed from bitsandbytes' own stored state with bitsandbytes' default
+# (flat-index, fp32) dequantization, which is also what CUDA computes. bitsandbytes 0.50.2's
+# CPU forward on an AVX-512 machine differs: its dequantize_4bit kernel indexes blocks per row
+# (wrong when blocks cross rows, e.g. 48-wide rows with blocksize 64), and single-token inference
+# runs in bf16. The script prints how far transformers' own CPU forward lands from the reference.
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 
 
-def _dequantize_4bit_flat(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4"):
-    qs = quant_state
-    am = qs.absmax
+def dequantized_weight(module):
+    qs = module.weight.quant_state
+    absmax = qs.absmax
     if qs.nested:
-        am = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    packed = A.view(torch.uint8).reshape(-1)
-    return _dequantize_4bit_compute(packed, am.float(), qs.code, qs.blocksize, qs.shape, qs.dtype)
+        absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    packed = module.weight.data.view(torch.uint8).reshape(-1)
+    return _dequantize_4bit_compute(packed, absmax.float(), qs.code, qs.blocksize, qs.shape, torch.float32)
 
-
-F.dequantize_4bit = _dequantize_4bit_flat
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "bnb")
 
@@ -81,19 +80,21 @@ def main():
         for m in q32.modules():
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
-        if bnb_kwargs.get("load_in_8bit"):
-            # LLM.int8's forward quantizes activations too; qlora computes with the dequantized
-            # weights (CB · SCB / 127), so the reference is the dense model with those weights.
-            sd = {}
-            for n, m in q32.named_modules():
-                if type(m).__name__ == "Linear8bitLt":
-                    sd[n + ".weight"] = F.int8_vectorwise_dequant(m.weight.CB, m.weight.SCB)
-            config2, ref = build(kind, cfg, dtype)
-            ref.load_state_dict(sd, strict=False)
-        else:
-            ref = q32
+        # LLM.int8's forward quantizes activations too; qlora computes with the dequantized
+        # weights (CB · SCB / 127), so its reference is also the dense model with those weights.
+        sd = {}
+        for n, m in q32.named_modules():
+            if type(m).__name__ == "Linear8bitLt":
+                sd[n + ".weight"] = F.int8_vectorwise_dequant(m.weight.CB, m.weight.SCB)
+            elif type(m).__name__ == "Linear4bit":
+                sd[n + ".weight"] = dequantized_weight(m)
+        _, ref = build(kind, cfg, dtype)
+        ref.load_state_dict(sd, strict=False)
         with torch.no_grad():
             logits = ref(ids).logits[0].float().contiguous()
+            theirs = q32(ids).logits[0].float()
+        print(f"{case}: transformers' own CPU forward differs from the reference by "
+              f"{(theirs - logits).abs().max().item():.3g}")
         d = os.path.join(ROOT, case)
         shutil.rmtree(d, ignore_errors=True)
         qsave.save_pretrained(d, **save_kwargs)

@@ -56,12 +56,7 @@ fn quantize_flags(c: &Value) -> Option<Vec<&'static str>> {
 }
 
 fn logits_of(model: &Path, c: &Value, extra: &[&str], out: &Path) -> Vec<f32> {
-    let mut args = vec![
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-    ];
+    let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--tokens"];
     let t = tokens(c);
     args.push(&t);
     args.extend(["--out", out.to_str().unwrap()]);
@@ -87,7 +82,12 @@ fn checkpoints_saved_by_transformers_load_and_match_its_logits() {
     let tmp = temp_dir("bnb-read");
     for case in CASES {
         let c = case_json(case);
-        let got = logits_of(&case_dir(case), &c, &[], &tmp.join(format!("{case}.safetensors")));
+        let got = logits_of(
+            &case_dir(case),
+            &c,
+            &[],
+            &tmp.join(format!("{case}.safetensors")),
+        );
         let diff = max_abs_diff(&got, &expected(case));
         assert!(diff <= LOGITS_TOL, "{case}: max |Δlogit| = {diff}");
     }
@@ -106,7 +106,10 @@ fn quantize_at_load_matches_transformers() {
         extra.extend(flags);
         let got = logits_of(&dense, &c, &extra, &tmp.join(format!("{case}.safetensors")));
         let diff = max_abs_diff(&got, &expected(case));
-        assert!(diff <= LOGITS_TOL, "{case} {extra:?}: max |Δlogit| = {diff}");
+        assert!(
+            diff <= LOGITS_TOL,
+            "{case} {extra:?}: max |Δlogit| = {diff}"
+        );
     }
 }
 
@@ -153,7 +156,11 @@ fn qlora_quantize_writes_what_transformers_writes() {
                 let a = QuantStateJson::parse(mine.data.as_slice()).unwrap();
                 let b = QuantStateJson::parse(t.data.as_slice()).unwrap();
                 assert_eq!(a, b, "{case}: {name}");
-                assert_eq!(mine.data.as_slice(), t.data.as_slice(), "{case}: {name} text");
+                assert_eq!(
+                    mine.data.as_slice(),
+                    t.data.as_slice(),
+                    "{case}: {name} text"
+                );
             } else {
                 // bnb_4bit_quant_storage reinterprets the same packed bytes as another dtype.
                 if t.dtype == mine.dtype {
@@ -163,7 +170,9 @@ fn qlora_quantize_writes_what_transformers_writes() {
                 }
                 assert!(
                     mine.data.as_slice() == t.data.as_slice(),
-                    "{case}: {name}: bytes differ from transformers + bitsandbytes: {:?} vs {:?}", &mine.data.as_slice()[..mine.data.len().min(16)], &t.data.as_slice()[..t.data.len().min(16)]
+                    "{case}: {name}: bytes differ from transformers + bitsandbytes: {:?} vs {:?}",
+                    &mine.data.as_slice()[..mine.data.len().min(16)],
+                    &t.data.as_slice()[..t.data.len().min(16)]
                 );
             }
             compared += 1;
@@ -171,7 +180,10 @@ fn qlora_quantize_writes_what_transformers_writes() {
         let cfg = |d: &Path| -> Value {
             serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
         };
-        let (mut a, b) = (cfg(&out)["quantization_config"].clone(), cfg(&case_dir(case))["quantization_config"].clone());
+        let (mut a, b) = (
+            cfg(&out)["quantization_config"].clone(),
+            cfg(&case_dir(case))["quantization_config"].clone(),
+        );
         // The one intended difference: qlora writes uint8 storage.
         a["bnb_4bit_quant_storage"] = b["bnb_4bit_quant_storage"].clone();
         assert_eq!(a, b, "{case}: quantization_config");

@@ -74,7 +74,10 @@ impl Weight {
         bytes: SharedBytes,
     ) -> Result<Self, String> {
         let WeightFormat::Ggml(t) = format else {
-            return Err(format!("{} weights are built with their own constructor", format.name()));
+            return Err(format!(
+                "{} weights are built with their own constructor",
+                format.name()
+            ));
         };
         let (bs, bb) = t.block();
         if !cols.is_multiple_of(bs) {
@@ -149,7 +152,10 @@ impl Weight {
             return Err(format!("{have} int8 values for shape [{rows}, {cols}]"));
         }
         if scb.len() != rows {
-            return Err(format!("SCB has {} values, expected one per row ({rows})", scb.len()));
+            return Err(format!(
+                "SCB has {} values, expected one per row ({rows})",
+                scb.len()
+            ));
         }
         Ok(Weight {
             format: WeightFormat::Int8,
@@ -209,7 +215,14 @@ impl Weight {
             }
             WeightFormat::Bnb4(_) => {
                 let s = self.scales.as_ref().expect("bnb4 weight has scales");
-                dequantize_4bit(self.bytes(), &s.values, &s.code, s.blocksize, r0 * self.cols, out)
+                dequantize_4bit(
+                    self.bytes(),
+                    &s.values,
+                    &s.code,
+                    s.blocksize,
+                    r0 * self.cols,
+                    out,
+                )
             }
             WeightFormat::Int8 => {
                 let s = self.scales.as_ref().expect("int8 weight has scales");

@@ -141,7 +141,11 @@ pub fn python_float_repr(v: f64) -> String {
         } else if point as usize >= digits.len() {
             format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
         } else {
-            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
         };
         format!("{sign}{body}")
     } else {
@@ -201,7 +205,11 @@ impl BnbConfig {
             skip_modules: obj
                 .get("llm_int8_skip_modules")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| m.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default(),
         }))
     }
@@ -249,7 +257,8 @@ mod tests {
     #[test]
     fn quant_state_round_trips_in_bitsandbytes_form() {
         let dq = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [128, 128], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.051685333251953125}"#;
-        let plain = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [128, 128]}"#;
+        let plain =
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [128, 128]}"#;
         for s in [dq, plain] {
             assert_eq!(QuantStateJson::parse(s.as_bytes()).unwrap().to_json(), s);
         }
@@ -261,11 +270,14 @@ mod tests {
     fn quant_state_errors_name_the_field() {
         let e = QuantStateJson::parse(br#"{"quant_type": "int3", "blocksize": 64}"#).unwrap_err();
         assert!(e.contains("int3"), "{e}");
-        let e = QuantStateJson::parse(br#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"}"#)
-            .unwrap_err();
+        let e =
+            QuantStateJson::parse(br#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"}"#)
+                .unwrap_err();
         assert!(e.contains("shape"), "{e}");
-        let e = QuantStateJson::parse(br#"{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [2, 2]}"#)
-            .unwrap_err();
+        let e = QuantStateJson::parse(
+            br#"{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [2, 2]}"#,
+        )
+        .unwrap_err();
         assert!(e.contains("48"), "{e}");
     }
 }

@@ -137,7 +137,8 @@ fn quantize_and_dequantize_4bit_match_bitsandbytes_bytes() {
             if s + len <= x.len() {
                 let mut part = vec![0f32; len];
                 bnb::dequantize_4bit(&packed, &absmax_used, &quant.code(), bs, s, &mut part);
-                assert_eq!(part, out[s..s + len], "{c}: range {s}+{len}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&part), bits(&out[s..s + len]), "{c}: range {s}+{len}");
             }
         }
     }

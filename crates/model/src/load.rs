@@ -88,7 +88,13 @@ impl Loader<'_> {
     }
 
     /// A tensor that must be present, of one of the given types and `n` elements (any shape).
-    fn take_aux(&mut self, name: &str, owner: &str, types: &[ElementType], n: usize) -> Result<RawTensor> {
+    fn take_aux(
+        &mut self,
+        name: &str,
+        owner: &str,
+        types: &[ElementType],
+        n: usize,
+    ) -> Result<RawTensor> {
         let Some(t) = self.src.tensors.remove(name) else {
             return Err(self.err(
                 owner,
@@ -127,7 +133,11 @@ impl Loader<'_> {
         if st.quant != quant {
             return Err(self.err(
                 &key,
-                format!("the key says {} but the quant state says {}; the checkpoint is corrupt", quant.name(), st.quant.name()),
+                format!(
+                    "the key says {} but the quant state says {}; the checkpoint is corrupt",
+                    quant.name(),
+                    st.quant.name()
+                ),
             ));
         }
         if st.shape != [rows, cols] {
@@ -138,37 +148,83 @@ impl Loader<'_> {
         }
         let n = rows * cols;
         let blocks = n.div_ceil(st.blocksize);
-        let map = self.take_aux(&format!("{wname}.quant_map"), wname, &[ElementType::F32], 16)?;
+        let map = self.take_aux(
+            &format!("{wname}.quant_map"),
+            wname,
+            &[ElementType::F32],
+            16,
+        )?;
         let code: [f32; 16] = Self::f32s(&map).try_into().expect("16 values");
         let absmax = match &st.nested {
             None => {
-                let a = self.take_aux(&format!("{wname}.absmax"), wname, &[ElementType::F32], blocks)?;
+                let a = self.take_aux(
+                    &format!("{wname}.absmax"),
+                    wname,
+                    &[ElementType::F32],
+                    blocks,
+                )?;
                 Self::f32s(&a)
             }
             Some(nested) => {
                 if nested.blocksize == 0 {
                     return Err(self.err(&key, "nested_blocksize is 0".into()));
                 }
-                let a = self.take_aux(&format!("{wname}.absmax"), wname, &[ElementType::U8], blocks)?;
+                let a = self.take_aux(
+                    &format!("{wname}.absmax"),
+                    wname,
+                    &[ElementType::U8],
+                    blocks,
+                )?;
                 let nb = blocks.div_ceil(nested.blocksize);
-                let na = self.take_aux(&format!("{wname}.nested_absmax"), wname, &[ElementType::F32], nb)?;
-                let nm = self.take_aux(&format!("{wname}.nested_quant_map"), wname, &[ElementType::F32], 256)?;
+                let na = self.take_aux(
+                    &format!("{wname}.nested_absmax"),
+                    wname,
+                    &[ElementType::F32],
+                    nb,
+                )?;
+                let nm = self.take_aux(
+                    &format!("{wname}.nested_quant_map"),
+                    wname,
+                    &[ElementType::F32],
+                    256,
+                )?;
                 let nested_code: [f32; 256] = Self::f32s(&nm).try_into().expect("256 values");
-                bnb::dequantize_absmax(a.data.as_slice(), &Self::f32s(&na), &nested_code, nested.blocksize, nested.offset)
+                bnb::dequantize_absmax(
+                    a.data.as_slice(),
+                    &Self::f32s(&na),
+                    &nested_code,
+                    nested.blocksize,
+                    nested.offset,
+                )
             }
         };
-        let packed = self.src.tensors.remove(wname).ok_or_else(|| Error::Missing {
-            path: self.src.path.clone(),
-            tensor: wname.into(),
-        })?;
-        if !matches!(packed.dtype, ElementType::U8 | ElementType::BF16 | ElementType::F16 | ElementType::F32) {
+        let packed = self
+            .src
+            .tensors
+            .remove(wname)
+            .ok_or_else(|| Error::Missing {
+                path: self.src.path.clone(),
+                tensor: wname.into(),
+            })?;
+        if !matches!(
+            packed.dtype,
+            ElementType::U8 | ElementType::BF16 | ElementType::F16 | ElementType::F32
+        ) {
             return Err(self.err(
                 wname,
                 format!("packed 4-bit codes stored as {}; bitsandbytes stores them as uint8 (or the bnb_4bit_quant_storage float type)", packed.dtype.name()),
             ));
         }
-        Weight::bnb4(quant, code, st.blocksize, rows, cols, Arc::new(packed.data), absmax)
-            .map_err(|r| self.err(wname, r))
+        Weight::bnb4(
+            quant,
+            code,
+            st.blocksize,
+            rows,
+            cols,
+            Arc::new(packed.data),
+            absmax,
+        )
+        .map_err(|r| self.err(wname, r))
     }
 
     /// An LLM.int8 weight: int8 `P.weight` and f32 `P.SCB`.
@@ -180,7 +236,8 @@ impl Loader<'_> {
         if t.dtype != ElementType::I8 {
             return Err(self.err(&wname, format!("8-bit weight stored as {}, expected int8 (LLM.int8 checkpoints store int8 rows and an f32 SCB)", t.dtype.name())));
         }
-        Weight::int8(rows, cols, Arc::new(t.data), Self::f32s(&scb)).map_err(|r| self.err(&wname, r))
+        Weight::int8(rows, cols, Arc::new(t.data), Self::f32s(&scb))
+            .map_err(|r| self.err(&wname, r))
     }
 
     /// A decoder linear's weight in whatever form the checkpoint has it, quantized on the way
@@ -209,8 +266,16 @@ impl Loader<'_> {
             Some(spec) => {
                 let q = quantize_tensor(&w.to_f32(), spec);
                 let absmax = q.effective_absmax();
-                Weight::bnb4(spec.quant, spec.quant.code(), spec.blocksize, rows, cols, Arc::new(q.packed), absmax)
-                    .map_err(|r| self.err(&wname, r))
+                Weight::bnb4(
+                    spec.quant,
+                    spec.quant.code(),
+                    spec.blocksize,
+                    rows,
+                    cols,
+                    Arc::new(q.packed),
+                    absmax,
+                )
+                .map_err(|r| self.err(&wname, r))
             }
         }
     }

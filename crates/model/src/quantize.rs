@@ -97,7 +97,9 @@ mod tests {
     #[test]
     fn parallel_runs_equal_one_sequential_pass() {
         let n = 64 * 256 * 3 + 77; // several runs, a short last block, an odd count
-        let v: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
         for quant in [Quant4::Nf4, Quant4::Fp4] {
             let spec = QuantizeSpec {
                 quant,
@@ -113,11 +115,15 @@ mod tests {
 
     #[test]
     fn only_decoder_linears_are_quantized() {
-        assert!(is_quantized_linear("model.layers.0.self_attn.q_proj.weight"));
+        assert!(is_quantized_linear(
+            "model.layers.0.self_attn.q_proj.weight"
+        ));
         assert!(is_quantized_linear("model.layers.31.mlp.down_proj.weight"));
         assert!(!is_quantized_linear("lm_head.weight"));
         assert!(!is_quantized_linear("model.embed_tokens.weight"));
-        assert!(!is_quantized_linear("model.layers.0.input_layernorm.weight"));
+        assert!(!is_quantized_linear(
+            "model.layers.0.input_layernorm.weight"
+        ));
         assert!(!is_quantized_linear("model.layers.0.self_attn.q_proj.bias"));
     }
 }

@@ -245,8 +245,7 @@ pub struct DoubleQuant {
 pub fn double_quantize(absmax: &[f32], torch_threads: usize) -> DoubleQuant {
     let offset = torch_sum_f32(absmax, torch_threads) / absmax.len() as f32;
     let centered: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-    let (codes, nested_absmax) =
-        quantize_blockwise_8bit(&centered, &dynamic_map(), NESTED_BLOCKSIZE);
+    let (codes, nested_absmax) = quantize_blockwise_8bit(&centered, NESTED_BLOCKSIZE);
     DoubleQuant {
         codes,
         nested_absmax,
@@ -270,40 +269,50 @@ pub fn dequantize_absmax(
         .collect()
 }
 
-/// bitsandbytes' CPU 8-bit blockwise quantizer (`quantize_blockwise`, C `quantize_block`):
-/// `absmax = max|x|` per block; `s = x / absmax` (an IEEE division); the index is the nearest
-/// code-book entry, ties to the lower index, searching with `code[0]` taken as -1.0.
-pub fn quantize_blockwise_8bit(
-    x: &[f32],
-    code: &[f32; 256],
-    blocksize: usize,
-) -> (Vec<u8>, Vec<f32>) {
-    let mut search = *code;
-    search[0] = -1.0;
+/// bitsandbytes' CPU 8-bit blockwise quantization with the dynamic map (`quantize_blockwise`,
+/// the second stage of double quantization): `absmax = max|x|` per block (NaN ignored, as C
+/// `fmax`), `s = x / absmax` (an IEEE division), then the kernel's lookup (below).
+///
+/// bitsandbytes 0.50.2's compiled CPU kernel does not round to the nearest code: it behaves as
+/// a 65536-entry table over a uniform grid, `k = floor((s + 1) · 32767.5 + 0.5)` (the product in
+/// f32) and `code = LUT[k]`, where `LUT[j]` is the code nearest to `j / 32767.5 - 1` (ties to the
+/// lower index). Near zero this skips the map's finest codes. The rule was found by probing the
+/// kernel and is checked on a million probes by `tools/reference/probe_bnb_cpu_8bit.py`, and
+/// again through double quantization by `tests/fixtures/bnb`. (The CUDA kernel searches for the
+/// nearest code instead, formats.md §4.4.)
+pub fn quantize_blockwise_8bit(x: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let lut = cpu_8bit_lut();
     let mut out = Vec::with_capacity(x.len());
     let mut absmax = Vec::with_capacity(x.len().div_ceil(blocksize));
     for block in x.chunks(blocksize) {
-        // C `fmax` ignores NaN.
         let am = block.iter().fold(-f32::MAX, |m, v| m.max(v.abs()));
         absmax.push(am);
         for &v in block {
-            out.push(nearest_code(v / am, &search));
+            let g = (v / am + 1.0) * 32767.5f32;
+            let k = (g as f64 + 0.5).floor().clamp(0.0, 65535.0) as usize;
+            out.push(lut[k]);
         }
     }
     (out, absmax)
 }
 
-fn nearest_code(s: f32, code: &[f32; 256]) -> u8 {
-    // The binary search returns the last entry <= s (0 when s is below all, or NaN).
-    let mut idx = code.iter().rposition(|&c| c <= s).unwrap_or_default();
-    if idx < 255 {
-        let left = (s - code[idx]).abs();
-        let right = (s - code[idx + 1]).abs();
-        if right < left {
-            idx += 1;
+/// The kernel's grid table: for each of 65536 grid points the nearest dynamic-map code.
+fn cpu_8bit_lut() -> &'static [u8; 65536] {
+    static LUT: std::sync::OnceLock<Box<[u8; 65536]>> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| {
+        let code: Vec<f64> = DYNAMIC_MAP_BITS
+            .iter()
+            .map(|b| f32::from_bits(*b) as f64)
+            .collect();
+        let mut lut = Box::new([0u8; 65536]);
+        for (j, slot) in lut.iter_mut().enumerate() {
+            let g = j as f64 / 32767.5 - 1.0;
+            let i = code.partition_point(|&c| c <= g).saturating_sub(1).min(254);
+            let closer_right = (g - code[i + 1]).abs() < (g - code[i]).abs();
+            *slot = (i + closer_right as usize) as u8;
         }
-    }
-    idx as u8
+        lut
+    })
 }
 
 /// torch's float32 CPU `sum` of a contiguous vector, bit for bit (ATen `cascade_sum`, 8-lane

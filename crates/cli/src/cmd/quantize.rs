@@ -242,8 +242,8 @@ fn write_dir(a: &Args, spec: QuantizeSpec, dir: &Path) -> Result<()> {
     let cfg_path = a.model.join("config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("reading {}", cfg_path.display()))?;
-    let mut config: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}", cfg_path.display()))?;
+    let mut config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
     let compute = model_dtype.unwrap_or("float32");
     config["quantization_config"] =
         BnbConfig::transformers_4bit(spec.quant, spec.double_quant, compute);
@@ -251,7 +251,9 @@ fn write_dir(a: &Args, spec: QuantizeSpec, dir: &Path) -> Result<()> {
     std::fs::write(dir.join("config.json"), text).context("writing config.json")?;
 
     // Tokenizer and generation files travel unchanged.
-    for entry in std::fs::read_dir(&a.model).with_context(|| format!("listing {}", a.model.display()))? {
+    for entry in
+        std::fs::read_dir(&a.model).with_context(|| format!("listing {}", a.model.display()))?
+    {
         let entry = entry?;
         let fname = entry.file_name().to_string_lossy().into_owned();
         let skip = fname == "config.json"
