@@ -299,3 +299,150 @@ fn convert_refuses_existing_output_and_non_gguf() {
         &["already exists"],
     );
 }
+
+/// A copy of transformers' 4-bit checkpoint of llama-gqa (NF4, double quant) with its tensors
+/// edited by `edit`.
+fn corrupt_bnb(
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<qlora_io::WriteTensor<'static>>),
+) -> std::path::PathBuf {
+    let src = repo_root().join("tests/fixtures/bnb/llama-gqa-nf4-dq");
+    let dir = temp_dir(tag).join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let f = qlora_io::SafetensorsFile::open(&src.join("model.safetensors")).unwrap();
+    let mut tensors: Vec<qlora_io::WriteTensor<'static>> = f
+        .tensors
+        .iter()
+        .map(|t| qlora_io::WriteTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data: t.data.as_slice().to_vec().into(),
+        })
+        .collect();
+    edit(&mut tensors);
+    let meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    qlora_io::write_safetensors(&dir.join("model.safetensors"), &tensors, &meta).unwrap();
+    dir
+}
+
+const Q: &str = "model.layers.1.self_attn.q_proj.weight";
+
+fn set_json(tensors: &mut [qlora_io::WriteTensor<'static>], text: &str) {
+    let t = tensors
+        .iter_mut()
+        .find(|t| t.name == format!("{Q}.quant_state.bitsandbytes__nf4"))
+        .unwrap();
+    t.shape = vec![text.len()];
+    t.data = text.as_bytes().to_vec().into();
+}
+
+#[test]
+fn bnb_missing_quant_state() {
+    let m = corrupt_bnb("bnb-noqs", |t| {
+        t.retain(|t| t.name != format!("{Q}.quant_state.bitsandbytes__nf4"))
+    });
+    logits_fails(&m, &[Q, "quant state is missing"]);
+}
+
+#[test]
+fn bnb_absmax_of_the_wrong_length() {
+    let m = corrupt_bnb("bnb-absmax", |t| {
+        let a = t
+            .iter_mut()
+            .find(|t| t.name == format!("{Q}.absmax"))
+            .unwrap();
+        a.shape = vec![30];
+        a.data = a.data[..30].to_vec().into();
+    });
+    logits_fails(&m, &[&format!("{Q}.absmax"), "36 values", "corrupt"]);
+}
+
+#[test]
+fn bnb_unknown_quant_type() {
+    let m = corrupt_bnb("bnb-qtype", |t| {
+        set_json(
+            t,
+            r#"{"quant_type": "int3", "blocksize": 64, "dtype": "float32", "shape": [48, 48]}"#,
+        )
+    });
+    logits_fails(&m, &[Q, "unknown quant_type \"int3\""]);
+}
+
+#[test]
+fn bnb_quant_state_shape_disagrees_with_the_config() {
+    let m = corrupt_bnb("bnb-shape", |t| {
+        set_json(
+            t,
+            r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [48, 50], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1}"#,
+        )
+    });
+    logits_fails(&m, &[Q, "[48, 50]", "[48, 48]"]);
+}
+
+#[test]
+fn bnb_packed_weight_truncated() {
+    let m = corrupt_bnb("bnb-packed", |t| {
+        let w = t.iter_mut().find(|t| t.name == Q).unwrap();
+        w.shape = vec![1000, 1];
+        w.data = w.data[..1000].to_vec().into();
+    });
+    logits_fails(
+        &m,
+        &[Q, "1000 bytes of packed 4-bit codes", "expected 1152"],
+    );
+}
+
+#[test]
+fn quantize_flag_on_an_already_quantized_checkpoint() {
+    let m = repo_root().join("tests/fixtures/bnb/llama-gqa-nf4-dq");
+    let out = temp_dir("bnb-requant").join("out.safetensors");
+    fails_with(
+        &[
+            "logits",
+            "--model",
+            m.to_str().unwrap(),
+            "--tokens",
+            "1,2",
+            "--out",
+            out.to_str().unwrap(),
+            "--quantize",
+            "nf4",
+        ],
+        1,
+        &["already a bitsandbytes 4-bit checkpoint", "drop --quantize"],
+    );
+}
+
+#[test]
+fn qlora_quantize_refuses_bad_blocksize_and_existing_output() {
+    let m = good_model("quantize-bad");
+    let out = m.parent().unwrap().join("q");
+    fails_with(
+        &[
+            "quantize",
+            "--model",
+            m.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--blocksize",
+            "48",
+        ],
+        1,
+        &["--blocksize 48"],
+    );
+    assert!(!out.exists());
+    std::fs::create_dir_all(&out).unwrap();
+    fails_with(
+        &[
+            "quantize",
+            "--model",
+            m.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        1,
+        &["already exists"],
+    );
+}
