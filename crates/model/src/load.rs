@@ -95,7 +95,7 @@ impl Loader<'_> {
         types: &[ElementType],
         n: usize,
     ) -> Result<RawTensor> {
-        let Some(t) = self.src.tensors.remove(name) else {
+        let Some(t) = self.src.tensors.get(name).cloned() else {
             return Err(self.err(
                 owner,
                 format!("4-bit weight without \"{name}\"; the checkpoint's quant state is incomplete (re-save it with transformers, or re-quantize with `qlora quantize`)"),
@@ -114,6 +114,7 @@ impl Loader<'_> {
                 ),
             ));
         }
+        self.src.tensors.remove(name);
         Ok(t)
     }
 
@@ -128,7 +129,7 @@ impl Loader<'_> {
     /// A bitsandbytes 4-bit weight `wname` (`P.weight`) and its quant-state tensors.
     fn bnb4(&mut self, wname: &str, quant: Quant4, rows: usize, cols: usize) -> Result<Weight> {
         let key = format!("{wname}.{}", quant_state_key(quant));
-        let blob = self.src.tensors.remove(&key).expect("caller saw the key");
+        let blob = self.src.tensors.get(&key).cloned().expect("caller saw the key");
         let st = QuantStateJson::parse(blob.data.as_slice()).map_err(|r| self.err(&key, r))?;
         if st.quant != quant {
             return Err(self.err(
@@ -146,6 +147,7 @@ impl Loader<'_> {
                 format!("quant state shape {:?} does not match the config, which implies [{rows}, {cols}]", st.shape),
             ));
         }
+        self.src.tensors.remove(&key);
         let n = rows * cols;
         let blocks = n.div_ceil(st.blocksize);
         let map = self.take_aux(
