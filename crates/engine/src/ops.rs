@@ -3,7 +3,7 @@
 
 use crate::simd::dot;
 use crate::{Weight, WeightFormat};
-use qlora_quant::{block_sums, bnb4_dot_row, dot_row, has_fused_dot};
+use qlora_quant::{block_sums, bnb4_dot_row, dot_row, has_fused_dot, Bnb4Activation};
 use rayon::prelude::*;
 
 /// Rows of W widened per tile in the batched product; a [64, d] f32 tile stays in L2.
@@ -103,6 +103,11 @@ fn gemv(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
     } else {
         Vec::new()
     };
+    let xbnb: Vec<Bnb4Activation> = if matches!(fused, Fused::Bnb4(_)) {
+        x.chunks(d_in).map(Bnb4Activation::new).collect()
+    } else {
+        Vec::new()
+    };
     let row_bytes = w.row_bytes();
     let chunk = (d_out / (rayon::current_num_threads() * 4)).clamp(16, 512);
     (0..d_out.div_ceil(chunk)).into_par_iter().for_each(|c| {
@@ -125,8 +130,7 @@ fn gemv(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
                 let row = &w.bytes()[r * d_in / 2..(r + 1) * d_in / 2];
                 let per_row = d_in / s.blocksize;
                 let absmax = &s.values[r * per_row..(r + 1) * per_row];
-                for tok in 0..t {
-                    let xr = &x[tok * d_in..(tok + 1) * d_in];
+                for (tok, xr) in xbnb.iter().enumerate() {
                     let v = bnb4_dot_row(row, absmax, &s.code, s.blocksize, xr);
                     // SAFETY: (tok, r) is written by this task only.
                     unsafe { *yp.get().add(tok * d_out + r) = v };

@@ -129,7 +129,12 @@ impl Loader<'_> {
     /// A bitsandbytes 4-bit weight `wname` (`P.weight`) and its quant-state tensors.
     fn bnb4(&mut self, wname: &str, quant: Quant4, rows: usize, cols: usize) -> Result<Weight> {
         let key = format!("{wname}.{}", quant_state_key(quant));
-        let blob = self.src.tensors.get(&key).cloned().expect("caller saw the key");
+        let blob = self
+            .src
+            .tensors
+            .get(&key)
+            .cloned()
+            .expect("caller saw the key");
         let st = QuantStateJson::parse(blob.data.as_slice()).map_err(|r| self.err(&key, r))?;
         if st.quant != quant {
             return Err(self.err(

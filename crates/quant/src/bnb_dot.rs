@@ -3,6 +3,46 @@
 //! decode (GEMV) hot path for NF4/FP4 weights. The scalar twin defines the algebra:
 //! Σ_blocks absmax_b · Σ_j code[c_j]·x_j.
 
+/// The activation vector in the order the AVX-512 kernel consumes it: each run of 32 elements
+/// as its 16 even-index elements (the high nibbles of 16 bytes) then its 16 odd-index ones.
+/// Computed once per token and shared by every row. Requires `x.len()` to be a multiple of 32.
+pub struct Bnb4Activation {
+    x: Vec<f32>,
+    split: Vec<f32>,
+}
+
+impl Bnb4Activation {
+    pub fn new(x: &[f32]) -> Self {
+        debug_assert!(x.len().is_multiple_of(32));
+        let split = if use_avx512() {
+            x.chunks_exact(32)
+                .flat_map(|c| {
+                    (0..16)
+                        .map(move |j| c[2 * j])
+                        .chain((0..16).map(move |j| c[2 * j + 1]))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Bnb4Activation {
+            x: x.to_vec(),
+            split,
+        }
+    }
+}
+
+fn use_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Σ W[row]·x for a row of `x.len()` elements stored as `packed` (x.len() / 2 bytes) with one
 /// absmax per `blocksize` elements. Requires `blocksize` to be a multiple of 32 and to divide
 /// `x.len()`.
@@ -11,19 +51,24 @@ pub fn bnb4_dot_row(
     absmax: &[f32],
     code: &[f32; 16],
     blocksize: usize,
-    x: &[f32],
+    x: &Bnb4Activation,
 ) -> f32 {
-    debug_assert!(blocksize.is_multiple_of(32) && x.len().is_multiple_of(blocksize));
-    debug_assert_eq!(packed.len() * 2, x.len());
-    debug_assert_eq!(absmax.len() * blocksize, x.len());
+    debug_assert!(blocksize.is_multiple_of(32) && x.x.len().is_multiple_of(blocksize));
+    debug_assert_eq!(packed.len() * 2, x.x.len());
+    debug_assert_eq!(absmax.len() * blocksize, x.x.len());
     #[cfg(target_arch = "x86_64")]
     {
+        if !x.split.is_empty() {
+            // SAFETY: `split` is only filled when AVX-512F was detected; lengths as asserted.
+            return unsafe { avx512::dot(packed, absmax, code, blocksize, &x.split) };
+        }
+        let x = &x.x;
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the features were detected just above; the asserts give the lengths.
             return unsafe { avx2::dot(packed, absmax, code, blocksize, x) };
         }
     }
-    bnb4_dot_row_scalar(packed, absmax, code, blocksize, x)
+    bnb4_dot_row_scalar(packed, absmax, code, blocksize, &x.x)
 }
 
 pub fn bnb4_dot_row_scalar(
@@ -45,6 +90,43 @@ pub fn bnb4_dot_row_scalar(
         acc += s * sb;
     }
     acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// `xs` is the activation in `Bnb4Activation`'s split order: 16 bytes of codes widen to 16
+    /// lanes; the high nibbles (shifted down) and the low nibbles (the permute reads only the low
+    /// four bits) each index the 16-entry code book in one permute.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot(
+        packed: &[u8],
+        absmax: &[f32],
+        code: &[f32; 16],
+        blocksize: usize,
+        xs: &[f32],
+    ) -> f32 {
+        let table = _mm512_loadu_ps(code.as_ptr());
+        let mut total = _mm512_setzero_ps();
+        let mut p = packed.as_ptr();
+        let mut xp = xs.as_ptr();
+        for &s in absmax {
+            let mut acc0 = _mm512_setzero_ps();
+            let mut acc1 = _mm512_setzero_ps();
+            for _ in 0..blocksize / 32 {
+                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+                let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+                let lo = _mm512_permutexvar_ps(v, table);
+                acc0 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp), acc0);
+                acc1 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.add(16)), acc1);
+                p = p.add(16);
+                xp = xp.add(32);
+            }
+            total = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(s), total);
+        }
+        _mm512_reduce_add_ps(total)
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -142,7 +224,13 @@ mod tests {
                 .map(|(a, b)| (*a as f64) * (*b as f64))
                 .sum();
             for got in [
-                bnb4_dot_row(&packed, &absmax, &quant.code(), bs, &x),
+                bnb4_dot_row(
+                    &packed,
+                    &absmax,
+                    &quant.code(),
+                    bs,
+                    &Bnb4Activation::new(&x),
+                ),
                 bnb4_dot_row_scalar(&packed, &absmax, &quant.code(), bs, &x),
             ] {
                 assert!(

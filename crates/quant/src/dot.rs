@@ -7,7 +7,19 @@ use half::f16;
 
 /// Whether `dot_row` has a fused kernel for this type.
 pub fn has_fused_dot(t: GgmlType) -> bool {
-    matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(
+        t,
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q8_0
+            | GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16
+    )
+}
+
+fn is_dense(t: GgmlType) -> bool {
+    matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
 /// Per-32-element block sums of x, needed by the offset terms of Q4_0/Q4_1.
@@ -25,7 +37,15 @@ pub fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
             && std::is_x86_feature_detected!("f16c")
         {
             // SAFETY: the features were detected just above.
-            return unsafe { avx2::dot_row(t, row, x, xsum) };
+            return unsafe {
+                if is_dense(t) && std::is_x86_feature_detected!("avx512f") {
+                    avx512::dot_dense(t, row, x)
+                } else if is_dense(t) {
+                    avx2::dot_dense(t, row, x)
+                } else {
+                    avx2::dot_row(t, row, x, xsum)
+                }
+            };
         }
     }
     dot_row_scalar(t, row, x, xsum)
@@ -38,6 +58,11 @@ fn h(b: &[u8], at: usize) -> f32 {
 
 /// Scalar version with the same algebra as the AVX2 kernel: Σ_blocks d·(q·x) + m·Σx.
 pub fn dot_row_scalar(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    if is_dense(t) {
+        let mut w = vec![0f32; x.len()];
+        crate::dequantize_ggml(t, row, &mut w);
+        return w.iter().zip(x).map(|(a, b)| a * b).sum();
+    }
     let (_, bb) = t.block();
     let mut acc = 0f32;
     for (i, b) in row.chunks_exact(bb).enumerate() {
@@ -64,6 +89,47 @@ pub fn dot_row_scalar(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         }
     }
     acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use crate::GgmlType;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn load16(t: GgmlType, p: *const u8, i: usize) -> __m512 {
+        match t {
+            GgmlType::F32 => _mm512_loadu_ps((p as *const f32).add(i)),
+            GgmlType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i) as *const __m256i)),
+            _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(2 * i) as *const __m256i)),
+                16,
+            )),
+        }
+    }
+
+    /// f32/f16/bf16 row · x, 32 elements per step.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_dense(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        let (p, xp) = (row.as_ptr(), x.as_ptr());
+        let mut a0 = _mm512_setzero_ps();
+        let mut a1 = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 32 <= n {
+            a0 = _mm512_fmadd_ps(load16(t, p, i), _mm512_loadu_ps(xp.add(i)), a0);
+            a1 = _mm512_fmadd_ps(load16(t, p, i + 16), _mm512_loadu_ps(xp.add(i + 16)), a1);
+            i += 32;
+        }
+        let mut acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        if i < n {
+            let mut tail = vec![0f32; n - i];
+            let (_, bb) = t.block();
+            crate::dequantize_ggml(t, &row[i * bb..n * bb], &mut tail);
+            acc += tail.iter().zip(&x[i..]).map(|(a, b)| a * b).sum::<f32>();
+        }
+        acc
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -95,6 +161,46 @@ mod avx2 {
     unsafe fn h(b: &[u8], at: usize) -> f32 {
         let v = u16::from_le_bytes([*b.get_unchecked(at), *b.get_unchecked(at + 1)]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(v as i32)))
+    }
+
+    /// Eight row elements of a dense type at element `i`, widened to f32.
+    #[inline(always)]
+    unsafe fn load8(t: GgmlType, p: *const u8, i: usize) -> __m256 {
+        match t {
+            GgmlType::F32 => _mm256_loadu_ps((p as *const f32).add(i)),
+            GgmlType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i)),
+            // bf16 is the high half of an f32.
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(2 * i) as *const __m128i)),
+                16,
+            )),
+        }
+    }
+
+    /// f32/f16/bf16 row · x.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_dense(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        let p = row.as_ptr();
+        let xp = x.as_ptr();
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= n {
+            a0 = _mm256_fmadd_ps(load8(t, p, i), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(load8(t, p, i + 8), _mm256_loadu_ps(xp.add(i + 8)), a1);
+            i += 16;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1));
+        let mut acc: f32 = lanes.iter().sum();
+        if i < n {
+            let mut tail = vec![0f32; n - i];
+            let (_, bb) = t.block();
+            crate::dequantize_ggml(t, &row[i * bb..n * bb], &mut tail);
+            acc += tail.iter().zip(&x[i..]).map(|(a, b)| a * b).sum::<f32>();
+        }
+        acc
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -171,9 +277,34 @@ mod tests {
 
     #[test]
     fn fused_dot_matches_dequantize_then_dot() {
-        for t in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for t in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
             for blocks in [1, 3, 18] {
-                let r = row(t, blocks, blocks as u32 * 7 + 1);
+                let r = if is_dense(t) {
+                    // Values in [-1, 1], 32 per "block", plus a ragged tail.
+                    let v: Vec<f32> = (0..32 * blocks)
+                        .map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0)
+                        .collect();
+                    match t {
+                        GgmlType::F32 => v.iter().flat_map(|a| a.to_le_bytes()).collect(),
+                        GgmlType::F16 => v
+                            .iter()
+                            .flat_map(|a| f16::from_f32(*a).to_le_bytes())
+                            .collect(),
+                        _ => v
+                            .iter()
+                            .flat_map(|a| half::bf16::from_f32(*a).to_le_bytes())
+                            .collect::<Vec<u8>>(),
+                    }
+                } else {
+                    row(t, blocks, blocks as u32 * 7 + 1)
+                };
                 let x: Vec<f32> = (0..32 * blocks)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                     .collect();
@@ -181,7 +312,13 @@ mod tests {
                 dequantize_ggml(t, &r, &mut w);
                 let want: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
                 let xs = block_sums(&x);
-                for got in [dot_row(t, &r, &x, &xs), dot_row_scalar(t, &r, &x, &xs)] {
+                let mut got = vec![dot_row(t, &r, &x, &xs), dot_row_scalar(t, &r, &x, &xs)];
+                #[cfg(target_arch = "x86_64")]
+                if is_dense(t) && std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 detected (F16C/FMA come with it on every x86 CPU qlora runs on).
+                    got.push(unsafe { avx2::dot_dense(t, &r, &x) });
+                }
+                for got in got {
                     assert!(
                         (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                         "{t:?} {blocks}: {got} vs {want}"

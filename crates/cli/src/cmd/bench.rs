@@ -15,8 +15,12 @@ use std::time::Instant;
 )]
 pub struct Args {
     /// Hugging Face model directory or .gguf file.
+    #[arg(long, required_unless_present = "kernels")]
+    model: Option<PathBuf>,
+    /// Instead of a model: NF4 dequantize and GEMV throughput at Mistral-7B's linear shapes,
+    /// against the measured memory read bandwidth.
     #[arg(long)]
-    model: PathBuf,
+    kernels: bool,
     #[command(flatten)]
     quantize: QuantizeArgs,
     #[arg(long, default_value_t = 128)]
@@ -51,7 +55,14 @@ pub fn run(a: Args) -> Result<()> {
     if a.repeats == 0 || a.prompt_tokens == 0 || a.gen_tokens == 0 {
         bail!("--repeats, --prompt-tokens and --gen-tokens must be positive");
     }
-    let loaded = load(&a.model, a.quantize)?;
+    if a.kernels {
+        return kernels(a.repeats);
+    }
+    let model = a
+        .model
+        .clone()
+        .expect("clap requires --model without --kernels");
+    let loaded = load(&model, a.quantize)?;
     let m = &loaded.model;
     let v = m.vocab_size() as u64;
     // Arbitrary in-vocabulary ids: the cost of a forward pass does not depend on them.
@@ -76,7 +87,7 @@ pub fn run(a: Args) -> Result<()> {
     let bpt = m.bytes_per_token() as f64;
     let achieved = bpt * d / 1e9;
     let bw = read_bandwidth();
-    println!("model            {}", a.model.display());
+    println!("model            {}", model.display());
     println!("threads          {}", rayon::current_num_threads());
     println!("weights/token    {:.1} MB", bpt / 1e6);
     println!(
@@ -90,5 +101,81 @@ pub fn run(a: Args) -> Result<()> {
     println!("decode reads     {achieved:.2} GB/s of weights");
     println!("memory read bw   {bw:.2} GB/s (measured, parallel sum over 1 GiB)");
     println!("decode/bw        {:.0} %", 100.0 * achieved / bw);
+    Ok(())
+}
+
+/// NF4 (blocksize 64, double-quantized absmax) kernels at Mistral-7B's linear shapes:
+/// dequantizing whole 64-row tiles (the prefill path) and the fused GEMV (decode).
+fn kernels(repeats: usize) -> Result<()> {
+    use qlora_engine::{ops::linear, Weight};
+    use qlora_model::quantize::quantize_tensor;
+    use qlora_model::QuantizeSpec;
+    use qlora_quant::Quant4;
+    use std::sync::Arc;
+    let bw = read_bandwidth();
+    println!("threads          {}", rayon::current_num_threads());
+    println!("memory read bw   {bw:.2} GB/s (measured, parallel sum over 1 GiB)");
+    let spec = QuantizeSpec {
+        quant: Quant4::Nf4,
+        double_quant: true,
+        blocksize: 64,
+    };
+    for (name, rows, cols) in [
+        ("q_proj/o_proj", 4096usize, 4096usize),
+        ("gate/up_proj", 14336, 4096),
+        ("down_proj", 4096, 14336),
+    ] {
+        let values: Vec<f32> = (0..rows * cols)
+            .into_par_iter()
+            .map(|i| {
+                let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+                (h as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+            })
+            .collect();
+        let q = quantize_tensor(&values, spec);
+        drop(values);
+        let absmax = q.effective_absmax();
+        let w = Weight::bnb4(
+            spec.quant,
+            spec.quant.code(),
+            64,
+            rows,
+            cols,
+            Arc::new(q.packed),
+            absmax,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let stored = w.stored_bytes() as f64;
+        let mut deq = Vec::new();
+        let mut gemv = Vec::new();
+        let x: Vec<f32> = (0..cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+        let mut y = vec![0f32; rows];
+        for _ in 0..repeats {
+            let t = Instant::now();
+            (0..rows.div_ceil(64)).into_par_iter().for_each_init(
+                || vec![0f32; 64 * cols],
+                |buf, c| {
+                    let n = 64.min(rows - c * 64);
+                    w.dequantize_rows(c * 64, &mut buf[..n * cols]);
+                    std::hint::black_box(&buf);
+                },
+            );
+            deq.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            linear(&x, 1, &w, &mut y);
+            std::hint::black_box(&y);
+            gemv.push(t.elapsed().as_secs_f64());
+        }
+        let (d, g) = (median(deq), median(gemv));
+        println!(
+            "{name:<14} [{rows}, {cols}]  dequantize {:.2} G weights/s ({:.2} GB/s packed, {:.0} % of bw)  gemv {:.2} GB/s ({:.0} % of bw, {:.2} ms)",
+            (rows * cols) as f64 / d / 1e9,
+            stored / d / 1e9,
+            100.0 * stored / d / 1e9 / bw,
+            stored / g / 1e9,
+            100.0 * stored / g / 1e9 / bw,
+            g * 1e3
+        );
+    }
     Ok(())
 }
