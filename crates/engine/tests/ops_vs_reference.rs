@@ -145,3 +145,48 @@ fn swiglu_matches_reference() {
     ops::swiglu(&mut y, &u);
     close(&y, &reference::swiglu(&g, &u), 1e-6);
 }
+
+#[test]
+fn linear_on_bitsandbytes_4bit_and_int8_weights() {
+    use qlora_quant::bnb;
+    use qlora_quant::Quant4;
+    // Rows that are whole blocks (the fused GEMV), and rows that blocks cross (48 wide with
+    // blocksize 64, 33 wide: odd, rows start mid-byte), for decode and prefill token counts.
+    for (quant, bs, out, inp) in [
+        (Quant4::Nf4, 64, 70, 128),
+        (Quant4::Fp4, 32, 9, 96),
+        (Quant4::Nf4, 64, 37, 48),
+        (Quant4::Fp4, 64, 21, 33),
+    ] {
+        let vals = data(out * inp, 7);
+        let (packed, absmax) = bnb::quantize_4bit(&vals, bs, quant);
+        let w = Weight::bnb4(quant, quant.code(), bs, out, inp, Arc::new(packed), absmax).unwrap();
+        assert_eq!(w.format, WeightFormat::Bnb4(quant));
+        for t in [1, 3, 9] {
+            let x = data(t * inp, 8);
+            let mut y = vec![0f32; t * out];
+            ops::linear(&x, t, &w, &mut y);
+            close(&y, &reference::linear(&x, t, &w), TOL);
+        }
+    }
+    let (out, inp) = (11, 40);
+    let cb: Vec<u8> = data(out * inp, 9)
+        .iter()
+        .map(|v| ((v * 127.0) as i8) as u8)
+        .collect();
+    let scb: Vec<f32> = (0..out).map(|r| 0.01 * (r + 1) as f32).collect();
+    let w = Weight::int8(out, inp, Arc::new(cb.clone()), scb.clone()).unwrap();
+    let full = w.to_f32();
+    for r in 0..out {
+        for c in 0..inp {
+            let want = (cb[r * inp + c] as i8) as f32 * scb[r] * (1.0 / 127.0);
+            assert!((full[r * inp + c] - want).abs() <= 1e-7);
+        }
+    }
+    for t in [1, 6] {
+        let x = data(t * inp, 10);
+        let mut y = vec![0f32; t * out];
+        ops::linear(&x, t, &w, &mut y);
+        close(&y, &reference::linear(&x, t, &w), TOL);
+    }
+}
