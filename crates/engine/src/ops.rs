@@ -3,7 +3,9 @@
 
 use crate::simd::dot;
 use crate::{Weight, WeightFormat};
-use qlora_quant::{block_sums, bnb4_dot_row, dot_row, has_fused_dot, Bnb4Activation};
+use qlora_quant::{
+    bf16_dot_row, block_sums, bnb4_dot_row, dot_row, has_fused_dot, Bnb4Activation, GgmlType,
+};
 use rayon::prelude::*;
 
 /// Rows of W widened per tile in the batched product; a [64, d] f32 tile stays in L2.
@@ -73,74 +75,114 @@ pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
         );
 }
 
+/// How one weight's rows are dotted with the activations during decode.
+enum Prepared<'a> {
+    /// bf16 rows with the activations in the split order (no shuffles to widen).
+    Bf16(Vec<Bnb4Activation>),
+    /// A fused GGUF/dense kernel, with the per-block activation sums it needs.
+    Ggml(qlora_quant::GgmlType, Vec<Vec<f32>>),
+    /// The fused bitsandbytes 4-bit kernel, with the activations in its order.
+    Bnb4(&'a crate::weight::Scales, Vec<Bnb4Activation>),
+    /// No fused kernel: widen each row, then dot.
+    Widen,
+}
+
+impl<'a> Prepared<'a> {
+    fn new(w: &'a Weight, x: &[f32]) -> Self {
+        match w.format {
+            WeightFormat::Ggml(GgmlType::BF16) if w.cols.is_multiple_of(32) => {
+                Prepared::Bf16(x.chunks(w.cols).map(Bnb4Activation::new).collect())
+            }
+            WeightFormat::Ggml(fmt) if has_fused_dot(fmt) => {
+                Prepared::Ggml(fmt, x.chunks(w.cols).map(block_sums).collect())
+            }
+            WeightFormat::Bnb4(_) => {
+                let s = w.scales().expect("bnb4 weight has scales");
+                if s.blocksize.is_multiple_of(32) && w.cols.is_multiple_of(s.blocksize) {
+                    Prepared::Bnb4(s, x.chunks(w.cols).map(Bnb4Activation::new).collect())
+                } else {
+                    Prepared::Widen
+                }
+            }
+            _ => Prepared::Widen,
+        }
+    }
+}
+
 /// Decode: stream each row of W once and dot it with every token, fused with dequantization
 /// where qlora-quant has a kernel for the format, else through a widened row.
 /// # Shapes
 /// x [t, d_in], w [d_out, d_in] → y [t, d_out]
 fn gemv(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
-    let (d_out, d_in) = (w.rows, w.cols);
-    let yp = SendPtr(y.as_mut_ptr());
-    // The fused kernel that applies, if any.
-    enum Fused<'a> {
-        Ggml(qlora_quant::GgmlType),
-        Bnb4(&'a crate::weight::Scales),
-        None,
-    }
-    let fused = match w.format {
-        WeightFormat::Ggml(fmt) if has_fused_dot(fmt) => Fused::Ggml(fmt),
-        WeightFormat::Bnb4(_) => {
-            let s = w.scales().expect("bnb4 weight has scales");
-            if s.blocksize.is_multiple_of(32) && d_in.is_multiple_of(s.blocksize) {
-                Fused::Bnb4(s)
-            } else {
-                Fused::None
-            }
+    linear_many(x, t, &[w], &mut [y]);
+}
+
+/// Several products of the same input, y_i = x · W_iᵀ (q/k/v, gate/up), as one parallel pass
+/// over all their rows during decode (one fork-join instead of one per weight); one `linear`
+/// each during prefill.
+/// # Shapes
+/// x [t, d_in], ws[i] [d_out_i, d_in] → ys[i] [t, d_out_i]
+pub fn linear_many(x: &[f32], t: usize, ws: &[&Weight], ys: &mut [&mut [f32]]) {
+    debug_assert_eq!(ws.len(), ys.len());
+    if t > GEMV_MAX_TOKENS {
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            linear(x, t, w, y);
         }
-        _ => Fused::None,
-    };
-    let xsums: Vec<Vec<f32>> = if matches!(fused, Fused::Ggml(_)) {
-        x.chunks(d_in).map(block_sums).collect()
-    } else {
-        Vec::new()
-    };
-    let xbnb: Vec<Bnb4Activation> = if matches!(fused, Fused::Bnb4(_)) {
-        x.chunks(d_in).map(Bnb4Activation::new).collect()
-    } else {
-        Vec::new()
-    };
-    let row_bytes = w.row_bytes();
-    let chunk = (d_out / (rayon::current_num_threads() * 4)).clamp(16, 512);
-    (0..d_out.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let r0 = c * chunk;
+        return;
+    }
+    let preps: Vec<Prepared> = ws.iter().map(|w| Prepared::new(w, x)).collect();
+    let yps: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    let chunk = (total / (rayon::current_num_threads() * 4)).clamp(16, 512);
+    let tasks: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| (0..w.rows).step_by(chunk).map(move |r0| (i, r0)))
+        .collect();
+    tasks.into_par_iter().for_each(|(i, r0)| {
+        let (w, yp) = (ws[i], &yps[i]);
+        let (d_out, d_in) = (w.rows, w.cols);
         let n = chunk.min(d_out - r0);
-        let mut buf = if matches!(fused, Fused::None) {
-            vec![0f32; d_in]
-        } else {
-            Vec::new()
+        let mut buf = match preps[i] {
+            Prepared::Widen => vec![0f32; d_in],
+            _ => Vec::new(),
         };
         for r in r0..r0 + n {
-            if let Fused::Ggml(fmt) = fused {
-                let row = &w.bytes()[r * row_bytes..(r + 1) * row_bytes];
-                for tok in 0..t {
-                    let v = dot_row(fmt, row, &x[tok * d_in..(tok + 1) * d_in], &xsums[tok]);
-                    // SAFETY: (tok, r) is written by this task only.
-                    unsafe { *yp.get().add(tok * d_out + r) = v };
+            match &preps[i] {
+                Prepared::Bf16(acts) => {
+                    let row = &w.bytes()[r * 2 * d_in..(r + 1) * 2 * d_in];
+                    for (tok, xr) in acts.iter().enumerate() {
+                        let v = bf16_dot_row(row, xr);
+                        // SAFETY: (tok, r) of this weight's output is written by this task only.
+                        unsafe { *yp.get().add(tok * d_out + r) = v };
+                    }
                 }
-            } else if let Fused::Bnb4(s) = fused {
-                let row = &w.bytes()[r * d_in / 2..(r + 1) * d_in / 2];
-                let per_row = d_in / s.blocksize;
-                let absmax = &s.values[r * per_row..(r + 1) * per_row];
-                for (tok, xr) in xbnb.iter().enumerate() {
-                    let v = bnb4_dot_row(row, absmax, &s.code, s.blocksize, xr);
-                    // SAFETY: (tok, r) is written by this task only.
-                    unsafe { *yp.get().add(tok * d_out + r) = v };
+                Prepared::Ggml(fmt, xsums) => {
+                    let rb = w.row_bytes();
+                    let row = &w.bytes()[r * rb..(r + 1) * rb];
+                    for tok in 0..t {
+                        let v = dot_row(*fmt, row, &x[tok * d_in..(tok + 1) * d_in], &xsums[tok]);
+                        // SAFETY: (tok, r) of this weight's output is written by this task only.
+                        unsafe { *yp.get().add(tok * d_out + r) = v };
+                    }
                 }
-            } else {
-                w.dequantize_rows(r, &mut buf);
-                for tok in 0..t {
-                    let v = dot(&x[tok * d_in..(tok + 1) * d_in], &buf);
-                    // SAFETY: as above.
-                    unsafe { *yp.get().add(tok * d_out + r) = v };
+                Prepared::Bnb4(s, acts) => {
+                    let row = &w.bytes()[r * d_in / 2..(r + 1) * d_in / 2];
+                    let per_row = d_in / s.blocksize;
+                    let absmax = &s.values[r * per_row..(r + 1) * per_row];
+                    for (tok, xr) in acts.iter().enumerate() {
+                        let v = bnb4_dot_row(row, absmax, &s.code, s.blocksize, xr);
+                        // SAFETY: as above.
+                        unsafe { *yp.get().add(tok * d_out + r) = v };
+                    }
+                }
+                Prepared::Widen => {
+                    w.dequantize_rows(r, &mut buf);
+                    for tok in 0..t {
+                        let v = dot(&x[tok * d_in..(tok + 1) * d_in], &buf);
+                        // SAFETY: as above.
+                        unsafe { *yp.get().add(tok * d_out + r) = v };
+                    }
                 }
             }
         }

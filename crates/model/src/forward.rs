@@ -1,7 +1,7 @@
 //! The forward pass: embeddings → layers (RMSNorm, GQA attention with RoPE and an optional
 //! sliding window, SwiGLU MLP) → final norm → head, with a KV cache for decoding.
 
-use crate::model::{Layer, Model};
+use crate::model::{Layer, Model, Projection};
 use crate::{Error, Result};
 use qlora_engine::ops::{self, RopeTable};
 
@@ -119,9 +119,7 @@ impl Model {
         let eps = cfg.rms_norm_eps as f32;
         let mut h = vec![0f32; x.len()];
         ops::rms_norm(x, &l.input_layernorm, eps, &mut h);
-        let mut q = l.q_proj.forward(&h, t);
-        let mut k = l.k_proj.forward(&h, t);
-        let v = l.v_proj.forward(&h, t);
+        let [mut q, mut k, v] = Projection::forward_many([&l.q_proj, &l.k_proj, &l.v_proj], &h, t);
         ops::rope(&mut q, heads, hd, cos, sin);
         ops::rope(&mut k, kv, hd, cos, sin);
         k_cache.extend_from_slice(&k);
@@ -142,8 +140,7 @@ impl Model {
         let o = l.o_proj.forward(&attn, t);
         ops::add_in_place(x, &o);
         ops::rms_norm(x, &l.post_attention_layernorm, eps, &mut h);
-        let mut gate = l.gate_proj.forward(&h, t);
-        let up = l.up_proj.forward(&h, t);
+        let [mut gate, up] = Projection::forward_many([&l.gate_proj, &l.up_proj], &h, t);
         ops::swiglu(&mut gate, &up);
         let down = l.down_proj.forward(&gate, t);
         ops::add_in_place(x, &down);

@@ -28,12 +28,34 @@ impl Projection {
     pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
         let mut y = vec![0f32; t * self.d_out()];
         ops::linear(x, t, &self.base, &mut y);
+        self.add_bias(&mut y);
+        y
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_mut(b.len()) {
                 ops::add_in_place(row, b);
             }
         }
-        y
+    }
+
+    /// `forward` of several projections of the same input (q/k/v, gate/up) in one pass.
+    pub fn forward_many<const N: usize>(
+        ps: [&Projection; N],
+        x: &[f32],
+        t: usize,
+    ) -> [Vec<f32>; N] {
+        let mut ys: [Vec<f32>; N] = ps.map(|p| vec![0f32; t * p.d_out()]);
+        {
+            let ws: Vec<&qlora_engine::Weight> = ps.iter().map(|p| &p.base).collect();
+            let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+            ops::linear_many(x, t, &ws, &mut outs);
+        }
+        for (p, y) in ps.iter().zip(ys.iter_mut()) {
+            p.add_bias(y);
+        }
+        ys
     }
 }
 

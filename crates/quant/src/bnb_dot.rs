@@ -3,9 +3,10 @@
 //! decode (GEMV) hot path for NF4/FP4 weights. The scalar twin defines the algebra:
 //! Σ_blocks absmax_b · Σ_j code[c_j]·x_j.
 
-/// The activation vector in the order the AVX-512 kernel consumes it: each run of 32 elements
-/// as its 16 even-index elements (the high nibbles of 16 bytes) then its 16 odd-index ones.
-/// Computed once per token and shared by every row. Requires `x.len()` to be a multiple of 32.
+/// The activation vector in the order the AVX-512 kernels consume it: each run of 32 elements
+/// as its 16 even-index elements then its 16 odd-index ones (the high and low nibbles of 16
+/// packed 4-bit bytes; the low and high halves of 16 bf16 pairs). Computed once per token and
+/// shared by every row. Requires `x.len()` to be a multiple of 32.
 pub struct Bnb4Activation {
     x: Vec<f32>,
     split: Vec<f32>,
@@ -71,6 +72,19 @@ pub fn bnb4_dot_row(
     bnb4_dot_row_scalar(packed, absmax, code, blocksize, &x.x)
 }
 
+/// Σ W[row]·x for a bf16 row (`2 · x.len()` bytes): with AVX-512, each 32-bit lane of a load
+/// holds an even element (low half) and an odd one (high half), widened by a shift and a mask,
+/// with no shuffles; otherwise the plain kernel.
+pub fn bf16_dot_row(row: &[u8], x: &Bnb4Activation) -> f32 {
+    debug_assert_eq!(row.len(), 2 * x.x.len());
+    #[cfg(target_arch = "x86_64")]
+    if !x.split.is_empty() {
+        // SAFETY: `split` is only filled when AVX-512F was detected; lengths as asserted.
+        return unsafe { avx512::dot_bf16(row, &x.split) };
+    }
+    crate::dot_row(crate::GgmlType::BF16, row, &x.x, &[])
+}
+
 pub fn bnb4_dot_row_scalar(
     packed: &[u8],
     absmax: &[f32],
@@ -126,6 +140,22 @@ mod avx512 {
             total = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(s), total);
         }
         _mm512_reduce_add_ps(total)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_bf16(row: &[u8], xs: &[f32]) -> f32 {
+        let hi_mask = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        let mut a0 = _mm512_setzero_ps();
+        let mut a1 = _mm512_setzero_ps();
+        let (p, xp) = (row.as_ptr(), xs.as_ptr());
+        for c in 0..xs.len() / 32 {
+            let v = _mm512_loadu_si512(p.add(64 * c) as *const _);
+            let even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            let odd = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
+            a0 = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp.add(32 * c)), a0);
+            a1 = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp.add(32 * c + 16)), a1);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
     }
 }
 
