@@ -35,8 +35,9 @@ pub struct Args {
     /// Double-quantize the absmax (bnb_4bit_use_double_quant).
     #[arg(long)]
     double_quant: bool,
-    /// Elements per absmax. transformers always uses 64; other sizes load in bitsandbytes
-    /// directly but not through transformers' config.
+    /// Elements per absmax. transformers always uses 64. Other sizes travel in the quant state
+    /// and transformers loads them, but bitsandbytes' AVX-512 CPU kernels then need each row
+    /// length to be a multiple of the blocksize.
     #[arg(long, default_value_t = 64)]
     blocksize: usize,
 }
