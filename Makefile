@@ -20,8 +20,13 @@ demo: fixtures build
 	@echo "== convert to a Hugging Face directory (transformers loads it) =="
 	rm -rf target/demo/SmolLM2-135M-Instruct
 	mkdir -p target/demo
-	$(QLORA) convert --model $(SMOL) --out target/demo/SmolLM2-135M-Instruct --dtype f16
+	$(QLORA) convert --model $(SMOL) --out target/demo/SmolLM2-135M-Instruct --dtype bf16
 	$(QLORA) generate --model target/demo/SmolLM2-135M-Instruct --temperature 0 --max-new-tokens 24 --prompt "Once upon a time, there was a little"
+	@echo "== quantize to NF4 the bitsandbytes way (transformers loads it as Linear4bit) =="
+	rm -rf target/demo/SmolLM2-135M-Instruct-nf4
+	$(QLORA) quantize --model target/demo/SmolLM2-135M-Instruct --out target/demo/SmolLM2-135M-Instruct-nf4 --type nf4 --double-quant
+	$(QLORA) generate --model target/demo/SmolLM2-135M-Instruct-nf4 --chat --temperature 0 --prompt "What is the capital of France?"
+	$(QLORA) perplexity --model target/demo/SmolLM2-135M-Instruct-nf4 --text tests/fixtures/text/hamlet.txt --context 128
 
 test: fixtures
 	cargo fmt --all --check

@@ -17,7 +17,7 @@ import sys
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 HERE = os.path.dirname(__file__)
 OUT = os.path.join(HERE, "..", "..", "tests", "fixtures", "smollm2")
@@ -42,19 +42,37 @@ def main(model_dir):
 
     text = open(TEXT, encoding="utf-8").read()
     text_ids = tok(text)["input_ids"]
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, len(text_ids), CONTEXT):
-            w = text_ids[s:s + CONTEXT]
-            if len(w) < 2:
-                continue
-            out = model(torch.tensor([w]), labels=torch.tensor([w]))
-            nll += out.loss.item() * (len(w) - 1)
-            n += len(w) - 1
-    ppl = math.exp(nll / n)
+
+    def perplexity(m):
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for s in range(0, len(text_ids), CONTEXT):
+                w = text_ids[s:s + CONTEXT]
+                if len(w) < 2:
+                    continue
+                out = m(torch.tensor([w]), labels=torch.tensor([w]))
+                nll += out.loss.item() * (len(w) - 1)
+                n += len(w) - 1
+        return math.exp(nll / n)
+
+    ppl = perplexity(model)
+    # The same model quantized at load by transformers + bitsandbytes (NF4, double quant, fp32
+    # compute), as `qlora perplexity --quantize nf4 --double-quant` does. bitsandbytes' AVX-512
+    # bf16 inference kernel is switched off so that the compute stays fp32.
+    q = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, device_map="cpu", attn_implementation="eager",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.float32)).eval()
+    for mod in q.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu"):
+            mod.support_avx512bf16_for_cpu = False
+    ppl_nf4 = perplexity(q)
 
     os.makedirs(OUT, exist_ok=True)
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    import bitsandbytes
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "bitsandbytes": bitsandbytes.__version__}
     ref = {
         "command": "python tools/reference/make_smollm2_reference.py <dir made by qlora convert --dtype f32>",
         "versions": versions,
@@ -62,7 +80,7 @@ def main(model_dir):
         "rows": ROWS,
         "answer": answer,
         "perplexity": {"text": "tests/fixtures/text/hamlet.txt", "context": CONTEXT, "tokens": len(text_ids),
-                       "value": ppl},
+                       "value": ppl, "nf4_double_quant": ppl_nf4},
         "tokenize": [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in TOKENIZE],
     }
     with open(os.path.join(OUT, "reference.json"), "w") as f:

@@ -138,28 +138,53 @@ fn chat_answers_paris() {
     assert!(stderr(&o).contains("stopped at EOS"), "{}", stderr(&o));
 }
 
-#[test]
-fn perplexity_matches_transformers() {
-    let Some(g) = gguf() else { return };
+fn perplexity_of(extra: &[&str]) -> f64 {
+    let g = gguf().expect("caller checked");
     let r = reference();
     let p = &r["perplexity"];
-    let o = qlora(&[
+    let text = repo_root().join(p["text"].as_str().unwrap());
+    let context = p["context"].to_string();
+    let mut args = vec![
         "perplexity",
         "--model",
         g.to_str().unwrap(),
         "--text",
-        repo_root()
-            .join(p["text"].as_str().unwrap())
-            .to_str()
-            .unwrap(),
+        text.to_str().unwrap(),
         "--context",
-        &p["context"].to_string(),
-    ]);
+        &context,
+    ];
+    args.extend(extra);
+    let o = qlora(&args);
     assert!(o.status.success(), "{}", stderr(&o));
-    let got: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
-    let want = p["value"].as_f64().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn perplexity_matches_transformers() {
+    if gguf().is_none() {
+        return;
+    }
+    let want = reference()["perplexity"]["value"].as_f64().unwrap();
+    let got = perplexity_of(&[]);
     assert!(
         ((got - want) / want).abs() < PPL_REL_TOL,
         "perplexity {got} vs transformers {want}"
+    );
+}
+
+/// NF4 with double quantization at load, against transformers + bitsandbytes quantizing the
+/// same (f32-converted) weights at load: the whole real model through the 4-bit path.
+#[test]
+fn nf4_perplexity_matches_transformers_and_bitsandbytes() {
+    if gguf().is_none() {
+        return;
+    }
+    let want = reference()["perplexity"]["nf4_double_quant"]
+        .as_f64()
+        .unwrap();
+    let got = perplexity_of(&["--quantize", "nf4", "--double-quant"]);
+    assert!(
+        ((got - want) / want).abs() < PPL_REL_TOL,
+        "NF4 perplexity {got} vs transformers + bitsandbytes {want}"
     );
 }
