@@ -47,6 +47,11 @@ MODELS = [
                                         num_attention_heads=3, num_key_value_heads=1, vocab_size=64,
                                         tie_word_embeddings=True, rope_theta=1000.0,
                                         rope_scaling=dict(rope_type="linear", factor=2.0)), "f32", False),
+    # Every linear dimension a multiple of 64: the shapes of real models, for 4-bit bases (PEFT on
+    # bitsandbytes layers) without blocks crossing rows.
+    ("llama-64", "llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=32, vocab_size=128, tie_word_embeddings=False,
+                               rope_theta=10000.0), "bf16", False),
 ]
 
 LEGACY_ROPE_KEYS = {"llama-gqa", "llama-linear-rope"}

@@ -17,6 +17,7 @@ const MODELS: &[&str] = &[
     "mistral-window",
     "llama3-rope-bias",
     "llama-linear-rope",
+    "llama-64",
 ];
 
 fn tokens_arg(spec: &serde_json::Value) -> String {
