@@ -1,0 +1,16 @@
+//! qlora-lora: PEFT adapters. Reading `adapter_config.json` (every LoRA field PEFT has written)
+//! and the weights (`adapter_model.safetensors`, or `adapter_model.bin` through a restricted
+//! unpickler that executes nothing), multi-adapter directories, matching every tensor to a
+//! model's modules with shape checks and precise misfit messages, per-module scaling (LoRA,
+//! rsLoRA, rank/alpha patterns), and the provenance sidecar.
+
+pub mod adapter;
+pub mod config;
+pub mod pickle;
+pub mod provenance;
+
+pub use adapter::{
+    open_adapters, to_f32, Adapter, EmbeddingDelta, LinearDelta, LoraError, ModelShapes, Plan,
+};
+pub use config::{AdapterConfig, Targets};
+pub use provenance::{BaseQuantization, Fingerprint, Provenance};

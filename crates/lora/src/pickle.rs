@@ -1,0 +1,499 @@
+//! Reading the tensors of a PyTorch `torch.save` file (`adapter_model.bin`) without executing
+//! anything: a zip reader for the stored (uncompressed) archive PyTorch writes, and a pickle
+//! interpreter that knows only the opcodes `torch.save` emits and only the globals a state dict
+//! needs (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2` /
+//! `_rebuild_parameter`, `torch.*Storage`). Any other global is refused by name.
+
+use qlora_io::{Bytes, ElementType, RawTensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The tensors of a `torch.save`d state dict.
+pub fn read_torch_file(path: &Path) -> Result<Vec<RawTensor>, String> {
+    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+    let zip = Zip::parse(&data)?;
+    let pkl_name = zip
+        .names()
+        .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+        .ok_or("not a PyTorch zip archive (no data.pkl); files from torch < 1.6 (legacy format) are not read, re-save with a recent torch")?
+        .to_string();
+    let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+    let pkl = zip.get(&pkl_name)?;
+    let root = Unpickler::new(pkl).run()?;
+    let Value::Dict(items) = root else {
+        return Err("the pickle is not a dict of tensors".into());
+    };
+    let mut out = Vec::new();
+    for (k, v) in items {
+        let Value::Str(name) = k else {
+            return Err("a state-dict key is not a string".into());
+        };
+        let Value::Tensor(t) = v else {
+            return Err(format!("entry \"{name}\" is not a tensor"));
+        };
+        let storage = zip.get(&format!("{prefix}data/{}", t.storage))?;
+        let (dtype, size) = t.dtype;
+        // Row-major contiguous only (what save_pretrained writes).
+        let mut expect = 1usize;
+        for (dim, stride) in t.shape.iter().zip(&t.stride).rev() {
+            if *dim > 1 && *stride != expect {
+                return Err(format!(
+                    "tensor \"{name}\" is not contiguous (strides {:?})",
+                    t.stride
+                ));
+            }
+            expect *= dim;
+        }
+        let n: usize = t.shape.iter().product();
+        let start = t.offset * size;
+        let end = start + n * size;
+        if end > storage.len() {
+            return Err(format!(
+                "tensor \"{name}\" needs bytes {start}..{end} of storage {} which has {}; the file is truncated or corrupt",
+                t.storage,
+                storage.len()
+            ));
+        }
+        out.push(RawTensor {
+            name,
+            dtype,
+            shape: t.shape.clone(),
+            data: Bytes::owned(storage[start..end].to_vec()),
+        });
+    }
+    Ok(out)
+}
+
+struct Zip<'a> {
+    data: &'a [u8],
+    entries: Vec<(String, usize, usize)>, // name, data offset, size
+}
+
+fn u16_at(b: &[u8], at: usize) -> Result<usize, String> {
+    b.get(at..at + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+        .ok_or_else(|| "truncated zip archive".to_string())
+}
+fn u32_at(b: &[u8], at: usize) -> Result<usize, String> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize)
+        .ok_or_else(|| "truncated zip archive".to_string())
+}
+
+impl<'a> Zip<'a> {
+    fn parse(data: &'a [u8]) -> Result<Zip<'a>, String> {
+        if data.len() < 22 || &data[..4] != b"PK\x03\x04" {
+            return Err("not a zip archive (PyTorch ≥ 1.6 saves zip files); the file is truncated, corrupt or from a legacy torch".into());
+        }
+        let eocd = (0..=data.len() - 22)
+            .rev()
+            .take(65536 + 22)
+            .find(|&i| data[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])
+            .ok_or("zip end-of-directory record not found; the file is truncated")?;
+        let count = u16_at(data, eocd + 10)?;
+        let mut at = u32_at(data, eocd + 16)?;
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            if u32_at(data, at)? != 0x0201_4b50 {
+                return Err("corrupt zip central directory".into());
+            }
+            let method = u16_at(data, at + 10)?;
+            let size = u32_at(data, at + 20)?;
+            let name_len = u16_at(data, at + 28)?;
+            let extra_len = u16_at(data, at + 30)?;
+            let comment_len = u16_at(data, at + 32)?;
+            let local = u32_at(data, at + 42)?;
+            let name = String::from_utf8_lossy(
+                data.get(at + 46..at + 46 + name_len)
+                    .ok_or("truncated zip archive")?,
+            )
+            .into_owned();
+            if method != 0 {
+                return Err(format!("zip entry {name} is compressed (method {method}); torch.save writes stored entries"));
+            }
+            if size == 0xFFFF_FFFF || local == 0xFFFF_FFFF {
+                return Err(
+                    "zip64 archives (over 4 GB) are not read; save the adapter as safetensors"
+                        .into(),
+                );
+            }
+            let lname = u16_at(data, local + 26)?;
+            let lextra = u16_at(data, local + 28)?;
+            let start = local + 30 + lname + lextra;
+            if start + size > data.len() {
+                return Err(format!(
+                    "zip entry {name} runs past the end of the file; the file is truncated"
+                ));
+            }
+            entries.push((name, start, size));
+            at += 46 + name_len + extra_len + comment_len;
+        }
+        Ok(Zip { data, entries })
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.0.as_str())
+    }
+
+    fn get(&self, name: &str) -> Result<&'a [u8], String> {
+        self.entries
+            .iter()
+            .find(|e| e.0 == name)
+            .map(|&(_, s, n)| &self.data[s..s + n])
+            .ok_or(format!("the archive has no entry {name}"))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TensorRef {
+    storage: String,
+    dtype: (ElementType, usize),
+    offset: usize,
+    shape: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+enum Value {
+    None,
+    // Values kept for fidelity of the stack (requires_grad flags, metadata); never read.
+    #[allow(dead_code)]
+    Bool(bool),
+    Int(i64),
+    #[allow(dead_code)]
+    Float(f64),
+    Str(String),
+    Tuple(Vec<Value>),
+    List(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Global(String),
+    Storage(String, (ElementType, usize)),
+    Tensor(TensorRef),
+    Mark,
+}
+
+const ALLOWED: &[&str] = &[
+    "collections.OrderedDict",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch.FloatStorage",
+    "torch.HalfStorage",
+    "torch.BFloat16Storage",
+];
+
+fn storage_dtype(g: &str) -> Option<(ElementType, usize)> {
+    match g {
+        "torch.FloatStorage" => Some((ElementType::F32, 4)),
+        "torch.HalfStorage" => Some((ElementType::F16, 2)),
+        "torch.BFloat16Storage" => Some((ElementType::BF16, 2)),
+        _ => None,
+    }
+}
+
+struct Unpickler<'a> {
+    b: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    memo: HashMap<usize, Value>,
+}
+
+impl<'a> Unpickler<'a> {
+    fn new(b: &'a [u8]) -> Self {
+        Unpickler {
+            b,
+            pos: 0,
+            stack: Vec::new(),
+            memo: HashMap::new(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let s = self
+            .b
+            .get(self.pos..self.pos + n)
+            .ok_or("truncated pickle")?;
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<usize, String> {
+        Ok(self.take(1)?[0] as usize)
+    }
+    fn u32(&mut self) -> Result<usize, String> {
+        let s = self.take(4)?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize)
+    }
+    fn line(&mut self) -> Result<String, String> {
+        let rest = &self.b[self.pos..];
+        let n = rest
+            .iter()
+            .position(|&c| c == b'\n')
+            .ok_or("truncated pickle")?;
+        let s = String::from_utf8_lossy(&rest[..n]).into_owned();
+        self.pos += n + 1;
+        Ok(s)
+    }
+    fn pop(&mut self) -> Result<Value, String> {
+        self.stack
+            .pop()
+            .ok_or_else(|| "malformed pickle (stack underflow)".to_string())
+    }
+    fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
+        let i = self
+            .stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .ok_or("malformed pickle (no mark)")?;
+        let items = self.stack.split_off(i + 1);
+        self.stack.pop();
+        Ok(items)
+    }
+
+    fn run(mut self) -> Result<Value, String> {
+        loop {
+            let op = self.u8()? as u8;
+            match op {
+                0x80 => {
+                    self.u8()?; // PROTO
+                }
+                0x95 => {
+                    self.take(8)?; // FRAME
+                }
+                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b']' => self.stack.push(Value::List(Vec::new())),
+                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b'(' => self.stack.push(Value::Mark),
+                b'N' => self.stack.push(Value::None),
+                0x88 => self.stack.push(Value::Bool(true)),
+                0x89 => self.stack.push(Value::Bool(false)),
+                b'K' => {
+                    let v = self.u8()? as i64;
+                    self.stack.push(Value::Int(v))
+                }
+                b'M' => {
+                    let s = self.take(2)?;
+                    self.stack.push(Value::Int(u16::from_le_bytes([s[0], s[1]]) as i64))
+                }
+                b'J' => {
+                    let s = self.take(4)?;
+                    self.stack.push(Value::Int(i32::from_le_bytes([s[0], s[1], s[2], s[3]]) as i64))
+                }
+                0x8a => {
+                    let n = self.u8()?;
+                    let s = self.take(n)?;
+                    if n > 8 {
+                        return Err("integer too large in pickle".into());
+                    }
+                    let mut v: i64 = 0;
+                    for (i, &byte) in s.iter().enumerate() {
+                        v |= (byte as i64) << (8 * i);
+                    }
+                    if n > 0 && n < 8 && s[n - 1] & 0x80 != 0 {
+                        v -= 1i64 << (8 * n);
+                    }
+                    self.stack.push(Value::Int(v))
+                }
+                b'G' => {
+                    let s = self.take(8)?;
+                    self.stack.push(Value::Float(f64::from_be_bytes(s.try_into().unwrap())))
+                }
+                b'X' => {
+                    let n = self.u32()?;
+                    let s = self.take(n)?;
+                    self.stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()))
+                }
+                0x8c => {
+                    let n = self.u8()?;
+                    let s = self.take(n)?;
+                    self.stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()))
+                }
+                b'U' => {
+                    let n = self.u8()?;
+                    let s = self.take(n)?;
+                    self.stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()))
+                }
+                b'T' => {
+                    let n = self.u32()?;
+                    let s = self.take(n)?;
+                    self.stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()))
+                }
+                b'q' => {
+                    let i = self.u8()?;
+                    let v = self.stack.last().cloned().ok_or("malformed pickle")?;
+                    self.memo.insert(i, v);
+                }
+                b'r' => {
+                    let i = self.u32()?;
+                    let v = self.stack.last().cloned().ok_or("malformed pickle")?;
+                    self.memo.insert(i, v);
+                }
+                0x94 => {
+                    let v = self.stack.last().cloned().ok_or("malformed pickle")?;
+                    let i = self.memo.len();
+                    self.memo.insert(i, v);
+                }
+                b'h' => {
+                    let i = self.u8()?;
+                    let v = self.memo.get(&i).cloned().ok_or("malformed pickle (memo)")?;
+                    self.stack.push(v)
+                }
+                b'j' => {
+                    let i = self.u32()?;
+                    let v = self.memo.get(&i).cloned().ok_or("malformed pickle (memo)")?;
+                    self.stack.push(v)
+                }
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    let g = format!("{module}.{name}");
+                    if !ALLOWED.contains(&g.as_str()) {
+                        return Err(format!(
+                            "the pickle references the global {g}, which a tensor file never needs; refusing to load it (only tensors are read, nothing is executed)"
+                        ));
+                    }
+                    self.stack.push(Value::Global(g))
+                }
+                0x93 => {
+                    // STACK_GLOBAL (protocol 4)
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Value::Str(m), Value::Str(n)) = (module, name) else {
+                        return Err("malformed pickle (STACK_GLOBAL)".into());
+                    };
+                    let g = format!("{m}.{n}");
+                    if !ALLOWED.contains(&g.as_str()) {
+                        return Err(format!(
+                            "the pickle references the global {g}, which a tensor file never needs; refusing to load it (only tensors are read, nothing is executed)"
+                        ));
+                    }
+                    self.stack.push(Value::Global(g))
+                }
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::Tuple(items))
+                }
+                0x85 | 0x86 | 0x87 => {
+                    let n = (op - 0x84) as usize;
+                    if self.stack.len() < n {
+                        return Err("malformed pickle (stack underflow)".into());
+                    }
+                    let items = self.stack.split_off(self.stack.len() - n);
+                    self.stack.push(Value::Tuple(items))
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    self.stack.push(Self::persistent(pid)?)
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let f = self.pop()?;
+                    self.stack.push(Self::reduce(f, args)?)
+                }
+                b'b' => {
+                    // BUILD: state for an object we made; state dicts only carry empty/metadata
+                    // state, which does not change tensors.
+                    self.pop()?;
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    match self.stack.last_mut() {
+                        Some(Value::Dict(d)) => d.push((k, v)),
+                        _ => return Err("malformed pickle (SETITEM)".into()),
+                    }
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    let Some(Value::Dict(d)) = self.stack.last_mut() else {
+                        return Err("malformed pickle (SETITEMS)".into());
+                    };
+                    let mut it = items.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        d.push((k, v));
+                    }
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    match self.stack.last_mut() {
+                        Some(Value::List(l)) => l.push(v),
+                        _ => return Err("malformed pickle (APPEND)".into()),
+                    }
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    match self.stack.last_mut() {
+                        Some(Value::List(l)) => l.extend(items),
+                        _ => return Err("malformed pickle (APPENDS)".into()),
+                    }
+                }
+                b'.' => return self.pop(),
+                other => {
+                    return Err(format!(
+                        "pickle opcode 0x{other:02x} at byte {} is not one torch.save writes for a state dict; refusing to interpret it",
+                        self.pos - 1
+                    ))
+                }
+            }
+        }
+    }
+
+    fn persistent(pid: Value) -> Result<Value, String> {
+        let Value::Tuple(t) = pid else {
+            return Err("unexpected persistent id".into());
+        };
+        match t.as_slice() {
+            [Value::Str(kind), Value::Global(g), Value::Str(key), _, _] if kind == "storage" => {
+                let dt = storage_dtype(g)
+                    .ok_or(format!("storage type {g} is not a float type qlora reads"))?;
+                Ok(Value::Storage(key.clone(), dt))
+            }
+            _ => Err("unexpected persistent id (not a torch storage)".into()),
+        }
+    }
+
+    fn reduce(f: Value, args: Value) -> Result<Value, String> {
+        let Value::Global(g) = f else {
+            return Err("malformed pickle (REDUCE of a non-global)".into());
+        };
+        let Value::Tuple(a) = args else {
+            return Err("malformed pickle (REDUCE arguments)".into());
+        };
+        let ints = |v: &Value| -> Result<Vec<usize>, String> {
+            match v {
+                Value::Tuple(x) | Value::List(x) => x
+                    .iter()
+                    .map(|i| match i {
+                        Value::Int(n) if *n >= 0 => Ok(*n as usize),
+                        _ => Err("bad tensor size".to_string()),
+                    })
+                    .collect(),
+                _ => Err("bad tensor size".into()),
+            }
+        };
+        match g.as_str() {
+            "collections.OrderedDict" => Ok(Value::Dict(Vec::new())),
+            "torch._utils._rebuild_parameter" => a
+                .into_iter()
+                .next()
+                .ok_or_else(|| "malformed parameter".to_string()),
+            "torch._utils._rebuild_tensor_v2" => {
+                let (
+                    Some(Value::Storage(key, dt)),
+                    Some(Value::Int(off)),
+                    Some(size),
+                    Some(stride),
+                ) = (a.first(), a.get(1), a.get(2), a.get(3))
+                else {
+                    return Err("malformed tensor in pickle".into());
+                };
+                Ok(Value::Tensor(TensorRef {
+                    storage: key.clone(),
+                    dtype: *dt,
+                    offset: *off as usize,
+                    shape: ints(size)?,
+                    stride: ints(stride)?,
+                }))
+            }
+            other => Err(format!("cannot call {other}")),
+        }
+    }
+}
