@@ -1,10 +1,12 @@
 //! Opening `--model PATH` (an HF directory or a .gguf file) into a model and its tokenizer.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use qlora_io::{ModelSource, TokenizerInfo};
+use qlora_lora::{open_adapters, Adapter, ModelShapes, Plan};
 use qlora_model::{LoadOptions, Model, QuantizeSpec};
 use qlora_quant::Quant4;
 use std::path::Path;
+use std::path::PathBuf;
 
 /// `--quantize nf4|fp4 [--double-quant]`: quantize the decoder's linear layers at load, as
 /// transformers' `BitsAndBytesConfig(load_in_4bit=True, ...)` does.
@@ -49,14 +51,89 @@ pub struct Loaded {
     pub tokenizer: Option<TokenizerInfo>,
 }
 
+/// `--adapter DIR` (repeatable) and `--strict`: PEFT adapters applied on top of the base.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AdapterArgs {
+    /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors or .bin;
+    /// subdirectories holding more adapters are applied too). Repeat to add several: their
+    /// deltas add up.
+    #[arg(long = "adapter", value_name = "DIR")]
+    pub adapters: Vec<PathBuf>,
+    /// Make provenance mismatches errors: an adapter made by qlora on another base, or on the
+    /// same base with another quantization.
+    #[arg(long)]
+    pub strict: bool,
+}
+
 pub fn load(path: &Path, quantize: QuantizeArgs) -> Result<Loaded> {
+    load_with_adapters(path, quantize, &AdapterArgs::default())
+}
+
+/// Opens and checks every adapter against the base's config; the problems of all of them in one
+/// message.
+pub fn plan_adapters(src: &ModelSource, args: &AdapterArgs) -> Result<Vec<(Adapter, Plan)>> {
+    let shapes = ModelShapes::from_config(&src.config);
+    let mut out = Vec::new();
+    for dir in &args.adapters {
+        for a in open_adapters(dir)? {
+            match a.plan(&shapes) {
+                Ok(plan) => {
+                    for w in &plan.warnings {
+                        eprintln!("warning: adapter {}: {w}", a.dir.display());
+                    }
+                    out.push((a, plan));
+                }
+                Err(problems) => bail!(
+                    "adapter {} does not fit {}:\n  - {}",
+                    a.dir.display(),
+                    src.path.display(),
+                    problems.join("\n  - ")
+                ),
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn load_with_adapters(
+    path: &Path,
+    quantize: QuantizeArgs,
+    adapters: &AdapterArgs,
+) -> Result<Loaded> {
     let mut src = ModelSource::open(path)?;
     let tokenizer = src.tokenizer.take();
+    let planned = plan_adapters(&src, adapters)?;
+    for (a, plan) in &planned {
+        for r in &plan.replacements {
+            if src.config.tie_word_embeddings && r.name == "lm_head.weight" {
+                bail!(
+                    "adapter {} replaces lm_head, but {} ties lm_head to embed_tokens; untied heads on tied bases are not supported",
+                    a.dir.display(),
+                    path.display()
+                );
+            }
+            src.tensors.insert(r.clone(), &a.weights_path);
+        }
+    }
     let opts = LoadOptions {
         quantize: quantize.spec(),
     };
-    let model =
+    let mut model =
         Model::load_with(&mut src, opts).with_context(|| format!("loading {}", path.display()))?;
+    for (a, plan) in &planned {
+        model
+            .apply_adapter(plan)
+            .with_context(|| format!("applying adapter {}", a.dir.display()))?;
+        if let Some(p) = &a.provenance {
+            let diffs = p.differences(&model.fingerprint, model.quantization.as_ref());
+            for d in &diffs {
+                if adapters.strict {
+                    bail!("adapter {}: {d} (--strict)", a.dir.display());
+                }
+                eprintln!("warning: adapter {}: {d}", a.dir.display());
+            }
+        }
+    }
     Ok(Loaded { model, tokenizer })
 }
 

@@ -371,7 +371,7 @@ impl<'a> Unpickler<'a> {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::Tuple(items))
                 }
-                0x85 | 0x86 | 0x87 => {
+                0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if self.stack.len() < n {
                         return Err("malformed pickle (stack underflow)".into());

@@ -76,6 +76,7 @@ impl Model {
         let (cos, sin) = table.cos_sin(pos0..pos0 + t);
         let mut x = vec![0f32; t * d];
         ops::embedding(ids, &self.embed_tokens, &mut x);
+        self.add_embedding_adapters(ids, &mut x);
         for (i, layer) in self.layers.iter().enumerate() {
             self.layer_forward(
                 layer,

@@ -2,6 +2,7 @@
 //! (every name, shape and type checked against the config), the forward pass with a KV cache,
 //! sampling and generation. Model code never knows how a weight is stored.
 
+mod adapters;
 mod error;
 mod forward;
 mod generate;
@@ -11,11 +12,12 @@ pub mod quantize;
 mod rope;
 mod sampling;
 
+pub use adapters::delta_weight;
 pub use error::{Error, Result};
 pub use forward::{KvCache, Logits};
 pub use generate::{render_chat, GenerateParams, Generation};
 pub use load::LoadOptions;
-pub use model::{Layer, Model, Projection};
+pub use model::{EmbeddingLora, Layer, Lora, Model, Projection};
 pub use quantize::QuantizeSpec;
 pub use rope::inv_freq;
 pub use sampling::{Sampler, SamplingParams};

@@ -309,6 +309,7 @@ impl Loader<'_> {
             name: name.into(),
             base,
             bias,
+            lora: Vec::new(),
         })
     }
 }
@@ -335,6 +336,32 @@ impl Model {
                 )));
             }
         }
+        let fingerprint = {
+            let mut f = qlora_lora::Fingerprint::default();
+            for name in src.tensors.names() {
+                let t = src.tensors.get(name).expect("listed");
+                f.add(name, &t.dtype.name(), &t.shape, t.data.as_slice());
+            }
+            f.finish()
+        };
+        let quantization = match (opts.quantize, &bnb_cfg) {
+            (Some(q), _) => Some(qlora_lora::BaseQuantization {
+                quant_type: q.quant.name().into(),
+                blocksize: q.blocksize,
+                double_quant: q.double_quant,
+            }),
+            (None, Some(c)) if c.load_in_4bit => Some(qlora_lora::BaseQuantization {
+                quant_type: c.quant_type.clone().unwrap_or_else(|| "fp4".into()),
+                blocksize: 64,
+                double_quant: c.double_quant,
+            }),
+            (None, Some(c)) if c.load_in_8bit => Some(qlora_lora::BaseQuantization {
+                quant_type: "int8".into(),
+                blocksize: 0,
+                double_quant: false,
+            }),
+            _ => None,
+        };
         let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let mut ld = Loader { src, opts };
@@ -364,6 +391,7 @@ impl Model {
                 name: "lm_head".into(),
                 base: embed_tokens.clone(),
                 bias: None,
+                lora: Vec::new(),
             }
         } else {
             ld.projection("lm_head", v, d, false)?
@@ -394,6 +422,9 @@ impl Model {
             layers,
             norm,
             lm_head,
+            embed_lora: Vec::new(),
+            fingerprint,
+            quantization,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! `qlora bench`: prefill and decode tokens/s on this machine, with the weight-read bandwidth
 //! decode achieves against the machine's measured read bandwidth. Medians over --repeats.
 
-use crate::load::{load, QuantizeArgs};
+use crate::load::{load_with_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{bail, Result};
 use qlora_model::{KvCache, Logits};
 use rayon::prelude::*;
@@ -23,6 +23,8 @@ pub struct Args {
     kernels: bool,
     #[command(flatten)]
     quantize: QuantizeArgs,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -62,7 +64,7 @@ pub fn run(a: Args) -> Result<()> {
         .model
         .clone()
         .expect("clap requires --model without --kernels");
-    let loaded = load(&model, a.quantize)?;
+    let loaded = load_with_adapters(&model, a.quantize, &a.adapter)?;
     let m = &loaded.model;
     let v = m.vocab_size() as u64;
     // Arbitrary in-vocabulary ids: the cost of a forward pass does not depend on them.

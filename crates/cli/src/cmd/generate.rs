@@ -1,6 +1,6 @@
 //! `qlora generate`: stream a completion (or a chat reply) to stdout, timings to stderr.
 
-use crate::load::{encode, load, QuantizeArgs};
+use crate::load::{encode, load_with_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{bail, Result};
 use qlora_model::{render_chat, GenerateParams, SamplingParams};
 use std::io::Write;
@@ -17,6 +17,8 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     quantize: QuantizeArgs,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -45,7 +47,7 @@ pub fn run(a: Args) -> Result<()> {
     if !(a.temperature >= 0.0 && a.top_p > 0.0 && a.top_p <= 1.0 && a.repetition_penalty > 0.0) {
         bail!("--temperature must be ≥ 0, --top-p in (0, 1] and --repetition-penalty > 0");
     }
-    let loaded = load(&a.model, a.quantize)?;
+    let loaded = load_with_adapters(&a.model, a.quantize, &a.adapter)?;
     let tok = loaded.tokenizer(&a.model)?;
     let ids = if a.chat {
         let Some(template) = &tok.chat_template else {

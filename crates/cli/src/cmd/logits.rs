@@ -1,6 +1,6 @@
 //! `qlora logits`: run token ids through the model and write every position's logits.
 
-use crate::load::{load, QuantizeArgs};
+use crate::load::{load_with_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{Context, Result};
 use qlora_io::{write_safetensors, ElementType, WriteTensor};
 use qlora_model::{KvCache, Logits};
@@ -18,6 +18,8 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     quantize: QuantizeArgs,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',', required = true)]
     tokens: Vec<u32>,
@@ -27,7 +29,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let loaded = load(&a.model, a.quantize)?;
+    let loaded = load_with_adapters(&a.model, a.quantize, &a.adapter)?;
     let model = &loaded.model;
     let mut cache = KvCache::new(model);
     let logits = model.forward(&a.tokens, &mut cache, Logits::All)?;

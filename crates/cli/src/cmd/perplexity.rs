@@ -1,6 +1,6 @@
 //! `qlora perplexity`: exp(mean negative log-likelihood) of a text, in windows of --context.
 
-use crate::load::{encode, load, QuantizeArgs};
+use crate::load::{encode, load_with_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -16,6 +16,8 @@ pub struct Args {
     model: PathBuf,
     #[command(flatten)]
     quantize: QuantizeArgs,
+    #[command(flatten)]
+    adapter: AdapterArgs,
     /// UTF-8 text file.
     #[arg(long)]
     text: PathBuf,
@@ -27,7 +29,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
-    let loaded = load(&a.model, a.quantize)?;
+    let loaded = load_with_adapters(&a.model, a.quantize, &a.adapter)?;
     let tok = loaded.tokenizer(&a.model)?;
     let ids = encode(tok, &text, true)?;
     let context = a
