@@ -84,10 +84,10 @@ pub fn plan_adapters(src: &ModelSource, args: &AdapterArgs) -> Result<Vec<(Adapt
                     out.push((a, plan));
                 }
                 Err(problems) => bail!(
-                    "adapter {} does not fit {}:\n  - {}",
+                    "adapter {} does not fit {}:\n{}",
                     a.dir.display(),
                     src.path.display(),
-                    problems.join("\n  - ")
+                    qlora_lora::format_problems(&problems, 12)
                 ),
             }
         }

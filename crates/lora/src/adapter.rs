@@ -496,7 +496,11 @@ impl Adapter {
                 missing[0]
             ));
         }
-        if plan.linear.is_empty() && plan.embedding.is_empty() && plan.replacements.is_empty() {
+        if problems.is_empty()
+            && plan.linear.is_empty()
+            && plan.embedding.is_empty()
+            && plan.replacements.is_empty()
+        {
             problems.push(format!(
                 "{} holds no LoRA weights for this model: the adapter would do nothing",
                 self.weights_path.display()
@@ -519,10 +523,25 @@ impl Adapter {
             ));
         }
         if problems.is_empty() {
-            Ok(plan)
-        } else {
-            Err(problems)
+            return Ok(plan);
         }
+        // When no module fits, the cause is one sentence: another model.
+        let shape_problems = problems.iter().filter(|p| p.contains(": shape [")).count();
+        if plan.linear.is_empty() && plan.embedding.is_empty() && shape_problems == problems.len() {
+            problems.insert(
+                0,
+                format!(
+                    "no module's shapes match: the adapter was made for a different model{} (this one has hidden size {}, vocabulary {})",
+                    cfg.base_model_name_or_path
+                        .as_deref()
+                        .map(|b| format!(" (adapter_config.json names {b:?})"))
+                        .unwrap_or_default(),
+                    shapes.linears.get("lm_head").map_or(0, |s| s.1),
+                    shapes.vocab
+                ),
+            );
+        }
+        Err(problems)
     }
 
     /// Number of adapter parameters and bytes on disk.
@@ -532,4 +551,17 @@ impl Adapter {
             self.tensors.iter().map(|t| t.data.len()).sum(),
         )
     }
+}
+
+/// Problems as one indented list, the first `max` in full.
+pub fn format_problems(problems: &[String], max: usize) -> String {
+    let mut s: Vec<String> = problems
+        .iter()
+        .take(max)
+        .map(|p| format!("  - {p}"))
+        .collect();
+    if problems.len() > max {
+        s.push(format!("  - … and {} more", problems.len() - max));
+    }
+    s.join("\n")
 }

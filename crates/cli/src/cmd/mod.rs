@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod generate;
+mod inspect;
 mod logits;
 mod perplexity;
 mod quantize;
@@ -30,6 +31,7 @@ enum Command {
     Perplexity(perplexity::Args),
     Convert(convert::Args),
     Quantize(quantize::Args),
+    Inspect(inspect::Args),
     Bench(bench::Args),
 }
 
@@ -45,6 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => perplexity::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }
