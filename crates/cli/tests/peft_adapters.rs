@@ -119,3 +119,64 @@ fn adapters_change_the_logits() {
         );
     }
 }
+
+#[test]
+fn merged_models_give_the_unmerged_logits() {
+    let tmp = temp_dir("peft-merge");
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for case in cases() {
+        let m = meta(&case);
+        let base = base_dir(m["base"].as_str().unwrap(), &tmp);
+        let name = case.file_name().unwrap().to_string_lossy().into_owned();
+        let merged = tmp.join(format!("{name}-merged"));
+        let mut args = vec![
+            "merge".to_string(),
+            "--model".into(),
+            base.to_str().unwrap().into(),
+            "--adapter".into(),
+            case.join("adapter").to_str().unwrap().into(),
+            "--out".into(),
+            merged.to_str().unwrap().into(),
+            "--dtype".into(),
+            "f32".into(),
+        ];
+        // The quantization the adapter was applied on, so the merge starts from the same
+        // (dequantized) weights.
+        let all = case_args(&case, &m, &base);
+        if let Some(i) = all.iter().position(|a| a == "--quantize") {
+            args.extend(all[i..].iter().cloned());
+        }
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let o = qlora(&a);
+        if name == "lora-bias" {
+            // lora_bias on up_proj, which has no bias: PEFT cannot merge it either.
+            assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+            assert!(stderr(&o).contains("no bias to merge it into"), "{}", stderr(&o));
+            assert!(!merged.exists());
+            continue;
+        }
+        if !o.status.success() {
+            failures.push(format!("{name}: merge failed: {}", stderr(&o)));
+            continue;
+        }
+        let cfg = std::fs::read_to_string(merged.join("config.json")).unwrap();
+        assert!(!cfg.contains("quantization_config"), "{name}: {cfg}");
+        let tokens: Vec<String> = m["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let tokens = tokens.join(",");
+        let got = logits(&["--model", merged.to_str().unwrap(), "--tokens", &tokens]).unwrap();
+        let want = read_f32(&case.join("expected.safetensors"), "logits").1;
+        let diff = max_abs_diff(&got, &want);
+        if diff > LOGITS_TOL {
+            failures.push(format!("{name}: merged max |Δlogit| = {diff}"));
+        }
+        n += 1;
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(n >= 17);
+}

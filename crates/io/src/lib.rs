@@ -17,7 +17,9 @@ pub use config::{ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufValue};
 pub use model_dir::{ModelSource, TensorStore};
-pub use safetensors_file::{write_safetensors, SafetensorsFile, WriteTensor};
+pub use safetensors_file::{
+    write_safetensors, SafetensorsFile, StreamingWriter, TensorSpec, WriteTensor,
+};
 pub use tokenizer::{load_tokenizer_json, tokenizer_from_gguf, TokenizerInfo};
 
 /// How one tensor's elements are stored.

@@ -116,6 +116,55 @@ pub struct WriteTensor<'a> {
     pub data: std::borrow::Cow<'a, [u8]>,
 }
 
+/// The name, type and shape of a tensor about to be written.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: ElementType,
+    pub shape: Vec<usize>,
+}
+
+/// The header (8-byte aligned JSON) and each tensor's byte size, tensors in the given order.
+fn header_bytes(
+    path: &Path,
+    specs: &[TensorSpec],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(Vec<u8>, Vec<usize>)> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).unwrap_or_default(),
+        );
+    }
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(specs.len());
+    for t in specs {
+        let Some(dt) = st_dtype(t.dtype) else {
+            return Err(Error::Tensor {
+                path: path.into(),
+                tensor: t.name.clone(),
+                reason: format!("cannot write {} tensors to safetensors", t.dtype.name()),
+            });
+        };
+        let size = t.shape.iter().product::<usize>() * dt.bitsize() / 8;
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": dt, "shape": t.shape, "data_offsets": [offset, offset + size]}),
+        );
+        offset += size;
+        sizes.push(size);
+    }
+    let mut hbytes = serde_json::to_vec(&header).map_err(|e| Error::Json {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    while hbytes.len() % 8 != 0 {
+        hbytes.push(b' ');
+    }
+    Ok((hbytes, sizes))
+}
+
 /// Writes a safetensors file (tensors sorted by name, 8-byte aligned header, the given metadata)
 /// to `path.tmp` and renames it into place when complete.
 pub fn write_safetensors(
@@ -125,65 +174,118 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let mut sorted: Vec<&WriteTensor> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).unwrap_or_default(),
-        );
-    }
-    let mut offset = 0usize;
+    let specs: Vec<TensorSpec> = sorted
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let mut w = StreamingWriter::create(path, &specs, metadata)?;
     for t in &sorted {
-        let Some(dt) = st_dtype(t.dtype) else {
-            return Err(Error::Tensor {
-                path: path.into(),
-                tensor: t.name.clone(),
-                reason: format!("cannot write {} tensors to safetensors", t.dtype.name()),
-            });
-        };
-        let expect = t.shape.iter().product::<usize>() * dt.bitsize() / 8;
-        if expect != t.data.len() {
-            return Err(Error::Tensor {
-                path: path.into(),
-                tensor: t.name.clone(),
-                reason: format!(
-                    "{} bytes for shape {:?}, expected {expect}",
-                    t.data.len(),
-                    t.shape
-                ),
-            });
-        }
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": dt, "shape": t.shape, "data_offsets": [offset, offset + expect]}),
+        w.write(&t.name, &t.data)?;
+    }
+    w.finish()
+}
+
+/// A safetensors file written one tensor at a time, in the order declared up front, so that a
+/// producer (a merge) holds only the tensor it is computing. Written to `path.tmp`; `finish`
+/// renames it into place, and dropping the writer unfinished removes the partial file.
+pub struct StreamingWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+    specs: Vec<TensorSpec>,
+    sizes: Vec<usize>,
+    next: usize,
+}
+
+impl StreamingWriter {
+    pub fn create(
+        path: &Path,
+        specs: &[TensorSpec],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let (hbytes, sizes) = header_bytes(path, specs, metadata)?;
+        let tmp = tmp_path(path);
+        let mut w = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?,
         );
-        offset += expect;
-    }
-    let mut hbytes = serde_json::to_vec(&header).map_err(|e| Error::Json {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
-    while hbytes.len() % 8 != 0 {
-        hbytes.push(b' ');
-    }
-    let tmp = tmp_path(path);
-    let write = || -> std::io::Result<()> {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
-        w.write_all(&hbytes)?;
-        for t in &sorted {
-            w.write_all(&t.data)?;
+        let mut start = || -> std::io::Result<()> {
+            w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
+            w.write_all(&hbytes)
+        };
+        if let Err(e) = start() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(path, e));
         }
-        w.flush()?;
-        w.get_ref().sync_all()?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
+        Ok(StreamingWriter {
+            path: path.into(),
+            tmp,
+            out: Some(w),
+            specs: specs.to_vec(),
+            sizes,
+            next: 0,
+        })
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+
+    /// The next tensor's bytes; `name` must be the next declared tensor.
+    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let i = self.next;
+        let err = |reason: String| Error::Tensor {
+            path: self.path.clone(),
+            tensor: name.into(),
+            reason,
+        };
+        let Some(spec) = self.specs.get(i) else {
+            return Err(err("more tensors written than declared".into()));
+        };
+        if spec.name != name {
+            return Err(err(format!(
+                "written out of order (expected \"{}\")",
+                spec.name
+            )));
+        }
+        if data.len() != self.sizes[i] {
+            return Err(err(format!(
+                "{} bytes for shape {:?}, expected {}",
+                data.len(),
+                spec.shape,
+                self.sizes[i]
+            )));
+        }
+        let w = self.out.as_mut().expect("open until finish");
+        w.write_all(data).map_err(|e| Error::io(&self.tmp, e))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        if self.next != self.specs.len() {
+            return Err(Error::Tensor {
+                path: self.path.clone(),
+                tensor: self.specs[self.next].name.clone(),
+                reason: "not written".into(),
+            });
+        }
+        let mut w = self.out.take().expect("open until finish");
+        let mut done = || -> std::io::Result<()> {
+            w.flush()?;
+            w.get_ref().sync_all()
+        };
+        done().map_err(|e| Error::io(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+impl Drop for StreamingWriter {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// `dir/name` → `dir/.name.tmp`: where a file is written before it is renamed into place.

@@ -2,20 +2,14 @@
 //! model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json) that
 //! transformers loads. Written under a temporary name and renamed when complete.
 
+use super::outdir::{write_dir_atomically, DType};
 use crate::load::load;
 use anyhow::{bail, Context, Result};
 use qlora_engine::Weight;
-use qlora_io::{write_safetensors, ElementType, WriteTensor};
+use qlora_io::{write_safetensors, WriteTensor};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DType {
-    F32,
-    Bf16,
-    F16,
-}
 
 /// Convert a .gguf model to a Hugging Face directory (weights dequantized to --dtype).
 #[derive(clap::Args)]
@@ -33,29 +27,6 @@ pub struct Args {
     dtype: DType,
 }
 
-fn encode(values: &[f32], dtype: DType) -> (ElementType, Vec<u8>) {
-    match dtype {
-        DType::F32 => (
-            ElementType::F32,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
-        DType::Bf16 => (
-            ElementType::BF16,
-            values
-                .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                .collect(),
-        ),
-        DType::F16 => (
-            ElementType::F16,
-            values
-                .iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                .collect(),
-        ),
-    }
-}
-
 pub fn run(a: Args) -> Result<()> {
     if a.out.exists() {
         bail!(
@@ -66,22 +37,7 @@ pub fn run(a: Args) -> Result<()> {
     let loaded = load(&a.model, Default::default())?;
     let m = &loaded.model;
     let cfg = &m.config;
-    let tmp = a.out.with_file_name(format!(
-        ".{}.partial",
-        a.out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = write_dir(&a, &loaded, &tmp);
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return result;
-    }
-    std::fs::rename(&tmp, &a.out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), a.out.display()))?;
+    write_dir_atomically(&a.out, |dir| write_dir(&a, &loaded, dir))?;
     eprintln!(
         "converted {} ({} layers, vocab {}) to {}",
         a.model.display(),
@@ -128,10 +84,10 @@ fn write_dir(a: &Args, loaded: &crate::load::Loaded, dir: &Path) -> Result<()> {
     let tensors: Vec<WriteTensor> = named
         .iter()
         .map(|(name, shape, vals)| {
-            let (dtype, bytes) = encode(vals, a.dtype);
+            let bytes = a.dtype.encode(vals);
             WriteTensor {
                 name: name.clone(),
-                dtype,
+                dtype: a.dtype.element_type(),
                 shape: shape.clone(),
                 data: bytes.into(),
             }
@@ -140,11 +96,7 @@ fn write_dir(a: &Args, loaded: &crate::load::Loaded, dir: &Path) -> Result<()> {
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(&dir.join("model.safetensors"), &tensors, &meta)?;
 
-    let dtype_name = match a.dtype {
-        DType::F32 => "float32",
-        DType::Bf16 => "bfloat16",
-        DType::F16 => "float16",
-    };
+    let dtype_name = a.dtype.torch_name();
     let eos = cfg.eos_token_ids();
     let mut config = json!({
         "architectures": ["LlamaForCausalLM"],

@@ -5,6 +5,8 @@ mod convert;
 mod generate;
 mod inspect;
 mod logits;
+mod merge;
+mod outdir;
 mod perplexity;
 mod quantize;
 
@@ -32,6 +34,7 @@ enum Command {
     Convert(convert::Args),
     Quantize(quantize::Args),
     Inspect(inspect::Args),
+    Merge(merge::Args),
     Bench(bench::Args),
 }
 
@@ -48,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -4,12 +4,10 @@
 //! `AutoModelForCausalLM.from_pretrained(DIR)` loads it as 4-bit with no extra arguments.
 //! Written under a temporary name and renamed when complete.
 
+use super::outdir::{bnb4_tensors, copy_side_files, write_dir_atomically};
 use crate::load::QuantType;
 use anyhow::{bail, Context, Result};
-use qlora_io::{
-    quant_state_key, write_safetensors, BnbConfig, ElementType, ModelSource, NestedJson,
-    QuantStateJson, RawTensor, WriteTensor,
-};
+use qlora_io::{write_safetensors, BnbConfig, ElementType, ModelSource, RawTensor, WriteTensor};
 use qlora_model::quantize::{is_quantized_linear, quantize_tensor};
 use qlora_model::{Model, QuantizeSpec};
 use qlora_quant::bnb;
@@ -70,10 +68,6 @@ fn widen(t: &RawTensor) -> Vec<f32> {
     }
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 pub fn run(a: Args) -> Result<()> {
     if a.out.exists() {
         bail!(
@@ -113,23 +107,7 @@ pub fn run(a: Args) -> Result<()> {
         double_quant: a.double_quant,
         blocksize: a.blocksize,
     };
-    let tmp = a.out.with_file_name(format!(
-        ".{}.partial",
-        a.out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = write_dir(&a, spec, &tmp);
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return result;
-    }
-    std::fs::rename(&tmp, &a.out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), a.out.display()))?;
-    Ok(())
+    write_dir_atomically(&a.out, |dir| write_dir(&a, spec, dir))
 }
 
 fn write_dir(a: &Args, spec: QuantizeSpec, dir: &Path) -> Result<()> {
@@ -161,74 +139,14 @@ fn write_dir(a: &Args, spec: QuantizeSpec, dir: &Path) -> Result<()> {
         n_quantized += 1;
         dense_bytes += t.data.len();
         packed_bytes += q.packed.len();
-        let state = QuantStateJson {
-            quant: spec.quant,
-            blocksize: spec.blocksize,
-            dtype: dtype_name.into(),
-            shape: t.shape.clone(),
-            nested: q.double.as_ref().map(|d| NestedJson {
-                blocksize: bnb::NESTED_BLOCKSIZE,
-                dtype: "float32".into(),
-                offset: d.offset,
-            }),
-        };
-        let push = |out: &mut Vec<WriteTensor>, suffix: &str, dtype, shape, data: Vec<u8>| {
+        for (spec_t, data) in bnb4_tensors(name, &q, spec, &t.shape, dtype_name, None) {
             out.push(WriteTensor {
-                name: format!("{name}{suffix}"),
-                dtype,
-                shape,
+                name: spec_t.name,
+                dtype: spec_t.dtype,
+                shape: spec_t.shape,
                 data: Cow::Owned(data),
-            })
-        };
-        let n_packed = q.packed.len();
-        push(&mut out, "", ElementType::U8, vec![n_packed, 1], q.packed);
-        match &q.double {
-            None => push(
-                &mut out,
-                ".absmax",
-                ElementType::F32,
-                vec![q.absmax.len()],
-                f32_bytes(&q.absmax),
-            ),
-            Some(d) => {
-                push(
-                    &mut out,
-                    ".absmax",
-                    ElementType::U8,
-                    vec![d.codes.len()],
-                    d.codes.clone(),
-                );
-                push(
-                    &mut out,
-                    ".nested_absmax",
-                    ElementType::F32,
-                    vec![d.nested_absmax.len()],
-                    f32_bytes(&d.nested_absmax),
-                );
-                push(
-                    &mut out,
-                    ".nested_quant_map",
-                    ElementType::F32,
-                    vec![256],
-                    f32_bytes(&bnb::dynamic_map()),
-                );
-            }
+            });
         }
-        push(
-            &mut out,
-            ".quant_map",
-            ElementType::F32,
-            vec![16],
-            f32_bytes(&spec.quant.code()),
-        );
-        let json = state.to_json().into_bytes();
-        push(
-            &mut out,
-            &format!(".{}", quant_state_key(spec.quant)),
-            ElementType::U8,
-            vec![json.len()],
-            json,
-        );
     }
     if n_quantized == 0 {
         bail!(
@@ -252,21 +170,7 @@ fn write_dir(a: &Args, spec: QuantizeSpec, dir: &Path) -> Result<()> {
     std::fs::write(dir.join("config.json"), text).context("writing config.json")?;
 
     // Tokenizer and generation files travel unchanged.
-    for entry in
-        std::fs::read_dir(&a.model).with_context(|| format!("listing {}", a.model.display()))?
-    {
-        let entry = entry?;
-        let fname = entry.file_name().to_string_lossy().into_owned();
-        let skip = fname == "config.json"
-            || fname.ends_with(".safetensors")
-            || fname.ends_with(".safetensors.index.json")
-            || fname.ends_with(".bin")
-            || fname.starts_with('.');
-        if !skip && entry.file_type()?.is_file() {
-            std::fs::copy(entry.path(), dir.join(&fname))
-                .with_context(|| format!("copying {}", entry.path().display()))?;
-        }
-    }
+    copy_side_files(&a.model, dir)?;
     eprintln!(
         "quantized {n_quantized} linear layers to {}{} (blocksize {}): {:.1} MB → {:.1} MB packed; wrote {}",
         spec.quant.name(),
