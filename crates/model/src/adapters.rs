@@ -76,21 +76,18 @@ impl Model {
     }
 }
 
-/// ΔW = s · B A as [out, in] f32 (f64 accumulation).
+/// ΔW = s · B A as [out, in] f32: an f32 matrix product (as PEFT's fp32 `B @ A`), then
+/// scaled.
 pub fn delta_weight(a: &[f32], b: &[f32], r: usize, out: usize, inp: usize, s: f32) -> Vec<f32> {
-    let mut dw = vec![0f32; out * inp];
-    for o in 0..out {
-        for k in 0..r {
-            let bk = b[o * r + k] as f64;
-            if bk == 0.0 {
-                continue;
-            }
-            let arow = &a[k * inp..(k + 1) * inp];
-            for (dst, av) in dw[o * inp..(o + 1) * inp].iter_mut().zip(arow) {
-                *dst += (bk * *av as f64) as f32;
-            }
+    // B A = B · (Aᵀ)ᵀ: `linear` with x = B [out, r] and W = Aᵀ [in, r].
+    let mut a_t = vec![0f32; inp * r];
+    for k in 0..r {
+        for i in 0..inp {
+            a_t[i * r + k] = a[k * inp + i];
         }
     }
+    let mut dw = vec![0f32; out * inp];
+    qlora_engine::ops::linear(b, out, &Weight::from_f32(inp, r, &a_t), &mut dw);
     for v in dw.iter_mut() {
         *v *= s;
     }
