@@ -152,7 +152,11 @@ fn merged_models_give_the_unmerged_logits() {
         if name == "lora-bias" {
             // lora_bias on up_proj, which has no bias: PEFT cannot merge it either.
             assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-            assert!(stderr(&o).contains("no bias to merge it into"), "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains("no bias to merge it into"),
+                "{}",
+                stderr(&o)
+            );
             assert!(!merged.exists());
             continue;
         }

@@ -10,6 +10,8 @@ use rayon::prelude::*;
 
 /// Rows of W widened per tile in the batched product; a [64, d] f32 tile stays in L2.
 const TILE_ROWS: usize = 64;
+/// Products with fewer multiply-adds than this run on the calling thread.
+const SERIAL_MACS: usize = 1 << 16;
 /// Up to this many tokens the product runs as dot products over widened rows (decode).
 const GEMV_MAX_TOKENS: usize = 4;
 
@@ -139,7 +141,9 @@ pub fn linear_many(x: &[f32], t: usize, ws: &[&Weight], ys: &mut [&mut [f32]]) {
         .enumerate()
         .flat_map(|(i, w)| (0..w.rows).step_by(chunk).map(move |r0| (i, r0)))
         .collect();
-    tasks.into_par_iter().for_each(|(i, r0)| {
+    // Small products (LoRA's A and B during decode) cost less than waking the pool.
+    let macs: usize = ws.iter().map(|w| w.rows * w.cols).sum::<usize>() * t;
+    let run = |(i, r0): (usize, usize)| {
         let (w, yp) = (ws[i], &yps[i]);
         let (d_out, d_in) = (w.rows, w.cols);
         let n = chunk.min(d_out - r0);
@@ -186,7 +190,12 @@ pub fn linear_many(x: &[f32], t: usize, ws: &[&Weight], ys: &mut [&mut [f32]]) {
                 }
             }
         }
-    });
+    };
+    if macs < SERIAL_MACS {
+        tasks.into_iter().for_each(run);
+    } else {
+        tasks.into_par_iter().for_each(run);
+    }
 }
 
 /// RMSNorm as transformers' LlamaRMSNorm: x / sqrt(mean(x²) + eps) · weight, in f32.

@@ -18,6 +18,23 @@ pub fn has_fused_dot(t: GgmlType) -> bool {
     )
 }
 
+/// Σ row[j]·x[j] for j ≥ `from` of a dense row, element by element (no allocation).
+#[inline]
+fn dense_tail(t: GgmlType, row: &[u8], x: &[f32], from: usize) -> f32 {
+    (from..x.len())
+        .map(|j| {
+            let w = match t {
+                GgmlType::F32 => {
+                    f32::from_le_bytes([row[4 * j], row[4 * j + 1], row[4 * j + 2], row[4 * j + 3]])
+                }
+                GgmlType::F16 => f16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([row[2 * j], row[2 * j + 1]]).to_f32(),
+            };
+            w * x[j]
+        })
+        .sum()
+}
+
 fn is_dense(t: GgmlType) -> bool {
     matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
@@ -121,14 +138,12 @@ mod avx512 {
             a1 = _mm512_fmadd_ps(load16(t, p, i + 16), _mm512_loadu_ps(xp.add(i + 16)), a1);
             i += 32;
         }
-        let mut acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-        if i < n {
-            let mut tail = vec![0f32; n - i];
-            let (_, bb) = t.block();
-            crate::dequantize_ggml(t, &row[i * bb..n * bb], &mut tail);
-            acc += tail.iter().zip(&x[i..]).map(|(a, b)| a * b).sum::<f32>();
+        if i + 16 <= n {
+            a0 = _mm512_fmadd_ps(load16(t, p, i), _mm512_loadu_ps(xp.add(i)), a0);
+            i += 16;
         }
-        acc
+        let acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        acc + super::dense_tail(t, row, x, i)
     }
 }
 
@@ -191,16 +206,14 @@ mod avx2 {
             a1 = _mm256_fmadd_ps(load8(t, p, i + 8), _mm256_loadu_ps(xp.add(i + 8)), a1);
             i += 16;
         }
+        if i + 8 <= n {
+            a0 = _mm256_fmadd_ps(load8(t, p, i), _mm256_loadu_ps(xp.add(i)), a0);
+            i += 8;
+        }
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1));
-        let mut acc: f32 = lanes.iter().sum();
-        if i < n {
-            let mut tail = vec![0f32; n - i];
-            let (_, bb) = t.block();
-            crate::dequantize_ggml(t, &row[i * bb..n * bb], &mut tail);
-            acc += tail.iter().zip(&x[i..]).map(|(a, b)| a * b).sum::<f32>();
-        }
-        acc
+        let acc: f32 = lanes.iter().sum();
+        acc + super::dense_tail(t, row, x, i)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -287,7 +300,7 @@ mod tests {
         ] {
             for blocks in [1, 3, 18] {
                 let r = if is_dense(t) {
-                    // Values in [-1, 1], 32 per "block", plus a ragged tail.
+                    // Values in [-1, 1], 32 per "block".
                     let v: Vec<f32> = (0..32 * blocks)
                         .map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0)
                         .collect();
@@ -324,6 +337,35 @@ mod tests {
                         "{t:?} {blocks}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod dense_tests {
+    use super::*;
+
+    #[test]
+    fn dense_rows_of_any_length() {
+        for t in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            for n in [1usize, 7, 8, 15, 16, 17, 31, 33, 48, 50] {
+                let v: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+                let x: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+                let row: Vec<u8> = match t {
+                    GgmlType::F32 => v.iter().flat_map(|a| a.to_le_bytes()).collect(),
+                    GgmlType::F16 => v
+                        .iter()
+                        .flat_map(|a| f16::from_f32(*a).to_le_bytes())
+                        .collect(),
+                    _ => v
+                        .iter()
+                        .flat_map(|a| half::bf16::from_f32(*a).to_le_bytes())
+                        .collect(),
+                };
+                let want: f32 = v.iter().zip(&x).map(|(a, b)| a * b).sum();
+                let got = dot_row(t, &row, &x, &[]);
+                assert!((got - want).abs() < 1e-4, "{t:?} n={n}: {got} vs {want}");
             }
         }
     }
