@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "qlora",
     version,
-    about = "QLoRA for Llama/Mistral-family models: load, run, quantize (NF4/FP4, bit-exact with bitsandbytes), convert (fine-tuning and adapters next)"
+    about = "QLoRA for Llama/Mistral-family models: load, run, quantize (NF4/FP4, bit-exact with bitsandbytes), apply, inspect and merge PEFT adapters, convert (fine-tuning next)"
 )]
 pub struct Cli {
     /// Worker threads (default: all cores).
