@@ -64,4 +64,31 @@ impl RawTensor {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// The values of an f32/f16/bf16 tensor as f32 (exact); an error naming the tensor for any
+    /// other type.
+    pub fn to_f32(&self) -> std::result::Result<Vec<f32>, String> {
+        let b = self.data.as_slice();
+        Ok(match self.dtype {
+            ElementType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            ElementType::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            ElementType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(format!(
+                    "tensor \"{}\" is {}; expected f32, f16 or bf16",
+                    self.name,
+                    other.name()
+                ))
+            }
+        })
+    }
 }

@@ -3,7 +3,7 @@
 use crate::config::AdapterConfig;
 use crate::pickle;
 use crate::provenance::Provenance;
-use qlora_io::{ElementType, ModelConfig, RawTensor, SafetensorsFile};
+use qlora_io::{ModelConfig, RawTensor, SafetensorsFile};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -269,28 +269,7 @@ fn lora_part(name: &str) -> Option<(&str, &'static str)> {
 
 /// Widens a float tensor to f32.
 pub fn to_f32(t: &RawTensor) -> Result<Vec<f32>, String> {
-    let b = t.data.as_slice();
-    Ok(match t.dtype {
-        ElementType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        ElementType::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        ElementType::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(format!(
-                "tensor \"{}\" is {}; adapter weights must be f32, f16 or bf16",
-                t.name,
-                other.name()
-            ))
-        }
-    })
+    t.to_f32()
 }
 
 impl Adapter {

@@ -99,17 +99,8 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// The quant-state JSON of a weight; padded with spaces to `width` when given (JSON parsers,
-/// bitsandbytes' included, ignore trailing whitespace), so a streaming writer can size it
-/// before the offset is known.
-fn state_json(
-    q: Option<&Quantized4>,
-    spec: QuantizeSpec,
-    shape: &[usize],
-    dtype: &str,
-    width: Option<usize>,
-) -> Vec<u8> {
-    let state = QuantStateJson {
+fn state(spec: QuantizeSpec, shape: &[usize], dtype: &str, offset: f32) -> QuantStateJson {
+    QuantStateJson {
         quant: spec.quant,
         blocksize: spec.blocksize,
         dtype: dtype.into(),
@@ -117,32 +108,32 @@ fn state_json(
         nested: spec.double_quant.then(|| NestedJson {
             blocksize: bnb::NESTED_BLOCKSIZE,
             dtype: "float32".into(),
-            offset: q.and_then(|q| q.double.as_ref()).map_or(0.0, |d| d.offset),
+            offset,
         }),
-    };
-    let mut s = state.to_json();
-    if let Some(w) = width {
-        while s.len() < w {
-            s.push(' ');
-        }
+    }
+}
+
+/// The quant-state JSON of a weight; padded with spaces to `width` when given (JSON parsers,
+/// bitsandbytes' included, ignore trailing whitespace), so a streaming writer can size it
+/// before the offset is known.
+fn state_json(
+    q: &Quantized4,
+    spec: QuantizeSpec,
+    shape: &[usize],
+    dtype: &str,
+    width: Option<usize>,
+) -> Vec<u8> {
+    let offset = q.double.as_ref().map_or(0.0, |d| d.offset);
+    let mut s = state(spec, shape, dtype, offset).to_json();
+    while s.len() < width.unwrap_or(0) {
+        s.push(' ');
     }
     s.into_bytes()
 }
 
 /// The longest quant-state JSON a weight can have: the offset printed with the most digits.
 pub fn state_json_width(spec: QuantizeSpec, shape: &[usize], dtype: &str) -> usize {
-    let longest = QuantStateJson {
-        quant: spec.quant,
-        blocksize: spec.blocksize,
-        dtype: dtype.into(),
-        shape: shape.to_vec(),
-        nested: spec.double_quant.then(|| NestedJson {
-            blocksize: bnb::NESTED_BLOCKSIZE,
-            dtype: "float32".into(),
-            offset: -1.234_567_9e-30,
-        }),
-    };
-    longest.to_json().len() + 8
+    state(spec, shape, dtype, -1.234_567_9e-30).to_json().len() + 8
 }
 
 /// The tensors bitsandbytes stores for a 4-bit weight `name` (`P.weight`), in a fixed order:
@@ -205,7 +196,7 @@ pub fn bnb4_tensors(
         vec![16],
         f32_bytes(&spec.quant.code()),
     ));
-    let json = state_json(Some(q), spec, shape, dtype, json_width);
+    let json = state_json(q, spec, shape, dtype, json_width);
     out.push(t(
         &format!(".{}", quant_state_key(spec.quant)),
         ElementType::U8,

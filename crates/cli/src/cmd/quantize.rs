@@ -7,7 +7,7 @@
 use super::outdir::{bnb4_tensors, copy_side_files, write_dir_atomically};
 use crate::load::QuantType;
 use anyhow::{bail, Context, Result};
-use qlora_io::{write_safetensors, BnbConfig, ElementType, ModelSource, RawTensor, WriteTensor};
+use qlora_io::{write_safetensors, BnbConfig, ElementType, ModelSource, WriteTensor};
 use qlora_model::quantize::{is_quantized_linear, quantize_tensor};
 use qlora_model::{Model, QuantizeSpec};
 use qlora_quant::bnb;
@@ -46,25 +46,6 @@ fn torch_dtype(t: ElementType) -> Option<&'static str> {
         ElementType::BF16 => Some("bfloat16"),
         ElementType::F16 => Some("float16"),
         _ => None,
-    }
-}
-
-fn widen(t: &RawTensor) -> Vec<f32> {
-    let b = t.data.as_slice();
-    match t.dtype {
-        ElementType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        ElementType::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        ElementType::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => unreachable!("checked by the caller"),
     }
 }
 
@@ -135,7 +116,7 @@ fn write_dir(a: &Args, spec: QuantizeSpec, dir: &Path) -> Result<()> {
             continue;
         }
         model_dtype.get_or_insert(dtype_name);
-        let q = quantize_tensor(&widen(t), spec);
+        let q = quantize_tensor(&t.to_f32().map_err(anyhow::Error::msg)?, spec);
         n_quantized += 1;
         dense_bytes += t.data.len();
         packed_bytes += q.packed.len();
