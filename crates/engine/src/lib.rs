@@ -5,6 +5,7 @@
 //! Shape letters used throughout: t tokens, d hidden, h heads, kv kv-heads, hd head dim,
 //! v vocab, f intermediate (MLP) size, r rank.
 
+pub mod backward;
 pub mod ops;
 pub mod reference;
 mod simd;

@@ -1,0 +1,226 @@
+//! Backward passes of the ops in `ops`, for training adapters on a frozen base: each takes the
+//! forward's inputs (recomputed, not stored) and the gradient of its output, and returns the
+//! gradients of its inputs. Checked against central finite differences in
+//! `tests/gradients.rs`.
+
+use crate::ops;
+use crate::Weight;
+use rayon::prelude::*;
+
+/// RMSNorm with a frozen weight: y = w ⊙ x · r, r = (mean(x²) + eps)^-½.
+/// dx = r·(w ⊙ dy) − x · r³ · ⟨x, w ⊙ dy⟩ / d.
+/// # Shapes
+/// x, dy [t, d], weight [d] → dx [t, d]
+pub fn rms_norm_backward(x: &[f32], weight: &[f32], eps: f32, dy: &[f32]) -> Vec<f32> {
+    let d = weight.len();
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+        .for_each(|(dxr, (xr, dyr))| {
+            let ms: f64 = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / d as f64;
+            let r = 1.0 / (ms + eps as f64).sqrt();
+            let dot: f64 = (0..d)
+                .map(|i| xr[i] as f64 * weight[i] as f64 * dyr[i] as f64)
+                .sum();
+            let c = r * r * r * dot / d as f64;
+            for i in 0..d {
+                dxr[i] = (r * weight[i] as f64 * dyr[i] as f64 - xr[i] as f64 * c) as f32;
+            }
+        });
+    dx
+}
+
+/// RoPE is a rotation per pair; its backward is the inverse rotation (sin negated).
+/// # Shapes
+/// dy [t, h, hd] in place → dx
+pub fn rope_backward(dy: &mut [f32], heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    let neg: Vec<f32> = sin.iter().map(|s| -s).collect();
+    ops::rope(dy, heads, hd, cos, &neg);
+}
+
+/// SwiGLU a = silu(g)·u: dg = dy·u·silu'(g), du = dy·silu(g), silu'(g) = σ(g)(1 + g(1 − σ(g))).
+/// # Shapes
+/// gate, up, dy [t, f] → (dgate, dup)
+pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; gate.len()];
+    let mut du = vec![0f32; gate.len()];
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .enumerate()
+        .for_each(|(c, (dgc, duc))| {
+            let o = c * 4096;
+            for i in 0..dgc.len() {
+                let (g, u, d) = (gate[o + i], up[o + i], dy[o + i]);
+                let s = 1.0 / (1.0 + (-g).exp());
+                dgc[i] = d * u * s * (1.0 + g * (1.0 - s));
+                duc[i] = d * g * s;
+            }
+        });
+    (dg, du)
+}
+
+/// Gradient of the input of a frozen linear map y = x·Wᵀ: dx = dy·W (W dequantized once).
+/// # Shapes
+/// dy [t, d_out], w [d_out, d_in] → dx [t, d_in]
+pub fn linear_backward_input(dy: &[f32], t: usize, w: &Weight) -> Vec<f32> {
+    let (d_out, d_in) = (w.rows, w.cols);
+    let wf = w.to_f32();
+    let mut dx = vec![0f32; t * d_in];
+    // SAFETY: dx [t, d_in], dy [t, d_out], wf [d_out, d_in], all row-major, sizes as stated.
+    unsafe {
+        gemm::gemm(
+            t,
+            d_in,
+            d_out,
+            dx.as_mut_ptr(),
+            1,
+            d_in as isize,
+            false,
+            dy.as_ptr(),
+            1,
+            d_out as isize,
+            wf.as_ptr(),
+            1,
+            d_in as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    dx
+}
+
+/// C [m, n] = Aᵀ B for A [k, m], B [k, n] (row-major): weight gradients of small adapters.
+pub fn matmul_at_b(a: &[f32], b: &[f32], k: usize, m: usize, n: usize) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    // SAFETY: Aᵀ is A with swapped strides; sizes as stated.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            m as isize,
+            1,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    c
+}
+
+/// Backward of causal GQA attention over the sequence itself (training: positions 0..t, no
+/// cache): recomputes each query's probabilities and returns (dq, dk, dv).
+/// # Shapes
+/// q [t, h, hd], k/v [t, kv, hd], dout [t, h, hd]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Per kv head, in parallel: every query head of the group and every position.
+    let per_kv: Vec<(usize, Vec<f32>, Vec<f32>, Vec<(usize, Vec<f32>)>)> = (0..kv_heads)
+        .into_par_iter()
+        .map(|kvh| {
+            let mut dk = vec![0f32; t * hd];
+            let mut dv = vec![0f32; t * hd];
+            let mut dqs = Vec::new();
+            for head in kvh * group..(kvh + 1) * group {
+                for p in 0..t {
+                    let idx = p * heads + head;
+                    let qv = &q[idx * hd..(idx + 1) * hd];
+                    let dov = &dout[idx * hd..(idx + 1) * hd];
+                    let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+                    let kr = |j: usize| &k[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
+                    let vr = |j: usize| &v[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
+                    let scores: Vec<f32> = (lo..=p).map(|j| crate::simd::dot(qv, kr(j)) * scale).collect();
+                    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f32 = e.iter().sum();
+                    let pr: Vec<f32> = e.iter().map(|x| x / sum).collect();
+                    // dP_j = ⟨dout, v_j⟩; dS_j = P_j (dP_j − Σ P dP).
+                    let dp: Vec<f32> = (lo..=p).map(|j| crate::simd::dot(dov, vr(j))).collect();
+                    let s_dot: f32 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    let mut dq = vec![0f32; hd];
+                    for (jj, j) in (lo..=p).enumerate() {
+                        let ds = pr[jj] * (dp[jj] - s_dot) * scale;
+                        let krow = kr(j);
+                        for i in 0..hd {
+                            dq[i] += ds * krow[i];
+                            dk[j * hd + i] += ds * qv[i];
+                            dv[j * hd + i] += pr[jj] * dov[i];
+                        }
+                    }
+                    dqs.push((idx, dq));
+                }
+            }
+            (kvh, dk, dv, dqs)
+        })
+        .collect();
+    let mut dq = vec![0f32; q.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
+    for (kvh, dkh, dvh, dqs) in per_kv {
+        for j in 0..t {
+            let at = (j * kv_heads + kvh) * hd;
+            dk[at..at + hd].copy_from_slice(&dkh[j * hd..(j + 1) * hd]);
+            dv[at..at + hd].copy_from_slice(&dvh[j * hd..(j + 1) * hd]);
+        }
+        for (idx, d) in dqs {
+            dq[idx * hd..(idx + 1) * hd].copy_from_slice(&d);
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// Mean cross-entropy over the positions whose label is not ignored, and its gradient
+/// (softmax − onehot) / n. Labels are the next token ids; `None` is ignored (-100 in HF).
+/// Returns (Σ loss, count, dlogits) so callers can normalise over a whole batch.
+/// # Shapes
+/// logits [t, v], labels [t] → dlogits [t, v] (unnormalised: softmax − onehot)
+pub fn cross_entropy(logits: &[f32], v: usize, labels: &[Option<u32>]) -> (f64, usize, Vec<f32>) {
+    let mut d = vec![0f32; logits.len()];
+    let parts: Vec<f64> = d
+        .par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .zip(labels.par_iter())
+        .map(|((dr, lr), lab)| {
+            let Some(y) = lab else {
+                return 0.0;
+            };
+            let max = lr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = lr.iter().map(|x| ((x - max) as f64).exp()).sum();
+            let lse = max as f64 + sum.ln();
+            for (o, x) in dr.iter_mut().zip(lr) {
+                *o = (((*x as f64) - lse).exp()) as f32;
+            }
+            dr[*y as usize] -= 1.0;
+            lse - lr[*y as usize] as f64
+        })
+        .collect();
+    let n = labels.iter().filter(|l| l.is_some()).count();
+    (parts.iter().sum(), n, d)
+}
