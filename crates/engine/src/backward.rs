@@ -142,7 +142,9 @@ pub fn attention_backward(
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     // Per kv head, in parallel: every query head of the group and every position.
-    let per_kv: Vec<(usize, Vec<f32>, Vec<f32>, Vec<(usize, Vec<f32>)>)> = (0..kv_heads)
+    // (kv head, dk, dv, [(query index, dq)])
+    type KvGrads = (usize, Vec<f32>, Vec<f32>, Vec<(usize, Vec<f32>)>);
+    let per_kv: Vec<KvGrads> = (0..kv_heads)
         .into_par_iter()
         .map(|kvh| {
             let mut dk = vec![0f32; t * hd];
