@@ -156,9 +156,13 @@ pub fn attention_backward(
                     let qv = &q[idx * hd..(idx + 1) * hd];
                     let dov = &dout[idx * hd..(idx + 1) * hd];
                     let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-                    let kr = |j: usize| &k[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
-                    let vr = |j: usize| &v[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
-                    let scores: Vec<f32> = (lo..=p).map(|j| crate::simd::dot(qv, kr(j)) * scale).collect();
+                    let kr =
+                        |j: usize| &k[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
+                    let vr =
+                        |j: usize| &v[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
+                    let scores: Vec<f32> = (lo..=p)
+                        .map(|j| crate::simd::dot(qv, kr(j)) * scale)
+                        .collect();
                     let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
                     let sum: f32 = e.iter().sum();

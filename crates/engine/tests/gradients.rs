@@ -55,7 +55,11 @@ fn rms_norm() {
         ops::rms_norm(x, &w, 1e-5, &mut y);
         dot(&y, &r)
     };
-    check("rms_norm", &bw::rms_norm_backward(&x, &w, 1e-5, &r), &numeric(&x, f));
+    check(
+        "rms_norm",
+        &bw::rms_norm_backward(&x, &w, 1e-5, &r),
+        &numeric(&x, f),
+    );
 }
 
 #[test]
@@ -105,7 +109,11 @@ fn linear_input() {
         ops::linear(x, t, &w, &mut y);
         dot(&y, &r)
     };
-    check("linear", &bw::linear_backward_input(&r, t, &w), &numeric(&x, f));
+    check(
+        "linear",
+        &bw::linear_backward_input(&r, t, &w),
+        &numeric(&x, f),
+    );
     // Aᵀ B
     let a = data(5 * 3, 13);
     let b = data(5 * 4, 14);

@@ -1,0 +1,356 @@
+//! Loss and adapter gradients of one sequence: a forward pass that keeps only each layer's
+//! input, then a backward pass that recomputes each layer from its input (activation memory:
+//! layers × tokens × hidden) and accumulates every LoRA A/B gradient. The base is frozen: its
+//! projections (dense, NF4/FP4, int8) only pass activation gradients through.
+
+use qlora_engine::backward as bw;
+use qlora_engine::ops::{self, RopeTable};
+use qlora_model::{Layer, Model, Projection};
+use std::collections::HashMap;
+
+/// One trainable adapter on a linear module: y += s · B (A dropout(x)).
+#[derive(Debug, Clone)]
+pub struct LoraParam {
+    pub module: String,
+    pub rank: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub scaling: f32,
+    /// [rank, d_in]
+    pub a: Vec<f32>,
+    /// [d_out, rank]
+    pub b: Vec<f32>,
+}
+
+/// The trainable adapters, by module name.
+#[derive(Debug, Clone, Default)]
+pub struct Adapters {
+    pub params: Vec<LoraParam>,
+    index: HashMap<String, usize>,
+    /// Dropout probability on the adapter input (training only).
+    pub dropout: f32,
+}
+
+/// Gradients parallel to `Adapters::params`.
+#[derive(Debug, Clone)]
+pub struct Grads {
+    pub a: Vec<Vec<f32>>,
+    pub b: Vec<Vec<f32>>,
+}
+
+impl Adapters {
+    pub fn new(params: Vec<LoraParam>, dropout: f32) -> Self {
+        let index = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.module.clone(), i))
+            .collect();
+        Adapters {
+            params,
+            index,
+            dropout,
+        }
+    }
+
+    pub fn zero_grads(&self) -> Grads {
+        Grads {
+            a: self.params.iter().map(|p| vec![0f32; p.a.len()]).collect(),
+            b: self.params.iter().map(|p| vec![0f32; p.b.len()]).collect(),
+        }
+    }
+
+    fn get(&self, module: &str) -> Option<(usize, &LoraParam)> {
+        self.index.get(module).map(|&i| (i, &self.params[i]))
+    }
+}
+
+/// What one forward/backward needs to know about randomness.
+#[derive(Debug, Clone, Copy)]
+pub struct Noise {
+    /// Differs per micro-batch and step; dropout masks derive from it.
+    pub seed: u64,
+}
+
+fn dropout_input(ad: &Adapters, noise: Option<Noise>, module: &str, x: &[f32]) -> Vec<f32> {
+    match noise {
+        Some(n) if ad.dropout > 0.0 => {
+            let scale = 1.0 / (1.0 - ad.dropout);
+            x.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    if uniform(n.seed, module, i) >= ad.dropout {
+                        v * scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        }
+        _ => x.to_vec(),
+    }
+}
+
+fn uniform(seed: u64, module: &str, i: usize) -> f32 {
+    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for b in module.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h ^= (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 31;
+    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 29;
+    (h >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// y = x·Wᵀ + b + Σ s·B(A dropout(x)).
+fn proj_forward(
+    p: &Projection,
+    ad: &Adapters,
+    noise: Option<Noise>,
+    x: &[f32],
+    t: usize,
+) -> Vec<f32> {
+    let mut y = p.forward(x, t);
+    if let Some((_, l)) = ad.get(&p.name) {
+        let xd = dropout_input(ad, noise, &p.name, x);
+        let h = matmul_t(&xd, t, &l.a, l.rank, l.d_in);
+        let d = matmul_t(&h, t, &l.b, l.d_out, l.rank);
+        y.iter_mut().zip(&d).for_each(|(a, b)| *a += l.scaling * b);
+    }
+    y
+}
+
+/// x [t, k] · Wᵀ for W [n, k] row-major.
+fn matmul_t(x: &[f32], t: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0f32; t * n];
+    ops::linear(x, t, &qlora_engine::Weight::from_f32(n, k, w), &mut y);
+    y
+}
+
+/// Backward of `proj_forward`: returns dx; accumulates the adapter's dA, dB.
+fn proj_backward(
+    p: &Projection,
+    ad: &Adapters,
+    noise: Option<Noise>,
+    x: &[f32],
+    t: usize,
+    dy: &[f32],
+    g: &mut Grads,
+) -> Vec<f32> {
+    let mut dx = bw::linear_backward_input(dy, t, &p.base);
+    if let Some((i, l)) = ad.get(&p.name) {
+        let xd = dropout_input(ad, noise, &p.name, x);
+        let h = matmul_t(&xd, t, &l.a, l.rank, l.d_in); // [t, r]
+                                                        // dB = s · dyᵀ h ; dh = s · dy B ; dA = dhᵀ xd ; dxd = dh A
+        let db = bw::matmul_at_b(dy, &h, t, l.d_out, l.rank);
+        g.b[i]
+            .iter_mut()
+            .zip(&db)
+            .for_each(|(a, b)| *a += l.scaling * b);
+        let mut dh = bw::linear_backward_input(
+            dy,
+            t,
+            &qlora_engine::Weight::from_f32(l.d_out, l.rank, &l.b),
+        );
+        dh.iter_mut().for_each(|v| *v *= l.scaling);
+        let da = bw::matmul_at_b(&dh, &xd, t, l.rank, l.d_in);
+        g.a[i].iter_mut().zip(&da).for_each(|(a, b)| *a += b);
+        let dxd = bw::linear_backward_input(
+            &dh,
+            t,
+            &qlora_engine::Weight::from_f32(l.rank, l.d_in, &l.a),
+        );
+        match noise {
+            Some(n) if ad.dropout > 0.0 => {
+                let scale = 1.0 / (1.0 - ad.dropout);
+                for (j, (o, v)) in dx.iter_mut().zip(&dxd).enumerate() {
+                    if uniform(n.seed, &p.name, j) >= ad.dropout {
+                        *o += v * scale;
+                    }
+                }
+            }
+            _ => dx.iter_mut().zip(&dxd).for_each(|(a, b)| *a += b),
+        }
+    }
+    dx
+}
+
+/// A layer's intermediates, recomputed from its input.
+struct Saved {
+    h1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    x2: Vec<f32>,
+    h2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+struct Ctx<'a> {
+    model: &'a Model,
+    ad: &'a Adapters,
+    noise: Option<Noise>,
+    t: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Ctx<'_> {
+    fn layer(&self, l: &Layer, x: &[f32]) -> (Vec<f32>, Saved) {
+        let cfg = &self.model.config;
+        let (heads, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let eps = cfg.rms_norm_eps as f32;
+        let t = self.t;
+        let mut h1 = vec![0f32; x.len()];
+        ops::rms_norm(x, &l.input_layernorm, eps, &mut h1);
+        let mut q = proj_forward(&l.q_proj, self.ad, self.noise, &h1, t);
+        let mut k = proj_forward(&l.k_proj, self.ad, self.noise, &h1, t);
+        let v = proj_forward(&l.v_proj, self.ad, self.noise, &h1, t);
+        ops::rope(&mut q, heads, hd, &self.cos, &self.sin);
+        ops::rope(&mut k, kv, hd, &self.cos, &self.sin);
+        let mut attn = vec![0f32; t * heads * hd];
+        ops::attention(
+            &q,
+            &k,
+            &v,
+            t,
+            0,
+            heads,
+            kv,
+            hd,
+            cfg.attention_window(),
+            &mut attn,
+        );
+        let o = proj_forward(&l.o_proj, self.ad, self.noise, &attn, t);
+        let mut x2 = x.to_vec();
+        ops::add_in_place(&mut x2, &o);
+        let mut h2 = vec![0f32; x.len()];
+        ops::rms_norm(&x2, &l.post_attention_layernorm, eps, &mut h2);
+        let gate = proj_forward(&l.gate_proj, self.ad, self.noise, &h2, t);
+        let up = proj_forward(&l.up_proj, self.ad, self.noise, &h2, t);
+        let mut act = gate.clone();
+        ops::swiglu(&mut act, &up);
+        let down = proj_forward(&l.down_proj, self.ad, self.noise, &act, t);
+        let mut out = x2.clone();
+        ops::add_in_place(&mut out, &down);
+        (
+            out,
+            Saved {
+                h1,
+                q,
+                k,
+                v,
+                attn,
+                x2,
+                h2,
+                gate,
+                up,
+                act,
+            },
+        )
+    }
+
+    fn layer_backward(&self, l: &Layer, x: &[f32], dout: &[f32], g: &mut Grads) -> Vec<f32> {
+        let cfg = &self.model.config;
+        let (heads, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let eps = cfg.rms_norm_eps as f32;
+        let t = self.t;
+        let (_, s) = self.layer(l, x);
+        let (ad, nz) = (self.ad, self.noise);
+        let dact = proj_backward(&l.down_proj, ad, nz, &s.act, t, dout, g);
+        let (dgate, dup) = bw::swiglu_backward(&s.gate, &s.up, &dact);
+        let mut dh2 = proj_backward(&l.gate_proj, ad, nz, &s.h2, t, &dgate, g);
+        let dh2u = proj_backward(&l.up_proj, ad, nz, &s.h2, t, &dup, g);
+        ops::add_in_place(&mut dh2, &dh2u);
+        let mut dx2 = dout.to_vec();
+        ops::add_in_place(
+            &mut dx2,
+            &bw::rms_norm_backward(&s.x2, &l.post_attention_layernorm, eps, &dh2),
+        );
+        let dattn = proj_backward(&l.o_proj, ad, nz, &s.attn, t, &dx2, g);
+        let (mut dq, mut dk, dv) = bw::attention_backward(
+            &s.q,
+            &s.k,
+            &s.v,
+            &dattn,
+            t,
+            heads,
+            kv,
+            hd,
+            cfg.attention_window(),
+        );
+        bw::rope_backward(&mut dq, heads, hd, &self.cos, &self.sin);
+        bw::rope_backward(&mut dk, kv, hd, &self.cos, &self.sin);
+        let mut dh1 = proj_backward(&l.q_proj, ad, nz, &s.h1, t, &dq, g);
+        ops::add_in_place(
+            &mut dh1,
+            &proj_backward(&l.k_proj, ad, nz, &s.h1, t, &dk, g),
+        );
+        ops::add_in_place(
+            &mut dh1,
+            &proj_backward(&l.v_proj, ad, nz, &s.h1, t, &dv, g),
+        );
+        let mut dx = dx2;
+        ops::add_in_place(
+            &mut dx,
+            &bw::rms_norm_backward(x, &l.input_layernorm, eps, &dh1),
+        );
+        dx
+    }
+}
+
+/// Σ of the token losses of one sequence, the number of predicted tokens, and (when `grads`
+/// is given) the gradients of Σ loss / `norm` added into `grads`.
+/// `ids` [t]; `labels[i]` is the id to predict at position i (the next token) or `None`.
+pub fn sequence_loss(
+    model: &Model,
+    ad: &Adapters,
+    noise: Option<Noise>,
+    ids: &[u32],
+    labels: &[Option<u32>],
+    norm: f32,
+    grads: Option<&mut Grads>,
+) -> (f64, usize) {
+    let t = ids.len();
+    let cfg = &model.config;
+    let d = cfg.hidden_size;
+    let table = RopeTable {
+        inv_freq: model.inv_freq.clone(),
+    };
+    let (cos, sin) = table.cos_sin(0..t);
+    let ctx = Ctx {
+        model,
+        ad,
+        noise,
+        t,
+        cos,
+        sin,
+    };
+    let mut x = vec![0f32; t * d];
+    ops::embedding(ids, &model.embed_tokens, &mut x);
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    for l in &model.layers {
+        let (out, _) = ctx.layer(l, &x);
+        inputs.push(std::mem::replace(&mut x, out));
+    }
+    let mut h = vec![0f32; t * d];
+    ops::rms_norm(&x, &model.norm, cfg.rms_norm_eps as f32, &mut h);
+    let logits = proj_forward(&model.lm_head, ad, noise, &h, t);
+    let v = model.lm_head.d_out();
+    let (loss, n, mut dlogits) = bw::cross_entropy(&logits, v, labels);
+    drop(logits);
+    let Some(g) = grads else {
+        return (loss, n);
+    };
+    dlogits.iter_mut().for_each(|x| *x /= norm);
+    let dh = proj_backward(&model.lm_head, ad, noise, &h, t, &dlogits, g);
+    drop(dlogits);
+    let mut dx = bw::rms_norm_backward(&x, &model.norm, cfg.rms_norm_eps as f32, &dh);
+    for (l, xin) in model.layers.iter().zip(&inputs).rev() {
+        dx = ctx.layer_backward(l, xin, &dx, g);
+    }
+    (loss, n)
+}

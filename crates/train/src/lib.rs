@@ -1,0 +1,43 @@
+//! qlora-train: LoRA fine-tuning on a frozen base, dense or 4-bit. `grad`: loss and adapter
+//! gradients with per-layer recomputation; `optim`: AdamW as PyTorch's, schedules, clipping.
+
+pub mod grad;
+pub mod optim;
+
+pub use grad::{sequence_loss, Adapters, Grads, LoraParam, Noise};
+pub use optim::{AdamW, Schedule};
+
+/// Trainable adapters from a PEFT adapter planned against a model (`--init-adapter`, resume):
+/// every linear delta becomes a `LoraParam`. DoRA and embedding adapters are not trainable yet.
+pub fn adapters_from_plan(plan: &qlora_lora::Plan, dropout: f32) -> Result<Adapters, String> {
+    if !plan.embedding.is_empty() {
+        return Err("training embedding adapters is not supported yet".into());
+    }
+    let mut params = Vec::new();
+    for d in &plan.linear {
+        if d.magnitude.is_some() {
+            return Err(format!(
+                "\"{}\" is a DoRA adapter; training DoRA is not supported yet",
+                d.module
+            ));
+        }
+        if d.b_bias.is_some() {
+            return Err(format!(
+                "\"{}\" has lora_bias; training it is not supported yet",
+                d.module
+            ));
+        }
+        let d_in = d.a.len() / d.rank;
+        let d_out = d.b.len() / d.rank;
+        params.push(LoraParam {
+            module: d.module.clone(),
+            rank: d.rank,
+            d_in,
+            d_out,
+            scaling: d.scaling,
+            a: d.a.clone(),
+            b: d.b.clone(),
+        });
+    }
+    Ok(Adapters::new(params, dropout))
+}
