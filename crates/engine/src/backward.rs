@@ -59,36 +59,58 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f
     (dg, du)
 }
 
-/// Gradient of the input of a frozen linear map y = x·Wᵀ: dx = dy·W (W dequantized once).
+/// Gradient of the input of a frozen linear map y = x·Wᵀ: dx = dy·W. W is widened 64 rows at a
+/// time (never whole), in a fixed number of row ranges whose partial sums are added in order,
+/// so the result does not depend on scheduling.
 /// # Shapes
 /// dy [t, d_out], w [d_out, d_in] → dx [t, d_in]
 pub fn linear_backward_input(dy: &[f32], t: usize, w: &Weight) -> Vec<f32> {
+    const TILE: usize = 64;
     let (d_out, d_in) = (w.rows, w.cols);
-    let wf = w.to_f32();
-    let mut dx = vec![0f32; t * d_in];
-    // SAFETY: dx [t, d_in], dy [t, d_out], wf [d_out, d_in], all row-major, sizes as stated.
-    unsafe {
-        gemm::gemm(
-            t,
-            d_in,
-            d_out,
-            dx.as_mut_ptr(),
-            1,
-            d_in as isize,
-            false,
-            dy.as_ptr(),
-            1,
-            d_out as isize,
-            wf.as_ptr(),
-            1,
-            d_in as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
+    let tiles = d_out.div_ceil(TILE);
+    let parts = rayon::current_num_threads().clamp(1, tiles.max(1));
+    let partials: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let mut dx = vec![0f32; t * d_in];
+            let mut tile = vec![0f32; TILE * d_in];
+            for c in (p * tiles / parts)..((p + 1) * tiles / parts) {
+                let r0 = c * TILE;
+                let n = TILE.min(d_out - r0);
+                w.dequantize_rows(r0, &mut tile[..n * d_in]);
+                // dx [t, d_in] += dy[:, r0..r0+n] [t, n] · tile [n, d_in]
+                // SAFETY: strides describe the row-major buffers with the sizes above.
+                unsafe {
+                    gemm::gemm(
+                        t,
+                        d_in,
+                        n,
+                        dx.as_mut_ptr(),
+                        1,
+                        d_in as isize,
+                        true,
+                        dy.as_ptr().add(r0),
+                        1,
+                        d_out as isize,
+                        tile.as_ptr(),
+                        1,
+                        d_in as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            dx
+        })
+        .collect();
+    let mut it = partials.into_iter();
+    let mut dx = it.next().unwrap_or_else(|| vec![0f32; t * d_in]);
+    for p in it {
+        dx.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
     }
     dx
 }

@@ -13,6 +13,18 @@ pub fn render_chat(
     bos: Option<&str>,
     eos: Option<&str>,
 ) -> Result<String> {
+    render_messages(template, &[("user", user)], true, bos, eos)
+}
+
+/// Renders a conversation ((role, content) pairs) with the model's chat template, as
+/// transformers' `apply_chat_template(..., tokenize=False)`.
+pub fn render_messages(
+    template: &str,
+    messages: &[(&str, &str)],
+    add_generation_prompt: bool,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
@@ -29,9 +41,13 @@ pub fn render_chat(
     let tmpl = env
         .get_template("chat")
         .map_err(|e| Error::Template(e.to_string()))?;
+    let msgs: Vec<minijinja::Value> = messages
+        .iter()
+        .map(|(role, content)| minijinja::context! { role => *role, content => *content })
+        .collect();
     tmpl.render(minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => user }],
-        add_generation_prompt => true,
+        messages => msgs,
+        add_generation_prompt => add_generation_prompt,
         bos_token => bos.unwrap_or(""),
         eos_token => eos.unwrap_or(""),
     })

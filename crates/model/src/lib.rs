@@ -15,7 +15,7 @@ mod sampling;
 pub use adapters::delta_weight;
 pub use error::{Error, Result};
 pub use forward::{KvCache, Logits};
-pub use generate::{render_chat, GenerateParams, Generation};
+pub use generate::{render_chat, render_messages, GenerateParams, Generation};
 pub use load::LoadOptions;
 pub use model::{EmbeddingLora, Layer, Lora, Model, Projection};
 pub use quantize::QuantizeSpec;

@@ -1,8 +1,10 @@
 //! qlora-train: LoRA fine-tuning on a frozen base, dense or 4-bit. `grad`: loss and adapter
 //! gradients with per-layer recomputation; `optim`: AdamW as PyTorch's, schedules, clipping.
 
+pub mod data;
 pub mod grad;
 pub mod optim;
+pub mod run;
 
 pub use grad::{sequence_loss, Adapters, Grads, LoraParam, Noise};
 pub use optim::{AdamW, Schedule};

@@ -9,6 +9,7 @@ mod merge;
 mod outdir;
 mod perplexity;
 mod quantize;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -16,7 +17,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "qlora",
     version,
-    about = "QLoRA for Llama/Mistral-family models: load, run, quantize (NF4/FP4, bit-exact with bitsandbytes), apply, inspect and merge PEFT adapters, convert (fine-tuning next)"
+    about = "QLoRA for Llama/Mistral-family models: load, run, quantize (NF4/FP4, bit-exact with bitsandbytes), fine-tune LoRA (QLoRA), apply, inspect and merge PEFT adapters, convert"
 )]
 pub struct Cli {
     /// Worker threads (default: all cores).
@@ -35,6 +36,7 @@ enum Command {
     Quantize(quantize::Args),
     Inspect(inspect::Args),
     Merge(merge::Args),
+    Train(train::Args),
     Bench(bench::Args),
 }
 
@@ -52,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -1,0 +1,240 @@
+//! `qlora train`: LoRA fine-tuning on a frozen base (dense, or quantized at load to NF4/FP4 as
+//! bitsandbytes does), writing PEFT checkpoints, metrics and a loss plot.
+
+use crate::load::{load, QuantizeArgs};
+use anyhow::{bail, Context, Result};
+use qlora_lora::{open_adapters, ModelShapes, Targets};
+use qlora_train::data::{load_jsonl, Tokenize};
+use qlora_train::run::{init_adapters, read_optimizer, train, TrainOptions};
+use qlora_train::{AdamW, Schedule};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Sched {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Fine-tune LoRA adapters on a frozen base and write PEFT checkpoints.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Data: JSONL lines {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\":[{\"role\",\"content\"}]}, or any fields with --template.\n\nExample:\n  qlora train --model ./SmolLM2-135M-Instruct --quantize nf4 --double-quant --data train.jsonl \\\n      --eval-data eval.jsonl --out runs/notes --rank 16 --alpha 32 --targets all-linear --steps 200"
+)]
+pub struct Args {
+    /// Hugging Face model directory or .gguf file (the frozen base).
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    quantize: QuantizeArgs,
+    /// Training data (JSONL).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory: checkpoint-N/, final/, metrics.jsonl, loss.svg.
+    #[arg(long)]
+    out: PathBuf,
+    /// Format each line's fields into one text, e.g. "### A note: {note}" (all tokens trained).
+    #[arg(long)]
+    template: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Dropout on the adapter input.
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f32,
+    /// Comma-separated module names (q_proj,v_proj,…, lm_head) or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    targets: String,
+    /// Scale by alpha/√r (rsLoRA) instead of alpha/r.
+    #[arg(long)]
+    rslora: bool,
+    /// DoRA adapters (not supported for training yet; refused).
+    #[arg(long)]
+    dora: bool,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    #[arg(long, value_enum, default_value = "linear")]
+    schedule: Sched,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    /// Optimizer steps (default: one epoch).
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Longer examples are truncated (and counted).
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    #[arg(long)]
+    save_every: Option<usize>,
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Start from this PEFT adapter instead of a fresh one.
+    #[arg(long, conflicts_with = "resume")]
+    init_adapter: Option<PathBuf>,
+    /// Continue a run from one of its checkpoints (same flags as the original run).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.dora {
+        bail!("--dora: training DoRA adapters is not supported yet (applying DoRA adapters is)");
+    }
+    if a.rank == 0 || a.batch_size == 0 || a.grad_accum == 0 || a.max_len < 2 {
+        bail!("--rank, --batch-size and --grad-accum must be positive and --max-len at least 2");
+    }
+    if !(0.0..1.0).contains(&a.dropout) {
+        bail!("--dropout must be in [0, 1)");
+    }
+    let loaded = load(&a.model, a.quantize)?;
+    let model = &loaded.model;
+    let tok = loaded.tokenizer(&a.model)?;
+    let eos_id = loaded.stop_ids().first().copied();
+    let tk = Tokenize { tok, eos_id };
+    let (data, stats) =
+        load_jsonl(&a.data, &tk, a.template.as_deref(), a.max_len).map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "data: {} examples, {} tokens ({} trained){}",
+        stats.examples,
+        stats.tokens,
+        stats.trained_tokens,
+        if stats.truncated > 0 {
+            format!(", {} truncated to --max-len {}", stats.truncated, a.max_len)
+        } else {
+            String::new()
+        }
+    );
+    let eval = match &a.eval_data {
+        Some(p) => {
+            load_jsonl(p, &tk, a.template.as_deref(), a.max_len)
+                .map_err(anyhow::Error::msg)?
+                .0
+        }
+        None => Vec::new(),
+    };
+    // Which modules get adapters.
+    let shapes = ModelShapes::from_config(&model.config);
+    let (targets, names): (Targets, Vec<String>) = if a.targets == "all-linear" {
+        let all = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        (
+            Targets::List(all.iter().map(|s| s.to_string()).collect()),
+            all.iter().map(|s| s.to_string()).collect(),
+        )
+    } else {
+        let l: Vec<String> = a
+            .targets
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        (Targets::List(l.clone()), l)
+    };
+    let modules: Vec<String> = shapes
+        .linears
+        .keys()
+        .filter(|m| targets.matches(m))
+        .cloned()
+        .collect();
+    if modules.is_empty() {
+        bail!("--targets {} matches no linear module of this model (e.g. q_proj, v_proj, down_proj, lm_head)", a.targets);
+    }
+    if model.config.tie_word_embeddings && modules.iter().any(|m| m == "lm_head") {
+        bail!(
+            "--targets includes lm_head, but this model ties it to embed_tokens; not supported yet"
+        );
+    }
+    let per_step = a.batch_size * a.grad_accum;
+    let steps = a
+        .steps
+        .unwrap_or_else(|| a.epochs.unwrap_or(1) * data.len().div_ceil(per_step));
+    let o = TrainOptions {
+        rank: a.rank,
+        alpha: a.alpha,
+        dropout: a.dropout,
+        rslora: a.rslora,
+        lr: a.lr,
+        schedule: match a.schedule {
+            Sched::Constant => Schedule::Constant,
+            Sched::Linear => Schedule::Linear,
+            Sched::Cosine => Schedule::Cosine,
+        },
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        save_every: a.save_every,
+        eval_every: a
+            .eval_every
+            .or(a.eval_data.as_ref().map(|_| steps.div_ceil(10).max(1))),
+        seed: a.seed,
+        target_names: names,
+        base_name: a.model.display().to_string(),
+    };
+    let from = a.resume.as_ref().or(a.init_adapter.as_ref());
+    let mut ad = match from {
+        None => init_adapters(model, &modules, &o),
+        Some(dir) => {
+            let adapter = open_adapters(dir)?
+                .into_iter()
+                .next()
+                .context("no adapter found")?;
+            let plan = adapter.plan(&shapes).map_err(|p| {
+                anyhow::anyhow!(
+                    "adapter {} does not fit:\n{}",
+                    dir.display(),
+                    qlora_lora::format_problems(&p, 12)
+                )
+            })?;
+            qlora_train::adapters_from_plan(&plan, a.dropout).map_err(anyhow::Error::msg)?
+        }
+    };
+    ad.dropout = a.dropout;
+    let mut opt = AdamW::new(&ad, a.weight_decay);
+    let start = match &a.resume {
+        Some(dir) => read_optimizer(dir, &ad, &mut opt).map_err(anyhow::Error::msg)?,
+        None => 0,
+    };
+    let trainable: usize = ad.params.iter().map(|p| p.a.len() + p.b.len()).sum();
+    eprintln!(
+        "training {} adapters ({} parameters, rank {}) on {} for {} steps of {} sequences{}",
+        ad.params.len(),
+        trainable,
+        a.rank,
+        qlora_train::run::describe_base(&a.model, model.quantization.as_ref()),
+        steps,
+        per_step,
+        if start > 0 {
+            format!(", resuming at step {start}")
+        } else {
+            String::new()
+        }
+    );
+    train(model, &mut ad, &mut opt, &data, &eval, &o, &a.out, start).map_err(anyhow::Error::msg)
+}

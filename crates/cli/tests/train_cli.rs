@@ -1,0 +1,292 @@
+//! `qlora train` end to end on a tiny model with a word-level tokenizer: every data format,
+//! deterministic checkpoints, resume equal to an uninterrupted run, the run directory's files,
+//! checkpoints that load back as adapters, and data errors naming file and line.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// llama-64 (vocab 128) with a word-level tokenizer: <unk>=0, <s>=1, </s>=2, w3..w127, a
+/// post-processor adding <s>, and a ChatML-style template.
+fn tiny_with_tokenizer(tag: &str) -> PathBuf {
+    let dir = temp_dir(tag).join("base");
+    write_model(&spec("llama-64"), &dir);
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for i in 3..128 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null, "padding": null,
+        "added_tokens": [
+            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let cfg = serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}w10 {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}w10 assistant {% endif %}"
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+fn words(seed: usize, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("w{}", 3 + (seed * 31 + i * 17) % 120))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn write_data(dir: &Path) -> PathBuf {
+    let mut lines = Vec::new();
+    for i in 0..6 {
+        lines.push(serde_json::json!({"text": words(i, 12)}).to_string());
+    }
+    lines.push(serde_json::json!({"prompt": words(7, 5), "completion": words(8, 6)}).to_string());
+    lines.push(
+        serde_json::json!({"messages": [
+            {"role": "user", "content": words(9, 4)},
+            {"role": "assistant", "content": words(10, 5)},
+            {"role": "user", "content": words(11, 3)},
+            {"role": "assistant", "content": words(12, 4)}
+        ]})
+        .to_string(),
+    );
+    let p = dir.join("train.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn train(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "--lr",
+        "5e-3",
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "2",
+        "--seed",
+        "3",
+        "--dropout",
+        "0.1",
+    ];
+    args.extend(extra);
+    qlora(&args)
+}
+
+#[test]
+fn runs_are_deterministic_and_resume_is_exact() {
+    let base = tiny_with_tokenizer("train-det");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    let (a, b) = (tmp.join("run-a"), tmp.join("run-b"));
+    for out in [&a, &b] {
+        let o = train(&base, &data, out, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let bytes = |p: PathBuf| std::fs::read(p).unwrap();
+    for f in [
+        "checkpoint-2/adapter_model.safetensors",
+        "checkpoint-4/adapter_model.safetensors",
+        "checkpoint-4/optimizer.safetensors",
+        "final/adapter_model.safetensors",
+    ] {
+        assert_eq!(
+            bytes(a.join(f)),
+            bytes(b.join(f)),
+            "{f} differs between two runs with one seed"
+        );
+    }
+    // Resume from checkpoint-2 and finish: the same bytes as the uninterrupted run.
+    let c = tmp.join("run-c");
+    std::fs::create_dir_all(&c).unwrap();
+    let ck = a.join("checkpoint-2");
+    let o = train(&base, &data, &c, &["--resume", ck.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming at step 2"), "{}", stderr(&o));
+    assert_eq!(
+        bytes(a.join("final/adapter_model.safetensors")),
+        bytes(c.join("final/adapter_model.safetensors")),
+        "resumed run differs"
+    );
+    // The run directory.
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for k in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
+        assert!(lines[0].get(k).is_some(), "metrics lack {k}");
+    }
+    assert!(std::fs::read_to_string(a.join("loss.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    for f in [
+        "adapter_config.json",
+        "qlora_provenance.json",
+        "trainer_state.json",
+    ] {
+        assert!(a.join("checkpoint-4").join(f).exists(), "{f}");
+    }
+    assert!(!a.join(".checkpoint-4.partial").exists());
+    // The final adapter applies to the base it was trained on, without a provenance warning,
+    // and changes the logits.
+    let o = qlora(&[
+        "inspect",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        a.join("final").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("made by qlora on this base") && out.contains("fits: yes"),
+        "{out}"
+    );
+}
+
+#[test]
+fn nf4_run_records_its_quantization() {
+    let base = tiny_with_tokenizer("train-nf4");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    let out = tmp.join("run");
+    let o = train(&base, &data, &out, &["--quantize", "nf4", "--double-quant"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Loading the adapter on the unquantized base warns in plain words.
+    let res = tmp.join("l.safetensors");
+    let o = qlora(&[
+        "logits",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        out.join("final").to_str().unwrap(),
+        "--tokens",
+        "1,5,6",
+        "--out",
+        res.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert!(
+        stderr(&o).contains("made on a NF4 base (blocksize 64, double quant)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn the_loss_goes_down() {
+    let base = tiny_with_tokenizer("train-down");
+    let tmp = base.parent().unwrap().to_path_buf();
+    // Two sequences to fit (the adapters can memorize them).
+    let data = tmp.join("count.jsonl");
+    let lines: Vec<String> = (0..2)
+        .map(|i| {
+            let w: Vec<String> = (0..16).map(|j| format!("w{}", 3 + (i * 11 + j) % 120)).collect();
+            serde_json::json!({"text": w.join(" ")}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = tmp.join("run");
+    let o = qlora(&[
+        "train",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--eval-data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--batch-size",
+        "2",
+        "--targets",
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head",
+        "--dropout",
+        "0",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "8",
+        "--schedule",
+        "constant",
+        "--eval-every",
+        "20",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let (l0, el) = (
+        first["loss"].as_f64().unwrap(),
+        last["eval_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        el < l0 * 0.1,
+        "eval loss {el} after 20 steps vs first training loss {l0}"
+    );
+}
+
+#[test]
+fn malformed_data_names_file_and_line() {
+    let base = tiny_with_tokenizer("train-bad");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let p = tmp.join("bad.jsonl");
+    std::fs::write(&p, "{\"text\": \"w5 w6\"}\n{\"text\": \n").unwrap();
+    let o = train(&base, &p, &tmp.join("run"), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("bad.jsonl:2: invalid JSON"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&p, "{\"question\": \"w5\"}\n").unwrap();
+    let o = train(&base, &p, &tmp.join("run"), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("bad.jsonl:1: expected \"text\""),
+        "{}",
+        stderr(&o)
+    );
+    // --template over any field.
+    let o = train(
+        &base,
+        &p,
+        &tmp.join("run2"),
+        &["--template", "w4 {question} w4"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

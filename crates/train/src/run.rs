@@ -1,0 +1,418 @@
+//! The training loop and its run directory: checkpoints as PEFT adapter directories (with the
+//! provenance sidecar, the optimizer and trainer state beside them), `final/`, `metrics.jsonl`
+//! and `loss.svg`. Every directory and file is written under a temporary name and renamed.
+
+use crate::data::Example;
+use crate::grad::{sequence_loss, Adapters, LoraParam, Noise};
+use crate::optim::{clip_grad_norm, AdamW, Schedule};
+use qlora_io::{write_safetensors, ElementType, WriteTensor};
+use qlora_lora::{BaseQuantization, Provenance};
+use qlora_model::Model;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub rslora: bool,
+    pub lr: f32,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub weight_decay: f32,
+    pub max_grad_norm: Option<f32>,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub save_every: Option<usize>,
+    pub eval_every: Option<usize>,
+    pub seed: u64,
+    /// Leaf names written as `target_modules`.
+    pub target_names: Vec<String>,
+    pub base_name: String,
+}
+
+/// splitmix64: seeded, portable, the one source of randomness for init and shuffling.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// PEFT's default init for new adapters: A Kaiming-uniform with a = √5 (bound 1/√fan_in),
+/// B zero, so training starts from the base model exactly.
+pub fn init_adapters(model: &Model, modules: &[String], o: &TrainOptions) -> Adapters {
+    let mut rng = Rng::new(o.seed);
+    let mut params = Vec::new();
+    let projections = model
+        .layers
+        .iter()
+        .flat_map(|l| l.projections())
+        .chain(std::iter::once(&model.lm_head));
+    for p in projections {
+        if !modules.contains(&p.name) {
+            continue;
+        }
+        let (d_out, d_in, r) = (p.d_out(), p.d_in(), o.rank);
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let a = (0..r * d_in)
+            .map(|_| (rng.f32() * 2.0 - 1.0) * bound)
+            .collect();
+        let scaling = if o.rslora {
+            o.alpha / (r as f32).sqrt()
+        } else {
+            o.alpha / r as f32
+        };
+        params.push(LoraParam {
+            module: p.name.clone(),
+            rank: r,
+            d_in,
+            d_out,
+            scaling,
+            a,
+            b: vec![0f32; d_out * r],
+        });
+    }
+    Adapters::new(params, o.dropout)
+}
+
+/// The order examples are visited in: a fresh permutation per epoch, from the seed.
+fn example_at(n: usize, seed: u64, cursor: usize) -> usize {
+    let epoch = cursor / n;
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut rng = Rng::new(seed ^ 0xA5A5_5A5A ^ (epoch as u64).wrapping_mul(0x1000_0000_01B3));
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    perm[cursor % n]
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn write_dir_atomic(
+    dir: &Path,
+    write: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.with_file_name(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// A PEFT adapter directory: adapter_config.json (only the fields old PEFT knows, plus
+/// use_rslora when set), adapter_model.safetensors (f32), and the provenance sidecar.
+pub fn write_adapter(
+    dir: &Path,
+    ad: &Adapters,
+    o: &TrainOptions,
+    model: &Model,
+) -> Result<(), String> {
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let mut tensors = Vec::new();
+    for p in &ad.params {
+        tensors.push(WriteTensor {
+            name: format!("base_model.model.{}.lora_A.weight", p.module),
+            dtype: ElementType::F32,
+            shape: vec![p.rank, p.d_in],
+            data: f32_bytes(&p.a).into(),
+        });
+        tensors.push(WriteTensor {
+            name: format!("base_model.model.{}.lora_B.weight", p.module),
+            dtype: ElementType::F32,
+            shape: vec![p.d_out, p.rank],
+            data: f32_bytes(&p.b).into(),
+        });
+    }
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, &meta)
+        .map_err(|e| e.to_string())?;
+    let mut cfg = json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": o.rank, "lora_alpha": o.alpha,
+        "lora_dropout": o.dropout, "target_modules": o.target_names, "bias": "none",
+        "fan_in_fan_out": false, "modules_to_save": null, "base_model_name_or_path": o.base_name,
+        "revision": null, "inference_mode": true, "init_lora_weights": true,
+        "layers_to_transform": null, "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {},
+    });
+    if o.rslora {
+        cfg["use_rslora"] = json!(true);
+    }
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&cfg).expect("json") + "\n",
+    )
+    .map_err(|e| e.to_string())?;
+    Provenance {
+        qlora_version: env!("CARGO_PKG_VERSION").into(),
+        base_fingerprint: model.fingerprint.clone(),
+        base_quantization: model.quantization.clone(),
+        base_path: Some(o.base_name.clone()),
+    }
+    .write(dir)
+    .map_err(|e| e.to_string())
+}
+
+fn write_checkpoint(
+    dir: &Path,
+    ad: &Adapters,
+    opt: &AdamW,
+    o: &TrainOptions,
+    model: &Model,
+    step: usize,
+) -> Result<(), String> {
+    write_dir_atomic(dir, |d| {
+        write_adapter(d, ad, o, model)?;
+        let mut t = Vec::new();
+        for (i, p) in ad.params.iter().enumerate() {
+            for (kind, m, v, shape) in [
+                ("A", &opt.m.a[i], &opt.v.a[i], vec![p.rank, p.d_in]),
+                ("B", &opt.m.b[i], &opt.v.b[i], vec![p.d_out, p.rank]),
+            ] {
+                t.push(WriteTensor {
+                    name: format!("exp_avg.{}.lora_{kind}", p.module),
+                    dtype: ElementType::F32,
+                    shape: shape.clone(),
+                    data: f32_bytes(m).into(),
+                });
+                t.push(WriteTensor {
+                    name: format!("exp_avg_sq.{}.lora_{kind}", p.module),
+                    dtype: ElementType::F32,
+                    shape,
+                    data: f32_bytes(v).into(),
+                });
+            }
+        }
+        let meta = BTreeMap::from([("optimizer_step".to_string(), opt.step.to_string())]);
+        write_safetensors(&d.join("optimizer.safetensors"), &t, &meta)
+            .map_err(|e| e.to_string())?;
+        let state = json!({"global_step": step, "seed": o.seed, "optimizer": "AdamW",
+                           "lr": o.lr, "weight_decay": o.weight_decay});
+        std::fs::write(
+            d.join("trainer_state.json"),
+            serde_json::to_string_pretty(&state).expect("json") + "\n",
+        )
+        .map_err(|e| e.to_string())
+    })
+}
+
+/// Restores the optimizer state and step from a checkpoint written by `write_checkpoint`.
+pub fn read_optimizer(dir: &Path, ad: &Adapters, opt: &mut AdamW) -> Result<usize, String> {
+    let f = qlora_io::SafetensorsFile::open(&dir.join("optimizer.safetensors"))
+        .map_err(|e| e.to_string())?;
+    let get = |name: &str| -> Result<Vec<f32>, String> {
+        f.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or(format!("{}: optimizer state lacks {name}", dir.display()))?
+            .to_f32()
+    };
+    for (i, p) in ad.params.iter().enumerate() {
+        opt.m.a[i] = get(&format!("exp_avg.{}.lora_A", p.module))?;
+        opt.v.a[i] = get(&format!("exp_avg_sq.{}.lora_A", p.module))?;
+        opt.m.b[i] = get(&format!("exp_avg.{}.lora_B", p.module))?;
+        opt.v.b[i] = get(&format!("exp_avg_sq.{}.lora_B", p.module))?;
+    }
+    opt.step = f
+        .metadata
+        .get("optimizer_step")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer_state.json"))
+            .map_err(|e| format!("{}: {e}", dir.display()))?,
+    )
+    .map_err(|e| e.to_string())?;
+    state["global_step"]
+        .as_u64()
+        .map(|s| s as usize)
+        .ok_or("trainer_state.json lacks global_step".into())
+}
+
+/// The loss curve as an SVG line chart (training loss, and eval loss points).
+fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
+    let (w, h, pad) = (640.0, 360.0, 48.0);
+    let all: Vec<f64> = train.iter().chain(eval).map(|p| p.1).collect();
+    let (lo, hi) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+    let hi = if hi > lo { hi } else { lo + 1.0 };
+    let max_step = train
+        .iter()
+        .chain(eval)
+        .map(|p| p.0)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let x = |s: usize| pad + (s as f64 / max_step) * (w - 2.0 * pad);
+    let y = |v: f64| h - pad - (v - lo) / (hi - lo) * (h - 2.0 * pad);
+    let pts: Vec<String> = train
+        .iter()
+        .map(|(s, v)| format!("{:.1},{:.1}", x(*s), y(*v)))
+        .collect();
+    let dots: String = eval
+        .iter()
+        .map(|(s, v)| {
+            format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#d62728\"/>",
+                x(*s),
+                y(*v)
+            )
+        })
+        .collect();
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\
+<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
+<line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#333\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"#333\"/>\
+<text x=\"{pad}\" y=\"{t}\">loss {hi:.3}</text><text x=\"{pad}\" y=\"{bl}\">{lo:.3}</text><text x=\"{r}\" y=\"{bl}\" text-anchor=\"end\">step {max_step}</text>\
+<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>{dots}\
+<text x=\"{r}\" y=\"{t}\" text-anchor=\"end\" fill=\"#1f77b4\">train</text><text x=\"{r}\" y=\"{t2}\" text-anchor=\"end\" fill=\"#d62728\">eval</text></svg>\n",
+        pts.join(" "),
+        b = h - pad,
+        r = w - pad,
+        t = pad - 16.0,
+        t2 = pad - 2.0,
+        bl = h - pad + 16.0,
+    )
+}
+
+/// Mean loss over examples, no gradients, no dropout.
+pub fn eval_loss(model: &Model, ad: &Adapters, data: &[Example]) -> f64 {
+    let (mut total, mut n) = (0.0, 0usize);
+    for e in data {
+        let (l, c) = sequence_loss(model, ad, None, &e.ids, &e.labels, 1.0, None);
+        total += l;
+        n += c;
+    }
+    total / n.max(1) as f64
+}
+
+/// Trains from `start_step` to `o.steps`, writing the run directory.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    model: &Model,
+    ad: &mut Adapters,
+    opt: &mut AdamW,
+    data: &[Example],
+    eval: &[Example],
+    o: &TrainOptions,
+    out: &Path,
+    start_step: usize,
+) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let per_step = o.batch_size * o.grad_accum;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("metrics.jsonl"))
+        .map_err(|e| format!("{}: {e}", out.join("metrics.jsonl").display()))?;
+    let (mut curve, mut eval_curve) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    let mut tokens_done = 0usize;
+    for step in start_step..o.steps {
+        let t0 = Instant::now();
+        let batch: Vec<&Example> = (0..per_step)
+            .map(|k| &data[example_at(data.len(), o.seed, step * per_step + k)])
+            .collect();
+        let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
+        let mut g = ad.zero_grads();
+        let mut total = 0.0;
+        for (k, e) in batch.iter().enumerate() {
+            let noise = Noise {
+                seed: o.seed ^ ((step as u64) << 20) ^ k as u64,
+            };
+            total += sequence_loss(
+                model,
+                ad,
+                Some(noise),
+                &e.ids,
+                &e.labels,
+                n_tok as f32,
+                Some(&mut g),
+            )
+            .0;
+        }
+        let loss = total / n_tok as f64;
+        let grad_norm = clip_grad_norm(&mut g, o.max_grad_norm);
+        let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
+        opt.update(ad, &g, lr);
+        let seq_tokens: usize = batch.iter().map(|e| e.ids.len()).sum();
+        tokens_done += seq_tokens;
+        let tps = seq_tokens as f64 / t0.elapsed().as_secs_f64();
+        let done = step + 1;
+        let mut line = json!({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": tps, "tokens": seq_tokens});
+        if let Some(every) = o.eval_every {
+            if !eval.is_empty() && (done % every == 0 || done == o.steps) {
+                let el = eval_loss(model, ad, eval);
+                line["eval_loss"] = json!(el);
+                eval_curve.push((done, el));
+            }
+        }
+        writeln!(metrics, "{line}").map_err(|e| e.to_string())?;
+        curve.push((done, loss));
+        let svg = loss_svg(&curve, &eval_curve);
+        let tmp = out.join(".loss.svg.tmp");
+        std::fs::write(&tmp, svg)
+            .and_then(|_| std::fs::rename(&tmp, out.join("loss.svg")))
+            .map_err(|e| e.to_string())?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let eta = elapsed / (done - start_step) as f64 * (o.steps - done) as f64;
+        eprintln!(
+            "step {done}/{} loss {loss:.4}{} lr {lr:.2e} grad_norm {grad_norm:.3} {tps:.0} tok/s ETA {:.0}s",
+            o.steps,
+            line.get("eval_loss").map(|v| format!(" eval_loss {:.4}", v.as_f64().unwrap_or(0.0))).unwrap_or_default(),
+            eta
+        );
+        if o.save_every.is_some_and(|e| done % e == 0) || done == o.steps {
+            write_checkpoint(
+                &out.join(format!("checkpoint-{done}")),
+                ad,
+                opt,
+                o,
+                model,
+                done,
+            )?;
+        }
+    }
+    write_dir_atomic(&out.join("final"), |d| write_adapter(d, ad, o, model))?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "trained {} steps in {secs:.1}s ({:.0} tok/s); adapter in {}",
+        o.steps - start_step,
+        tokens_done as f64 / secs.max(1e-9),
+        out.join("final").display()
+    );
+    Ok(())
+}
+
+/// What a run needs to know about the base for `TrainOptions::base_name` and warnings.
+pub fn describe_base(path: &Path, q: Option<&BaseQuantization>) -> String {
+    format!("{} ({})", path.display(), BaseQuantization::describe(q))
+}
