@@ -36,7 +36,7 @@ enum Command {
     Quantize(quantize::Args),
     Inspect(inspect::Args),
     Merge(merge::Args),
-    Train(train::Args),
+    Train(Box<train::Args>),
     Bench(bench::Args),
 }
 
@@ -54,7 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Bench(a) => bench::run(a),
     }
 }
