@@ -240,11 +240,14 @@ pub fn cross_entropy(logits: &[f32], v: usize, labels: &[Option<u32>]) -> (f64, 
                 return 0.0;
             };
             let max = lr.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = lr.iter().map(|x| ((x - max) as f64).exp()).sum();
-            let lse = max as f64 + sum.ln();
+            // exp in f32 (as PyTorch's log_softmax), summed in f64.
             for (o, x) in dr.iter_mut().zip(lr) {
-                *o = (((*x as f64) - lse).exp()) as f32;
+                *o = (x - max).exp();
             }
+            let sum: f64 = dr.iter().map(|e| *e as f64).sum();
+            let lse = max as f64 + sum.ln();
+            let inv = (1.0 / sum) as f32;
+            dr.iter_mut().for_each(|e| *e *= inv);
             dr[*y as usize] -= 1.0;
             lse - lr[*y as usize] as f64
         })

@@ -75,10 +75,11 @@ fn dropout_input(ad: &Adapters, noise: Option<Noise>, module: &str, x: &[f32]) -
     match noise {
         Some(n) if ad.dropout > 0.0 => {
             let scale = 1.0 / (1.0 - ad.dropout);
+            let ms = module_seed(n.seed, module);
             x.iter()
                 .enumerate()
                 .map(|(i, v)| {
-                    if uniform(n.seed, module, i) >= ad.dropout {
+                    if uniform(ms, i) >= ad.dropout {
                         v * scale
                     } else {
                         0.0
@@ -90,12 +91,19 @@ fn dropout_input(ad: &Adapters, noise: Option<Noise>, module: &str, x: &[f32]) -
     }
 }
 
-fn uniform(seed: u64, module: &str, i: usize) -> f32 {
+/// The dropout stream of one module in one micro-step.
+fn module_seed(seed: u64, module: &str) -> u64 {
     let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
     for b in module.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
     }
-    h ^= (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h
+}
+
+/// Uniform in [0, 1) for element `i` of a module's stream (a hash, so recomputation in the
+/// backward pass sees the same mask).
+fn uniform(module_seed: u64, i: usize) -> f32 {
+    let mut h = module_seed ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     h ^= h >> 31;
     h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
     h ^= h >> 29;
@@ -163,8 +171,9 @@ fn proj_backward(
         match noise {
             Some(n) if ad.dropout > 0.0 => {
                 let scale = 1.0 / (1.0 - ad.dropout);
+                let ms = module_seed(n.seed, &p.name);
                 for (j, (o, v)) in dx.iter_mut().zip(&dxd).enumerate() {
-                    if uniform(n.seed, &p.name, j) >= ad.dropout {
+                    if uniform(ms, j) >= ad.dropout {
                         *o += v * scale;
                     }
                 }
