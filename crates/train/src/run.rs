@@ -333,6 +333,13 @@ pub fn train(
         .open(out.join("metrics.jsonl"))
         .map_err(|e| format!("{}: {e}", out.join("metrics.jsonl").display()))?;
     let (mut curve, mut eval_curve) = (Vec::new(), Vec::new());
+    if start_step == 0 && o.eval_every.is_some() && !eval.is_empty() {
+        // The starting point, so a run shows whether it helped.
+        let el = eval_loss(model, ad, eval);
+        writeln!(metrics, "{}", json!({"step": 0, "eval_loss": el})).map_err(|e| e.to_string())?;
+        eval_curve.push((0, el));
+        eprintln!("step 0/{} eval_loss {el:.4}", o.steps);
+    }
     let started = Instant::now();
     let mut tokens_done = 0usize;
     for step in start_step..o.steps {
