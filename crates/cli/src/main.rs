@@ -2,12 +2,20 @@
 //! arguments and maps the outcome to an exit code (0 ok, 1 failure, 2 bad usage).
 
 mod cmd;
+mod config_file;
 mod load;
 
 use clap::Parser;
 
 fn main() {
-    let cli = match cmd::Cli::try_parse() {
+    let args = match config_file::expand(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let cli = match cmd::Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { 2 } else { 0 };

@@ -213,7 +213,9 @@ fn the_loss_goes_down() {
     let data = tmp.join("count.jsonl");
     let lines: Vec<String> = (0..2)
         .map(|i| {
-            let w: Vec<String> = (0..16).map(|j| format!("w{}", 3 + (i * 11 + j) % 120)).collect();
+            let w: Vec<String> = (0..16)
+                .map(|j| format!("w{}", 3 + (i * 11 + j) % 120))
+                .collect();
             serde_json::json!({"text": w.join(" ")}).to_string()
         })
         .collect();
@@ -250,7 +252,10 @@ fn the_loss_goes_down() {
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-    assert_eq!(first["step"], 0, "the eval loss before training comes first");
+    assert_eq!(
+        first["step"], 0,
+        "the eval loss before training comes first"
+    );
     let (e0, el) = (
         first["eval_loss"].as_f64().unwrap(),
         last["eval_loss"].as_f64().unwrap(),
@@ -290,4 +295,50 @@ fn malformed_data_names_file_and_line() {
         &["--template", "w4 {question} w4"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn config_file_with_flags_overriding_it() {
+    let base = tiny_with_tokenizer("train-config");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    let cfg = tmp.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "# a run\nmodel = \"{}\"\ndata = \"{}\"\nrank = 6\nalpha = 12\ntargets = [\"q_proj\", \"o_proj\"]\nsteps = 2\nrslora = true\n",
+            base.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.join("run");
+    let o = qlora(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rank",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("final/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c["r"], 3, "the flag overrides the file");
+    assert_eq!(c["lora_alpha"], 12.0);
+    assert_eq!(c["use_rslora"], true);
+    assert_eq!(c["target_modules"], serde_json::json!(["q_proj", "o_proj"]));
+    std::fs::write(&cfg, "rank = three\n").unwrap();
+    let o = qlora(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("run.toml:1:"), "{}", stderr(&o));
 }

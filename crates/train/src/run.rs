@@ -342,6 +342,7 @@ pub fn train(
     }
     let started = Instant::now();
     let mut tokens_done = 0usize;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     for step in start_step..o.steps {
         let t0 = Instant::now();
         let batch: Vec<&Example> = (0..per_step)
@@ -391,12 +392,27 @@ pub fn train(
             .map_err(|e| e.to_string())?;
         let elapsed = started.elapsed().as_secs_f64();
         let eta = elapsed / (done - start_step) as f64 * (o.steps - done) as f64;
-        eprintln!(
+        let status = format!(
             "step {done}/{} loss {loss:.4}{} lr {lr:.2e} grad_norm {grad_norm:.3} {tps:.0} tok/s ETA {:.0}s",
             o.steps,
             line.get("eval_loss").map(|v| format!(" eval_loss {:.4}", v.as_f64().unwrap_or(0.0))).unwrap_or_default(),
             eta
         );
+        if terminal {
+            // A bar redrawn in place; eval results stay on their own lines.
+            let width = 24;
+            let filled = width * done / o.steps;
+            eprint!(
+                "\r[{}{}] {status}\x1b[K",
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            if line.get("eval_loss").is_some() || done == o.steps {
+                eprintln!();
+            }
+        } else {
+            eprintln!("{status}");
+        }
         if o.save_every.is_some_and(|e| done % e == 0) || done == o.steps {
             write_checkpoint(
                 &out.join(format!("checkpoint-{done}")),

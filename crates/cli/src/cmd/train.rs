@@ -19,9 +19,13 @@ enum Sched {
 /// Fine-tune LoRA adapters on a frozen base and write PEFT checkpoints.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Data: JSONL lines {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\":[{\"role\",\"content\"}]}, or any fields with --template.\n\nExample:\n  qlora train --model ./SmolLM2-135M-Instruct --quantize nf4 --double-quant --data train.jsonl \\\n      --eval-data eval.jsonl --out runs/notes --rank 16 --alpha 32 --targets all-linear --steps 200"
+    args_override_self = true,
+    after_help = "Config: --config FILE.toml holds the same options as `key = value` lines (rank = 16, targets = [\"q_proj\", \"v_proj\"], double_quant = true, …); flags given on the command line override it.\n\nData: JSONL lines {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\":[{\"role\",\"content\"}]}, or any fields with --template.\n\nExample:\n  qlora train --model ./SmolLM2-135M-Instruct --quantize nf4 --double-quant --data train.jsonl \\\n      --eval-data eval.jsonl --out runs/notes --rank 16 --alpha 32 --targets all-linear --steps 200"
 )]
 pub struct Args {
+    /// A flat TOML file with any of these options (`key = value`); flags override it.
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
     /// Hugging Face model directory or .gguf file (the frozen base).
     #[arg(long)]
     model: PathBuf,
