@@ -205,9 +205,68 @@ struct Ctx<'a> {
     t: usize,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Token ranges of the packed sequences; attention never crosses them.
+    segments: Vec<std::ops::Range<usize>>,
 }
 
 impl Ctx<'_> {
+    /// Causal attention within each packed sequence.
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let cfg = &self.model.config;
+        let (heads, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let mut out = vec![0f32; self.t * heads * hd];
+        for r in &self.segments {
+            let (qa, ka) = (heads * hd, kv * hd);
+            ops::attention(
+                &q[r.start * qa..r.end * qa],
+                &k[r.start * ka..r.end * ka],
+                &v[r.start * ka..r.end * ka],
+                r.len(),
+                0,
+                heads,
+                kv,
+                hd,
+                cfg.attention_window(),
+                &mut out[r.start * qa..r.end * qa],
+            );
+        }
+        out
+    }
+
+    fn attention_backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dout: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let cfg = &self.model.config;
+        let (heads, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let (qa, ka) = (heads * hd, kv * hd);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        for r in &self.segments {
+            let (a, b, c) = bw::attention_backward(
+                &q[r.start * qa..r.end * qa],
+                &k[r.start * ka..r.end * ka],
+                &v[r.start * ka..r.end * ka],
+                &dout[r.start * qa..r.end * qa],
+                r.len(),
+                heads,
+                kv,
+                hd,
+                cfg.attention_window(),
+            );
+            dq[r.start * qa..r.end * qa].copy_from_slice(&a);
+            dk[r.start * ka..r.end * ka].copy_from_slice(&b);
+            dv[r.start * ka..r.end * ka].copy_from_slice(&c);
+        }
+        (dq, dk, dv)
+    }
+
     fn layer(&self, l: &Layer, x: &[f32]) -> (Vec<f32>, Saved) {
         let cfg = &self.model.config;
         let (heads, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
@@ -220,19 +279,7 @@ impl Ctx<'_> {
         let v = proj_forward(&l.v_proj, self.ad, self.noise, &h1, t);
         ops::rope(&mut q, heads, hd, &self.cos, &self.sin);
         ops::rope(&mut k, kv, hd, &self.cos, &self.sin);
-        let mut attn = vec![0f32; t * heads * hd];
-        ops::attention(
-            &q,
-            &k,
-            &v,
-            t,
-            0,
-            heads,
-            kv,
-            hd,
-            cfg.attention_window(),
-            &mut attn,
-        );
+        let attn = self.attention(&q, &k, &v);
         let o = proj_forward(&l.o_proj, self.ad, self.noise, &attn, t);
         let mut x2 = x.to_vec();
         ops::add_in_place(&mut x2, &o);
@@ -280,17 +327,7 @@ impl Ctx<'_> {
             &bw::rms_norm_backward(&s.x2, &l.post_attention_layernorm, eps, &dh2),
         );
         let dattn = proj_backward(&l.o_proj, ad, nz, &s.attn, t, &dx2, g);
-        let (mut dq, mut dk, dv) = bw::attention_backward(
-            &s.q,
-            &s.k,
-            &s.v,
-            &dattn,
-            t,
-            heads,
-            kv,
-            hd,
-            cfg.attention_window(),
-        );
+        let (mut dq, mut dk, dv) = self.attention_backward(&s.q, &s.k, &s.v, &dattn);
         bw::rope_backward(&mut dq, heads, hd, &self.cos, &self.sin);
         bw::rope_backward(&mut dk, kv, hd, &self.cos, &self.sin);
         let mut dh1 = proj_backward(&l.q_proj, ad, nz, &s.h1, t, &dq, g);
@@ -323,13 +360,40 @@ pub fn sequence_loss(
     norm: f32,
     grads: Option<&mut Grads>,
 ) -> (f64, usize) {
+    packed_loss(model, ad, noise, &[(ids, labels)], norm, grads)
+}
+
+/// `sequence_loss` of several sequences packed into one pass: the projections run once over
+/// all their tokens (one widening of each weight for the whole micro-batch), attention and RoPE
+/// positions stay within each sequence, so the result is that of running them one by one.
+pub fn packed_loss(
+    model: &Model,
+    ad: &Adapters,
+    noise: Option<Noise>,
+    seqs: &[(&[u32], &[Option<u32>])],
+    norm: f32,
+    grads: Option<&mut Grads>,
+) -> (f64, usize) {
+    let ids: Vec<u32> = seqs.iter().flat_map(|(i, _)| i.iter().copied()).collect();
+    let labels: Vec<Option<u32>> = seqs.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+    let (ids, labels) = (&ids[..], &labels[..]);
     let t = ids.len();
     let cfg = &model.config;
     let d = cfg.hidden_size;
     let table = RopeTable {
         inv_freq: model.inv_freq.clone(),
     };
-    let (cos, sin) = table.cos_sin(0..t);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    let mut segments = Vec::new();
+    for (s, _) in seqs {
+        let (c, si) = table.cos_sin(0..s.len());
+        cos.extend(c);
+        sin.extend(si);
+        let start = segments
+            .last()
+            .map_or(0, |r: &std::ops::Range<usize>| r.end);
+        segments.push(start..start + s.len());
+    }
     let ctx = Ctx {
         model,
         ad,
@@ -337,6 +401,7 @@ pub fn sequence_loss(
         t,
         cos,
         sin,
+        segments,
     };
     let mut x = vec![0f32; t * d];
     ops::embedding(ids, &model.embed_tokens, &mut x);

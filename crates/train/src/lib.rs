@@ -6,7 +6,7 @@ pub mod grad;
 pub mod optim;
 pub mod run;
 
-pub use grad::{sequence_loss, Adapters, Grads, LoraParam, Noise};
+pub use grad::{packed_loss, sequence_loss, Adapters, Grads, LoraParam, Noise};
 pub use optim::{AdamW, Schedule};
 
 /// Trainable adapters from a PEFT adapter planned against a model (`--init-adapter`, resume):

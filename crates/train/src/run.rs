@@ -3,7 +3,7 @@
 //! and `loss.svg`. Every directory and file is written under a temporary name and renamed.
 
 use crate::data::Example;
-use crate::grad::{sequence_loss, Adapters, LoraParam, Noise};
+use crate::grad::{packed_loss, sequence_loss, Adapters, LoraParam, Noise};
 use crate::optim::{clip_grad_norm, AdamW, Schedule};
 use qlora_io::{write_safetensors, ElementType, WriteTensor};
 use qlora_lora::{BaseQuantization, Provenance};
@@ -351,20 +351,14 @@ pub fn train(
         let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
         let mut g = ad.zero_grads();
         let mut total = 0.0;
-        for (k, e) in batch.iter().enumerate() {
+        // Each micro-batch of `batch_size` sequences is packed into one pass.
+        for (k, micro) in batch.chunks(o.batch_size).enumerate() {
             let noise = Noise {
                 seed: o.seed ^ ((step as u64) << 20) ^ k as u64,
             };
-            total += sequence_loss(
-                model,
-                ad,
-                Some(noise),
-                &e.ids,
-                &e.labels,
-                n_tok as f32,
-                Some(&mut g),
-            )
-            .0;
+            let seqs: Vec<(&[u32], &[Option<u32>])> =
+                micro.iter().map(|e| (&e.ids[..], &e.labels[..])).collect();
+            total += packed_loss(model, ad, Some(noise), &seqs, n_tok as f32, Some(&mut g)).0;
         }
         let loss = total / n_tok as f64;
         let grad_norm = clip_grad_norm(&mut g, o.max_grad_norm);
