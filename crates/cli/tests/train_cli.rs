@@ -342,3 +342,40 @@ fn config_file_with_flags_overriding_it() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("run.toml:1:"), "{}", stderr(&o));
 }
+
+#[test]
+fn the_demo_dataset_is_what_its_generator_writes() {
+    // demo/*.jsonl are committed; the generator must reproduce them byte for byte.
+    let out = temp_dir("demo-data");
+    let st = std::process::Command::new("python3")
+        .arg(repo_root().join("tools/make-demo-data.py"))
+        .arg(&out)
+        .status()
+        .expect("python3 (the README's prerequisite) runs the generator");
+    assert!(st.success());
+    for f in ["train.jsonl", "eval.jsonl", "heldout.jsonl"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(repo_root().join("demo").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    // Held-out names never occur in training.
+    let train = std::fs::read_to_string(out.join("train.jsonl")).unwrap();
+    for line in std::fs::read_to_string(out.join("heldout.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let name = v["expected"]
+            .as_str()
+            .unwrap()
+            .split("name[")
+            .nth(1)
+            .unwrap()
+            .split(']')
+            .next()
+            .unwrap();
+        assert!(!train.contains(name), "{name} leaks into training");
+    }
+}
