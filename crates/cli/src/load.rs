@@ -8,14 +8,14 @@ use qlora_quant::Quant4;
 use std::path::Path;
 use std::path::PathBuf;
 
-/// `--quantize nf4|fp4 [--double-quant]`: quantize the decoder's linear layers at load, as
-/// transformers' `BitsAndBytesConfig(load_in_4bit=True, ...)` does.
+/// `--quantize nf4|fp4|none [--double-quant]`: quantize the decoder's linear layers at load,
+/// as transformers' `BitsAndBytesConfig(load_in_4bit=True, ...)` does (`none`: as stored).
 #[derive(clap::Args, Clone, Copy, Debug, Default)]
 pub struct QuantizeArgs {
     /// Quantize the decoder's linear layers to 4-bit at load (embeddings, norms and lm_head
-    /// stay as stored), bit-exact with bitsandbytes.
+    /// stay as stored), bit-exact with bitsandbytes; `none` (the default) loads as stored.
     #[arg(long, value_enum)]
-    quantize: Option<QuantType>,
+    quantize: Option<LoadQuant>,
     /// Double-quantize the absmax (bnb_4bit_use_double_quant).
     #[arg(long, requires = "quantize")]
     double_quant: bool,
@@ -36,10 +36,23 @@ impl QuantType {
     }
 }
 
+/// The values of `--quantize`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum LoadQuant {
+    Nf4,
+    Fp4,
+    None,
+}
+
 impl QuantizeArgs {
     pub fn spec(&self) -> Option<QuantizeSpec> {
-        self.quantize.map(|q| QuantizeSpec {
-            quant: q.quant(),
+        let quant = match self.quantize? {
+            LoadQuant::Nf4 => Quant4::Nf4,
+            LoadQuant::Fp4 => Quant4::Fp4,
+            LoadQuant::None => return None,
+        };
+        Some(QuantizeSpec {
+            quant,
             double_quant: self.double_quant,
             blocksize: 64,
         })
