@@ -15,7 +15,7 @@ DEMO := target/demo
 BASE := $(DEMO)/SmolLM2-135M-Instruct
 NF4 := $(DEMO)/SmolLM2-135M-Instruct-nf4
 RUN := $(DEMO)/run
-DEMO_STEPS ?= 30
+DEMO_STEPS ?= 40
 
 # The tutorial, done right: a real model, quantized to NF4, fine-tuned with LoRA on the demo
 # task (demo/, made by tools/make-demo-data.py), reloaded from a checkpoint in a fresh process.
