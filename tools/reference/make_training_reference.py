@@ -54,13 +54,15 @@ def batch_loss(model):
 def main():
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     torch.manual_seed(0)
-    for case, quant in [("dense", None), ("nf4-dq", "nf4-dq")]:
+    for case, quant, dora in [("dense", None, False), ("nf4-dq", "nf4-dq", False), ("dense-dora", None, True),
+                              ("nf4-dq-dora", "nf4-dq", True)]:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             base, _ = base_model("llama-64", quant, tmp)
-            model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS, r=HP["r"],
+            targets = [t for t in TARGETS if not (dora and t == "lm_head")]
+            model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, r=HP["r"],
                                                     lora_alpha=HP["lora_alpha"], lora_dropout=0.0,
-                                                    init_lora_weights=False))
+                                                    init_lora_weights=False, use_dora=dora))
             randomize(model, 77)
             d = os.path.join(ROOT, case)
             shutil.rmtree(d, ignore_errors=True)

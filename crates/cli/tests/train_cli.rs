@@ -379,3 +379,48 @@ fn the_demo_dataset_is_what_its_generator_writes() {
         assert!(!train.contains(name), "{name} leaks into training");
     }
 }
+
+#[test]
+fn dora_runs_write_peft_dora_adapters_that_resume_exactly() {
+    let base = tiny_with_tokenizer("train-dora");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    let (a, c) = (tmp.join("run-a"), tmp.join("run-c"));
+    let o = train(&base, &data, &a, &["--dora"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(a.join("final/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["use_dora"], true);
+    let o = qlora(&[
+        "inspect",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        a.join("final").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["adapters"][0]["type"], "DoRA");
+    assert!(v["adapters"][0]["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["dora"] == true));
+    std::fs::create_dir_all(&c).unwrap();
+    let ck = a.join("checkpoint-2");
+    let o = train(
+        &base,
+        &data,
+        &c,
+        &["--dora", "--resume", ck.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(a.join("final/adapter_model.safetensors")).unwrap(),
+        std::fs::read(c.join("final/adapter_model.safetensors")).unwrap(),
+        "resumed DoRA run differs"
+    );
+}

@@ -113,7 +113,9 @@ fn check_case(name: &str) {
             .iter()
             .position(|p| p.module == module)
             .unwrap_or_else(|| panic!("{key}"));
-        let got = if which.starts_with('A') {
+        let got = if which.starts_with("magnitude") {
+            &g.m[i]
+        } else if which.starts_with('A') {
             &g.a[i]
         } else {
             &g.b[i]
@@ -131,7 +133,8 @@ fn check_case(name: &str) {
         );
         checked += 1;
     }
-    assert_eq!(checked, 2 * ad.params.len());
+    let dora = ad.params.iter().filter(|p| p.magnitude.is_some()).count();
+    assert_eq!(checked, 2 * ad.params.len() + dora);
     eprintln!("{name}: worst gradient error relative to its tensor's largest element: {worst:e}");
     // 10 AdamW steps.
     let hp = &meta["hp"];
@@ -158,6 +161,12 @@ fn dense_base_matches_pytorch_peft() {
 #[test]
 fn nf4_base_matches_pytorch_peft() {
     check_case("nf4-dq");
+}
+
+#[test]
+fn dora_on_dense_and_nf4_bases_matches_pytorch_peft() {
+    check_case("dense-dora");
+    check_case("nf4-dq-dora");
 }
 
 #[test]

@@ -20,6 +20,8 @@ pub struct LoraParam {
     pub a: Vec<f32>,
     /// [d_out, rank]
     pub b: Vec<f32>,
+    /// DoRA magnitude [d_out], trainable; `None` for plain LoRA.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 /// The trainable adapters, by module name.
@@ -31,11 +33,12 @@ pub struct Adapters {
     pub dropout: f32,
 }
 
-/// Gradients parallel to `Adapters::params`.
+/// Gradients parallel to `Adapters::params` (`m` is empty for plain LoRA).
 #[derive(Debug, Clone)]
 pub struct Grads {
     pub a: Vec<Vec<f32>>,
     pub b: Vec<Vec<f32>>,
+    pub m: Vec<Vec<f32>>,
 }
 
 impl Adapters {
@@ -56,6 +59,11 @@ impl Adapters {
         Grads {
             a: self.params.iter().map(|p| vec![0f32; p.a.len()]).collect(),
             b: self.params.iter().map(|p| vec![0f32; p.b.len()]).collect(),
+            m: self
+                .params
+                .iter()
+                .map(|p| vec![0f32; p.magnitude.as_ref().map_or(0, |m| m.len())])
+                .collect(),
         }
     }
 
@@ -110,7 +118,53 @@ fn uniform(module_seed: u64, i: usize) -> f32 {
     (h >> 40) as f32 / (1u64 << 24) as f32
 }
 
-/// y = x·Wᵀ + b + Σ s·B(A dropout(x)).
+/// DoRA's row norms ‖W + s·B A‖ (the base dequantized), detached as in PEFT.
+pub fn dora_norms(p: &Projection, l: &LoraParam) -> Vec<f32> {
+    let w = p.base.to_f32();
+    let dw = qlora_model::delta_weight(&l.a, &l.b, l.rank, l.d_out, l.d_in, l.scaling);
+    (0..l.d_out)
+        .map(|o| {
+            let row = o * l.d_in..(o + 1) * l.d_in;
+            let sq: f64 = w[row.clone()]
+                .iter()
+                .zip(&dw[row])
+                .map(|(a, b)| ((a + b) as f64).powi(2))
+                .sum();
+            sq.sqrt() as f32
+        })
+        .collect()
+}
+
+/// The pieces of one adapted projection's forward: the base product (no bias) on x and on the
+/// dropped-out input, h = A·xd, and the LoRA output s·B h.
+struct ProjParts {
+    xd: Vec<f32>,
+    h: Vec<f32>,
+    lora: Vec<f32>,
+}
+
+fn parts(
+    ad: &Adapters,
+    noise: Option<Noise>,
+    p: &Projection,
+    l: &LoraParam,
+    x: &[f32],
+    t: usize,
+) -> ProjParts {
+    let xd = dropout_input(ad, noise, &p.name, x);
+    let h = matmul_t(&xd, t, &l.a, l.rank, l.d_in);
+    let mut lora = matmul_t(&h, t, &l.b, l.d_out, l.rank);
+    lora.iter_mut().for_each(|v| *v *= l.scaling);
+    ProjParts { xd, h, lora }
+}
+
+fn dropout_active(ad: &Adapters, noise: Option<Noise>) -> bool {
+    noise.is_some() && ad.dropout > 0.0
+}
+
+/// LoRA: y = x·Wᵀ + b + s·B(A xd). DoRA (PEFT's training forward, norm n detached, f = m / n):
+/// without dropout y = f ⊙ (x·Wᵀ) + b + f ⊙ s·B(A x); with dropout
+/// y = x·Wᵀ + b + (f − 1) ⊙ (xd·Wᵀ) + f ⊙ s·B(A xd).
 fn proj_forward(
     p: &Projection,
     ad: &Adapters,
@@ -120,10 +174,35 @@ fn proj_forward(
 ) -> Vec<f32> {
     let mut y = p.forward(x, t);
     if let Some((_, l)) = ad.get(&p.name) {
-        let xd = dropout_input(ad, noise, &p.name, x);
-        let h = matmul_t(&xd, t, &l.a, l.rank, l.d_in);
-        let d = matmul_t(&h, t, &l.b, l.d_out, l.rank);
-        y.iter_mut().zip(&d).for_each(|(a, b)| *a += l.scaling * b);
+        let pp = parts(ad, noise, p, l, x, t);
+        match &l.magnitude {
+            None => y.iter_mut().zip(&pp.lora).for_each(|(a, b)| *a += b),
+            Some(m) => {
+                let n = dora_norms(p, l);
+                let f: Vec<f32> = m.iter().zip(&n).map(|(m, n)| m / n).collect();
+                let base_d = if dropout_active(ad, noise) {
+                    let mut b = vec![0f32; t * l.d_out];
+                    ops::linear(&pp.xd, t, &p.base, &mut b);
+                    b
+                } else {
+                    // y - bias = x·Wᵀ
+                    let mut b = y.clone();
+                    if let Some(bias) = &p.bias {
+                        b.chunks_mut(l.d_out)
+                            .for_each(|r| r.iter_mut().zip(bias).for_each(|(v, c)| *v -= c));
+                    }
+                    b
+                };
+                for (row, (bd, lr)) in y
+                    .chunks_mut(l.d_out)
+                    .zip(base_d.chunks(l.d_out).zip(pp.lora.chunks(l.d_out)))
+                {
+                    for o in 0..l.d_out {
+                        row[o] += (f[o] - 1.0) * bd[o] + f[o] * lr[o];
+                    }
+                }
+            }
+        }
     }
     y
 }
@@ -135,7 +214,7 @@ fn matmul_t(x: &[f32], t: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     y
 }
 
-/// Backward of `proj_forward`: returns dx; accumulates the adapter's dA, dB.
+/// Backward of `proj_forward`: returns dx; accumulates the adapter's dA, dB (and DoRA's dm).
 fn proj_backward(
     p: &Projection,
     ad: &Adapters,
@@ -145,41 +224,82 @@ fn proj_backward(
     dy: &[f32],
     g: &mut Grads,
 ) -> Vec<f32> {
-    let mut dx = bw::linear_backward_input(dy, t, &p.base);
-    if let Some((i, l)) = ad.get(&p.name) {
-        let xd = dropout_input(ad, noise, &p.name, x);
-        let h = matmul_t(&xd, t, &l.a, l.rank, l.d_in); // [t, r]
-                                                        // dB = s · dyᵀ h ; dh = s · dy B ; dA = dhᵀ xd ; dxd = dh A
-        let db = bw::matmul_at_b(dy, &h, t, l.d_out, l.rank);
-        g.b[i]
-            .iter_mut()
-            .zip(&db)
-            .for_each(|(a, b)| *a += l.scaling * b);
-        let mut dh = bw::linear_backward_input(
-            dy,
-            t,
-            &qlora_engine::Weight::from_f32(l.d_out, l.rank, &l.b),
-        );
-        dh.iter_mut().for_each(|v| *v *= l.scaling);
-        let da = bw::matmul_at_b(&dh, &xd, t, l.rank, l.d_in);
-        g.a[i].iter_mut().zip(&da).for_each(|(a, b)| *a += b);
-        let dxd = bw::linear_backward_input(
-            &dh,
-            t,
-            &qlora_engine::Weight::from_f32(l.rank, l.d_in, &l.a),
-        );
-        match noise {
-            Some(n) if ad.dropout > 0.0 => {
-                let scale = 1.0 / (1.0 - ad.dropout);
-                let ms = module_seed(n.seed, &p.name);
-                for (j, (o, v)) in dx.iter_mut().zip(&dxd).enumerate() {
-                    if uniform(ms, j) >= ad.dropout {
-                        *o += v * scale;
-                    }
+    let Some((i, l)) = ad.get(&p.name) else {
+        return bw::linear_backward_input(dy, t, &p.base);
+    };
+    let pp = parts(ad, noise, p, l, x, t);
+    let drop = dropout_active(ad, noise);
+    // The gradient reaching the LoRA branch, and the base's own input gradient.
+    let (dy_lora, mut dx, dxd_base) = match &l.magnitude {
+        None => (dy.to_vec(), bw::linear_backward_input(dy, t, &p.base), None),
+        Some(m) => {
+            let n = dora_norms(p, l);
+            let f: Vec<f32> = m.iter().zip(&n).map(|(m, n)| m / n).collect();
+            let scaled: Vec<f32> = dy
+                .chunks(l.d_out)
+                .flat_map(|r| r.iter().zip(&f).map(|(d, f)| d * f))
+                .collect();
+            // dm = Σ_t dy ⊙ (xd·Wᵀ + s·B A xd) / n
+            let mut base_d = vec![0f32; t * l.d_out];
+            ops::linear(&pp.xd, t, &p.base, &mut base_d);
+            for (o, gm) in g.m[i].iter_mut().enumerate() {
+                let mut acc = 0f64;
+                for tt in 0..t {
+                    let k = tt * l.d_out + o;
+                    acc += dy[k] as f64 * (base_d[k] + pp.lora[k]) as f64;
+                }
+                *gm += (acc / n[o] as f64) as f32;
+            }
+            if drop {
+                // x·Wᵀ passes dy; xd·Wᵀ passes (f − 1) ⊙ dy through the dropout.
+                let fm1: Vec<f32> = dy
+                    .chunks(l.d_out)
+                    .flat_map(|r| r.iter().zip(&f).map(|(d, f)| d * (f - 1.0)))
+                    .collect();
+                (
+                    scaled,
+                    bw::linear_backward_input(dy, t, &p.base),
+                    Some(bw::linear_backward_input(&fm1, t, &p.base)),
+                )
+            } else {
+                let dx = bw::linear_backward_input(&scaled, t, &p.base);
+                (scaled, dx, None)
+            }
+        }
+    };
+    // dB = s · dy'ᵀ h ; dh = s · dy' B ; dA = dhᵀ xd ; dxd = dh A
+    let db = bw::matmul_at_b(&dy_lora, &pp.h, t, l.d_out, l.rank);
+    g.b[i]
+        .iter_mut()
+        .zip(&db)
+        .for_each(|(a, b)| *a += l.scaling * b);
+    let mut dh = bw::linear_backward_input(
+        &dy_lora,
+        t,
+        &qlora_engine::Weight::from_f32(l.d_out, l.rank, &l.b),
+    );
+    dh.iter_mut().for_each(|v| *v *= l.scaling);
+    let da = bw::matmul_at_b(&dh, &pp.xd, t, l.rank, l.d_in);
+    g.a[i].iter_mut().zip(&da).for_each(|(a, b)| *a += b);
+    let mut dxd = bw::linear_backward_input(
+        &dh,
+        t,
+        &qlora_engine::Weight::from_f32(l.rank, l.d_in, &l.a),
+    );
+    if let Some(extra) = dxd_base {
+        dxd.iter_mut().zip(&extra).for_each(|(a, b)| *a += b);
+    }
+    match noise {
+        Some(n) if drop => {
+            let scale = 1.0 / (1.0 - ad.dropout);
+            let ms = module_seed(n.seed, &p.name);
+            for (j, (o, v)) in dx.iter_mut().zip(&dxd).enumerate() {
+                if uniform(ms, j) >= ad.dropout {
+                    *o += v * scale;
                 }
             }
-            _ => dx.iter_mut().zip(&dxd).for_each(|(a, b)| *a += b),
         }
+        _ => dx.iter_mut().zip(&dxd).for_each(|(a, b)| *a += b),
     }
     dx
 }

@@ -10,19 +10,13 @@ pub use grad::{packed_loss, sequence_loss, Adapters, Grads, LoraParam, Noise};
 pub use optim::{AdamW, Schedule};
 
 /// Trainable adapters from a PEFT adapter planned against a model (`--init-adapter`, resume):
-/// every linear delta becomes a `LoraParam`. DoRA and embedding adapters are not trainable yet.
+/// every linear delta (LoRA or DoRA) becomes a `LoraParam`. Embedding adapters are not trainable yet.
 pub fn adapters_from_plan(plan: &qlora_lora::Plan, dropout: f32) -> Result<Adapters, String> {
     if !plan.embedding.is_empty() {
         return Err("training embedding adapters is not supported yet".into());
     }
     let mut params = Vec::new();
     for d in &plan.linear {
-        if d.magnitude.is_some() {
-            return Err(format!(
-                "\"{}\" is a DoRA adapter; training DoRA is not supported yet",
-                d.module
-            ));
-        }
         if d.b_bias.is_some() {
             return Err(format!(
                 "\"{}\" has lora_bias; training it is not supported yet",
@@ -39,6 +33,7 @@ pub fn adapters_from_plan(plan: &qlora_lora::Plan, dropout: f32) -> Result<Adapt
             scaling: d.scaling,
             a: d.a.clone(),
             b: d.b.clone(),
+            magnitude: d.magnitude.clone(),
         });
     }
     Ok(Adapters::new(params, dropout))

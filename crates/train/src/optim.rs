@@ -61,10 +61,14 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let (b1, b2, eps, wd) = (self.beta1, self.beta2, self.eps, self.weight_decay);
         for (i, p) in ad.params.iter_mut().enumerate() {
-            for (param, grad, m, v) in [
+            let mut tensors = vec![
                 (&mut p.a, &g.a[i], &mut self.m.a[i], &mut self.v.a[i]),
                 (&mut p.b, &g.b[i], &mut self.m.b[i], &mut self.v.b[i]),
-            ] {
+            ];
+            if let Some(mag) = p.magnitude.as_mut() {
+                tensors.push((mag, &g.m[i], &mut self.m.m[i], &mut self.v.m[i]));
+            }
+            for (param, grad, m, v) in tensors {
                 for j in 0..param.len() {
                     param[j] *= 1.0 - lr * wd;
                     m[j] += (grad[j] - m[j]) * (1.0 - b1);
@@ -92,6 +96,7 @@ pub fn clip_grad_norm(g: &mut Grads, max_norm: Option<f32>) -> f32 {
         if coef < 1.0 {
             g.a.iter_mut()
                 .chain(g.b.iter_mut())
+                .chain(g.m.iter_mut())
                 .flat_map(|v| v.iter_mut())
                 .for_each(|x| *x *= coef);
         }

@@ -20,6 +20,8 @@ pub struct TrainOptions {
     pub alpha: f32,
     pub dropout: f32,
     pub rslora: bool,
+    /// DoRA: a trainable magnitude per output row, initialized to ‖W‖ (PEFT's init with B = 0).
+    pub dora: bool,
     pub lr: f32,
     pub schedule: Schedule,
     pub warmup_steps: usize,
@@ -80,6 +82,17 @@ pub fn init_adapters(model: &Model, modules: &[String], o: &TrainOptions) -> Ada
         } else {
             o.alpha / r as f32
         };
+        let magnitude = o.dora.then(|| {
+            let w = p.base.to_f32();
+            w.chunks(d_in)
+                .map(|row| {
+                    row.iter()
+                        .map(|v| (*v as f64) * (*v as f64))
+                        .sum::<f64>()
+                        .sqrt() as f32
+                })
+                .collect()
+        });
         params.push(LoraParam {
             module: p.name.clone(),
             rank: r,
@@ -88,6 +101,7 @@ pub fn init_adapters(model: &Model, modules: &[String], o: &TrainOptions) -> Ada
             scaling,
             a,
             b: vec![0f32; d_out * r],
+            magnitude,
         });
     }
     Adapters::new(params, o.dropout)
@@ -151,6 +165,14 @@ pub fn write_adapter(
             shape: vec![p.d_out, p.rank],
             data: f32_bytes(&p.b).into(),
         });
+        if let Some(m) = &p.magnitude {
+            tensors.push(WriteTensor {
+                name: format!("base_model.model.{}.lora_magnitude_vector", p.module),
+                dtype: ElementType::F32,
+                shape: vec![p.d_out],
+                data: f32_bytes(m).into(),
+            });
+        }
     }
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, &meta)
         .map_err(|e| e.to_string())?;
@@ -163,6 +185,9 @@ pub fn write_adapter(
     });
     if o.rslora {
         cfg["use_rslora"] = json!(true);
+    }
+    if ad.params.iter().any(|p| p.magnitude.is_some()) {
+        cfg["use_dora"] = json!(true);
     }
     std::fs::write(
         dir.join("adapter_config.json"),
@@ -191,10 +216,14 @@ fn write_checkpoint(
         write_adapter(d, ad, o, model)?;
         let mut t = Vec::new();
         for (i, p) in ad.params.iter().enumerate() {
-            for (kind, m, v, shape) in [
+            let mut parts = vec![
                 ("A", &opt.m.a[i], &opt.v.a[i], vec![p.rank, p.d_in]),
                 ("B", &opt.m.b[i], &opt.v.b[i], vec![p.d_out, p.rank]),
-            ] {
+            ];
+            if p.magnitude.is_some() {
+                parts.push(("magnitude_vector", &opt.m.m[i], &opt.v.m[i], vec![p.d_out]));
+            }
+            for (kind, m, v, shape) in parts {
                 t.push(WriteTensor {
                     name: format!("exp_avg.{}.lora_{kind}", p.module),
                     dtype: ElementType::F32,
@@ -238,6 +267,10 @@ pub fn read_optimizer(dir: &Path, ad: &Adapters, opt: &mut AdamW) -> Result<usiz
         opt.v.a[i] = get(&format!("exp_avg_sq.{}.lora_A", p.module))?;
         opt.m.b[i] = get(&format!("exp_avg.{}.lora_B", p.module))?;
         opt.v.b[i] = get(&format!("exp_avg_sq.{}.lora_B", p.module))?;
+        if p.magnitude.is_some() {
+            opt.m.m[i] = get(&format!("exp_avg.{}.lora_magnitude_vector", p.module))?;
+            opt.v.m[i] = get(&format!("exp_avg_sq.{}.lora_magnitude_vector", p.module))?;
+        }
     }
     opt.step = f
         .metadata

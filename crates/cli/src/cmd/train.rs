@@ -53,7 +53,7 @@ pub struct Args {
     /// Scale by alpha/√r (rsLoRA) instead of alpha/r.
     #[arg(long)]
     rslora: bool,
-    /// DoRA adapters (not supported for training yet; refused).
+    /// DoRA: also train a magnitude per output row (PEFT's use_dora).
     #[arg(long)]
     dora: bool,
     #[arg(long, default_value_t = 2e-4)]
@@ -98,9 +98,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.dora {
-        bail!("--dora: training DoRA adapters is not supported yet (applying DoRA adapters is)");
-    }
     if a.rank == 0 || a.batch_size == 0 || a.grad_accum == 0 || a.max_len < 2 {
         bail!("--rank, --batch-size and --grad-accum must be positive and --max-len at least 2");
     }
@@ -181,6 +178,7 @@ pub fn run(a: Args) -> Result<()> {
         alpha: a.alpha,
         dropout: a.dropout,
         rslora: a.rslora,
+        dora: a.dora,
         lr: a.lr,
         schedule: match a.schedule {
             Sched::Constant => Schedule::Constant,
