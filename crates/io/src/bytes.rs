@@ -31,6 +31,30 @@ impl Bytes {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Tells the kernel these bytes will not be read again soon: a mapped range's whole pages
+    /// are dropped from this process's resident set (they are re-read from the file if touched
+    /// again). Owned buffers are unaffected.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        if let Bytes::Mapped { map, range } = self {
+            const PAGE: usize = 4096;
+            let start = range.start.div_ceil(PAGE) * PAGE;
+            let end = range.end / PAGE * PAGE;
+            if end > start {
+                // SAFETY: a read-only shared file mapping; MADV_DONTNEED only drops clean pages,
+                // which later reads fault back in from the file. No reference into the dropped
+                // pages is used after this call by the loader (other references re-fault).
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Bytes {

@@ -267,24 +267,28 @@ impl Loader<'_> {
                 ));
             }
         }
-        let w = self.weight(&wname, rows, cols)?;
-        match self.opts.quantize {
-            None => Ok(w),
-            Some(spec) => {
-                let q = quantize_tensor(&w.to_f32(), spec);
-                let absmax = q.effective_absmax();
-                Weight::bnb4(
-                    spec.quant,
-                    spec.quant.code(),
-                    spec.blocksize,
-                    rows,
-                    cols,
-                    Arc::new(q.packed),
-                    absmax,
-                )
-                .map_err(|r| self.err(&wname, r))
-            }
-        }
+        let Some(spec) = self.opts.quantize else {
+            return self.weight(&wname, rows, cols);
+        };
+        let t = self.take(&wname, &[rows, cols])?;
+        let source = t.data.clone();
+        let w = self.widenable(&wname, t, rows, cols)?;
+        let q = quantize_tensor(&w.to_f32(), spec);
+        drop(w);
+        // The dense source is no longer needed: let the kernel drop its pages, so that resident
+        // memory is the packed model, not packed + source.
+        source.release();
+        let absmax = q.effective_absmax();
+        Weight::bnb4(
+            spec.quant,
+            spec.quant.code(),
+            spec.blocksize,
+            rows,
+            cols,
+            Arc::new(q.packed),
+            absmax,
+        )
+        .map_err(|r| self.err(&wname, r))
     }
 
     fn projection(
