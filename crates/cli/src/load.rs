@@ -1,7 +1,7 @@
 //! Opening `--model PATH` (an HF directory or a .gguf file) into a model and its tokenizer.
 
 use anyhow::{bail, Context, Result};
-use qlora_io::{ModelSource, TokenizerInfo};
+use qlora_io::{ModelConfig, ModelSource, TokenizerInfo};
 use qlora_lora::{open_adapters, Adapter, ModelShapes, Plan};
 use qlora_model::{LoadOptions, Model, QuantizeSpec};
 use qlora_quant::Quant4;
@@ -82,10 +82,14 @@ pub fn load(path: &Path, quantize: QuantizeArgs) -> Result<Loaded> {
     load_with_adapters(path, quantize, &AdapterArgs::default())
 }
 
-/// Opens and checks every adapter against the base's config; the problems of all of them in one
-/// message.
-pub fn plan_adapters(src: &ModelSource, args: &AdapterArgs) -> Result<Vec<(Adapter, Plan)>> {
-    let shapes = ModelShapes::from_config(&src.config);
+/// Opens and checks every adapter against the base's config (`base` names it in messages);
+/// the problems of an adapter in one message. Warnings go to stderr.
+pub fn plan_adapters(
+    config: &ModelConfig,
+    base: &Path,
+    args: &AdapterArgs,
+) -> Result<Vec<(Adapter, Plan)>> {
+    let shapes = ModelShapes::from_config(config);
     let mut out = Vec::new();
     for dir in &args.adapters {
         for a in open_adapters(dir)? {
@@ -99,13 +103,31 @@ pub fn plan_adapters(src: &ModelSource, args: &AdapterArgs) -> Result<Vec<(Adapt
                 Err(problems) => bail!(
                     "adapter {} does not fit {}:\n{}",
                     a.dir.display(),
-                    src.path.display(),
+                    base.display(),
                     qlora_lora::format_problems(&problems, 12)
                 ),
             }
         }
     }
     Ok(out)
+}
+
+/// Puts the adapters' replacement tensors (`base_layer.weight`, `modules_to_save` copies) in
+/// place of the base's before it loads, so they get the base's checks.
+pub fn apply_replacements(src: &mut ModelSource, planned: &[(Adapter, Plan)]) -> Result<()> {
+    for (a, plan) in planned {
+        for r in &plan.replacements {
+            if src.config.tie_word_embeddings && r.name == "lm_head.weight" {
+                bail!(
+                    "adapter {} replaces lm_head, but {} ties lm_head to embed_tokens; untied heads on tied bases are not supported",
+                    a.dir.display(),
+                    src.path.display()
+                );
+            }
+            src.tensors.insert(r.clone(), &a.weights_path);
+        }
+    }
+    Ok(())
 }
 
 pub fn load_with_adapters(
@@ -115,19 +137,8 @@ pub fn load_with_adapters(
 ) -> Result<Loaded> {
     let mut src = ModelSource::open(path)?;
     let tokenizer = src.tokenizer.take();
-    let planned = plan_adapters(&src, adapters)?;
-    for (a, plan) in &planned {
-        for r in &plan.replacements {
-            if src.config.tie_word_embeddings && r.name == "lm_head.weight" {
-                bail!(
-                    "adapter {} replaces lm_head, but {} ties lm_head to embed_tokens; untied heads on tied bases are not supported",
-                    a.dir.display(),
-                    path.display()
-                );
-            }
-            src.tensors.insert(r.clone(), &a.weights_path);
-        }
-    }
+    let planned = plan_adapters(&src.config, &src.path, adapters)?;
+    apply_replacements(&mut src, &planned)?;
     let opts = LoadOptions {
         quantize: quantize.spec(),
     };

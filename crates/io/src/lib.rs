@@ -8,6 +8,7 @@ mod config;
 mod error;
 mod gguf;
 mod model_dir;
+mod partial_dir;
 mod safetensors_file;
 mod tokenizer;
 
@@ -17,6 +18,7 @@ pub use config::{ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufValue};
 pub use model_dir::{ModelSource, TensorStore};
+pub use partial_dir::PartialDir;
 pub use safetensors_file::{
     write_safetensors, SafetensorsFile, StreamingWriter, TensorSpec, WriteTensor,
 };

@@ -267,11 +267,6 @@ fn lora_part(name: &str) -> Option<(&str, &'static str)> {
     })
 }
 
-/// Widens a float tensor to f32.
-pub fn to_f32(t: &RawTensor) -> Result<Vec<f32>, String> {
-    t.to_f32()
-}
-
 impl Adapter {
     /// Matches every tensor to the model, checks every shape, and computes each module's
     /// scaling. Errors list every problem found, one sentence each.
@@ -326,7 +321,7 @@ impl Adapter {
                 }
             }
         }
-        let f32s = |t: &RawTensor, problems: &mut Vec<String>| match to_f32(t) {
+        let f32s = |t: &RawTensor, problems: &mut Vec<String>| match t.to_f32() {
             Ok(v) => Some(v),
             Err(e) => {
                 problems.push(e);

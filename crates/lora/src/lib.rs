@@ -10,8 +10,8 @@ pub mod pickle;
 pub mod provenance;
 
 pub use adapter::{
-    format_problems, open_adapters, to_f32, Adapter, EmbeddingDelta, LinearDelta, LoraError,
-    ModelShapes, Plan,
+    format_problems, open_adapters, Adapter, EmbeddingDelta, LinearDelta, LoraError, ModelShapes,
+    Plan,
 };
 pub use config::{AdapterConfig, Targets};
 pub use provenance::{BaseQuantization, Fingerprint, Provenance};

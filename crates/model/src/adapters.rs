@@ -94,22 +94,30 @@ pub fn delta_weight(a: &[f32], b: &[f32], r: usize, out: usize, inp: usize, s: f
     dw
 }
 
-/// DoRA's per-row scale: magnitude / ‖W + s·B A‖₂ over each output row.
-fn dora_row_scale(base: &Weight, d: &LinearDelta, magnitude: &[f32]) -> Vec<f32> {
+/// DoRA's row norms ‖W + s·B A‖₂ (W dequantized), one per output row.
+/// # Shapes
+/// base [out, in], a [r, in], b [out, r] → [out]
+pub fn dora_row_norms(base: &Weight, a: &[f32], b: &[f32], r: usize, s: f32) -> Vec<f32> {
     let (out, inp) = (base.rows, base.cols);
     let w = base.to_f32();
-    let dw = delta_weight(&d.a, &d.b, d.rank, out, inp, d.scaling);
-    (0..out)
-        .map(|o| {
-            let n: f64 = (0..inp)
-                .map(|i| {
-                    let v = (w[o * inp + i] + dw[o * inp + i]) as f64;
-                    v * v
-                })
+    let dw = delta_weight(a, b, r, out, inp, s);
+    w.chunks(inp)
+        .zip(dw.chunks(inp))
+        .map(|(wr, dr)| {
+            let sq: f64 = wr
+                .iter()
+                .zip(dr)
+                .map(|(x, y)| ((x + y) as f64).powi(2))
                 .sum();
-            magnitude[o] / n.sqrt() as f32
+            sq.sqrt() as f32
         })
         .collect()
+}
+
+/// DoRA's per-row scale: magnitude / ‖W + s·B A‖₂ over each output row.
+fn dora_row_scale(base: &Weight, d: &LinearDelta, magnitude: &[f32]) -> Vec<f32> {
+    let n = dora_row_norms(base, &d.a, &d.b, d.rank, d.scaling);
+    magnitude.iter().zip(&n).map(|(m, n)| m / n).collect()
 }
 
 fn linear_lora(p: &Projection, d: &LinearDelta) -> Lora {

@@ -12,7 +12,7 @@ pub mod quantize;
 mod rope;
 mod sampling;
 
-pub use adapters::delta_weight;
+pub use adapters::{delta_weight, dora_row_norms};
 pub use error::{Error, Result};
 pub use forward::{KvCache, Logits};
 pub use generate::{render_chat, render_messages, GenerateParams, Generation};

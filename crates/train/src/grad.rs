@@ -118,21 +118,35 @@ fn uniform(module_seed: u64, i: usize) -> f32 {
     (h >> 40) as f32 / (1u64 << 24) as f32
 }
 
-/// DoRA's row norms ‖W + s·B A‖ (the base dequantized), detached as in PEFT.
-pub fn dora_norms(p: &Projection, l: &LoraParam) -> Vec<f32> {
-    let w = p.base.to_f32();
-    let dw = qlora_model::delta_weight(&l.a, &l.b, l.rank, l.d_out, l.d_in, l.scaling);
-    (0..l.d_out)
-        .map(|o| {
-            let row = o * l.d_in..(o + 1) * l.d_in;
-            let sq: f64 = w[row.clone()]
-                .iter()
-                .zip(&dw[row])
-                .map(|(a, b)| ((a + b) as f64).powi(2))
-                .sum();
-            sq.sqrt() as f32
-        })
-        .collect()
+/// The adapters of one forward/backward, their dropout noise, and DoRA's row norms
+/// ‖W + s·B A‖ (detached as in PEFT), computed once per pass since A and B do not change in it.
+struct Active<'a> {
+    ad: &'a Adapters,
+    noise: Option<Noise>,
+    norms: Vec<Option<Vec<f32>>>,
+}
+
+impl<'a> Active<'a> {
+    fn new(model: &Model, ad: &'a Adapters, noise: Option<Noise>) -> Self {
+        let projections: Vec<&Projection> = model
+            .layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .chain(std::iter::once(&model.lm_head))
+            .collect();
+        let norms = ad
+            .params
+            .iter()
+            .map(|l| {
+                l.magnitude.as_ref()?;
+                let p = projections.iter().find(|p| p.name == l.module)?;
+                Some(qlora_model::dora_row_norms(
+                    &p.base, &l.a, &l.b, l.rank, l.scaling,
+                ))
+            })
+            .collect();
+        Active { ad, noise, norms }
+    }
 }
 
 /// The pieces of one adapted projection's forward: the base product (no bias) on x and on the
@@ -165,21 +179,18 @@ fn dropout_active(ad: &Adapters, noise: Option<Noise>) -> bool {
 /// LoRA: y = x·Wᵀ + b + s·B(A xd). DoRA (PEFT's training forward, norm n detached, f = m / n):
 /// without dropout y = f ⊙ (x·Wᵀ) + b + f ⊙ s·B(A x); with dropout
 /// y = x·Wᵀ + b + (f − 1) ⊙ (xd·Wᵀ) + f ⊙ s·B(A xd).
-fn proj_forward(
-    p: &Projection,
-    ad: &Adapters,
-    noise: Option<Noise>,
-    x: &[f32],
-    t: usize,
-) -> Vec<f32> {
+fn proj_forward(p: &Projection, act: &Active, x: &[f32], t: usize) -> Vec<f32> {
+    let (ad, noise) = (act.ad, act.noise);
     let mut y = p.forward(x, t);
-    if let Some((_, l)) = ad.get(&p.name) {
+    if let Some((i, l)) = ad.get(&p.name) {
         let pp = parts(ad, noise, p, l, x, t);
         match &l.magnitude {
             None => y.iter_mut().zip(&pp.lora).for_each(|(a, b)| *a += b),
             Some(m) => {
-                let n = dora_norms(p, l);
-                let f: Vec<f32> = m.iter().zip(&n).map(|(m, n)| m / n).collect();
+                let n = act.norms[i]
+                    .as_ref()
+                    .expect("norms are computed for every DoRA adapter");
+                let f: Vec<f32> = m.iter().zip(n).map(|(m, n)| m / n).collect();
                 let base_d = if dropout_active(ad, noise) {
                     let mut b = vec![0f32; t * l.d_out];
                     ops::linear(&pp.xd, t, &p.base, &mut b);
@@ -217,13 +228,13 @@ fn matmul_t(x: &[f32], t: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
 /// Backward of `proj_forward`: returns dx; accumulates the adapter's dA, dB (and DoRA's dm).
 fn proj_backward(
     p: &Projection,
-    ad: &Adapters,
-    noise: Option<Noise>,
+    act: &Active,
     x: &[f32],
     t: usize,
     dy: &[f32],
     g: &mut Grads,
 ) -> Vec<f32> {
+    let (ad, noise) = (act.ad, act.noise);
     let Some((i, l)) = ad.get(&p.name) else {
         return bw::linear_backward_input(dy, t, &p.base);
     };
@@ -233,8 +244,10 @@ fn proj_backward(
     let (dy_lora, mut dx, dxd_base) = match &l.magnitude {
         None => (dy.to_vec(), bw::linear_backward_input(dy, t, &p.base), None),
         Some(m) => {
-            let n = dora_norms(p, l);
-            let f: Vec<f32> = m.iter().zip(&n).map(|(m, n)| m / n).collect();
+            let n = act.norms[i]
+                .as_ref()
+                .expect("norms are computed for every DoRA adapter");
+            let f: Vec<f32> = m.iter().zip(n).map(|(m, n)| m / n).collect();
             let scaled: Vec<f32> = dy
                 .chunks(l.d_out)
                 .flat_map(|r| r.iter().zip(&f).map(|(d, f)| d * f))
@@ -320,8 +333,7 @@ struct Saved {
 
 struct Ctx<'a> {
     model: &'a Model,
-    ad: &'a Adapters,
-    noise: Option<Noise>,
+    act: Active<'a>,
     t: usize,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -394,22 +406,22 @@ impl Ctx<'_> {
         let t = self.t;
         let mut h1 = vec![0f32; x.len()];
         ops::rms_norm(x, &l.input_layernorm, eps, &mut h1);
-        let mut q = proj_forward(&l.q_proj, self.ad, self.noise, &h1, t);
-        let mut k = proj_forward(&l.k_proj, self.ad, self.noise, &h1, t);
-        let v = proj_forward(&l.v_proj, self.ad, self.noise, &h1, t);
+        let mut q = proj_forward(&l.q_proj, &self.act, &h1, t);
+        let mut k = proj_forward(&l.k_proj, &self.act, &h1, t);
+        let v = proj_forward(&l.v_proj, &self.act, &h1, t);
         ops::rope(&mut q, heads, hd, &self.cos, &self.sin);
         ops::rope(&mut k, kv, hd, &self.cos, &self.sin);
         let attn = self.attention(&q, &k, &v);
-        let o = proj_forward(&l.o_proj, self.ad, self.noise, &attn, t);
+        let o = proj_forward(&l.o_proj, &self.act, &attn, t);
         let mut x2 = x.to_vec();
         ops::add_in_place(&mut x2, &o);
         let mut h2 = vec![0f32; x.len()];
         ops::rms_norm(&x2, &l.post_attention_layernorm, eps, &mut h2);
-        let gate = proj_forward(&l.gate_proj, self.ad, self.noise, &h2, t);
-        let up = proj_forward(&l.up_proj, self.ad, self.noise, &h2, t);
+        let gate = proj_forward(&l.gate_proj, &self.act, &h2, t);
+        let up = proj_forward(&l.up_proj, &self.act, &h2, t);
         let mut act = gate.clone();
         ops::swiglu(&mut act, &up);
-        let down = proj_forward(&l.down_proj, self.ad, self.noise, &act, t);
+        let down = proj_forward(&l.down_proj, &self.act, &act, t);
         let mut out = x2.clone();
         ops::add_in_place(&mut out, &down);
         (
@@ -435,29 +447,28 @@ impl Ctx<'_> {
         let eps = cfg.rms_norm_eps as f32;
         let t = self.t;
         let (_, s) = self.layer(l, x);
-        let (ad, nz) = (self.ad, self.noise);
-        let dact = proj_backward(&l.down_proj, ad, nz, &s.act, t, dout, g);
+        let dact = proj_backward(&l.down_proj, &self.act, &s.act, t, dout, g);
         let (dgate, dup) = bw::swiglu_backward(&s.gate, &s.up, &dact);
-        let mut dh2 = proj_backward(&l.gate_proj, ad, nz, &s.h2, t, &dgate, g);
-        let dh2u = proj_backward(&l.up_proj, ad, nz, &s.h2, t, &dup, g);
+        let mut dh2 = proj_backward(&l.gate_proj, &self.act, &s.h2, t, &dgate, g);
+        let dh2u = proj_backward(&l.up_proj, &self.act, &s.h2, t, &dup, g);
         ops::add_in_place(&mut dh2, &dh2u);
         let mut dx2 = dout.to_vec();
         ops::add_in_place(
             &mut dx2,
             &bw::rms_norm_backward(&s.x2, &l.post_attention_layernorm, eps, &dh2),
         );
-        let dattn = proj_backward(&l.o_proj, ad, nz, &s.attn, t, &dx2, g);
+        let dattn = proj_backward(&l.o_proj, &self.act, &s.attn, t, &dx2, g);
         let (mut dq, mut dk, dv) = self.attention_backward(&s.q, &s.k, &s.v, &dattn);
         bw::rope_backward(&mut dq, heads, hd, &self.cos, &self.sin);
         bw::rope_backward(&mut dk, kv, hd, &self.cos, &self.sin);
-        let mut dh1 = proj_backward(&l.q_proj, ad, nz, &s.h1, t, &dq, g);
+        let mut dh1 = proj_backward(&l.q_proj, &self.act, &s.h1, t, &dq, g);
         ops::add_in_place(
             &mut dh1,
-            &proj_backward(&l.k_proj, ad, nz, &s.h1, t, &dk, g),
+            &proj_backward(&l.k_proj, &self.act, &s.h1, t, &dk, g),
         );
         ops::add_in_place(
             &mut dh1,
-            &proj_backward(&l.v_proj, ad, nz, &s.h1, t, &dv, g),
+            &proj_backward(&l.v_proj, &self.act, &s.h1, t, &dv, g),
         );
         let mut dx = dx2;
         ops::add_in_place(
@@ -516,8 +527,7 @@ pub fn packed_loss(
     }
     let ctx = Ctx {
         model,
-        ad,
-        noise,
+        act: Active::new(model, ad, noise),
         t,
         cos,
         sin,
@@ -532,7 +542,7 @@ pub fn packed_loss(
     }
     let mut h = vec![0f32; t * d];
     ops::rms_norm(&x, &model.norm, cfg.rms_norm_eps as f32, &mut h);
-    let logits = proj_forward(&model.lm_head, ad, noise, &h, t);
+    let logits = proj_forward(&model.lm_head, &ctx.act, &h, t);
     let v = model.lm_head.d_out();
     let (loss, n, mut dlogits) = bw::cross_entropy(&logits, v, labels);
     drop(logits);
@@ -540,7 +550,7 @@ pub fn packed_loss(
         return (loss, n);
     };
     dlogits.iter_mut().for_each(|x| *x /= norm);
-    let dh = proj_backward(&model.lm_head, ad, noise, &h, t, &dlogits, g);
+    let dh = proj_backward(&model.lm_head, &ctx.act, &h, t, &dlogits, g);
     drop(dlogits);
     let mut dx = bw::rms_norm_backward(&x, &model.norm, cfg.rms_norm_eps as f32, &dh);
     for (l, xin) in model.layers.iter().zip(&inputs).rev() {

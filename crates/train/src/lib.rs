@@ -1,5 +1,7 @@
-//! qlora-train: LoRA fine-tuning on a frozen base, dense or 4-bit. `grad`: loss and adapter
-//! gradients with per-layer recomputation; `optim`: AdamW as PyTorch's, schedules, clipping.
+//! qlora-train: LoRA/DoRA fine-tuning on a frozen base, dense or 4-bit. `grad`: loss and
+//! adapter gradients with per-layer recomputation and packed sequences; `optim`: AdamW as
+//! PyTorch's, schedules, clipping; `data`: JSONL training formats; `run`: the loop, checkpoints,
+//! metrics and the loss plot.
 
 pub mod data;
 pub mod grad;

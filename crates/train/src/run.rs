@@ -123,23 +123,16 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Writes a directory under a temporary name and renames it into place, replacing an older
+/// one of the same name.
 fn write_dir_atomic(
     dir: &Path,
     write: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<(), String> {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.with_file_name(format!(".{name}.partial"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(|e| format!("{}: {e}", dir.display()))
+    let err = |e: std::io::Error| format!("{}: {e}", dir.display());
+    let partial = qlora_io::PartialDir::create(dir).map_err(err)?;
+    write(partial.path())?;
+    partial.commit(true).map_err(err)
 }
 
 /// A PEFT adapter directory: adapter_config.json (only the fields old PEFT knows, plus

@@ -8,7 +8,7 @@
 use super::outdir::{
     bnb4_specs, bnb4_tensors, copy_side_files, state_json_width, write_dir_atomically, DType,
 };
-use crate::load::{plan_adapters, AdapterArgs, QuantType, QuantizeArgs};
+use crate::load::{apply_replacements, plan_adapters, AdapterArgs, QuantType, QuantizeArgs};
 use anyhow::{bail, Context, Result};
 use qlora_engine::Weight;
 use qlora_io::{BnbConfig, ElementType, ModelSource, StreamingWriter, TensorSpec};
@@ -133,15 +133,8 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let mut src = ModelSource::open(&a.model)?;
-    let planned = plan_adapters(&src, &a.adapter)?;
-    for (ad, plan) in &planned {
-        for r in &plan.replacements {
-            if src.config.tie_word_embeddings && r.name == "lm_head.weight" {
-                bail!("adapter {} replaces lm_head, but the base ties it to embed_tokens; not supported", ad.dir.display());
-            }
-            src.tensors.insert(r.clone(), &ad.weights_path);
-        }
-    }
+    let planned = plan_adapters(&src.config, &src.path, &a.adapter)?;
+    apply_replacements(&mut src, &planned)?;
     let base_dtype = {
         let q = src.tensors.get("model.layers.0.self_attn.q_proj.weight");
         match q.map(|t| t.dtype) {

@@ -3,7 +3,7 @@
 //! values to a stored dtype, and the tensors of a bitsandbytes 4-bit weight.
 
 use anyhow::{bail, Context, Result};
-use qlora_io::{quant_state_key, ElementType, NestedJson, QuantStateJson, TensorSpec};
+use qlora_io::{quant_state_key, ElementType, NestedJson, PartialDir, QuantStateJson, TensorSpec};
 use qlora_model::quantize::Quantized4;
 use qlora_model::QuantizeSpec;
 use qlora_quant::bnb;
@@ -18,20 +18,12 @@ pub fn write_dir_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<()>)
             out.display()
         );
     }
-    let tmp = out.with_file_name(format!(
-        ".{}.partial",
-        out.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    if let Err(e) = write(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    let partial = PartialDir::create(out)
+        .with_context(|| format!("creating a directory beside {}", out.display()))?;
+    write(partial.path())?;
+    partial
+        .commit(false)
+        .with_context(|| format!("renaming the finished directory to {}", out.display()))
 }
 
 /// Copies the tokenizer, generation and other side files of a model directory (everything but

@@ -1,9 +1,9 @@
 //! `qlora train`: LoRA fine-tuning on a frozen base (dense, or quantized at load to NF4/FP4 as
 //! bitsandbytes does), writing PEFT checkpoints, metrics and a loss plot.
 
-use crate::load::{load, QuantizeArgs};
+use crate::load::{load, plan_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{bail, Context, Result};
-use qlora_lora::{open_adapters, ModelShapes, Targets};
+use qlora_lora::{ModelShapes, Targets};
 use qlora_train::data::{load_jsonl, Tokenize};
 use qlora_train::run::{init_adapters, read_optimizer, train, TrainOptions};
 use qlora_train::{AdamW, Schedule};
@@ -203,18 +203,13 @@ pub fn run(a: Args) -> Result<()> {
     let mut ad = match from {
         None => init_adapters(model, &modules, &o),
         Some(dir) => {
-            let adapter = open_adapters(dir)?
-                .into_iter()
-                .next()
-                .context("no adapter found")?;
-            let plan = adapter.plan(&shapes).map_err(|p| {
-                anyhow::anyhow!(
-                    "adapter {} does not fit:\n{}",
-                    dir.display(),
-                    qlora_lora::format_problems(&p, 12)
-                )
-            })?;
-            qlora_train::adapters_from_plan(&plan, a.dropout).map_err(anyhow::Error::msg)?
+            let one = AdapterArgs {
+                adapters: vec![dir.clone()],
+                strict: false,
+            };
+            let planned = plan_adapters(&model.config, &a.model, &one)?;
+            let (_, plan) = planned.first().context("no adapter found")?;
+            qlora_train::adapters_from_plan(plan, a.dropout).map_err(anyhow::Error::msg)?
         }
     };
     ad.dropout = a.dropout;
