@@ -3,6 +3,7 @@
 
 mod cmd;
 mod config_file;
+mod device;
 mod load;
 
 use clap::Parser;

@@ -6,9 +6,11 @@
 //! v vocab, f intermediate (MLP) size, r rank.
 
 pub mod backward;
+mod device;
 pub mod ops;
 pub mod reference;
 mod simd;
 mod weight;
 
-pub use weight::{Scales, Weight, WeightFormat};
+pub use device::{Device, DeviceRequest};
+pub use weight::{Scales, SharedBytes, Weight, WeightFormat};

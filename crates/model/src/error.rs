@@ -24,4 +24,7 @@ pub enum Error {
     Template(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A device backend failed (the message names the device and what to do).
+    #[error("{0}")]
+    Device(String),
 }

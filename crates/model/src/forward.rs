@@ -154,19 +154,6 @@ impl Model {
     pub fn nll(&self, ids: &[u32]) -> Result<(f64, usize)> {
         let mut cache = KvCache::new(self);
         let logits = self.forward(ids, &mut cache, Logits::All)?;
-        let v = self.vocab_size();
-        let mut nll = 0f64;
-        for (i, &next) in ids.iter().enumerate().skip(1) {
-            let row = &logits[(i - 1) * v..i * v];
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row
-                .iter()
-                .map(|&x| (x as f64 - max).exp())
-                .sum::<f64>()
-                .ln()
-                + max;
-            nll += lse - row[next as usize] as f64;
-        }
-        Ok((nll, ids.len().saturating_sub(1)))
+        Ok(crate::decoder::nll_of(&logits, ids, self.vocab_size()))
     }
 }

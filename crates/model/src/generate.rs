@@ -2,7 +2,7 @@
 //! prefill, then token-by-token decode with streaming text and timings.
 
 use crate::sampling::{Sampler, SamplingParams};
-use crate::{Error, KvCache, Logits, Model, Result};
+use crate::{CpuDecoder, Decoder, Error, Logits, Model, Result};
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
@@ -84,23 +84,43 @@ impl Generation {
 }
 
 impl Model {
-    /// Generates from prompt ids, calling `on_text` with each newly decoded piece of text.
+    /// Generates from prompt ids on the CPU, calling `on_text` with each newly decoded piece.
     pub fn generate(
         &self,
         tokenizer: &Tokenizer,
         prompt: &[u32],
         params: &GenerateParams,
-        mut on_text: impl FnMut(&str),
+        on_text: impl FnMut(&str),
     ) -> Result<Generation> {
+        generate_with(
+            &mut CpuDecoder::new(self),
+            tokenizer,
+            prompt,
+            params,
+            on_text,
+        )
+    }
+}
+
+/// Generates from prompt ids on any device, calling `on_text` with each newly decoded piece
+/// of text. The decoder's sequence is reset first.
+pub fn generate_with(
+    dec: &mut dyn Decoder,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    {
         if prompt.is_empty() {
             return Err(Error::Invalid(
                 "the prompt is empty after tokenization".into(),
             ));
         }
-        let mut cache = KvCache::new(self);
+        dec.reset();
         let mut sampler = Sampler::new(params.sampling.clone());
         let t0 = Instant::now();
-        let mut logits = self.forward(prompt, &mut cache, Logits::Last)?;
+        let mut logits = dec.step(prompt, Logits::Last)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut seen = prompt.to_vec();
@@ -129,7 +149,7 @@ impl Model {
             if out.len() == params.max_new_tokens {
                 break;
             }
-            logits = self.forward(&[id], &mut cache, Logits::Last)?;
+            logits = dec.step(&[id], Logits::Last)?;
         }
         let text = tokenizer
             .decode(&out, true)

@@ -3,6 +3,7 @@
 //! sampling and generation. Model code never knows how a weight is stored.
 
 mod adapters;
+mod decoder;
 mod error;
 mod forward;
 mod generate;
@@ -11,13 +12,15 @@ mod model;
 pub mod quantize;
 mod rope;
 mod sampling;
+pub mod synthetic;
 
 pub use adapters::{delta_weight, dora_row_norms};
+pub use decoder::{CpuDecoder, Decoder};
 pub use error::{Error, Result};
 pub use forward::{KvCache, Logits};
-pub use generate::{render_chat, render_messages, GenerateParams, Generation};
+pub use generate::{generate_with, render_chat, render_messages, GenerateParams, Generation};
 pub use load::LoadOptions;
 pub use model::{EmbeddingLora, Layer, Lora, Model, Projection};
 pub use quantize::QuantizeSpec;
 pub use rope::inv_freq;
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{argmax as sampling_argmax, Sampler, SamplingParams};

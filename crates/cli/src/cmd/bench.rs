@@ -15,8 +15,23 @@ use std::time::Instant;
 )]
 pub struct Args {
     /// Hugging Face model directory or .gguf file.
-    #[arg(long, required_unless_present = "kernels")]
+    #[arg(long, required_unless_present_any = ["kernels", "synthetic"])]
     model: Option<PathBuf>,
+    /// Instead of --model: random weights of a real architecture built in memory (no download):
+    /// mistral-7b, llama-3-8b or smollm2-135m. The base is bf16, or 4-bit with --quantize.
+    #[arg(long, conflicts_with = "model")]
+    synthetic: Option<String>,
+    /// With --synthetic: this many decoder layers instead of the architecture's.
+    #[arg(long, requires = "synthetic")]
+    layers: Option<usize>,
+    /// With --synthetic: a LoRA adapter of this rank on all seven projections (unmerged).
+    #[arg(long, requires = "synthetic")]
+    adapter_rank: Option<usize>,
+    /// GPU: batched decode at these batch sizes (aggregate tok/s), e.g. 1,8,32,64.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
     /// Instead of a model: NF4 dequantize and GEMV throughput at Mistral-7B's linear shapes,
     /// against the measured memory read bandwidth.
     #[arg(long)]
@@ -57,15 +72,38 @@ pub fn run(a: Args) -> Result<()> {
     if a.repeats == 0 || a.prompt_tokens == 0 || a.gen_tokens == 0 {
         bail!("--repeats, --prompt-tokens and --gen-tokens must be positive");
     }
+    let device = a.device.resolve()?;
     if a.kernels {
+        #[cfg(feature = "cuda")]
+        if let qlora_engine::Device::Cuda(n) = device {
+            return gpu_kernels(&a, n);
+        }
         return kernels(a.repeats);
     }
-    let model = a
-        .model
-        .clone()
-        .expect("clap requires --model without --kernels");
-    let loaded = load_with_adapters(&model, a.quantize, &a.adapter)?;
-    let m = &loaded.model;
+    let (loaded_model, model) = match &a.synthetic {
+        Some(name) => (
+            synthetic(&a, name)?,
+            PathBuf::from(format!("synthetic {name}")),
+        ),
+        None => {
+            let model = a
+                .model
+                .clone()
+                .expect("clap requires --model without --kernels or --synthetic");
+            (
+                load_with_adapters(&model, a.quantize, &a.adapter)?.model,
+                model,
+            )
+        }
+    };
+    let m = &loaded_model;
+    #[cfg(feature = "cuda")]
+    if let qlora_engine::Device::Cuda(n) = device {
+        return gpu_bench(&a, m, &model, n);
+    }
+    if a.batch != [1] {
+        bail!("--batch is for GPU benchmarks (--device cuda)");
+    }
     let v = m.vocab_size() as u64;
     // Arbitrary in-vocabulary ids: the cost of a forward pass does not depend on them.
     let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
@@ -103,6 +141,209 @@ pub fn run(a: Args) -> Result<()> {
     println!("decode reads     {achieved:.2} GB/s of weights");
     println!("memory read bw   {bw:.2} GB/s (measured, parallel sum over 1 GiB)");
     println!("decode/bw        {:.0} %", 100.0 * achieved / bw);
+    Ok(())
+}
+
+/// A random model for `--synthetic NAME`.
+fn synthetic(a: &Args, name: &str) -> Result<qlora_model::Model> {
+    use qlora_model::synthetic::{
+        synthetic_config, synthetic_model, SyntheticBase, SYNTHETIC_NAMES,
+    };
+    let Some(mut cfg) = synthetic_config(name) else {
+        bail!(
+            "--synthetic {name}: unknown architecture; use one of {}",
+            SYNTHETIC_NAMES.join(", ")
+        );
+    };
+    if let Some(l) = a.layers {
+        if l == 0 {
+            bail!("--layers must be positive");
+        }
+        cfg.num_hidden_layers = l;
+    }
+    if !a.adapter.adapters.is_empty() {
+        bail!("--synthetic builds its own adapter (--adapter-rank R); drop --adapter");
+    }
+    let base = match a.quantize.spec() {
+        None => SyntheticBase::Bf16,
+        Some(s) => SyntheticBase::Bnb4(s.quant),
+    };
+    let t = Instant::now();
+    let m = synthetic_model(cfg, base, a.adapter_rank, 1)?;
+    eprintln!(
+        "built synthetic {name} ({} layers, {base:?} base) in {:.1} s",
+        m.layers.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(m)
+}
+
+/// FLOPs of one forward over `t` new tokens after `past` cached positions: 2 per weight
+/// element per token in every linear layer (adapters included), plus attention's QKᵀ and PV.
+fn forward_flops(m: &qlora_model::Model, t: usize, past: usize) -> f64 {
+    let linear: usize = m
+        .layers
+        .iter()
+        .flat_map(|l| l.projections())
+        .map(|p| {
+            p.d_in() * p.d_out()
+                + p.lora
+                    .iter()
+                    .map(|l| l.a.rows * (p.d_in() + p.d_out()))
+                    .sum::<usize>()
+        })
+        .sum::<usize>()
+        + m.lm_head.d_in() * m.lm_head.d_out();
+    let cfg = &m.config;
+    let qd = (cfg.num_attention_heads * cfg.head_dim()) as f64;
+    // Σ over new tokens of the keys each attends to (causal).
+    let keys: f64 = (0..t).map(|i| (past + i + 1) as f64).sum();
+    2.0 * linear as f64 * t as f64 + 4.0 * qd * keys * m.layers.len() as f64
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_kernels(a: &Args, ordinal: usize) -> Result<()> {
+    let gpu = qlora_cuda::Gpu::open(ordinal, a.device.precision())
+        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+    println!(
+        "device           cuda:{ordinal} {} (sm_{}{}, {} SMs), {:?}",
+        gpu.name, gpu.arch.0, gpu.arch.1, gpu.sms, gpu.precision
+    );
+    let rows = qlora_cuda::bench::bench_kernels(&gpu, a.repeats.max(5))?;
+    let copy = rows[0].gbps;
+    for r in &rows {
+        println!(
+            "{:<58} {:>9.1} µs {:>8.0} GB/s {:>5.0} % of copy",
+            r.name,
+            r.ms * 1e3,
+            r.gbps,
+            100.0 * r.gbps / copy
+        );
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_bench(
+    a: &Args,
+    m: &qlora_model::Model,
+    name: &std::path::Path,
+    ordinal: usize,
+) -> Result<()> {
+    use qlora_cuda::CudaOptions;
+    const DECODE_PROMPT: usize = 16;
+    let max_b = *a.batch.iter().max().unwrap_or(&1);
+    if a.batch.contains(&0) {
+        bail!("--batch sizes must be positive");
+    }
+    let gpu = qlora_cuda::Gpu::open(ordinal, a.device.precision())
+        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+    let opts = CudaOptions {
+        max_batch_tokens: a
+            .prompt_tokens
+            .max(max_b)
+            .max(DECODE_PROMPT * max_b)
+            .min(8192),
+        max_seqs: max_b,
+        kv_tokens: a.prompt_tokens
+            + 64
+            + max_b * (DECODE_PROMPT + a.gen_tokens + 2 * qlora_cuda::KV_BLOCK),
+        graphs: std::env::var_os("QLORA_CUDA_GRAPHS").is_none_or(|v| v != "0"),
+    };
+    let t = Instant::now();
+    let mut cm = qlora_cuda::CudaModel::upload(gpu, m, opts)
+        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+    let upload_s = t.elapsed().as_secs_f64();
+    let (free, total) = cm.gpu.mem_info()?;
+    println!("model            {}", name.display());
+    println!(
+        "device           cuda:{ordinal} {} (sm_{}{}), {:?}, graphs {}",
+        cm.gpu.name,
+        cm.gpu.arch.0,
+        cm.gpu.arch.1,
+        cm.gpu.precision,
+        if opts.graphs { "on" } else { "off" }
+    );
+    println!(
+        "upload           {upload_s:.1} s; GPU memory used {:.1} GiB of {:.1}",
+        (total - free) as f64 / (1u64 << 30) as f64,
+        total as f64 / (1u64 << 30) as f64
+    );
+    println!("weights/token    {:.1} MB", cm.weight_bytes as f64 / 1e6);
+    let v = m.vocab_size() as u64;
+    let ids = |n: usize, salt: u64| -> Vec<u32> {
+        (0..n as u64)
+            .map(|i| ((i * 7919 + 13 + salt * 104729) % v) as u32)
+            .collect()
+    };
+    let err = |e: qlora_cuda::Error| anyhow::anyhow!("cuda:{ordinal}: {e}");
+    // Prefill.
+    let prompt = ids(a.prompt_tokens, 0);
+    let mut runs = Vec::new();
+    for r in 0..a.repeats + 1 {
+        let mut s = cm.new_seq();
+        let t = Instant::now();
+        cm.forward(&mut [(&mut s, &prompt)], Logits::Last)
+            .map_err(err)?;
+        if r > 0 {
+            runs.push(t.elapsed().as_secs_f64());
+        }
+        cm.free_seq(&mut s);
+    }
+    let p = median(runs);
+    let flops = forward_flops(m, a.prompt_tokens, 0);
+    println!(
+        "prefill          {:.0} tok/s ({} tokens, {:.1} ms, {:.0} TFLOP/s, median of {})",
+        a.prompt_tokens as f64 / p,
+        a.prompt_tokens,
+        p * 1e3,
+        flops / p / 1e12,
+        a.repeats
+    );
+    // Decode at each batch size: DECODE_PROMPT-token prompts, then greedy steps of one token each.
+    for &b in &a.batch {
+        let mut runs = Vec::new();
+        for r in 0..a.repeats + 1 {
+            let mut seqs: Vec<qlora_cuda::Seq> = (0..b).map(|_| cm.new_seq()).collect();
+            let prompts: Vec<Vec<u32>> = (0..b).map(|i| ids(DECODE_PROMPT, i as u64 + 1)).collect();
+            let mut batch: Vec<(&mut qlora_cuda::Seq, &[u32])> = seqs
+                .iter_mut()
+                .zip(&prompts)
+                .map(|(s, p)| (s, p.as_slice()))
+                .collect();
+            let logits = cm.forward(&mut batch, Logits::Last).map_err(err)?;
+            let mut next: Vec<[u32; 1]> = logits
+                .chunks(v as usize)
+                .map(|l| [qlora_model::sampling_argmax(l)])
+                .collect();
+            let t = Instant::now();
+            for _ in 0..a.gen_tokens {
+                let mut batch: Vec<(&mut qlora_cuda::Seq, &[u32])> = seqs
+                    .iter_mut()
+                    .zip(&next)
+                    .map(|(s, n)| (s, n.as_slice()))
+                    .collect();
+                let ids = cm.step_greedy(&mut batch).map_err(err)?;
+                next = ids.into_iter().map(|i| [i]).collect();
+            }
+            if r > 0 {
+                runs.push(t.elapsed().as_secs_f64());
+            }
+            for s in seqs.iter_mut() {
+                cm.free_seq(s);
+            }
+        }
+        let d = median(runs);
+        let steps = a.gen_tokens as f64 / d;
+        println!(
+            "decode batch {b:<3} {:.0} tok/s aggregate ({:.1} steps/s, {} tokens each, median of {}); weights read {:.2} TB/s",
+            steps * b as f64,
+            steps,
+            a.gen_tokens,
+            a.repeats,
+            cm.weight_bytes as f64 * steps / 1e12
+        );
+    }
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use crate::load::{encode, load_with_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{bail, Context, Result};
-use qlora_model::{render_chat, GenerateParams, SamplingParams};
+use qlora_model::{generate_with, render_chat, GenerateParams, SamplingParams};
 use qlora_train::data::{load_jsonl, Tokenize};
 use std::path::PathBuf;
 
@@ -20,6 +20,9 @@ pub struct Args {
     quantize: QuantizeArgs,
     #[command(flatten)]
     adapter: AdapterArgs,
+    /// The device of --generate's answers (--data's loss is computed on the CPU).
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
     /// JSONL in a training format: prints the mean loss of its trained tokens.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -79,42 +82,43 @@ pub fn run(a: Args) -> Result<()> {
             },
             stop: loaded.stop_ids(),
         };
-        let (mut right, mut n) = (0, 0);
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: invalid JSON", p.display(), i + 1))?;
-            let (Some(prompt), Some(expected)) = (v["prompt"].as_str(), v["expected"].as_str())
-            else {
-                bail!(
-                    "{}:{}: expected {{\"prompt\": …, \"expected\": …}}",
-                    p.display(),
-                    i + 1
-                );
-            };
-            let chat = render_chat(
-                template,
-                prompt,
-                tok.bos_token.as_deref(),
-                tok.eos_token.as_deref(),
-            )?;
-            let ids = encode(tok, &chat, false)?;
-            let g = loaded
-                .model
-                .generate(&tok.tokenizer, &ids, &params, |_| {})?;
-            let answer = g.text.trim();
-            let ok = answer == expected.trim();
-            right += ok as usize;
-            n += 1;
-            if !a.quiet {
-                println!("{} {answer}", if ok { "✓" } else { "✗" });
-                if !ok {
-                    println!("    expected {expected}");
+        let (right, n) = a.device.with_decoder(&loaded.model, |d| {
+            let (mut right, mut n) = (0, 0);
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: invalid JSON", p.display(), i + 1))?;
+                let (Some(prompt), Some(expected)) = (v["prompt"].as_str(), v["expected"].as_str())
+                else {
+                    bail!(
+                        "{}:{}: expected {{\"prompt\": …, \"expected\": …}}",
+                        p.display(),
+                        i + 1
+                    );
+                };
+                let chat = render_chat(
+                    template,
+                    prompt,
+                    tok.bos_token.as_deref(),
+                    tok.eos_token.as_deref(),
+                )?;
+                let ids = encode(tok, &chat, false)?;
+                let g = generate_with(d, &tok.tokenizer, &ids, &params, |_| {})?;
+                let answer = g.text.trim();
+                let ok = answer == expected.trim();
+                right += ok as usize;
+                n += 1;
+                if !a.quiet {
+                    println!("{} {answer}", if ok { "✓" } else { "✗" });
+                    if !ok {
+                        println!("    expected {expected}");
+                    }
                 }
             }
-        }
+            Ok((right, n))
+        })?;
         println!(
             "{label}: exact match {right}/{n} ({:.0} %) on {}",
             100.0 * right as f64 / n.max(1) as f64,

@@ -2,7 +2,7 @@
 
 use crate::load::{encode, load_with_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{bail, Result};
-use qlora_model::{render_chat, GenerateParams, SamplingParams};
+use qlora_model::{generate_with, render_chat, GenerateParams, SamplingParams};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -19,6 +19,8 @@ pub struct Args {
     quantize: QuantizeArgs,
     #[command(flatten)]
     adapter: AdapterArgs,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -79,12 +81,12 @@ pub fn run(a: Args) -> Result<()> {
         stop: loaded.stop_ids(),
     };
     let mut stdout = std::io::stdout().lock();
-    let g = loaded
-        .model
-        .generate(&tok.tokenizer, &ids, &params, |piece| {
+    let g = a.device.with_decoder(&loaded.model, |d| {
+        Ok(generate_with(d, &tok.tokenizer, &ids, &params, |piece| {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
-        })?;
+        })?)
+    })?;
     let _ = writeln!(stdout);
     eprintln!(
         "prompt {} tokens, prefill {:.1} tok/s; generated {} tokens, decode {:.1} tok/s{}",

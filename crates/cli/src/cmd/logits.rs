@@ -3,7 +3,7 @@
 use crate::load::{load_with_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{Context, Result};
 use qlora_io::{write_safetensors, ElementType, WriteTensor};
-use qlora_model::{KvCache, Logits};
+use qlora_model::Logits;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -20,6 +20,8 @@ pub struct Args {
     quantize: QuantizeArgs,
     #[command(flatten)]
     adapter: AdapterArgs,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
     /// Comma-separated token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',', required = true)]
     tokens: Vec<u32>,
@@ -31,8 +33,9 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let loaded = load_with_adapters(&a.model, a.quantize, &a.adapter)?;
     let model = &loaded.model;
-    let mut cache = KvCache::new(model);
-    let logits = model.forward(&a.tokens, &mut cache, Logits::All)?;
+    let logits = a
+        .device
+        .with_decoder(model, |d| Ok(d.step(&a.tokens, Logits::All)?))?;
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     let t = WriteTensor {
         name: "logits".into(),

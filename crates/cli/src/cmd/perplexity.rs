@@ -18,6 +18,8 @@ pub struct Args {
     quantize: QuantizeArgs,
     #[command(flatten)]
     adapter: AdapterArgs,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
     /// UTF-8 text file.
     #[arg(long)]
     text: PathBuf,
@@ -44,11 +46,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     let (mut nll, mut n) = (0f64, 0usize);
     let t0 = std::time::Instant::now();
-    for w in ids.chunks(context) {
-        let (s, c) = loaded.model.nll(w)?;
-        nll += s;
-        n += c;
-    }
+    a.device.with_decoder(&loaded.model, |d| {
+        for w in ids.chunks(context) {
+            let (s, c) = d.nll(w)?;
+            nll += s;
+            n += c;
+        }
+        Ok(())
+    })?;
     if n == 0 {
         bail!("no token was predicted; use a larger --context");
     }

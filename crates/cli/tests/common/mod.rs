@@ -9,8 +9,20 @@ use std::process::Output;
 use qlora_io::{write_safetensors, ElementType, WriteTensor};
 use serde_json::Value;
 
+/// The repository root: where the test was built, or QLORA_REPO (test binaries carried to
+/// another machine, e.g. the GPU device, run from a copy of the tree elsewhere).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    match std::env::var_os("QLORA_REPO") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+    }
+}
+
+/// The qlora binary under test: the one cargo built, or QLORA_BIN.
+pub fn qlora_bin() -> PathBuf {
+    std::env::var_os("QLORA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_qlora")))
 }
 
 pub fn tiny_dir(name: &str) -> PathBuf {
@@ -182,7 +194,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 }
 
 pub fn qlora(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+    std::process::Command::new(qlora_bin())
         .args(args)
         .output()
         .expect("running the qlora binary")

@@ -1,0 +1,396 @@
+//! The model on a CUDA GPU against the CPU: logits of every tiny model on every base format
+//! (as stored, NF4, NF4 + double quant, FP4), every PEFT adapter variant (against PEFT's own
+//! logits too), a synthetic Mistral-7B-shaped model (NF4, with and without an adapter on all
+//! seven projections), greedy generation token for token, and the batched/paged/graph paths
+//! against the plain ones. Budgets: f32 mode max|Δ| / max|cpu| ≤ 1e-4, bf16 mode ≤ 1e-2.
+//!
+//! Needs a GPU: skipped (with a line on stderr) where there is none, unless
+//! QLORA_REQUIRE_GPU=1 (tools/gpu-check.sh sets it on the device), which makes a missing GPU
+//! a failure.
+#![cfg(feature = "cuda")]
+
+mod common;
+use common::*;
+use qlora_cuda::{CudaModel, CudaOptions, Gpu, Precision};
+use qlora_model::{CpuDecoder, Decoder, Logits, Model};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const F32_LOGITS: f32 = 1e-4;
+const BF16_LOGITS: f32 = 1e-2;
+/// PEFT's logits against ours on the CPU are held to 2e-4 (peft_adapters.rs); the GPU in f32
+/// mode must hold the same line.
+const PEFT_TOL: f32 = 2e-4;
+
+fn have_gpu() -> bool {
+    match Gpu::open(0, Precision::F32) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("QLORA_REQUIRE_GPU").is_none(),
+                "QLORA_REQUIRE_GPU is set: {e}"
+            );
+            eprintln!("skipped: no usable GPU ({e})");
+            false
+        }
+    }
+}
+
+/// max|a − b| / max|b|, failing on NaN.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().all(|x| x.is_finite()), "non-finite GPU logits");
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    max_abs_diff(a, b) / scale
+}
+
+fn logits(args: &[String], tag: &str) -> Vec<f32> {
+    let out = std::env::temp_dir().join(format!(
+        "qlora-gpu-{}-{tag}.safetensors",
+        std::process::id()
+    ));
+    let mut a: Vec<String> = vec!["logits".into()];
+    a.extend(args.iter().cloned());
+    a.extend(["--out".into(), out.to_str().unwrap().into()]);
+    let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let o = qlora(&refs);
+    assert!(o.status.success(), "qlora {}: {}", a.join(" "), stderr(&o));
+    let v = read_f32(&out, "logits").1;
+    let _ = std::fs::remove_file(&out);
+    v
+}
+
+fn tokens(spec: &Value) -> String {
+    spec["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn tiny_names() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(repo_root().join("tests/fixtures/tiny"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| tiny_dir(n).join("spec.json").exists())
+        .collect();
+    v.sort();
+    v
+}
+
+fn model_dir(name: &str, tmp: &Path) -> PathBuf {
+    let d = tmp.join(name);
+    if !d.exists() {
+        write_model(&spec(name), &d);
+    }
+    d
+}
+
+const QUANTS: [&[&str]; 4] = [
+    &[],
+    &["--quantize", "nf4"],
+    &["--quantize", "nf4", "--double-quant"],
+    &["--quantize", "fp4"],
+];
+
+#[test]
+fn tiny_models_on_every_base_format_match_the_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let tmp = temp_dir("gpu-tiny");
+    let mut report = Vec::new();
+    for name in tiny_names() {
+        let dir = model_dir(&name, &tmp);
+        let toks = tokens(&spec(&name));
+        for q in QUANTS {
+            let mut base: Vec<String> = vec![
+                "--model".into(),
+                dir.to_str().unwrap().into(),
+                "--tokens".into(),
+                toks.clone(),
+            ];
+            base.extend(q.iter().map(|s| s.to_string()));
+            let cpu = logits(&base, "cpu");
+            for (prec, budget) in [("f32", F32_LOGITS), ("bf16", BF16_LOGITS)] {
+                let mut a = base.clone();
+                a.extend([
+                    "--device".into(),
+                    "cuda".into(),
+                    "--precision".into(),
+                    prec.into(),
+                ]);
+                let e = rel(&logits(&a, prec), &cpu);
+                report.push(format!("{name} {q:?} {prec}: {e:.2e}"));
+                assert!(
+                    e <= budget,
+                    "{name} {q:?} {prec}: {e:.3e} over {budget:.0e}\n{}",
+                    report.join("\n")
+                );
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn every_peft_adapter_matches_peft_and_the_cpu_on_the_gpu() {
+    if !have_gpu() {
+        return;
+    }
+    let tmp = temp_dir("gpu-peft");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(repo_root().join("tests/fixtures/peft"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    cases.sort();
+    let mut report = Vec::new();
+    for case in cases {
+        let m: Value =
+            serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap())
+                .unwrap();
+        let base = model_dir(m["base"].as_str().unwrap(), &tmp);
+        let mut args: Vec<String> = vec![
+            "--model".into(),
+            base.to_str().unwrap().into(),
+            "--tokens".into(),
+            tokens(&m),
+        ];
+        for ad in m["adapters"].as_array().unwrap() {
+            args.extend([
+                "--adapter".into(),
+                case.join(ad.as_str().unwrap()).to_str().unwrap().into(),
+            ]);
+        }
+        match m["quantize"].as_str() {
+            None => {}
+            Some("nf4") => args.extend(["--quantize".into(), "nf4".into()]),
+            Some("nf4-dq") => {
+                args.extend(["--quantize".into(), "nf4".into(), "--double-quant".into()])
+            }
+            Some(o) => panic!("quantize {o}"),
+        }
+        let peft = read_f32(&case.join("expected.safetensors"), "logits").1;
+        let cpu = logits(&args, "cpu");
+        let name = case.file_name().unwrap().to_string_lossy().into_owned();
+        for (prec, budget) in [("f32", F32_LOGITS), ("bf16", BF16_LOGITS)] {
+            let mut a = args.clone();
+            a.extend([
+                "--device".into(),
+                "cuda".into(),
+                "--precision".into(),
+                prec.into(),
+            ]);
+            let g = logits(&a, prec);
+            let e = rel(&g, &cpu);
+            report.push(format!(
+                "{name} {prec}: vs cpu {e:.2e}, vs peft {:.2e}",
+                max_abs_diff(&g, &peft)
+            ));
+            assert!(e <= budget, "{name} {prec}: {e:.3e} over {budget:.0e}");
+            if prec == "f32" {
+                let d = max_abs_diff(&g, &peft);
+                assert!(
+                    d <= PEFT_TOL,
+                    "{name}: GPU f32 logits differ from PEFT's by {d:.3e}"
+                );
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+fn load(dir: &Path) -> Model {
+    let mut src = qlora_io::ModelSource::open(dir).unwrap();
+    Model::load(&mut src).unwrap()
+}
+
+fn upload(m: &Model, p: Precision, opts: CudaOptions) -> CudaModel {
+    CudaModel::upload(Gpu::open(0, p).unwrap(), m, opts).unwrap()
+}
+
+fn greedy(d: &mut dyn Decoder, prompt: &[u32], n: usize) -> Vec<u32> {
+    d.reset();
+    let mut l = d.step(prompt, Logits::Last).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let id = qlora_model::sampling_argmax(&l);
+        out.push(id);
+        l = d.step(&[id], Logits::Last).unwrap();
+    }
+    out
+}
+
+#[test]
+fn greedy_generation_gives_the_cpu_tokens_in_f32_mode() {
+    if !have_gpu() {
+        return;
+    }
+    let tmp = temp_dir("gpu-greedy");
+    for name in ["llama-gqa", "mistral-window", "llama3-rope-bias"] {
+        let m = load(&model_dir(name, &tmp));
+        let prompt = [1u32, 5, 17, 3, 42];
+        let cpu = greedy(&mut CpuDecoder::new(&m), &prompt, 40);
+        let mut cm = upload(&m, Precision::F32, CudaOptions::default());
+        let gpu = greedy(&mut qlora_cuda::CudaDecoder::new(&mut cm), &prompt, 40);
+        assert_eq!(gpu, cpu, "{name}: greedy tokens differ");
+    }
+}
+
+#[test]
+fn batched_chunked_and_graph_paths_equal_the_plain_ones() {
+    if !have_gpu() {
+        return;
+    }
+    let tmp = temp_dir("gpu-batch");
+    let m = load(&model_dir("mistral-window", &tmp));
+    for p in [Precision::F32, Precision::Bf16] {
+        let plain = CudaOptions {
+            graphs: false,
+            ..Default::default()
+        };
+        let mut cm = upload(&m, p, plain);
+        let a: Vec<u32> = (0..37).map(|i| (i * 7 + 3) % 60).collect();
+        let b: Vec<u32> = vec![4, 9, 2, 11];
+        // Alone.
+        let mut sa = cm.new_seq();
+        let la = cm.forward(&mut [(&mut sa, &a)], Logits::Last).unwrap();
+        let mut sb = cm.new_seq();
+        let lb = cm.forward(&mut [(&mut sb, &b)], Logits::Last).unwrap();
+        cm.free_seq(&mut sa);
+        cm.free_seq(&mut sb);
+        // Together in one launch.
+        let (mut sa2, mut sb2) = (cm.new_seq(), cm.new_seq());
+        let both = cm
+            .forward(&mut [(&mut sa2, &a), (&mut sb2, &b)], Logits::Last)
+            .unwrap();
+        let v = cm.vocab_size();
+        assert!(
+            rel(&both[..v], &la) <= 1e-5 && rel(&both[v..], &lb) <= 1e-5,
+            "{p:?}: batch of two differs from alone"
+        );
+        // Decode steps of both, batched, against the CPU in f32.
+        if p == Precision::F32 {
+            let mut cpu_a = CpuDecoder::new(&m);
+            let mut cpu_b = CpuDecoder::new(&m);
+            cpu_a.step(&a, Logits::Last).unwrap();
+            cpu_b.step(&b, Logits::Last).unwrap();
+            for step in 0..5u32 {
+                let (ta, tb) = ([step + 1], [step + 20]);
+                let g = cm
+                    .forward(&mut [(&mut sa2, &ta), (&mut sb2, &tb)], Logits::Last)
+                    .unwrap();
+                let ca = cpu_a.step(&ta, Logits::Last).unwrap();
+                let cb = cpu_b.step(&tb, Logits::Last).unwrap();
+                assert!(
+                    rel(&g[..v], &ca) <= F32_LOGITS && rel(&g[v..], &cb) <= F32_LOGITS,
+                    "batched decode step {step}"
+                );
+            }
+        }
+        // Logits::All in chunks of 5 tokens equals one launch.
+        let mut small = upload(
+            &m,
+            p,
+            CudaOptions {
+                max_batch_tokens: 5,
+                graphs: false,
+                ..Default::default()
+            },
+        );
+        let mut s1 = cm.new_seq();
+        let all = cm.forward(&mut [(&mut s1, &a)], Logits::All).unwrap();
+        let mut s2 = small.new_seq();
+        let chunked = small.forward(&mut [(&mut s2, &a)], Logits::All).unwrap();
+        assert!(
+            rel(&chunked, &all) <= 1e-5,
+            "{p:?}: chunked prefill differs"
+        );
+        // Graph replays compute exactly what the launches do.
+        let mut gm = upload(&m, p, CudaOptions::default());
+        let (mut x, mut y) = (cm.new_seq(), gm.new_seq());
+        cm.forward(&mut [(&mut x, &b)], Logits::Last).unwrap();
+        gm.forward(&mut [(&mut y, &b)], Logits::Last).unwrap();
+        for step in 0..6u32 {
+            let t = [step * 3 + 1];
+            let l1 = cm.forward(&mut [(&mut x, &t)], Logits::Last).unwrap();
+            let l2 = gm.forward(&mut [(&mut y, &t)], Logits::Last).unwrap();
+            assert_eq!(
+                l1.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+                l2.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+                "{p:?}: graph step {step}"
+            );
+            let ids = gm.step_greedy(&mut [(&mut y, &t)]).unwrap();
+            let l1 = cm.forward(&mut [(&mut x, &t)], Logits::Last).unwrap();
+            assert_eq!(
+                ids,
+                vec![qlora_model::sampling_argmax(&l1)],
+                "{p:?}: device argmax"
+            );
+        }
+        // Errors, not panics: out-of-range ids, a full cache.
+        let mut z = cm.new_seq();
+        assert!(cm
+            .forward(&mut [(&mut z, &[10_000])], Logits::Last)
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
+        let mut tiny = upload(
+            &m,
+            p,
+            CudaOptions {
+                kv_tokens: 16,
+                graphs: false,
+                ..Default::default()
+            },
+        );
+        let mut w = tiny.new_seq();
+        let long: Vec<u32> = (0..17).collect();
+        assert!(tiny
+            .forward(&mut [(&mut w, &long)], Logits::Last)
+            .unwrap_err()
+            .to_string()
+            .contains("KV cache"));
+    }
+}
+
+#[test]
+fn synthetic_mistral_7b_layers_match_the_cpu() {
+    use qlora_model::synthetic::{synthetic_config, synthetic_model, SyntheticBase};
+    if !have_gpu() {
+        return;
+    }
+    let mut cfg = synthetic_config("mistral-7b").unwrap();
+    cfg.num_hidden_layers = 2;
+    let toks: Vec<u32> = vec![1, 907, 31000, 5, 17, 12000, 3];
+    for (base, rank) in [
+        (SyntheticBase::Bnb4(qlora_quant::Quant4::Nf4), None),
+        (SyntheticBase::Bnb4(qlora_quant::Quant4::Nf4), Some(16)),
+        (SyntheticBase::Bnb4(qlora_quant::Quant4::Fp4), None),
+        (SyntheticBase::Bf16, Some(8)),
+    ] {
+        let m = synthetic_model(cfg.clone(), base, rank, 3).unwrap();
+        let cpu = CpuDecoder::new(&m).step(&toks, Logits::All).unwrap();
+        for (p, budget) in [(Precision::F32, F32_LOGITS), (Precision::Bf16, BF16_LOGITS)] {
+            let mut cm = upload(
+                &m,
+                p,
+                CudaOptions {
+                    kv_tokens: 64,
+                    ..Default::default()
+                },
+            );
+            let g = qlora_cuda::CudaDecoder::new(&mut cm)
+                .step(&toks, Logits::All)
+                .unwrap();
+            let e = rel(&g, &cpu);
+            eprintln!("synthetic mistral-7b ×2 layers {base:?} lora {rank:?} {p:?}: {e:.2e}");
+            assert!(
+                e <= budget,
+                "{base:?} lora {rank:?} {p:?}: {e:.3e} over {budget:.0e}"
+            );
+        }
+    }
+}

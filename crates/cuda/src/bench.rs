@@ -1,0 +1,133 @@
+//! Kernel benchmarks on the GPU: device copy bandwidth (the ceiling), NF4 dequantization and
+//! the fused NF4 GEMV at Mistral-7B's shapes. Event-timed, medians of several runs, inputs
+//! rotated over several buffers larger than L2 together.
+
+use crate::gpu::{check, Arg, DevBuf, Gpu};
+use crate::Result;
+
+pub struct KernelRow {
+    pub name: String,
+    /// Median milliseconds per call.
+    pub ms: f64,
+    /// Bytes read + written per call over the time.
+    pub gbps: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn random_buf(gpu: &Gpu, bytes: usize, seed: u64) -> Result<DevBuf> {
+    let mut x = seed | 1;
+    let host: Vec<u8> = (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    gpu.upload(&host)
+}
+
+/// Times `f(i)` (i rotates over `sets` input sets) `reps` times; median ms.
+fn time(gpu: &Gpu, reps: usize, sets: usize, f: impl Fn(usize) -> Result<()>) -> Result<f64> {
+    for i in 0..sets {
+        f(i)?; // warm-up
+    }
+    let mut v = Vec::new();
+    for r in 0..reps {
+        v.push(gpu.time_ms(|| f(r % sets))?);
+    }
+    Ok(median(v))
+}
+
+pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
+    use Arg::*;
+    gpu.bind()?;
+    let lp = gpu.lp().size();
+    let mut rows = Vec::new();
+    // The ceiling: a 1 GiB device-to-device copy (bytes read + written).
+    let n = 1usize << 30;
+    let (a, b) = (gpu.alloc(n)?, gpu.alloc(n)?);
+    let ms = time(gpu, reps, 1, |_| unsafe {
+        check(
+            cudarc::driver::sys::cuMemcpyDtoDAsync_v2(b.ptr(), a.ptr(), n, gpu.stream),
+            "cuMemcpyDtoDAsync",
+        )
+    })?;
+    rows.push(KernelRow {
+        name: "copy 1 GiB (device to device)".into(),
+        ms,
+        gbps: 2.0 * n as f64 / ms / 1e6,
+    });
+    drop((a, b));
+    let code = gpu.upload(&qlora_quant::Quant4::Nf4.code())?;
+    const SETS: usize = 4;
+    for (name, r, c) in [
+        ("q/o_proj", 4096usize, 4096usize),
+        ("gate+up (fused)", 28672, 4096),
+        ("down_proj", 4096, 14336),
+    ] {
+        let el = r * c;
+        let packed: Vec<DevBuf> = (0..SETS)
+            .map(|i| random_buf(gpu, el / 2, 7 + i as u64))
+            .collect::<Result<_>>()?;
+        let absmax: Vec<DevBuf> = (0..SETS)
+            .map(|_| gpu.upload(&vec![0.02f32; el / 64]))
+            .collect::<Result<_>>()?;
+        let out = gpu.alloc(el * lp)?;
+        let ms = time(gpu, reps, SETS, |i| {
+            gpu.launch_n(
+                "dequant4_x32",
+                el / 32,
+                &[
+                    P(packed[i].ptr()),
+                    P(absmax[i].ptr()),
+                    P(code.ptr()),
+                    I(64),
+                    L((el / 32) as i64),
+                    P(out.ptr()),
+                ],
+            )
+        })?;
+        let bytes = el / 2 + el / 64 * 4 + el * lp;
+        rows.push(KernelRow {
+            name: format!("dequant nf4 {name} [{r}, {c}] → {:?}", gpu.lp()),
+            ms,
+            gbps: bytes as f64 / ms / 1e6,
+        });
+        let x = random_buf(gpu, c * lp, 3)?;
+        // Fill x with small finite values (random bytes may be NaN patterns).
+        gpu.write(&x, 0, &vec![0u8; c * lp])?;
+        let y = gpu.alloc(r * 4)?;
+        let ms = time(gpu, reps, SETS, |i| {
+            gpu.launch(
+                "gemv4",
+                (r.div_ceil(8) as u32, 1),
+                128,
+                &[
+                    P(packed[i].ptr()),
+                    P(absmax[i].ptr()),
+                    P(code.ptr()),
+                    I(64),
+                    I(r as i32),
+                    I(c as i32),
+                    P(x.ptr()),
+                    I(1),
+                    P(y.ptr()),
+                    I(r as i32),
+                    I(0),
+                ],
+            )
+        })?;
+        let bytes = el / 2 + el / 64 * 4;
+        rows.push(KernelRow {
+            name: format!("gemv nf4 {name} [{r}, {c}], 1 token"),
+            ms,
+            gbps: bytes as f64 / ms / 1e6,
+        });
+    }
+    Ok(rows)
+}

@@ -1,0 +1,587 @@
+//! One GPU: its context, one stream, a cuBLAS handle, the kernels compiled by NVRTC for its
+//! architecture, device buffers and typed launches. Everything runs on the one stream, in
+//! order; nothing synchronizes but the copies back to the host.
+
+use crate::{Error, Precision, Result};
+use cudarc::cublas::sys as cublas;
+use cudarc::driver::sys as cu;
+use cudarc::nvrtc::sys as nvrtc;
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+
+/// The kernel source, compiled at run time (and in CI by `tests/nvrtc_compile.rs`).
+pub const KERNELS: &str = include_str!("kernels.cu");
+
+/// Every kernel in `kernels.cu`, looked up after compiling.
+pub const KERNEL_NAMES: &[&str] = &[
+    "embed",
+    "rms_norm",
+    "add_f32",
+    "add_bias",
+    "f32_to_lp",
+    "lp_to_f32",
+    "swiglu",
+    "rope_store",
+    "attention",
+    "dequant4",
+    "dequant4_x32",
+    "dequant_int8",
+    "gemv4",
+    "lora_apply",
+    "gather_rows",
+    "embed_lora_apply",
+    "argmax_rows",
+    "fill_f32",
+];
+
+pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {
+    if r == cu::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Cuda(format!("{what}: {r:?}")))
+    }
+}
+
+fn check_blas(r: cublas::cublasStatus_t, what: &str) -> Result<()> {
+    if r == cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Cuda(format!("cuBLAS {what}: {r:?}")))
+    }
+}
+
+/// Whether the NVRTC library can be loaded (for a clear error instead of a panic).
+pub fn nvrtc_present() -> bool {
+    unsafe { nvrtc::is_culib_present() }
+}
+
+/// Compiles the kernels with NVRTC for `arch` (e.g. "sm_90"); returns the cubin.
+pub fn compile(arch: &str, precision: Precision) -> Result<Vec<u8>> {
+    compile_source(KERNELS, arch, precision)
+}
+
+/// Compiles a CUDA source with NVRTC for `arch`; the error carries NVRTC's log.
+pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<Vec<u8>> {
+    if !nvrtc_present() {
+        return Err(Error::Missing(
+            "libnvrtc.so (NVRTC) could not be loaded: install the CUDA runtime compiler (e.g. `pip install nvidia-cuda-nvrtc` and put its nvidia/cu13/lib on LD_LIBRARY_PATH, or the toolkit's lib64)".into(),
+        ));
+    }
+    let src = CString::new(source)
+        .map_err(|_| Error::Invalid("kernel source holds a NUL byte".into()))?;
+    let name = CString::new("qlora_kernels.cu").expect("no NUL");
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "-default-device".to_string(),
+        "--fmad=true".to_string(),
+    ];
+    if precision == Precision::Bf16 {
+        opts.push("-DQLORA_BF16".to_string());
+    }
+    unsafe {
+        let prog = cudarc::nvrtc::result::create_program(&src, Some(&name))
+            .map_err(|e| Error::Cuda(format!("nvrtcCreateProgram: {e:?}")))?;
+        let res = cudarc::nvrtc::result::compile_program(prog, &opts);
+        let log = cudarc::nvrtc::result::get_program_log(prog)
+            .map(|l| {
+                let bytes: Vec<u8> = l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default();
+        if let Err(e) = res {
+            let _ = cudarc::nvrtc::result::destroy_program(prog);
+            return Err(Error::Compile(format!("{e:?} for {arch}:\n{log}")));
+        }
+        let mut size = 0usize;
+        let r = nvrtc::nvrtcGetCUBINSize(prog, &mut size);
+        if r != nvrtc::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+            let _ = cudarc::nvrtc::result::destroy_program(prog);
+            return Err(Error::Compile(format!(
+                "no cubin for {arch} ({r:?}); the architecture must be a real one (sm_XX)"
+            )));
+        }
+        let mut cubin = vec![0u8; size];
+        let r = nvrtc::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _);
+        let _ = cudarc::nvrtc::result::destroy_program(prog);
+        if r != nvrtc::nvrtcResult::NVRTC_SUCCESS {
+            return Err(Error::Compile(format!("nvrtcGetCUBIN: {r:?}")));
+        }
+        Ok(cubin)
+    }
+}
+
+/// Device memory, freed on drop. Untyped: the launch sites know the element type.
+pub struct DevBuf {
+    ptr: cu::CUdeviceptr,
+    bytes: usize,
+}
+
+impl DevBuf {
+    pub fn ptr(&self) -> cu::CUdeviceptr {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// The address `offset` bytes in.
+    pub fn at(&self, offset: usize) -> cu::CUdeviceptr {
+        debug_assert!(offset <= self.bytes);
+        self.ptr + offset as u64
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            unsafe {
+                let _ = cu::cuMemFree_v2(self.ptr);
+            }
+        }
+    }
+}
+
+// Device pointers are plain addresses; the context is made current before each use.
+unsafe impl Send for DevBuf {}
+unsafe impl Sync for DevBuf {}
+
+/// The element types a matrix product takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dt {
+    F32,
+    Bf16,
+}
+
+impl Dt {
+    fn cuda(self) -> cublas::cudaDataType {
+        match self {
+            Dt::F32 => cublas::cudaDataType::CUDA_R_32F,
+            Dt::Bf16 => cublas::cudaDataType::CUDA_R_16BF,
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::Bf16 => 2,
+        }
+    }
+}
+
+/// A kernel argument: a device pointer or a scalar, passed by address to cuLaunchKernel.
+#[derive(Clone, Copy)]
+pub enum Arg {
+    P(cu::CUdeviceptr),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+pub struct Gpu {
+    pub ordinal: usize,
+    pub name: String,
+    pub arch: (i32, i32),
+    pub sms: i32,
+    pub precision: Precision,
+    ctx: cu::CUcontext,
+    pub(crate) stream: cu::CUstream,
+    blas: cublas::cublasHandle_t,
+    _blas_ws: DevBuf,
+    _module: cu::CUmodule,
+    funcs: HashMap<&'static str, cu::CUfunction>,
+    pub compile_s: f64,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Gpu(cuda:{} {} sm_{}{} {:?})",
+            self.ordinal, self.name, self.arch.0, self.arch.1, self.precision
+        )
+    }
+}
+
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+impl Gpu {
+    /// Opens GPU `ordinal`, compiles the kernels for it and creates the stream and cuBLAS.
+    /// Without a driver, a GPU or NVRTC, says which is missing.
+    pub fn open(ordinal: usize, precision: Precision) -> Result<Arc<Gpu>> {
+        if !unsafe { cu::is_culib_present() } {
+            return Err(Error::Missing(
+                "libcuda.so (the NVIDIA driver) could not be loaded: this machine has no NVIDIA driver; install one, or use --device cpu".into(),
+            ));
+        }
+        if !unsafe { cublas::is_culib_present() } {
+            return Err(Error::Missing(
+                "libcublas.so could not be loaded: install cuBLAS (CUDA 13: `pip install nvidia-cublas` and put its lib folder on LD_LIBRARY_PATH, or the toolkit's lib64)".into(),
+            ));
+        }
+        unsafe {
+            check(cu::cuInit(0), "cuInit (is a GPU visible? see nvidia-smi)")?;
+            let mut count = 0;
+            check(cu::cuDeviceGetCount(&mut count), "cuDeviceGetCount")?;
+            if ordinal as i32 >= count {
+                return Err(Error::Missing(format!(
+                    "no CUDA device {ordinal}: this machine has {count}; use --device cuda:0 .. cuda:{}",
+                    count.max(1) - 1
+                )));
+            }
+            let mut dev = 0;
+            check(cu::cuDeviceGet(&mut dev, ordinal as i32), "cuDeviceGet")?;
+            let mut ctx = std::ptr::null_mut();
+            check(
+                cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+            )?;
+            check(cu::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
+            let attr = |a| {
+                let mut v = 0;
+                check(
+                    cu::cuDeviceGetAttribute(&mut v, a, dev),
+                    "cuDeviceGetAttribute",
+                )
+                .map(|_| v)
+            };
+            use cu::CUdevice_attribute::*;
+            let arch = (
+                attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            );
+            let sms = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+            let mut name_buf = [0 as std::ffi::c_char; 256];
+            check(
+                cu::cuDeviceGetName(name_buf.as_mut_ptr(), 256, dev),
+                "cuDeviceGetName",
+            )?;
+            let name = std::ffi::CStr::from_ptr(name_buf.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            let t0 = std::time::Instant::now();
+            let cubin = compile(&format!("sm_{}{}", arch.0, arch.1), precision)?;
+            let compile_s = t0.elapsed().as_secs_f64();
+            let mut module = std::ptr::null_mut();
+            check(
+                cu::cuModuleLoadData(&mut module, cubin.as_ptr() as *const c_void),
+                "cuModuleLoadData",
+            )?;
+            let mut funcs = HashMap::new();
+            for &n in KERNEL_NAMES {
+                let cn = CString::new(n).expect("no NUL");
+                let mut f = std::ptr::null_mut();
+                check(cu::cuModuleGetFunction(&mut f, module, cn.as_ptr()), n)?;
+                funcs.insert(n, f);
+            }
+            let mut stream = std::ptr::null_mut();
+            check(
+                cu::cuStreamCreate(
+                    &mut stream,
+                    cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                ),
+                "cuStreamCreate",
+            )?;
+            let mut blas = std::ptr::null_mut();
+            check_blas(cublas::cublasCreate_v2(&mut blas), "create")?;
+            check_blas(cublas::cublasSetStream_v2(blas, stream as _), "set stream")?;
+            // Default math: tensor cores for bf16, and for f32 (CUBLAS_COMPUTE_32F) plain f32,
+            // no TF32. A fixed workspace keeps graph capture legal.
+            check_blas(
+                cublas::cublasSetMathMode(blas, cublas::cublasMath_t::CUBLAS_DEFAULT_MATH),
+                "set math mode",
+            )?;
+            let ws_bytes = 64 << 20;
+            let mut p = 0;
+            check(
+                cu::cuMemAlloc_v2(&mut p, ws_bytes),
+                "cuMemAlloc (cuBLAS workspace)",
+            )?;
+            let ws = DevBuf {
+                ptr: p,
+                bytes: ws_bytes,
+            };
+            check_blas(
+                cublas::cublasSetWorkspace_v2(blas, p as *mut c_void, ws_bytes),
+                "set workspace",
+            )?;
+            Ok(Arc::new(Gpu {
+                ordinal,
+                name,
+                arch,
+                sms,
+                precision,
+                ctx,
+                stream,
+                blas,
+                _blas_ws: ws,
+                _module: module,
+                funcs,
+                compile_s,
+            }))
+        }
+    }
+
+    /// Makes this GPU's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        unsafe { check(cu::cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent") }
+    }
+
+    /// The element type of matrix-product inputs and the KV cache in this precision.
+    pub fn lp(&self) -> Dt {
+        match self.precision {
+            Precision::F32 => Dt::F32,
+            Precision::Bf16 => Dt::Bf16,
+        }
+    }
+
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        let mut p = 0;
+        if bytes > 0 {
+            unsafe {
+                check(
+                    cu::cuMemAlloc_v2(&mut p, bytes),
+                    &format!("cuMemAlloc of {} MiB (out of GPU memory?)", bytes >> 20),
+                )?
+            };
+        }
+        Ok(DevBuf { ptr: p, bytes })
+    }
+
+    /// A device copy of `data`.
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DevBuf> {
+        let bytes = std::mem::size_of_val(data);
+        let b = self.alloc(bytes)?;
+        self.write(&b, 0, data)?;
+        Ok(b)
+    }
+
+    /// Copies `data` into `dst` at byte `offset` (ordered on the stream).
+    pub fn write<T: Copy>(&self, dst: &DevBuf, offset: usize, data: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes == 0 {
+            return Ok(());
+        }
+        if offset + bytes > dst.bytes {
+            return Err(Error::Invalid(format!(
+                "write of {bytes} bytes at {offset} into a {}-byte buffer",
+                dst.bytes
+            )));
+        }
+        unsafe {
+            check(
+                cu::cuMemcpyHtoDAsync_v2(
+                    dst.at(offset),
+                    data.as_ptr() as *const c_void,
+                    bytes,
+                    self.stream,
+                ),
+                "cuMemcpyHtoDAsync",
+            )?;
+            // Pageable host memory: wait so the caller may reuse `data` at once.
+            self.sync()
+        }
+    }
+
+    /// Copies `out.len()` elements from `src` at byte `offset` to the host (waits).
+    pub fn read<T: Copy>(&self, src: cu::CUdeviceptr, out: &mut [T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(out);
+        if bytes == 0 {
+            return Ok(());
+        }
+        unsafe {
+            check(
+                cu::cuMemcpyDtoHAsync_v2(out.as_mut_ptr() as *mut c_void, src, bytes, self.stream),
+                "cuMemcpyDtoHAsync",
+            )?;
+        }
+        self.sync()
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        unsafe {
+            check(
+                cu::cuStreamSynchronize(self.stream),
+                "kernel or copy failed",
+            )
+        }
+    }
+
+    /// Launches `name` on the stream.
+    pub fn launch(&self, name: &str, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("no kernel {name}")))?;
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        let mut vals: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::P(p) => p.to_le_bytes(),
+                Arg::L(v) => v.to_le_bytes(),
+                Arg::I(v) => {
+                    let mut b = [0u8; 8];
+                    b[..4].copy_from_slice(&v.to_le_bytes());
+                    b
+                }
+                Arg::F(v) => {
+                    let mut b = [0u8; 8];
+                    b[..4].copy_from_slice(&v.to_le_bytes());
+                    b
+                }
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|v| v.as_mut_ptr() as *mut c_void)
+            .collect();
+        unsafe {
+            check(
+                cu::cuLaunchKernel(
+                    f,
+                    grid.0,
+                    grid.1,
+                    1,
+                    block,
+                    1,
+                    1,
+                    0,
+                    self.stream,
+                    ptrs.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                ),
+                name,
+            )
+        }
+    }
+
+    /// Launches an elementwise kernel over `n` elements (256 threads a block).
+    pub fn launch_n(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+        self.launch(name, (n.div_ceil(256) as u32, 1), 256, args)
+    }
+
+    /// y[t, ldy] (columns from y's address) = alpha · x[t, k] · W[n, k]ᵀ + beta · y, row-major,
+    /// f32 accumulation, x and W of type `dt`, y f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        dt: Dt,
+        t: usize,
+        n: usize,
+        k: usize,
+        x: cu::CUdeviceptr,
+        ldx: usize,
+        w: cu::CUdeviceptr,
+        y: cu::CUdeviceptr,
+        ldy: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        if t == 0 || n == 0 {
+            return Ok(());
+        }
+        // Column-major view: Yᵀ [n, t] = Wᵀ' · Xᵀ' with W stored [n, k] row-major = [k, n] col-major.
+        unsafe {
+            check_blas(
+                cublas::cublasGemmEx(
+                    self.blas,
+                    cublas::cublasOperation_t::CUBLAS_OP_T,
+                    cublas::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    t as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const c_void,
+                    w as *const c_void,
+                    dt.cuda(),
+                    k as i32,
+                    x as *const c_void,
+                    dt.cuda(),
+                    ldx as i32,
+                    &beta as *const f32 as *const c_void,
+                    y as *mut c_void,
+                    cublas::cudaDataType::CUDA_R_32F,
+                    ldy as i32,
+                    cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                ),
+                "GemmEx",
+            )
+        }
+    }
+
+    /// Starts capturing the stream's work into a graph.
+    pub fn begin_capture(&self) -> Result<()> {
+        unsafe {
+            check(
+                cu::cuStreamBeginCapture_v2(
+                    self.stream,
+                    cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                ),
+                "cuStreamBeginCapture",
+            )
+        }
+    }
+
+    /// Ends the capture and instantiates the graph.
+    pub fn end_capture(&self) -> Result<Graph> {
+        unsafe {
+            let mut g = std::ptr::null_mut();
+            check(
+                cu::cuStreamEndCapture(self.stream, &mut g),
+                "cuStreamEndCapture",
+            )?;
+            let mut exec = std::ptr::null_mut();
+            let r = cu::cuGraphInstantiateWithFlags(&mut exec, g, 0);
+            cu::cuGraphDestroy(g);
+            check(r, "cuGraphInstantiate")?;
+            Ok(Graph { exec })
+        }
+    }
+
+    pub fn replay(&self, g: &Graph) -> Result<()> {
+        unsafe { check(cu::cuGraphLaunch(g.exec, self.stream), "cuGraphLaunch") }
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        let (mut f, mut t) = (0usize, 0usize);
+        unsafe { check(cu::cuMemGetInfo_v2(&mut f, &mut t), "cuMemGetInfo")? };
+        Ok((f, t))
+    }
+
+    /// Milliseconds of stream work done by `f` (events around it).
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+        unsafe {
+            let (mut a, mut b) = (std::ptr::null_mut(), std::ptr::null_mut());
+            check(cu::cuEventCreate(&mut a, 0), "cuEventCreate")?;
+            check(cu::cuEventCreate(&mut b, 0), "cuEventCreate")?;
+            check(cu::cuEventRecord(a, self.stream), "cuEventRecord")?;
+            f()?;
+            check(cu::cuEventRecord(b, self.stream), "cuEventRecord")?;
+            check(cu::cuEventSynchronize(b), "cuEventSynchronize")?;
+            let mut ms = 0f32;
+            check(
+                cu::cuEventElapsedTime_v2(&mut ms, a, b),
+                "cuEventElapsedTime",
+            )?;
+            cu::cuEventDestroy_v2(a);
+            cu::cuEventDestroy_v2(b);
+            Ok(ms as f64)
+        }
+    }
+}
+
+/// An instantiated CUDA graph.
+pub struct Graph {
+    exec: cu::CUgraphExec,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        unsafe {
+            cu::cuGraphExecDestroy(self.exec);
+        }
+    }
+}

@@ -1,0 +1,441 @@
+// qlora's CUDA kernels, compiled at run time by NVRTC for the device's architecture.
+//
+// One source, two precisions: the host defines QLORA_BF16 for the bf16 mode. `lp_t` is the
+// type of matrix-product inputs and the KV cache (bf16 or f32); the residual stream, matrix
+// outputs, norms and softmax stay f32 in both modes. No headers: bf16 is handled as raw bits,
+// so NVRTC needs no include path. No atomics: every reduction has a fixed order, so a run
+// repeats bit for bit on the same GPU.
+//
+// Shape letters as in the Rust code: t tokens, d hidden, h heads, kv kv-heads, hd head dim.
+
+#define INFINITY __int_as_float(0x7f800000)
+typedef unsigned char u8;
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float bf16_to_f(bf16_t h) { return __uint_as_float(((unsigned)h) << 16); }
+__device__ __forceinline__ bf16_t f_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                            // nearest even
+    return (bf16_t)(u >> 16);
+}
+
+#ifdef QLORA_BF16
+typedef bf16_t lp_t;
+__device__ __forceinline__ float lp_to_f(lp_t v) { return bf16_to_f(v); }
+__device__ __forceinline__ lp_t f_to_lp(float v) { return f_to_bf16(v); }
+#else
+typedef float lp_t;
+__device__ __forceinline__ float lp_to_f(lp_t v) { return v; }
+__device__ __forceinline__ lp_t f_to_lp(float v) { return v; }
+#endif
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum with a fixed order (warp trees, then warp 0 over the partials).
+__device__ float block_sum(float v, float* shm) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    float r = (threadIdx.x < nw) ? shm[threadIdx.x] : 0.f;
+    if (warp == 0) r = warp_sum(r);
+    if (threadIdx.x == 0) shm[0] = r;
+    __syncthreads();
+    return shm[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise and row ops
+
+// x[i, :] = table[ids[i], :]   ids [t], table [v, d] lp, x [t, d] f32
+extern "C" __global__ void embed(const lp_t* __restrict__ table, const int* __restrict__ ids,
+                                 float* __restrict__ x, int d) {
+    const lp_t* row = table + (long)ids[blockIdx.x] * d;
+    float* out = x + (long)blockIdx.x * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = lp_to_f(row[j]);
+}
+
+// y = g * (x * 1/sqrt(mean(x²) + eps)), one block per row.   x [t, d] f32, y [t, d] lp
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g,
+                                    float eps, int d, lp_t* __restrict__ y) {
+    __shared__ float shm[32];
+    const float* xr = x + (long)blockIdx.x * d;
+    float s = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s = fmaf(xr[j], xr[j], s);
+    s = block_sum(s, shm);
+    float inv = 1.0f / sqrtf(s / (float)d + eps);
+    lp_t* yr = y + (long)blockIdx.x * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = f_to_lp(g[j] * (xr[j] * inv));
+}
+
+// a += b   (n elements)
+extern "C" __global__ void add_f32(float* __restrict__ a, const float* __restrict__ b, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) a[i] += b[i];
+}
+
+// y[i, :] += bias   y [t, ld] (the first n columns from col0)
+extern "C" __global__ void add_bias(float* __restrict__ y, int ld, int col0,
+                                    const float* __restrict__ bias, int n) {
+    float* yr = y + (long)blockIdx.x * ld + col0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] += bias[j];
+}
+
+// out = lp(x)  /  out = f32(x)
+extern "C" __global__ void f32_to_lp(const float* __restrict__ x, lp_t* __restrict__ out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f_to_lp(x[i]);
+}
+extern "C" __global__ void lp_to_f32(const lp_t* __restrict__ x, float* __restrict__ out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = lp_to_f(x[i]);
+}
+
+// out[i, j] = silu(gu[i, j]) * gu[i, f + j]   gu [t, 2f] f32 (gate | up), out [t, f] lp
+extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __restrict__ out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long tok = i / f, j = i % f;
+    float g = gu[tok * 2 * f + j], u = gu[tok * 2 * f + f + j];
+    out[i] = f_to_lp(g / (1.0f + expf(-g)) * u);
+}
+
+// RoPE (rotate-half) in place on the q and k columns of qkv, and the k/v rows stored into the
+// paged cache at each token's slot.
+// qkv [t, ld] f32: q at col 0 (h·hd), k at h·hd (kv·hd), v after k; cos/sin [n_pos, hd/2];
+// pos [t]; slot [t] (block · block_size + offset); kc/vc [slots, kv·hd] lp.
+extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads, int kvh, int hd,
+                                      const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                      const int* __restrict__ pos, const int* __restrict__ slot,
+                                      lp_t* __restrict__ kc, lp_t* __restrict__ vc) {
+    int tok = blockIdx.x, half = hd / 2;
+    float* row = qkv + (long)tok * ld;
+    const float* c = cos_t + (long)pos[tok] * half;
+    const float* s = sin_t + (long)pos[tok] * half;
+    int nrot = (heads + kvh) * half;
+    for (int i = threadIdx.x; i < nrot; i += blockDim.x) {
+        int head = i / half, j = i % half;
+        float* hp = row + head * hd;  // k heads follow the q heads
+        float x1 = hp[j], x2 = hp[j + half];
+        hp[j] = x1 * c[j] - x2 * s[j];
+        hp[j + half] = x2 * c[j] + x1 * s[j];
+    }
+    __syncthreads();
+    long dst = (long)slot[tok] * kvh * hd;
+    const float* k = row + heads * hd;
+    const float* v = k + kvh * hd;
+    for (int i = threadIdx.x; i < kvh * hd; i += blockDim.x) {
+        kc[dst + i] = f_to_lp(k[i]);
+        vc[dst + i] = f_to_lp(v[i]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention over the paged cache: one block per (head, token); each warp walks a strided share
+// of the keys with an online softmax, then the warps' partial results are merged in order.
+// q rows in qkv [t, ld]; seq [t] (the token's sequence in the batch), pos [t];
+// tables [batch, max_blocks]; out [t, h·hd] lp. window 0 = none. hd ≤ 256.
+#define ATT_WARPS 8
+#define ATT_MAX_PER_LANE 8
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, const lp_t* __restrict__ vc,
+          const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,
+          int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale,
+          lp_t* __restrict__ out) {
+    __shared__ float qs[256];
+    __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
+    __shared__ float wacc[ATT_WARPS][256];
+    int head = blockIdx.x, tok = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int kvhead = head / (heads / kvh);
+    const float* q = qkv + (long)tok * ld + head * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i];
+    __syncthreads();
+    int p = pos[tok];
+    int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    const int* table = tables + (long)seq[tok] * max_blocks;
+    float m = -INFINITY, l = 0.f;
+    float acc[ATT_MAX_PER_LANE];
+#pragma unroll
+    for (int e = 0; e < ATT_MAX_PER_LANE; e++) acc[e] = 0.f;
+    for (int j = lo + warp; j <= p; j += ATT_WARPS) {
+        long base = ((long)table[j / block_size] * block_size + j % block_size) * kvh * hd + (long)kvhead * hd;
+        float sdot = 0.f;
+#pragma unroll
+        for (int e = 0; e < ATT_MAX_PER_LANE; e++) {
+            int i = lane + 32 * e;
+            if (i < hd) sdot = fmaf(qs[i], lp_to_f(kc[base + i]), sdot);
+        }
+        float sc = warp_sum(sdot) * scale;
+        float mn = fmaxf(m, sc);
+        float corr = expf(m - mn);  // 0 when m = -inf
+        float w = expf(sc - mn);
+        l = l * corr + w;
+#pragma unroll
+        for (int e = 0; e < ATT_MAX_PER_LANE; e++) {
+            int i = lane + 32 * e;
+            if (i < hd) acc[e] = acc[e] * corr + w * lp_to_f(vc[base + i]);
+        }
+        m = mn;
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int e = 0; e < ATT_MAX_PER_LANE; e++) {
+        int i = lane + 32 * e;
+        if (i < hd) wacc[warp][i] = acc[e];
+    }
+    __syncthreads();
+    float gm = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) gm = fmaxf(gm, wm[w]);
+    float gl = 0.f;
+    for (int w = 0; w < ATT_WARPS; w++) if (wl[w] > 0.f) gl += wl[w] * expf(wm[w] - gm);
+    lp_t* o = out + (long)tok * heads * hd + head * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float a = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) if (wl[w] > 0.f) a += wacc[w][i] * expf(wm[w] - gm);
+        o[i] = f_to_lp(a / gl);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization (bit-exact with the CPU: one f32 product per element)
+
+// bitsandbytes 4-bit: element i = code[nibble i] * absmax[i / blocksize], high nibble first.
+// packed [ceil(n/2)], out [n] lp. One thread per byte.
+extern "C" __global__ void dequant4(const u8* __restrict__ packed, const float* __restrict__ absmax,
+                                    const float* __restrict__ code, int blocksize, long n,
+                                    lp_t* __restrict__ out) {
+    __shared__ float cs[16];
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    __syncthreads();
+    long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long i = 2 * b;
+    if (i >= n) return;
+    u8 v = packed[b];
+    out[i] = f_to_lp(__fmul_rn(cs[v >> 4], absmax[i / blocksize]));
+    if (i + 1 < n) out[i + 1] = f_to_lp(__fmul_rn(cs[v & 15], absmax[(i + 1) / blocksize]));
+}
+
+// The same, 16 bytes (32 elements) per thread; needs n % 32 == 0 and blocksize % 32 == 0.
+extern "C" __global__ void dequant4_x32(const uint4* __restrict__ packed, const float* __restrict__ absmax,
+                                        const float* __restrict__ code, int blocksize, long n32,
+                                        lp_t* __restrict__ out) {
+    __shared__ float cs[16];
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    __syncthreads();
+    long c = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n32) return;
+    uint4 q = packed[c];
+    float s = absmax[(c * 32) / blocksize];
+    unsigned w[4] = {q.x, q.y, q.z, q.w};
+    float v[32];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            unsigned byte = (w[k] >> (8 * b)) & 0xffu;
+            v[k * 8 + 2 * b] = __fmul_rn(cs[byte >> 4], s);
+            v[k * 8 + 2 * b + 1] = __fmul_rn(cs[byte & 15], s);
+        }
+    }
+#ifdef QLORA_BF16
+    uint4* o = (uint4*)(out + c * 32);
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        unsigned p[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            p[e] = (unsigned)f_to_bf16(v[k * 8 + 2 * e]) | ((unsigned)f_to_bf16(v[k * 8 + 2 * e + 1]) << 16);
+        o[k] = make_uint4(p[0], p[1], p[2], p[3]);
+    }
+#else
+    float4* o = (float4*)(out + c * 32);
+#pragma unroll
+    for (int k = 0; k < 8; k++) o[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+#endif
+}
+
+// LLM.int8: element (r, j) = (q * SCB[r]) * (1/127).   cb [rows, cols] int8, out lp
+extern "C" __global__ void dequant_int8(const signed char* __restrict__ cb, const float* __restrict__ scb,
+                                        int cols, long n, lp_t* __restrict__ out) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = f_to_lp(__fmul_rn(__fmul_rn((float)cb[i], scb[i / cols]), 7.874016e-3f));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused bitsandbytes 4-bit GEMV for decode: y[tok, r] (+)= Σ_j x[tok, j] · W[r, j], for t ≤ 8.
+// Each warp owns GEMV_ROWS consecutive rows and reads 16 bytes (32 codes) per row per lane per
+// step, so x is loaded once per GEMV_ROWS rows. Needs cols % 32 == 0 and blocksize % 32 == 0
+// and cols % blocksize == 0 (no block crosses a row).
+// packed rows [rows, cols/2], absmax [rows · cols / blocksize], x [t, cols] lp, y [t, ld] f32.
+#define GEMV_ROWS 2
+#define GEMV_WARPS 4
+#define GEMV_MAX_T 8
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv4(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
+      int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,
+      int ld, int accumulate) {
+    __shared__ float cs[16];
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int r0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    if (r0 >= rows) return;
+    int chunks = cols / 32;  // 16-byte pieces per row
+    float acc[GEMV_ROWS][GEMV_MAX_T];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int k = 0; k < GEMV_MAX_T; k++) acc[r][k] = 0.f;
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 q[GEMV_ROWS];
+        float s[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            int row = min(r0 + r, rows - 1);
+            q[r] = ((const uint4*)(packed + (long)row * (cols / 2)))[c];
+            s[r] = absmax[((long)row * cols + c * 32) / blocksize];
+        }
+#pragma unroll
+        for (int k = 0; k < GEMV_MAX_T; k++) {
+            if (k < t) {
+                float xv[32];
+                const lp_t* xr = x + (long)k * cols + c * 32;
+#ifdef QLORA_BF16
+                const uint4* xp = (const uint4*)xr;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    uint4 u = xp[e];
+                    unsigned uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                    for (int f = 0; f < 4; f++) {
+                        xv[e * 8 + 2 * f] = __uint_as_float(uu[f] << 16);
+                        xv[e * 8 + 2 * f + 1] = __uint_as_float(uu[f] & 0xffff0000u);
+                    }
+                }
+#else
+                const float4* xp = (const float4*)xr;
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float4 u = xp[e];
+                    xv[4 * e] = u.x; xv[4 * e + 1] = u.y; xv[4 * e + 2] = u.z; xv[4 * e + 3] = u.w;
+                }
+#endif
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) {
+                    unsigned w[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
+                    float part = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+#pragma unroll
+                        for (int b = 0; b < 4; b++) {
+                            unsigned byte = (w[e] >> (8 * b)) & 0xffu;
+                            part = fmaf(cs[byte >> 4], xv[e * 8 + 2 * b], part);
+                            part = fmaf(cs[byte & 15], xv[e * 8 + 2 * b + 1], part);
+                        }
+                    }
+                    acc[r][k] = fmaf(part, s[r], acc[r][k]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+#pragma unroll
+        for (int k = 0; k < GEMV_MAX_T; k++) {
+            if (k < t) {
+                float v = warp_sum(acc[r][k]);
+                if (lane == 0 && r0 + r < rows) {
+                    float* o = y + (long)k * ld + r0 + r;
+                    *o = accumulate ? *o + v : v;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adapters
+
+// After d = B(A x) for one adapter on columns [col0, col0 + n) of y [t, ld]:
+// LoRA: y += s·(d + b_B); DoRA: y += (f − 1)·(y − bias) + f·s·(d + b_B), as the CPU path.
+// bb (b_B), f (DoRA scale) and bias may be null.
+extern "C" __global__ void lora_apply(float* __restrict__ y, int ld, int col0, const float* __restrict__ d,
+                                      int n, const float* __restrict__ bb, const float* __restrict__ f,
+                                      const float* __restrict__ bias, float s) {
+    float* yr = y + (long)blockIdx.x * ld + col0;
+    const float* dr = d + (long)blockIdx.x * n;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float delta = dr[j] + (bb ? bb[j] : 0.f);
+        if (f) {
+            float base = yr[j] - (bias ? bias[j] : 0.f);
+            yr[j] += (f[j] - 1.0f) * base + f[j] * (s * delta);
+        } else {
+            yr[j] += s * delta;
+        }
+    }
+}
+
+// Embedding adapters: h[i, :] = a_t[ids[i], :]   a_t [vocab, r] f32, h [t, r]
+extern "C" __global__ void gather_rows(const float* __restrict__ a_t, const int* __restrict__ ids, int r,
+                                       float* __restrict__ h) {
+    for (int j = threadIdx.x; j < r; j += blockDim.x) h[(long)blockIdx.x * r + j] = a_t[(long)ids[blockIdx.x] * r + j];
+}
+
+// x += s·d, or DoRA's x = x·f + f·(d·s).   x, d [t, dim]
+extern "C" __global__ void embed_lora_apply(float* __restrict__ x, const float* __restrict__ d, int dim,
+                                            const float* __restrict__ f, float s) {
+    float* xr = x + (long)blockIdx.x * dim;
+    const float* dr = d + (long)blockIdx.x * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        if (f) xr[j] = xr[j] * f[j] + f[j] * (dr[j] * s);
+        else xr[j] += s * dr[j];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling: greedy argmax on the device (first index of the maximum, as the CPU's).
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int v, int* __restrict__ out) {
+    __shared__ float bv[1024];
+    __shared__ int bi[1024];
+    const float* row = logits + (long)blockIdx.x * v;
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        float x = row[j];
+        if (x > best) { best = x; idx = j; }
+    }
+    bv[threadIdx.x] = best;
+    bi[threadIdx.x] = idx;
+    __syncthreads();
+    for (int st = blockDim.x / 2; st > 0; st >>= 1) {
+        if (threadIdx.x < st) {
+            float ov = bv[threadIdx.x + st];
+            int oi = bi[threadIdx.x + st];
+            if (ov > bv[threadIdx.x] || (ov == bv[threadIdx.x] && oi < bi[threadIdx.x])) {
+                bv[threadIdx.x] = ov;
+                bi[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = bi[0] == 0x7fffffff ? 0 : bi[0];
+}
+
+// Fill with a value (poisoning outputs in tests, clearing buffers).
+extern "C" __global__ void fill_f32(float* __restrict__ a, float v, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) a[i] = v;
+}

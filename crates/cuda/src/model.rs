@@ -1,0 +1,1215 @@
+//! The model on a GPU: weights uploaded once in their packed format, a paged KV cache, and one
+//! forward over a batch of sequences (prefill chunks and decode steps alike).
+
+use crate::gpu::{Arg, DevBuf, Dt, Gpu, Graph};
+use crate::{Error, Precision, Result};
+use qlora_engine::{Weight, WeightFormat};
+use qlora_model::{Logits, Model, Projection};
+use qlora_quant::GgmlType;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Decode GEMV handles up to this many tokens per launch (kernels.cu GEMV_MAX_T).
+const GEMV_MAX_T: usize = 8;
+/// Rows per GEMV block (GEMV_ROWS · GEMV_WARPS).
+const GEMV_BLOCK_ROWS: usize = 8;
+/// Positions per KV cache block.
+pub const KV_BLOCK: usize = 16;
+
+/// Sizes of what is preallocated on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaOptions {
+    /// Tokens one forward launch handles at most (longer inputs are run in chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences one forward handles at most.
+    pub max_seqs: usize,
+    /// Positions the KV cache holds, over all live sequences.
+    pub kv_tokens: usize,
+    /// Replay captured CUDA graphs for decode steps.
+    pub graphs: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            max_batch_tokens: 2048,
+            max_seqs: 64,
+            kv_tokens: 16384,
+            graphs: true,
+        }
+    }
+}
+
+/// A sequence's place in the paged cache: its blocks and how many positions are filled.
+#[derive(Debug, Default)]
+pub struct Seq {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl Seq {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+enum MatKind {
+    /// lp [rows, cols]
+    Dense(DevBuf),
+    /// packed [rows · cols / 2], absmax f32 [rows · cols / blocksize], code f32 [16]
+    Bnb4 {
+        packed: DevBuf,
+        absmax: DevBuf,
+        code: DevBuf,
+        blocksize: usize,
+    },
+    /// cb int8 [rows, cols], scb f32 [rows]
+    Int8 { cb: DevBuf, scb: DevBuf },
+}
+
+/// One base matrix on the device, writing output columns [col0, col0 + rows).
+struct DevMat {
+    kind: MatKind,
+    rows: usize,
+    cols: usize,
+    col0: usize,
+}
+
+impl DevMat {
+    fn gemv_ok(&self) -> bool {
+        match &self.kind {
+            MatKind::Bnb4 { blocksize, .. } => {
+                self.cols.is_multiple_of(32)
+                    && blocksize.is_multiple_of(32)
+                    && self.cols.is_multiple_of(*blocksize)
+            }
+            _ => false,
+        }
+    }
+}
+
+struct DevLora {
+    /// f32 [r, d_in]
+    a: DevBuf,
+    /// f32 [n, r]
+    b: DevBuf,
+    r: usize,
+    s: f32,
+    /// f32 [n]
+    b_bias: Option<DevBuf>,
+    /// f32 [n]
+    dora: Option<DevBuf>,
+}
+
+/// One projection's slice of a (possibly fused) linear layer's output.
+struct Part {
+    col0: usize,
+    n: usize,
+    /// f32 [n]
+    bias: Option<DevBuf>,
+    lora: Vec<DevLora>,
+}
+
+/// Several projections of one input (q/k/v, gate/up) as one output [t, d_out] of column
+/// slices; their bases fused into one matrix when their formats allow it.
+struct DevLinear {
+    mats: Vec<DevMat>,
+    parts: Vec<Part>,
+    d_in: usize,
+}
+
+struct DevLayer {
+    ln1: DevBuf,
+    qkv: DevLinear,
+    o: DevLinear,
+    ln2: DevBuf,
+    gu: DevLinear,
+    down: DevLinear,
+    /// lp [kv_tokens rounded to blocks, kv · hd]
+    k: DevBuf,
+    v: DevBuf,
+}
+
+struct DevEmbedLora {
+    /// f32 [vocab, r]
+    a_t: DevBuf,
+    /// f32 [dim, r]
+    b: DevBuf,
+    r: usize,
+    s: f32,
+    dora: Option<DevBuf>,
+}
+
+/// Preallocated activations (sizes for `max_batch_tokens` = T).
+struct Scratch {
+    /// f32 [T, d] residual stream
+    x: DevBuf,
+    /// lp [T, max(d, f)] norm outputs and SwiGLU outputs (matrix-product inputs)
+    h: DevBuf,
+    /// f32 [T, max(d, f)] matrix-product inputs widened for the f32 adapter path
+    x32: DevBuf,
+    /// f32 [T, q + 2 kv] fused q/k/v output
+    qkv: DevBuf,
+    /// lp [T, heads · hd]
+    attn: DevBuf,
+    /// f32 [T, d] o/down outputs, head rows
+    o: DevBuf,
+    /// f32 [T, 2 f] gate | up
+    gu: DevBuf,
+    /// lp [largest dequantized weight]
+    w: DevBuf,
+    /// f32 [T, max rank]
+    lh: DevBuf,
+    /// f32 [T, max adapter output]
+    ld: DevBuf,
+    /// f32 [T, vocab]
+    logits: DevBuf,
+    /// i32 metadata, see `Meta`
+    meta: DevBuf,
+}
+
+/// Offsets (in i32s) of the per-forward metadata inside `Scratch::meta`.
+#[derive(Clone, Copy)]
+struct Meta {
+    ids: usize,
+    pos: usize,
+    slot: usize,
+    seq: usize,
+    out_rows: usize,
+    tables: usize,
+    /// argmax results of `step_greedy`, [max_seqs]
+    argmax: usize,
+    total: usize,
+}
+
+impl Meta {
+    fn new(max_t: usize, max_seqs: usize, max_blocks: usize) -> Self {
+        let ids = 0;
+        let pos = ids + max_t;
+        let slot = pos + max_t;
+        let seq = slot + max_t;
+        let out_rows = seq + max_t;
+        let tables = out_rows + max_t;
+        let argmax = tables + max_seqs * max_blocks;
+        Meta {
+            ids,
+            pos,
+            slot,
+            seq,
+            out_rows,
+            tables,
+            argmax,
+            total: argmax + max_seqs,
+        }
+    }
+}
+
+pub struct CudaModel {
+    pub gpu: Arc<Gpu>,
+    pub opts: CudaOptions,
+    d: usize,
+    f: usize,
+    heads: usize,
+    kvh: usize,
+    hd: usize,
+    vocab: usize,
+    eps: f32,
+    window: usize,
+    max_pos: usize,
+    embed: DevBuf,
+    embed_lora: Vec<DevEmbedLora>,
+    layers: Vec<DevLayer>,
+    norm: DevBuf,
+    head: DevLinear,
+    cos: DevBuf,
+    sin: DevBuf,
+    s: Scratch,
+    meta: Meta,
+    max_blocks: usize,
+    free_blocks: Vec<u32>,
+    graphs: HashMap<usize, Graph>,
+    any_lora: bool,
+    /// Bytes of weights a decode step reads.
+    pub weight_bytes: usize,
+}
+
+fn lp_bytes(gpu: &Gpu, values: &[f32]) -> Vec<u8> {
+    match gpu.precision {
+        Precision::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Precision::Bf16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+    }
+}
+
+/// A dense weight as the matrix-product input type (bf16 weights copied as stored).
+fn upload_dense(gpu: &Gpu, w: &Weight) -> Result<DevBuf> {
+    if gpu.precision == Precision::Bf16 && w.format == WeightFormat::Ggml(GgmlType::BF16) {
+        return gpu.upload(w.bytes());
+    }
+    if gpu.precision == Precision::F32 && w.format == WeightFormat::Ggml(GgmlType::F32) {
+        return gpu.upload(w.bytes());
+    }
+    // Row chunks keep the host copy small for large matrices.
+    let out = gpu.alloc(w.rows * w.cols * gpu.lp().size())?;
+    let rows = (1 << 22) / w.cols.max(1) + 1;
+    let mut buf = Vec::new();
+    let mut r0 = 0;
+    while r0 < w.rows {
+        let n = rows.min(w.rows - r0);
+        buf.resize(n * w.cols, 0f32);
+        w.dequantize_rows(r0, &mut buf);
+        gpu.write(&out, r0 * w.cols * gpu.lp().size(), &lp_bytes(gpu, &buf))?;
+        r0 += n;
+    }
+    Ok(out)
+}
+
+fn same_class(a: &Weight, b: &Weight) -> bool {
+    match (a.format, b.format) {
+        (WeightFormat::Bnb4(_), WeightFormat::Bnb4(_)) => {
+            let (sa, sb) = (a.scales().expect("scales"), b.scales().expect("scales"));
+            sa.code == sb.code
+                && sa.blocksize == sb.blocksize
+                && a.cols.is_multiple_of(sa.blocksize)
+                && b.cols.is_multiple_of(sb.blocksize)
+                && a.cols == b.cols
+        }
+        (WeightFormat::Int8, WeightFormat::Int8) => a.cols == b.cols,
+        (WeightFormat::Ggml(_), WeightFormat::Ggml(_)) => a.cols == b.cols,
+        _ => false,
+    }
+}
+
+/// Uploads weights (stacked by rows, in order) as one matrix.
+fn upload_mat(gpu: &Gpu, ws: &[&Weight], col0: usize) -> Result<DevMat> {
+    let rows: usize = ws.iter().map(|w| w.rows).sum();
+    let cols = ws[0].cols;
+    let kind = match ws[0].format {
+        WeightFormat::Bnb4(_) => {
+            let s = ws[0].scales().expect("bnb4 scales");
+            let bytes: Vec<u8> = ws.iter().flat_map(|w| w.bytes().iter().copied()).collect();
+            let absmax: Vec<f32> = ws
+                .iter()
+                .flat_map(|w| w.scales().expect("scales").values.iter().copied())
+                .collect();
+            MatKind::Bnb4 {
+                packed: gpu.upload(&bytes)?,
+                absmax: gpu.upload(&absmax)?,
+                code: gpu.upload(&s.code)?,
+                blocksize: s.blocksize,
+            }
+        }
+        WeightFormat::Int8 => {
+            let bytes: Vec<u8> = ws.iter().flat_map(|w| w.bytes().iter().copied()).collect();
+            let scb: Vec<f32> = ws
+                .iter()
+                .flat_map(|w| w.scales().expect("scales").values.iter().copied())
+                .collect();
+            MatKind::Int8 {
+                cb: gpu.upload(&bytes)?,
+                scb: gpu.upload(&scb)?,
+            }
+        }
+        WeightFormat::Ggml(_) => {
+            let buf = gpu.alloc(rows * cols * gpu.lp().size())?;
+            let mut off = 0;
+            for w in ws {
+                let one = upload_dense(gpu, w)?;
+                unsafe {
+                    crate::gpu::check(
+                        cudarc::driver::sys::cuMemcpyDtoD_v2(buf.at(off), one.ptr(), one.bytes()),
+                        "cuMemcpyDtoD",
+                    )?;
+                }
+                off += one.bytes();
+            }
+            MatKind::Dense(buf)
+        }
+    };
+    Ok(DevMat {
+        kind,
+        rows,
+        cols,
+        col0,
+    })
+}
+
+fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
+    let d_in = ps[0].d_in();
+    let mut parts = Vec::new();
+    let mut col0 = 0;
+    for p in ps {
+        let mut lora = Vec::new();
+        for l in &p.lora {
+            lora.push(DevLora {
+                a: gpu.upload(&l.a.to_f32())?,
+                b: gpu.upload(&l.b.to_f32())?,
+                r: l.a.rows,
+                s: l.scaling,
+                b_bias: l.b_bias.as_ref().map(|b| gpu.upload(b)).transpose()?,
+                dora: l.dora_scale.as_ref().map(|f| gpu.upload(f)).transpose()?,
+            });
+        }
+        parts.push(Part {
+            col0,
+            n: p.d_out(),
+            bias: p.bias.as_ref().map(|b| gpu.upload(b)).transpose()?,
+            lora,
+        });
+        col0 += p.d_out();
+    }
+    let fuse = ps.windows(2).all(|w| same_class(&w[0].base, &w[1].base));
+    let mats = if fuse {
+        let ws: Vec<&Weight> = ps.iter().map(|p| &p.base).collect();
+        vec![upload_mat(gpu, &ws, 0)?]
+    } else {
+        let mut v = Vec::new();
+        for (p, part) in ps.iter().zip(&parts) {
+            v.push(upload_mat(gpu, &[&p.base], part.col0)?);
+        }
+        v
+    };
+    Ok(DevLinear { mats, parts, d_in })
+}
+
+impl DevLinear {
+    fn weight_bytes(&self) -> usize {
+        self.mats
+            .iter()
+            .map(|m| match &m.kind {
+                MatKind::Dense(b) => b.bytes(),
+                MatKind::Bnb4 { packed, absmax, .. } => packed.bytes() + absmax.bytes(),
+                MatKind::Int8 { cb, scb } => cb.bytes() + scb.bytes(),
+            })
+            .sum::<usize>()
+            + self
+                .parts
+                .iter()
+                .flat_map(|p| &p.lora)
+                .map(|l| l.a.bytes() + l.b.bytes())
+                .sum::<usize>()
+    }
+    /// Elements of the largest matrix that must be dequantized before a product.
+    fn dequant_elems(&self) -> usize {
+        self.mats
+            .iter()
+            .filter(|m| !matches!(m.kind, MatKind::Dense(_)))
+            .map(|m| m.rows * m.cols)
+            .max()
+            .unwrap_or(0)
+    }
+    fn max_rank(&self) -> usize {
+        self.parts
+            .iter()
+            .flat_map(|p| &p.lora)
+            .map(|l| l.r)
+            .max()
+            .unwrap_or(0)
+    }
+    fn max_part(&self) -> usize {
+        self.parts
+            .iter()
+            .filter(|p| !p.lora.is_empty())
+            .map(|p| p.n)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+impl CudaModel {
+    /// Uploads `model` (base in its stored packed format, adapters in f32) to `gpu`.
+    pub fn upload(gpu: Arc<Gpu>, model: &Model, opts: CudaOptions) -> Result<CudaModel> {
+        gpu.bind()?;
+        let cfg = &model.config;
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (heads, kvh, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        if hd > 256 || hd % 2 != 0 {
+            return Err(Error::Invalid(format!(
+                "head_dim {hd}: the CUDA attention kernel handles even head dims up to 256"
+            )));
+        }
+        if opts.max_batch_tokens == 0 || opts.max_seqs == 0 {
+            return Err(Error::Invalid(
+                "max_batch_tokens and max_seqs must be > 0".into(),
+            ));
+        }
+        let vocab = model.vocab_size();
+        let max_pos = cfg.max_position_embeddings.max(1);
+        let kv_blocks = opts.kv_tokens.div_ceil(KV_BLOCK).max(1);
+        let max_blocks = max_pos.div_ceil(KV_BLOCK).min(kv_blocks);
+        let lp = gpu.lp().size();
+        let mut layers = Vec::new();
+        for l in &model.layers {
+            let kv_bytes = kv_blocks * KV_BLOCK * kvh * hd * lp;
+            layers.push(DevLayer {
+                ln1: gpu.upload(&l.input_layernorm)?,
+                qkv: upload_linear(&gpu, &[&l.q_proj, &l.k_proj, &l.v_proj])?,
+                o: upload_linear(&gpu, &[&l.o_proj])?,
+                ln2: gpu.upload(&l.post_attention_layernorm)?,
+                gu: upload_linear(&gpu, &[&l.gate_proj, &l.up_proj])?,
+                down: upload_linear(&gpu, &[&l.down_proj])?,
+                k: gpu.alloc(kv_bytes)?,
+                v: gpu.alloc(kv_bytes)?,
+            });
+        }
+        let head = upload_linear(&gpu, &[&model.lm_head])?;
+        let embed = upload_dense(&gpu, &model.embed_tokens)?;
+        let mut embed_lora = Vec::new();
+        for e in &model.embed_lora {
+            embed_lora.push(DevEmbedLora {
+                a_t: gpu.upload(&e.a_t)?,
+                b: gpu.upload(&e.b.to_f32())?,
+                r: e.rank,
+                s: e.scaling,
+                dora: e.dora_scale.as_ref().map(|f| gpu.upload(f)).transpose()?,
+            });
+        }
+        // RoPE tables with the CPU's values (f64 cos/sin of the f32 angle).
+        let table = qlora_engine::ops::RopeTable {
+            inv_freq: model.inv_freq.clone(),
+        };
+        let (cos, sin) = table.cos_sin(0..max_pos);
+        let linears = || {
+            layers
+                .iter()
+                .flat_map(|l| [&l.qkv, &l.o, &l.gu, &l.down])
+                .chain(std::iter::once(&head))
+        };
+        let t = opts.max_batch_tokens;
+        let wide = d.max(f);
+        let max_w = linears().map(|l| l.dequant_elems()).max().unwrap_or(0);
+        let max_r = linears()
+            .map(|l| l.max_rank())
+            .chain(embed_lora.iter().map(|e| e.r))
+            .max()
+            .unwrap_or(0);
+        let max_part = linears()
+            .map(|l| l.max_part())
+            .chain(embed_lora.iter().map(|_| d))
+            .max()
+            .unwrap_or(0);
+        let any_lora = max_r > 0;
+        let qkv_cols = (heads + 2 * kvh) * hd;
+        let meta = Meta::new(t, opts.max_seqs, max_blocks);
+        let s = Scratch {
+            x: gpu.alloc(t * d * 4)?,
+            h: gpu.alloc(t * wide * lp)?,
+            x32: gpu.alloc(if any_lora && lp != 4 { t * wide * 4 } else { 0 })?,
+            qkv: gpu.alloc(t * qkv_cols * 4)?,
+            attn: gpu.alloc(t * heads * hd * lp)?,
+            o: gpu.alloc(t * d * 4)?,
+            gu: gpu.alloc(t * 2 * f * 4)?,
+            w: gpu.alloc(max_w * lp)?,
+            lh: gpu.alloc(t * max_r * 4)?,
+            ld: gpu.alloc(t * max_part * 4)?,
+            logits: gpu.alloc(t * vocab * 4)?,
+            meta: gpu.alloc(meta.total * 4)?,
+        };
+        let weight_bytes = linears().map(|l| l.weight_bytes()).sum();
+        let m = CudaModel {
+            d,
+            f,
+            heads,
+            kvh,
+            hd,
+            vocab,
+            eps: cfg.rms_norm_eps as f32,
+            window: cfg.attention_window().unwrap_or(0),
+            max_pos,
+            embed,
+            embed_lora,
+            norm: gpu.upload(&model.norm)?,
+            head,
+            cos: gpu.upload(&cos)?,
+            sin: gpu.upload(&sin)?,
+            layers,
+            s,
+            meta,
+            max_blocks,
+            free_blocks: (0..kv_blocks as u32).rev().collect(),
+            graphs: HashMap::new(),
+            any_lora,
+            weight_bytes,
+            opts,
+            gpu,
+        };
+        m.gpu.sync()?;
+        Ok(m)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    /// A new, empty sequence.
+    pub fn new_seq(&self) -> Seq {
+        Seq::default()
+    }
+
+    /// Returns a sequence's cache blocks to the pool.
+    pub fn free_seq(&mut self, s: &mut Seq) {
+        self.free_blocks.extend(s.blocks.drain(..).rev());
+        s.len = 0;
+    }
+
+    /// Runs each sequence's new tokens at its next positions, appending to its cache.
+    /// Returns logits f32: for `Logits::Last` one row per sequence [n_seqs, v], for
+    /// `Logits::All` every token's row, sequence after sequence [Σ tokens, v].
+    pub fn forward(&mut self, batch: &mut [(&mut Seq, &[u32])], which: Logits) -> Result<Vec<f32>> {
+        self.gpu.bind()?;
+        for (s, ids) in batch.iter() {
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+                return Err(Error::Invalid(format!(
+                    "token id {id} is out of range for a vocabulary of {}",
+                    self.vocab
+                )));
+            }
+            if s.len + ids.len() > self.max_pos {
+                return Err(Error::Invalid(format!(
+                    "sequence of {} positions exceeds max_position_embeddings {}",
+                    s.len + ids.len(),
+                    self.max_pos
+                )));
+            }
+        }
+        let v = self.vocab;
+        let mut out = Vec::new();
+        match which {
+            Logits::All => {
+                // Sequence by sequence, in chunks.
+                for (s, ids) in batch.iter_mut() {
+                    for chunk in ids.chunks(self.opts.max_batch_tokens) {
+                        let rows: Vec<usize> = (0..chunk.len()).collect();
+                        let l = self.run(&mut [(&mut **s, chunk)], &rows)?;
+                        out.extend_from_slice(&l);
+                    }
+                }
+            }
+            Logits::Last => {
+                let mut last = vec![Vec::new(); batch.len()];
+                let mut done = vec![0usize; batch.len()];
+                loop {
+                    // Pack what fits of every sequence's remaining tokens.
+                    let mut budget = self.opts.max_batch_tokens;
+                    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+                    for (i, (_, ids)) in batch.iter().enumerate() {
+                        let rest = ids.len() - done[i];
+                        if rest == 0 || budget == 0 || items.len() == self.opts.max_seqs {
+                            continue;
+                        }
+                        let n = rest.min(budget);
+                        items.push((i, done[i], n));
+                        budget -= n;
+                    }
+                    if items.is_empty() {
+                        break;
+                    }
+                    let mut rows = Vec::new();
+                    let mut off = 0;
+                    let mut finishing = Vec::new();
+                    for &(i, start, n) in &items {
+                        off += n;
+                        if start + n == batch[i].1.len() {
+                            rows.push(off - 1);
+                            finishing.push(i);
+                        }
+                    }
+                    let mut sub: Vec<(&mut Seq, &[u32])> = Vec::new();
+                    let mut refs: Vec<Option<&mut (&mut Seq, &[u32])>> =
+                        batch.iter_mut().map(Some).collect();
+                    for &(i, start, n) in &items {
+                        let e = refs[i].take().expect("each sequence once per launch");
+                        sub.push((&mut *e.0, &e.1[start..start + n]));
+                    }
+                    let l = self.run(&mut sub, &rows)?;
+                    for (k, &i) in finishing.iter().enumerate() {
+                        last[i] = l[k * v..(k + 1) * v].to_vec();
+                    }
+                    for &(i, _, n) in &items {
+                        done[i] += n;
+                    }
+                }
+                for (i, l) in last.into_iter().enumerate() {
+                    if l.is_empty() && batch[i].1.is_empty() {
+                        continue;
+                    }
+                    out.extend(l);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One greedy decode step: each sequence's single new token in, the argmax of its next
+    /// token's logits out (computed on the device; only the ids come back).
+    pub fn step_greedy(&mut self, batch: &mut [(&mut Seq, &[u32])]) -> Result<Vec<u32>> {
+        self.gpu.bind()?;
+        if batch.iter().any(|(_, ids)| ids.len() != 1) || batch.len() > self.opts.max_seqs {
+            return Err(Error::Invalid(format!(
+                "step_greedy takes one token for each of at most {} sequences",
+                self.opts.max_seqs
+            )));
+        }
+        for (s, ids) in batch.iter() {
+            if ids[0] as usize >= self.vocab || s.len + 1 > self.max_pos {
+                return Err(Error::Invalid(format!(
+                    "token {} at position {} is out of range (vocabulary {}, context {})",
+                    ids[0], s.len, self.vocab, self.max_pos
+                )));
+            }
+        }
+        let rows: Vec<usize> = (0..batch.len()).collect();
+        self.run_with(batch, &rows, false)?;
+        let n = batch.len();
+        // The argmax ids go to the i32 slots after the metadata (`Meta::argmax`).
+        let dst = self.mptr(self.meta.argmax);
+        self.gpu.launch(
+            "argmax_rows",
+            (n as u32, 1),
+            1024,
+            &[
+                Arg::P(self.s.logits.ptr()),
+                Arg::I(self.vocab as i32),
+                Arg::P(dst),
+            ],
+        )?;
+        let mut ids = vec![0i32; n];
+        self.gpu.read(dst, &mut ids)?;
+        Ok(ids.into_iter().map(|i| i as u32).collect())
+    }
+
+    /// One launch sequence over ≤ max_batch_tokens tokens of ≤ max_seqs sequences; returns
+    /// the logits of the packed token rows `rows`.
+    fn run(&mut self, batch: &mut [(&mut Seq, &[u32])], rows: &[usize]) -> Result<Vec<f32>> {
+        self.run_with(batch, rows, true)
+    }
+
+    fn run_with(
+        &mut self,
+        batch: &mut [(&mut Seq, &[u32])],
+        rows: &[usize],
+        read_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let t: usize = batch.iter().map(|(_, ids)| ids.len()).sum();
+        if t == 0 {
+            return Ok(Vec::new());
+        }
+        // Cache blocks for the new positions.
+        for (s, ids) in batch.iter_mut() {
+            let need = (s.len + ids.len()).div_ceil(KV_BLOCK);
+            if need > self.max_blocks {
+                return Err(Error::Invalid(format!(
+                    "sequence of {} positions does not fit the KV cache ({} positions per sequence)",
+                    s.len + ids.len(),
+                    self.max_blocks * KV_BLOCK
+                )));
+            }
+            while s.blocks.len() < need {
+                let b = self.free_blocks.pop().ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "the KV cache is full ({} positions); finish or free sequences, or raise its size",
+                        self.opts.kv_tokens
+                    ))
+                })?;
+                s.blocks.push(b);
+            }
+        }
+        let m = self.meta;
+        let mut meta = vec![0i32; m.total];
+        let mut k = 0;
+        for (si, (s, ids)) in batch.iter().enumerate() {
+            for (j, &id) in ids.iter().enumerate() {
+                let p = s.len + j;
+                meta[m.ids + k] = id as i32;
+                meta[m.pos + k] = p as i32;
+                meta[m.slot + k] =
+                    (s.blocks[p / KV_BLOCK] as usize * KV_BLOCK + p % KV_BLOCK) as i32;
+                meta[m.seq + k] = si as i32;
+                k += 1;
+            }
+            for (b, &blk) in s.blocks.iter().enumerate() {
+                meta[m.tables + si * self.max_blocks + b] = blk as i32;
+            }
+        }
+        for (i, &r) in rows.iter().enumerate() {
+            meta[m.out_rows + i] = r as i32;
+        }
+        self.gpu.write(&self.s.meta, 0, &meta)?;
+        let decode = rows.len() == t && rows.iter().enumerate().all(|(i, &r)| i == r);
+        let use_graph = self.opts.graphs && decode && batch.iter().all(|(_, ids)| ids.len() == 1);
+        if use_graph {
+            if !self.graphs.contains_key(&t) {
+                self.gpu.begin_capture()?;
+                let r = self.kernels(t, rows.len());
+                let g = self.gpu.end_capture();
+                r?;
+                self.graphs.insert(t, g?);
+            }
+            self.gpu.replay(&self.graphs[&t])?;
+        } else {
+            self.kernels(t, rows.len())?;
+        }
+        for (s, ids) in batch.iter_mut() {
+            s.len += ids.len();
+        }
+        if !read_logits {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![0f32; rows.len() * self.vocab];
+        self.gpu.read(self.s.logits.ptr(), &mut out)?;
+        Ok(out)
+    }
+
+    fn mptr(&self, off: usize) -> u64 {
+        self.s.meta.at(off * 4)
+    }
+
+    /// The whole forward as launches on the stream (capturable: no copies, no syncs).
+    fn kernels(&self, t: usize, n_out: usize) -> Result<()> {
+        use Arg::*;
+        let g = &self.gpu;
+        let (d, lp) = (self.d, g.lp().size());
+        let s = &self.s;
+        let m = self.meta;
+        g.launch(
+            "embed",
+            (t as u32, 1),
+            256,
+            &[
+                P(self.embed.ptr()),
+                P(self.mptr(m.ids)),
+                P(s.x.ptr()),
+                I(d as i32),
+            ],
+        )?;
+        for e in &self.embed_lora {
+            g.launch(
+                "gather_rows",
+                (t as u32, 1),
+                64,
+                &[
+                    P(e.a_t.ptr()),
+                    P(self.mptr(m.ids)),
+                    I(e.r as i32),
+                    P(s.lh.ptr()),
+                ],
+            )?;
+            g.gemm(
+                Dt::F32,
+                t,
+                d,
+                e.r,
+                s.lh.ptr(),
+                e.r,
+                e.b.ptr(),
+                s.ld.ptr(),
+                d,
+                1.0,
+                0.0,
+            )?;
+            let f = e.dora.as_ref().map_or(0, |b| b.ptr());
+            g.launch(
+                "embed_lora_apply",
+                (t as u32, 1),
+                256,
+                &[P(s.x.ptr()), P(s.ld.ptr()), I(d as i32), P(f), F(e.s)],
+            )?;
+        }
+        let qkv_ld = (self.heads + 2 * self.kvh) * self.hd;
+        let scale = 1.0 / (self.hd as f32).sqrt();
+        for l in &self.layers {
+            g.launch(
+                "rms_norm",
+                (t as u32, 1),
+                256,
+                &[
+                    P(s.x.ptr()),
+                    P(l.ln1.ptr()),
+                    F(self.eps),
+                    I(d as i32),
+                    P(s.h.ptr()),
+                ],
+            )?;
+            self.linear(&l.qkv, s.h.ptr(), t, s.qkv.ptr(), qkv_ld)?;
+            g.launch(
+                "rope_store",
+                (t as u32, 1),
+                128,
+                &[
+                    P(s.qkv.ptr()),
+                    I(qkv_ld as i32),
+                    I(self.heads as i32),
+                    I(self.kvh as i32),
+                    I(self.hd as i32),
+                    P(self.cos.ptr()),
+                    P(self.sin.ptr()),
+                    P(self.mptr(m.pos)),
+                    P(self.mptr(m.slot)),
+                    P(l.k.ptr()),
+                    P(l.v.ptr()),
+                ],
+            )?;
+            g.launch(
+                "attention",
+                (self.heads as u32, t as u32),
+                256,
+                &[
+                    P(s.qkv.ptr()),
+                    I(qkv_ld as i32),
+                    P(l.k.ptr()),
+                    P(l.v.ptr()),
+                    P(self.mptr(m.seq)),
+                    P(self.mptr(m.pos)),
+                    P(self.mptr(m.tables)),
+                    I(self.max_blocks as i32),
+                    I(KV_BLOCK as i32),
+                    I(self.heads as i32),
+                    I(self.kvh as i32),
+                    I(self.hd as i32),
+                    I(self.window as i32),
+                    F(scale),
+                    P(s.attn.ptr()),
+                ],
+            )?;
+            self.linear(&l.o, s.attn.ptr(), t, s.o.ptr(), d)?;
+            g.launch_n(
+                "add_f32",
+                t * d,
+                &[P(s.x.ptr()), P(s.o.ptr()), L((t * d) as i64)],
+            )?;
+            g.launch(
+                "rms_norm",
+                (t as u32, 1),
+                256,
+                &[
+                    P(s.x.ptr()),
+                    P(l.ln2.ptr()),
+                    F(self.eps),
+                    I(d as i32),
+                    P(s.h.ptr()),
+                ],
+            )?;
+            self.linear(&l.gu, s.h.ptr(), t, s.gu.ptr(), 2 * self.f)?;
+            g.launch_n(
+                "swiglu",
+                t * self.f,
+                &[
+                    P(s.gu.ptr()),
+                    I(self.f as i32),
+                    P(s.h.ptr()),
+                    L((t * self.f) as i64),
+                ],
+            )?;
+            self.linear(&l.down, s.h.ptr(), t, s.o.ptr(), d)?;
+            g.launch_n(
+                "add_f32",
+                t * d,
+                &[P(s.x.ptr()), P(s.o.ptr()), L((t * d) as i64)],
+            )?;
+        }
+        // The rows that get logits, normed, through the head.
+        g.launch(
+            "gather_rows",
+            (n_out as u32, 1),
+            256,
+            &[
+                P(s.x.ptr()),
+                P(self.mptr(m.out_rows)),
+                I(d as i32),
+                P(s.o.ptr()),
+            ],
+        )?;
+        g.launch(
+            "rms_norm",
+            (n_out as u32, 1),
+            256,
+            &[
+                P(s.o.ptr()),
+                P(self.norm.ptr()),
+                F(self.eps),
+                I(d as i32),
+                P(s.h.ptr()),
+            ],
+        )?;
+        let _ = lp;
+        self.linear(&self.head, s.h.ptr(), n_out, s.logits.ptr(), self.vocab)
+    }
+
+    /// y[t, ldy] = x[t, d_in] · Wᵀ (+ bias) + adapters, for each part's columns.
+    /// x lp, y f32.
+    fn linear(&self, lin: &DevLinear, x: u64, t: usize, y: u64, ldy: usize) -> Result<()> {
+        use Arg::*;
+        let g = &self.gpu;
+        let lp = g.lp();
+        for mat in &lin.mats {
+            let yc = y + (mat.col0 * 4) as u64;
+            match &mat.kind {
+                MatKind::Bnb4 {
+                    packed,
+                    absmax,
+                    code,
+                    blocksize,
+                } if t <= GEMV_MAX_T && mat.gemv_ok() => {
+                    g.launch(
+                        "gemv4",
+                        (mat.rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
+                        128,
+                        &[
+                            P(packed.ptr()),
+                            P(absmax.ptr()),
+                            P(code.ptr()),
+                            I(*blocksize as i32),
+                            I(mat.rows as i32),
+                            I(mat.cols as i32),
+                            P(x),
+                            I(t as i32),
+                            P(yc),
+                            I(ldy as i32),
+                            I(0),
+                        ],
+                    )?;
+                }
+                MatKind::Bnb4 {
+                    packed,
+                    absmax,
+                    code,
+                    blocksize,
+                } => {
+                    let n = mat.rows * mat.cols;
+                    if n.is_multiple_of(32) && blocksize.is_multiple_of(32) {
+                        g.launch_n(
+                            "dequant4_x32",
+                            n / 32,
+                            &[
+                                P(packed.ptr()),
+                                P(absmax.ptr()),
+                                P(code.ptr()),
+                                I(*blocksize as i32),
+                                L((n / 32) as i64),
+                                P(self.s.w.ptr()),
+                            ],
+                        )?;
+                    } else {
+                        g.launch_n(
+                            "dequant4",
+                            n.div_ceil(2),
+                            &[
+                                P(packed.ptr()),
+                                P(absmax.ptr()),
+                                P(code.ptr()),
+                                I(*blocksize as i32),
+                                L(n as i64),
+                                P(self.s.w.ptr()),
+                            ],
+                        )?;
+                    }
+                    g.gemm(
+                        lp,
+                        t,
+                        mat.rows,
+                        mat.cols,
+                        x,
+                        lin.d_in,
+                        self.s.w.ptr(),
+                        yc,
+                        ldy,
+                        1.0,
+                        0.0,
+                    )?;
+                }
+                MatKind::Int8 { cb, scb } => {
+                    let n = mat.rows * mat.cols;
+                    g.launch_n(
+                        "dequant_int8",
+                        n,
+                        &[
+                            P(cb.ptr()),
+                            P(scb.ptr()),
+                            I(mat.cols as i32),
+                            L(n as i64),
+                            P(self.s.w.ptr()),
+                        ],
+                    )?;
+                    g.gemm(
+                        lp,
+                        t,
+                        mat.rows,
+                        mat.cols,
+                        x,
+                        lin.d_in,
+                        self.s.w.ptr(),
+                        yc,
+                        ldy,
+                        1.0,
+                        0.0,
+                    )?;
+                }
+                MatKind::Dense(w) => {
+                    g.gemm(
+                        lp,
+                        t,
+                        mat.rows,
+                        mat.cols,
+                        x,
+                        lin.d_in,
+                        w.ptr(),
+                        yc,
+                        ldy,
+                        1.0,
+                        0.0,
+                    )?;
+                }
+            }
+        }
+        let mut x32 = None;
+        for part in &lin.parts {
+            if let Some(b) = &part.bias {
+                g.launch(
+                    "add_bias",
+                    (t as u32, 1),
+                    256,
+                    &[
+                        P(y),
+                        I(ldy as i32),
+                        I(part.col0 as i32),
+                        P(b.ptr()),
+                        I(part.n as i32),
+                    ],
+                )?;
+            }
+            for a in &part.lora {
+                // The adapter path in f32 on the (rounded) input, as PEFT casts x to lora_A's dtype.
+                let xf = match x32 {
+                    Some(p) => p,
+                    None => {
+                        let p = if lp == Dt::F32 {
+                            x
+                        } else {
+                            let n = t * lin.d_in;
+                            g.launch_n("lp_to_f32", n, &[P(x), P(self.s.x32.ptr()), L(n as i64)])?;
+                            self.s.x32.ptr()
+                        };
+                        x32 = Some(p);
+                        p
+                    }
+                };
+                g.gemm(
+                    Dt::F32,
+                    t,
+                    a.r,
+                    lin.d_in,
+                    xf,
+                    lin.d_in,
+                    a.a.ptr(),
+                    self.s.lh.ptr(),
+                    a.r,
+                    1.0,
+                    0.0,
+                )?;
+                let yc = y + (part.col0 * 4) as u64;
+                if a.b_bias.is_none() && a.dora.is_none() {
+                    g.gemm(
+                        Dt::F32,
+                        t,
+                        part.n,
+                        a.r,
+                        self.s.lh.ptr(),
+                        a.r,
+                        a.b.ptr(),
+                        yc,
+                        ldy,
+                        a.s,
+                        1.0,
+                    )?;
+                } else {
+                    g.gemm(
+                        Dt::F32,
+                        t,
+                        part.n,
+                        a.r,
+                        self.s.lh.ptr(),
+                        a.r,
+                        a.b.ptr(),
+                        self.s.ld.ptr(),
+                        part.n,
+                        1.0,
+                        0.0,
+                    )?;
+                    let bb = a.b_bias.as_ref().map_or(0, |b| b.ptr());
+                    let f = a.dora.as_ref().map_or(0, |b| b.ptr());
+                    let bias = part.bias.as_ref().map_or(0, |b| b.ptr());
+                    g.launch(
+                        "lora_apply",
+                        (t as u32, 1),
+                        256,
+                        &[
+                            P(y),
+                            I(ldy as i32),
+                            I(part.col0 as i32),
+                            P(self.s.ld.ptr()),
+                            I(part.n as i32),
+                            P(bb),
+                            P(f),
+                            P(bias),
+                            F(a.s),
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any adapter is on the model.
+    pub fn has_adapters(&self) -> bool {
+        self.any_lora
+    }
+
+    /// Layers, hidden size, intermediate size (for reports).
+    pub fn dims(&self) -> (usize, usize, usize) {
+        (self.layers.len(), self.d, self.f)
+    }
+}
+
+/// One sequence on a `CudaModel`, as a `qlora_model::Decoder` (generation, perplexity,
+/// logits). Frees its cache blocks when reset or dropped.
+pub struct CudaDecoder<'a> {
+    pub model: &'a mut CudaModel,
+    seq: Seq,
+}
+
+impl<'a> CudaDecoder<'a> {
+    pub fn new(model: &'a mut CudaModel) -> Self {
+        CudaDecoder {
+            model,
+            seq: Seq::default(),
+        }
+    }
+}
+
+impl qlora_model::Decoder for CudaDecoder<'_> {
+    fn vocab_size(&self) -> usize {
+        self.model.vocab
+    }
+    fn step(&mut self, ids: &[u32], which: Logits) -> qlora_model::Result<Vec<f32>> {
+        self.model
+            .forward(&mut [(&mut self.seq, ids)], which)
+            .map_err(|e| {
+                qlora_model::Error::Device(format!("cuda:{}: {e}", self.model.gpu.ordinal))
+            })
+    }
+    fn reset(&mut self) {
+        self.model.free_seq(&mut self.seq);
+    }
+}
+
+impl Drop for CudaDecoder<'_> {
+    fn drop(&mut self) {
+        self.model.free_seq(&mut self.seq);
+    }
+}

@@ -1,0 +1,786 @@
+//! Every CUDA kernel against the CPU op it replaces, in the manner of llama.cpp's
+//! `test-backend-ops`: fresh random inputs of odd shapes, outputs poisoned with NaN first (so
+//! an unwritten element fails), and a named error budget per op and precision:
+//! ‖gpu − cpu‖ / ‖cpu‖ ≤ 1e-5 in f32 mode, ≤ 1e-2 in bf16 mode; dequantization bit-exact.
+//!
+//! Needs a GPU: skipped (with a line on stderr) where there is none, unless
+//! QLORA_REQUIRE_GPU=1 (the device script sets it), which turns a missing GPU into a failure.
+
+use qlora_cuda::{Arg, DevBuf, Gpu, Precision};
+use qlora_engine::{ops, Weight};
+use qlora_quant::Quant4;
+use std::sync::Arc;
+use Arg::*;
+
+const F32_BUDGET: f64 = 1e-5;
+const BF16_BUDGET: f64 = 1e-2;
+
+fn gpus() -> Vec<Arc<Gpu>> {
+    let mut v = Vec::new();
+    for p in [Precision::F32, Precision::Bf16] {
+        match Gpu::open(0, p) {
+            Ok(g) => v.push(g),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("QLORA_REQUIRE_GPU").is_none(),
+                    "QLORA_REQUIRE_GPU is set: {e}"
+                );
+                eprintln!("skipped: no usable GPU ({e})");
+                return Vec::new();
+            }
+        }
+    }
+    v
+}
+
+fn budget(g: &Gpu) -> f64 {
+    match g.precision {
+        Precision::F32 => F32_BUDGET,
+        Precision::Bf16 => BF16_BUDGET,
+    }
+}
+
+/// Seeded uniform values in [-1, 1).
+fn rand(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn lp_of(g: &Gpu, v: &[f32]) -> Vec<u8> {
+    match g.precision {
+        Precision::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Precision::Bf16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+    }
+}
+
+fn up_lp(g: &Gpu, v: &[f32]) -> DevBuf {
+    g.upload(&lp_of(g, v)).unwrap()
+}
+
+fn up(g: &Gpu, v: &[f32]) -> DevBuf {
+    g.upload(v).unwrap()
+}
+
+fn up_i(g: &Gpu, v: &[i32]) -> DevBuf {
+    g.upload(v).unwrap()
+}
+
+/// A buffer of n f32 NaNs.
+fn poison(g: &Gpu, n: usize) -> DevBuf {
+    g.upload(&vec![f32::NAN; n]).unwrap()
+}
+
+/// A buffer of n lp NaNs.
+fn poison_lp(g: &Gpu, n: usize) -> DevBuf {
+    up_lp(g, &vec![f32::NAN; n])
+}
+
+fn down(g: &Gpu, b: &DevBuf, n: usize) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    g.read(b.ptr(), &mut v).unwrap();
+    v
+}
+
+fn down_lp(g: &Gpu, b: &DevBuf, n: usize) -> Vec<f32> {
+    match g.precision {
+        Precision::F32 => down(g, b, n),
+        Precision::Bf16 => {
+            let mut v = vec![0u16; n];
+            g.read(b.ptr(), &mut v).unwrap();
+            v.into_iter()
+                .map(|h| half::bf16::from_bits(h).to_f32())
+                .collect()
+        }
+    }
+}
+
+/// ‖a − b‖ / ‖b‖, failing on any NaN in a.
+fn rel(what: &str, a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    if let Some(i) = a.iter().position(|x| !x.is_finite()) {
+        panic!("{what}: element {i} is {} (unwritten or overflowed)", a[i]);
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn within(g: &Gpu, what: &str, a: &[f32], b: &[f32]) {
+    let e = rel(what, a, b);
+    let bud = budget(g);
+    assert!(
+        e <= bud,
+        "{what} ({:?}): relative error {e:.3e} over the budget {bud:.0e}",
+        g.precision
+    );
+}
+
+#[test]
+fn rms_norm_swiglu_add_embed() {
+    for g in gpus() {
+        for (t, d) in [(1usize, 64usize), (5, 67), (3, 4096)] {
+            let x = rand(1, t * d);
+            let w: Vec<f32> = rand(2, d).iter().map(|v| 1.0 + v / 4.0).collect();
+            let mut want = vec![0f32; t * d];
+            ops::rms_norm(&x, &w, 1e-5, &mut want);
+            let (bx, bw, by) = (up(&g, &x), up(&g, &w), poison_lp(&g, t * d));
+            g.launch(
+                "rms_norm",
+                (t as u32, 1),
+                256,
+                &[P(bx.ptr()), P(bw.ptr()), F(1e-5), I(d as i32), P(by.ptr())],
+            )
+            .unwrap();
+            within(
+                &g,
+                &format!("rms_norm [{t}, {d}]"),
+                &down_lp(&g, &by, t * d),
+                &want,
+            );
+        }
+        for (t, f) in [(1usize, 131usize), (4, 14336)] {
+            let gu = rand(3, t * 2 * f)
+                .iter()
+                .map(|v| v * 6.0)
+                .collect::<Vec<_>>();
+            let mut gate: Vec<f32> = (0..t)
+                .flat_map(|i| gu[i * 2 * f..i * 2 * f + f].to_vec())
+                .collect();
+            let upv: Vec<f32> = (0..t)
+                .flat_map(|i| gu[i * 2 * f + f..(i + 1) * 2 * f].to_vec())
+                .collect();
+            ops::swiglu(&mut gate, &upv);
+            let (bgu, out) = (up(&g, &gu), poison_lp(&g, t * f));
+            g.launch_n(
+                "swiglu",
+                t * f,
+                &[P(bgu.ptr()), I(f as i32), P(out.ptr()), L((t * f) as i64)],
+            )
+            .unwrap();
+            within(
+                &g,
+                &format!("swiglu [{t}, {f}]"),
+                &down_lp(&g, &out, t * f),
+                &gate,
+            );
+        }
+        let (a, b) = (rand(4, 1001), rand(5, 1001));
+        let (ba, bb) = (up(&g, &a), up(&g, &b));
+        g.launch_n("add_f32", 1001, &[P(ba.ptr()), P(bb.ptr()), L(1001)])
+            .unwrap();
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(down(&g, &ba, 1001), want, "add_f32 is exact");
+        // Embedding rows are copies of the (lp) table.
+        let (v, d) = (50usize, 37usize);
+        let table = rand(6, v * d);
+        let ids: Vec<i32> = vec![3, 49, 0, 3, 17];
+        let (bt, bi, bx) = (up_lp(&g, &table), up_i(&g, &ids), poison(&g, ids.len() * d));
+        g.launch(
+            "embed",
+            (ids.len() as u32, 1),
+            256,
+            &[P(bt.ptr()), P(bi.ptr()), P(bx.ptr()), I(d as i32)],
+        )
+        .unwrap();
+        let got = down(&g, &bx, ids.len() * d);
+        let lp_table: Vec<f32> = match g.precision {
+            Precision::F32 => table.clone(),
+            Precision::Bf16 => table
+                .iter()
+                .map(|x| half::bf16::from_f32(*x).to_f32())
+                .collect(),
+        };
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| lp_table[i as usize * d..(i as usize + 1) * d].to_vec())
+            .collect();
+        assert_eq!(got, want, "embed ({:?}) copies rows exactly", g.precision);
+    }
+}
+
+const BS: usize = 16;
+
+/// A sequence's block table: `n` positions in blocks from `first_block` on, reversed (so
+/// logical and physical order differ).
+fn block_table(n: usize, first_block: usize) -> Vec<i32> {
+    let blocks = n.div_ceil(BS);
+    (0..blocks)
+        .map(|j| (first_block + blocks - 1 - j) as i32)
+        .collect()
+}
+
+#[test]
+fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
+    for g in gpus() {
+        for (heads, kvh, hd, window) in [
+            (6usize, 2usize, 40usize, 0usize),
+            (4, 4, 64, 9),
+            (8, 1, 128, 0),
+            (2, 1, 256, 5),
+        ] {
+            let kvd = kvh * hd;
+            let ld = (heads + 2 * kvh) * hd;
+            // Sequence A: 5 new tokens after 37 cached; sequence B: 3 new after 0.
+            let (pa, ta, pb, tb) = (37usize, 5usize, 0usize, 3usize);
+            let (na, nb) = (pa + ta, pb + tb);
+            let ka = rand(10, na * kvd);
+            let va = rand(11, na * kvd);
+            let kb = rand(12, nb * kvd);
+            let vb = rand(13, nb * kvd);
+            // One cache for both: A's blocks first, B's after.
+            let table_a = block_table(na, 0);
+            let blocks_a = na.div_ceil(BS);
+            let table_b = block_table(nb, blocks_a + 3);
+            let total = blocks_a + 3 + nb.div_ceil(BS) + 3;
+            let mut kc = vec![f32::NAN; total * BS * kvd];
+            let mut vc = vec![f32::NAN; total * BS * kvd];
+            let fill = |c: &mut Vec<f32>, src: &[f32], n: usize, table: &[i32]| {
+                for p in 0..n {
+                    let slot = table[p / BS] as usize * BS + p % BS;
+                    c[slot * kvd..(slot + 1) * kvd].copy_from_slice(&src[p * kvd..(p + 1) * kvd]);
+                }
+            };
+            fill(&mut kc, &ka, na, &table_a);
+            fill(&mut vc, &va, na, &table_a);
+            fill(&mut kc, &kb, nb, &table_b);
+            fill(&mut vc, &vb, nb, &table_b);
+            let (bk, bv) = (up_lp(&g, &kc), up_lp(&g, &vc));
+            let max_blocks = 8usize;
+            let mut tables = vec![0i32; 2 * max_blocks];
+            tables[..table_a.len()].copy_from_slice(&table_a);
+            tables[max_blocks..max_blocks + table_b.len()].copy_from_slice(&table_b);
+            let t = ta + tb;
+            let q = rand(14, t * heads * hd);
+            let mut qkv = vec![0f32; t * ld];
+            for i in 0..t {
+                qkv[i * ld..i * ld + heads * hd]
+                    .copy_from_slice(&q[i * heads * hd..(i + 1) * heads * hd]);
+            }
+            let seq: Vec<i32> = (0..t).map(|i| (i >= ta) as i32).collect();
+            let pos: Vec<i32> = (0..ta)
+                .map(|i| (pa + i) as i32)
+                .chain((0..tb).map(|i| (pb + i) as i32))
+                .collect();
+            let out = poison_lp(&g, t * heads * hd);
+            let (bq, bs, bp, bt) = (
+                up(&g, &qkv),
+                up_i(&g, &seq),
+                up_i(&g, &pos),
+                up_i(&g, &tables),
+            );
+            let scale = 1.0 / (hd as f32).sqrt();
+            g.launch(
+                "attention",
+                (heads as u32, t as u32),
+                256,
+                &[
+                    P(bq.ptr()),
+                    I(ld as i32),
+                    P(bk.ptr()),
+                    P(bv.ptr()),
+                    P(bs.ptr()),
+                    P(bp.ptr()),
+                    P(bt.ptr()),
+                    I(max_blocks as i32),
+                    I(BS as i32),
+                    I(heads as i32),
+                    I(kvh as i32),
+                    I(hd as i32),
+                    I(window as i32),
+                    F(scale),
+                    P(out.ptr()),
+                ],
+            )
+            .unwrap();
+            let got = down_lp(&g, &out, t * heads * hd);
+            let w = (window > 0).then_some(window);
+            let mut want = vec![0f32; t * heads * hd];
+            ops::attention(
+                &q[..ta * heads * hd],
+                &ka,
+                &va,
+                ta,
+                pa,
+                heads,
+                kvh,
+                hd,
+                w,
+                &mut want[..ta * heads * hd],
+            );
+            ops::attention(
+                &q[ta * heads * hd..],
+                &kb,
+                &vb,
+                tb,
+                pb,
+                heads,
+                kvh,
+                hd,
+                w,
+                &mut want[ta * heads * hd..],
+            );
+            within(
+                &g,
+                &format!("attention h{heads} kv{kvh} hd{hd} window {window}"),
+                &got,
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_and_cache_store() {
+    for g in gpus() {
+        let (heads, kvh, hd, t) = (6usize, 2usize, 18usize, 7usize);
+        let ld = (heads + 2 * kvh) * hd;
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let table = ops::RopeTable { inv_freq };
+        let (cos, sin) = table.cos_sin(0..64);
+        let positions: Vec<usize> = vec![3, 4, 5, 40, 41, 0, 63];
+        let qkv = rand(20, t * ld);
+        let slots: Vec<i32> = vec![17, 2, 30, 5, 6, 0, 9];
+        let kvd = kvh * hd;
+        let (bqkv, bc, bs) = (up(&g, &qkv), up(&g, &cos), up(&g, &sin));
+        let (bp, bsl) = (
+            up_i(&g, &positions.iter().map(|&p| p as i32).collect::<Vec<_>>()),
+            up_i(&g, &slots),
+        );
+        let (kc, vc) = (poison_lp(&g, 32 * kvd), poison_lp(&g, 32 * kvd));
+        g.launch(
+            "rope_store",
+            (t as u32, 1),
+            128,
+            &[
+                P(bqkv.ptr()),
+                I(ld as i32),
+                I(heads as i32),
+                I(kvh as i32),
+                I(hd as i32),
+                P(bc.ptr()),
+                P(bs.ptr()),
+                P(bp.ptr()),
+                P(bsl.ptr()),
+                P(kc.ptr()),
+                P(vc.ptr()),
+            ],
+        )
+        .unwrap();
+        let got = down(&g, &bqkv, t * ld);
+        let mut q: Vec<f32> = (0..t)
+            .flat_map(|i| qkv[i * ld..i * ld + heads * hd].to_vec())
+            .collect();
+        let mut k: Vec<f32> = (0..t)
+            .flat_map(|i| qkv[i * ld + heads * hd..i * ld + heads * hd + kvd].to_vec())
+            .collect();
+        let v: Vec<f32> = (0..t)
+            .flat_map(|i| qkv[i * ld + heads * hd + kvd..(i + 1) * ld].to_vec())
+            .collect();
+        let (c, s) = table.cos_sin(positions.iter().copied());
+        ops::rope(&mut q, heads, hd, &c, &s);
+        ops::rope(&mut k, kvh, hd, &c, &s);
+        let gq: Vec<f32> = (0..t)
+            .flat_map(|i| got[i * ld..i * ld + heads * hd].to_vec())
+            .collect();
+        let gk: Vec<f32> = (0..t)
+            .flat_map(|i| got[i * ld + heads * hd..i * ld + heads * hd + kvd].to_vec())
+            .collect();
+        // RoPE stays f32 in both modes: same products and sums as the CPU, so the same bits
+        // unless the compiler contracts differently; hold it to the f32 budget.
+        assert!(rel("rope q", &gq, &q) <= F32_BUDGET && rel("rope k", &gk, &k) <= F32_BUDGET);
+        let kcv = down_lp(&g, &kc, 32 * kvd);
+        let vcv = down_lp(&g, &vc, 32 * kvd);
+        for (i, &sl) in slots.iter().enumerate() {
+            let sl = sl as usize;
+            within(
+                &g,
+                "k in cache",
+                &kcv[sl * kvd..(sl + 1) * kvd],
+                &k[i * kvd..(i + 1) * kvd],
+            );
+            within(
+                &g,
+                "v in cache",
+                &vcv[sl * kvd..(sl + 1) * kvd],
+                &v[i * kvd..(i + 1) * kvd],
+            );
+        }
+        // Slots nobody wrote stay poisoned: the kernel writes only where it is told.
+        assert!(kcv[kvd].is_nan() && vcv[31 * kvd].is_nan());
+    }
+}
+
+fn bnb4(quant: Quant4, rows: usize, cols: usize, blocksize: usize, seed: u64) -> Weight {
+    let x = rand(seed, rows * cols);
+    let (packed, absmax) = qlora_quant::bnb::quantize_4bit(&x, blocksize, quant);
+    Weight::bnb4(
+        quant,
+        quant.code(),
+        blocksize,
+        rows,
+        cols,
+        Arc::new(packed),
+        absmax,
+    )
+    .unwrap()
+}
+
+#[test]
+fn dequantization_is_bit_exact() {
+    for g in gpus() {
+        for (quant, rows, cols, bs) in [
+            (Quant4::Nf4, 3usize, 37usize, 64usize), // odd element count, blocks crossing rows
+            (Quant4::Fp4, 5, 33, 32),
+            (Quant4::Nf4, 64, 4096, 64),
+            (Quant4::Fp4, 7, 256, 128),
+            (Quant4::Nf4, 2, 4096, 4096),
+        ] {
+            let w = bnb4(quant, rows, cols, bs, rows as u64 * 31 + cols as u64);
+            let want = w.to_f32();
+            let want_lp: Vec<f32> = match g.precision {
+                Precision::F32 => want.clone(),
+                Precision::Bf16 => want
+                    .iter()
+                    .map(|x| half::bf16::from_f32(*x).to_f32())
+                    .collect(),
+            };
+            let s = w.scales().unwrap();
+            let n = rows * cols;
+            let (bp, ba, bc) = (
+                g.upload(w.bytes()).unwrap(),
+                up(&g, &s.values),
+                up(&g, &s.code),
+            );
+            for kernel in ["dequant4", "dequant4_x32"] {
+                if kernel == "dequant4_x32" && !(n % 32 == 0 && bs % 32 == 0) {
+                    continue;
+                }
+                let out = poison_lp(&g, n);
+                let (grid, arg_n) = if kernel == "dequant4" {
+                    (n.div_ceil(2), n)
+                } else {
+                    (n / 32, n / 32)
+                };
+                g.launch_n(
+                    kernel,
+                    grid,
+                    &[
+                        P(bp.ptr()),
+                        P(ba.ptr()),
+                        P(bc.ptr()),
+                        I(bs as i32),
+                        L(arg_n as i64),
+                        P(out.ptr()),
+                    ],
+                )
+                .unwrap();
+                let got = down_lp(&g, &out, n);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want_lp),
+                    "{kernel} {quant:?} [{rows}, {cols}] bs {bs} ({:?})",
+                    g.precision
+                );
+            }
+        }
+        // LLM.int8 rows.
+        let (rows, cols) = (9usize, 75usize);
+        let cb: Vec<u8> = rand(40, rows * cols)
+            .iter()
+            .map(|v| ((v * 127.0) as i8) as u8)
+            .collect();
+        let scb: Vec<f32> = rand(41, rows).iter().map(|v| v.abs() * 3.0 + 0.1).collect();
+        let w = Weight::int8(rows, cols, Arc::new(cb.clone()), scb.clone()).unwrap();
+        let want: Vec<f32> = match g.precision {
+            Precision::F32 => w.to_f32(),
+            Precision::Bf16 => w
+                .to_f32()
+                .iter()
+                .map(|x| half::bf16::from_f32(*x).to_f32())
+                .collect(),
+        };
+        let (bcb, bscb, out) = (
+            g.upload(&cb).unwrap(),
+            up(&g, &scb),
+            poison_lp(&g, rows * cols),
+        );
+        g.launch_n(
+            "dequant_int8",
+            rows * cols,
+            &[
+                P(bcb.ptr()),
+                P(bscb.ptr()),
+                I(cols as i32),
+                L((rows * cols) as i64),
+                P(out.ptr()),
+            ],
+        )
+        .unwrap();
+        let got = down_lp(&g, &out, rows * cols);
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "dequant_int8 ({:?})",
+            g.precision
+        );
+    }
+}
+
+#[test]
+fn fused_4bit_gemv_and_cublas_gemm() {
+    for g in gpus() {
+        for (quant, rows, cols, bs, t) in [
+            (Quant4::Nf4, 72usize, 192usize, 64usize, 1usize),
+            (Quant4::Fp4, 13, 64, 32, 3),
+            (Quant4::Nf4, 1024, 4096, 64, 8),
+            (Quant4::Nf4, 4096, 14336, 64, 2),
+        ] {
+            let w = bnb4(quant, rows, cols, bs, 7 + rows as u64);
+            let x = rand(50, t * cols);
+            // The CPU op on the lp-rounded input (the GPU reads lp activations).
+            let x_lp: Vec<f32> = match g.precision {
+                Precision::F32 => x.clone(),
+                Precision::Bf16 => x
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v).to_f32())
+                    .collect(),
+            };
+            let mut want = vec![0f32; t * rows];
+            ops::linear(&x_lp, t, &w, &mut want);
+            let s = w.scales().unwrap();
+            let ld = rows + 5;
+            let (bp, ba, bc, bx) = (
+                g.upload(w.bytes()).unwrap(),
+                up(&g, &s.values),
+                up(&g, &s.code),
+                up_lp(&g, &x),
+            );
+            let y = poison(&g, t * ld);
+            g.launch(
+                "gemv4",
+                (rows.div_ceil(8) as u32, 1),
+                128,
+                &[
+                    P(bp.ptr()),
+                    P(ba.ptr()),
+                    P(bc.ptr()),
+                    I(bs as i32),
+                    I(rows as i32),
+                    I(cols as i32),
+                    P(bx.ptr()),
+                    I(t as i32),
+                    P(y.ptr()),
+                    I(ld as i32),
+                    I(0),
+                ],
+            )
+            .unwrap();
+            let all = down(&g, &y, t * ld);
+            let got: Vec<f32> = (0..t)
+                .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
+                .collect();
+            // The weights are exact in both modes and the input is the same: f32 budget.
+            let e = rel("gemv4", &got, &want);
+            assert!(
+                e <= F32_BUDGET,
+                "gemv4 {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.3e}",
+                g.precision
+            );
+            for i in 0..t {
+                assert!(
+                    all[i * ld + rows..(i + 1) * ld].iter().all(|v| v.is_nan()),
+                    "gemv4 wrote past its columns"
+                );
+            }
+            // accumulate = 1 adds to what is there.
+            g.launch(
+                "gemv4",
+                (rows.div_ceil(8) as u32, 1),
+                128,
+                &[
+                    P(bp.ptr()),
+                    P(ba.ptr()),
+                    P(bc.ptr()),
+                    I(bs as i32),
+                    I(rows as i32),
+                    I(cols as i32),
+                    P(bx.ptr()),
+                    I(t as i32),
+                    P(y.ptr()),
+                    I(ld as i32),
+                    I(1),
+                ],
+            )
+            .unwrap();
+            let all2 = down(&g, &y, t * ld);
+            let twice: Vec<f32> = (0..t)
+                .flat_map(|i| all2[i * ld..i * ld + rows].to_vec())
+                .collect();
+            let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+            assert!(rel("gemv4 accumulate", &twice, &want2) <= F32_BUDGET);
+        }
+        // cuBLAS through Gpu::gemm, into a column slice of a wider output.
+        for (t, n, k) in [(5usize, 33usize, 70usize), (1, 4096, 4096), (300, 96, 576)] {
+            let wv = rand(60, n * k);
+            let x = rand(61, t * k);
+            let rnd = |v: &[f32]| -> Vec<f32> {
+                match g.precision {
+                    Precision::F32 => v.to_vec(),
+                    Precision::Bf16 => v
+                        .iter()
+                        .map(|a| half::bf16::from_f32(*a).to_f32())
+                        .collect(),
+                }
+            };
+            let mut want = vec![0f32; t * n];
+            ops::linear(&rnd(&x), t, &Weight::from_f32(n, k, &rnd(&wv)), &mut want);
+            let ld = n + 3;
+            let (bw, bx, y) = (up_lp(&g, &wv), up_lp(&g, &x), poison(&g, t * ld));
+            g.gemm(
+                g.lp(),
+                t,
+                n,
+                k,
+                bx.ptr(),
+                k,
+                bw.ptr(),
+                y.ptr() + 4,
+                ld,
+                1.0,
+                0.0,
+            )
+            .unwrap();
+            let all = down(&g, &y, t * ld);
+            let got: Vec<f32> = (0..t)
+                .flat_map(|i| all[i * ld + 1..i * ld + 1 + n].to_vec())
+                .collect();
+            let e = rel("gemm", &got, &want);
+            assert!(
+                e <= F32_BUDGET,
+                "gemm [{t}, {n}, {k}] ({:?}): {e:.3e}",
+                g.precision
+            );
+            assert!(
+                (0..t).all(|i| all[i * ld].is_nan() && all[i * ld + n + 1].is_nan()),
+                "gemm wrote outside its slice"
+            );
+        }
+    }
+}
+
+#[test]
+fn adapter_kernels_and_argmax() {
+    for g in gpus() {
+        let (t, ld, col0, n) = (4usize, 50usize, 7usize, 31usize);
+        let y0 = rand(70, t * ld);
+        let d = rand(71, t * n);
+        let bb = rand(72, n);
+        let f: Vec<f32> = rand(73, n).iter().map(|v| 1.0 + v / 10.0).collect();
+        let bias = rand(74, n);
+        for (use_bb, use_f, use_bias) in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, true),
+            (true, true, false),
+        ] {
+            let s = 0.7f32;
+            let mut want = y0.clone();
+            for i in 0..t {
+                for j in 0..n {
+                    let yv = &mut want[i * ld + col0 + j];
+                    let delta = d[i * n + j] + if use_bb { bb[j] } else { 0.0 };
+                    if use_f {
+                        let base = *yv - if use_bias { bias[j] } else { 0.0 };
+                        *yv += (f[j] - 1.0) * base + f[j] * (s * delta);
+                    } else {
+                        *yv += s * delta;
+                    }
+                }
+            }
+            let (by, bd) = (up(&g, &y0), up(&g, &d));
+            let (bbb, bf, bbias) = (up(&g, &bb), up(&g, &f), up(&g, &bias));
+            let opt = |on: bool, b: &DevBuf| if on { b.ptr() } else { 0 };
+            g.launch(
+                "lora_apply",
+                (t as u32, 1),
+                256,
+                &[
+                    P(by.ptr()),
+                    I(ld as i32),
+                    I(col0 as i32),
+                    P(bd.ptr()),
+                    I(n as i32),
+                    P(opt(use_bb, &bbb)),
+                    P(opt(use_f, &bf)),
+                    P(opt(use_bias, &bbias)),
+                    F(s),
+                ],
+            )
+            .unwrap();
+            let got = down(&g, &by, t * ld);
+            assert!(
+                rel("lora_apply", &got, &want) <= F32_BUDGET,
+                "lora_apply bb {use_bb} dora {use_f} bias {use_bias}"
+            );
+        }
+        // Argmax: the first index of the maximum, per row.
+        let v = 32771usize;
+        let mut logits = rand(80, 3 * v);
+        logits[5] = 9.0;
+        logits[700] = 9.0; // a tie: the first wins
+        logits[v + v - 1] = 4.0;
+        logits[2 * v] = 7.5;
+        let (bl, out) = (up(&g, &logits), up_i(&g, &[-1, -1, -1]));
+        g.launch(
+            "argmax_rows",
+            (3, 1),
+            1024,
+            &[P(bl.ptr()), I(v as i32), P(out.ptr())],
+        )
+        .unwrap();
+        let mut got = [0i32; 3];
+        g.read(out.ptr(), &mut got).unwrap();
+        let want: Vec<i32> = logits
+            .chunks(v)
+            .map(|r| qlora_model::sampling_argmax(r) as i32)
+            .collect();
+        assert_eq!(got.to_vec(), want);
+        assert_eq!(got, [5, v as i32 - 1, 0]);
+    }
+}
+
+#[test]
+fn device_cuda_without_a_driver_is_a_clear_error() {
+    // Where a GPU is present this says nothing; where none is, opening must fail with what is
+    // missing, never panic.
+    if let Err(e) = Gpu::open(0, Precision::Bf16) {
+        let m = e.to_string();
+        assert!(
+            m.contains("libcuda")
+                || m.contains("libcublas")
+                || m.contains("NVRTC")
+                || m.contains("no CUDA device")
+                || m.contains("cuInit"),
+            "unclear error: {m}"
+        );
+    }
+    if let Ok(g) = Gpu::open(0, Precision::F32) {
+        assert!(Gpu::open(999, g.precision)
+            .unwrap_err()
+            .to_string()
+            .contains("no CUDA device 999"));
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds what the GPU checks need, here (no CUDA toolkit needed), into .gpu/ (git-ignored via
+# .git/info/exclude): the stripped qlora binary, the stripped GPU test executables, and the
+# device-side driver script. Then one `device` call with carry [".gpu"] runs:
+#     bash .gpu/gpu-run.sh [check] [bench] [peer]
+# (see tools/gpu-run.sh). Everything travels in well under 64 MiB (the peer's bitsandbytes
+# wheel, 43 MB, only when .gpu/whl holds it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .gpu/bin
+cargo build --release
+strip -o .gpu/bin/qlora target/release/qlora
+cargo test --release --no-run --message-format=json -p qlora-cuda -p qlora --test ops --test gpu \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do strip -o ".gpu/bin/test-$name" "$exe"; done
+cp tools/gpu-run.sh .gpu/
+[ -f ../shared/peers/h200_peer.py ] && cp ../shared/peers/h200_peer.py .gpu/ || true
+du -sh .gpu/bin/* .gpu/whl 2>/dev/null || true
