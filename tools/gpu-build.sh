@@ -4,7 +4,9 @@
 # device-side driver script. Then one `device` call with carry [".gpu"] runs:
 #     bash .gpu/gpu-run.sh [check] [bench] [peer]
 # (see tools/gpu-run.sh). Everything travels in well under 64 MiB (the peer's bitsandbytes
-# wheel, 43 MB, only when .gpu/whl holds it).
+# wheel, 43 MB, from .gpu-peer/whl when that is carried too: python3 -m pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .gpu-peer/whl
+# bitsandbytes==0.50.2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu/bin
@@ -20,4 +22,4 @@ for line in sys.stdin:
 ' | while read -r name exe; do strip -o ".gpu/bin/test-$name" "$exe"; done
 cp tools/gpu-run.sh .gpu/
 [ -f ../shared/peers/h200_peer.py ] && cp ../shared/peers/h200_peer.py .gpu/ || true
-du -sh .gpu/bin/* .gpu/whl 2>/dev/null || true
+du -sh .gpu/bin/* .gpu-peer/whl 2>/dev/null || true

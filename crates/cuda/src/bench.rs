@@ -102,32 +102,34 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
         // Fill x with small finite values (random bytes may be NaN patterns).
         gpu.write(&x, 0, &vec![0u8; c * lp])?;
         let y = gpu.alloc(r * 4)?;
-        let ms = time(gpu, reps, SETS, |i| {
-            gpu.launch(
-                "gemv4",
-                (r.div_ceil(8) as u32, 1),
-                128,
-                &[
-                    P(packed[i].ptr()),
-                    P(absmax[i].ptr()),
-                    P(code.ptr()),
-                    I(64),
-                    I(r as i32),
-                    I(c as i32),
-                    P(x.ptr()),
-                    I(1),
-                    P(y.ptr()),
-                    I(r as i32),
-                    I(0),
-                ],
-            )
-        })?;
-        let bytes = el / 2 + el / 64 * 4;
-        rows.push(KernelRow {
-            name: format!("gemv nf4 {name} [{r}, {c}], 1 token"),
-            ms,
-            gbps: bytes as f64 / ms / 1e6,
-        });
+        for kernel in ["gemv4_t1", "gemv4_np_t1", "gemv4_p3_t1"] {
+            let ms = time(gpu, reps, SETS, |i| {
+                gpu.launch(
+                    kernel,
+                    (r.div_ceil(crate::GEMV_BLOCK_ROWS) as u32, 1),
+                    256,
+                    &[
+                        P(packed[i].ptr()),
+                        P(absmax[i].ptr()),
+                        P(code.ptr()),
+                        I(64),
+                        I(r as i32),
+                        I(c as i32),
+                        P(x.ptr()),
+                        I(1),
+                        P(y.ptr()),
+                        I(r as i32),
+                        I(0),
+                    ],
+                )
+            })?;
+            let bytes = el / 2 + el / 64 * 4;
+            rows.push(KernelRow {
+                name: format!("{kernel} {name} [{r}, {c}]"),
+                ms,
+                gbps: bytes as f64 / ms / 1e6,
+            });
+        }
     }
     Ok(rows)
 }

@@ -27,7 +27,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dequant4",
     "dequant4_x32",
     "dequant_int8",
-    "gemv4",
+    "gemv4_t1",
+    "gemv4_t2",
+    "gemv4_t4",
+    "gemv4_t8",
+    "gemv4_np_t1",
+    "gemv4_p3_t1",
+    "softmax_causal",
     "lora_apply",
     "gather_rows",
     "embed_lora_apply",
@@ -50,6 +56,29 @@ fn check_blas(r: cublas::cublasStatus_t, what: &str) -> Result<()> {
         Err(Error::Cuda(format!("cuBLAS {what}: {r:?}")))
     }
 }
+
+/// The fused 4-bit GEMV kernel for `t` tokens (1 ≤ t ≤ 8).
+pub fn gemv4_kernel(t: usize) -> &'static str {
+    match t {
+        0 | 1 => gemv_t1(),
+        2 => "gemv4_t2",
+        3 | 4 => "gemv4_t4",
+        _ => "gemv4_t8",
+    }
+}
+
+/// The t = 1 variant: gemv4_t1, or QLORA_GEMV_T1 naming another (benchmarks).
+fn gemv_t1() -> &'static str {
+    static V: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    V.get_or_init(|| match std::env::var("QLORA_GEMV_T1").as_deref() {
+        Ok("gemv4_np_t1") => "gemv4_np_t1",
+        Ok("gemv4_p3_t1") => "gemv4_p3_t1",
+        _ => "gemv4_t1",
+    })
+}
+
+/// Rows one fused 4-bit GEMV block covers (kernels.cu GEMV_R · GEMV_GROUPS).
+pub const GEMV_BLOCK_ROWS: usize = 16;
 
 /// Whether the NVRTC library can be loaded (for a clear error instead of a panic).
 pub fn nvrtc_present() -> bool {
@@ -80,6 +109,11 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
     if precision == Precision::Bf16 {
         opts.push("-DQLORA_BF16".to_string());
     }
+    // QLORA_PTXAS_VERBOSE=1: print ptxas's registers / spills report for every kernel.
+    let verbose = std::env::var_os("QLORA_PTXAS_VERBOSE").is_some();
+    if verbose {
+        opts.push("--ptxas-options=-v".to_string());
+    }
     unsafe {
         let prog = cudarc::nvrtc::result::create_program(&src, Some(&name))
             .map_err(|e| Error::Cuda(format!("nvrtcCreateProgram: {e:?}")))?;
@@ -90,6 +124,9 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
                 String::from_utf8_lossy(&bytes).into_owned()
             })
             .unwrap_or_default();
+        if verbose {
+            eprintln!("{log}");
+        }
         if let Err(e) = res {
             let _ = cudarc::nvrtc::result::destroy_program(prog);
             return Err(Error::Compile(format!("{e:?} for {arch}:\n{log}")));
@@ -507,6 +544,58 @@ impl Gpu {
                     cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 ),
                 "GemmEx",
+            )
+        }
+    }
+
+    /// Batched GEMM over device arrays of `batch` pointers, column-major as cuBLAS takes it:
+    /// C = alpha · op(A) · op(B) + beta · C, A/B of type `dt`, C of type `ct`, f32 compute.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched(
+        &self,
+        trans_a: bool,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        (a, lda): (cu::CUdeviceptr, usize),
+        (b, ldb): (cu::CUdeviceptr, usize),
+        (c, ldc): (cu::CUdeviceptr, usize),
+        dt: Dt,
+        ct: Dt,
+        batch: usize,
+    ) -> Result<()> {
+        let beta = 0f32;
+        let op = |t: bool| {
+            if t {
+                cublas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        unsafe {
+            check_blas(
+                cublas::cublasGemmBatchedEx(
+                    self.blas,
+                    op(trans_a),
+                    op(false),
+                    m as i32,
+                    n as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const c_void,
+                    a as *const *const c_void,
+                    dt.cuda(),
+                    lda as i32,
+                    b as *const *const c_void,
+                    dt.cuda(),
+                    ldb as i32,
+                    &beta as *const f32 as *const c_void,
+                    c as *const *mut c_void,
+                    ct.cuda(),
+                    ldc as i32,
+                    batch as i32,
+                    cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                ),
+                "GemmBatchedEx",
             )
         }
     }

@@ -118,7 +118,7 @@ extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __r
 extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads, int kvh, int hd,
                                       const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                       const int* __restrict__ pos, const int* __restrict__ slot,
-                                      lp_t* __restrict__ kc, lp_t* __restrict__ vc) {
+                                      lp_t* __restrict__ kc, lp_t* __restrict__ vc, lp_t* __restrict__ qkv_lp) {
     int tok = blockIdx.x, half = hd / 2;
     float* row = qkv + (long)tok * ld;
     const float* c = cos_t + (long)pos[tok] * half;
@@ -139,6 +139,38 @@ extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads
         kc[dst + i] = f_to_lp(k[i]);
         vc[dst + i] = f_to_lp(v[i]);
     }
+    if (qkv_lp) {  // the rotated row as the matrix-product input type (prefill attention)
+        lp_t* o = qkv_lp + (long)tok * ld;
+        for (int i = threadIdx.x; i < ld; i += blockDim.x) o[i] = f_to_lp(row[i]);
+    }
+}
+
+// Causal (and windowed) softmax of prefill scores, one block per (row i, head h):
+// P[h, i, j] = exp(S[h, i, j] − max) / Σ for window-visible j ≤ i, else 0.
+// S [heads, stride, t] f32 (row length t, head stride `hstride` elements), P likewise in lp.
+extern "C" __global__ void softmax_causal(const float* __restrict__ S, int t, long hstride, int window,
+                                          lp_t* __restrict__ P) {
+    __shared__ float shm[32];
+    int i = blockIdx.x, h = blockIdx.y;
+    const float* sr = S + h * hstride + (long)i * t;
+    lp_t* pr = P + h * hstride + (long)i * t;
+    int lo = window > 0 ? max(0, i + 1 - window) : 0;
+    float m = -INFINITY;
+    for (int j = lo + threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, sr[j]);
+    // block max in a fixed order
+    m = warp_max(m);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) shm[threadIdx.x >> 5] = m;
+    __syncthreads();
+    float mm = -INFINITY;
+    for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++) mm = fmaxf(mm, shm[w]);
+    __syncthreads();
+    float sum = 0.f;
+    for (int j = lo + threadIdx.x; j <= i; j += blockDim.x) sum += expf(sr[j] - mm);
+    sum = block_sum(sum, shm);
+    float inv = 1.0f / sum;
+    for (int j = threadIdx.x; j < t; j += blockDim.x)
+        pr[j] = f_to_lp((j >= lo && j <= i) ? expf(sr[j] - mm) * inv : 0.f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,43 +259,49 @@ extern "C" __global__ void dequant4(const u8* __restrict__ packed, const float* 
     if (i + 1 < n) out[i + 1] = f_to_lp(__fmul_rn(cs[v & 15], absmax[(i + 1) / blocksize]));
 }
 
-// The same, 16 bytes (32 elements) per thread; needs n % 32 == 0 and blocksize % 32 == 0.
-extern "C" __global__ void dequant4_x32(const uint4* __restrict__ packed, const float* __restrict__ absmax,
+// The same, coalesced: a warp covers 512 bytes (1024 elements); each lane dequantizes 4 words
+// of 4 bytes, strided by the warp, so neighbouring lanes read neighbouring words and write
+// neighbouring 8-element pieces. Needs n % 32 == 0 and blocksize % 32 == 0; n32 = n / 32.
+extern "C" __global__ void dequant4_x32(const unsigned* __restrict__ packed, const float* __restrict__ absmax,
                                         const float* __restrict__ code, int blocksize, long n32,
                                         lp_t* __restrict__ out) {
     __shared__ float cs[16];
     if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
-    long c = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= n32) return;
-    uint4 q = packed[c];
-    float s = absmax[(c * 32) / blocksize];
-    unsigned w[4] = {q.x, q.y, q.z, q.w};
-    float v[32];
+    long gtid = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long warp = gtid >> 5;
+    int lane = threadIdx.x & 31;
+    long words = 4 * n32;
+    unsigned w[4];
+    float s[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) {
+        long wi = warp * 128 + lane + 32 * k;
+        w[k] = wi < words ? __ldg(packed + wi) : 0u;
+        s[k] = wi < words ? __ldg(absmax + (wi * 8) / blocksize) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        long wi = warp * 128 + lane + 32 * k;
+        if (wi >= words) continue;
+        float v[8];
 #pragma unroll
         for (int b = 0; b < 4; b++) {
             unsigned byte = (w[k] >> (8 * b)) & 0xffu;
-            v[k * 8 + 2 * b] = __fmul_rn(cs[byte >> 4], s);
-            v[k * 8 + 2 * b + 1] = __fmul_rn(cs[byte & 15], s);
+            v[2 * b] = __fmul_rn(cs[byte >> 4], s[k]);
+            v[2 * b + 1] = __fmul_rn(cs[byte & 15], s[k]);
         }
-    }
 #ifdef QLORA_BF16
-    uint4* o = (uint4*)(out + c * 32);
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
         unsigned p[4];
 #pragma unroll
-        for (int e = 0; e < 4; e++)
-            p[e] = (unsigned)f_to_bf16(v[k * 8 + 2 * e]) | ((unsigned)f_to_bf16(v[k * 8 + 2 * e + 1]) << 16);
-        o[k] = make_uint4(p[0], p[1], p[2], p[3]);
-    }
+        for (int e = 0; e < 4; e++) p[e] = (unsigned)f_to_bf16(v[2 * e]) | ((unsigned)f_to_bf16(v[2 * e + 1]) << 16);
+        ((uint4*)out)[wi] = make_uint4(p[0], p[1], p[2], p[3]);
 #else
-    float4* o = (float4*)(out + c * 32);
-#pragma unroll
-    for (int k = 0; k < 8; k++) o[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+        float4* o = (float4*)(out + wi * 8);
+        o[0] = make_float4(v[0], v[1], v[2], v[3]);
+        o[1] = make_float4(v[4], v[5], v[6], v[7]);
 #endif
+    }
 }
 
 // LLM.int8: element (r, j) = (q * SCB[r]) * (1/127).   cb [rows, cols] int8, out lp
@@ -275,96 +313,139 @@ extern "C" __global__ void dequant_int8(const signed char* __restrict__ cb, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused bitsandbytes 4-bit GEMV for decode: y[tok, r] (+)= Σ_j x[tok, j] · W[r, j], for t ≤ 8.
-// Each warp owns GEMV_ROWS consecutive rows and reads 16 bytes (32 codes) per row per lane per
-// step, so x is loaded once per GEMV_ROWS rows. Needs cols % 32 == 0 and blocksize % 32 == 0
-// and cols % blocksize == 0 (no block crosses a row).
+// Fused bitsandbytes 4-bit GEMV for decode: y[tok, r] (+)= Σ_j x[tok, j] · W[r, j], T tokens
+// (t ≤ T; the kernels gemv4_t1/t2/t4/t8). A block of 256 threads is 4 row groups of 64 threads;
+// a group owns GEMV_R consecutive rows and its threads stride over the rows' 16-byte pieces
+// (32 codes), so each thread keeps GEMV_R independent 16-byte loads in flight and loads each
+// piece of x once for GEMV_R rows. Partial sums are reduced in a fixed order (warp trees, then
+// the group's two warps). Needs cols % 32 == 0, blocksize % 32 == 0, cols % blocksize == 0.
 // packed rows [rows, cols/2], absmax [rows · cols / blocksize], x [t, cols] lp, y [t, ld] f32.
-#define GEMV_ROWS 2
-#define GEMV_WARPS 4
-#define GEMV_MAX_T 8
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv4(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
-      int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,
-      int ld, int accumulate) {
+#define GEMV_R 4
+#define GEMV_GROUP 64
+#define GEMV_GROUPS 4
+template <int T, bool PIPE>
+__device__ __forceinline__ void gemv4_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
+                                           const float* __restrict__ code, int blocksize, int rows, int cols,
+                                           const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
+                                           int accumulate) {
     __shared__ float cs[16];
+    __shared__ float red[GEMV_GROUPS][2][GEMV_R * T];
     if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int r0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
-    if (r0 >= rows) return;
-    int chunks = cols / 32;  // 16-byte pieces per row
-    float acc[GEMV_ROWS][GEMV_MAX_T];
+    int group = threadIdx.x / GEMV_GROUP, gt = threadIdx.x % GEMV_GROUP;
+    int r0 = (blockIdx.x * GEMV_GROUPS + group) * GEMV_R;
+    int chunks = cols / 32;
+    float acc[GEMV_R][T];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++)
+    for (int r = 0; r < GEMV_R; r++)
 #pragma unroll
-        for (int k = 0; k < GEMV_MAX_T; k++) acc[r][k] = 0.f;
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 q[GEMV_ROWS];
-        float s[GEMV_ROWS];
+        for (int k = 0; k < T; k++) acc[r][k] = 0.f;
+    if (r0 < rows) {
+        // PIPE: software pipelining, the next piece's loads in flight while this one computes
+        // (more registers, fewer resident threads; chosen per T by measurement).
+        uint4 q[GEMV_R], qn[GEMV_R];
+        float s[GEMV_R], sn[GEMV_R];
+        int c = gt;
+#define GEMV_LOAD(QQ, SS, CC)                                                              \
+    _Pragma("unroll") for (int r = 0; r < GEMV_R; r++) {                                   \
+        int row = min(r0 + r, rows - 1);                                                  \
+        QQ[r] = __ldg(((const uint4*)(packed + (long)row * (cols / 2))) + (CC));           \
+        SS[r] = __ldg(absmax + ((long)row * cols + (CC) * 32) / blocksize);                \
+    }
+        if (PIPE && c < chunks) { GEMV_LOAD(q, s, c) }
+        for (; c < chunks; c += GEMV_GROUP) {
+            if (PIPE) {
+                int cn = c + GEMV_GROUP;
+                if (cn < chunks) { GEMV_LOAD(qn, sn, cn) }
+            } else {
+                GEMV_LOAD(q, s, c)
+            }
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            int row = min(r0 + r, rows - 1);
-            q[r] = ((const uint4*)(packed + (long)row * (cols / 2)))[c];
-            s[r] = absmax[((long)row * cols + c * 32) / blocksize];
-        }
-#pragma unroll
-        for (int k = 0; k < GEMV_MAX_T; k++) {
-            if (k < t) {
-                float xv[32];
-                const lp_t* xr = x + (long)k * cols + c * 32;
+            for (int k = 0; k < T; k++) {
+                if (k < t) {
+                    float xv[32];
+                    const lp_t* xr = x + (long)k * cols + c * 32;
 #ifdef QLORA_BF16
-                const uint4* xp = (const uint4*)xr;
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    uint4 u = xp[e];
-                    unsigned uu[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-                    for (int f = 0; f < 4; f++) {
-                        xv[e * 8 + 2 * f] = __uint_as_float(uu[f] << 16);
-                        xv[e * 8 + 2 * f + 1] = __uint_as_float(uu[f] & 0xffff0000u);
-                    }
-                }
-#else
-                const float4* xp = (const float4*)xr;
-#pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    float4 u = xp[e];
-                    xv[4 * e] = u.x; xv[4 * e + 1] = u.y; xv[4 * e + 2] = u.z; xv[4 * e + 3] = u.w;
-                }
-#endif
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; r++) {
-                    unsigned w[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
-                    float part = 0.f;
+                    const uint4* xp = (const uint4*)xr;
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
+                        uint4 u = xp[e];
+                        unsigned uu[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-                        for (int b = 0; b < 4; b++) {
-                            unsigned byte = (w[e] >> (8 * b)) & 0xffu;
-                            part = fmaf(cs[byte >> 4], xv[e * 8 + 2 * b], part);
-                            part = fmaf(cs[byte & 15], xv[e * 8 + 2 * b + 1], part);
+                        for (int f = 0; f < 4; f++) {
+                            xv[e * 8 + 2 * f] = __uint_as_float(uu[f] << 16);
+                            xv[e * 8 + 2 * f + 1] = __uint_as_float(uu[f] & 0xffff0000u);
                         }
                     }
-                    acc[r][k] = fmaf(part, s[r], acc[r][k]);
+#else
+                    const float4* xp = (const float4*)xr;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        float4 u = xp[e];
+                        xv[4 * e] = u.x; xv[4 * e + 1] = u.y; xv[4 * e + 2] = u.z; xv[4 * e + 3] = u.w;
+                    }
+#endif
+#pragma unroll
+                    for (int r = 0; r < GEMV_R; r++) {
+                        unsigned w[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
+                        float part = 0.f;
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+#pragma unroll
+                            for (int b = 0; b < 4; b++) {
+                                unsigned byte = (w[e] >> (8 * b)) & 0xffu;
+                                part = fmaf(cs[byte >> 4], xv[e * 8 + 2 * b], part);
+                                part = fmaf(cs[byte & 15], xv[e * 8 + 2 * b + 1], part);
+                            }
+                        }
+                        acc[r][k] = fmaf(part, s[r], acc[r][k]);
+                    }
+                }
+            }
+            if (PIPE) {
+#pragma unroll
+                for (int r = 0; r < GEMV_R; r++) {
+                    q[r] = qn[r];
+                    s[r] = sn[r];
                 }
             }
         }
     }
+    int lane = threadIdx.x & 31, wig = gt >> 5;
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) {
+    for (int r = 0; r < GEMV_R; r++)
 #pragma unroll
-        for (int k = 0; k < GEMV_MAX_T; k++) {
-            if (k < t) {
-                float v = warp_sum(acc[r][k]);
-                if (lane == 0 && r0 + r < rows) {
-                    float* o = y + (long)k * ld + r0 + r;
-                    *o = accumulate ? *o + v : v;
-                }
-            }
+        for (int k = 0; k < T; k++) {
+            float v = warp_sum(acc[r][k]);
+            if (lane == 0) red[group][wig][r * T + k] = v;
+        }
+    __syncthreads();
+    if (gt < GEMV_R * T) {
+        int r = gt / T, k = gt % T;
+        if (k < t && r0 + r < rows) {
+            float v = red[group][0][gt] + red[group][1][gt];
+            float* o = y + (long)k * ld + r0 + r;
+            *o = accumulate ? *o + v : v;
         }
     }
 }
+
+#define GEMV_KERNEL(NAME, T, PIPE) GEMV_KERNEL_B(NAME, T, PIPE, 1)
+#define GEMV_KERNEL_B(NAME, T, PIPE, MINB)                                                                    \
+    extern "C" __global__ void __launch_bounds__(GEMV_GROUP * GEMV_GROUPS, MINB)                         \
+    NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
+         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
+         int ld, int accumulate) {                                                                        \
+        gemv4_body<T, PIPE>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);      \
+    }
+GEMV_KERNEL(gemv4_t1, 1, true)
+GEMV_KERNEL(gemv4_t2, 2, true)
+GEMV_KERNEL(gemv4_t4, 4, false)
+GEMV_KERNEL(gemv4_t8, 8, false)
+// Variants of t = 1 for `bench --kernels` (and QLORA_GEMV_T1=name): unpipelined; pipelined
+// with registers capped for 3 blocks per SM.
+GEMV_KERNEL(gemv4_np_t1, 1, false)
+GEMV_KERNEL_B(gemv4_p3_t1, 1, true, 3)
 
 // ---------------------------------------------------------------------------------------------
 // Adapters

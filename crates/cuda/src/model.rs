@@ -9,10 +9,13 @@ use qlora_quant::GgmlType;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Decode GEMV handles up to this many tokens per launch (kernels.cu GEMV_MAX_T).
+use crate::gpu::{gemv4_kernel, GEMV_BLOCK_ROWS};
+
+/// Decode GEMV handles up to this many tokens per launch (kernels.cu gemv4_t8).
 const GEMV_MAX_T: usize = 8;
-/// Rows per GEMV block (GEMV_ROWS · GEMV_WARPS).
-const GEMV_BLOCK_ROWS: usize = 8;
+/// A fresh sequence's prefill of at least this many tokens runs attention as two batched
+/// cuBLAS products around a causal softmax (tensor cores) instead of the paged-cache kernel.
+const PREFILL_ATTN_MIN: usize = 32;
 /// Positions per KV cache block.
 pub const KV_BLOCK: usize = 16;
 
@@ -27,6 +30,9 @@ pub struct CudaOptions {
     pub kv_tokens: usize,
     /// Replay captured CUDA graphs for decode steps.
     pub graphs: bool,
+    /// Run a fresh sequence's prefill attention through cuBLAS (tensor cores) rather than the
+    /// paged-cache kernel.
+    pub prefill_attention: bool,
 }
 
 impl Default for CudaOptions {
@@ -36,6 +42,7 @@ impl Default for CudaOptions {
             max_seqs: 64,
             kv_tokens: 16384,
             graphs: true,
+            prefill_attention: true,
         }
     }
 }
@@ -169,6 +176,20 @@ struct Scratch {
     logits: DevBuf,
     /// i32 metadata, see `Meta`
     meta: DevBuf,
+    /// The cuBLAS prefill attention's buffers, when max_batch_tokens ≥ PREFILL_ATTN_MIN.
+    pa: Option<PrefillAttn>,
+}
+
+/// Buffers of the cuBLAS prefill attention (T = max_batch_tokens).
+struct PrefillAttn {
+    /// lp [T, q + 2 kv] rotated q, k and v
+    qkv: DevBuf,
+    /// f32 [heads, T, T] scores
+    s: DevBuf,
+    /// lp [heads, T, T] probabilities
+    p: DevBuf,
+    /// device pointer arrays, [heads] each: q, k, s (scores GEMM) and v, p, o (output GEMM)
+    ptrs: DevBuf,
 }
 
 /// Offsets (in i32s) of the per-forward metadata inside `Scratch::meta`.
@@ -509,7 +530,29 @@ impl CudaModel {
             ld: gpu.alloc(t * max_part * 4)?,
             logits: gpu.alloc(t * vocab * 4)?,
             meta: gpu.alloc(meta.total * 4)?,
+            pa: None,
         };
+        let mut s = s;
+        if t >= PREFILL_ATTN_MIN && opts.prefill_attention {
+            let qkv = gpu.alloc(t * qkv_cols * lp)?;
+            let sc = gpu.alloc(heads * t * t * 4)?;
+            let p = gpu.alloc(heads * t * t * lp)?;
+            let group = heads / kvh;
+            let at = |b: &DevBuf, elems: usize, size: usize| b.at(elems * size);
+            let mut ptrs: Vec<u64> = Vec::with_capacity(6 * heads);
+            ptrs.extend((0..heads).map(|h| at(&qkv, h * hd, lp)));
+            ptrs.extend((0..heads).map(|h| at(&qkv, (heads + h / group) * hd, lp)));
+            ptrs.extend((0..heads).map(|h| at(&sc, h * t * t, 4)));
+            ptrs.extend((0..heads).map(|h| at(&qkv, (heads + kvh + h / group) * hd, lp)));
+            ptrs.extend((0..heads).map(|h| at(&p, h * t * t, lp)));
+            ptrs.extend((0..heads).map(|h| at(&s.attn, h * hd, lp)));
+            s.pa = Some(PrefillAttn {
+                qkv,
+                s: sc,
+                p,
+                ptrs: gpu.upload(&ptrs)?,
+            });
+        }
         let weight_bytes = linears().map(|l| l.weight_bytes()).sum();
         let m = CudaModel {
             d,
@@ -742,17 +785,18 @@ impl CudaModel {
         self.gpu.write(&self.s.meta, 0, &meta)?;
         let decode = rows.len() == t && rows.iter().enumerate().all(|(i, &r)| i == r);
         let use_graph = self.opts.graphs && decode && batch.iter().all(|(_, ids)| ids.len() == 1);
+        let fresh = batch.len() == 1 && batch[0].0.len == 0 && t >= PREFILL_ATTN_MIN;
         if use_graph {
             if !self.graphs.contains_key(&t) {
                 self.gpu.begin_capture()?;
-                let r = self.kernels(t, rows.len());
+                let r = self.kernels(t, rows.len(), false);
                 let g = self.gpu.end_capture();
                 r?;
                 self.graphs.insert(t, g?);
             }
             self.gpu.replay(&self.graphs[&t])?;
         } else {
-            self.kernels(t, rows.len())?;
+            self.kernels(t, rows.len(), fresh)?;
         }
         for (s, ids) in batch.iter_mut() {
             s.len += ids.len();
@@ -770,7 +814,8 @@ impl CudaModel {
     }
 
     /// The whole forward as launches on the stream (capturable: no copies, no syncs).
-    fn kernels(&self, t: usize, n_out: usize) -> Result<()> {
+    /// `fresh`: one sequence starting at position 0 (attention may take the cuBLAS path).
+    fn kernels(&self, t: usize, n_out: usize, fresh: bool) -> Result<()> {
         use Arg::*;
         let g = &self.gpu;
         let (d, lp) = (self.d, g.lp().size());
@@ -822,6 +867,7 @@ impl CudaModel {
         }
         let qkv_ld = (self.heads + 2 * self.kvh) * self.hd;
         let scale = 1.0 / (self.hd as f32).sqrt();
+        let pa = s.pa.as_ref().filter(|_| fresh);
         for l in &self.layers {
             g.launch(
                 "rms_norm",
@@ -835,7 +881,7 @@ impl CudaModel {
                     P(s.h.ptr()),
                 ],
             )?;
-            self.linear(&l.qkv, s.h.ptr(), t, s.qkv.ptr(), qkv_ld)?;
+            self.linear(&l.qkv, s.h.ptr(), t, s.qkv.ptr(), qkv_ld, false)?;
             g.launch(
                 "rope_store",
                 (t as u32, 1),
@@ -852,36 +898,35 @@ impl CudaModel {
                     P(self.mptr(m.slot)),
                     P(l.k.ptr()),
                     P(l.v.ptr()),
+                    P(pa.map_or(0, |p| p.qkv.ptr())),
                 ],
             )?;
-            g.launch(
-                "attention",
-                (self.heads as u32, t as u32),
-                256,
-                &[
-                    P(s.qkv.ptr()),
-                    I(qkv_ld as i32),
-                    P(l.k.ptr()),
-                    P(l.v.ptr()),
-                    P(self.mptr(m.seq)),
-                    P(self.mptr(m.pos)),
-                    P(self.mptr(m.tables)),
-                    I(self.max_blocks as i32),
-                    I(KV_BLOCK as i32),
-                    I(self.heads as i32),
-                    I(self.kvh as i32),
-                    I(self.hd as i32),
-                    I(self.window as i32),
-                    F(scale),
-                    P(s.attn.ptr()),
-                ],
-            )?;
-            self.linear(&l.o, s.attn.ptr(), t, s.o.ptr(), d)?;
-            g.launch_n(
-                "add_f32",
-                t * d,
-                &[P(s.x.ptr()), P(s.o.ptr()), L((t * d) as i64)],
-            )?;
+            match pa {
+                Some(p) => self.prefill_attention(p, t, qkv_ld, scale)?,
+                None => g.launch(
+                    "attention",
+                    (self.heads as u32, t as u32),
+                    256,
+                    &[
+                        P(s.qkv.ptr()),
+                        I(qkv_ld as i32),
+                        P(l.k.ptr()),
+                        P(l.v.ptr()),
+                        P(self.mptr(m.seq)),
+                        P(self.mptr(m.pos)),
+                        P(self.mptr(m.tables)),
+                        I(self.max_blocks as i32),
+                        I(KV_BLOCK as i32),
+                        I(self.heads as i32),
+                        I(self.kvh as i32),
+                        I(self.hd as i32),
+                        I(self.window as i32),
+                        F(scale),
+                        P(s.attn.ptr()),
+                    ],
+                )?,
+            }
+            self.residual(&l.o, s.attn.ptr(), t)?;
             g.launch(
                 "rms_norm",
                 (t as u32, 1),
@@ -894,7 +939,7 @@ impl CudaModel {
                     P(s.h.ptr()),
                 ],
             )?;
-            self.linear(&l.gu, s.h.ptr(), t, s.gu.ptr(), 2 * self.f)?;
+            self.linear(&l.gu, s.h.ptr(), t, s.gu.ptr(), 2 * self.f, false)?;
             g.launch_n(
                 "swiglu",
                 t * self.f,
@@ -905,12 +950,7 @@ impl CudaModel {
                     L((t * self.f) as i64),
                 ],
             )?;
-            self.linear(&l.down, s.h.ptr(), t, s.o.ptr(), d)?;
-            g.launch_n(
-                "add_f32",
-                t * d,
-                &[P(s.x.ptr()), P(s.o.ptr()), L((t * d) as i64)],
-            )?;
+            self.residual(&l.down, s.h.ptr(), t)?;
         }
         // The rows that get logits, normed, through the head.
         g.launch(
@@ -937,15 +977,100 @@ impl CudaModel {
             ],
         )?;
         let _ = lp;
-        self.linear(&self.head, s.h.ptr(), n_out, s.logits.ptr(), self.vocab)
+        self.linear(
+            &self.head,
+            s.h.ptr(),
+            n_out,
+            s.logits.ptr(),
+            self.vocab,
+            false,
+        )
+    }
+
+    /// x += lin(a), accumulated straight into the residual stream, unless a DoRA adapter needs
+    /// the projection's own output (then through `o` and an add).
+    fn residual(&self, lin: &DevLinear, a: u64, t: usize) -> Result<()> {
+        let (g, s, d) = (&self.gpu, &self.s, self.d);
+        let dora = lin
+            .parts
+            .iter()
+            .flat_map(|p| &p.lora)
+            .any(|l| l.dora.is_some());
+        if dora {
+            self.linear(lin, a, t, s.o.ptr(), d, false)?;
+            g.launch_n(
+                "add_f32",
+                t * d,
+                &[Arg::P(s.x.ptr()), Arg::P(s.o.ptr()), Arg::L((t * d) as i64)],
+            )
+        } else {
+            self.linear(lin, a, t, s.x.ptr(), d, true)
+        }
+    }
+
+    /// Attention of a fresh sequence's t tokens over themselves: S = scale · Q Kᵀ per head
+    /// (batched cuBLAS), causal/windowed softmax, O = P V (batched cuBLAS) into `attn`.
+    fn prefill_attention(&self, p: &PrefillAttn, t: usize, ld: usize, scale: f32) -> Result<()> {
+        let g = &self.gpu;
+        let (heads, hd) = (self.heads, self.hd);
+        let lp = g.lp();
+        let tt = self.opts.max_batch_tokens;
+        let ptr = |i: usize| p.ptrs.at(i * heads * 8);
+        // Column-major: S_hᵀ [t_keys, t] = op_T(K_g as [hd, t_keys]) · Q_h as [hd, t].
+        g.gemm_batched(
+            true,
+            (t, t, hd),
+            scale,
+            (ptr(1), ld),
+            (ptr(0), ld),
+            (ptr(2), t),
+            lp,
+            Dt::F32,
+            heads,
+        )?;
+        g.launch(
+            "softmax_causal",
+            (t as u32, heads as u32),
+            256,
+            &[
+                Arg::P(p.s.ptr()),
+                Arg::I(t as i32),
+                Arg::L((tt * tt) as i64),
+                Arg::I(self.window as i32),
+                Arg::P(p.p.ptr()),
+            ],
+        )?;
+        // O_hᵀ [hd, t] = V_g as [hd, t_keys] · P_hᵀ as [t_keys, t].
+        g.gemm_batched(
+            false,
+            (hd, t, t),
+            1.0,
+            (ptr(3), ld),
+            (ptr(4), t),
+            (ptr(5), heads * hd),
+            lp,
+            lp,
+            heads,
+        )
     }
 
     /// y[t, ldy] = x[t, d_in] · Wᵀ (+ bias) + adapters, for each part's columns.
     /// x lp, y f32.
-    fn linear(&self, lin: &DevLinear, x: u64, t: usize, y: u64, ldy: usize) -> Result<()> {
+    /// `accumulate`: y += the product (adapters add to y either way).
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        lin: &DevLinear,
+        x: u64,
+        t: usize,
+        y: u64,
+        ldy: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         use Arg::*;
         let g = &self.gpu;
         let lp = g.lp();
+        let beta = if accumulate { 1.0 } else { 0.0 };
         for mat in &lin.mats {
             let yc = y + (mat.col0 * 4) as u64;
             match &mat.kind {
@@ -956,9 +1081,9 @@ impl CudaModel {
                     blocksize,
                 } if t <= GEMV_MAX_T && mat.gemv_ok() => {
                     g.launch(
-                        "gemv4",
+                        gemv4_kernel(t),
                         (mat.rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
-                        128,
+                        256,
                         &[
                             P(packed.ptr()),
                             P(absmax.ptr()),
@@ -970,7 +1095,7 @@ impl CudaModel {
                             I(t as i32),
                             P(yc),
                             I(ldy as i32),
-                            I(0),
+                            I(accumulate as i32),
                         ],
                     )?;
                 }
@@ -1019,7 +1144,7 @@ impl CudaModel {
                         yc,
                         ldy,
                         1.0,
-                        0.0,
+                        beta,
                     )?;
                 }
                 MatKind::Int8 { cb, scb } => {
@@ -1046,7 +1171,7 @@ impl CudaModel {
                         yc,
                         ldy,
                         1.0,
-                        0.0,
+                        beta,
                     )?;
                 }
                 MatKind::Dense(w) => {
@@ -1061,7 +1186,7 @@ impl CudaModel {
                         yc,
                         ldy,
                         1.0,
-                        0.0,
+                        beta,
                     )?;
                 }
             }

@@ -6,7 +6,7 @@
 //! Needs a GPU: skipped (with a line on stderr) where there is none, unless
 //! QLORA_REQUIRE_GPU=1 (the device script sets it), which turns a missing GPU into a failure.
 
-use qlora_cuda::{Arg, DevBuf, Gpu, Precision};
+use qlora_cuda::{gemv4_kernel, Arg, DevBuf, Gpu, Precision, GEMV_BLOCK_ROWS};
 use qlora_engine::{ops, Weight};
 use qlora_quant::Quant4;
 use std::sync::Arc;
@@ -340,6 +340,67 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
 }
 
 #[test]
+fn causal_softmax_with_window() {
+    for g in gpus() {
+        for (t, heads, window) in [(37usize, 3usize, 0usize), (64, 2, 9), (1, 1, 0)] {
+            let stride = 70 * 70; // the head stride of a buffer sized for 70 tokens
+            let sv: Vec<f32> = rand(90, heads * stride).iter().map(|v| v * 8.0).collect();
+            let (bs, bp) = (up(&g, &sv), poison_lp(&g, heads * stride));
+            g.launch(
+                "softmax_causal",
+                (t as u32, heads as u32),
+                256,
+                &[
+                    P(bs.ptr()),
+                    I(t as i32),
+                    L(stride as i64),
+                    I(window as i32),
+                    P(bp.ptr()),
+                ],
+            )
+            .unwrap();
+            let all = down_lp(&g, &bp, heads * stride);
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            for h in 0..heads {
+                for i in 0..t {
+                    let row = &sv[h * stride + i * t..h * stride + (i + 1) * t];
+                    let lo = if window > 0 {
+                        (i + 1).saturating_sub(window)
+                    } else {
+                        0
+                    };
+                    let m = row[lo..=i]
+                        .iter()
+                        .cloned()
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row[lo..=i].iter().map(|x| (x - m).exp()).sum();
+                    for (j, &x) in row.iter().enumerate() {
+                        want.push(if j >= lo && j <= i {
+                            (x - m).exp() / sum
+                        } else {
+                            0.0
+                        });
+                    }
+                    got.extend_from_slice(&all[h * stride + i * t..h * stride + (i + 1) * t]);
+                }
+            }
+            within(
+                &g,
+                &format!("softmax_causal t {t} window {window}"),
+                &got,
+                &want,
+            );
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| (*b == 0.0) == (*a == 0.0)),
+                "masked entries are exactly 0"
+            );
+        }
+    }
+}
+
+#[test]
 fn rope_and_cache_store() {
     for g in gpus() {
         let (heads, kvh, hd, t) = (6usize, 2usize, 18usize, 7usize);
@@ -359,6 +420,7 @@ fn rope_and_cache_store() {
             up_i(&g, &slots),
         );
         let (kc, vc) = (poison_lp(&g, 32 * kvd), poison_lp(&g, 32 * kvd));
+        let qlp = poison_lp(&g, t * ld);
         g.launch(
             "rope_store",
             (t as u32, 1),
@@ -375,10 +437,20 @@ fn rope_and_cache_store() {
                 P(bsl.ptr()),
                 P(kc.ptr()),
                 P(vc.ptr()),
+                P(qlp.ptr()),
             ],
         )
         .unwrap();
         let got = down(&g, &bqkv, t * ld);
+        // The lp copy of the rotated rows (the cuBLAS prefill attention's input).
+        let want_lp: Vec<f32> = match g.precision {
+            Precision::F32 => got.clone(),
+            Precision::Bf16 => got
+                .iter()
+                .map(|x| half::bf16::from_f32(*x).to_f32())
+                .collect(),
+        };
+        assert_eq!(down_lp(&g, &qlp, t * ld), want_lp, "rope_store's lp copy");
         let mut q: Vec<f32> = (0..t)
             .flat_map(|i| qkv[i * ld..i * ld + heads * hd].to_vec())
             .collect();
@@ -570,9 +642,9 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             );
             let y = poison(&g, t * ld);
             g.launch(
-                "gemv4",
-                (rows.div_ceil(8) as u32, 1),
-                128,
+                gemv4_kernel(t),
+                (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
+                256,
                 &[
                     P(bp.ptr()),
                     P(ba.ptr()),
@@ -607,9 +679,9 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             }
             // accumulate = 1 adds to what is there.
             g.launch(
-                "gemv4",
-                (rows.div_ceil(8) as u32, 1),
-                128,
+                gemv4_kernel(t),
+                (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
+                256,
                 &[
                     P(bp.ptr()),
                     P(ba.ptr()),

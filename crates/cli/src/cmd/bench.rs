@@ -249,6 +249,7 @@ fn gpu_bench(
             + 64
             + max_b * (DECODE_PROMPT + a.gen_tokens + 2 * qlora_cuda::KV_BLOCK),
         graphs: std::env::var_os("QLORA_CUDA_GRAPHS").is_none_or(|v| v != "0"),
+        prefill_attention: std::env::var_os("QLORA_CUDA_PREFILL_ATTN").is_none_or(|v| v != "0"),
     };
     let t = Instant::now();
     let mut cm = qlora_cuda::CudaModel::upload(gpu, m, opts)
