@@ -48,6 +48,7 @@ demo: fixtures build
 test: fixtures
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
+	LD_LIBRARY_PATH=$(FIXTURES)/nvrtc/nvidia/cu13/lib QLORA_REQUIRE_NVRTC=1 \
 	QLORA_FIXTURES=$(FIXTURES) QLORA_LLAMA_CPP_MODELS=$(FIXTURES)/llama.cpp-vocab QLORA_REQUIRE_FIXTURES=1 cargo test --all-targets
 
 bench: fixtures build

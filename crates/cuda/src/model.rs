@@ -1080,10 +1080,12 @@ impl CudaModel {
                     code,
                     blocksize,
                 } if t <= GEMV_MAX_T && mat.gemv_ok() => {
-                    g.launch(
-                        gemv4_kernel(t),
+                    let (kernel, smem) = gemv4_kernel(t);
+                    g.launch_smem(
+                        kernel,
                         (mat.rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
                         256,
+                        smem,
                         &[
                             P(packed.ptr()),
                             P(absmax.ptr()),

@@ -640,69 +640,88 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                 up(&g, &s.code),
                 up_lp(&g, &x),
             );
-            let y = poison(&g, t * ld);
-            g.launch(
-                gemv4_kernel(t),
-                (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
-                256,
-                &[
-                    P(bp.ptr()),
-                    P(ba.ptr()),
-                    P(bc.ptr()),
-                    I(bs as i32),
-                    I(rows as i32),
-                    I(cols as i32),
-                    P(bx.ptr()),
-                    I(t as i32),
-                    P(y.ptr()),
-                    I(ld as i32),
-                    I(0),
-                ],
-            )
-            .unwrap();
-            let all = down(&g, &y, t * ld);
-            let got: Vec<f32> = (0..t)
-                .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
-                .collect();
-            // The weights are exact in both modes and the input is the same: f32 budget.
-            let e = rel("gemv4", &got, &want);
-            assert!(
-                e <= F32_BUDGET,
-                "gemv4 {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.3e}",
-                g.precision
-            );
-            for i in 0..t {
+            // Every GEMV variant: the staged default, the register-pipelined family and its
+            // t = 1 alternatives.
+            let reg = match t {
+                1 => "gemv4_t1",
+                2 => "gemv4_t2",
+                3 | 4 => "gemv4_t4",
+                _ => "gemv4_t8",
+            };
+            let mut variants = vec![gemv4_kernel(t), (reg, 0)];
+            if t == 1 {
+                variants.extend([("gemv4_np_t1", 0), ("gemv4_p3_t1", 0)]);
+            }
+            for (kernel, smem) in variants {
+                let y = poison(&g, t * ld);
+                g.launch_smem(
+                    kernel,
+                    (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
+                    256,
+                    smem,
+                    &[
+                        P(bp.ptr()),
+                        P(ba.ptr()),
+                        P(bc.ptr()),
+                        I(bs as i32),
+                        I(rows as i32),
+                        I(cols as i32),
+                        P(bx.ptr()),
+                        I(t as i32),
+                        P(y.ptr()),
+                        I(ld as i32),
+                        I(0),
+                    ],
+                )
+                .unwrap();
+                let all = down(&g, &y, t * ld);
+                let got: Vec<f32> = (0..t)
+                    .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
+                    .collect();
+                // The weights are exact in both modes and the input is the same: f32 budget.
+                let e = rel("gemv4", &got, &want);
                 assert!(
-                    all[i * ld + rows..(i + 1) * ld].iter().all(|v| v.is_nan()),
-                    "gemv4 wrote past its columns"
+                    e <= F32_BUDGET,
+                    "{kernel} {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.3e}",
+                    g.precision
+                );
+                for i in 0..t {
+                    assert!(
+                        all[i * ld + rows..(i + 1) * ld].iter().all(|v| v.is_nan()),
+                        "{kernel} wrote past its columns"
+                    );
+                }
+                // accumulate = 1 adds to what is there.
+                g.launch_smem(
+                    kernel,
+                    (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
+                    256,
+                    smem,
+                    &[
+                        P(bp.ptr()),
+                        P(ba.ptr()),
+                        P(bc.ptr()),
+                        I(bs as i32),
+                        I(rows as i32),
+                        I(cols as i32),
+                        P(bx.ptr()),
+                        I(t as i32),
+                        P(y.ptr()),
+                        I(ld as i32),
+                        I(1),
+                    ],
+                )
+                .unwrap();
+                let all2 = down(&g, &y, t * ld);
+                let twice: Vec<f32> = (0..t)
+                    .flat_map(|i| all2[i * ld..i * ld + rows].to_vec())
+                    .collect();
+                let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+                assert!(
+                    rel("gemv4 accumulate", &twice, &want2) <= F32_BUDGET,
+                    "{kernel} accumulate"
                 );
             }
-            // accumulate = 1 adds to what is there.
-            g.launch(
-                gemv4_kernel(t),
-                (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
-                256,
-                &[
-                    P(bp.ptr()),
-                    P(ba.ptr()),
-                    P(bc.ptr()),
-                    I(bs as i32),
-                    I(rows as i32),
-                    I(cols as i32),
-                    P(bx.ptr()),
-                    I(t as i32),
-                    P(y.ptr()),
-                    I(ld as i32),
-                    I(1),
-                ],
-            )
-            .unwrap();
-            let all2 = down(&g, &y, t * ld);
-            let twice: Vec<f32> = (0..t)
-                .flat_map(|i| all2[i * ld..i * ld + rows].to_vec())
-                .collect();
-            let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
-            assert!(rel("gemv4 accumulate", &twice, &want2) <= F32_BUDGET);
         }
         // cuBLAS through Gpu::gemm, into a column slice of a wider output.
         for (t, n, k) in [(5usize, 33usize, 70usize), (1, 4096, 4096), (300, 96, 576)] {

@@ -43,8 +43,12 @@ pub const SYNTHETIC_NAMES: &[&str] = &["mistral-7b", "llama-3-8b", "smollm2-135m
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyntheticBase {
     Bf16,
-    /// bitsandbytes 4-bit, blocksize 64.
+    /// bitsandbytes 4-bit, blocksize 64: random codes and absmax (fast: benchmarks).
     Bnb4(Quant4),
+    /// bitsandbytes 4-bit, blocksize 64, quantized (bit-exact with bitsandbytes) from
+    /// bell-shaped random values, so codes and absmax are distributed as a trained model's
+    /// (slower to build: device-vs-CPU checks).
+    Bnb4Quantized(Quant4),
 }
 
 /// SplitMix64: a fast, seedable generator; each tensor gets its own stream.
@@ -100,6 +104,20 @@ fn base_weight(seed: u64, rows: usize, cols: usize, base: SyntheticBase) -> Weig
                 .map(|u| s + u)
                 .collect();
             Weight::bnb4(q, q.code(), 64, rows, cols, packed, absmax).expect("bnb4 sizes agree")
+        }
+        SyntheticBase::Bnb4Quantized(q) => {
+            // Irwin–Hall(4): a bell shape with std ≈ 0.58 · scale, like trained weights.
+            let scale = 1.0 / (cols as f32).sqrt();
+            let u: Vec<Vec<f32>> = (0..4)
+                .map(|k| uniform(seed ^ (k + 11), rows * cols, scale))
+                .collect();
+            let v: Vec<f32> = (0..rows * cols)
+                .into_par_iter()
+                .map(|i| u.iter().map(|x| x[i]).sum::<f32>() * 0.5)
+                .collect();
+            let (packed, absmax) = qlora_quant::bnb::quantize_4bit(&v, 64, q);
+            Weight::bnb4(q, q.code(), 64, rows, cols, Arc::new(packed), absmax)
+                .expect("bnb4 sizes agree")
         }
     }
 }
@@ -174,11 +192,13 @@ pub fn synthetic_model(
         fingerprint: format!("synthetic-{seed}"),
         quantization: match base {
             SyntheticBase::Bf16 => None,
-            SyntheticBase::Bnb4(q) => Some(qlora_lora::BaseQuantization {
-                quant_type: q.name().into(),
-                blocksize: 64,
-                double_quant: false,
-            }),
+            SyntheticBase::Bnb4(q) | SyntheticBase::Bnb4Quantized(q) => {
+                Some(qlora_lora::BaseQuantization {
+                    quant_type: q.name().into(),
+                    blocksize: 64,
+                    double_quant: false,
+                })
+            }
         },
         inv_freq,
         config: cfg,
