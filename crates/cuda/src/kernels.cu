@@ -313,6 +313,27 @@ extern "C" __global__ void dequant_int8(const signed char* __restrict__ cb, cons
 }
 
 // ---------------------------------------------------------------------------------------------
+// Σ code[nibble i] · x[i] over the 32 codes of q (high nibble first in each byte), in order.
+// Both nibbles of a word are turned into byte offsets into the code table at once (·4 by the
+// shifts and one mask), so each element costs one byte extract, one shared load (register +
+// immediate address) and one FMA.
+__device__ __forceinline__ float dot32(uint4 q, const float* xv, const float* cs) {
+    unsigned w[4] = {q.x, q.y, q.z, q.w};
+    float part = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        unsigned hi = (w[e] >> 2) & 0x3c3c3c3cu;
+        unsigned lo = (w[e] << 2) & 0x3c3c3c3cu;
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            unsigned oh = (hi >> (8 * b)) & 0xffu, ol = (lo >> (8 * b)) & 0xffu;
+            part = fmaf(*(const float*)((const char*)cs + oh), xv[e * 8 + 2 * b], part);
+            part = fmaf(*(const float*)((const char*)cs + ol), xv[e * 8 + 2 * b + 1], part);
+        }
+    }
+    return part;
+}
+
 // Fused bitsandbytes 4-bit GEMV for decode: y[tok, r] (+)= Σ_j x[tok, j] · W[r, j], T tokens
 // (t ≤ T; the kernels gemv4_t1/t2/t4/t8). A block of 256 threads is 4 row groups of 64 threads;
 // a group owns GEMV_R consecutive rows and its threads stride over the rows' 16-byte pieces
@@ -387,18 +408,7 @@ __device__ __forceinline__ void gemv4_body(const u8* __restrict__ packed, const 
 #endif
 #pragma unroll
                     for (int r = 0; r < GEMV_R; r++) {
-                        unsigned w[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
-                        float part = 0.f;
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-#pragma unroll
-                            for (int b = 0; b < 4; b++) {
-                                unsigned byte = (w[e] >> (8 * b)) & 0xffu;
-                                part = fmaf(cs[byte >> 4], xv[e * 8 + 2 * b], part);
-                                part = fmaf(cs[byte & 15], xv[e * 8 + 2 * b + 1], part);
-                            }
-                        }
-                        acc[r][k] = fmaf(part, s[r], acc[r][k]);
+                        acc[r][k] = fmaf(dot32(q[r], xv, cs), s[r], acc[r][k]);
                     }
                 }
             }
@@ -543,18 +553,7 @@ __device__ __forceinline__ void gemv4s_body(const u8* __restrict__ packed, const
 #endif
 #pragma unroll
                 for (int r = 0; r < GEMV_R; r++) {
-                    unsigned w[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
-                    float part = 0.f;
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-#pragma unroll
-                        for (int b = 0; b < 4; b++) {
-                            unsigned byte = (w[e] >> (8 * b)) & 0xffu;
-                            part = fmaf(cs[byte >> 4], xv[e * 8 + 2 * b], part);
-                            part = fmaf(cs[byte & 15], xv[e * 8 + 2 * b + 1], part);
-                        }
-                    }
-                    acc[r][k] = fmaf(part, s[r], acc[r][k]);
+                    acc[r][k] = fmaf(dot32(q[r], xv, cs), s[r], acc[r][k]);
                 }
             }
         }
