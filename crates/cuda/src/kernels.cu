@@ -313,6 +313,30 @@ extern "C" __global__ void dequant_int8(const signed char* __restrict__ cb, cons
 }
 
 // ---------------------------------------------------------------------------------------------
+// 32 consecutive activations (16-byte loads) widened to f32.
+__device__ __forceinline__ void load_x32(const lp_t* __restrict__ xr, float* xv) {
+#ifdef QLORA_BF16
+    const uint4* xp = (const uint4*)xr;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        uint4 u = xp[e];
+        unsigned uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            xv[e * 8 + 2 * f] = __uint_as_float(uu[f] << 16);
+            xv[e * 8 + 2 * f + 1] = __uint_as_float(uu[f] & 0xffff0000u);
+        }
+    }
+#else
+    const float4* xp = (const float4*)xr;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        float4 u = xp[e];
+        xv[4 * e] = u.x; xv[4 * e + 1] = u.y; xv[4 * e + 2] = u.z; xv[4 * e + 3] = u.w;
+    }
+#endif
+}
+
 // Σ code[nibble i] · x[i] over the 32 codes of q (high nibble first in each byte), in order.
 // Both nibbles of a word are turned into byte offsets into the code table at once (·4 by the
 // shifts and one mask), so each element costs one byte extract, one shared load (register +
@@ -334,6 +358,34 @@ __device__ __forceinline__ float dot32(uint4 q, const float* xv, const float* cs
     return part;
 }
 
+// The GEMV's end: each row group's partial sums reduced in a fixed order (warp trees, then
+// the group's two warps) and stored (or added) once.
+#define GEMV_R 4
+#define GEMV_GROUP 64
+#define GEMV_GROUPS 4
+template <int T>
+__device__ __forceinline__ void gemv_store(float (&acc)[GEMV_R][T], float (&red)[GEMV_GROUPS][2][GEMV_R * T],
+                                           int group, int gt, int r0, int rows, int t, float* __restrict__ y,
+                                           int ld, int accumulate) {
+    int lane = threadIdx.x & 31, wig = gt >> 5;
+#pragma unroll
+    for (int r = 0; r < GEMV_R; r++)
+#pragma unroll
+        for (int k = 0; k < T; k++) {
+            float v = warp_sum(acc[r][k]);
+            if (lane == 0) red[group][wig][r * T + k] = v;
+        }
+    __syncthreads();
+    if (gt < GEMV_R * T) {
+        int r = gt / T, k = gt % T;
+        if (k < t && r0 + r < rows) {
+            float v = red[group][0][gt] + red[group][1][gt];
+            float* o = y + (long)k * ld + r0 + r;
+            *o = accumulate ? *o + v : v;
+        }
+    }
+}
+
 // Fused bitsandbytes 4-bit GEMV for decode: y[tok, r] (+)= Σ_j x[tok, j] · W[r, j], T tokens
 // (t ≤ T; the kernels gemv4_t1/t2/t4/t8). A block of 256 threads is 4 row groups of 64 threads;
 // a group owns GEMV_R consecutive rows and its threads stride over the rows' 16-byte pieces
@@ -341,9 +393,6 @@ __device__ __forceinline__ float dot32(uint4 q, const float* xv, const float* cs
 // piece of x once for GEMV_R rows. Partial sums are reduced in a fixed order (warp trees, then
 // the group's two warps). Needs cols % 32 == 0, blocksize % 32 == 0, cols % blocksize == 0.
 // packed rows [rows, cols/2], absmax [rows · cols / blocksize], x [t, cols] lp, y [t, ld] f32.
-#define GEMV_R 4
-#define GEMV_GROUP 64
-#define GEMV_GROUPS 4
 template <int T, bool PIPE>
 __device__ __forceinline__ void gemv4_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
                                            const float* __restrict__ code, int blocksize, int rows, int cols,
@@ -385,27 +434,7 @@ __device__ __forceinline__ void gemv4_body(const u8* __restrict__ packed, const 
             for (int k = 0; k < T; k++) {
                 if (k < t) {
                     float xv[32];
-                    const lp_t* xr = x + (long)k * cols + c * 32;
-#ifdef QLORA_BF16
-                    const uint4* xp = (const uint4*)xr;
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        uint4 u = xp[e];
-                        unsigned uu[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-                        for (int f = 0; f < 4; f++) {
-                            xv[e * 8 + 2 * f] = __uint_as_float(uu[f] << 16);
-                            xv[e * 8 + 2 * f + 1] = __uint_as_float(uu[f] & 0xffff0000u);
-                        }
-                    }
-#else
-                    const float4* xp = (const float4*)xr;
-#pragma unroll
-                    for (int e = 0; e < 8; e++) {
-                        float4 u = xp[e];
-                        xv[4 * e] = u.x; xv[4 * e + 1] = u.y; xv[4 * e + 2] = u.z; xv[4 * e + 3] = u.w;
-                    }
-#endif
+                    load_x32(x + (long)k * cols + c * 32, xv);
 #pragma unroll
                     for (int r = 0; r < GEMV_R; r++) {
                         acc[r][k] = fmaf(dot32(q[r], xv, cs), s[r], acc[r][k]);
@@ -421,23 +450,7 @@ __device__ __forceinline__ void gemv4_body(const u8* __restrict__ packed, const 
             }
         }
     }
-    int lane = threadIdx.x & 31, wig = gt >> 5;
-#pragma unroll
-    for (int r = 0; r < GEMV_R; r++)
-#pragma unroll
-        for (int k = 0; k < T; k++) {
-            float v = warp_sum(acc[r][k]);
-            if (lane == 0) red[group][wig][r * T + k] = v;
-        }
-    __syncthreads();
-    if (gt < GEMV_R * T) {
-        int r = gt / T, k = gt % T;
-        if (k < t && r0 + r < rows) {
-            float v = red[group][0][gt] + red[group][1][gt];
-            float* o = y + (long)k * ld + r0 + r;
-            *o = accumulate ? *o + v : v;
-        }
-    }
+    gemv_store<T>(acc, red, group, gt, r0, rows, t, y, ld, accumulate);
 }
 
 #define GEMV_KERNEL(NAME, T, PIPE) GEMV_KERNEL_B(NAME, T, PIPE, 1)
@@ -530,27 +543,7 @@ __device__ __forceinline__ void gemv4s_body(const u8* __restrict__ packed, const
         for (int k = 0; k < T; k++) {
             if (k < t) {
                 float xv[32];
-                const lp_t* xr = x + (long)k * cols + c * 32;
-#ifdef QLORA_BF16
-                const uint4* xp = (const uint4*)xr;
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    uint4 u = xp[e];
-                    unsigned uu[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-                    for (int f = 0; f < 4; f++) {
-                        xv[e * 8 + 2 * f] = __uint_as_float(uu[f] << 16);
-                        xv[e * 8 + 2 * f + 1] = __uint_as_float(uu[f] & 0xffff0000u);
-                    }
-                }
-#else
-                const float4* xp = (const float4*)xr;
-#pragma unroll
-                for (int e = 0; e < 8; e++) {
-                    float4 u = xp[e];
-                    xv[4 * e] = u.x; xv[4 * e + 1] = u.y; xv[4 * e + 2] = u.z; xv[4 * e + 3] = u.w;
-                }
-#endif
+                load_x32(x + (long)k * cols + c * 32, xv);
 #pragma unroll
                 for (int r = 0; r < GEMV_R; r++) {
                     acc[r][k] = fmaf(dot32(q[r], xv, cs), s[r], acc[r][k]);
@@ -559,23 +552,7 @@ __device__ __forceinline__ void gemv4s_body(const u8* __restrict__ packed, const
         }
     }
     asm volatile("cp.async.wait_all;\n" ::);
-    int lane = tid & 31, wig = gt >> 5;
-#pragma unroll
-    for (int r = 0; r < GEMV_R; r++)
-#pragma unroll
-        for (int k = 0; k < T; k++) {
-            float v = warp_sum(acc[r][k]);
-            if (lane == 0) red[group][wig][r * T + k] = v;
-        }
-    __syncthreads();
-    if (gt < GEMV_R * T) {
-        int r = gt / T, k = gt % T;
-        if (k < t && r0 + r < rows) {
-            float v = red[group][0][gt] + red[group][1][gt];
-            float* o = y + (long)k * ld + r0 + r;
-            *o = accumulate ? *o + v : v;
-        }
-    }
+    gemv_store<T>(acc, red, group, gt, r0, rows, t, y, ld, accumulate);
 }
 
 #define GEMVS_KERNEL(NAME, T)                                                                             \

@@ -1073,81 +1073,57 @@ impl CudaModel {
         let beta = if accumulate { 1.0 } else { 0.0 };
         for mat in &lin.mats {
             let yc = y + (mat.col0 * 4) as u64;
-            match &mat.kind {
-                MatKind::Bnb4 {
-                    packed,
-                    absmax,
-                    code,
-                    blocksize,
-                } if t <= GEMV_MAX_T && mat.gemv_ok() => {
-                    let (kernel, smem) = gemv4_kernel(t);
-                    g.launch_smem(
-                        kernel,
-                        (mat.rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
-                        256,
-                        smem,
-                        &[
-                            P(packed.ptr()),
-                            P(absmax.ptr()),
-                            P(code.ptr()),
-                            I(*blocksize as i32),
-                            I(mat.rows as i32),
-                            I(mat.cols as i32),
-                            P(x),
-                            I(t as i32),
-                            P(yc),
-                            I(ldy as i32),
-                            I(accumulate as i32),
-                        ],
-                    )?;
-                }
+            // The matrix the product reads: as stored (dense), or dequantized into scratch.
+            let w = match &mat.kind {
                 MatKind::Bnb4 {
                     packed,
                     absmax,
                     code,
                     blocksize,
                 } => {
-                    let n = mat.rows * mat.cols;
-                    if n.is_multiple_of(32) && blocksize.is_multiple_of(32) {
-                        g.launch_n(
-                            "dequant4_x32",
-                            n / 32,
+                    if t <= GEMV_MAX_T && mat.gemv_ok() {
+                        let (kernel, smem) = gemv4_kernel(t);
+                        g.launch_smem(
+                            kernel,
+                            (mat.rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
+                            256,
+                            smem,
                             &[
                                 P(packed.ptr()),
                                 P(absmax.ptr()),
                                 P(code.ptr()),
                                 I(*blocksize as i32),
-                                L((n / 32) as i64),
-                                P(self.s.w.ptr()),
+                                I(mat.rows as i32),
+                                I(mat.cols as i32),
+                                P(x),
+                                I(t as i32),
+                                P(yc),
+                                I(ldy as i32),
+                                I(accumulate as i32),
                             ],
                         )?;
-                    } else {
-                        g.launch_n(
-                            "dequant4",
-                            n.div_ceil(2),
-                            &[
-                                P(packed.ptr()),
-                                P(absmax.ptr()),
-                                P(code.ptr()),
-                                I(*blocksize as i32),
-                                L(n as i64),
-                                P(self.s.w.ptr()),
-                            ],
-                        )?;
+                        continue;
                     }
-                    g.gemm(
-                        lp,
-                        t,
-                        mat.rows,
-                        mat.cols,
-                        x,
-                        lin.d_in,
-                        self.s.w.ptr(),
-                        yc,
-                        ldy,
-                        1.0,
-                        beta,
+                    let n = mat.rows * mat.cols;
+                    let x32 = n.is_multiple_of(32) && blocksize.is_multiple_of(32);
+                    let (kernel, threads, count) = if x32 {
+                        ("dequant4_x32", n / 32, n / 32)
+                    } else {
+                        ("dequant4", n.div_ceil(2), n)
+                    };
+                    g.launch_n(
+                        kernel,
+                        threads,
+                        &[
+                            P(packed.ptr()),
+                            P(absmax.ptr()),
+                            P(code.ptr()),
+                            I(*blocksize as i32),
+                            L(count as i64),
+                            P(self.s.w.ptr()),
+                        ],
                     )?;
+                    self.s.w.ptr()
                 }
                 MatKind::Int8 { cb, scb } => {
                     let n = mat.rows * mat.cols;
@@ -1162,36 +1138,13 @@ impl CudaModel {
                             P(self.s.w.ptr()),
                         ],
                     )?;
-                    g.gemm(
-                        lp,
-                        t,
-                        mat.rows,
-                        mat.cols,
-                        x,
-                        lin.d_in,
-                        self.s.w.ptr(),
-                        yc,
-                        ldy,
-                        1.0,
-                        beta,
-                    )?;
+                    self.s.w.ptr()
                 }
-                MatKind::Dense(w) => {
-                    g.gemm(
-                        lp,
-                        t,
-                        mat.rows,
-                        mat.cols,
-                        x,
-                        lin.d_in,
-                        w.ptr(),
-                        yc,
-                        ldy,
-                        1.0,
-                        beta,
-                    )?;
-                }
-            }
+                MatKind::Dense(w) => w.ptr(),
+            };
+            g.gemm(
+                lp, t, mat.rows, mat.cols, x, lin.d_in, w, yc, ldy, 1.0, beta,
+            )?;
         }
         let mut x32 = None;
         for part in &lin.parts {

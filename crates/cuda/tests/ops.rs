@@ -654,26 +654,29 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             }
             for (kernel, smem) in variants {
                 let y = poison(&g, t * ld);
-                g.launch_smem(
-                    kernel,
-                    (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
-                    256,
-                    smem,
-                    &[
-                        P(bp.ptr()),
-                        P(ba.ptr()),
-                        P(bc.ptr()),
-                        I(bs as i32),
-                        I(rows as i32),
-                        I(cols as i32),
-                        P(bx.ptr()),
-                        I(t as i32),
-                        P(y.ptr()),
-                        I(ld as i32),
-                        I(0),
-                    ],
-                )
-                .unwrap();
+                let run = |accumulate: i32| {
+                    g.launch_smem(
+                        kernel,
+                        (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
+                        256,
+                        smem,
+                        &[
+                            P(bp.ptr()),
+                            P(ba.ptr()),
+                            P(bc.ptr()),
+                            I(bs as i32),
+                            I(rows as i32),
+                            I(cols as i32),
+                            P(bx.ptr()),
+                            I(t as i32),
+                            P(y.ptr()),
+                            I(ld as i32),
+                            I(accumulate),
+                        ],
+                    )
+                    .unwrap()
+                };
+                run(0);
                 let all = down(&g, &y, t * ld);
                 let got: Vec<f32> = (0..t)
                     .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
@@ -692,26 +695,7 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                     );
                 }
                 // accumulate = 1 adds to what is there.
-                g.launch_smem(
-                    kernel,
-                    (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
-                    256,
-                    smem,
-                    &[
-                        P(bp.ptr()),
-                        P(ba.ptr()),
-                        P(bc.ptr()),
-                        I(bs as i32),
-                        I(rows as i32),
-                        I(cols as i32),
-                        P(bx.ptr()),
-                        I(t as i32),
-                        P(y.ptr()),
-                        I(ld as i32),
-                        I(1),
-                    ],
-                )
-                .unwrap();
+                run(1);
                 let all2 = down(&g, &y, t * ld);
                 let twice: Vec<f32> = (0..t)
                     .flat_map(|i| all2[i * ld..i * ld + rows].to_vec())
