@@ -200,6 +200,25 @@ fn every_peft_adapter_matches_peft_and_the_cpu_on_the_gpu() {
         let peft = read_f32(&case.join("expected.safetensors"), "logits").1;
         let cpu = logits(&args, "cpu");
         let name = case.file_name().unwrap().to_string_lossy().into_owned();
+        // Token by token (decode: fused GEMV, fused LoRA, graph replay) and 3 at a time.
+        for chunk in ["1", "3"] {
+            let mut a = args.clone();
+            a.extend([
+                "--device".into(),
+                "cuda".into(),
+                "--precision".into(),
+                "f32".into(),
+                "--chunk".into(),
+                chunk.into(),
+            ]);
+            let g = logits(&a, "chunk");
+            let e = rel(&g, &cpu);
+            report.push(format!("{name} f32 --chunk {chunk}: vs cpu {e:.2e}"));
+            assert!(
+                e <= F32_LOGITS,
+                "{name} --chunk {chunk}: {e:.3e} over {F32_LOGITS:.0e}"
+            );
+        }
         for (prec, budget) in [("f32", F32_LOGITS), ("bf16", BF16_LOGITS)] {
             let mut a = args.clone();
             a.extend([

@@ -129,3 +129,36 @@ fn sliding_window_changes_the_result() {
     let (_, want) = expected("mistral-window");
     assert!(max_abs_diff(&got, &want) > 1e-3);
 }
+
+#[test]
+fn logits_token_by_token_equal_all_at_once() {
+    // `--chunk N` runs the same tokens N at a time over one KV cache (the decode path).
+    let tmp = temp_dir("tiny-chunk");
+    for name in ["mistral-window", "llama-mqa-headdim-tied"] {
+        let dir = tmp.join(name);
+        write_model(&spec(name), &dir);
+        let (_, whole) = run_logits(&dir, &spec(name), &tmp.join("whole.safetensors"));
+        for chunk in ["1", "7"] {
+            let out = tmp.join(format!("chunk{chunk}.safetensors"));
+            let o = qlora(&[
+                "logits",
+                "--model",
+                dir.to_str().unwrap(),
+                "--tokens",
+                &tokens_arg(&spec(name)),
+                "--chunk",
+                chunk,
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            let got = read_f32(&out, "logits").1;
+            let d = max_abs_diff(&got, &whole);
+            assert!(d < 1e-5, "{name} --chunk {chunk}: max |Δlogit| = {d}");
+        }
+    }
+    let o = qlora(&[
+        "logits", "--model", "x", "--tokens", "1", "--chunk", "0", "--out", "y",
+    ]);
+    assert!(!o.status.success());
+}

@@ -838,6 +838,114 @@ fn adapter_kernels_and_argmax() {
 }
 
 #[test]
+fn fused_lora_shrink_and_expand() {
+    for g in gpus() {
+        // Two parts of one linear output (cols 0..40 and 40..73), three adapters: ranks 4 and 6
+        // on part 0 (applied in order), rank 3 on part 1.
+        let (d_in, ld) = (129usize, 80usize);
+        let parts = [
+            (0usize, 40usize, 4usize, 0.5f32),
+            (0, 40, 6, -1.25),
+            (40, 33, 3, 2.0),
+        ];
+        let rows: usize = parts.iter().map(|p| p.2).sum();
+        let a: Vec<f32> = rand(100, rows * d_in);
+        let bs: Vec<Vec<f32>> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| rand(101 + i as u64, p.1 * p.2))
+            .collect();
+        let bbufs: Vec<DevBuf> = bs.iter().map(|b| up(&g, b)).collect();
+        let mut desc: Vec<i64> = Vec::new();
+        let mut h0 = 0;
+        for (p, b) in parts.iter().zip(&bbufs) {
+            desc.extend([
+                p.0 as i64,
+                p.1 as i64,
+                p.2 as i64,
+                h0 as i64,
+                b.ptr() as i64,
+                p.3.to_bits() as i64,
+            ]);
+            h0 += p.2;
+        }
+        let (ba, bd) = (up(&g, &a), g.upload(&desc).unwrap());
+        for t in [1usize, 3, 8] {
+            let x = rand(110 + t as u64, t * d_in);
+            let x_lp: Vec<f32> = match g.precision {
+                Precision::F32 => x.clone(),
+                Precision::Bf16 => x
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v).to_f32())
+                    .collect(),
+            };
+            let y0 = rand(120, t * ld);
+            // CPU: y += s · B (A x), adapter by adapter.
+            let mut want = y0.clone();
+            let mut off = 0;
+            for (p, b) in parts.iter().zip(&bs) {
+                for k in 0..t {
+                    let hx: Vec<f32> = (0..p.2)
+                        .map(|i| {
+                            (0..d_in)
+                                .map(|j| a[(off + i) * d_in + j] * x_lp[k * d_in + j])
+                                .sum()
+                        })
+                        .collect();
+                    for c in 0..p.1 {
+                        let v: f32 = (0..p.2).map(|i| b[c * p.2 + i] * hx[i]).sum();
+                        want[k * ld + p.0 + c] += p.3 * v;
+                    }
+                }
+                off += p.2;
+            }
+            let (bx, h, y) = (up_lp(&g, &x), poison(&g, t * rows), up(&g, &y0));
+            g.launch(
+                "lora_shrink",
+                (rows as u32, 1),
+                256,
+                &[
+                    P(ba.ptr()),
+                    I(rows as i32),
+                    I(d_in as i32),
+                    P(bx.ptr()),
+                    I(t as i32),
+                    P(h.ptr()),
+                ],
+            )
+            .unwrap();
+            g.launch_n(
+                "lora_expand",
+                73,
+                &[
+                    P(bd.ptr()),
+                    I(parts.len() as i32),
+                    P(h.ptr()),
+                    I(rows as i32),
+                    I(t as i32),
+                    I(73),
+                    P(y.ptr()),
+                    I(ld as i32),
+                ],
+            )
+            .unwrap();
+            let got = down(&g, &y, t * ld);
+            // The adapter path is f32 on the lp input in both modes: the f32 budget.
+            let e = rel("lora shrink+expand", &got, &want);
+            assert!(
+                e <= F32_BUDGET,
+                "lora shrink+expand t {t} ({:?}): {e:.3e}",
+                g.precision
+            );
+            assert!(
+                (0..t).all(|k| got[k * ld + 73..(k + 1) * ld] == y0[k * ld + 73..(k + 1) * ld]),
+                "columns past the parts untouched"
+            );
+        }
+    }
+}
+
+#[test]
 fn device_cuda_without_a_driver_is_a_clear_error() {
     // Where a GPU is present this says nothing; where none is, opening must fail with what is
     // missing, never panic.

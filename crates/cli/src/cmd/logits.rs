@@ -28,14 +28,26 @@ pub struct Args {
     /// Output safetensors file.
     #[arg(long)]
     out: PathBuf,
+    /// Run the tokens through the model this many at a time over one KV cache (1 = as a decode
+    /// loop does); the logits are the same function either way. Default: all at once.
+    #[arg(long)]
+    chunk: Option<usize>,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let loaded = load_with_adapters(&a.model, a.quantize, &a.adapter)?;
     let model = &loaded.model;
-    let logits = a
-        .device
-        .with_decoder(model, |d| Ok(d.step(&a.tokens, Logits::All)?))?;
+    let chunk = a.chunk.unwrap_or(a.tokens.len()).max(1);
+    if a.chunk == Some(0) {
+        anyhow::bail!("--chunk must be at least 1");
+    }
+    let logits = a.device.with_decoder(model, |d| {
+        let mut all = Vec::with_capacity(a.tokens.len() * model.vocab_size());
+        for c in a.tokens.chunks(chunk) {
+            all.extend(d.step(c, Logits::All)?);
+        }
+        Ok(all)
+    })?;
     let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     let t = WriteTensor {
         name: "logits".into(),
