@@ -39,8 +39,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4s_t8",
     "softmax_causal",
     "lora_apply",
-    "lora_shrink",
-    "lora_expand",
     "gather_rows",
     "embed_lora_apply",
     "argmax_rows",

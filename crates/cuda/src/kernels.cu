@@ -589,55 +589,6 @@ extern "C" __global__ void lora_apply(float* __restrict__ y, int ld, int col0, c
     }
 }
 
-// Plain LoRA for decode (t ≤ 8), every adapter of a (fused) linear in two launches instead of
-// two cuBLAS calls per adapter. Shrink: h[k, i] = Σ_j x[k, j] · A[i, j] for the linear's
-// stacked A rows (one block per row; x read as lp and widened, as PEFT feeds lora_A).
-// A [rows, d_in] f32, x [t, d_in] lp, h [t, rows] f32.
-#define LORA_MAX_T 8
-extern "C" __global__ void lora_shrink(const float* __restrict__ A, int rows, int d_in, const lp_t* __restrict__ x,
-                                       int t, float* __restrict__ h) {
-    __shared__ float shm[32];
-    int i = blockIdx.x;
-    const float* a = A + (long)i * d_in;
-    float acc[LORA_MAX_T];
-#pragma unroll
-    for (int k = 0; k < LORA_MAX_T; k++) acc[k] = 0.f;
-    for (int j = threadIdx.x; j < d_in; j += blockDim.x) {
-        float av = a[j];
-#pragma unroll
-        for (int k = 0; k < LORA_MAX_T; k++)
-            if (k < t) acc[k] = fmaf(av, lp_to_f(x[(long)k * d_in + j]), acc[k]);
-    }
-#pragma unroll
-    for (int k = 0; k < LORA_MAX_T; k++) {
-        if (k < t) {
-            float v = block_sum(acc[k], shm);
-            if (threadIdx.x == 0) h[(long)k * rows + i] = v;
-        }
-    }
-}
-
-// Expand: y[k, c] += s_d · Σ_i B_d[c − col0_d, i] · h[k, h0_d + i] for each descriptor d whose
-// columns [col0_d, col0_d + n_d) hold c, in descriptor (= adapter) order.
-// desc [nd, 6] i64: col0, n, r, h0, B pointer, s (f32 bits); y [t, ld] f32, h [t, hrows].
-extern "C" __global__ void lora_expand(const long long* __restrict__ desc, int nd, const float* __restrict__ h,
-                                       int hrows, int t, int cols, float* __restrict__ y, int ld) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
-    for (int d = 0; d < nd; d++) {
-        const long long* e = desc + 6 * d;
-        int col0 = (int)e[0], n = (int)e[1], r = (int)e[2], h0 = (int)e[3];
-        if (c < col0 || c >= col0 + n) continue;
-        const float* b = (const float*)e[4] + (long)(c - col0) * r;
-        float sc = __int_as_float((int)e[5]);
-        for (int k = 0; k < t; k++) {
-            float acc = 0.f;
-            for (int i = 0; i < r; i++) acc = fmaf(b[i], h[(long)k * hrows + h0 + i], acc);
-            y[(long)k * ld + c] += sc * acc;
-        }
-    }
-}
-
 // Embedding adapters: h[i, :] = a_t[ids[i], :]   a_t [vocab, r] f32, h [t, r]
 extern "C" __global__ void gather_rows(const float* __restrict__ a_t, const int* __restrict__ ids, int r,
                                        float* __restrict__ h) {

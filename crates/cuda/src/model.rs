@@ -126,18 +126,6 @@ struct DevLinear {
     mats: Vec<DevMat>,
     parts: Vec<Part>,
     d_in: usize,
-    /// Every adapter plain LoRA (no lora_B bias, no DoRA): the decode path's two launches.
-    fused_lora: Option<FusedLora>,
-}
-
-/// The adapters of a linear for `lora_shrink` / `lora_expand`.
-struct FusedLora {
-    /// f32 [Σ ranks, d_in]: every adapter's A, stacked in adapter order
-    a: DevBuf,
-    rows: usize,
-    /// i64 [n, 6]: col0, n, r, h0, B pointer, s bits (kernels.cu lora_expand)
-    desc: DevBuf,
-    n: usize,
 }
 
 struct DevLayer {
@@ -407,43 +395,7 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
         }
         v
     };
-    // Plain LoRA everywhere: stack the A matrices and describe the B matrices once.
-    let plain = parts
-        .iter()
-        .flat_map(|p| &p.lora)
-        .all(|l| l.b_bias.is_none() && l.dora.is_none());
-    let mut fused_lora = None;
-    if plain && parts.iter().any(|p| !p.lora.is_empty()) {
-        let mut a_all: Vec<f32> = Vec::new();
-        let mut desc: Vec<i64> = Vec::new();
-        let mut rows = 0;
-        for (p, part) in ps.iter().zip(&parts) {
-            for (l, dl) in p.lora.iter().zip(&part.lora) {
-                a_all.extend(l.a.to_f32());
-                desc.extend([
-                    part.col0 as i64,
-                    part.n as i64,
-                    dl.r as i64,
-                    rows as i64,
-                    dl.b.ptr() as i64,
-                    dl.s.to_bits() as i64,
-                ]);
-                rows += dl.r;
-            }
-        }
-        fused_lora = Some(FusedLora {
-            a: gpu.upload(&a_all)?,
-            rows,
-            n: desc.len() / 6,
-            desc: gpu.upload(&desc)?,
-        });
-    }
-    Ok(DevLinear {
-        mats,
-        parts,
-        d_in,
-        fused_lora,
-    })
+    Ok(DevLinear { mats, parts, d_in })
 }
 
 impl DevLinear {
@@ -472,16 +424,13 @@ impl DevLinear {
             .max()
             .unwrap_or(0)
     }
-    /// Columns of the adapter scratch `lh` this linear needs per token.
     fn max_rank(&self) -> usize {
-        let one = self
-            .parts
+        self.parts
             .iter()
             .flat_map(|p| &p.lora)
             .map(|l| l.r)
             .max()
-            .unwrap_or(0);
-        one.max(self.fused_lora.as_ref().map_or(0, |f| f.rows))
+            .unwrap_or(0)
     }
     fn max_part(&self) -> usize {
         self.parts
@@ -1196,52 +1145,6 @@ impl CudaModel {
             g.gemm(
                 lp, t, mat.rows, mat.cols, x, lin.d_in, w, yc, ldy, 1.0, beta,
             )?;
-        }
-        if let (Some(fl), true) = (&lin.fused_lora, t <= GEMV_MAX_T) {
-            for part in &lin.parts {
-                if let Some(b) = &part.bias {
-                    g.launch(
-                        "add_bias",
-                        (t as u32, 1),
-                        256,
-                        &[
-                            P(y),
-                            I(ldy as i32),
-                            I(part.col0 as i32),
-                            P(b.ptr()),
-                            I(part.n as i32),
-                        ],
-                    )?;
-                }
-            }
-            g.launch(
-                "lora_shrink",
-                (fl.rows as u32, 1),
-                256,
-                &[
-                    P(fl.a.ptr()),
-                    I(fl.rows as i32),
-                    I(lin.d_in as i32),
-                    P(x),
-                    I(t as i32),
-                    P(self.s.lh.ptr()),
-                ],
-            )?;
-            let cols: usize = lin.parts.iter().map(|p| p.n).sum();
-            return g.launch_n(
-                "lora_expand",
-                cols,
-                &[
-                    P(fl.desc.ptr()),
-                    I(fl.n as i32),
-                    P(self.s.lh.ptr()),
-                    I(fl.rows as i32),
-                    I(t as i32),
-                    I(cols as i32),
-                    P(y),
-                    I(ldy as i32),
-                ],
-            );
         }
         let mut x32 = None;
         for part in &lin.parts {
