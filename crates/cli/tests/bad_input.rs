@@ -446,3 +446,102 @@ fn qlora_quantize_refuses_bad_blocksize_and_existing_output() {
         &["already exists"],
     );
 }
+
+#[test]
+fn corrupt_config_values_are_errors_before_any_allocation() {
+    let dir = good_model("config-values");
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "num_hidden_layers",
+            serde_json::json!(1_000_000_000u64),
+            "num_hidden_layers",
+        ),
+        ("rope_theta", serde_json::json!(-1.0), "rope_theta"),
+        ("rope_theta", serde_json::json!(0.0), "rope_theta"),
+        ("rms_norm_eps", serde_json::json!(0.0), "rms_norm_eps"),
+        ("rms_norm_eps", serde_json::json!(-1e-5), "rms_norm_eps"),
+        ("head_dim", serde_json::json!(1u64 << 62), "overflows"),
+        (
+            "vocab_size",
+            serde_json::json!(1u64 << 40),
+            "vocab_size × hidden_size",
+        ),
+    ];
+    for (key, value, words) in cases {
+        let orig = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        edit_config(&dir, |c| c[key] = value.clone());
+        logits_fails(&dir, &["config.json", words]);
+        std::fs::write(dir.join("config.json"), orig).unwrap();
+    }
+}
+
+#[test]
+fn training_flags_that_would_give_nan_or_panic_are_refused() {
+    let dir = good_model("train-flags");
+    let data = dir.parent().unwrap().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"a b c\"}\n").unwrap();
+    let out = dir.parent().unwrap().join("run");
+    for (flag, value, words) in [
+        ("--lr", "nan", "--lr"),
+        ("--lr", "0", "--lr"),
+        ("--alpha", "inf", "--alpha"),
+        ("--save-every", "0", "--save-every"),
+        ("--eval-every", "0", "--eval-every"),
+        ("--max-grad-norm", "inf", "--max-grad-norm"),
+        ("--weight-decay", "nan", "--weight-decay"),
+    ] {
+        fails_with(
+            &[
+                "train",
+                "--model",
+                dir.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--steps",
+                "1",
+                flag,
+                value,
+            ],
+            1,
+            &[words],
+        );
+        assert!(!out.exists(), "{flag} {value}: nothing written");
+    }
+}
+
+#[test]
+fn absurd_thread_counts_are_refused() {
+    fails_with(
+        &["--threads", "1000000", "inspect", "--model", "x"],
+        1,
+        &["--threads"],
+    );
+    fails_with(
+        &["--threads", "0", "inspect", "--model", "x"],
+        1,
+        &["--threads"],
+    );
+}
+
+#[test]
+fn logits_never_overwrite_a_file_of_the_model() {
+    let dir = good_model("logits-out");
+    let weights = dir.join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    fails_with(
+        &[
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "1,2",
+            "--out",
+            weights.to_str().unwrap(),
+        ],
+        1,
+        &["--out", "inside the model"],
+    );
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+}

@@ -460,8 +460,10 @@ impl CudaModel {
             ));
         }
         let vocab = model.vocab_size();
-        let max_pos = cfg.max_position_embeddings.max(1);
         let kv_blocks = opts.kv_tokens.div_ceil(KV_BLOCK).max(1);
+        // No position past the cache can occur: the RoPE table stops there (a config's
+        // max_position_embeddings may be huge).
+        let max_pos = cfg.max_position_embeddings.clamp(1, kv_blocks * KV_BLOCK);
         let max_blocks = max_pos.div_ceil(KV_BLOCK).min(kv_blocks);
         let lp = gpu.lp().size();
         let mut layers = Vec::new();
@@ -614,7 +616,7 @@ impl CudaModel {
             }
             if s.len + ids.len() > self.max_pos {
                 return Err(Error::Invalid(format!(
-                    "sequence of {} positions exceeds max_position_embeddings {}",
+                    "sequence of {} positions exceeds the context of {} (max_position_embeddings, or the KV cache's size: raise --kv-tokens)",
                     s.len + ids.len(),
                     self.max_pos
                 )));

@@ -92,6 +92,10 @@ impl ModelConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
+        /// Deeper than any released model (Llama 3.1 405B: 126) by far.
+        const MAX_LAYERS: usize = 4096;
+        /// 2^40 elements (4 TiB of f32) in one matrix: beyond any model this tool can hold.
+        const MAX_TENSOR_ELEMENTS: usize = 1 << 40;
         let bad = |reason: String| {
             Err(Error::Config {
                 path: path.into(),
@@ -125,6 +129,67 @@ impl ModelConfig {
             || self.vocab_size == 0
         {
             return bad("hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be positive".into());
+        }
+        // Sizes that would overflow, or ask for absurd allocations before any weight is read.
+        if self.num_hidden_layers > MAX_LAYERS {
+            return bad(format!(
+                "num_hidden_layers {} is implausible (more than {MAX_LAYERS}); the config is corrupt",
+                self.num_hidden_layers
+            ));
+        }
+        let hd = self.head_dim();
+        let products = [
+            (
+                "num_attention_heads × head_dim",
+                self.num_attention_heads.checked_mul(hd),
+            ),
+            (
+                "num_key_value_heads × head_dim",
+                self.num_kv_heads().checked_mul(hd),
+            ),
+            (
+                "vocab_size × hidden_size",
+                self.vocab_size.checked_mul(self.hidden_size),
+            ),
+            (
+                "intermediate_size × hidden_size",
+                self.intermediate_size.checked_mul(self.hidden_size),
+            ),
+            (
+                "num_attention_heads × head_dim × hidden_size",
+                self.num_attention_heads
+                    .checked_mul(hd)
+                    .and_then(|q| q.checked_mul(self.hidden_size)),
+            ),
+        ];
+        for (what, v) in products {
+            match v {
+                Some(n) if n <= MAX_TENSOR_ELEMENTS => {}
+                _ => {
+                    return bad(format!(
+                        "{what} is beyond {MAX_TENSOR_ELEMENTS} elements (or overflows); the config is corrupt"
+                    ))
+                }
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad(format!(
+                "rms_norm_eps {} must be a positive finite number",
+                self.rms_norm_eps
+            ));
+        }
+        let theta = self.rope_theta();
+        if !(theta.is_finite() && theta > 0.0) {
+            return bad(format!(
+                "rope_theta {theta} must be a positive finite number"
+            ));
+        }
+        if let Some(f) = self.rope().and_then(|r| r.factor) {
+            if !(f.is_finite() && f > 0.0) {
+                return bad(format!(
+                    "rope_scaling factor {f} must be a positive finite number"
+                ));
+            }
         }
         let kv = self.num_kv_heads();
         if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {

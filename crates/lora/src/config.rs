@@ -140,7 +140,8 @@ impl AdapterConfig {
             Value::Null => 8.0,
             v => v
                 .as_f64()
-                .ok_or(format!("\"lora_alpha\" must be a number, not {v}"))?,
+                .filter(|a| a.is_finite())
+                .ok_or(format!("\"lora_alpha\" must be a finite number, not {v}"))?,
         };
         let layers_to_transform = match get("layers_to_transform") {
             Value::Null => None,
@@ -187,6 +188,19 @@ impl AdapterConfig {
                     .collect(),
                 other => Err(format!("\"{k}\" must be an object, not {other}")),
             }
+            .and_then(|v: Vec<(String, f64)>| {
+                // PEFT matches these keys as regular expressions: an invalid one is an error,
+                // not a silently skipped entry.
+                match v
+                    .iter()
+                    .find(|(p, _)| regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$")).is_err())
+                {
+                    Some((p, _)) => Err(format!(
+                        "\"{k}\" key {p:?} is not a valid regular expression"
+                    )),
+                    None => Ok(v),
+                }
+            })
         };
         let modules_to_save = match get("modules_to_save") {
             Value::Null => Vec::new(),
@@ -251,9 +265,24 @@ impl AdapterConfig {
             layers_pattern,
             rank_pattern: pattern("rank_pattern")?
                 .into_iter()
-                .map(|(p, n)| (p, n as usize))
-                .collect(),
-            alpha_pattern: pattern("alpha_pattern")?,
+                .map(|(p, n)| {
+                    if n >= 1.0 && n.fract() == 0.0 && n <= u32::MAX as f64 {
+                        Ok((p, n as usize))
+                    } else {
+                        Err(format!("\"rank_pattern\" entry {p:?} is {n}; a rank must be a positive integer"))
+                    }
+                })
+                .collect::<Result<_, String>>()?,
+            alpha_pattern: pattern("alpha_pattern")?
+                .into_iter()
+                .map(|(p, a)| {
+                    if a.is_finite() {
+                        Ok((p, a))
+                    } else {
+                        Err(format!("\"alpha_pattern\" entry {p:?} is {a}; it must be a finite number"))
+                    }
+                })
+                .collect::<Result<_, String>>()?,
             modules_to_save,
             fan_in_fan_out: boolean("fan_in_fan_out")?,
             bias: string("bias").unwrap_or_else(|| "none".into()),
@@ -378,5 +407,27 @@ mod tests {
         assert!(AdapterConfig::parse("{not json")
             .unwrap_err()
             .contains("invalid JSON"));
+    }
+
+    #[test]
+    fn patterns_and_alpha_that_would_panic_or_be_skipped_are_errors() {
+        for (json, words) in [
+            (r#"{"rank_pattern": {"q_proj": 0}}"#, "positive integer"),
+            (r#"{"rank_pattern": {"q_proj": 2.5}}"#, "positive integer"),
+            (r#"{"rank_pattern": {"q_proj": -3}}"#, "positive integer"),
+            (
+                r#"{"rank_pattern": {"q_proj(": 4}}"#,
+                "not a valid regular expression",
+            ),
+            (
+                r#"{"alpha_pattern": {"[v_proj": 4}}"#,
+                "not a valid regular expression",
+            ),
+            (r#"{"lora_alpha": "x"}"#, "lora_alpha"),
+        ] {
+            let e = AdapterConfig::parse(json).unwrap_err();
+            assert!(e.contains(words), "{json}: {e}");
+        }
+        assert!(AdapterConfig::parse(r#"{"rank_pattern": {"q_proj": 4}}"#).is_ok());
     }
 }

@@ -35,6 +35,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    refuse_model_file(&a.model, &a.out)?;
     let loaded = load_with_adapters(&a.model, a.quantize, &a.adapter)?;
     let model = &loaded.model;
     let chunk = a.chunk.unwrap_or(a.tokens.len()).max(1);
@@ -64,5 +65,20 @@ pub fn run(a: Args) -> Result<()> {
         model.vocab_size(),
         a.out.display()
     );
+    Ok(())
+}
+
+/// `--out` must not name a file of the model itself (a typo there would destroy a weight file).
+fn refuse_model_file(model: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let (Ok(m), Ok(o)) = (model.canonicalize(), out.canonicalize()) else {
+        return Ok(()); // the output does not exist yet, or the model path is checked at load
+    };
+    if o == m || (m.is_dir() && o.starts_with(&m)) {
+        anyhow::bail!(
+            "--out {} is inside the model {} and exists; write the logits elsewhere",
+            out.display(),
+            model.display()
+        );
+    }
     Ok(())
 }

@@ -42,10 +42,16 @@ enum Command {
     Bench(bench::Args),
 }
 
+/// More worker threads than this is a typo, not a machine.
+const MAX_THREADS: usize = 4096;
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
+        if n == 0 || n > MAX_THREADS {
+            anyhow::bail!("--threads {n}: use 1 to {MAX_THREADS}");
+        }
         rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
+            .num_threads(n)
             .build_global()?;
     }
     match cli.command {

@@ -104,6 +104,19 @@ pub fn run(a: Args) -> Result<()> {
     if !(0.0..1.0).contains(&a.dropout) {
         bail!("--dropout must be in [0, 1)");
     }
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        bail!("--lr must be a positive finite number, not {}", a.lr);
+    }
+    if !a.alpha.is_finite() || a.alpha == 0.0 {
+        bail!("--alpha must be a finite nonzero number, not {}", a.alpha);
+    }
+    let finite_nonneg = |v: f32| v.is_finite() && v >= 0.0;
+    if !finite_nonneg(a.weight_decay) || !finite_nonneg(a.max_grad_norm) {
+        bail!("--weight-decay and --max-grad-norm must be finite and ≥ 0");
+    }
+    if a.save_every == Some(0) || a.eval_every == Some(0) {
+        bail!("--save-every and --eval-every count steps and must be at least 1");
+    }
     let loaded = load(&a.model, a.quantize)?;
     let model = &loaded.model;
     let tok = loaded.tokenizer(&a.model)?;
