@@ -424,3 +424,58 @@ fn dora_runs_write_peft_dora_adapters_that_resume_exactly() {
         "resumed DoRA run differs"
     );
 }
+
+#[test]
+fn run_directories_are_not_mixed_or_applied_whole() {
+    let base = tiny_with_tokenizer("train-rundir");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    let run = tmp.join("run");
+    let o = train(&base, &data, &run, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A second fresh run into the same directory would mix two runs' checkpoints.
+    let before = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let o = train(&base, &data, &run, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("already holds a training run") && stderr(&o).contains("--resume"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap(),
+        before
+    );
+    // The run directory as --adapter would apply every checkpoint at once.
+    let o = qlora(&[
+        "inspect",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("training run directory") && stderr(&o).contains("checkpoint-4"),
+        "{}",
+        stderr(&o)
+    );
+    // Resuming in place from checkpoint-2 rewrites steps 3-4 once: no duplicated metric steps.
+    let ck = run.join("checkpoint-2");
+    let o = train(&base, &data, &run, &["--resume", ck.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 2, 3, 4],
+        "metrics steps after an in-place resume"
+    );
+}

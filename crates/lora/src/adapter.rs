@@ -48,6 +48,30 @@ pub fn open_adapters(dir: &Path) -> Result<Vec<Adapter>, LoraError> {
             },
         ));
     }
+    // A training run's directory holds one adapter per checkpoint: applying them all at once
+    // is never what was meant.
+    let checkpoints: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| file_err(dir, e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    if !checkpoints.is_empty() || dir.join("metrics.jsonl").exists() {
+        let mut names = checkpoints;
+        names.sort();
+        return Err(file_err(
+            dir,
+            format!(
+                "is a training run directory ({}); pass one checkpoint directory, e.g. {}",
+                if names.is_empty() {
+                    "metrics.jsonl".to_string()
+                } else {
+                    names.join(", ")
+                },
+                dir.join(names.last().map_or("final", |s| s.as_str()))
+                    .display()
+            ),
+        ));
+    }
     let mut out = Vec::new();
     if dir.join("adapter_config.json").exists() {
         out.push(open_one(dir, "default")?);

@@ -195,7 +195,16 @@ struct Unpickler<'a> {
     pos: usize,
     stack: Vec<Value>,
     memo: HashMap<usize, Value>,
+    /// Values walked so far (memo copies, items put into containers), against `budget`.
+    work: usize,
+    /// 64 values per byte of pickle plus a constant: a state dict needs a few per byte; a
+    /// pickle that memoizes and re-copies values to grow exponentially runs out of it.
+    budget: usize,
 }
+
+/// Deeper nesting than any state dict has (torch.save's is under 10); it also keeps the
+/// recursive drop of a value from overflowing the stack.
+const MAX_DEPTH: usize = 100;
 
 impl<'a> Unpickler<'a> {
     fn new(b: &'a [u8]) -> Self {
@@ -204,7 +213,67 @@ impl<'a> Unpickler<'a> {
             pos: 0,
             stack: Vec::new(),
             memo: HashMap::new(),
+            work: 0,
+            budget: 64 * b.len() + 1_000_000,
         }
+    }
+
+    /// Walks `v` (without recursion), charging its values to the budget; returns its depth.
+    fn charge(&mut self, v: &Value) -> Result<usize, String> {
+        let mut todo: Vec<(&Value, usize)> = vec![(v, 1)];
+        let mut depth = 0;
+        while let Some((v, d)) = todo.pop() {
+            self.work += 1;
+            depth = depth.max(d);
+            if self.work > self.budget {
+                return Err(format!(
+                    "the pickle builds more than {} values from {} bytes (a state dict needs far fewer); refusing it",
+                    self.budget,
+                    self.b.len()
+                ));
+            }
+            if d > MAX_DEPTH {
+                return Err(format!(
+                    "the pickle nests values deeper than {MAX_DEPTH}; refusing it"
+                ));
+            }
+            match v {
+                Value::Tuple(x) | Value::List(x) => todo.extend(x.iter().map(|c| (c, d + 1))),
+                Value::Dict(x) => todo.extend(x.iter().flat_map(|(k, c)| [(k, d + 1), (c, d + 1)])),
+                _ => {}
+            }
+        }
+        Ok(depth)
+    }
+
+    /// Charges values about to go one level into a container.
+    fn charge_all<'v>(&mut self, items: impl IntoIterator<Item = &'v Value>) -> Result<(), String> {
+        for v in items {
+            if self.charge(v)? + 1 > MAX_DEPTH {
+                return Err(format!(
+                    "the pickle nests values deeper than {MAX_DEPTH}; refusing it"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy of the stack top for the memo, charged.
+    fn top_for_memo(&mut self) -> Result<Value, String> {
+        let v = self.stack.last().cloned().ok_or("malformed pickle")?;
+        self.charge(&v)?;
+        Ok(v)
+    }
+
+    /// A copy of memo entry `i`, charged.
+    fn from_memo(&mut self, i: usize) -> Result<Value, String> {
+        let v = self
+            .memo
+            .get(&i)
+            .cloned()
+            .ok_or("malformed pickle (memo)")?;
+        self.charge(&v)?;
+        Ok(v)
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
@@ -318,27 +387,27 @@ impl<'a> Unpickler<'a> {
                 }
                 b'q' => {
                     let i = self.u8()?;
-                    let v = self.stack.last().cloned().ok_or("malformed pickle")?;
+                    let v = self.top_for_memo()?;
                     self.memo.insert(i, v);
                 }
                 b'r' => {
                     let i = self.u32()?;
-                    let v = self.stack.last().cloned().ok_or("malformed pickle")?;
+                    let v = self.top_for_memo()?;
                     self.memo.insert(i, v);
                 }
                 0x94 => {
-                    let v = self.stack.last().cloned().ok_or("malformed pickle")?;
+                    let v = self.top_for_memo()?;
                     let i = self.memo.len();
                     self.memo.insert(i, v);
                 }
                 b'h' => {
                     let i = self.u8()?;
-                    let v = self.memo.get(&i).cloned().ok_or("malformed pickle (memo)")?;
+                    let v = self.from_memo(i)?;
                     self.stack.push(v)
                 }
                 b'j' => {
                     let i = self.u32()?;
-                    let v = self.memo.get(&i).cloned().ok_or("malformed pickle (memo)")?;
+                    let v = self.from_memo(i)?;
                     self.stack.push(v)
                 }
                 b'c' => {
@@ -369,6 +438,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b't' => {
                     let items = self.pop_mark()?;
+                    self.charge_all(&items)?;
                     self.stack.push(Value::Tuple(items))
                 }
                 0x85..=0x87 => {
@@ -377,6 +447,7 @@ impl<'a> Unpickler<'a> {
                         return Err("malformed pickle (stack underflow)".into());
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
+                    self.charge_all(&items)?;
                     self.stack.push(Value::Tuple(items))
                 }
                 b'Q' => {
@@ -396,6 +467,7 @@ impl<'a> Unpickler<'a> {
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
+                    self.charge_all([&k, &v])?;
                     match self.stack.last_mut() {
                         Some(Value::Dict(d)) => d.push((k, v)),
                         _ => return Err("malformed pickle (SETITEM)".into()),
@@ -403,6 +475,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
+                    self.charge_all(&items)?;
                     let Some(Value::Dict(d)) = self.stack.last_mut() else {
                         return Err("malformed pickle (SETITEMS)".into());
                     };
@@ -413,6 +486,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'a' => {
                     let v = self.pop()?;
+                    self.charge_all([&v])?;
                     match self.stack.last_mut() {
                         Some(Value::List(l)) => l.push(v),
                         _ => return Err("malformed pickle (APPEND)".into()),
@@ -420,6 +494,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
+                    self.charge_all(&items)?;
                     match self.stack.last_mut() {
                         Some(Value::List(l)) => l.extend(items),
                         _ => return Err("malformed pickle (APPENDS)".into()),
@@ -495,5 +570,36 @@ impl<'a> Unpickler<'a> {
             }
             other => Err(format!("cannot call {other}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exponential_memo_copies_and_deep_nesting_are_refused_quickly() {
+        // ] q0, then 40 × (h0 h0 TUPLE2 q0): each round doubles the value (2^40 in Python's
+        // shared form, a memory bomb when copied).
+        let mut p = vec![0x80, 2, b']', b'q', 0];
+        for _ in 0..40 {
+            p.extend([b'h', 0, b'h', 0, 0x86, b'q', 0]);
+        }
+        p.push(b'.');
+        let t = std::time::Instant::now();
+        let e = Unpickler::new(&p).run().unwrap_err();
+        assert!(e.contains("more than") && e.contains("values"), "{e}");
+        assert!(t.elapsed().as_secs() < 5);
+        // ) then 1,000,000 × TUPLE1: nesting a million deep (a stack overflow when dropped).
+        let mut p = vec![0x80, 2, b')'];
+        p.extend(std::iter::repeat_n(0x85, 1_000_000));
+        p.push(b'.');
+        let e = Unpickler::new(&p).run().unwrap_err();
+        assert!(e.contains("deeper than"), "{e}");
+        // A small legitimate structure still reads.
+        let ok = [
+            0x80, 2, b'}', b'q', 0, b'X', 1, 0, 0, 0, b'k', b'K', 7, b's', b'.',
+        ];
+        assert!(matches!(Unpickler::new(&ok).run().unwrap(), Value::Dict(d) if d.len() == 1));
     }
 }

@@ -6,6 +6,10 @@ use crate::{CpuDecoder, Decoder, Error, Logits, Model, Result};
 use std::time::Instant;
 use tokenizers::Tokenizer;
 
+/// Template instructions one render may run: real chat templates need a few thousand per
+/// message; this is far beyond any conversation and still stops a runaway loop in about a second.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 /// Renders one user message with the model's chat template and the generation prompt.
 pub fn render_chat(
     template: &str,
@@ -26,6 +30,8 @@ pub fn render_messages(
     eos: Option<&str>,
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    // A template that loops without end (or nearly so) stops with an error, not a hang.
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -165,5 +171,20 @@ pub fn generate_with(
             decode_s: t1.elapsed().as_secs_f64(),
             stopped_at_eos,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_that_never_ends_is_an_error() {
+        let t = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let t0 = std::time::Instant::now();
+        let e = render_chat(t, "hi", None, None).unwrap_err().to_string();
+        assert!(e.contains("chat template"), "{e}");
+        assert!(t0.elapsed().as_secs() < 30);
+        assert!(render_chat("{{ messages[0].content }}", "hi", None, None).unwrap() == "hi");
     }
 }

@@ -351,7 +351,41 @@ pub fn train(
     out: &Path,
     start_step: usize,
 ) -> Result<(), String> {
+    let metrics_path = out.join("metrics.jsonl");
+    if start_step == 0 && out.is_dir() {
+        let taken = std::fs::read_dir(out)
+            .map_err(|e| format!("{}: {e}", out.display()))?
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n == "metrics.jsonl" || n == "final" || n.starts_with("checkpoint-")
+            });
+        if taken {
+            return Err(format!(
+                "{}: already holds a training run (metrics.jsonl, checkpoints); continue it with --resume {}/checkpoint-N, or choose a new --out",
+                out.display(),
+                out.display()
+            ));
+        }
+    }
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    if start_step > 0 && metrics_path.exists() {
+        // A resumed run rewrites the steps after its checkpoint: drop their old lines.
+        let text = std::fs::read_to_string(&metrics_path)
+            .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_none_or(|s| s as usize <= start_step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&metrics_path, kept)
+            .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    }
     let per_step = o.batch_size * o.grad_accum;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
