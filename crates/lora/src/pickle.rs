@@ -266,7 +266,7 @@ impl<'a> Unpickler<'a> {
     }
 
     /// A copy of memo entry `i`, charged.
-    fn from_memo(&mut self, i: usize) -> Result<Value, String> {
+    fn memo_copy(&mut self, i: usize) -> Result<Value, String> {
         let v = self
             .memo
             .get(&i)
@@ -402,12 +402,12 @@ impl<'a> Unpickler<'a> {
                 }
                 b'h' => {
                     let i = self.u8()?;
-                    let v = self.from_memo(i)?;
+                    let v = self.memo_copy(i)?;
                     self.stack.push(v)
                 }
                 b'j' => {
                     let i = self.u32()?;
-                    let v = self.from_memo(i)?;
+                    let v = self.memo_copy(i)?;
                     self.stack.push(v)
                 }
                 b'c' => {
