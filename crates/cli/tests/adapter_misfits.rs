@@ -335,3 +335,82 @@ fn provenance_mismatch_warns_and_strict_refuses() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
 }
+
+#[test]
+fn undeclared_base_tensors_are_refused_not_applied() {
+    // A full tensor the config does not declare would silently replace the base's.
+    for (name, shape) in [
+        ("base_model.model.model.norm.weight", vec![48usize]),
+        (
+            "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight",
+            vec![128, 48],
+        ),
+    ] {
+        let n: usize = shape.iter().product();
+        let (m, a) = setup("mis-undeclared", "llama-gqa", "basic-qv", |t| {
+            t.push(WriteTensor {
+                name: name.into(),
+                dtype: qlora_io::ElementType::F32,
+                shape: shape.clone(),
+                data: vec![0u8; n * 4].into(),
+            })
+        });
+        both_fail(
+            &m,
+            &a,
+            &[
+                name.trim_start_matches("base_model.model."),
+                "does not declare",
+            ],
+        );
+    }
+}
+
+#[test]
+fn tensors_for_modules_the_config_does_not_target_are_refused() {
+    // basic-qv targets q_proj and v_proj; a k_proj pair in the file would not be applied by PEFT.
+    let (m, a) = setup("mis-untargeted", "llama-gqa", "basic-qv", |t| {
+        let extra: Vec<WriteTensor<'static>> = t
+            .iter()
+            .filter(|x| x.name.contains("layers.0.self_attn.v_proj"))
+            .map(|x| WriteTensor {
+                name: x.name.replace("v_proj", "k_proj"),
+                dtype: x.dtype,
+                shape: x.shape.clone(),
+                data: x.data.clone(),
+            })
+            .collect();
+        t.extend(extra);
+    });
+    both_fail(
+        &m,
+        &a,
+        &["model.layers.0.self_attn.k_proj", "target_modules"],
+    );
+}
+
+#[test]
+fn two_tensors_for_one_lora_part_are_ambiguous() {
+    let (m, a) = setup("mis-dup", "llama-gqa", "basic-qv", |t| {
+        let x = t
+            .iter()
+            .find(|x| x.name.ends_with("layers.0.self_attn.q_proj.lora_A.weight"))
+            .unwrap();
+        let dup = WriteTensor {
+            name: x.name.replace("lora_A.weight", "lora_A.default.weight"),
+            dtype: x.dtype,
+            shape: x.shape.clone(),
+            data: x.data.clone(),
+        };
+        t.push(dup);
+    });
+    both_fail(
+        &m,
+        &a,
+        &[
+            "model.layers.0.self_attn.q_proj",
+            "two A tensors",
+            "ambiguous",
+        ],
+    );
+}

@@ -299,6 +299,11 @@ impl Adapter {
         let mut problems = Vec::new();
         let mut plan = Plan::default();
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
+        let adapted_modules: std::collections::HashSet<&str> = self
+            .tensors
+            .iter()
+            .filter_map(|t| lora_part(&t.name).map(|(m, _)| m))
+            .collect();
         for t in &self.tensors {
             if let Some((module, kind)) = lora_part(&t.name) {
                 let p = parts.entry(module.to_string()).or_default();
@@ -310,6 +315,13 @@ impl Adapter {
                     "EA" => &mut p.emb_a,
                     _ => &mut p.emb_b,
                 };
+                if let Some(prev) = slot.as_ref() {
+                    problems.push(format!(
+                        "module \"{module}\" has two {kind} tensors, \"{}\" and \"{}\"; the adapter file is ambiguous (keep one)",
+                        prev.name, t.name
+                    ));
+                    continue;
+                }
                 *slot = Some(t.clone());
                 continue;
             }
@@ -319,6 +331,28 @@ impl Adapter {
                 .replace(".base_layer.", ".")
                 .replace(".modules_to_save.default.", ".")
                 .replace(&format!(".modules_to_save.{}.", self.name), ".");
+            // Only what the config declares may replace a base tensor: a modules_to_save copy, a
+            // wrapped module's base_layer, a bias when `bias` is not "none", or a targeted
+            // embedding/lm_head saved whole (save_embedding_layers). PEFT ignores the rest.
+            let module = base_name
+                .rsplit_once('.')
+                .map_or(base_name.as_str(), |(m, _)| m);
+            let in_modules_to_save = cfg
+                .modules_to_save
+                .iter()
+                .any(|m| module == m || module.ends_with(&format!(".{m}")));
+            let adapted = adapted_modules.contains(module);
+            let declared = in_modules_to_save
+                || (t.name.contains(".base_layer.") && adapted)
+                || (base_name.ends_with(".bias") && cfg.bias != "none")
+                || (matches!(module, "lm_head" | "model.embed_tokens") && cfg.targets(module));
+            if !declared && shapes.tensors.contains_key(&base_name) {
+                problems.push(format!(
+                    "tensor \"{}\" would replace the base's \"{base_name}\", but adapter_config.json does not declare it (not in modules_to_save, not the base_layer of an adapted module, not a targeted embedding); PEFT ignores such tensors, and qlora will not replace a base weight silently: remove it from the file",
+                    t.name
+                ));
+                continue;
+            }
             match shapes.tensors.get(&base_name) {
                 None => problems.push(format!(
                     "tensor \"{}\" matches nothing in the model (no base tensor \"{base_name}\"); PEFT would ignore it silently",
@@ -360,6 +394,12 @@ impl Adapter {
                 problems.push(format!(
                     "adapter tensors target module \"{module}\", which this model does not have (nearest: {}); PEFT would skip them silently and the adapter would do nothing there",
                     near.join(", ")
+                ));
+                continue;
+            }
+            if !cfg.targets(module) {
+                problems.push(format!(
+                    "adapter tensors for module \"{module}\", which adapter_config.json's target_modules (with layers_to_transform / exclude_modules) does not select; PEFT would not apply them: fix the config or drop the tensors"
                 ));
                 continue;
             }
