@@ -343,7 +343,7 @@ fn undeclared_base_tensors_are_refused_not_applied() {
         ("base_model.model.model.norm.weight", vec![48usize]),
         (
             "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight",
-            vec![128, 48],
+            vec![80, 48],
         ),
     ] {
         let n: usize = shape.iter().product();
