@@ -545,3 +545,48 @@ fn logits_never_overwrite_a_file_of_the_model() {
     );
     assert_eq!(std::fs::read(&weights).unwrap(), before);
 }
+
+#[test]
+fn gguf_with_a_tensor_listed_twice() {
+    let mut b = gguf_bytes(0, &[64, 4], 0);
+    // Bump the tensor count to 2 and repeat the tensor's table entry right after the first.
+    b[8..16].copy_from_slice(&2u64.to_le_bytes());
+    let name = b"token_embd.weight";
+    let at = b.windows(name.len()).position(|w| w == name).unwrap() - 8;
+    let entry_len = 8 + name.len() + 4 + 2 * 8 + 4 + 8;
+    let entry = b[at..at + entry_len].to_vec();
+    let mut c = b[..at + entry_len].to_vec();
+    c.extend(&entry);
+    while !c.len().is_multiple_of(32) {
+        c.push(0);
+    }
+    c.resize(c.len() + 64 * 4 * 4, 0);
+    let f = temp_dir("gguf-dup").join("m.gguf");
+    std::fs::write(&f, &c).unwrap();
+    logits_fails(&f, &["m.gguf", "token_embd.weight", "twice"]);
+}
+
+#[test]
+fn a_shard_holding_a_tensor_the_index_puts_elsewhere() {
+    let dir = temp_dir("shard-lie").join("m");
+    let mut s = spec("llama-gqa");
+    s["sharded"] = serde_json::json!(true);
+    write_model(&s, &dir);
+    let idx = dir.join("model.safetensors.index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
+    let map = v["weight_map"].as_object_mut().unwrap();
+    let (name, file) = map
+        .iter()
+        .next()
+        .map(|(k, f)| (k.clone(), f.as_str().unwrap().to_string()))
+        .unwrap();
+    let other = if file.contains("00001") {
+        "model-00002-of-00002.safetensors"
+    } else {
+        "model-00001-of-00002.safetensors"
+    };
+    map.insert(name.clone(), serde_json::json!(other));
+    std::fs::write(&idx, v.to_string()).unwrap();
+    logits_fails(&dir, &[&name, "puts it in", other]);
+}

@@ -215,6 +215,7 @@ impl GgufFile {
             metadata.insert(key, v);
         }
         let mut infos = Vec::with_capacity(n_tensors);
+        let mut seen = std::collections::HashSet::new();
         for _ in 0..n_tensors {
             let name = r.string()?;
             let nd = r.u32()? as usize;
@@ -231,6 +232,13 @@ impl GgufFile {
             }
             let ty = r.u32()?;
             let offset = r.u64()?;
+            if !seen.insert(name.clone()) {
+                return Err(Error::Tensor {
+                    path: path.into(),
+                    tensor: name,
+                    reason: "appears twice in the tensor table; the file is corrupt".into(),
+                });
+            }
             infos.push((name, dims, ty, offset));
         }
         let alignment = metadata

@@ -16,6 +16,28 @@ pub struct TensorStore {
 }
 
 impl TensorStore {
+    /// Adds a tensor read from `file`; a name seen before (in this file or another) is an
+    /// error, never "the last one wins".
+    pub fn add_new(&mut self, t: RawTensor, file: &Path) -> Result<()> {
+        if let Some((_, first)) = self.tensors.get(&t.name) {
+            return Err(Error::Tensor {
+                path: file.into(),
+                tensor: t.name.clone(),
+                reason: if first == file {
+                    "appears twice in this file; the checkpoint is corrupt".into()
+                } else {
+                    format!(
+                        "is also in {}; a tensor must be in one file only",
+                        first.display()
+                    )
+                },
+            });
+        }
+        self.insert(t, file);
+        Ok(())
+    }
+
+    /// Puts a tensor in place, replacing one of the same name (adapters' replacements).
     pub fn insert(&mut self, t: RawTensor, file: &Path) {
         if !self.tensors.contains_key(&t.name) {
             self.order.push(t.name.clone());
@@ -79,7 +101,7 @@ impl ModelSource {
         let config = g.config()?;
         let mut tensors = TensorStore::default();
         for t in g.hf_tensors(&config)? {
-            tensors.insert(t, path);
+            tensors.add_new(t, path)?;
         }
         let tokenizer = tokenizer_from_gguf(&g)?;
         Ok(ModelSource {
@@ -97,10 +119,27 @@ impl ModelSource {
         }
         let config = ModelConfig::load(&cfg_path)?;
         let mut tensors = TensorStore::default();
-        for file in weight_files(dir)? {
+        let (files, index) = weight_files(dir)?;
+        for file in files {
             let st = SafetensorsFile::open(&file)?;
             for t in st.tensors {
-                tensors.insert(t, &file);
+                // A sharded checkpoint's index says where each tensor is: believe it or fail.
+                if let Some((index_path, map)) = &index {
+                    let named = map.get(&t.name).map(|f| dir.join(f));
+                    if named.as_deref() != Some(file.as_path()) {
+                        return Err(Error::Tensor {
+                            path: file.clone(),
+                            tensor: t.name.clone(),
+                            reason: match named {
+                                Some(n) => {
+                                    format!("{} puts it in {}", index_path.display(), n.display())
+                                }
+                                None => format!("is not in {}'s weight_map", index_path.display()),
+                            },
+                        });
+                    }
+                }
+                tensors.add_new(t, &file)?;
             }
         }
         let tokenizer = load_tokenizer_json(dir)?;
@@ -122,9 +161,12 @@ fn starts_with_gguf_magic(path: &Path) -> bool {
         && &magic == b"GGUF"
 }
 
-/// The safetensors files of a directory: those named by `model.safetensors.index.json`, or
-/// `model.safetensors`.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// What `model.safetensors.index.json` says: its path, and each tensor's file name.
+type Index = (PathBuf, HashMap<String, String>);
+
+/// The safetensors files of a directory: those named by `model.safetensors.index.json` (with
+/// that index), or `model.safetensors`.
+fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<Index>)> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
@@ -139,6 +181,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             });
         };
         let mut files = BTreeMap::new();
+        let mut where_is = HashMap::new();
         for (tensor, f) in map {
             let Some(f) = f.as_str() else {
                 return Err(Error::Json {
@@ -157,12 +200,13 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 ));
             }
             files.insert(f.to_string(), p);
+            where_is.insert(tensor.clone(), f.to_string());
         }
-        return Ok(files.into_values().collect());
+        return Ok((files.into_values().collect(), Some((index, where_is))));
     }
     let single = dir.join("model.safetensors");
     if single.exists() {
-        return Ok(vec![single]);
+        return Ok((vec![single], None));
     }
     let hint = if dir.join("pytorch_model.bin").exists() {
         "; only pytorch_model.bin is present: re-save the model with safe_serialization=True"
