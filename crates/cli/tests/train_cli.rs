@@ -479,3 +479,56 @@ fn run_directories_are_not_mixed_or_applied_whole() {
         "metrics steps after an in-place resume"
     );
 }
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_says_where() {
+    let base = tiny_with_tokenizer("train-nan");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    let run = tmp.join("run");
+    // AdamW steps of size ~lr: 1e30 makes the adapter overflow after the first update.
+    let o = train(
+        &base,
+        &data,
+        &run,
+        &["--lr", "1e30", "--max-grad-norm", "0"],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("training stopped") && err.contains("step "),
+        "{err}"
+    );
+    assert!(
+        !run.join("final").exists(),
+        "no final adapter from a diverged run"
+    );
+}
+
+#[test]
+fn resume_with_other_options_is_refused() {
+    let base = tiny_with_tokenizer("train-resume-opts");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    let run = tmp.join("run");
+    assert!(train(&base, &data, &run, &[]).status.success());
+    let ck = run.join("checkpoint-2");
+    for (extra, words) in [
+        (vec!["--rank", "8"], "rank 4 (--rank 8)"),
+        (vec!["--alpha", "16"], "alpha 8 (--alpha 16)"),
+        (vec!["--dora"], "use_dora"),
+        (vec!["--targets", "q_proj"], "adapted modules"),
+    ] {
+        let mut args = extra.clone();
+        args.extend(["--resume", ck.to_str().unwrap()]);
+        let out = tmp.join("resumed");
+        let o = train(&base, &data, &out, &args);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(words) && stderr(&o).contains("--resume"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!out.join("final").exists());
+    }
+}

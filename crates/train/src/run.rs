@@ -422,6 +422,29 @@ pub fn train(
         }
         let loss = total / n_tok as f64;
         let grad_norm = clip_grad_norm(&mut g, o.max_grad_norm);
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            // Stop before the update: the adapter and the checkpoints on disk stay as they were.
+            if terminal {
+                eprintln!();
+            }
+            let last = (1..=step)
+                .rev()
+                .find(|s| {
+                    o.save_every.is_some_and(|e| s % e == 0)
+                        && out.join(format!("checkpoint-{s}")).is_dir()
+                })
+                .map(|s| {
+                    format!(
+                        "; the last checkpoint is {}",
+                        out.join(format!("checkpoint-{s}")).display()
+                    )
+                })
+                .unwrap_or_default();
+            return Err(format!(
+                "step {}: the loss is {loss} and the gradient norm {grad_norm}; training stopped before applying it{last}. Lower --lr, raise --warmup-steps, or check the data",
+                step + 1
+            ));
+        }
         let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
         opt.update(ad, &g, lr);
         let seq_tokens: usize = batch.iter().map(|e| e.ids.len()).sum();

@@ -221,7 +221,10 @@ pub fn run(a: Args) -> Result<()> {
                 strict: false,
             };
             let planned = plan_adapters(&model.config, &a.model, &one)?;
-            let (_, plan) = planned.first().context("no adapter found")?;
+            let (adapter, plan) = planned.first().context("no adapter found")?;
+            if a.resume.is_some() {
+                check_resume_matches(adapter, plan, &a, &modules)?;
+            }
             qlora_train::adapters_from_plan(plan, a.dropout).map_err(anyhow::Error::msg)?
         }
     };
@@ -247,4 +250,51 @@ pub fn run(a: Args) -> Result<()> {
         }
     );
     train(model, &mut ad, &mut opt, &data, &eval, &o, &a.out, start).map_err(anyhow::Error::msg)
+}
+
+/// `--resume` continues a run: its options must be the checkpoint's, or the new checkpoints'
+/// config would contradict their tensors (rank, targets) or silently change the scaling.
+fn check_resume_matches(
+    adapter: &qlora_lora::Adapter,
+    plan: &qlora_lora::Plan,
+    a: &Args,
+    modules: &[String],
+) -> Result<()> {
+    let c = &adapter.config;
+    let mut diffs = Vec::new();
+    if c.r != a.rank {
+        diffs.push(format!("rank {} (--rank {})", c.r, a.rank));
+    }
+    if (c.lora_alpha - a.alpha as f64).abs() > 1e-9 * c.lora_alpha.abs().max(1.0) {
+        diffs.push(format!("alpha {} (--alpha {})", c.lora_alpha, a.alpha));
+    }
+    if c.use_dora != a.dora {
+        diffs.push(format!("use_dora {} (--dora {})", c.use_dora, a.dora));
+    }
+    if c.use_rslora != a.rslora {
+        diffs.push(format!(
+            "use_rslora {} (--rslora {})",
+            c.use_rslora, a.rslora
+        ));
+    }
+    let mut have: Vec<&str> = plan.linear.iter().map(|d| d.module.as_str()).collect();
+    let mut want: Vec<&str> = modules.iter().map(|m| m.as_str()).collect();
+    have.sort_unstable();
+    want.sort_unstable();
+    if have != want {
+        diffs.push(format!(
+            "{} adapted modules ({} with --targets {})",
+            have.len(),
+            want.len(),
+            a.targets
+        ));
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "--resume {}: the checkpoint was trained with other options: {}; pass the run's own options (or its --config) to continue it, or start a new run with --init-adapter",
+            adapter.dir.display(),
+            diffs.join(", ")
+        );
+    }
+    Ok(())
 }
