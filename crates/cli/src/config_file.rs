@@ -86,17 +86,37 @@ fn parse_string(v: &str) -> Result<String, String> {
     Ok(inner.replace("\\\"", "\"").replace("\\\\", "\\"))
 }
 
-/// Inserts the flags of `--config FILE` right after the `train` subcommand.
+/// Inserts the flags of `--config FILE` (or `--config=FILE`) right after the `train`
+/// subcommand, so flags given on the command line override the file's.
 pub fn expand(args: Vec<String>) -> Result<Vec<String>, String> {
+    let is_config = |a: &str| a == "--config" || a.starts_with("--config=");
     let Some(sub) = args.iter().position(|a| a == "train") else {
         return Ok(args);
     };
-    let Some(ci) = args.iter().position(|a| a == "--config") else {
+    let found: Vec<usize> = args
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| is_config(a))
+        .map(|(i, _)| i)
+        .collect();
+    let Some(&ci) = found.first() else {
         return Ok(args);
     };
-    let path = args.get(ci + 1).ok_or("--config needs a file")?.clone();
+    if ci < sub {
+        return Err("--config is an option of train: qlora train --config FILE.toml ...".into());
+    }
+    if found.len() > 1 {
+        return Err("--config is given more than once; pass one file".into());
+    }
+    let (path, n) = match args[ci].strip_prefix("--config=") {
+        Some(p) => (p.to_string(), 1),
+        None => (args.get(ci + 1).ok_or("--config needs a file")?.clone(), 2),
+    };
+    if path.is_empty() {
+        return Err("--config needs a file".into());
+    }
     let mut rest: Vec<String> = args.clone();
-    rest.drain(ci..ci + 2);
+    rest.drain(ci..ci + n);
     let mut out: Vec<String> = rest[..=sub].to_vec();
     out.extend(config_args(Path::new(&path))?);
     out.extend(rest[sub + 1..].iter().cloned());
@@ -106,6 +126,40 @@ pub fn expand(args: Vec<String>) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_forms_and_misplacements() {
+        let dir = std::env::temp_dir().join(format!("qlora-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("run.toml");
+        std::fs::write(&p, "rank = 16\n").unwrap();
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let ps = p.to_str().unwrap();
+        let eq = format!("--config={ps}");
+        for args in [
+            v(&["qlora", "train", "--config", ps, "--lr", "1"]),
+            v(&["qlora", "train", &eq, "--lr", "1"]),
+        ] {
+            assert_eq!(
+                expand(args).unwrap(),
+                v(&["qlora", "train", "--rank", "16", "--lr", "1"])
+            );
+        }
+        assert!(expand(v(&["qlora", "--config", ps, "train"]))
+            .unwrap_err()
+            .contains("option of train"));
+        assert!(
+            expand(v(&["qlora", "train", "--config", ps, "--config", ps]))
+                .unwrap_err()
+                .contains("more than once")
+        );
+        assert!(expand(v(&["qlora", "train", "--config="]))
+            .unwrap_err()
+            .contains("needs a file"));
+        assert!(expand(v(&["qlora", "train", "--config"]))
+            .unwrap_err()
+            .contains("needs a file"));
+    }
 
     #[test]
     fn flat_toml_becomes_flags() {
