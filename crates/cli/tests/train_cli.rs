@@ -460,6 +460,17 @@ fn run_directories_are_not_mixed_or_applied_whole() {
         "{}",
         stderr(&o)
     );
+    // Resuming past the end is "nothing to do", not a wrapped step count.
+    let o = train(
+        &base,
+        &data,
+        &run,
+        &["--resume", run.join("checkpoint-4").to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nothing to do"), "{}", stderr(&o));
+    // A killed run's half-written checkpoint is cleaned up by the next run in the directory.
+    std::fs::create_dir_all(run.join(".checkpoint-3.partial")).unwrap();
     // Resuming in place from checkpoint-2 rewrites steps 3-4 once: no duplicated metric steps.
     let ck = run.join("checkpoint-2");
     let o = train(&base, &data, &run, &["--resume", ck.to_str().unwrap()]);

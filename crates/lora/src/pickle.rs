@@ -44,9 +44,19 @@ pub fn read_torch_file(path: &Path) -> Result<Vec<RawTensor>, String> {
             }
             expect *= dim;
         }
-        let n: usize = t.shape.iter().product();
-        let start = t.offset * size;
-        let end = start + n * size;
+        let span = t
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(size))
+            .and_then(|bytes| t.offset.checked_mul(size).map(|start| (start, bytes)))
+            .and_then(|(start, bytes)| start.checked_add(bytes).map(|end| (start, end)));
+        let Some((start, end)) = span else {
+            return Err(format!(
+                "tensor \"{name}\": shape {:?} at offset {} overflows; the file is corrupt",
+                t.shape, t.offset
+            ));
+        };
         if end > storage.len() {
             return Err(format!(
                 "tensor \"{name}\" needs bytes {start}..{end} of storage {} which has {}; the file is truncated or corrupt",
@@ -560,10 +570,13 @@ impl<'a> Unpickler<'a> {
                 else {
                     return Err("malformed tensor in pickle".into());
                 };
+                let offset = usize::try_from(*off).map_err(|_| {
+                    format!("tensor storage offset {off} is negative; the file is corrupt")
+                })?;
                 Ok(Value::Tensor(TensorRef {
                     storage: key.clone(),
                     dtype: *dt,
-                    offset: *off as usize,
+                    offset,
                     shape: ints(size)?,
                     stride: ints(stride)?,
                 }))
@@ -596,6 +609,17 @@ mod tests {
         p.push(b'.');
         let e = Unpickler::new(&p).run().unwrap_err();
         assert!(e.contains("deeper than"), "{e}");
+        // A tensor at a negative storage offset is refused, not wrapped around.
+        let t = Unpickler::reduce(
+            Value::Global("torch._utils._rebuild_tensor_v2".into()),
+            Value::Tuple(vec![
+                Value::Storage("0".into(), (ElementType::F32, 4)),
+                Value::Int(-1),
+                Value::Tuple(vec![Value::Int(2)]),
+                Value::Tuple(vec![Value::Int(1)]),
+            ]),
+        );
+        assert!(matches!(t, Err(e) if e.contains("negative")));
         // A small legitimate structure still reads.
         let ok = [
             0x80, 2, b'}', b'q', 0, b'X', 1, 0, 0, 0, b'k', b'K', 7, b's', b'.',

@@ -369,6 +369,16 @@ pub fn train(
         }
     }
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // Checkpoints a killed run left half-written (`.checkpoint-N.partial`): ours, never complete.
+    for e in std::fs::read_dir(out)
+        .map_err(|e| format!("{}: {e}", out.display()))?
+        .flatten()
+    {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with('.') && n.ends_with(".partial") && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     if start_step > 0 && metrics_path.exists() {
         // A resumed run rewrites the steps after its checkpoint: drop their old lines.
         let text = std::fs::read_to_string(&metrics_path)

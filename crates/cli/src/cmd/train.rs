@@ -234,6 +234,11 @@ pub fn run(a: Args) -> Result<()> {
         Some(dir) => read_optimizer(dir, &ad, &mut opt).map_err(anyhow::Error::msg)?,
         None => 0,
     };
+    if start >= steps && a.resume.is_some() {
+        bail!(
+            "--resume: the checkpoint is at step {start} and the run has {steps} steps; nothing to do (raise --steps to train further)"
+        );
+    }
     let trainable: usize = ad.params.iter().map(|p| p.a.len() + p.b.len()).sum();
     eprintln!(
         "training {} adapters ({} parameters, rank {}) on {} for {} steps of {} sequences{}",
