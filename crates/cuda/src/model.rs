@@ -871,18 +871,7 @@ impl CudaModel {
         let scale = 1.0 / (self.hd as f32).sqrt();
         let pa = s.pa.as_ref().filter(|_| fresh);
         for l in &self.layers {
-            g.launch(
-                "rms_norm",
-                (t as u32, 1),
-                256,
-                &[
-                    P(s.x.ptr()),
-                    P(l.ln1.ptr()),
-                    F(self.eps),
-                    I(d as i32),
-                    P(s.h.ptr()),
-                ],
-            )?;
+            self.rms_norm(s.x.ptr(), &l.ln1, t, s.h.ptr())?;
             self.linear(&l.qkv, s.h.ptr(), t, s.qkv.ptr(), qkv_ld, false)?;
             g.launch(
                 "rope_store",
@@ -929,18 +918,7 @@ impl CudaModel {
                 )?,
             }
             self.residual(&l.o, s.attn.ptr(), t)?;
-            g.launch(
-                "rms_norm",
-                (t as u32, 1),
-                256,
-                &[
-                    P(s.x.ptr()),
-                    P(l.ln2.ptr()),
-                    F(self.eps),
-                    I(d as i32),
-                    P(s.h.ptr()),
-                ],
-            )?;
+            self.rms_norm(s.x.ptr(), &l.ln2, t, s.h.ptr())?;
             self.linear(&l.gu, s.h.ptr(), t, s.gu.ptr(), 2 * self.f, false)?;
             g.launch_n(
                 "swiglu",
@@ -966,18 +944,7 @@ impl CudaModel {
                 P(s.o.ptr()),
             ],
         )?;
-        g.launch(
-            "rms_norm",
-            (n_out as u32, 1),
-            256,
-            &[
-                P(s.o.ptr()),
-                P(self.norm.ptr()),
-                F(self.eps),
-                I(d as i32),
-                P(s.h.ptr()),
-            ],
-        )?;
+        self.rms_norm(s.o.ptr(), &self.norm, n_out, s.h.ptr())?;
         let _ = lp;
         self.linear(
             &self.head,
@@ -986,6 +953,22 @@ impl CudaModel {
             s.logits.ptr(),
             self.vocab,
             false,
+        )
+    }
+
+    /// y[rows, d] (lp) = RMSNorm(x[rows, d]) · w.
+    fn rms_norm(&self, x: u64, w: &DevBuf, rows: usize, y: u64) -> Result<()> {
+        self.gpu.launch(
+            "rms_norm",
+            (rows as u32, 1),
+            256,
+            &[
+                Arg::P(x),
+                Arg::P(w.ptr()),
+                Arg::F(self.eps),
+                Arg::I(self.d as i32),
+                Arg::P(y),
+            ],
         )
     }
 
