@@ -11,7 +11,7 @@ use std::time::Instant;
 /// Measure prefill and decode throughput (tokens/s) and achieved memory bandwidth.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Example:\n  qlora bench --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 128 --gen-tokens 64 --repeats 5 --threads 2"
+    after_help = "Examples:\n  qlora bench --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt-tokens 128 --gen-tokens 64 --repeats 5 --threads 2\n  qlora bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda --prompt-tokens 2048 --batch 1,8,32,64\n  qlora bench --kernels --device cuda"
 )]
 pub struct Args {
     /// Hugging Face model directory or .gguf file.
@@ -33,7 +33,8 @@ pub struct Args {
     #[command(flatten)]
     device: crate::device::DeviceArgs,
     /// Instead of a model: NF4 dequantize and GEMV throughput at Mistral-7B's linear shapes,
-    /// against the measured memory read bandwidth.
+    /// against the measured memory read bandwidth (with --device cuda: on the GPU, against its
+    /// device-to-device copy bandwidth).
     #[arg(long)]
     kernels: bool,
     #[command(flatten)]
