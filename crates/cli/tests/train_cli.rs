@@ -543,3 +543,28 @@ fn resume_with_other_options_is_refused() {
         assert!(!out.join("final").exists());
     }
 }
+
+#[test]
+fn a_generation_prompt_longer_than_the_assistant_turn_is_an_error() {
+    let base = tiny_with_tokenizer("train-genprompt");
+    // The generation prompt here renders two words that are the next messages' contents, so it
+    // is a prefix of the conversation yet longer than the assistant turn it stands for.
+    let cfg = serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w5 w6 {% endif %}"
+    });
+    std::fs::write(base.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let data = base.parent().unwrap().join("chat.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"messages": [{"role": "user", "content": "w4"}, {"role": "assistant", "content": "w5"}, {"role": "user", "content": "w6"}]}"#,
+    )
+    .unwrap();
+    let o = train(&base, &data, &base.parent().unwrap().join("run"), &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        !err.contains("panicked") && err.contains("generation prompt"),
+        "{err}"
+    );
+}

@@ -154,6 +154,12 @@ impl Tokenize<'_> {
             {
                 return Err("the chat template's tokenization is not prefix-stable at message boundaries; use --template instead".into());
             }
+            if before.len() > through.len() {
+                return Err(format!(
+                    "the chat template's generation prompt renders longer than the assistant turn it starts (message {}); use --template instead",
+                    i + 1
+                ));
+            }
             trained[before.len()..through.len()]
                 .iter_mut()
                 .for_each(|t| *t = true);
