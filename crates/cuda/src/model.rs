@@ -694,10 +694,12 @@ impl CudaModel {
     /// token's logits out (computed on the device; only the ids come back).
     pub fn step_greedy(&mut self, batch: &mut [(&mut Seq, &[u32])]) -> Result<Vec<u32>> {
         self.gpu.bind()?;
-        if batch.iter().any(|(_, ids)| ids.len() != 1) || batch.len() > self.opts.max_seqs {
+        if batch.iter().any(|(_, ids)| ids.len() != 1)
+            || batch.len() > self.opts.max_seqs.min(self.opts.max_batch_tokens)
+        {
             return Err(Error::Invalid(format!(
                 "step_greedy takes one token for each of at most {} sequences",
-                self.opts.max_seqs
+                self.opts.max_seqs.min(self.opts.max_batch_tokens)
             )));
         }
         for (s, ids) in batch.iter() {
