@@ -1,9 +1,9 @@
-//! `qlora train --config FILE.toml`: the file's `key = value` lines become the flags of the same
-//! name (placed before the command line's own flags, which therefore override them).
+//! `qlora train --config FILE.toml`: the file's `key = value` entries become the flags of the
+//! same name (placed before the command line's own flags, which therefore override them).
 //!
-//! The file is flat TOML: `key = value` per line with strings ("…"), integers, floats, booleans
-//! and arrays of strings (joined with commas, for `targets`); `#` starts a comment; keys use `_`
-//! or `-`. Tables are not used by `qlora train` and are rejected.
+//! The file is TOML (read by the `toml` crate) with top-level keys only: strings, integers,
+//! floats, booleans (`true` → the flag, `false` → nothing) and arrays of strings (joined with
+//! commas, for `targets`); keys use `_` or `-`. Tables are not used by `qlora train`.
 
 use std::path::Path;
 
@@ -11,79 +11,52 @@ use std::path::Path;
 /// `--rslora`. Errors name the file and line.
 pub fn config_args(path: &Path) -> Result<Vec<String>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(1, |s| line_of(s.start));
+        format!("{}:{line}: {}", path.display(), e.message())
+    })?;
+    // The line a key is on, for messages about its value.
+    let key_line = |key: &str| {
+        text.lines()
+            .position(|l| {
+                let l = l.trim_start().trim_start_matches('[');
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with(['=', ']']))
+            })
+            .map_or(1, |i| i + 1)
+    };
     let mut out = Vec::new();
-    for (n, raw) in text.lines().enumerate() {
-        let at = |msg: String| format!("{}:{}: {msg}", path.display(), n + 1);
-        let line = strip_comment(raw).trim().to_string();
-        if line.is_empty() {
-            continue;
-        }
-        if line.starts_with('[') {
-            return Err(at("tables are not used; write `key = value` lines".into()));
-        }
-        let (key, value) = line
-            .split_once('=')
-            .ok_or_else(|| at(format!("expected `key = value`, found {line:?}")))?;
-        let key = key.trim().replace('_', "-");
-        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+    for (key, value) in &table {
+        let at = |msg: String| format!("{}:{}: {msg}", path.display(), key_line(key));
+        let name = key.replace('_', "-");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(at(format!("invalid key {key:?}")));
         }
-        let flag = format!("--{key}");
-        let v = value.trim();
-        match v {
-            "true" => out.push(flag),
-            "false" => {}
-            _ if v.starts_with('"') => {
-                let s = parse_string(v).map_err(at)?;
-                out.push(flag);
-                out.push(s);
+        let flag = format!("--{name}");
+        match value {
+            toml::Value::Boolean(true) => out.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => out.extend([flag, s.clone()]),
+            toml::Value::Integer(i) => out.extend([flag, i.to_string()]),
+            toml::Value::Float(f) => out.extend([flag, f.to_string()]),
+            toml::Value::Array(items) => {
+                let strings: Option<Vec<&str>> = items.iter().map(|v| v.as_str()).collect();
+                let strings =
+                    strings.ok_or_else(|| at(format!("{key}: arrays hold strings only")))?;
+                out.extend([flag, strings.join(",")]);
             }
-            _ if v.starts_with('[') => {
-                let inner = v
-                    .strip_prefix('[')
-                    .and_then(|x| x.strip_suffix(']'))
-                    .ok_or_else(|| at("unclosed array".into()))?;
-                let items: Result<Vec<String>, String> = inner
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|x| !x.is_empty())
-                    .map(parse_string)
-                    .collect();
-                out.push(flag);
-                out.push(items.map_err(at)?.join(","));
-            }
-            _ if v.parse::<f64>().is_ok() => {
-                out.push(flag);
-                out.push(v.replace('_', ""));
-            }
-            _ => {
+            toml::Value::Table(_) => {
                 return Err(at(format!(
-                    "value {v:?} is not a string, number, boolean or array"
+                    "[{key}]: tables are not used; write top-level `key = value` entries"
                 )))
+            }
+            toml::Value::Datetime(_) => {
+                return Err(at(format!("{key}: dates are not an option value")))
             }
         }
     }
     Ok(out)
-}
-
-fn strip_comment(line: &str) -> &str {
-    let mut in_str = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            '"' => in_str = !in_str,
-            '#' if !in_str => return &line[..i],
-            _ => {}
-        }
-    }
-    line
-}
-
-fn parse_string(v: &str) -> Result<String, String> {
-    let inner = v
-        .strip_prefix('"')
-        .and_then(|x| x.strip_suffix('"'))
-        .ok_or(format!("unterminated string {v:?}"))?;
-    Ok(inner.replace("\\\"", "\"").replace("\\\\", "\\"))
 }
 
 /// Inserts the flags of `--config FILE` (or `--config=FILE`) right after the `train`
@@ -177,7 +150,7 @@ mod tests {
                 "--rank",
                 "16",
                 "--lr",
-                "2e-4",
+                "0.0002",
                 "--rslora",
                 "--targets",
                 "q_proj,v_proj",
@@ -187,6 +160,19 @@ mod tests {
         );
         std::fs::write(&p, "rank = sixteen\n").unwrap();
         assert!(config_args(&p).unwrap_err().contains(":1:"));
+        std::fs::write(&p, "rank = 4\n[lora]\nalpha = 8\n").unwrap();
+        assert!(config_args(&p)
+            .unwrap_err()
+            .contains(":2: [lora]: tables are not used"));
+        std::fs::write(&p, "rank = 4\ntargets = [1, 2]\n").unwrap();
+        assert!(config_args(&p)
+            .unwrap_err()
+            .contains(":2: targets: arrays hold strings only"));
+        std::fs::write(&p, "rank = 4\nrank = 5\n").unwrap();
+        assert!(
+            config_args(&p).unwrap_err().contains(":2:"),
+            "a duplicate key is an error"
+        );
         let args: Vec<String> = [
             "qlora",
             "train",
