@@ -194,26 +194,11 @@ impl ModelShapes {
     pub fn nearest(&self, name: &str) -> Vec<String> {
         let mut scored: Vec<(usize, &String)> = self
             .all_modules()
-            .map(|m| (edit_distance(m, name), m))
+            .map(|m| (strsim::levenshtein(m, name), m))
             .collect();
         scored.sort();
         scored.into_iter().take(3).map(|(_, m)| m.clone()).collect()
     }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 /// A LoRA (or DoRA) delta on one linear module.
