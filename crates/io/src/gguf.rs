@@ -271,9 +271,10 @@ impl GgufFile {
                     ggml_type.name()
                 )));
             }
-            let nbytes = numel / bs as u64 * bb as u64;
+            let nbytes = (numel / bs as u64).checked_mul(bb as u64);
             let start = (data_start as u64).checked_add(offset);
-            let end = start.and_then(|s| s.checked_add(nbytes));
+            let end = start.and_then(|s| nbytes.and_then(|n| s.checked_add(n)));
+            let nbytes = nbytes.unwrap_or(u64::MAX);
             match (start, end) {
                 (Some(s), Some(e)) if e <= map.len() as u64 => tensors.push(GgufTensorInfo {
                     name,
