@@ -822,7 +822,7 @@ impl CudaModel {
     fn kernels(&self, t: usize, n_out: usize, fresh: bool) -> Result<()> {
         use Arg::*;
         let g = &self.gpu;
-        let (d, lp) = (self.d, g.lp().size());
+        let d = self.d;
         let s = &self.s;
         let m = self.meta;
         g.launch(
@@ -947,7 +947,6 @@ impl CudaModel {
             ],
         )?;
         self.rms_norm(s.o.ptr(), &self.norm, n_out, s.h.ptr())?;
-        let _ = lp;
         self.linear(
             &self.head,
             s.h.ptr(),
