@@ -7,8 +7,8 @@ use qlora_model::{CpuDecoder, Decoder, Model};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DeviceArgs {
-    /// Where to run: cpu, cuda (GPU 0), cuda:N, or auto (GPU 0 when a driver and GPU are
-    /// usable, else cpu).
+    /// Where to run: cpu, cuda (GPU 0), cuda:N, or auto (GPU 0 when the NVIDIA driver reports
+    /// a GPU, else cpu).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: DeviceRequest,
     /// GPU arithmetic: bf16 (bf16 weights/activations into f32-accumulating products; the
@@ -42,10 +42,11 @@ impl DeviceArgs {
         }
         Ok(match self.device {
             DeviceRequest::Exactly(d) => d,
+            // A GPU the driver reports; a missing cuBLAS or NVRTC then fails with its own line.
             DeviceRequest::Auto => {
                 #[cfg(feature = "cuda")]
                 {
-                    if qlora_cuda::Gpu::open(0, qlora_cuda::Precision::Bf16).is_ok() {
+                    if qlora_cuda::device_count() > 0 {
                         Device::Cuda(0)
                     } else {
                         Device::Cpu
@@ -89,6 +90,13 @@ impl DeviceArgs {
         }
     }
 
+    /// Opens GPU `ordinal` in the chosen precision (kernels compiled for it).
+    #[cfg(feature = "cuda")]
+    pub fn open_gpu(&self, ordinal: usize) -> Result<std::sync::Arc<qlora_cuda::Gpu>> {
+        qlora_cuda::Gpu::open(ordinal, self.precision())
+            .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))
+    }
+
     /// Opens GPU `ordinal` and uploads `model`, with room for `max_seqs` sequences.
     #[cfg(feature = "cuda")]
     pub fn upload(
@@ -97,8 +105,7 @@ impl DeviceArgs {
         ordinal: usize,
         max_seqs: usize,
     ) -> Result<qlora_cuda::CudaModel> {
-        let gpu = qlora_cuda::Gpu::open(ordinal, self.precision())
-            .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+        let gpu = self.open_gpu(ordinal)?;
         let ctx = model.config.max_position_embeddings.min(32768);
         let opts = qlora_cuda::CudaOptions {
             kv_tokens: self.kv_tokens.unwrap_or(ctx * max_seqs.min(2)),

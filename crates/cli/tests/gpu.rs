@@ -81,16 +81,6 @@ fn logits(args: &[String], tag: &str) -> Vec<f32> {
     v
 }
 
-fn tokens(spec: &Value) -> String {
-    spec["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 fn tiny_names() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(repo_root().join("tests/fixtures/tiny"))
         .unwrap()
@@ -125,7 +115,7 @@ fn tiny_models_on_every_base_format_match_the_cpu() {
     let mut report = Vec::new();
     for name in tiny_names() {
         let dir = model_dir(&name, &tmp);
-        let toks = tokens(&spec(&name));
+        let toks = tokens_arg(&spec(&name));
         for q in QUANTS {
             let mut base: Vec<String> = vec![
                 "--model".into(),
@@ -181,7 +171,7 @@ fn every_peft_adapter_matches_peft_and_the_cpu_on_the_gpu() {
             "--model".into(),
             base.to_str().unwrap().into(),
             "--tokens".into(),
-            tokens(&m),
+            tokens_arg(&m),
         ];
         // As peft_adapters.rs: the case's adapter directory (the subdirectories of a
         // multi-adapter directory are applied with it).

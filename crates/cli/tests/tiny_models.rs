@@ -20,16 +20,6 @@ const MODELS: &[&str] = &[
     "llama-64",
 ];
 
-fn tokens_arg(spec: &serde_json::Value) -> String {
-    spec["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// Runs `qlora logits` on a model directory with a fixture's tokens; returns (shape, logits).
 fn run_logits(
     model_dir: &std::path::Path,

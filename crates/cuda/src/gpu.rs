@@ -101,6 +101,23 @@ fn gemv_t1() -> &'static str {
 /// Rows one fused 4-bit GEMV block covers (kernels.cu GEMV_R · GEMV_GROUPS).
 pub const GEMV_BLOCK_ROWS: usize = 16;
 
+/// GPUs the driver reports; 0 without a driver or GPU. Cheap (no kernels are compiled): for
+/// `--device auto`.
+pub fn device_count() -> usize {
+    if !unsafe { cu::is_culib_present() } {
+        return 0;
+    }
+    let mut n = 0;
+    unsafe {
+        if cu::cuInit(0) != cu::CUresult::CUDA_SUCCESS
+            || cu::cuDeviceGetCount(&mut n) != cu::CUresult::CUDA_SUCCESS
+        {
+            return 0;
+        }
+    }
+    n.max(0) as usize
+}
+
 /// Whether the NVRTC library can be loaded (for a clear error instead of a panic).
 pub fn nvrtc_present() -> bool {
     unsafe { nvrtc::is_culib_present() }

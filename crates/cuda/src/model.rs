@@ -269,14 +269,21 @@ fn lp_bytes(gpu: &Gpu, values: &[f32]) -> Vec<u8> {
 
 /// A dense weight as the matrix-product input type (bf16 weights copied as stored).
 fn upload_dense(gpu: &Gpu, w: &Weight) -> Result<DevBuf> {
-    if gpu.precision == Precision::Bf16 && w.format == WeightFormat::Ggml(GgmlType::BF16) {
-        return gpu.upload(w.bytes());
-    }
-    if gpu.precision == Precision::F32 && w.format == WeightFormat::Ggml(GgmlType::F32) {
-        return gpu.upload(w.bytes());
+    let out = gpu.alloc(w.rows * w.cols * gpu.lp().size())?;
+    write_dense(gpu, w, &out, 0)?;
+    Ok(out)
+}
+
+/// Writes a dense weight, widened or narrowed to the lp type, into `out` at byte `offset`.
+fn write_dense(gpu: &Gpu, w: &Weight, out: &DevBuf, offset: usize) -> Result<()> {
+    let stored_as_lp = match gpu.precision {
+        Precision::Bf16 => w.format == WeightFormat::Ggml(GgmlType::BF16),
+        Precision::F32 => w.format == WeightFormat::Ggml(GgmlType::F32),
+    };
+    if stored_as_lp {
+        return gpu.write(out, offset, w.bytes());
     }
     // Row chunks keep the host copy small for large matrices.
-    let out = gpu.alloc(w.rows * w.cols * gpu.lp().size())?;
     let rows = (1 << 22) / w.cols.max(1) + 1;
     let mut buf = Vec::new();
     let mut r0 = 0;
@@ -284,16 +291,43 @@ fn upload_dense(gpu: &Gpu, w: &Weight) -> Result<DevBuf> {
         let n = rows.min(w.rows - r0);
         buf.resize(n * w.cols, 0f32);
         w.dequantize_rows(r0, &mut buf);
-        gpu.write(&out, r0 * w.cols * gpu.lp().size(), &lp_bytes(gpu, &buf))?;
+        gpu.write(
+            out,
+            offset + r0 * w.cols * gpu.lp().size(),
+            &lp_bytes(gpu, &buf),
+        )?;
         r0 += n;
     }
-    Ok(out)
+    Ok(())
+}
+
+/// One device buffer holding `part(w)` of every weight, in order (no host concatenation).
+fn upload_stacked<T: Copy>(
+    gpu: &Gpu,
+    ws: &[&Weight],
+    part: impl Fn(&Weight) -> &[T],
+) -> Result<DevBuf> {
+    let total: usize = ws.iter().map(|w| std::mem::size_of_val(part(w))).sum();
+    let buf = gpu.alloc(total)?;
+    let mut off = 0;
+    for w in ws {
+        gpu.write(&buf, off, part(w))?;
+        off += std::mem::size_of_val(part(w));
+    }
+    Ok(buf)
+}
+
+/// The bitsandbytes side data (absmax or SCB) of a 4-bit or int8 weight (its constructors
+/// always set it).
+fn scales(w: &Weight) -> &qlora_engine::Scales {
+    w.scales()
+        .expect("bnb4 and int8 weights carry their scales")
 }
 
 fn same_class(a: &Weight, b: &Weight) -> bool {
     match (a.format, b.format) {
         (WeightFormat::Bnb4(_), WeightFormat::Bnb4(_)) => {
-            let (sa, sb) = (a.scales().expect("scales"), b.scales().expect("scales"));
+            let (sa, sb) = (scales(a), scales(b));
             sa.code == sb.code
                 && sa.blocksize == sb.blocksize
                 && a.cols.is_multiple_of(sa.blocksize)
@@ -312,42 +346,24 @@ fn upload_mat(gpu: &Gpu, ws: &[&Weight], col0: usize) -> Result<DevMat> {
     let cols = ws[0].cols;
     let kind = match ws[0].format {
         WeightFormat::Bnb4(_) => {
-            let s = ws[0].scales().expect("bnb4 scales");
-            let bytes: Vec<u8> = ws.iter().flat_map(|w| w.bytes().iter().copied()).collect();
-            let absmax: Vec<f32> = ws
-                .iter()
-                .flat_map(|w| w.scales().expect("scales").values.iter().copied())
-                .collect();
+            let s = scales(ws[0]);
             MatKind::Bnb4 {
-                packed: gpu.upload(&bytes)?,
-                absmax: gpu.upload(&absmax)?,
+                packed: upload_stacked(gpu, ws, |w| w.bytes())?,
+                absmax: upload_stacked(gpu, ws, |w| scales(w).values.as_slice())?,
                 code: gpu.upload(&s.code)?,
                 blocksize: s.blocksize,
             }
         }
-        WeightFormat::Int8 => {
-            let bytes: Vec<u8> = ws.iter().flat_map(|w| w.bytes().iter().copied()).collect();
-            let scb: Vec<f32> = ws
-                .iter()
-                .flat_map(|w| w.scales().expect("scales").values.iter().copied())
-                .collect();
-            MatKind::Int8 {
-                cb: gpu.upload(&bytes)?,
-                scb: gpu.upload(&scb)?,
-            }
-        }
+        WeightFormat::Int8 => MatKind::Int8 {
+            cb: upload_stacked(gpu, ws, |w| w.bytes())?,
+            scb: upload_stacked(gpu, ws, |w| scales(w).values.as_slice())?,
+        },
         WeightFormat::Ggml(_) => {
             let buf = gpu.alloc(rows * cols * gpu.lp().size())?;
             let mut off = 0;
             for w in ws {
-                let one = upload_dense(gpu, w)?;
-                unsafe {
-                    crate::gpu::check(
-                        cudarc::driver::sys::cuMemcpyDtoD_v2(buf.at(off), one.ptr(), one.bytes()),
-                        "cuMemcpyDtoD",
-                    )?;
-                }
-                off += one.bytes();
+                write_dense(gpu, w, &buf, off)?;
+                off += w.rows * w.cols * gpu.lp().size();
             }
             MatKind::Dense(buf)
         }

@@ -204,8 +204,7 @@ fn forward_flops(m: &qlora_model::Model, t: usize, past: usize) -> f64 {
 
 #[cfg(feature = "cuda")]
 fn gpu_kernels(a: &Args, ordinal: usize) -> Result<()> {
-    let gpu = qlora_cuda::Gpu::open(ordinal, a.device.precision())
-        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+    let gpu = a.device.open_gpu(ordinal)?;
     println!(
         "device           cuda:{ordinal} {} (sm_{}{}, {} SMs), {:?}",
         gpu.name, gpu.arch.0, gpu.arch.1, gpu.sms, gpu.precision
@@ -237,8 +236,7 @@ fn gpu_bench(
     if a.batch.contains(&0) {
         bail!("--batch sizes must be positive");
     }
-    let gpu = qlora_cuda::Gpu::open(ordinal, a.device.precision())
-        .map_err(|e| anyhow::anyhow!("--device cuda:{ordinal}: {e}"))?;
+    let gpu = a.device.open_gpu(ordinal)?;
     let opts = CudaOptions {
         max_batch_tokens: a
             .prompt_tokens

@@ -119,6 +119,17 @@ pub fn tensor_shapes(cfg: &Value) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// A fixture's token ids as the `--tokens` argument ("1,5,17,...").
+pub fn tokens_arg(spec: &Value) -> String {
+    spec["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn spec(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(tiny_dir(name).join("spec.json")).unwrap())
         .unwrap()
