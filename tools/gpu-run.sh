@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU device machine, from the repository root of the carried tree, with .gpu/
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
-# QLORA_REQUIRE_GPU=1), bench (qlora bench on a synthetic Mistral-7B), peer (HF + PEFT +
+# QLORA_REQUIRE_GPU=1), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
+# bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
+# time over two decode steps), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py, when its wheel is in .gpu-peer/whl; carry it too).
 # Logs under $OUT.
 set -uo pipefail
@@ -25,11 +27,51 @@ for stage in "$@"; do
         $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda --precision $prec \
           --prompt-tokens 2048 --gen-tokens 64 --batch 1,8,32,64 --repeats 3 2>&1 | tee -a "$OUT/bench.log"
       done
-      for k in gemv4_t1 gemv4_p3_t1; do
-        echo "== batch-1 decode with the register-pipelined GEMV, QLORA_GEMV_T1=$k"
-        QLORA_GEMV=registers QLORA_GEMV_T1=$k $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+      echo "== batch-1 decode with the staged GEMV (QLORA_GEMV=staged)"
+      QLORA_GEMV=staged $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+        --prompt-tokens 16 --gen-tokens 64 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log" ;;
+    decode1)
+      for ad in "" "--adapter-rank 16"; do
+        echo "== batch-1 decode, NF4+DQ base ${ad:-(no adapter)}"
+        $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
           --prompt-tokens 16 --gen-tokens 64 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
       done ;;
+    kernels)
+      echo "== kernels (bf16)"; $Q bench --kernels --device cuda --precision bf16 2>&1 | tee -a "$OUT/bench.log" ;;
+    ncu)
+      # Nsight Compute (Firecracker only): the decode GEMVs' stall reasons and pipes.
+      NCU="ncu --clock-control none"
+      for fam in x staged; do
+        echo "== ncu: GEMV family $fam"
+        QLORA_GEMV=$fam $NCU -k regex:gemv4 --launch-skip 300 --launch-count 4 \
+          --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+          --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section LaunchStats \
+          $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+          --prompt-tokens 16 --gen-tokens 8 --repeats 1 > "$OUT/ncu-$fam.txt" 2>&1
+        grep -E "gemv4|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issued Ipc|No Eligible|Stall|Block Size|Grid Size|One or More" "$OUT/ncu-$fam.txt" | head -80
+      done
+      ;;
+    steps)
+      # Every kernel's duration over two decode steps (batch 1, graph nodes), caches as the
+      # step leaves them (--cache-control none), clocks untouched.
+      echo "== ncu: per-kernel durations over decode steps"
+      ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+        --launch-skip 2500 --launch-count 600 \
+        $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+        --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-step.csv" 2>"$OUT/ncu-step.err"
+      python3 - "$OUT/ncu-step.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
+tot = collections.defaultdict(float); cnt = collections.Counter()
+for r in rows[1:]:
+    v = float(r[vi].replace(",", "")) * {"ns": 1e-3, "nsecond": 1e-3, "ms": 1e3, "msecond": 1e3}.get(r[ui], 1.0)
+    tot[r[ki][:60]] += v; cnt[r[ki][:60]] += 1
+s = sum(tot.values())
+for k, v in sorted(tot.items(), key=lambda kv: -kv[1]): print(f"{v:10.1f} us {100*v/s:5.1f}% {cnt[k]:5d}x {k}")
+print(f"{s:10.1f} us total over {sum(cnt.values())} kernels")
+PY
+      ;;
     peer)
       if ls .gpu-peer/whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu-peer/whl/*.whl && \

@@ -2,7 +2,7 @@
 //! the fused NF4 GEMV at Mistral-7B's shapes. Event-timed, medians of several runs, inputs
 //! rotated over several buffers larger than L2 together.
 
-use crate::gpu::{check, Arg, DevBuf, Gpu};
+use crate::gpu::{check, Arg, DevBuf, Gemv4, Gpu};
 use crate::Result;
 
 pub struct KernelRow {
@@ -31,14 +31,23 @@ fn random_buf(gpu: &Gpu, bytes: usize, seed: u64) -> Result<DevBuf> {
     gpu.upload(&host)
 }
 
-/// Times `f(i)` (i rotates over `sets` input sets) `reps` times; median ms.
+/// Median ms of one `f(i)` (i rotates over `sets` input sets): `PER_GRAPH` calls captured in
+/// a CUDA graph and replayed `reps` times, so the figure is the kernel back to back as in a
+/// decode step's graph, without the host's launch latency.
 fn time(gpu: &Gpu, reps: usize, sets: usize, f: impl Fn(usize) -> Result<()>) -> Result<f64> {
+    const PER_GRAPH: usize = 16;
     for i in 0..sets {
-        f(i)?; // warm-up
+        f(i)?; // warm-up, outside the capture
     }
+    gpu.begin_capture()?;
+    let captured = (0..PER_GRAPH).try_for_each(|i| f(i % sets));
+    let graph = gpu.end_capture();
+    captured?;
+    let graph = graph?;
+    gpu.replay(&graph)?;
     let mut v = Vec::new();
-    for r in 0..reps {
-        v.push(gpu.time_ms(|| f(r % sets))?);
+    for _ in 0..reps {
+        v.push(gpu.time_ms(|| gpu.replay(&graph))? / PER_GRAPH as f64);
     }
     Ok(median(v))
 }
@@ -51,12 +60,20 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
     // The ceiling: a 1 GiB device-to-device copy (bytes read + written).
     let n = 1usize << 30;
     let (a, b) = (gpu.alloc(n)?, gpu.alloc(n)?);
-    let ms = time(gpu, reps, 1, |_| unsafe {
+    // Timed call by call (a memcpy node in a graph may go to a copy engine, far slower than
+    // the copy kernel a plain stream copy runs; at 1 GiB the launch latency is noise).
+    let copy = || unsafe {
         check(
             cudarc::driver::sys::cuMemcpyDtoDAsync_v2(b.ptr(), a.ptr(), n, gpu.stream),
             "cuMemcpyDtoDAsync",
         )
-    })?;
+    };
+    copy()?;
+    let ms = median(
+        (0..reps)
+            .map(|_| gpu.time_ms(copy))
+            .collect::<Result<_>>()?,
+    );
     rows.push(KernelRow {
         name: "copy 1 GiB (device to device)".into(),
         ms,
@@ -64,21 +81,22 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
     });
     drop((a, b));
     let code = gpu.upload(&qlora_quant::Quant4::Nf4.code())?;
-    const SETS: usize = 4;
     for (name, r, c) in [
         ("q/o_proj", 4096usize, 4096usize),
         ("gate+up (fused)", 28672, 4096),
         ("down_proj", 4096, 14336),
     ] {
         let el = r * c;
-        let packed: Vec<DevBuf> = (0..SETS)
+        // Enough copies that together they are 4× the 60 MB L2: every call reads DRAM.
+        let sets = (256usize << 20).div_ceil(el / 2).max(2);
+        let packed: Vec<DevBuf> = (0..sets)
             .map(|i| random_buf(gpu, el / 2, 7 + i as u64))
             .collect::<Result<_>>()?;
-        let absmax: Vec<DevBuf> = (0..SETS)
+        let absmax: Vec<DevBuf> = (0..sets)
             .map(|_| gpu.upload(&vec![0.02f32; el / 64]))
             .collect::<Result<_>>()?;
         let out = gpu.alloc(el * lp)?;
-        let ms = time(gpu, reps, SETS, |i| {
+        let ms = time(gpu, reps, sets, |i| {
             gpu.launch_n(
                 "dequant4_x32",
                 el / 32,
@@ -102,31 +120,23 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
         // Fill x with small finite values (random bytes may be NaN patterns).
         gpu.write(&x, 0, &vec![0u8; c * lp])?;
         let y = gpu.alloc(r * 4)?;
-        for (kernel, smem) in [
-            ("gemv4s_t1", crate::gpu::GEMV_STAGED_SMEM),
-            ("gemv4_t1", 0),
-            ("gemv4_np_t1", 0),
-            ("gemv4_p3_t1", 0),
-        ] {
-            let ms = time(gpu, reps, SETS, |i| {
-                gpu.launch_smem(
+        for kernel in ["gemv4x_t1", "gemv4s_t1", "gemv4_t1"] {
+            let ms = time(gpu, reps, sets, |i| {
+                gpu.gemv4_with(
                     kernel,
-                    (r.div_ceil(crate::GEMV_BLOCK_ROWS) as u32, 1),
-                    256,
-                    smem,
-                    &[
-                        P(packed[i].ptr()),
-                        P(absmax[i].ptr()),
-                        P(code.ptr()),
-                        I(64),
-                        I(r as i32),
-                        I(c as i32),
-                        P(x.ptr()),
-                        I(1),
-                        P(y.ptr()),
-                        I(r as i32),
-                        I(0),
-                    ],
+                    &Gemv4 {
+                        packed: packed[i].ptr(),
+                        absmax: absmax[i].ptr(),
+                        code: code.ptr(),
+                        blocksize: 64,
+                        rows: r,
+                        cols: c,
+                        x: x.ptr(),
+                        t: 1,
+                        y: y.ptr(),
+                        ld: r,
+                        accumulate: false,
+                    },
                 )
             })?;
             let bytes = el / 2 + el / 64 * 4;

@@ -37,6 +37,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4s_t2",
     "gemv4s_t4",
     "gemv4s_t8",
+    "gemv4x_t1",
+    "gemv4x_t2",
     "softmax_causal",
     "lora_apply",
     "gather_rows",
@@ -61,32 +63,63 @@ fn check_blas(r: cublas::cublasStatus_t, what: &str) -> Result<()> {
     }
 }
 
-/// The fused 4-bit GEMV kernel for `t` tokens (1 ≤ t ≤ 8) and its dynamic shared memory:
-/// the cp.async-staged `gemv4s_*` (the default), or with QLORA_GEMV=registers the
-/// register-pipelined `gemv4_*` family (QLORA_GEMV_T1 picks its t = 1 variant). Benchmarks.
-pub fn gemv4_kernel(t: usize) -> (&'static str, u32) {
-    static FAMILY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let staged = *FAMILY.get_or_init(|| std::env::var("QLORA_GEMV").as_deref() != Ok("registers"));
-    if staged {
-        let n = match t {
+/// One fused bitsandbytes 4-bit GEMV for decode: y[t, ld] (+)= x[t, cols] · W[rows, cols]ᵀ,
+/// W packed two codes a byte (high nibble first) with one f32 absmax per `blocksize` codes, x
+/// of the matrix-product type, y f32. Needs cols % 32 == 0, blocksize % 32 == 0 and
+/// cols % blocksize == 0 (`gemv4_fits`).
+#[derive(Clone, Copy, Debug)]
+pub struct Gemv4 {
+    pub packed: cu::CUdeviceptr,
+    pub absmax: cu::CUdeviceptr,
+    pub code: cu::CUdeviceptr,
+    pub blocksize: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub x: cu::CUdeviceptr,
+    pub t: usize,
+    pub y: cu::CUdeviceptr,
+    pub ld: usize,
+    pub accumulate: bool,
+}
+
+/// Most tokens one fused GEMV launch takes (kernels.cu gemv4s_t8).
+pub const GEMV_MAX_T: usize = 8;
+
+/// Whether a matrix's layout suits the fused GEMV kernels.
+pub fn gemv4_fits(cols: usize, blocksize: usize) -> bool {
+    cols.is_multiple_of(32) && blocksize.is_multiple_of(32) && cols.is_multiple_of(blocksize)
+}
+
+/// The fused GEMV for `t` tokens (1 ≤ t ≤ 8) over `cols` inputs: the x-stationary
+/// `gemv4x_t1/t2` for t ≤ 2 (its 32-column pieces as threads: cols ≤ 32 · GX_MAXT), else the
+/// cp.async-staged `gemv4s_*`. QLORA_GEMV=staged or =registers picks the older families
+/// (benchmarks; QLORA_GEMV_T1 then names the register family's t = 1 variant).
+pub fn gemv4_kernel(t: usize, cols: usize) -> &'static str {
+    static FAMILY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let family = FAMILY.get_or_init(|| std::env::var("QLORA_GEMV").unwrap_or_default());
+    match family.as_str() {
+        "registers" => match t {
+            0 | 1 => gemv_t1(),
+            2 => "gemv4_t2",
+            3 | 4 => "gemv4_t4",
+            _ => "gemv4_t8",
+        },
+        f => match t {
+            0 | 1 if f != "staged" && cols / 32 <= GX_MAXT => "gemv4x_t1",
+            2 if f != "staged" && cols / 32 <= GX_MAXT => "gemv4x_t2",
             0 | 1 => "gemv4s_t1",
             2 => "gemv4s_t2",
             3 | 4 => "gemv4s_t4",
             _ => "gemv4s_t8",
-        };
-        return (n, GEMV_STAGED_SMEM);
+        },
     }
-    let n = match t {
-        0 | 1 => gemv_t1(),
-        2 => "gemv4_t2",
-        3 | 4 => "gemv4_t4",
-        _ => "gemv4_t8",
-    };
-    (n, 0)
 }
 
 /// Dynamic shared memory of the staged GEMV (kernels.cu GEMV_STAGES · GEMV_R · 256 · 20).
-pub const GEMV_STAGED_SMEM: u32 = 3 * 4 * 256 * 20;
+const GEMV_STAGED_SMEM: u32 = 3 * 4 * 256 * 20;
+/// The x-stationary GEMV's limits (kernels.cu GX_MAXT, GX_STAGES, GX_R).
+const GX_MAXT: usize = 512;
+const GX_SMEM_PER_THREAD: u32 = 4 * 2 * 20;
 
 /// The t = 1 variant: gemv4_t1, or QLORA_GEMV_T1 naming another (benchmarks).
 fn gemv_t1() -> &'static str {
@@ -98,8 +131,8 @@ fn gemv_t1() -> &'static str {
     })
 }
 
-/// Rows one fused 4-bit GEMV block covers (kernels.cu GEMV_R · GEMV_GROUPS).
-pub const GEMV_BLOCK_ROWS: usize = 16;
+/// Rows one block of the staged and register GEMV families covers (GEMV_R · GEMV_GROUPS).
+const GEMV_BLOCK_ROWS: usize = 16;
 
 /// GPUs the driver reports; 0 without a driver or GPU. Cheap (no kernels are compiled): for
 /// `--device auto`.
@@ -182,6 +215,13 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
         let _ = cudarc::nvrtc::result::destroy_program(prog);
         if r != nvrtc::nvrtcResult::NVRTC_SUCCESS {
             return Err(Error::Compile(format!("nvrtcGetCUBIN: {r:?}")));
+        }
+        // QLORA_CUBIN_DIR=DIR: keep each cubin (for cuobjdump --dump-sass).
+        if let Some(dir) = std::env::var_os("QLORA_CUBIN_DIR") {
+            let file = std::path::Path::new(&dir).join(format!("qlora-{arch}-{precision:?}.cubin"));
+            if let Err(e) = std::fs::write(&file, &cubin) {
+                eprintln!("QLORA_CUBIN_DIR: cannot write {}: {e}", file.display());
+            }
         }
         Ok(cubin)
     }
@@ -347,12 +387,19 @@ impl Gpu {
                 let cn = CString::new(n).expect("no NUL");
                 let mut f = std::ptr::null_mut();
                 check(cu::cuModuleGetFunction(&mut f, module, cn.as_ptr()), n)?;
-                if n.starts_with("gemv4s_") {
+                let smem = if n.starts_with("gemv4s_") {
+                    GEMV_STAGED_SMEM
+                } else if n.starts_with("gemv4x_") {
+                    GX_SMEM_PER_THREAD * GX_MAXT as u32
+                } else {
+                    0
+                };
+                if smem > 0 {
                     check(
                         cu::cuFuncSetAttribute(
                             f,
                             cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            GEMV_STAGED_SMEM as i32,
+                            smem as i32,
                         ),
                         "cuFuncSetAttribute (dynamic shared memory)",
                     )?;
@@ -555,6 +602,78 @@ impl Gpu {
     }
 
     /// Launches an elementwise kernel over `n` elements (256 threads a block).
+    /// The fused 4-bit GEMV with the kernel `gemv4_kernel` picks.
+    pub fn gemv4(&self, g: &Gemv4) -> Result<()> {
+        self.gemv4_with(gemv4_kernel(g.t, g.cols), g)
+    }
+
+    /// The fused 4-bit GEMV with a named kernel of one of the three families (benchmarks).
+    pub fn gemv4_with(&self, kernel: &str, g: &Gemv4) -> Result<()> {
+        use Arg::*;
+        if !gemv4_fits(g.cols, g.blocksize) || g.t == 0 || g.t > GEMV_MAX_T {
+            return Err(Error::Invalid(format!(
+                "fused GEMV: {} tokens over [{}, {}] with blocksize {} do not fit the kernels",
+                g.t, g.rows, g.cols, g.blocksize
+            )));
+        }
+        let args = [
+            P(g.packed),
+            P(g.absmax),
+            P(g.code),
+            I(g.blocksize as i32),
+            I(g.rows as i32),
+            I(g.cols as i32),
+            P(g.x),
+            I(g.t as i32),
+            P(g.y),
+            I(g.ld as i32),
+            I(g.accumulate as i32),
+        ];
+        if kernel.starts_with("gemv4x_") {
+            let kt = (g.cols / 32).next_multiple_of(32);
+            if kt > GX_MAXT {
+                return Err(Error::Invalid(format!(
+                    "{kernel}: {} columns exceed its {} pieces",
+                    g.cols,
+                    32 * GX_MAXT
+                )));
+            }
+            let nt = kt * (GX_MAXT / kt).max(1);
+            let smem = GX_SMEM_PER_THREAD * nt as u32;
+            let passes = g.rows.div_ceil(nt / kt * 2);
+            let f = *self
+                .funcs
+                .get(kernel)
+                .ok_or_else(|| Error::Invalid(format!("no kernel {kernel}")))?;
+            let mut per_sm = 0;
+            unsafe {
+                check(
+                    cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                        &mut per_sm,
+                        f,
+                        nt as i32,
+                        smem as usize,
+                    ),
+                    "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                )?;
+            }
+            let grid = passes.min(self.sms as usize * per_sm.max(1) as usize);
+            return self.launch_smem(kernel, (grid as u32, 1), nt as u32, smem, &args);
+        }
+        let smem = if kernel.starts_with("gemv4s_") {
+            GEMV_STAGED_SMEM
+        } else {
+            0
+        };
+        self.launch_smem(
+            kernel,
+            (g.rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
+            256,
+            smem,
+            &args,
+        )
+    }
+
     pub fn launch_n(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
         self.launch(name, (n.div_ceil(256) as u32, 1), 256, args)
     }

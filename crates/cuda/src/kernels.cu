@@ -66,17 +66,36 @@ extern "C" __global__ void embed(const lp_t* __restrict__ table, const int* __re
     for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = lp_to_f(row[j]);
 }
 
-// y = g * (x * 1/sqrt(mean(x²) + eps)), one block per row.   x [t, d] f32, y [t, d] lp
+// y = g * (x * 1/sqrt(mean(x²) + eps)), one block per row. Each thread keeps its RMS_PER
+// elements (and their weights) in registers, loaded at once, so a row costs one round trip
+// to memory instead of one per loop step. Rows longer than RMS_PER · blockDim read again.
+// x [t, d] f32, y [t, d] lp.
+#define RMS_PER 8
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g,
                                     float eps, int d, lp_t* __restrict__ y) {
     __shared__ float shm[32];
     const float* xr = x + (long)blockIdx.x * d;
+    const int bd = blockDim.x, tid = threadIdx.x;
+    float v[RMS_PER], w[RMS_PER];
+#pragma unroll
+    for (int k = 0; k < RMS_PER; k++) {
+        int j = tid + k * bd;
+        v[k] = j < d ? xr[j] : 0.f;
+        w[k] = j < d ? g[j] : 0.f;
+    }
     float s = 0.f;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) s = fmaf(xr[j], xr[j], s);
+#pragma unroll
+    for (int k = 0; k < RMS_PER; k++) s = fmaf(v[k], v[k], s);
+    for (int j = tid + RMS_PER * bd; j < d; j += bd) s = fmaf(xr[j], xr[j], s);
     s = block_sum(s, shm);
     float inv = 1.0f / sqrtf(s / (float)d + eps);
     lp_t* yr = y + (long)blockIdx.x * d;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = f_to_lp(g[j] * (xr[j] * inv));
+#pragma unroll
+    for (int k = 0; k < RMS_PER; k++) {
+        int j = tid + k * bd;
+        if (j < d) yr[j] = f_to_lp(w[k] * (v[k] * inv));
+    }
+    for (int j = tid + RMS_PER * bd; j < d; j += bd) yr[j] = f_to_lp(g[j] * (xr[j] * inv));
 }
 
 // a += b   (n elements)
@@ -112,36 +131,38 @@ extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __r
 }
 
 // RoPE (rotate-half) in place on the q and k columns of qkv, and the k/v rows stored into the
-// paged cache at each token's slot.
+// paged cache at each token's slot. One block per (token, head) over the q, k and v heads,
+// one thread per rotated pair (j, j + hd/2): no loop, so every load is in flight at once.
 // qkv [t, ld] f32: q at col 0 (h·hd), k at h·hd (kv·hd), v after k; cos/sin [n_pos, hd/2];
-// pos [t]; slot [t] (block · block_size + offset); kc/vc [slots, kv·hd] lp.
+// pos [t]; slot [t] (block · block_size + offset); kc/vc [slots, kv·hd] lp; qkv_lp (may be
+// null) [t, ld] lp gets the rotated row. Grid (t, heads + 2·kvh), block ≥ hd/2 threads.
 extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads, int kvh, int hd,
                                       const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                       const int* __restrict__ pos, const int* __restrict__ slot,
                                       lp_t* __restrict__ kc, lp_t* __restrict__ vc, lp_t* __restrict__ qkv_lp) {
-    int tok = blockIdx.x, half = hd / 2;
-    float* row = qkv + (long)tok * ld;
-    const float* c = cos_t + (long)pos[tok] * half;
-    const float* s = sin_t + (long)pos[tok] * half;
-    int nrot = (heads + kvh) * half;
-    for (int i = threadIdx.x; i < nrot; i += blockDim.x) {
-        int head = i / half, j = i % half;
-        float* hp = row + head * hd;  // k heads follow the q heads
-        float x1 = hp[j], x2 = hp[j + half];
-        hp[j] = x1 * c[j] - x2 * s[j];
-        hp[j + half] = x2 * c[j] + x1 * s[j];
+    int tok = blockIdx.x, head = blockIdx.y, half = hd / 2, j = threadIdx.x;
+    if (j >= half) return;
+    float* hp = qkv + (long)tok * ld + (long)head * hd;  // k heads follow q heads, v follow k
+    float x1 = hp[j], x2 = hp[j + half];
+    if (head < heads + kvh) {
+        int ps = pos[tok];
+        float c = cos_t[(long)ps * half + j], s = sin_t[(long)ps * half + j];
+        float r1 = x1 * c - x2 * s, r2 = x2 * c + x1 * s;
+        x1 = r1;
+        x2 = r2;
+        hp[j] = x1;
+        hp[j + half] = x2;
     }
-    __syncthreads();
-    long dst = (long)slot[tok] * kvh * hd;
-    const float* k = row + heads * hd;
-    const float* v = k + kvh * hd;
-    for (int i = threadIdx.x; i < kvh * hd; i += blockDim.x) {
-        kc[dst + i] = f_to_lp(k[i]);
-        vc[dst + i] = f_to_lp(v[i]);
+    if (head >= heads) {
+        int kvi = head - heads;
+        lp_t* dst = (kvi < kvh ? kc : vc) + (long)slot[tok] * kvh * hd + (long)(kvi % kvh) * hd;
+        dst[j] = f_to_lp(x1);
+        dst[j + half] = f_to_lp(x2);
     }
     if (qkv_lp) {  // the rotated row as the matrix-product input type (prefill attention)
-        lp_t* o = qkv_lp + (long)tok * ld;
-        for (int i = threadIdx.x; i < ld; i += blockDim.x) o[i] = f_to_lp(row[i]);
+        lp_t* o = qkv_lp + (long)tok * ld + (long)head * hd;
+        o[j] = f_to_lp(x1);
+        o[j + half] = f_to_lp(x2);
     }
 }
 
@@ -174,12 +195,17 @@ extern "C" __global__ void softmax_causal(const float* __restrict__ S, int t, lo
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention over the paged cache: one block per (head, token); each warp walks a strided share
-// of the keys with an online softmax, then the warps' partial results are merged in order.
+// Attention over the paged cache: one block per (head, token). Each warp takes rounds of 8
+// keys, a key to each group of 4 lanes: each lane the q·k of a quarter of the head (loads
+// unrolled, q broadcast from shared memory), summed in the group; then the round's
+// online-softmax update and the 8 value rows accumulated with the output dimensions across
+// lanes, their loads unrolled. So a round costs a few round trips to memory whatever the
+// head size, instead of one per key. The warps' partial results are merged in order.
 // q rows in qkv [t, ld]; seq [t] (the token's sequence in the batch), pos [t];
-// tables [batch, max_blocks]; out [t, h·hd] lp. window 0 = none. hd ≤ 256.
+// tables [batch, max_blocks]; out [t, h·hd] lp. window 0 = none. hd ≤ 256, even.
 #define ATT_WARPS 8
 #define ATT_MAX_PER_LANE 8
+#define ATT_KEYS 8  // keys a warp takes per round (32 lanes / 4)
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, const lp_t* __restrict__ vc,
           const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,
@@ -189,7 +215,7 @@ attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, co
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wacc[ATT_WARPS][256];
     int head = blockIdx.x, tok = blockIdx.y;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, key = lane >> 2, part = lane & 3;
     int kvhead = head / (heads / kvh);
     const float* q = qkv + (long)tok * ld + head * hd;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i];
@@ -197,27 +223,50 @@ attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, co
     int p = pos[tok];
     int lo = window > 0 ? max(0, p + 1 - window) : 0;
     const int* table = tables + (long)seq[tok] * max_blocks;
+    const long row = (long)kvh * hd;
+    // This lane's quarter of a key: dims [d0, d1).
+    const int quarter = (hd + 3) / 4, d0 = part * quarter, d1 = min(hd, d0 + quarter);
     float m = -INFINITY, l = 0.f;
     float acc[ATT_MAX_PER_LANE];
 #pragma unroll
     for (int e = 0; e < ATT_MAX_PER_LANE; e++) acc[e] = 0.f;
-    for (int j = lo + warp; j <= p; j += ATT_WARPS) {
-        long base = ((long)table[j / block_size] * block_size + j % block_size) * kvh * hd + (long)kvhead * hd;
-        float sdot = 0.f;
-#pragma unroll
-        for (int e = 0; e < ATT_MAX_PER_LANE; e++) {
-            int i = lane + 32 * e;
-            if (i < hd) sdot = fmaf(qs[i], lp_to_f(kc[base + i]), sdot);
+    for (int j0 = lo + warp * ATT_KEYS; j0 <= p; j0 += ATT_WARPS * ATT_KEYS) {
+        int j = j0 + key;
+        bool valid = j <= p;
+        long base = 0;
+        float sc = -INFINITY;
+        if (valid) {
+            base = ((long)table[j / block_size] * block_size + j % block_size) * row + (long)kvhead * hd;
+            const lp_t* k = kc + base;
+            float d = 0.f;
+#pragma unroll 16
+            for (int i = d0; i < d1; i++) d = fmaf(qs[i], lp_to_f(k[i]), d);
+            sc = d;
         }
-        float sc = warp_sum(sdot) * scale;
-        float mn = fmaxf(m, sc);
-        float corr = expf(m - mn);  // 0 when m = -inf
-        float w = expf(sc - mn);
-        l = l * corr + w;
+        // The group's four partial dots, in a fixed order (0+1, 2+3, then the pair sums).
+        float o1 = __shfl_xor_sync(0xffffffffu, sc, 1);
+        sc = (part & 1) ? o1 + sc : sc + o1;
+        float o2 = __shfl_xor_sync(0xffffffffu, sc, 2);
+        sc = (part & 2) ? o2 + sc : sc + o2;
+        sc = valid ? sc * scale : -INFINITY;
+        float mn = fmaxf(m, warp_max(sc));  // finite: the round's first key is valid
+        float corr = expf(m - mn);          // 0 when m = -inf
+        float w = valid ? expf(sc - mn) : 0.f;
+        l = l * corr + warp_sum(part == 0 ? w : 0.f);
 #pragma unroll
-        for (int e = 0; e < ATT_MAX_PER_LANE; e++) {
-            int i = lane + 32 * e;
-            if (i < hd) acc[e] = acc[e] * corr + w * lp_to_f(vc[base + i]);
+        for (int e = 0; e < ATT_MAX_PER_LANE; e++) acc[e] *= corr;
+#pragma unroll
+        for (int jj = 0; jj < ATT_KEYS; jj++) {
+            float wj = __shfl_sync(0xffffffffu, w, jj * 4);
+            long bj = __shfl_sync(0xffffffffu, base, jj * 4);
+            if (j0 + jj <= p) {
+                const lp_t* v = vc + bj;
+#pragma unroll
+                for (int e = 0; e < ATT_MAX_PER_LANE; e++) {
+                    int i = lane + 32 * e;
+                    if (i < hd) acc[e] = fmaf(wj, lp_to_f(v[i]), acc[e]);
+                }
+            }
         }
         m = mn;
     }
@@ -350,7 +399,8 @@ __device__ __forceinline__ float dot32(uint4 q, const float* xv, const float* cs
         unsigned lo = (w[e] << 2) & 0x3c3c3c3cu;
 #pragma unroll
         for (int b = 0; b < 4; b++) {
-            unsigned oh = (hi >> (8 * b)) & 0xffu, ol = (lo >> (8 * b)) & 0xffu;
+            // PRMT: one instruction per offset (a shift and a mask are folded into two).
+            unsigned oh = __byte_perm(hi, 0u, 0x4440u + b), ol = __byte_perm(lo, 0u, 0x4440u + b);
             part = fmaf(*(const float*)((const char*)cs + oh), xv[e * 8 + 2 * b], part);
             part = fmaf(*(const float*)((const char*)cs + ol), xv[e * 8 + 2 * b + 1], part);
         }
@@ -566,6 +616,107 @@ GEMVS_KERNEL(gemv4s_t1, 1)
 GEMVS_KERNEL(gemv4s_t2, 2)
 GEMVS_KERNEL(gemv4s_t4, 4)
 GEMVS_KERNEL(gemv4s_t8, 8)
+
+// The x-stationary GEMV (gemv4x_t1/t2, the default for t ≤ 2): thread (sub, c) of a block of
+// kt · rs threads (kt = the row's 16-byte pieces rounded up to 32, rs row groups) owns one
+// 32-column piece c of every row, so its 32 activations per token are loaded once into
+// registers. Blocks are persistent: block b takes passes b, b + grid, … of rs · GX_R rows
+// each, its pieces staged by cp.async GX_STAGES passes ahead, so the pipeline never drains
+// between rows. Per pass: each row's piece dots, warp trees, then one thread per row sums the
+// row's kt / 32 warp partials in order and stores (or adds) y. Addresses advance without
+// division. Needs cols % 32 == 0, cols % blocksize == 0, blocksize % 32 == 0, kt ≤ GX_MAXT.
+// Dynamic shared memory: GX_STAGES · GX_R · blockDim · 20 bytes.
+#define GX_R 2
+#define GX_STAGES 4
+#define GX_MAXT 512
+template <int T>
+__device__ __forceinline__ void gemv4x_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
+                                            const float* __restrict__ code, int blocksize, int rows, int cols,
+                                            const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
+                                            int accumulate) {
+    extern __shared__ uint4 dyn[];
+    const int nt = blockDim.x;
+    uint4* qbuf = dyn;                                  // [stage][r][thread]
+    float* sbuf = (float*)(dyn + GX_STAGES * GX_R * nt);  // [stage][r][thread]
+    __shared__ float cs[16];
+    __shared__ float red[2][GX_R * T][GX_MAXT / 32];    // [pass parity][row · T + token][warp]
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    const int tid = threadIdx.x, chunks = cols / 32;
+    const int kt = (chunks + 31) & ~31, kw = kt / 32, rs = nt / kt;
+    const int sub = tid / kt, c = tid % kt, warp = tid >> 5, lane = tid & 31;
+    const bool active = c < chunks;
+    const int rows_pass = rs * GX_R;
+    const int passes = (rows + rows_pass - 1) / rows_pass;
+    const int steps = (int)blockIdx.x < passes ? (passes - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
+    float xv[T][32];
+#pragma unroll
+    for (int k = 0; k < T; k++) {
+        if (k < t && active) {
+            load_x32(x + (long)k * cols + c * 32, xv[k]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 32; e++) xv[k][e] = 0.f;
+        }
+    }
+    const u8* pc = packed + (long)c * 16;
+    const float* ac = absmax + (c * 32) / blocksize;
+    const long row_bytes = cols / 2;
+    const int row_scales = cols / blocksize;
+    auto issue = [&](int st) {
+        if (st < steps && active) {
+            int p = (int)blockIdx.x + st * (int)gridDim.x, slot = st % GX_STAGES;
+#pragma unroll
+            for (int r = 0; r < GX_R; r++) {
+                int row = min(p * rows_pass + sub * GX_R + r, rows - 1);
+                cp_async16(&qbuf[(slot * GX_R + r) * nt + tid], pc + (long)row * row_bytes);
+                cp_async4(&sbuf[(slot * GX_R + r) * nt + tid], ac + (long)row * row_scales);
+            }
+        }
+        cp_async_commit();  // an empty group keeps the count uniform
+    };
+#pragma unroll
+    for (int st = 0; st < GX_STAGES - 1; st++) issue(st);
+    __syncthreads();  // cs
+    for (int st = 0; st < steps; st++) {
+        issue(st + GX_STAGES - 1);
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(GX_STAGES - 1));
+        const int slot = st % GX_STAGES, par = st & 1;
+        const int p = (int)blockIdx.x + st * (int)gridDim.x;
+#pragma unroll
+        for (int r = 0; r < GX_R; r++) {
+            uint4 q = qbuf[(slot * GX_R + r) * nt + tid];
+            float s = sbuf[(slot * GX_R + r) * nt + tid];
+#pragma unroll
+            for (int k = 0; k < T; k++) {
+                float v = active && k < t ? dot32(q, xv[k], cs) * s : 0.f;
+                v = warp_sum(v);
+                if (lane == 0) red[par][r * T + k][warp] = v;
+            }
+        }
+        __syncthreads();
+        if (tid < rows_pass * T) {
+            int g = tid / (GX_R * T), rk = tid % (GX_R * T), r = rk / T, k = rk % T;
+            int row = p * rows_pass + g * GX_R + r;
+            if (k < t && row < rows) {
+                float v = 0.f;
+                for (int w = 0; w < kw; w++) v += red[par][rk][g * kw + w];
+                float* o = y + (long)k * ld + row;
+                *o = accumulate ? *o + v : v;
+            }
+        }
+    }
+    asm volatile("cp.async.wait_all;\n" ::);
+}
+
+#define GEMVX_KERNEL(NAME, T, MINB)                                                                       \
+    extern "C" __global__ void __launch_bounds__(GX_MAXT, MINB)                                          \
+    NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
+         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
+         int ld, int accumulate) {                                                                        \
+        gemv4x_body<T>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);           \
+    }
+GEMVX_KERNEL(gemv4x_t1, 1, 2)
+GEMVX_KERNEL(gemv4x_t2, 2, 1)
 
 // ---------------------------------------------------------------------------------------------
 // Adapters

@@ -9,10 +9,8 @@ use qlora_quant::GgmlType;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::gpu::{gemv4_kernel, GEMV_BLOCK_ROWS};
+use crate::gpu::{gemv4_fits, Gemv4, GEMV_MAX_T};
 
-/// Decode GEMV handles up to this many tokens per launch (kernels.cu gemv4_t8).
-const GEMV_MAX_T: usize = 8;
 /// A fresh sequence's prefill of at least this many tokens runs attention as two batched
 /// cuBLAS products around a causal softmax (tensor cores) instead of the paged-cache kernel.
 const PREFILL_ATTN_MIN: usize = 32;
@@ -88,11 +86,7 @@ struct DevMat {
 impl DevMat {
     fn gemv_ok(&self) -> bool {
         match &self.kind {
-            MatKind::Bnb4 { blocksize, .. } => {
-                self.cols.is_multiple_of(32)
-                    && blocksize.is_multiple_of(32)
-                    && self.cols.is_multiple_of(*blocksize)
-            }
+            MatKind::Bnb4 { blocksize, .. } => gemv4_fits(self.cols, *blocksize),
             _ => false,
         }
     }
@@ -893,8 +887,8 @@ impl CudaModel {
             self.linear(&l.qkv, s.h.ptr(), t, s.qkv.ptr(), qkv_ld, false)?;
             g.launch(
                 "rope_store",
-                (t as u32, 1),
-                128,
+                (t as u32, (self.heads + 2 * self.kvh) as u32),
+                (self.hd / 2).next_multiple_of(32) as u32,
                 &[
                     P(s.qkv.ptr()),
                     I(qkv_ld as i32),
@@ -978,7 +972,7 @@ impl CudaModel {
         self.gpu.launch(
             "rms_norm",
             (rows as u32, 1),
-            256,
+            512,
             &[
                 Arg::P(x),
                 Arg::P(w.ptr()),
@@ -1084,26 +1078,19 @@ impl CudaModel {
                     blocksize,
                 } => {
                     if t <= GEMV_MAX_T && mat.gemv_ok() {
-                        let (kernel, smem) = gemv4_kernel(t);
-                        g.launch_smem(
-                            kernel,
-                            (mat.rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
-                            256,
-                            smem,
-                            &[
-                                P(packed.ptr()),
-                                P(absmax.ptr()),
-                                P(code.ptr()),
-                                I(*blocksize as i32),
-                                I(mat.rows as i32),
-                                I(mat.cols as i32),
-                                P(x),
-                                I(t as i32),
-                                P(yc),
-                                I(ldy as i32),
-                                I(accumulate as i32),
-                            ],
-                        )?;
+                        g.gemv4(&Gemv4 {
+                            packed: packed.ptr(),
+                            absmax: absmax.ptr(),
+                            code: code.ptr(),
+                            blocksize: *blocksize,
+                            rows: mat.rows,
+                            cols: mat.cols,
+                            x,
+                            t,
+                            y: yc,
+                            ld: ldy,
+                            accumulate,
+                        })?;
                         continue;
                     }
                     let n = mat.rows * mat.cols;

@@ -6,7 +6,7 @@
 //! Needs a GPU: skipped (with a line on stderr) where there is none, unless
 //! QLORA_REQUIRE_GPU=1 (the device script sets it), which turns a missing GPU into a failure.
 
-use qlora_cuda::{gemv4_kernel, Arg, DevBuf, Gpu, Precision, GEMV_BLOCK_ROWS};
+use qlora_cuda::{gemv4_kernel, Arg, DevBuf, Gemv4, Gpu, Precision};
 use qlora_engine::{ops, Weight};
 use qlora_quant::Quant4;
 use std::sync::Arc;
@@ -128,7 +128,14 @@ fn within(g: &Gpu, what: &str, a: &[f32], b: &[f32]) {
 #[test]
 fn rms_norm_swiglu_add_embed() {
     for g in gpus() {
-        for (t, d) in [(1usize, 64usize), (5, 67), (3, 4096)] {
+        // Rows within the registers (RMS_PER · block) and longer ones that read again.
+        for (t, d, block) in [
+            (1usize, 64usize, 256u32),
+            (5, 67, 256),
+            (3, 4096, 256),
+            (3, 4096, 512),
+            (2, 9001, 512),
+        ] {
             let x = rand(1, t * d);
             let w: Vec<f32> = rand(2, d).iter().map(|v| 1.0 + v / 4.0).collect();
             let mut want = vec![0f32; t * d];
@@ -137,13 +144,13 @@ fn rms_norm_swiglu_add_embed() {
             g.launch(
                 "rms_norm",
                 (t as u32, 1),
-                256,
+                block,
                 &[P(bx.ptr()), P(bw.ptr()), F(1e-5), I(d as i32), P(by.ptr())],
             )
             .unwrap();
             within(
                 &g,
-                &format!("rms_norm [{t}, {d}]"),
+                &format!("rms_norm [{t}, {d}] block {block}"),
                 &down_lp(&g, &by, t * d),
                 &want,
             );
@@ -222,16 +229,21 @@ fn block_table(n: usize, first_block: usize) -> Vec<i32> {
 #[test]
 fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
     for g in gpus() {
-        for (heads, kvh, hd, window) in [
-            (6usize, 2usize, 40usize, 0usize),
-            (4, 4, 64, 9),
-            (8, 1, 128, 0),
-            (2, 1, 256, 5),
+        // (heads, kv heads, head dim, window, cached keys of sequence A): head dims that
+        // take the 16-byte and the scalar key loads, and contexts longer than one round of
+        // the block's warps (8 × 32 keys).
+        for (heads, kvh, hd, window, pa) in [
+            (6usize, 2usize, 40usize, 0usize, 37usize),
+            (4, 4, 64, 9, 37),
+            (8, 1, 128, 0, 37),
+            (2, 1, 256, 5, 37),
+            (8, 2, 128, 0, 600),
+            (4, 2, 64, 300, 700),
         ] {
             let kvd = kvh * hd;
             let ld = (heads + 2 * kvh) * hd;
-            // Sequence A: 5 new tokens after 37 cached; sequence B: 3 new after 0.
-            let (pa, ta, pb, tb) = (37usize, 5usize, 0usize, 3usize);
+            // Sequence A: 5 new tokens after `pa` cached; sequence B: 3 new after 0.
+            let (ta, pb, tb) = (5usize, 0usize, 3usize);
             let (na, nb) = (pa + ta, pb + tb);
             let ka = rand(10, na * kvd);
             let va = rand(11, na * kvd);
@@ -255,7 +267,7 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
             fill(&mut kc, &kb, nb, &table_b);
             fill(&mut vc, &vb, nb, &table_b);
             let (bk, bv) = (up_lp(&g, &kc), up_lp(&g, &vc));
-            let max_blocks = 8usize;
+            let max_blocks = na.div_ceil(BS).max(8);
             let mut tables = vec![0i32; 2 * max_blocks];
             tables[..table_a.len()].copy_from_slice(&table_a);
             tables[max_blocks..max_blocks + table_b.len()].copy_from_slice(&table_b);
@@ -423,8 +435,8 @@ fn rope_and_cache_store() {
         let qlp = poison_lp(&g, t * ld);
         g.launch(
             "rope_store",
-            (t as u32, 1),
-            128,
+            (t as u32, (heads + 2 * kvh) as u32),
+            32,
             &[
                 P(bqkv.ptr()),
                 I(ld as i32),
@@ -619,6 +631,12 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             (Quant4::Fp4, 13, 64, 32, 3),
             (Quant4::Nf4, 1024, 4096, 64, 8),
             (Quant4::Nf4, 4096, 14336, 64, 2),
+            // Odd shapes for the x-stationary kernel: fewer rows than one pass, pieces not a
+            // multiple of 32 (SmolLM2's 576 and 1536 inputs), many passes per block.
+            (Quant4::Nf4, 13, 576, 64, 1),
+            (Quant4::Fp4, 37, 1536, 64, 2),
+            (Quant4::Nf4, 28672, 4096, 64, 1),
+            (Quant4::Nf4, 333, 4096, 128, 2),
         ] {
             let w = bnb4(quant, rows, cols, bs, 7 + rows as u64);
             let x = rand(50, t * cols);
@@ -640,43 +658,53 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                 up(&g, &s.code),
                 up_lp(&g, &x),
             );
-            // Every GEMV variant: the staged default, the register-pipelined family and its
-            // t = 1 alternatives.
-            let reg = match t {
-                1 => "gemv4_t1",
-                2 => "gemv4_t2",
-                3 | 4 => "gemv4_t4",
-                _ => "gemv4_t8",
+            // Every GEMV family for t: the default, the x-stationary, the staged, the register
+            // family and its t = 1 alternatives.
+            let mut variants = vec![gemv4_kernel(t, cols)];
+            let tk = match t {
+                1 => "t1",
+                2 => "t2",
+                3 | 4 => "t4",
+                _ => "t8",
             };
-            let mut variants = vec![gemv4_kernel(t), (reg, 0)];
-            if t == 1 {
-                variants.extend([("gemv4_np_t1", 0), ("gemv4_p3_t1", 0)]);
+            let mut names = vec![format!("gemv4s_{tk}"), format!("gemv4_{tk}")];
+            if t <= 2 && cols / 32 <= 512 {
+                names.push(format!("gemv4x_{tk}"));
             }
-            for (kernel, smem) in variants {
+            if t == 1 {
+                names.extend(["gemv4_np_t1".to_string(), "gemv4_p3_t1".to_string()]);
+            }
+            for n in names {
+                let n: &'static str = qlora_cuda::KERNEL_NAMES
+                    .iter()
+                    .find(|k| **k == n)
+                    .expect("a kernel name");
+                if !variants.contains(&n) {
+                    variants.push(n);
+                }
+            }
+            for kernel in variants {
                 let y = poison(&g, t * ld);
-                let run = |accumulate: i32| {
-                    g.launch_smem(
+                let run = |accumulate: bool| {
+                    g.gemv4_with(
                         kernel,
-                        (rows.div_ceil(GEMV_BLOCK_ROWS) as u32, 1),
-                        256,
-                        smem,
-                        &[
-                            P(bp.ptr()),
-                            P(ba.ptr()),
-                            P(bc.ptr()),
-                            I(bs as i32),
-                            I(rows as i32),
-                            I(cols as i32),
-                            P(bx.ptr()),
-                            I(t as i32),
-                            P(y.ptr()),
-                            I(ld as i32),
-                            I(accumulate),
-                        ],
+                        &Gemv4 {
+                            packed: bp.ptr(),
+                            absmax: ba.ptr(),
+                            code: bc.ptr(),
+                            blocksize: bs,
+                            rows,
+                            cols,
+                            x: bx.ptr(),
+                            t,
+                            y: y.ptr(),
+                            ld,
+                            accumulate,
+                        },
                     )
                     .unwrap()
                 };
-                run(0);
+                run(false);
                 let all = down(&g, &y, t * ld);
                 let got: Vec<f32> = (0..t)
                     .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
@@ -695,7 +723,7 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                     );
                 }
                 // accumulate = 1 adds to what is there.
-                run(1);
+                run(true);
                 let all2 = down(&g, &y, t * ld);
                 let twice: Vec<f32> = (0..t)
                     .flat_map(|i| all2[i * ld..i * ld + rows].to_vec())
