@@ -144,21 +144,28 @@ pub fn load_with_adapters(
     };
     let mut model =
         Model::load_with(&mut src, opts).with_context(|| format!("loading {}", path.display()))?;
-    for (a, plan) in &planned {
+    apply_planned(&mut model, &planned, adapters.strict)?;
+    Ok(Loaded { model, tokenizer })
+}
+
+/// Puts planned adapters on a loaded model, checking each one's provenance record against the
+/// base (warnings, or errors with `strict`).
+pub fn apply_planned(model: &mut Model, planned: &[(Adapter, Plan)], strict: bool) -> Result<()> {
+    for (a, plan) in planned {
         model
             .apply_adapter(plan)
             .with_context(|| format!("applying adapter {}", a.dir.display()))?;
         if let Some(p) = &a.provenance {
             let diffs = p.differences(&model.fingerprint, model.quantization.as_ref());
             for d in &diffs {
-                if adapters.strict {
+                if strict {
                     bail!("adapter {}: {d} (--strict)", a.dir.display());
                 }
                 eprintln!("warning: adapter {}: {d}", a.dir.display());
             }
         }
     }
-    Ok(Loaded { model, tokenizer })
+    Ok(())
 }
 
 impl Loaded {

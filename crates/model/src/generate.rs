@@ -89,6 +89,72 @@ impl Generation {
     }
 }
 
+/// Generated ids turned into text as they arrive: each `push` returns the new piece, holding
+/// back an incomplete UTF-8 sequence (a byte-fallback token mid-character) until its remaining
+/// bytes come, as a streaming client needs.
+pub struct TextStream<'t> {
+    tokenizer: &'t Tokenizer,
+    out: Vec<u32>,
+    printed: String,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: &'t Tokenizer) -> Self {
+        TextStream {
+            tokenizer,
+            out: Vec::new(),
+            printed: String::new(),
+        }
+    }
+
+    /// The ids so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.out
+    }
+
+    /// Adds a generated id; the text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.out.push(id);
+        let text = self.decode()?;
+        // Hold back an incomplete UTF-8 sequence until its remaining bytes arrive.
+        if !text.ends_with('\u{FFFD}')
+            && text.len() > self.printed.len()
+            && text.starts_with(&self.printed)
+        {
+            let piece = text[self.printed.len()..].to_string();
+            self.printed = text;
+            return Ok(Some(piece));
+        }
+        Ok(None)
+    }
+
+    /// The held-back rest at the end of generation, if any.
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let text = self.decode()?;
+        if text.len() > self.printed.len() && text.starts_with(&self.printed) {
+            let piece = text[self.printed.len()..].to_string();
+            self.printed = text;
+            return Ok(Some(piece));
+        }
+        Ok(None)
+    }
+
+    /// The ids and the whole text.
+    pub fn into_parts(self) -> (Vec<u32>, String) {
+        let text = self
+            .tokenizer
+            .decode(&self.out, true)
+            .unwrap_or(self.printed);
+        (self.out, text)
+    }
+
+    fn decode(&self) -> Result<String> {
+        self.tokenizer
+            .decode(&self.out, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+}
+
 impl Model {
     /// Generates from prompt ids on the CPU, calling `on_text` with each newly decoded piece.
     pub fn generate(
@@ -130,39 +196,27 @@ pub fn generate_with(
         let prefill_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut seen = prompt.to_vec();
-        let mut out: Vec<u32> = Vec::new();
-        let mut printed = String::new();
+        let mut stream = TextStream::new(tokenizer);
         let mut stopped_at_eos = false;
-        while out.len() < params.max_new_tokens {
+        while stream.tokens().len() < params.max_new_tokens {
             let id = sampler.sample(&logits, &seen);
             if params.stop.contains(&id) {
                 stopped_at_eos = true;
                 break;
             }
-            out.push(id);
             seen.push(id);
-            let text = tokenizer
-                .decode(&out, true)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            // Hold back an incomplete UTF-8 sequence until its remaining bytes arrive.
-            if !text.ends_with('\u{FFFD}')
-                && text.len() > printed.len()
-                && text.starts_with(&printed)
-            {
-                on_text(&text[printed.len()..]);
-                printed = text;
+            if let Some(piece) = stream.push(id)? {
+                on_text(&piece);
             }
-            if out.len() == params.max_new_tokens {
+            if stream.tokens().len() == params.max_new_tokens {
                 break;
             }
             logits = dec.step(&[id], Logits::Last)?;
         }
-        let text = tokenizer
-            .decode(&out, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        if text.len() > printed.len() && text.starts_with(&printed) {
-            on_text(&text[printed.len()..]);
+        if let Some(piece) = stream.finish()? {
+            on_text(&piece);
         }
+        let (out, text) = stream.into_parts();
         Ok(Generation {
             tokens: out,
             text,

@@ -18,7 +18,9 @@ pub use adapters::{delta_weight, dora_row_norms};
 pub use decoder::{CpuDecoder, Decoder};
 pub use error::{Error, Result};
 pub use forward::{KvCache, Logits};
-pub use generate::{generate_with, render_chat, render_messages, GenerateParams, Generation};
+pub use generate::{
+    generate_with, render_chat, render_messages, GenerateParams, Generation, TextStream,
+};
 pub use load::LoadOptions;
 pub use model::{EmbeddingLora, Layer, Lora, Model, Projection};
 pub use quantize::QuantizeSpec;

@@ -10,6 +10,7 @@ mod merge;
 mod outdir;
 mod perplexity;
 mod quantize;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,7 @@ enum Command {
     Train(Box<train::Args>),
     Eval(eval::Args),
     Bench(bench::Args),
+    Serve(Box<serve::Args>),
 }
 
 /// More worker threads than this is a typo, not a machine.
@@ -65,5 +67,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(*a),
     }
 }

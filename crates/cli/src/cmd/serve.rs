@@ -1,0 +1,196 @@
+//! `qlora serve`: an OpenAI-compatible server for one base and many adapters, chosen per
+//! request by `model`.
+
+use crate::load::{
+    apply_planned, load, load_with_adapters, plan_adapters, AdapterArgs, QuantizeArgs,
+};
+use anyhow::{bail, Context, Result};
+use qlora_serve::{serve, Limits, ServeConfig, Served};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// Serve the base and its adapters over HTTP with the OpenAI API (chat and text completions,
+/// streaming, /v1/models), a request's `model` naming the base or an adapter.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  qlora serve --model SmolLM2-135M-Instruct --quantize nf4 \\\n      --adapter support=runs/support/final --adapter-dir adapters/ --port 8000\n  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n      -d '{\"model\": \"support\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'"
+)]
+pub struct Args {
+    /// Hugging Face model directory or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    quantize: QuantizeArgs,
+    /// An adapter to serve: NAME=DIR, or DIR (named by its directory). Repeatable.
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    adapters: Vec<String>,
+    /// Serve every adapter directory (one holding adapter_config.json) inside DIR, named by
+    /// its subdirectory.
+    #[arg(long, value_name = "DIR")]
+    adapter_dir: Option<PathBuf>,
+    /// The base's name in requests and /v1/models (default: the model's file or directory name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Make adapter provenance mismatches errors (another base, or another quantization).
+    #[arg(long)]
+    strict: bool,
+    /// Where generation runs; the server runs on the CPU for now.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// TCP port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Requests generated at once; the others wait in the queue.
+    #[arg(long, default_value_t = 8)]
+    max_concurrent: usize,
+    /// Requests that may wait; beyond it the server answers 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Most prompt tokens a request may have (default: the model's context).
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Most tokens a request may generate (and the default when it sets no max_tokens).
+    #[arg(long, default_value_t = 1024)]
+    max_tokens: usize,
+    /// Largest request body in bytes; beyond it the server answers 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Prompt tokens prefilled per step, so a long prompt does not stall running streams.
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.device != "cpu" {
+        bail!(
+            "--device {}: `qlora serve` runs on the CPU for now (the GPU engine has no per-request adapters yet); use --device cpu",
+            a.device
+        );
+    }
+    for (v, name) in [
+        (a.max_concurrent, "--max-concurrent"),
+        (a.max_queue, "--max-queue"),
+        (a.max_tokens, "--max-tokens"),
+        (a.max_body_bytes, "--max-body-bytes"),
+        (a.prefill_chunk, "--prefill-chunk"),
+    ] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
+    let mut named: Vec<(String, PathBuf)> = Vec::new();
+    for spec in &a.adapters {
+        let (name, dir) = match spec.split_once('=') {
+            Some((n, d)) if !n.is_empty() => (n.to_string(), PathBuf::from(d)),
+            Some(_) => bail!("--adapter {spec}: the name before = is empty; use NAME=DIR"),
+            None => (dir_name(Path::new(spec))?, PathBuf::from(spec)),
+        };
+        named.push((name, dir));
+    }
+    if let Some(root) = &a.adapter_dir {
+        let mut found: Vec<(String, PathBuf)> = std::fs::read_dir(root)
+            .with_context(|| format!("--adapter-dir {}", root.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.join("adapter_config.json").is_file())
+            .map(|p| Ok((dir_name(&p)?, p)))
+            .collect::<Result<_>>()?;
+        if found.is_empty() {
+            bail!(
+                "--adapter-dir {}: no subdirectory holds an adapter_config.json",
+                root.display()
+            );
+        }
+        found.sort();
+        named.extend(found);
+    }
+    let base_name = match &a.served_model_name {
+        Some(n) => n.clone(),
+        None => dir_name(&a.model)?,
+    };
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(base_name.clone());
+    for (n, _) in &named {
+        if !seen.insert(n.clone()) {
+            bail!("two served models are named \"{n}\": name them apart with --adapter NAME=DIR (or --served-model-name for the base)");
+        }
+    }
+
+    let mut base = load(&a.model, a.quantize)?;
+    base.tokenizer(&a.model)?; // a clear error when there is none
+    let stop_ids = base.stop_ids();
+    let tokenizer = base.tokenizer.take().context("the model's tokenizer")?;
+    let mut models = Vec::new();
+    for (name, dir) in &named {
+        let args = AdapterArgs {
+            adapters: vec![dir.clone()],
+            strict: a.strict,
+        };
+        let planned = plan_adapters(&base.model.config, &a.model, &args)
+            .with_context(|| format!("adapter \"{name}\""))?;
+        let model = if planned.iter().any(|(_, p)| !p.replacements.is_empty()) {
+            // It replaces base tensors (modules_to_save, a trained embedding or head): its
+            // own copy of the model.
+            load_with_adapters(&a.model, a.quantize, &args)
+                .with_context(|| format!("adapter \"{name}\""))?
+                .model
+        } else {
+            // The base's weights are shared (reference-counted); only the adapter is new.
+            let mut m = base.model.clone();
+            apply_planned(&mut m, &planned, a.strict)
+                .with_context(|| format!("adapter \"{name}\""))?;
+            m
+        };
+        eprintln!("adapter          {name} ({})", dir.display());
+        models.push(Served {
+            name: name.clone(),
+            parent: Some(base_name.clone()),
+            model,
+        });
+    }
+    let context = base.model.config.max_position_embeddings;
+    models.insert(
+        0,
+        Served {
+            name: base_name.clone(),
+            parent: None,
+            model: base.model,
+        },
+    );
+    let limits = Limits {
+        max_concurrent: a.max_concurrent,
+        max_queue: a.max_queue,
+        max_prompt_tokens: a.max_prompt_tokens.unwrap_or(context).min(context),
+        max_tokens: a.max_tokens,
+        max_body_bytes: a.max_body_bytes,
+        prefill_chunk: a.prefill_chunk,
+    };
+    let cfg = ServeConfig {
+        models,
+        tokenizer,
+        stop_ids,
+        limits,
+    };
+    serve(cfg, SocketAddr::new(a.host, a.port), |addr| {
+        eprintln!(
+            "qlora serve: {base_name} and {} adapter(s), listening on http://{addr}",
+            named.len()
+        );
+    })
+    .with_context(|| format!("serving on {}:{}", a.host, a.port))
+}
+
+/// A path's last component as a served name.
+fn dir_name(p: &Path) -> Result<String> {
+    let p = p.components().next_back().map(|c| c.as_os_str().to_owned());
+    match p.and_then(|s| s.into_string().ok()) {
+        Some(s) if !s.is_empty() && s != "." && s != ".." => {
+            Ok(s.strip_suffix(".gguf").unwrap_or(&s).to_string())
+        }
+        _ => {
+            bail!("cannot name a served model after this path; use NAME=DIR or --served-model-name")
+        }
+    }
+}

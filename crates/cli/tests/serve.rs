@@ -1,0 +1,541 @@
+//! `qlora serve` against a real HTTP client: SmolLM2-135M-Instruct (the fixture GGUF) with
+//! random LoRA adapters, every endpoint, streaming, adapter choice by `model`, errors in
+//! OpenAI's shape, a client that disconnects mid-stream, SIGTERM. Batching does not change
+//! results: concurrent greedy requests over several adapters equal `qlora generate` with that
+//! adapter, token for token. Skips without the GGUF unless QLORA_REQUIRE_FIXTURES=1 (CI).
+
+mod common;
+use common::*;
+use qlora_io::{write_safetensors, ElementType, WriteTensor};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn gguf() -> Option<PathBuf> {
+    let p = smollm2_gguf();
+    if p.is_none() {
+        assert!(
+            std::env::var("QLORA_REQUIRE_FIXTURES").is_err(),
+            "SmolLM2 GGUF missing and QLORA_REQUIRE_FIXTURES is set; run tools/fetch-fixtures.sh"
+        );
+        eprintln!("skipping: SmolLM2 GGUF not found; run tools/fetch-fixtures.sh");
+    }
+    p
+}
+
+/// A PEFT LoRA adapter for SmolLM2-135M with random A and B (B large enough to change the
+/// greedy text), on `modules`.
+fn write_adapter(dir: &Path, modules: &[&str], r: usize, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (d, kv, f, layers) = (576usize, 192usize, 1536usize, 30usize);
+    let shape = |m: &str| -> (usize, usize) {
+        match m {
+            "q_proj" | "o_proj" => (d, d),
+            "k_proj" | "v_proj" => (kv, d),
+            "gate_proj" | "up_proj" => (f, d),
+            "down_proj" => (d, f),
+            _ => unreachable!(),
+        }
+    };
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = |n: usize, scale: f32| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                (u * scale).to_le_bytes()
+            })
+            .collect()
+    };
+    let mut tensors = Vec::new();
+    for l in 0..layers {
+        for m in modules {
+            let (out, inp) = shape(m);
+            let part =
+                if m.ends_with("_proj") && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(m) {
+                    "self_attn"
+                } else {
+                    "mlp"
+                };
+            let base = format!("base_model.model.model.layers.{l}.{part}.{m}");
+            tensors.push(WriteTensor {
+                name: format!("{base}.lora_A.weight"),
+                dtype: ElementType::F32,
+                shape: vec![r, inp],
+                data: rnd(r * inp, 0.2).into(),
+            });
+            tensors.push(WriteTensor {
+                name: format!("{base}.lora_B.weight"),
+                dtype: ElementType::F32,
+                shape: vec![out, r],
+                data: rnd(out * r, 0.6).into(),
+            });
+        }
+    }
+    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, &meta).unwrap();
+    let cfg = json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+        "lora_dropout": 0.0, "target_modules": modules, "bias": "none",
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    });
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(args: &[&str]) -> Server {
+    let mut child = Command::new(qlora_bin())
+        .args(["--threads", "2", "serve", "--port", "0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let url = loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            panic!("qlora serve exited before listening:\n{seen}");
+        }
+        seen.push_str(&line);
+        if let Some(i) = line.find("listening on ") {
+            break line[i + "listening on ".len()..].trim().to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = err.read_to_string(&mut sink);
+    });
+    Server { child, url }
+}
+
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    match ureq::post(url).send_string(&body.to_string()) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+fn post_raw(url: &str, body: &str) -> (u16, Value) {
+    match ureq::post(url).send_string(body) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+fn assert_openai_error(status: u16, v: &Value, want_status: u16, words: &[&str]) {
+    assert_eq!(status, want_status, "{v}");
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message: {v}"));
+    assert!(v["error"]["type"].is_string(), "{v}");
+    for w in words {
+        assert!(msg.contains(w), "{w:?} not in {msg:?}");
+    }
+}
+
+/// `qlora generate`'s greedy text for a prompt (chat or plain) with at most one adapter.
+fn generate(model: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, n: usize) -> String {
+    let mut args = vec![
+        "--threads".to_string(),
+        "2".into(),
+        "generate".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--temperature".into(),
+        "0".into(),
+        "--max-new-tokens".into(),
+        n.to_string(),
+        "--prompt".into(),
+        prompt.into(),
+    ];
+    if chat {
+        args.push("--chat".into());
+    }
+    if let Some(a) = adapter {
+        args.extend(["--adapter".into(), a.display().to_string()]);
+    }
+    let out = Command::new(qlora_bin()).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.strip_suffix('\n').unwrap_or(&text).to_string()
+}
+
+fn metric(url: &str, name: &str) -> f64 {
+    let text = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[test]
+fn serve_answers_the_openai_api_for_a_base_and_its_adapters() {
+    let Some(model) = gguf() else { return };
+    let tmp = temp_dir("serve");
+    let ads = tmp.join("adapters");
+    write_adapter(&ads.join("qv"), &["q_proj", "v_proj"], 4, 1);
+    write_adapter(
+        &ads.join("mlp"),
+        &["gate_proj", "up_proj", "down_proj"],
+        2,
+        2,
+    );
+    let third = tmp.join("third");
+    write_adapter(&third, &["o_proj", "k_proj"], 8, 3);
+    let third_arg = format!("third={}", third.display());
+    let s = start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter-dir",
+        ads.to_str().unwrap(),
+        "--adapter",
+        &third_arg,
+        "--max-concurrent",
+        "3",
+        "--max-tokens",
+        "64",
+        "--max-body-bytes",
+        "20000",
+    ]);
+    let base = "SmolLM2-135M-Instruct.Q4_1";
+
+    // /health and /v1/models.
+    let h: Value = ureq::get(&format!("{}/health", s.url))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    let m: Value = ureq::get(&format!("{}/v1/models", s.url))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let ids: Vec<&str> = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [base, "third", "mlp", "qv"]); // --adapter first, then --adapter-dir sorted
+    for x in &m["data"].as_array().unwrap()[1..] {
+        assert_eq!(x["parent"], base, "{x}");
+        assert_eq!(x["object"], "model");
+    }
+    assert!(m["data"][0]["parent"].is_null());
+
+    // Batching does not change results: concurrent greedy requests over the adapters and the
+    // base equal `qlora generate` with that adapter, token for token.
+    let n = 20;
+    let cases: Vec<(&str, Option<PathBuf>, &str, bool)> = vec![
+        (base, None, "What is the capital of France?", true),
+        (
+            "qv",
+            Some(ads.join("qv")),
+            "What is the capital of France?",
+            true,
+        ),
+        ("mlp", Some(ads.join("mlp")), "Name three colours.", true),
+        ("third", Some(third.clone()), "Name three colours.", true),
+        ("qv", Some(ads.join("qv")), "Once upon a time", false),
+        (base, None, "Once upon a time", false),
+    ];
+    let want: Vec<String> = cases
+        .iter()
+        .map(|(_, a, p, chat)| generate(&model, a.as_deref(), p, *chat, n))
+        .collect();
+    assert_ne!(
+        want[0], want[1],
+        "the adapter must change the text for this check to mean anything"
+    );
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|(name, _, prompt, chat)| {
+            let (name, prompt, chat, url) = (name.to_string(), prompt.to_string(), *chat, s.url.clone());
+            std::thread::spawn(move || {
+                if chat {
+                    post(
+                        &format!("{url}/v1/chat/completions"),
+                        &json!({"model": name, "temperature": 0, "max_tokens": n,
+                                "messages": [{"role": "user", "content": prompt}]}),
+                    )
+                } else {
+                    post(
+                        &format!("{url}/v1/completions"),
+                        &json!({"model": name, "temperature": 0, "max_tokens": n, "prompt": prompt}),
+                    )
+                }
+            })
+        })
+        .collect();
+    for ((h, w), (name, _, _, chat)) in handles.into_iter().zip(&want).zip(&cases) {
+        let (status, v) = h.join().unwrap();
+        assert_eq!(status, 200, "{v}");
+        let got = if *chat {
+            assert_eq!(v["object"], "chat.completion");
+            assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        } else {
+            assert_eq!(v["object"], "text_completion");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        };
+        assert_eq!(&got, w, "model {name}");
+        assert_eq!(v["model"], *name);
+        let u = &v["usage"];
+        assert_eq!(
+            u["total_tokens"].as_u64().unwrap(),
+            u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+        );
+        let reason = v["choices"][0]["finish_reason"].as_str().unwrap();
+        assert!(
+            (reason == "length") == (u["completion_tokens"] == n),
+            "{reason} with {} tokens",
+            u["completion_tokens"]
+        );
+    }
+
+    // Streaming: role first, then deltas that add up to the same text, the finish reason,
+    // the usage chunk when asked, then [DONE].
+    let r = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_string(
+            &json!({"model": "qv", "temperature": 0, "max_tokens": n, "stream": true,
+                    "stream_options": {"include_usage": true},
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+            .to_string(),
+        )
+        .unwrap();
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let body = r.into_string().unwrap();
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"].get(0)?["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(text, want[1]);
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert!(usage["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(chunks.iter().any(|c| c["choices"]
+        .get(0)
+        .is_some_and(|x| x["finish_reason"].is_string())));
+
+    // A stop string ends the text before it.
+    let full = &want[4];
+    let cut: String = full.chars().skip(8).take(3).collect();
+    let (st, v) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"model": "qv", "temperature": 0, "max_tokens": n, "prompt": "Once upon a time", "stop": [cut]}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["choices"][0]["text"].as_str().unwrap(),
+        &full[..full.find(&cut).unwrap()]
+    );
+
+    // Errors, in OpenAI's shape.
+    let chat = format!("{}/v1/chat/completions", s.url);
+    let (st, v) = post(
+        &chat,
+        &json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+    );
+    assert_openai_error(st, &v, 404, &["nope", "does not exist", "qv"]);
+    assert_eq!(v["error"]["code"], "model_not_found");
+    let (st, v) = post_raw(&chat, "{\"model\": \"qv\", \"messages\": [");
+    assert_openai_error(st, &v, 400, &["not a valid request", "EOF"]);
+    let (st, v) = post(
+        &chat,
+        &json!({"model": "qv", "temperature": "hot", "messages": []}),
+    );
+    assert_openai_error(st, &v, 400, &["invalid type"]);
+    let (st, v) = post(
+        &chat,
+        &json!({"model": "qv", "messages": [{"role": "user", "content": "x".repeat(30000)}]}),
+    );
+    assert_openai_error(st, &v, 413, &["--max-body-bytes"]);
+    let (st, v) = post(
+        &chat,
+        &json!({"model": "qv", "n": 2, "messages": [{"role": "user", "content": "x"}]}),
+    );
+    assert_openai_error(st, &v, 400, &["n = 1"]);
+    let (st, v) = post(
+        &chat,
+        &json!({"model": "qv", "max_tokens": 65, "messages": [{"role": "user", "content": "x"}]}),
+    );
+    assert_openai_error(st, &v, 400, &["--max-tokens"]);
+    let (st, v) = post(
+        &chat,
+        &json!({"model": "qv", "temperature": 3, "messages": [{"role": "user", "content": "x"}]}),
+    );
+    assert_openai_error(st, &v, 400, &["temperature"]);
+    let (st, v) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"model": base, "prompt": [999999]}),
+    );
+    assert_openai_error(st, &v, 400, &["999999", "vocabulary"]);
+    let (st, v) = post(&format!("{}/v1/nothing", s.url), &json!({}));
+    assert_openai_error(st, &v, 404, &["no such endpoint"]);
+
+    // A client that disconnects mid-stream stops its generation and frees its slot.
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let before = metric(&s.url, "qlora_cancelled_total");
+    {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let body = json!({"model": "mlp", "temperature": 0.7, "max_tokens": 64, "stream": true,
+                          "prompt": "Once upon a time"})
+        .to_string();
+        write!(
+            c,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut buf = [0u8; 512];
+        let k = c.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..k]).contains("200 OK"));
+    } // dropped: the connection closes
+    let t0 = Instant::now();
+    while metric(&s.url, "qlora_cancelled_total") <= before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the disconnected request was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t0 = Instant::now();
+    while metric(&s.url, "qlora_running") != 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "a slot stayed taken"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for name in [
+        "qlora_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"}",
+        "qlora_requests_total{endpoint=\"/v1/chat/completions\",status=\"404\"}",
+        "qlora_time_to_first_token_seconds_bucket{le=\"+Inf\"}",
+        "qlora_time_per_output_token_seconds_count",
+        "qlora_batch_size_bucket",
+        "qlora_queue_depth 0",
+    ] {
+        assert!(text.contains(name), "{name} not in /metrics:\n{text}");
+    }
+    assert!(metric(&s.url, "qlora_generation_tokens_total") >= (6 * 5) as f64);
+
+    // SIGTERM: the server stops accepting and exits cleanly.
+    let mut s = s;
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn serve_refuses_bad_flags_with_one_line() {
+    let Some(model) = gguf() else { return };
+    let tmp = temp_dir("serve-flags");
+    let a = tmp.join("same");
+    write_adapter(&a, &["q_proj"], 2, 5);
+    let m = model.to_str().unwrap();
+    let arg = format!("SmolLM2-135M-Instruct.Q4_1={}", a.display());
+    for (args, words) in [
+        (
+            vec!["--model", m, "--adapter", arg.as_str()],
+            vec!["two served models", "SmolLM2-135M-Instruct.Q4_1"],
+        ),
+        (
+            vec!["--model", m, "--device", "cuda"],
+            vec!["--device cuda", "CPU"],
+        ),
+        (
+            vec!["--model", m, "--max-concurrent", "0"],
+            vec!["--max-concurrent"],
+        ),
+        (
+            vec!["--model", m, "--adapter", "/no/such/dir"],
+            vec!["/no/such/dir"],
+        ),
+        (
+            vec![
+                "--model",
+                m,
+                "--adapter-dir",
+                tmp.to_str().unwrap(),
+                "--adapter",
+                a.to_str().unwrap(),
+            ],
+            vec!["two served models", "same"],
+        ),
+    ] {
+        let mut full = vec!["serve", "--port", "0"];
+        full.extend(args);
+        let out = qlora(&full);
+        assert_eq!(out.status.code(), Some(1), "{full:?}: {}", stderr(&out));
+        let e = stderr(&out);
+        for w in words {
+            assert!(e.contains(w), "{full:?}: {w:?} not in {e}");
+        }
+    }
+}

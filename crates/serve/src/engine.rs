@@ -1,0 +1,266 @@
+//! The scheduler: one thread that owns the models and runs every admitted request a step at a
+//! time, round robin. A request joins between steps and leaves when it finishes, when its
+//! client goes away (its event channel closes) or on an error; a long prompt is prefilled in
+//! chunks of `prefill_chunk` tokens, so it does not stall the streams already running.
+//! Each sequence keeps its own KV cache and sampler, so a request's tokens do not depend on
+//! what else runs beside it.
+
+use crate::metrics::Metrics;
+use qlora_model::{CpuDecoder, Decoder, Logits, Model, Sampler, SamplingParams, TextStream};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One admitted request.
+pub struct Job {
+    /// Index into the served models.
+    pub model: usize,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Strings that end the completion (not included in it).
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<Event>,
+    pub enqueued: Instant,
+}
+
+/// What the engine sends back for a request.
+#[derive(Debug)]
+pub enum Event {
+    /// The next piece of text.
+    Text(String),
+    /// The end: "stop" (EOS or a stop string) or "length" (max_tokens).
+    Done {
+        finish_reason: &'static str,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+pub struct EngineConfig {
+    pub max_concurrent: usize,
+    pub prefill_chunk: usize,
+}
+
+/// Runs until every sender of `jobs` is gone and the running requests are done.
+pub fn run(
+    models: Vec<Model>,
+    tokenizer: Tokenizer,
+    stop_ids: Vec<u32>,
+    jobs: Receiver<Job>,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+) {
+    let mut active: Vec<Seq> = Vec::new();
+    let mut open = true;
+    loop {
+        while open && active.len() < cfg.max_concurrent {
+            let job = if active.is_empty() {
+                match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => {
+                        open = false;
+                        break;
+                    }
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            metrics
+                .queue_time
+                .observe(job.enqueued.elapsed().as_secs_f64());
+            active.push(Seq::new(&models[job.model], &tokenizer, job));
+        }
+        if active.is_empty() {
+            if !open {
+                return;
+            }
+            continue;
+        }
+        metrics
+            .running
+            .store(active.len() as u64, Ordering::Relaxed);
+        metrics.batch_size.observe(active.len() as f64);
+        active.retain_mut(|s| s.step(&stop_ids, cfg.prefill_chunk, &metrics));
+        metrics
+            .running
+            .store(active.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// One running request.
+struct Seq<'a> {
+    dec: CpuDecoder<'a>,
+    stream: TextStream<'a>,
+    sampler: Sampler,
+    job: Job,
+    /// Prompt tokens prefilled so far.
+    prefilled: usize,
+    /// The prompt and the output so far (the repetition penalty's window).
+    seen: Vec<u32>,
+    logits: Vec<f32>,
+    /// Text decoded but not yet sent: it may be the start of a stop string.
+    pending: String,
+    last_token: Instant,
+    first_token: bool,
+}
+
+impl<'a> Seq<'a> {
+    fn new(model: &'a Model, tokenizer: &'a Tokenizer, job: Job) -> Self {
+        Seq {
+            dec: CpuDecoder::new(model),
+            stream: TextStream::new(tokenizer),
+            sampler: Sampler::new(job.sampling.clone()),
+            seen: job.prompt.clone(),
+            job,
+            prefilled: 0,
+            logits: Vec::new(),
+            pending: String::new(),
+            last_token: Instant::now(),
+            first_token: true,
+        }
+    }
+
+    /// One step: a prefill chunk, or one new token. False when the request is over.
+    fn step(&mut self, stop_ids: &[u32], chunk: usize, m: &Metrics) -> bool {
+        if self.job.events.is_closed() {
+            m.cancelled.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match self.advance(stop_ids, chunk, m) {
+            Ok(more) => more,
+            Err(e) => {
+                m.errors.fetch_add(1, Ordering::Relaxed);
+                let _ = self.job.events.send(Event::Error(e.to_string()));
+                false
+            }
+        }
+    }
+
+    fn advance(
+        &mut self,
+        stop_ids: &[u32],
+        chunk: usize,
+        m: &Metrics,
+    ) -> qlora_model::Result<bool> {
+        let n = self.job.prompt.len();
+        if self.prefilled < n {
+            let end = (self.prefilled + chunk.max(1)).min(n);
+            self.logits = self
+                .dec
+                .step(&self.job.prompt[self.prefilled..end], Logits::Last)?;
+            m.prompt_tokens
+                .fetch_add((end - self.prefilled) as u64, Ordering::Relaxed);
+            self.prefilled = end;
+            if end < n {
+                return Ok(true);
+            }
+        }
+        let id = self.sampler.sample(&self.logits, &self.seen);
+        let now = Instant::now();
+        if self.first_token {
+            m.ttft.observe(self.job.enqueued.elapsed().as_secs_f64());
+            self.first_token = false;
+        } else {
+            m.token_time
+                .observe(now.duration_since(self.last_token).as_secs_f64());
+        }
+        self.last_token = now;
+        if stop_ids.contains(&id) {
+            return Ok(self.finish("stop", false));
+        }
+        self.seen.push(id);
+        m.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        if let Some(piece) = self.stream.push(id)? {
+            self.pending.push_str(&piece);
+        }
+        let at_limit = self.stream.tokens().len() >= self.job.max_tokens;
+        if at_limit {
+            if let Some(piece) = self.stream.finish()? {
+                self.pending.push_str(&piece);
+            }
+        }
+        if let Some(cut) = first_stop(&self.pending, &self.job.stop) {
+            self.pending.truncate(cut);
+            return Ok(self.finish("stop", true));
+        }
+        if at_limit {
+            return Ok(self.finish("length", true));
+        }
+        // Send what cannot be the start of a stop string.
+        let keep = held_back(&self.pending, &self.job.stop);
+        if self.pending.len() > keep {
+            let rest = self.pending.split_off(self.pending.len() - keep);
+            let text = std::mem::replace(&mut self.pending, rest);
+            let _ = self.job.events.send(Event::Text(text));
+        }
+        self.logits = self.dec.step(&[id], Logits::Last)?;
+        Ok(true)
+    }
+
+    /// Sends the rest of the text (when `flush`) and the end; always false.
+    fn finish(&mut self, reason: &'static str, flush: bool) -> bool {
+        if flush && !self.pending.is_empty() {
+            let _ = self
+                .job
+                .events
+                .send(Event::Text(std::mem::take(&mut self.pending)));
+        }
+        let _ = self.job.events.send(Event::Done {
+            finish_reason: reason,
+            completion_tokens: self.stream.tokens().len(),
+        });
+        false
+    }
+}
+
+/// Byte offset of the earliest stop string in `text`.
+fn first_stop(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// The length of the longest suffix of `text` that is a proper prefix of a stop string (held
+/// back until the next piece says whether the stop string follows).
+fn held_back(text: &str, stop: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stop {
+        for (k, _) in s.char_indices().skip(1) {
+            if k > keep && text.ends_with(&s[..k]) {
+                keep = k;
+            }
+        }
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_found_and_their_prefixes_held_back() {
+        let stop = vec!["\n\nUser:".to_string(), "END".to_string()];
+        assert_eq!(first_stop("abc END x", &stop), Some(4));
+        assert_eq!(first_stop("a\n\nUser: b", &stop), Some(1));
+        assert_eq!(first_stop("nothing", &stop), None);
+        assert_eq!(held_back("text\n\nUs", &stop), 4);
+        assert_eq!(held_back("text E", &stop), 1);
+        assert_eq!(held_back("text EN", &stop), 2);
+        assert_eq!(held_back("text", &stop), 0);
+        assert_eq!(held_back("ünï", &["ïx".to_string()]), 2);
+    }
+}
