@@ -194,6 +194,11 @@ impl Weight {
         (*self.bytes).as_ref()
     }
 
+    /// Whether both are views of the same stored bytes (a cloned model's base).
+    pub fn shares_bytes(&self, other: &Weight) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.bytes), Arc::as_ptr(&other.bytes))
+    }
+
     /// Bytes read per full pass over the matrix (what a decode step streams).
     pub fn stored_bytes(&self) -> usize {
         self.bytes().len() + self.scales.as_ref().map_or(0, |s| s.values.len() * 4)

@@ -17,7 +17,7 @@ pub mod synthetic;
 pub use adapters::{delta_weight, dora_row_norms};
 pub use decoder::{CpuDecoder, Decoder};
 pub use error::{Error, Result};
-pub use forward::{KvCache, Logits};
+pub use forward::{BatchSeq, KvCache, Logits};
 pub use generate::{
     generate_with, render_chat, render_messages, GenerateParams, Generation, TextStream,
 };

@@ -77,7 +77,7 @@ impl Projection {
         }
     }
 
-    fn add_bias(&self, y: &mut [f32]) {
+    pub(crate) fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_mut(b.len()) {
                 ops::add_in_place(row, b);

@@ -1,12 +1,14 @@
-//! The scheduler: one thread that owns the models and runs every admitted request a step at a
-//! time, round robin. A request joins between steps and leaves when it finishes, when its
-//! client goes away (its event channel closes) or on an error; a long prompt is prefilled in
-//! chunks of `prefill_chunk` tokens, so it does not stall the streams already running.
-//! Each sequence keeps its own KV cache and sampler, so a request's tokens do not depend on
-//! what else runs beside it.
+//! The scheduler: one thread that owns the models and runs continuous batching. Each step,
+//! every admitted request contributes its next ids (a prefill chunk of at most
+//! `prefill_chunk` tokens, or its last sampled token) to one batched forward per base
+//! (`Model::forward_batch`: the base's products over all rows at once, each adapter's over
+//! its requests' rows), then samples and streams. A request joins between steps and leaves
+//! when it finishes, when its client goes away (its event channel closes) or on an error; a
+//! long prompt is prefilled a chunk a step beside the running streams. Each request keeps its
+//! own KV cache and sampler.
 
 use crate::metrics::Metrics;
-use qlora_model::{CpuDecoder, Decoder, Logits, Model, Sampler, SamplingParams, TextStream};
+use qlora_model::{BatchSeq, KvCache, Logits, Model, Sampler, SamplingParams, TextStream};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -54,6 +56,15 @@ pub fn run(
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
 ) {
+    // Models that share a base batch together (an adapter that replaces base tensors has
+    // its own copy of the base, so its own batch).
+    let groups: Vec<usize> = (0..models.len())
+        .map(|i| {
+            (0..i)
+                .find(|&j| models[j].shares_base(&models[i]))
+                .unwrap_or(i)
+        })
+        .collect();
     let mut active: Vec<Seq> = Vec::new();
     let mut open = true;
     loop {
@@ -80,36 +91,95 @@ pub fn run(
             metrics
                 .queue_time
                 .observe(job.enqueued.elapsed().as_secs_f64());
-            active.push(Seq::new(&models[job.model], &tokenizer, job));
+            let key = (groups[job.model], job.model);
+            let seq = Seq::new(&models[job.model], key, &tokenizer, job, cfg.prefill_chunk);
+            // Kept sorted by (base, adapter), so each adapter's rows are contiguous.
+            let at = active.partition_point(|s| s.key <= key);
+            active.insert(at, seq);
         }
+        active.retain(|s| {
+            let gone = s.job.events.is_closed();
+            if gone {
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            !gone
+        });
+        metrics
+            .running
+            .store(active.len() as u64, Ordering::Relaxed);
         if active.is_empty() {
             if !open {
                 return;
             }
             continue;
         }
-        metrics
-            .running
-            .store(active.len() as u64, Ordering::Relaxed);
         metrics.batch_size.observe(active.len() as f64);
-        active.retain_mut(|s| s.step(&stop_ids, cfg.prefill_chunk, &metrics));
+        step(&mut active, &stop_ids, cfg.prefill_chunk, &metrics);
         metrics
             .running
             .store(active.len() as u64, Ordering::Relaxed);
     }
 }
 
+/// One engine step: every running request's next ids (a prefill chunk or its last token)
+/// through one batched forward per base, then each samples and streams. Finished requests
+/// leave `active`.
+fn step(active: &mut Vec<Seq>, stop_ids: &[u32], chunk: usize, m: &Metrics) {
+    let mut results: Vec<qlora_model::Result<Vec<f32>>> = Vec::with_capacity(active.len());
+    let mut i = 0;
+    while i < active.len() {
+        let base = active[i].key.0;
+        let j = i + active[i..].iter().take_while(|s| s.key.0 == base).count();
+        let mut batch: Vec<BatchSeq> = active[i..j]
+            .iter_mut()
+            .map(|s| {
+                let logits = s.wants_logits().then_some(Logits::Last);
+                BatchSeq {
+                    model: s.model,
+                    ids: &s.next,
+                    cache: &mut s.cache,
+                    logits,
+                }
+            })
+            .collect();
+        match Model::forward_batch(&mut batch) {
+            Ok(v) => results.extend(v.into_iter().map(Ok)),
+            Err(e) => {
+                results.extend((i..j).map(|_| Err(qlora_model::Error::Invalid(e.to_string()))))
+            }
+        }
+        i = j;
+    }
+    let mut k = 0;
+    active.retain_mut(|s| {
+        let r = std::mem::replace(&mut results[k], Ok(Vec::new()));
+        k += 1;
+        match r.and_then(|logits| s.after(logits, stop_ids, chunk, m)) {
+            Ok(more) => more,
+            Err(e) => {
+                m.errors.fetch_add(1, Ordering::Relaxed);
+                let _ = s.job.events.send(Event::Error(e.to_string()));
+                false
+            }
+        }
+    });
+}
+
 /// One running request.
 struct Seq<'a> {
-    dec: CpuDecoder<'a>,
+    model: &'a Model,
+    /// (base group, model index): the batching order.
+    key: (usize, usize),
+    cache: KvCache,
     stream: TextStream<'a>,
     sampler: Sampler,
     job: Job,
-    /// Prompt tokens prefilled so far.
+    /// Prompt tokens prefilled so far (after this step's `next`, once it has run).
     prefilled: usize,
+    /// The ids this step runs.
+    next: Vec<u32>,
     /// The prompt and the output so far (the repetition penalty's window).
     seen: Vec<u32>,
-    logits: Vec<f32>,
     /// Text decoded but not yet sent: it may be the start of a stop string.
     pending: String,
     last_token: Instant,
@@ -117,57 +187,56 @@ struct Seq<'a> {
 }
 
 impl<'a> Seq<'a> {
-    fn new(model: &'a Model, tokenizer: &'a Tokenizer, job: Job) -> Self {
+    fn new(
+        model: &'a Model,
+        key: (usize, usize),
+        tokenizer: &'a Tokenizer,
+        job: Job,
+        chunk: usize,
+    ) -> Self {
+        let first = job.prompt[..job.prompt.len().min(chunk.max(1))].to_vec();
         Seq {
-            dec: CpuDecoder::new(model),
+            model,
+            key,
+            cache: KvCache::new(model),
             stream: TextStream::new(tokenizer),
             sampler: Sampler::new(job.sampling.clone()),
             seen: job.prompt.clone(),
-            job,
             prefilled: 0,
-            logits: Vec::new(),
+            next: first,
+            job,
             pending: String::new(),
             last_token: Instant::now(),
             first_token: true,
         }
     }
 
-    /// One step: a prefill chunk, or one new token. False when the request is over.
-    fn step(&mut self, stop_ids: &[u32], chunk: usize, m: &Metrics) -> bool {
-        if self.job.events.is_closed() {
-            m.cancelled.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        match self.advance(stop_ids, chunk, m) {
-            Ok(more) => more,
-            Err(e) => {
-                m.errors.fetch_add(1, Ordering::Relaxed);
-                let _ = self.job.events.send(Event::Error(e.to_string()));
-                false
-            }
-        }
+    /// Whether this step's ids end the prompt or are a generated token (then it samples).
+    fn wants_logits(&self) -> bool {
+        self.prefilled + self.next.len() >= self.job.prompt.len()
     }
 
-    fn advance(
+    /// After the step's forward: the next prefill chunk, or a sampled token streamed. False
+    /// when the request is over.
+    fn after(
         &mut self,
+        logits: Vec<f32>,
         stop_ids: &[u32],
         chunk: usize,
         m: &Metrics,
     ) -> qlora_model::Result<bool> {
         let n = self.job.prompt.len();
         if self.prefilled < n {
-            let end = (self.prefilled + chunk.max(1)).min(n);
-            self.logits = self
-                .dec
-                .step(&self.job.prompt[self.prefilled..end], Logits::Last)?;
             m.prompt_tokens
-                .fetch_add((end - self.prefilled) as u64, Ordering::Relaxed);
-            self.prefilled = end;
-            if end < n {
+                .fetch_add(self.next.len() as u64, Ordering::Relaxed);
+            self.prefilled += self.next.len();
+            if self.prefilled < n {
+                let end = (self.prefilled + chunk.max(1)).min(n);
+                self.next = self.job.prompt[self.prefilled..end].to_vec();
                 return Ok(true);
             }
         }
-        let id = self.sampler.sample(&self.logits, &self.seen);
+        let id = self.sampler.sample(&logits, &self.seen);
         let now = Instant::now();
         if self.first_token {
             m.ttft.observe(self.job.enqueued.elapsed().as_secs_f64());
@@ -205,7 +274,7 @@ impl<'a> Seq<'a> {
             let text = std::mem::replace(&mut self.pending, rest);
             let _ = self.job.events.send(Event::Text(text));
         }
-        self.logits = self.dec.step(&[id], Logits::Last)?;
+        self.next = vec![id];
         Ok(true)
     }
 
