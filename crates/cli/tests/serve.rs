@@ -539,3 +539,54 @@ fn serve_refuses_bad_flags_with_one_line() {
         }
     }
 }
+
+/// The official `openai` Python client (fetched into the fixture cache by
+/// tools/fetch-fixtures.sh) drives the server: models, chat whole and streamed, completions,
+/// and NotFoundError for an unknown model.
+#[test]
+fn the_openai_python_client_drives_the_server() {
+    let Some(model) = gguf() else { return };
+    let pyclient = model
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("the fixture cache")
+        .join("pyclient");
+    if !pyclient.join("openai").is_dir() {
+        assert!(
+            std::env::var("QLORA_REQUIRE_FIXTURES").is_err(),
+            "{} missing and QLORA_REQUIRE_FIXTURES is set; run tools/fetch-fixtures.sh",
+            pyclient.display()
+        );
+        eprintln!("skipping: the openai client is not in the fixture cache");
+        return;
+    }
+    let tmp = temp_dir("serve-openai");
+    let ad = tmp.join("helper");
+    write_adapter(&ad, &["q_proj", "v_proj"], 4, 1);
+    let arg = format!("helper={}", ad.display());
+    let s = start(&["--model", model.to_str().unwrap(), "--adapter", &arg]);
+    let out = Command::new("python3")
+        .arg(repo_root().join("tools/serve-openai-check.py"))
+        .args([s.url.as_str(), "helper"])
+        .env("PYTHONPATH", &pyclient)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["models"], json!(["SmolLM2-135M-Instruct.Q4_1", "helper"]));
+    assert_eq!(v["not_found"], 404);
+    let want = generate(
+        &model,
+        Some(&ad),
+        "What is the capital of France?",
+        true,
+        12,
+    );
+    assert_eq!(v["chat"].as_str().unwrap(), want);
+    assert_eq!(v["streamed"], v["chat"]);
+}
