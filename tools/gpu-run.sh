@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU device machine, from the repository root of the carried tree, with .gpu/
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
-# QLORA_REQUIRE_GPU=1), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
+# QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
 # time over two decode steps), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py, when its wheel is in .gpu-peer/whl; carry it too).
@@ -30,6 +30,8 @@ for stage in "$@"; do
       echo "== batch-1 decode with the staged GEMV (QLORA_GEMV=staged)"
       QLORA_GEMV=staged $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
         --prompt-tokens 16 --gen-tokens 64 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log" ;;
+    ops)
+      echo "== .gpu/bin/test-ops"; .gpu/bin/test-ops --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked" ;;
     decode1)
       for ad in "" "--adapter-rank 16"; do
         echo "== batch-1 decode, NF4+DQ base ${ad:-(no adapter)}"
