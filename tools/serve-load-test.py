@@ -73,7 +73,8 @@ tmp = tempfile.mkdtemp(prefix="qlora-load-")
 for i in range(args.adapters):
     write_adapter(os.path.join(tmp, f"a{i}"), seed=i + 1)
 srv = subprocess.Popen(
-    [args.qlora, "--threads", str(args.threads), "serve", "--model", args.model, "--adapter-dir", tmp,
+    [args.qlora, "--threads", str(args.threads), "serve", "--model", args.model]
+    + (["--adapter-dir", tmp] if args.adapters else []) + [
      "--port", "0", "--max-concurrent", str(args.max_concurrent), "--max-queue", str(args.requests),
      "--max-tokens", str(args.max_tokens)],
     stderr=subprocess.PIPE, text=True)
