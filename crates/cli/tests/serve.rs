@@ -590,3 +590,74 @@ fn the_openai_python_client_drives_the_server() {
     assert_eq!(v["chat"].as_str().unwrap(), want);
     assert_eq!(v["streamed"], v["chat"]);
 }
+
+/// One request at a time with a queue of one: a third concurrent request gets 429 in OpenAI's
+/// shape; a prompt over --max-prompt-tokens gets 400; a prompt prefilled 3 tokens a step gives
+/// `qlora generate`'s greedy text.
+#[test]
+fn serve_limits_the_queue_and_prefills_in_chunks() {
+    let Some(model) = gguf() else { return };
+    let s = start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--max-concurrent",
+        "1",
+        "--max-queue",
+        "1",
+        "--prefill-chunk",
+        "3",
+        "--max-prompt-tokens",
+        "40",
+    ]);
+    let base = "SmolLM2-135M-Instruct.Q4_1";
+    let url = format!("{}/v1/chat/completions", s.url);
+    // Chunked prefill changes nothing.
+    let want = generate(&model, None, "Name three colours.", true, 16);
+    let (st, v) = post(
+        &url,
+        &json!({"model": base, "temperature": 0, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Name three colours."}]}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), want);
+    // Over the prompt limit.
+    let (st, v) = post(
+        &url,
+        &json!({"model": base, "messages": [{"role": "user", "content": "word ".repeat(60)}]}),
+    );
+    assert_openai_error(st, &v, 400, &["--max-prompt-tokens", "at most 40"]);
+    // A running stream, one waiting, the third refused.
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    let body = json!({"model": base, "temperature": 0.8, "max_tokens": 400, "stream": true,
+                      "messages": [{"role": "user", "content": "Tell me a long story."}]})
+    .to_string();
+    write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let k = c.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..k]).contains("200 OK"));
+    let u2 = url.clone();
+    let waiting = std::thread::spawn(move || {
+        post(
+            &u2,
+            &json!({"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+    });
+    let t0 = Instant::now();
+    while metric(&s.url, "qlora_queue_depth") < 1.0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the second request never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, v) = post(&url, &json!({"model": base, "messages": [{"role": "user", "content": "Hi"}]}));
+    assert_openai_error(st, &v, 429, &["--max-queue"]);
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    drop(c); // the stream's client goes away: the waiting request runs
+    let (st, v) = waiting.join().unwrap();
+    assert_eq!(st, 200, "{v}");
+}
