@@ -619,7 +619,10 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
                 "messages": [{"role": "user", "content": "Name three colours."}]}),
     );
     assert_eq!(st, 200, "{v}");
-    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), want);
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        want
+    );
     // Over the prompt limit.
     let (st, v) = post(
         &url,
@@ -651,10 +654,16 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
     });
     let t0 = Instant::now();
     while metric(&s.url, "qlora_queue_depth") < 1.0 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the second request never queued");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the second request never queued"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (st, v) = post(&url, &json!({"model": base, "messages": [{"role": "user", "content": "Hi"}]}));
+    let (st, v) = post(
+        &url,
+        &json!({"model": base, "messages": [{"role": "user", "content": "Hi"}]}),
+    );
     assert_openai_error(st, &v, 429, &["--max-queue"]);
     assert_eq!(v["error"]["type"], "rate_limit_error");
     drop(c); // the stream's client goes away: the waiting request runs

@@ -100,7 +100,14 @@ struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata values decoded so far (each takes 32 bytes in memory, however few in the file).
+    values: usize,
 }
+
+/// Metadata values a file may hold: a real model's largest arrays (vocabulary, scores, token
+/// types, merges) are a few hundred thousand each; this bounds the decoded metadata at
+/// about 512 MB, whatever a file declares.
+const MAX_METADATA_VALUES: usize = 1 << 24;
 
 impl<'a> Reader<'a> {
     fn err(&self, what: &str) -> Error {
@@ -150,6 +157,12 @@ impl<'a> Reader<'a> {
         Ok(String::from_utf8_lossy(s).into_owned())
     }
     fn value(&mut self, ty: u32, depth: usize) -> Result<GgufValue> {
+        self.values += 1;
+        if self.values > MAX_METADATA_VALUES {
+            return Err(self.err(&format!(
+                "the metadata holds more than {MAX_METADATA_VALUES} values (a model's vocabulary needs well under a million); the file is damaged or not a model"
+            )));
+        }
         Ok(match ty {
             0 => GgufValue::U8(self.arr::<1>()?[0]),
             1 => GgufValue::I8(self.arr::<1>()?[0] as i8),
@@ -187,6 +200,7 @@ impl GgufFile {
             buf: &map[..],
             pos: 0,
             path,
+            values: 0,
         };
         let magic = r.take(4).map_err(|_| Error::Gguf {
             path: path.into(),
@@ -514,4 +528,34 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf_module}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metadata_array_beyond_the_value_budget_is_refused() {
+        // One u8 array of MAX_METADATA_VALUES + 1 elements: 16 MB of file, 512 MB decoded.
+        let n = MAX_METADATA_VALUES as u64 + 1;
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes()); // tensors
+        b.extend(1u64.to_le_bytes()); // metadata entries
+        let key = b"tokenizer.ggml.token_type";
+        b.extend((key.len() as u64).to_le_bytes());
+        b.extend(key);
+        b.extend(9u32.to_le_bytes()); // array
+        b.extend(0u32.to_le_bytes()); // of u8
+        b.extend(n.to_le_bytes());
+        b.resize(b.len() + n as usize, 1);
+        let path = std::env::temp_dir().join(format!("qlora-meta-{}.gguf", std::process::id()));
+        std::fs::write(&path, &b).unwrap();
+        let e = match GgufFile::open(&path) {
+            Ok(_) => panic!("opened"),
+            Err(e) => e.to_string(),
+        };
+        std::fs::remove_file(&path).unwrap();
+        assert!(e.contains("more than") && e.contains("values"), "{e}");
+    }
 }

@@ -198,7 +198,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
                 Some(GgufValue::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
                 _ => return Err(tok_err(path, "tokenizer.ggml.scores is missing")),
             };
-            let merges = spm_merges(&tokens, &scores);
+            let merges = spm_merges(path, &tokens, &scores)?;
             let unk = name_of(id("tokenizer.ggml.unknown_token_id")).unwrap_or_else(|| "<unk>".into());
             json!({
                 "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
@@ -240,15 +240,55 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Option<TokenizerInfo>> {
     }))
 }
 
+/// Longest vocabulary piece a SentencePiece GGUF may hold (real pieces are a few dozen bytes).
+const MAX_PIECE_BYTES: usize = 1 << 16;
+
 /// Merges of a SentencePiece BPE vocabulary, derived from piece scores the way transformers'
 /// `SentencePieceExtractor` does: every split of a piece into two vocabulary pieces, pieces in
-/// descending score order (stable), splits ordered by (id(left), id(right)).
-fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<Value> {
-    let ids: HashMap<&str, usize> = tokens
+/// descending score order (stable), splits ordered by (id(left), id(right)), a piece's id being
+/// its last occurrence. Each split is looked up by a polynomial hash (mod 2⁶¹ − 1, a random
+/// base per process) of its two halves, computed from the piece's prefix hashes in O(1), so
+/// the work is linear in the vocabulary's bytes instead of quadratic in a piece's length.
+fn spm_merges(path: &Path, tokens: &[String], scores: &[f64]) -> Result<Vec<Value>> {
+    if let Some((i, t)) = tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
+        .find(|(_, t)| t.len() > MAX_PIECE_BYTES)
+    {
+        return Err(tok_err(
+            path,
+            format!(
+                "tokenizer.ggml.tokens[{i}] is {} bytes long; SentencePiece pieces are a few dozen (limit {MAX_PIECE_BYTES}): the file is damaged",
+                t.len()
+            ),
+        ));
+    }
+    const P: u64 = (1 << 61) - 1;
+    let mul = |a: u64, b: u64| ((a as u128 * b as u128) % P as u128) as u64;
+    let base = {
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64) % (P - 512) + 256
+    };
+    let hash = |b: &[u8]| {
+        b.iter()
+            .fold(0u64, |h, &c| (mul(h, base) + c as u64 + 1) % P)
+    };
+    // (byte length, hash) → token ids with that hash, ascending.
+    let mut index: HashMap<(usize, u64), Vec<usize>> = HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        index
+            .entry((t.len(), hash(t.as_bytes())))
+            .or_default()
+            .push(i);
+    }
+    let id_of = |s: &str, h: u64| -> Option<usize> {
+        index
+            .get(&(s.len(), h))?
+            .iter()
+            .rev()
+            .copied()
+            .find(|&i| tokens[i] == s)
+    };
     let mut order: Vec<usize> = (0..tokens.len()).collect();
     order.sort_by(|&a, &b| {
         let (sa, sb) = (
@@ -258,17 +298,95 @@ fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<Value> {
         sb.partial_cmp(&sa).unwrap_or(std::cmp::Ordering::Equal)
     });
     let mut merges = Vec::new();
+    let (mut pre, mut pow) = (Vec::new(), Vec::new());
     for &p in &order {
         let piece = &tokens[p];
+        let b = piece.as_bytes();
+        pre.clear();
+        pow.clear();
+        pre.push(0u64);
+        pow.push(1u64);
+        for &c in b {
+            let h = *pre.last().expect("non-empty");
+            pre.push((mul(h, base) + c as u64 + 1) % P);
+            let w = *pow.last().expect("non-empty");
+            pow.push(mul(w, base));
+        }
+        let n = b.len();
         let mut local: Vec<(usize, usize, &str, &str)> = Vec::new();
         for (i, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(i);
-            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+            let hl = pre[i];
+            let hr = (pre[n] + P - mul(pre[i], pow[n - i])) % P;
+            if let (Some(li), Some(ri)) = (id_of(l, hl), id_of(r, hr)) {
                 local.push((li, ri, l, r));
             }
         }
         local.sort();
         merges.extend(local.into_iter().map(|(_, _, l, r)| json!([l, r])));
     }
-    merges
+    Ok(merges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The merges as transformers' extractor defines them, by brute force.
+    fn merges_by_brute_force(tokens: &[String], scores: &[f64]) -> Vec<Value> {
+        let ids: HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap());
+        let mut merges = Vec::new();
+        for &p in &order {
+            let piece = &tokens[p];
+            let mut local = Vec::new();
+            for (i, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(i);
+                if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                    local.push((li, ri, l, r));
+                }
+            }
+            local.sort();
+            merges.extend(local.into_iter().map(|(_, _, l, r)| json!([l, r])));
+        }
+        merges
+    }
+
+    #[test]
+    fn hashed_merges_equal_the_brute_force_ones() {
+        let words = [
+            "a", "b", "ab", "ba", "abab", "▁", "▁a", "▁ab", "é", "aé", "éa", "ab", "b",
+        ];
+        let tokens: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+        let scores: Vec<f64> = (0..tokens.len()).map(|i| -((i * 7 % 5) as f64)).collect();
+        let p = Path::new("t.gguf");
+        assert_eq!(
+            spm_merges(p, &tokens, &scores).unwrap(),
+            merges_by_brute_force(&tokens, &scores)
+        );
+    }
+
+    #[test]
+    fn long_pieces_cost_linear_time_and_oversized_ones_are_refused() {
+        // Ten 60 KB pieces: by brute force, 10 × 60,000 splits × ~60 KB hashed each.
+        let mut tokens: Vec<String> = (1..50).map(|k| "a".repeat(k)).collect();
+        tokens.extend((0..10).map(|i| format!("{}{i}", "a".repeat(60_000))));
+        let scores = vec![0.0; tokens.len()];
+        let t0 = std::time::Instant::now();
+        let m = spm_merges(Path::new("t.gguf"), &tokens, &scores).unwrap();
+        assert!(t0.elapsed().as_secs() < 20, "{:?}", t0.elapsed());
+        // "aa…a" (k) splits into two shorter runs: k − 1 merges each for k = 2..49.
+        assert_eq!(m.len(), (2..50).map(|k| k - 1).sum::<usize>());
+        tokens.push("b".repeat(MAX_PIECE_BYTES + 1));
+        let scores = vec![0.0; tokens.len()];
+        let e = spm_merges(Path::new("t.gguf"), &tokens, &scores)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.gguf") && e.contains("65537 bytes"), "{e}");
+    }
 }
