@@ -670,3 +670,68 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
     let (st, v) = waiting.join().unwrap();
     assert_eq!(st, 200, "{v}");
 }
+
+/// Opt-in runtime adapters (vLLM's endpoints): load with the start-up checks, serve it (the
+/// same text as `qlora generate --adapter`), refuse a second of the same name and a bad
+/// directory, unload it; without the flag the endpoints do not exist.
+#[test]
+fn adapters_load_and_unload_at_run_time_when_allowed() {
+    let Some(model) = gguf() else { return };
+    let tmp = temp_dir("serve-runtime");
+    let ad = tmp.join("late");
+    write_adapter(&ad, &["q_proj", "v_proj"], 4, 9);
+    let s = start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--allow-runtime-adapters",
+    ]);
+    let load = format!("{}/v1/load_lora_adapter", s.url);
+    let unload = format!("{}/v1/unload_lora_adapter", s.url);
+    let (st, v) = post(
+        &load,
+        &json!({"lora_name": "late", "lora_path": ad.to_str().unwrap()}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let m: Value = ureq::get(&format!("{}/v1/models", s.url))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(m["data"][1]["id"], "late");
+    assert_eq!(m["data"][1]["parent"], "SmolLM2-135M-Instruct.Q4_1");
+    let want = generate(&model, Some(&ad), "Name three colours.", true, 12);
+    let chat = format!("{}/v1/chat/completions", s.url);
+    let ask = json!({"model": "late", "temperature": 0, "max_tokens": 12,
+                     "messages": [{"role": "user", "content": "Name three colours."}]});
+    let (st, v) = post(&chat, &ask);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        want
+    );
+    let (st, v) = post(
+        &load,
+        &json!({"lora_name": "late", "lora_path": ad.to_str().unwrap()}),
+    );
+    assert_openai_error(st, &v, 409, &["already served"]);
+    let (st, v) = post(
+        &load,
+        &json!({"lora_name": "x", "lora_path": "/no/such/adapter"}),
+    );
+    assert_openai_error(st, &v, 400, &["/no/such/adapter"]);
+    let (st, v) = post(&unload, &json!({"lora_name": "SmolLM2-135M-Instruct.Q4_1"}));
+    assert_openai_error(st, &v, 400, &["base"]);
+    let (st, v) = post(&unload, &json!({"lora_name": "late"}));
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = post(&chat, &ask);
+    assert_openai_error(st, &v, 404, &["late"]);
+    let (st, v) = post(&unload, &json!({"lora_name": "late"}));
+    assert_openai_error(st, &v, 404, &["late"]);
+    drop(s);
+    let s = start(&["--model", model.to_str().unwrap()]);
+    let (st, v) = post(
+        &format!("{}/v1/load_lora_adapter", s.url),
+        &json!({"lora_name": "late", "lora_path": ad.to_str().unwrap()}),
+    );
+    assert_openai_error(st, &v, 404, &["--allow-runtime-adapters"]);
+}

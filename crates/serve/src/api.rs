@@ -3,7 +3,7 @@
 //! (`{"error": {"message", "type", "param", "code"}}`) with a 4xx/5xx status.
 
 use crate::engine::{self, EngineConfig, Event, Job};
-use crate::{App, ServeConfig};
+use crate::{App, Registry, ServeConfig};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream;
+use qlora_model::Model;
 use qlora_model::SamplingParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -31,14 +32,19 @@ pub(crate) fn start(cfg: ServeConfig) -> (Arc<App>, std::thread::JoinHandle<()>)
         tokenizer,
         stop_ids,
         limits,
+        loader,
     } = cfg;
     let context = models
         .first()
         .map_or(0, |m| m.model.config.max_position_embeddings);
-    let names = models
-        .iter()
-        .map(|m| (m.name.clone(), m.parent.clone()))
-        .collect();
+    let base_name = models.first().map_or_else(String::new, |m| m.name.clone());
+    let mut registry = Registry {
+        entries: Vec::new(),
+        next_id: 0,
+    };
+    for m in models {
+        registry.add(m.name, m.parent, Arc::new(m.model));
+    }
     let metrics = Arc::new(crate::Metrics::default());
     let (tx, rx) = std::sync::mpsc::sync_channel(limits.max_queue);
     let engine_cfg = EngineConfig {
@@ -47,17 +53,18 @@ pub(crate) fn start(cfg: ServeConfig) -> (Arc<App>, std::thread::JoinHandle<()>)
     };
     let tok = tokenizer.tokenizer.clone();
     let m = metrics.clone();
-    let models: Vec<_> = models.into_iter().map(|s| s.model).collect();
     let handle = std::thread::Builder::new()
         .name("qlora-engine".into())
-        .spawn(move || engine::run(models, tok, stop_ids, rx, engine_cfg, m))
+        .spawn(move || engine::run(tok, stop_ids, rx, engine_cfg, m))
         .expect("spawning the engine thread");
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     (
         Arc::new(App {
-            names,
+            registry: std::sync::RwLock::new(registry),
+            loader,
+            base_name,
             tokenizer,
             limits,
             context,
@@ -77,6 +84,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/load_lora_adapter", post(load_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_adapter))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
@@ -128,22 +137,136 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {
-    let data: Vec<Value> = app
-        .names
+    let reg = app.registry.read().unwrap_or_else(|e| e.into_inner());
+    let data: Vec<Value> = reg
+        .entries
         .iter()
-        .map(|(name, parent)| {
+        .map(|e| {
             json!({
-                "id": name,
+                "id": e.name,
                 "object": "model",
                 "created": app.created,
                 "owned_by": "qlora",
-                "root": parent.as_ref().unwrap_or(name),
-                "parent": parent,
+                "root": e.parent.as_ref().unwrap_or(&e.name),
+                "parent": e.parent,
                 "max_model_len": app.context,
             })
         })
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+#[derive(Deserialize)]
+struct LoadRequest {
+    lora_name: String,
+    lora_path: String,
+}
+
+#[derive(Deserialize)]
+struct UnloadRequest {
+    lora_name: String,
+}
+
+fn runtime_off() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        message:
+            "loading adapters at run time is off; start the server with --allow-runtime-adapters"
+                .into(),
+        param: None,
+        code: Some("not_found"),
+    }
+}
+
+/// vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`: the adapter gets the same
+/// fit checks as at start-up; its requests batch with the base's.
+async fn load_adapter(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = async {
+        if app.loader.is_none() {
+            return Err(runtime_off());
+        }
+        let req: LoadRequest = parse(body)?;
+        if req.lora_name.is_empty() || req.lora_name.len() > 256 {
+            return Err(ApiError::bad(
+                "lora_name: 1 to 256 bytes",
+                Some("lora_name"),
+            ));
+        }
+        let taken = |app: &App, name: &str| {
+            app.registry
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .entries
+                .iter()
+                .any(|e| e.name == name)
+        };
+        let conflict = |name: &str| ApiError {
+            status: StatusCode::CONFLICT,
+            kind: "invalid_request_error",
+            message: format!("a model named \"{name}\" is already served; unload it first"),
+            param: Some("lora_name"),
+            code: None,
+        };
+        if taken(&app, &req.lora_name) {
+            return Err(conflict(&req.lora_name));
+        }
+        let app2 = app.clone();
+        let path = std::path::PathBuf::from(&req.lora_path);
+        let model =
+            tokio::task::spawn_blocking(move || (app2.loader.as_ref().expect("checked"))(&path))
+                .await
+                .map_err(|e| ApiError::bad(format!("loading the adapter failed: {e}"), None))?
+                .map_err(|e| ApiError::bad(e, Some("lora_path")))?;
+        let mut reg = app.registry.write().unwrap_or_else(|e| e.into_inner());
+        if reg.entries.iter().any(|e| e.name == req.lora_name) {
+            return Err(conflict(&req.lora_name));
+        }
+        reg.add(
+            req.lora_name.clone(),
+            Some(app.base_name.clone()),
+            Arc::new(model),
+        );
+        Ok(Json(json!({"status": "loaded", "lora_name": req.lora_name})).into_response())
+    }
+    .await;
+    respond(&app, "/v1/load_lora_adapter", r)
+}
+
+/// vLLM's `POST /v1/unload_lora_adapter {"lora_name"}`: new requests can no longer name it;
+/// those already running finish with it.
+async fn unload_adapter(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = (|| {
+        if app.loader.is_none() {
+            return Err(runtime_off());
+        }
+        let req: UnloadRequest = parse(body)?;
+        if req.lora_name == app.base_name {
+            return Err(ApiError::bad(
+                "the base model cannot be unloaded",
+                Some("lora_name"),
+            ));
+        }
+        let mut reg = app.registry.write().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = reg.entries.iter().position(|e| e.name == req.lora_name) else {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                message: format!("no adapter named \"{}\" is served", req.lora_name),
+                param: Some("lora_name"),
+                code: Some("model_not_found"),
+            });
+        };
+        reg.entries.remove(i);
+        Ok(Json(json!({"status": "unloaded", "lora_name": req.lora_name})).into_response())
+    })();
+    respond(&app, "/v1/unload_lora_adapter", r)
 }
 
 async fn not_found() -> ApiError {
@@ -381,23 +504,23 @@ async fn completion_inner(
     generate(app, model, prompt, &req.common, false, t0)
 }
 
-fn find_model(app: &App, name: &str) -> Result<usize, ApiError> {
-    app.names
-        .iter()
-        .position(|(n, _)| n == name)
-        .ok_or_else(|| {
-            let known: Vec<&str> = app.names.iter().map(|(n, _)| n.as_str()).collect();
-            ApiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                message: format!(
-                    "The model `{name}` does not exist. This server has: {}",
-                    known.join(", ")
-                ),
-                param: Some("model"),
-                code: Some("model_not_found"),
-            }
-        })
+/// The served model a request names: its model, batching key and name.
+fn find_model(app: &App, name: &str) -> Result<(Arc<Model>, (usize, usize), String), ApiError> {
+    let reg = app.registry.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = reg.entries.iter().find(|e| e.name == name) {
+        return Ok((e.model.clone(), e.key, e.name.clone()));
+    }
+    let known: Vec<&str> = reg.entries.iter().map(|e| e.name.as_str()).collect();
+    Err(ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        message: format!(
+            "The model `{name}` does not exist. This server has: {}",
+            known.join(", ")
+        ),
+        param: Some("model"),
+        code: Some("model_not_found"),
+    })
 }
 
 fn encode(app: &App, text: &str, special: bool) -> Result<Vec<u32>, ApiError> {
@@ -414,7 +537,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Checks the request's options, queues it, and answers (streamed or whole).
 fn generate(
     app: &Arc<App>,
-    model: usize,
+    model: (Arc<Model>, (usize, usize), String),
     prompt: Vec<u32>,
     c: &Common,
     chat: bool,
@@ -543,8 +666,10 @@ fn generate(
     });
     let (tx, rx) = unbounded_channel();
     let prompt_tokens = prompt.len();
+    let (model, key, name) = model;
     let job = Job {
         model,
+        key,
         prompt,
         max_tokens,
         sampling: SamplingParams {
@@ -587,7 +712,7 @@ fn generate(
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        model: app.names[model].0.clone(),
+        model: name,
         chat,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         prompt_tokens,

@@ -1,4 +1,4 @@
-//! The scheduler: one thread that owns the models and runs continuous batching. Each step,
+//! The scheduler: one thread that runs continuous batching. Each step,
 //! every admitted request contributes its next ids (a prefill chunk of at most
 //! `prefill_chunk` tokens, or its last sampled token) to one batched forward per base
 //! (`Model::forward_batch`: the base's products over all rows at once, each adapter's over
@@ -18,8 +18,11 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// One admitted request.
 pub struct Job {
-    /// Index into the served models.
-    pub model: usize,
+    /// The served model (the base, or a clone of it carrying an adapter).
+    pub model: Arc<Model>,
+    /// (base group, model id): requests are batched per base group and kept in this order,
+    /// so each adapter's rows are contiguous.
+    pub key: (usize, usize),
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -49,22 +52,12 @@ pub struct EngineConfig {
 
 /// Runs until every sender of `jobs` is gone and the running requests are done.
 pub fn run(
-    models: Vec<Model>,
     tokenizer: Tokenizer,
     stop_ids: Vec<u32>,
     jobs: Receiver<Job>,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
 ) {
-    // Models that share a base batch together (an adapter that replaces base tensors has
-    // its own copy of the base, so its own batch).
-    let groups: Vec<usize> = (0..models.len())
-        .map(|i| {
-            (0..i)
-                .find(|&j| models[j].shares_base(&models[i]))
-                .unwrap_or(i)
-        })
-        .collect();
     let mut active: Vec<Seq> = Vec::new();
     let mut open = true;
     loop {
@@ -91,8 +84,8 @@ pub fn run(
             metrics
                 .queue_time
                 .observe(job.enqueued.elapsed().as_secs_f64());
-            let key = (groups[job.model], job.model);
-            let seq = Seq::new(&models[job.model], key, &tokenizer, job, cfg.prefill_chunk);
+            let key = job.key;
+            let seq = Seq::new(&tokenizer, job, cfg.prefill_chunk);
             // Kept sorted by (base, adapter), so each adapter's rows are contiguous.
             let at = active.partition_point(|s| s.key <= key);
             active.insert(at, seq);
@@ -135,7 +128,7 @@ fn step(active: &mut Vec<Seq>, stop_ids: &[u32], chunk: usize, m: &Metrics) {
             .map(|s| {
                 let logits = s.wants_logits().then_some(Logits::Last);
                 BatchSeq {
-                    model: s.model,
+                    model: &s.model,
                     ids: &s.next,
                     cache: &mut s.cache,
                     logits,
@@ -167,7 +160,7 @@ fn step(active: &mut Vec<Seq>, stop_ids: &[u32], chunk: usize, m: &Metrics) {
 
 /// One running request.
 struct Seq<'a> {
-    model: &'a Model,
+    model: Arc<Model>,
     /// (base group, model index): the batching order.
     key: (usize, usize),
     cache: KvCache,
@@ -187,18 +180,12 @@ struct Seq<'a> {
 }
 
 impl<'a> Seq<'a> {
-    fn new(
-        model: &'a Model,
-        key: (usize, usize),
-        tokenizer: &'a Tokenizer,
-        job: Job,
-        chunk: usize,
-    ) -> Self {
+    fn new(tokenizer: &'a Tokenizer, job: Job, chunk: usize) -> Self {
         let first = job.prompt[..job.prompt.len().min(chunk.max(1))].to_vec();
         Seq {
-            model,
-            key,
-            cache: KvCache::new(model),
+            model: job.model.clone(),
+            key: job.key,
+            cache: KvCache::new(&job.model),
             stream: TextStream::new(tokenizer),
             sampler: Sampler::new(job.sampling.clone()),
             seen: job.prompt.clone(),

@@ -58,13 +58,20 @@ impl Default for Limits {
     }
 }
 
+/// Builds an adapter's model from its directory at run time (`POST /v1/load_lora_adapter`):
+/// the same checks as at start-up; the error is the message for the client.
+pub type AdapterLoader = Box<dyn Fn(&std::path::Path) -> Result<Model, String> + Send + Sync>;
+
 /// What the server needs to run.
 pub struct ServeConfig {
+    /// The base first, then its adapters.
     pub models: Vec<Served>,
     pub tokenizer: TokenizerInfo,
     /// Token ids that end a completion (EOS).
     pub stop_ids: Vec<u32>,
     pub limits: Limits,
+    /// With a loader, the opt-in endpoints that load and unload adapters while serving.
+    pub loader: Option<AdapterLoader>,
 }
 
 /// Binds `addr`, calls `on_listen` with the bound address (port 0 picks one), and serves until
@@ -113,9 +120,45 @@ async fn shutdown_signal() {
     eprintln!("qlora serve: shutting down (finishing running requests)");
 }
 
+/// A served model in the registry.
+pub(crate) struct Entry {
+    pub name: String,
+    pub parent: Option<String>,
+    pub model: Arc<Model>,
+    /// (base group, id): see `engine::Job::key`.
+    pub key: (usize, usize),
+}
+
+/// The served models, in listing order, and the next id.
+pub(crate) struct Registry {
+    pub entries: Vec<Entry>,
+    pub next_id: usize,
+}
+
+impl Registry {
+    /// Adds a model; it batches with the first entry that shares its base.
+    pub fn add(&mut self, name: String, parent: Option<String>, model: Arc<Model>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let group = self
+            .entries
+            .iter()
+            .find(|e| e.model.shares_base(&model))
+            .map_or(id, |e| e.key.0);
+        self.entries.push(Entry {
+            name,
+            parent,
+            model,
+            key: (group, id),
+        });
+    }
+}
+
 /// Shared by the handlers.
 pub struct App {
-    pub(crate) names: Vec<(String, Option<String>)>,
+    pub(crate) registry: std::sync::RwLock<Registry>,
+    pub(crate) loader: Option<AdapterLoader>,
+    pub(crate) base_name: String,
     pub(crate) tokenizer: TokenizerInfo,
     pub(crate) limits: Limits,
     pub(crate) context: usize,

@@ -5,7 +5,8 @@ use crate::load::{
     apply_planned, load, load_with_adapters, plan_adapters, AdapterArgs, QuantizeArgs,
 };
 use anyhow::{bail, Context, Result};
-use qlora_serve::{serve, Limits, ServeConfig, Served};
+use qlora_model::Model;
+use qlora_serve::{serve, AdapterLoader, Limits, ServeConfig, Served};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,10 @@ pub struct Args {
     /// Make adapter provenance mismatches errors (another base, or another quantization).
     #[arg(long)]
     strict: bool,
+    /// Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's endpoints): clients
+    /// may then make the server read adapter directories by path.
+    #[arg(long)]
+    allow_runtime_adapters: bool,
     /// Where generation runs; the server runs on the CPU for now.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -124,25 +129,8 @@ pub fn run(a: Args) -> Result<()> {
     let tokenizer = base.tokenizer.take().context("the model's tokenizer")?;
     let mut models = Vec::new();
     for (name, dir) in &named {
-        let args = AdapterArgs {
-            adapters: vec![dir.clone()],
-            strict: a.strict,
-        };
-        let planned = plan_adapters(&base.model.config, &a.model, &args)
+        let model = adapter_model(&base.model, &a.model, a.quantize, dir, a.strict)
             .with_context(|| format!("adapter \"{name}\""))?;
-        let model = if planned.iter().any(|(_, p)| !p.replacements.is_empty()) {
-            // It replaces base tensors (modules_to_save, a trained embedding or head): its
-            // own copy of the model.
-            load_with_adapters(&a.model, a.quantize, &args)
-                .with_context(|| format!("adapter \"{name}\""))?
-                .model
-        } else {
-            // The base's weights are shared (reference-counted); only the adapter is new.
-            let mut m = base.model.clone();
-            apply_planned(&mut m, &planned, a.strict)
-                .with_context(|| format!("adapter \"{name}\""))?;
-            m
-        };
         eprintln!("adapter          {name} ({})", dir.display());
         models.push(Served {
             name: name.clone(),
@@ -150,6 +138,13 @@ pub fn run(a: Args) -> Result<()> {
             model,
         });
     }
+    let loader: Option<AdapterLoader> = a.allow_runtime_adapters.then(|| {
+        let (base, path, quantize, strict) =
+            (base.model.clone(), a.model.clone(), a.quantize, a.strict);
+        Box::new(move |dir: &Path| {
+            adapter_model(&base, &path, quantize, dir, strict).map_err(|e| format!("{e:#}"))
+        }) as AdapterLoader
+    });
     let context = base.model.config.max_position_embeddings;
     models.insert(
         0,
@@ -172,6 +167,7 @@ pub fn run(a: Args) -> Result<()> {
         tokenizer,
         stop_ids,
         limits,
+        loader,
     };
     serve(cfg, SocketAddr::new(a.host, a.port), |addr| {
         eprintln!(
@@ -180,6 +176,29 @@ pub fn run(a: Args) -> Result<()> {
         );
     })
     .with_context(|| format!("serving on {}:{}", a.host, a.port))
+}
+
+/// The base with one adapter directory on it, after the same checks as `qlora inspect`: a
+/// clone sharing the base's weights, or, for an adapter that replaces base tensors
+/// (modules_to_save, a trained embedding or head), its own copy of the model.
+fn adapter_model(
+    base: &Model,
+    model_path: &Path,
+    quantize: QuantizeArgs,
+    dir: &Path,
+    strict: bool,
+) -> Result<Model> {
+    let args = AdapterArgs {
+        adapters: vec![dir.to_path_buf()],
+        strict,
+    };
+    let planned = plan_adapters(&base.config, model_path, &args)?;
+    if planned.iter().any(|(_, p)| !p.replacements.is_empty()) {
+        return Ok(load_with_adapters(model_path, quantize, &args)?.model);
+    }
+    let mut m = base.clone();
+    apply_planned(&mut m, &planned, strict)?;
+    Ok(m)
 }
 
 /// A path's last component as a served name.
