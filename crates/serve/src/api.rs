@@ -504,11 +504,22 @@ async fn completion_inner(
     generate(app, model, prompt, &req.common, false, t0)
 }
 
-/// The served model a request names: its model, batching key and name.
-fn find_model(app: &App, name: &str) -> Result<(Arc<Model>, (usize, usize), String), ApiError> {
+/// The served model a request names.
+struct Picked {
+    model: Arc<Model>,
+    /// See `engine::Job::key`.
+    key: (usize, usize),
+    name: String,
+}
+
+fn find_model(app: &App, name: &str) -> Result<Picked, ApiError> {
     let reg = app.registry.read().unwrap_or_else(|e| e.into_inner());
     if let Some(e) = reg.entries.iter().find(|e| e.name == name) {
-        return Ok((e.model.clone(), e.key, e.name.clone()));
+        return Ok(Picked {
+            model: e.model.clone(),
+            key: e.key,
+            name: e.name.clone(),
+        });
     }
     let known: Vec<&str> = reg.entries.iter().map(|e| e.name.as_str()).collect();
     Err(ApiError {
@@ -537,7 +548,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Checks the request's options, queues it, and answers (streamed or whole).
 fn generate(
     app: &Arc<App>,
-    model: (Arc<Model>, (usize, usize), String),
+    model: Picked,
     prompt: Vec<u32>,
     c: &Common,
     chat: bool,
@@ -666,7 +677,7 @@ fn generate(
     });
     let (tx, rx) = unbounded_channel();
     let prompt_tokens = prompt.len();
-    let (model, key, name) = model;
+    let Picked { model, key, name } = model;
     let job = Job {
         model,
         key,
