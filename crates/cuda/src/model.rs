@@ -120,6 +120,23 @@ struct DevLinear {
     mats: Vec<DevMat>,
     parts: Vec<Part>,
     d_in: usize,
+    /// When every adapter on the linear is plain LoRA (no lora_B bias, no DoRA): all of them
+    /// as two products, whatever the number of projections and adapters.
+    fused_lora: Option<FusedLora>,
+}
+
+/// Plain LoRA adapters of a linear's projections stacked: the A matrices one under another,
+/// the B matrices (scaled) on a block diagonal, so y += (x Aᵀ) Bᵀ is one shrink and one
+/// expand product instead of two per adapter.
+struct FusedLora {
+    /// f32 [r, d_in]: every adapter's A, in part then adapter order.
+    a: DevBuf,
+    /// f32 [n, r]: adapter k's s·B at rows [col0, col0 + n_part), columns [r_k, r_k + rank).
+    b: DevBuf,
+    /// Σ ranks.
+    r: usize,
+    /// The linear's output columns.
+    n: usize,
 }
 
 struct DevLayer {
@@ -394,6 +411,43 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
         });
         col0 += p.d_out();
     }
+    // Plain LoRA everywhere: stack the adapters (their deltas add, in any order).
+    let plain = ps
+        .iter()
+        .flat_map(|p| &p.lora)
+        .all(|l| l.b_bias.is_none() && l.dora_scale.is_none());
+    let total_r: usize = ps.iter().flat_map(|p| &p.lora).map(|l| l.a.rows).sum();
+    let fused_lora = if plain && total_r > 0 {
+        let n = col0;
+        let mut a = Vec::with_capacity(total_r * d_in);
+        let mut b = vec![0f32; n * total_r];
+        let (mut r0, mut c0) = (0, 0);
+        for p in ps {
+            for l in &p.lora {
+                let r = l.a.rows;
+                a.extend(l.a.to_f32());
+                let lb = l.b.to_f32();
+                for i in 0..p.d_out() {
+                    for j in 0..r {
+                        b[(c0 + i) * total_r + r0 + j] = l.scaling * lb[i * r + j];
+                    }
+                }
+                r0 += r;
+            }
+            c0 += p.d_out();
+        }
+        for part in parts.iter_mut() {
+            part.lora.clear();
+        }
+        Some(FusedLora {
+            a: gpu.upload(&a)?,
+            b: gpu.upload(&b)?,
+            r: total_r,
+            n,
+        })
+    } else {
+        None
+    };
     let fuse = ps.windows(2).all(|w| same_class(&w[0].base, &w[1].base));
     let mats = if fuse {
         let ws: Vec<&Weight> = ps.iter().map(|p| &p.base).collect();
@@ -405,7 +459,12 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
         }
         v
     };
-    Ok(DevLinear { mats, parts, d_in })
+    Ok(DevLinear {
+        mats,
+        parts,
+        d_in,
+        fused_lora,
+    })
 }
 
 impl DevLinear {
@@ -424,6 +483,10 @@ impl DevLinear {
                 .flat_map(|p| &p.lora)
                 .map(|l| l.a.bytes() + l.b.bytes())
                 .sum::<usize>()
+            + self
+                .fused_lora
+                .as_ref()
+                .map_or(0, |f| f.a.bytes() + f.b.bytes())
     }
     /// Elements of the largest matrix that must be dequantized before a product.
     fn dequant_elems(&self) -> usize {
@@ -439,6 +502,7 @@ impl DevLinear {
             .iter()
             .flat_map(|p| &p.lora)
             .map(|l| l.r)
+            .chain(self.fused_lora.as_ref().map(|f| f.r))
             .max()
             .unwrap_or(0)
     }
@@ -1230,6 +1294,43 @@ impl CudaModel {
                     )?;
                 }
             }
+        }
+        if let Some(f) = &lin.fused_lora {
+            let xf = match x32 {
+                Some(p) => p,
+                None if lp == Dt::F32 => x,
+                None => {
+                    let n = t * lin.d_in;
+                    g.launch_n("lp_to_f32", n, &[P(x), P(self.s.x32.ptr()), L(n as i64)])?;
+                    self.s.x32.ptr()
+                }
+            };
+            g.gemm(
+                Dt::F32,
+                t,
+                f.r,
+                lin.d_in,
+                xf,
+                lin.d_in,
+                f.a.ptr(),
+                self.s.lh.ptr(),
+                f.r,
+                1.0,
+                0.0,
+            )?;
+            g.gemm(
+                Dt::F32,
+                t,
+                f.n,
+                f.r,
+                self.s.lh.ptr(),
+                f.r,
+                f.b.ptr(),
+                y,
+                ldy,
+                1.0,
+                1.0,
+            )?;
         }
         Ok(())
     }
