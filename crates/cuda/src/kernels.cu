@@ -69,10 +69,10 @@ extern "C" __global__ void embed(const lp_t* __restrict__ table, const int* __re
 // y = g * (x * 1/sqrt(mean(x²) + eps)), one block per row. Each thread keeps its RMS_PER
 // elements (and their weights) in registers, loaded at once, so a row costs one round trip
 // to memory instead of one per loop step. Rows longer than RMS_PER · blockDim read again.
-// x [t, d] f32, y [t, d] lp.
+// x [t, d] f32, y [t, d] lp; y32 (may be null) [t, d] gets y widened to f32 (the adapters' input).
 #define RMS_PER 8
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g,
-                                    float eps, int d, lp_t* __restrict__ y) {
+                                    float eps, int d, lp_t* __restrict__ y, float* __restrict__ y32) {
     __shared__ float shm[32];
     const float* xr = x + (long)blockIdx.x * d;
     const int bd = blockDim.x, tid = threadIdx.x;
@@ -93,9 +93,17 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 #pragma unroll
     for (int k = 0; k < RMS_PER; k++) {
         int j = tid + k * bd;
-        if (j < d) yr[j] = f_to_lp(w[k] * (v[k] * inv));
+        if (j < d) {
+            lp_t o = f_to_lp(w[k] * (v[k] * inv));
+            yr[j] = o;
+            if (y32) y32[(long)blockIdx.x * d + j] = lp_to_f(o);
+        }
     }
-    for (int j = tid + RMS_PER * bd; j < d; j += bd) yr[j] = f_to_lp(g[j] * (xr[j] * inv));
+    for (int j = tid + RMS_PER * bd; j < d; j += bd) {
+        lp_t o = f_to_lp(g[j] * (xr[j] * inv));
+        yr[j] = o;
+        if (y32) y32[(long)blockIdx.x * d + j] = lp_to_f(o);
+    }
 }
 
 // a += b   (n elements)
@@ -122,12 +130,16 @@ extern "C" __global__ void lp_to_f32(const lp_t* __restrict__ x, float* __restri
 }
 
 // out[i, j] = silu(gu[i, j]) * gu[i, f + j]   gu [t, 2f] f32 (gate | up), out [t, f] lp
-extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __restrict__ out, long n) {
+// out32 (may be null) [t, f] gets out widened to f32 (the adapters' input).
+extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __restrict__ out, long n,
+                                  float* __restrict__ out32) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long tok = i / f, j = i % f;
     float g = gu[tok * 2 * f + j], u = gu[tok * 2 * f + f + j];
-    out[i] = f_to_lp(g / (1.0f + expf(-g)) * u);
+    lp_t o = f_to_lp(g / (1.0f + expf(-g)) * u);
+    out[i] = o;
+    if (out32) out32[i] = lp_to_f(o);
 }
 
 // RoPE (rotate-half) in place on the q and k columns of qkv, and the k/v rows stored into the
@@ -202,7 +214,8 @@ extern "C" __global__ void softmax_causal(const float* __restrict__ S, int t, lo
 // lanes, their loads unrolled. So a round costs a few round trips to memory whatever the
 // head size, instead of one per key. The warps' partial results are merged in order.
 // q rows in qkv [t, ld]; seq [t] (the token's sequence in the batch), pos [t];
-// tables [batch, max_blocks]; out [t, h·hd] lp. window 0 = none. hd ≤ 256, even.
+// tables [batch, max_blocks]; out [t, h·hd] lp, out32 (may be null) the same widened to f32.
+// window 0 = none. hd ≤ 256, even.
 #define ATT_WARPS 8
 #define ATT_MAX_PER_LANE 8
 #define ATT_KEYS 8  // keys a warp takes per round (32 lanes / 4)
@@ -210,7 +223,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, const lp_t* __restrict__ vc,
           const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,
           int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale,
-          lp_t* __restrict__ out) {
+          lp_t* __restrict__ out, float* __restrict__ out32) {
     __shared__ float qs[256];
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wacc[ATT_WARPS][256];
@@ -285,7 +298,9 @@ attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, co
     for (int i = threadIdx.x; i < hd; i += blockDim.x) {
         float a = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) if (wl[w] > 0.f) a += wacc[w][i] * expf(wm[w] - gm);
-        o[i] = f_to_lp(a / gl);
+        lp_t v = f_to_lp(a / gl);
+        o[i] = v;
+        if (out32) out32[(long)tok * heads * hd + head * hd + i] = lp_to_f(v);
     }
 }
 

@@ -516,6 +516,11 @@ impl DevLinear {
     }
 }
 
+/// A device pointer as an option (0 = none).
+fn nz(p: u64) -> Option<u64> {
+    (p != 0).then_some(p)
+}
+
 impl CudaModel {
     /// Uploads `model` (base in its stored packed format, adapters in f32) to `gpu`.
     pub fn upload(gpu: Arc<Gpu>, model: &Model, opts: CudaOptions) -> Result<CudaModel> {
@@ -596,7 +601,11 @@ impl CudaModel {
         let s = Scratch {
             x: gpu.alloc(t * d * 4)?,
             h: gpu.alloc(t * wide * lp)?,
-            x32: gpu.alloc(if any_lora && lp != 4 { t * wide * 4 } else { 0 })?,
+            x32: gpu.alloc(if any_lora && lp != 4 {
+                t * wide.max(heads * hd) * 4
+            } else {
+                0
+            })?,
             qkv: gpu.alloc(t * qkv_cols * 4)?,
             attn: gpu.alloc(t * heads * hd * lp)?,
             o: gpu.alloc(t * d * 4)?,
@@ -947,8 +956,10 @@ impl CudaModel {
         let scale = 1.0 / (self.hd as f32).sqrt();
         let pa = s.pa.as_ref().filter(|_| fresh);
         for l in &self.layers {
-            self.rms_norm(s.x.ptr(), &l.ln1, t, s.h.ptr())?;
-            self.linear(&l.qkv, s.h.ptr(), t, s.qkv.ptr(), qkv_ld, false)?;
+            // The adapters' f32 copy of each linear's input, written by its producer.
+            let c = self.copy32();
+            self.rms_norm(s.x.ptr(), &l.ln1, t, s.h.ptr(), c)?;
+            self.linear(&l.qkv, s.h.ptr(), nz(c), t, s.qkv.ptr(), qkv_ld, false)?;
             g.launch(
                 "rope_store",
                 (t as u32, (self.heads + 2 * self.kvh) as u32),
@@ -990,12 +1001,18 @@ impl CudaModel {
                         I(self.window as i32),
                         F(scale),
                         P(s.attn.ptr()),
+                        P(c),
                     ],
                 )?,
             }
-            self.residual(&l.o, s.attn.ptr(), t)?;
-            self.rms_norm(s.x.ptr(), &l.ln2, t, s.h.ptr())?;
-            self.linear(&l.gu, s.h.ptr(), t, s.gu.ptr(), 2 * self.f, false)?;
+            self.residual(
+                &l.o,
+                s.attn.ptr(),
+                if pa.is_some() { None } else { nz(c) },
+                t,
+            )?;
+            self.rms_norm(s.x.ptr(), &l.ln2, t, s.h.ptr(), c)?;
+            self.linear(&l.gu, s.h.ptr(), nz(c), t, s.gu.ptr(), 2 * self.f, false)?;
             g.launch_n(
                 "swiglu",
                 t * self.f,
@@ -1004,9 +1021,10 @@ impl CudaModel {
                     I(self.f as i32),
                     P(s.h.ptr()),
                     L((t * self.f) as i64),
+                    P(c),
                 ],
             )?;
-            self.residual(&l.down, s.h.ptr(), t)?;
+            self.residual(&l.down, s.h.ptr(), nz(c), t)?;
         }
         // The rows that get logits, normed, through the head.
         g.launch(
@@ -1020,10 +1038,12 @@ impl CudaModel {
                 P(s.o.ptr()),
             ],
         )?;
-        self.rms_norm(s.o.ptr(), &self.norm, n_out, s.h.ptr())?;
+        let c = self.copy32();
+        self.rms_norm(s.o.ptr(), &self.norm, n_out, s.h.ptr(), c)?;
         self.linear(
             &self.head,
             s.h.ptr(),
+            nz(c),
             n_out,
             s.logits.ptr(),
             self.vocab,
@@ -1032,7 +1052,7 @@ impl CudaModel {
     }
 
     /// y[rows, d] (lp) = RMSNorm(x[rows, d]) · w.
-    fn rms_norm(&self, x: u64, w: &DevBuf, rows: usize, y: u64) -> Result<()> {
+    fn rms_norm(&self, x: u64, w: &DevBuf, rows: usize, y: u64, y32: u64) -> Result<()> {
         self.gpu.launch(
             "rms_norm",
             (rows as u32, 1),
@@ -1043,13 +1063,24 @@ impl CudaModel {
                 Arg::F(self.eps),
                 Arg::I(self.d as i32),
                 Arg::P(y),
+                Arg::P(y32),
             ],
         )
     }
 
+    /// Where a linear's producer writes the f32 copy of its output for the adapters (bf16 mode
+    /// with adapters; 0 otherwise: the linear then reads its input as is, or widens it).
+    fn copy32(&self) -> u64 {
+        if self.any_lora && self.gpu.lp() != Dt::F32 {
+            self.s.x32.ptr()
+        } else {
+            0
+        }
+    }
+
     /// x += lin(a), accumulated straight into the residual stream, unless a DoRA adapter needs
     /// the projection's own output (then through `o` and an add).
-    fn residual(&self, lin: &DevLinear, a: u64, t: usize) -> Result<()> {
+    fn residual(&self, lin: &DevLinear, a: u64, a32: Option<u64>, t: usize) -> Result<()> {
         let (g, s, d) = (&self.gpu, &self.s, self.d);
         let dora = lin
             .parts
@@ -1057,14 +1088,14 @@ impl CudaModel {
             .flat_map(|p| &p.lora)
             .any(|l| l.dora.is_some());
         if dora {
-            self.linear(lin, a, t, s.o.ptr(), d, false)?;
+            self.linear(lin, a, a32, t, s.o.ptr(), d, false)?;
             g.launch_n(
                 "add_f32",
                 t * d,
                 &[Arg::P(s.x.ptr()), Arg::P(s.o.ptr()), Arg::L((t * d) as i64)],
             )
         } else {
-            self.linear(lin, a, t, s.x.ptr(), d, true)
+            self.linear(lin, a, a32, t, s.x.ptr(), d, true)
         }
     }
 
@@ -1118,10 +1149,13 @@ impl CudaModel {
     /// x lp, y f32.
     /// `accumulate`: y += the product (adapters add to y either way).
     #[allow(clippy::too_many_arguments)]
+    /// y (+)= lin(x); `x32`, when given, holds x widened to f32 for the adapters.
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         lin: &DevLinear,
         x: u64,
+        x32: Option<u64>,
         t: usize,
         y: u64,
         ldy: usize,
@@ -1199,7 +1233,7 @@ impl CudaModel {
                 lp, t, mat.rows, mat.cols, x, lin.d_in, w, yc, ldy, 1.0, beta,
             )?;
         }
-        let mut x32 = None;
+        let mut x32 = x32;
         for part in &lin.parts {
             if let Some(b) = &part.bias {
                 g.launch(

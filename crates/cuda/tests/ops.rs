@@ -141,19 +141,30 @@ fn rms_norm_swiglu_add_embed() {
             let mut want = vec![0f32; t * d];
             ops::rms_norm(&x, &w, 1e-5, &mut want);
             let (bx, bw, by) = (up(&g, &x), up(&g, &w), poison_lp(&g, t * d));
+            let b32 = poison(&g, t * d);
             g.launch(
                 "rms_norm",
                 (t as u32, 1),
                 block,
-                &[P(bx.ptr()), P(bw.ptr()), F(1e-5), I(d as i32), P(by.ptr())],
+                &[
+                    P(bx.ptr()),
+                    P(bw.ptr()),
+                    F(1e-5),
+                    I(d as i32),
+                    P(by.ptr()),
+                    P(b32.ptr()),
+                ],
             )
             .unwrap();
+            let got = down_lp(&g, &by, t * d);
             within(
                 &g,
                 &format!("rms_norm [{t}, {d}] block {block}"),
-                &down_lp(&g, &by, t * d),
+                &got,
                 &want,
             );
+            // The f32 copy for the adapters is the lp output widened, every element.
+            assert_eq!(down(&g, &b32, t * d), got, "rms_norm's f32 copy");
         }
         for (t, f) in [(1usize, 131usize), (4, 14336)] {
             let gu = rand(3, t * 2 * f)
@@ -167,19 +178,22 @@ fn rms_norm_swiglu_add_embed() {
                 .flat_map(|i| gu[i * 2 * f + f..(i + 1) * 2 * f].to_vec())
                 .collect();
             ops::swiglu(&mut gate, &upv);
-            let (bgu, out) = (up(&g, &gu), poison_lp(&g, t * f));
+            let (bgu, out, o32) = (up(&g, &gu), poison_lp(&g, t * f), poison(&g, t * f));
             g.launch_n(
                 "swiglu",
                 t * f,
-                &[P(bgu.ptr()), I(f as i32), P(out.ptr()), L((t * f) as i64)],
+                &[
+                    P(bgu.ptr()),
+                    I(f as i32),
+                    P(out.ptr()),
+                    L((t * f) as i64),
+                    P(o32.ptr()),
+                ],
             )
             .unwrap();
-            within(
-                &g,
-                &format!("swiglu [{t}, {f}]"),
-                &down_lp(&g, &out, t * f),
-                &gate,
-            );
+            let got = down_lp(&g, &out, t * f);
+            within(&g, &format!("swiglu [{t}, {f}]"), &got, &gate);
+            assert_eq!(down(&g, &o32, t * f), got, "swiglu's f32 copy");
         }
         let (a, b) = (rand(4, 1001), rand(5, 1001));
         let (ba, bb) = (up(&g, &a), up(&g, &b));
@@ -284,6 +298,7 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                 .chain((0..tb).map(|i| (pb + i) as i32))
                 .collect();
             let out = poison_lp(&g, t * heads * hd);
+            let o32 = poison(&g, t * heads * hd);
             let (bq, bs, bp, bt) = (
                 up(&g, &qkv),
                 up_i(&g, &seq),
@@ -311,10 +326,12 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                     I(window as i32),
                     F(scale),
                     P(out.ptr()),
+                    P(o32.ptr()),
                 ],
             )
             .unwrap();
             let got = down_lp(&g, &out, t * heads * hd);
+            assert_eq!(down(&g, &o32, t * heads * hd), got, "attention's f32 copy");
             let w = (window > 0).then_some(window);
             let mut want = vec![0f32; t * heads * hd];
             ops::attention(
