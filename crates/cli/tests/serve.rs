@@ -15,15 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn gguf() -> Option<PathBuf> {
-    let p = smollm2_gguf();
-    if p.is_none() {
-        assert!(
-            std::env::var("QLORA_REQUIRE_FIXTURES").is_err(),
-            "SmolLM2 GGUF missing and QLORA_REQUIRE_FIXTURES is set; run tools/fetch-fixtures.sh"
-        );
-        eprintln!("skipping: SmolLM2 GGUF not found; run tools/fetch-fixtures.sh");
-    }
-    p
+    smollm2_or_skip()
 }
 
 /// A PEFT LoRA adapter for SmolLM2-135M with random A and B (B large enough to change the

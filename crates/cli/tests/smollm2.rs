@@ -13,15 +13,7 @@ const LOGITS_TOL: f32 = 1e-3;
 const PPL_REL_TOL: f64 = 5e-3;
 
 fn gguf() -> Option<PathBuf> {
-    let p = smollm2_gguf();
-    if p.is_none() {
-        assert!(
-            std::env::var("QLORA_REQUIRE_FIXTURES").is_err(),
-            "SmolLM2 GGUF missing and QLORA_REQUIRE_FIXTURES is set; run tools/fetch-fixtures.sh"
-        );
-        eprintln!("skipping: SmolLM2 GGUF not found; run tools/fetch-fixtures.sh");
-    }
-    p
+    smollm2_or_skip()
 }
 
 fn reference() -> Value {

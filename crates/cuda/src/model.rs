@@ -1250,34 +1250,8 @@ impl CudaModel {
                 )?;
             }
             for a in &part.lora {
-                // The adapter path in f32 on the (rounded) input, as PEFT casts x to lora_A's dtype.
-                let xf = match x32 {
-                    Some(p) => p,
-                    None => {
-                        let p = if lp == Dt::F32 {
-                            x
-                        } else {
-                            let n = t * lin.d_in;
-                            g.launch_n("lp_to_f32", n, &[P(x), P(self.s.x32.ptr()), L(n as i64)])?;
-                            self.s.x32.ptr()
-                        };
-                        x32 = Some(p);
-                        p
-                    }
-                };
-                g.gemm(
-                    Dt::F32,
-                    t,
-                    a.r,
-                    lin.d_in,
-                    xf,
-                    lin.d_in,
-                    a.a.ptr(),
-                    self.s.lh.ptr(),
-                    a.r,
-                    1.0,
-                    0.0,
-                )?;
+                let xf = self.adapter_input(x, &mut x32, t, lin.d_in)?;
+                self.shrink(xf, t, a.r, lin.d_in, &a.a)?;
                 let yc = y + (part.col0 * 4) as u64;
                 if a.b_bias.is_none() && a.dora.is_none() {
                     g.gemm(
@@ -1330,28 +1304,8 @@ impl CudaModel {
             }
         }
         if let Some(f) = &lin.fused_lora {
-            let xf = match x32 {
-                Some(p) => p,
-                None if lp == Dt::F32 => x,
-                None => {
-                    let n = t * lin.d_in;
-                    g.launch_n("lp_to_f32", n, &[P(x), P(self.s.x32.ptr()), L(n as i64)])?;
-                    self.s.x32.ptr()
-                }
-            };
-            g.gemm(
-                Dt::F32,
-                t,
-                f.r,
-                lin.d_in,
-                xf,
-                lin.d_in,
-                f.a.ptr(),
-                self.s.lh.ptr(),
-                f.r,
-                1.0,
-                0.0,
-            )?;
+            let xf = self.adapter_input(x, &mut x32, t, lin.d_in)?;
+            self.shrink(xf, t, f.r, lin.d_in, &f.a)?;
             g.gemm(
                 Dt::F32,
                 t,
@@ -1367,6 +1321,44 @@ impl CudaModel {
             )?;
         }
         Ok(())
+    }
+
+    /// The adapters' input: x in f32, as PEFT casts x to lora_A's dtype. x itself in f32 mode,
+    /// the producer's copy when there is one, else x widened into scratch once per linear.
+    fn adapter_input(&self, x: u64, x32: &mut Option<u64>, t: usize, d_in: usize) -> Result<u64> {
+        if let Some(p) = *x32 {
+            return Ok(p);
+        }
+        let p = if self.gpu.lp() == Dt::F32 {
+            x
+        } else {
+            let n = t * d_in;
+            self.gpu.launch_n(
+                "lp_to_f32",
+                n,
+                &[Arg::P(x), Arg::P(self.s.x32.ptr()), Arg::L(n as i64)],
+            )?;
+            self.s.x32.ptr()
+        };
+        *x32 = Some(p);
+        Ok(p)
+    }
+
+    /// lh [t, r] = xf [t, d_in] · Aᵀ, f32.
+    fn shrink(&self, xf: u64, t: usize, r: usize, d_in: usize, a: &DevBuf) -> Result<()> {
+        self.gpu.gemm(
+            Dt::F32,
+            t,
+            r,
+            d_in,
+            xf,
+            d_in,
+            a.ptr(),
+            self.s.lh.ptr(),
+            r,
+            1.0,
+            0.0,
+        )
     }
 
     /// Whether any adapter is on the model.

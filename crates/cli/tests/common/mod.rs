@@ -246,6 +246,20 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// The SmolLM2 GGUF, or None with a message (the test then skips), unless
+/// QLORA_REQUIRE_FIXTURES is set (CI), where a missing file fails the test.
+pub fn smollm2_or_skip() -> Option<PathBuf> {
+    let p = smollm2_gguf();
+    if p.is_none() {
+        assert!(
+            std::env::var("QLORA_REQUIRE_FIXTURES").is_err(),
+            "SmolLM2 GGUF missing and QLORA_REQUIRE_FIXTURES is set; run tools/fetch-fixtures.sh"
+        );
+        eprintln!("skipping: SmolLM2 GGUF not found; run tools/fetch-fixtures.sh");
+    }
+    p
+}
+
 fn dirs_cache() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
