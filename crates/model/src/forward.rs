@@ -178,6 +178,7 @@ impl Model {
     /// sequence's RoPE and attention over its own cache. A sequence's result is what
     /// `forward` gives it alone, up to the summation order of the base products (which
     /// depends on the row count). Returns each sequence's logits ([t, v], [1, v] or empty).
+    /// Every check runs before any cache changes, so an error leaves the caches as they were.
     pub fn forward_batch(seqs: &mut [BatchSeq]) -> Result<Vec<Vec<f32>>> {
         let Some(first) = seqs.first() else {
             return Ok(Vec::new());

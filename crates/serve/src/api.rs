@@ -490,16 +490,7 @@ async fn completion_inner(
                 Some("prompt"),
             ))
         }
-        Prompt::Tokens(ids) => {
-            let v = app.tokenizer.tokenizer.get_vocab_size(true) as u32;
-            if let Some(bad) = ids.iter().find(|&&i| i >= v) {
-                return Err(ApiError::bad(
-                    format!("prompt: token id {bad} is outside the vocabulary (0..{v})"),
-                    Some("prompt"),
-                ));
-            }
-            ids
-        }
+        Prompt::Tokens(ids) => ids,
     };
     generate(app, model, prompt, &req.common, false, t0)
 }
@@ -555,6 +546,14 @@ fn generate(
     t0: Instant,
 ) -> Result<Response, ApiError> {
     let lim = &app.limits;
+    // Checked here, so that no request can fail the batch it would run in.
+    let v = model.model.vocab_size();
+    if let Some(bad) = prompt.iter().find(|&&i| i as usize >= v) {
+        return Err(ApiError::bad(
+            format!("prompt: token id {bad} is outside the model's vocabulary (0..{v})"),
+            Some("prompt"),
+        ));
+    }
     if prompt.is_empty() {
         return Err(ApiError::bad(
             "the prompt is empty after tokenization",

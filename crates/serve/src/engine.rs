@@ -137,8 +137,20 @@ fn step(active: &mut Vec<Seq>, stop_ids: &[u32], chunk: usize, m: &Metrics) {
             .collect();
         match Model::forward_batch(&mut batch) {
             Ok(v) => results.extend(v.into_iter().map(Ok)),
-            Err(e) => {
-                results.extend((i..j).map(|_| Err(qlora_model::Error::Invalid(e.to_string()))))
+            // The checks run before any cache changes: run each alone, so that only the
+            // request at fault gets the error.
+            Err(_) => {
+                for b in batch.iter_mut() {
+                    let one = BatchSeq {
+                        model: b.model,
+                        ids: b.ids,
+                        cache: &mut *b.cache,
+                        logits: b.logits,
+                    };
+                    results.push(
+                        Model::forward_batch(&mut [one]).map(|mut v| v.pop().unwrap_or_default()),
+                    );
+                }
             }
         }
         i = j;
