@@ -2,10 +2,10 @@
 //! on it, chosen per request by the `model` field (as vLLM, LoRAX, TGI and mistral.rs do).
 //!
 //! HTTP (axum on tokio) runs on its own threads; generation runs on one engine thread
-//! (`engine`), which owns the models and steps every admitted request in turn, at token
-//! granularity. Handlers hand requests over through a bounded queue and read their tokens back
-//! from a channel per request; a client that goes away closes that channel, and the engine
-//! drops the request and its cache at its next step.
+//! (`engine`), which batches every admitted request at token granularity. Handlers look the
+//! request's model up in the registry, hand the request (with its `Arc<Model>`) over through a
+//! bounded queue and read its tokens back from a channel per request; a client that goes away
+//! closes that channel, and the engine drops the request and its cache at its next step.
 
 mod api;
 mod engine;
