@@ -727,3 +727,104 @@ fn adapters_load_and_unload_at_run_time_when_allowed() {
     );
     assert_openai_error(st, &v, 404, &["--allow-runtime-adapters"]);
 }
+
+/// Hostile requests never take the server down: random bytes, invalid UTF-8, deep nesting,
+/// huge numbers, wrong types in every field, lying Content-Length, a half-sent body, bad
+/// methods. Each gets an answer (or a closed connection), and /health still answers after.
+#[test]
+fn hostile_requests_do_not_take_the_server_down() {
+    let Some(model) = gguf() else { return };
+    let s = start(&["--model", model.to_str().unwrap(), "--max-tokens", "8"]);
+    let base = "SmolLM2-135M-Instruct.Q4_1";
+    let chat = format!("{}/v1/chat/completions", s.url);
+    let comp = format!("{}/v1/completions", s.url);
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut bodies: Vec<Vec<u8>> = (0..40)
+        .map(|i| {
+            (0..(i * 37 % 300))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        })
+        .collect();
+    bodies.push(vec![0xff, 0xfe, b'{', b'}']);
+    bodies.push(format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes());
+    for field in [
+        "\"model\": 7",
+        "\"messages\": {}",
+        "\"messages\": [{\"role\": 1}]",
+        "\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\"}]}]",
+        "\"max_tokens\": -1",
+        "\"max_tokens\": 1e400",
+        "\"max_tokens\": 18446744073709551616",
+        "\"temperature\": null, \"top_p\": 0",
+        "\"top_k\": -7",
+        "\"stop\": [\"\"]",
+        "\"stop\": 5",
+        "\"seed\": -3",
+        "\"stream\": \"yes\"",
+        "\"repetition_penalty\": 0",
+        "\"prompt\": [[1, 2]]",
+        "\"prompt\": [4294967295]",
+    ] {
+        bodies.push(
+            format!(
+                "{{\"model\": \"{base}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], \"prompt\": \"hi\", {field}}}"
+            )
+            .into_bytes(),
+        );
+    }
+    for url in [&chat, &comp] {
+        for b in &bodies {
+            let r = ureq::post(url).send_bytes(b);
+            let code = match r {
+                Ok(r) => r.status(),
+                Err(ureq::Error::Status(c, r)) => {
+                    let v: Value = r
+                        .into_json()
+                        .unwrap_or_else(|e| panic!("{c}: not JSON: {e}"));
+                    assert!(v["error"]["message"].is_string(), "{v}");
+                    c
+                }
+                Err(e) => panic!("{url}: {e}"),
+            };
+            assert!(
+                code == 200 || (400..500).contains(&code),
+                "{code} for {:?}",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+    // Raw sockets: a lying Content-Length, a body cut short, a bad method, garbage.
+    let addr = s.url.strip_prefix("http://").unwrap().to_string();
+    for raw in [
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n{}"
+            .to_string(),
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"model\":"
+            .to_string(),
+        "BREW /v1/models HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        "\u{1}\u{2}\u{3} garbage\r\n\r\n".to_string(),
+    ] {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = c.write_all(raw.as_bytes());
+        let mut buf = [0u8; 256];
+        let _ = c.read(&mut buf);
+    }
+    let h: Value = ureq::get(&format!("{}/health", s.url))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    let (st, v) = post(
+        &chat,
+        &json!({"model": base, "temperature": 0, "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(st, 200, "{v}");
+}
