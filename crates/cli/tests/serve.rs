@@ -135,6 +135,23 @@ fn post_raw(url: &str, body: &str) -> (u16, Value) {
     }
 }
 
+/// A streamed request on a raw socket, read until its response starts (200), left open for
+/// the caller to drop (a client that goes away).
+fn open_stream(addr: &str, path: &str, body: &Value) -> std::net::TcpStream {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let body = body.to_string();
+    write!(
+        c,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let k = c.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..k]).contains("200 OK"));
+    c
+}
+
 fn assert_openai_error(status: u16, v: &Value, want_status: u16, words: &[&str]) {
     assert_eq!(status, want_status, "{v}");
     let msg = v["error"]["message"]
@@ -415,19 +432,12 @@ fn serve_answers_the_openai_api_for_a_base_and_its_adapters() {
     let addr = s.url.strip_prefix("http://").unwrap().to_string();
     let before = metric(&s.url, "qlora_cancelled_total");
     {
-        let mut c = std::net::TcpStream::connect(&addr).unwrap();
-        let body = json!({"model": "mlp", "temperature": 0.7, "max_tokens": 64, "stream": true,
-                          "prompt": "Once upon a time"})
-        .to_string();
-        write!(
-            c,
-            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut buf = [0u8; 512];
-        let k = c.read(&mut buf).unwrap();
-        assert!(String::from_utf8_lossy(&buf[..k]).contains("200 OK"));
+        let _c = open_stream(
+            &addr,
+            "/v1/completions",
+            &json!({"model": "mlp", "temperature": 0.7, "max_tokens": 64, "stream": true,
+                    "prompt": "Once upon a time"}),
+        );
     } // dropped: the connection closes
     let t0 = Instant::now();
     while metric(&s.url, "qlora_cancelled_total") <= before {
@@ -623,19 +633,12 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
     assert_openai_error(st, &v, 400, &["--max-prompt-tokens", "at most 40"]);
     // A running stream, one waiting, the third refused.
     let addr = s.url.strip_prefix("http://").unwrap().to_string();
-    let mut c = std::net::TcpStream::connect(&addr).unwrap();
-    let body = json!({"model": base, "temperature": 0.8, "max_tokens": 400, "stream": true,
-                      "messages": [{"role": "user", "content": "Tell me a long story."}]})
-    .to_string();
-    write!(
-        c,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut buf = [0u8; 512];
-    let k = c.read(&mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..k]).contains("200 OK"));
+    let c = open_stream(
+        &addr,
+        "/v1/chat/completions",
+        &json!({"model": base, "temperature": 0.8, "max_tokens": 400, "stream": true,
+                "messages": [{"role": "user", "content": "Tell me a long story."}]}),
+    );
     let u2 = url.clone();
     let waiting = std::thread::spawn(move || {
         post(
