@@ -152,6 +152,20 @@ fn open_stream(addr: &str, path: &str, body: &Value) -> std::net::TcpStream {
     c
 }
 
+/// The server's greedy chat answer (200 asserted).
+fn greedy_chat(url: &str, model: &str, prompt: &str, n: usize) -> String {
+    let (st, v) = post(
+        &format!("{url}/v1/chat/completions"),
+        &json!({"model": model, "temperature": 0, "max_tokens": n,
+                "messages": [{"role": "user", "content": prompt}]}),
+    );
+    assert_eq!(st, 200, "{v}");
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn assert_openai_error(status: u16, v: &Value, want_status: u16, words: &[&str]) {
     assert_eq!(status, want_status, "{v}");
     let msg = v["error"]["message"]
@@ -615,16 +629,7 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
     let url = format!("{}/v1/chat/completions", s.url);
     // Chunked prefill changes nothing.
     let want = generate(&model, None, "Name three colours.", true, 16);
-    let (st, v) = post(
-        &url,
-        &json!({"model": base, "temperature": 0, "max_tokens": 16,
-                "messages": [{"role": "user", "content": "Name three colours."}]}),
-    );
-    assert_eq!(st, 200, "{v}");
-    assert_eq!(
-        v["choices"][0]["message"]["content"].as_str().unwrap(),
-        want
-    );
+    assert_eq!(greedy_chat(&s.url, base, "Name three colours.", 16), want);
     // Over the prompt limit.
     let (st, v) = post(
         &url,
@@ -698,12 +703,7 @@ fn adapters_load_and_unload_at_run_time_when_allowed() {
     let chat = format!("{}/v1/chat/completions", s.url);
     let ask = json!({"model": "late", "temperature": 0, "max_tokens": 12,
                      "messages": [{"role": "user", "content": "Name three colours."}]});
-    let (st, v) = post(&chat, &ask);
-    assert_eq!(st, 200, "{v}");
-    assert_eq!(
-        v["choices"][0]["message"]["content"].as_str().unwrap(),
-        want
-    );
+    assert_eq!(greedy_chat(&s.url, "late", "Name three colours.", 12), want);
     let (st, v) = post(
         &load,
         &json!({"lora_name": "late", "lora_path": ad.to_str().unwrap()}),

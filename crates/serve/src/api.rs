@@ -26,7 +26,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 /// Starts the engine thread; the shared state for the router and the thread's handle.
-pub(crate) fn start(cfg: ServeConfig) -> (Arc<App>, std::thread::JoinHandle<()>) {
+pub(crate) fn start(cfg: ServeConfig) -> std::io::Result<(Arc<App>, std::thread::JoinHandle<()>)> {
     let ServeConfig {
         models,
         tokenizer,
@@ -55,12 +55,11 @@ pub(crate) fn start(cfg: ServeConfig) -> (Arc<App>, std::thread::JoinHandle<()>)
     let m = metrics.clone();
     let handle = std::thread::Builder::new()
         .name("qlora-engine".into())
-        .spawn(move || engine::run(tok, stop_ids, rx, engine_cfg, m))
-        .expect("spawning the engine thread");
+        .spawn(move || engine::run(tok, stop_ids, rx, engine_cfg, m))?;
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    (
+    Ok((
         Arc::new(App {
             registry: std::sync::RwLock::new(registry),
             loader,
@@ -73,7 +72,7 @@ pub(crate) fn start(cfg: ServeConfig) -> (Arc<App>, std::thread::JoinHandle<()>)
             created,
         }),
         handle,
-    )
+    ))
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -137,7 +136,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {
-    let reg = app.registry.read().unwrap_or_else(|e| e.into_inner());
+    let reg = app.models();
     let data: Vec<Value> = reg
         .entries
         .iter()
@@ -196,14 +195,7 @@ async fn load_adapter(
                 Some("lora_name"),
             ));
         }
-        let taken = |app: &App, name: &str| {
-            app.registry
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .entries
-                .iter()
-                .any(|e| e.name == name)
-        };
+        let taken = |app: &App, name: &str| app.models().entries.iter().any(|e| e.name == name);
         let conflict = |name: &str| ApiError {
             status: StatusCode::CONFLICT,
             kind: "invalid_request_error",
@@ -221,7 +213,7 @@ async fn load_adapter(
                 .await
                 .map_err(|e| ApiError::bad(format!("loading the adapter failed: {e}"), None))?
                 .map_err(|e| ApiError::bad(e, Some("lora_path")))?;
-        let mut reg = app.registry.write().unwrap_or_else(|e| e.into_inner());
+        let mut reg = app.models_mut();
         if reg.entries.iter().any(|e| e.name == req.lora_name) {
             return Err(conflict(&req.lora_name));
         }
@@ -253,7 +245,7 @@ async fn unload_adapter(
                 Some("lora_name"),
             ));
         }
-        let mut reg = app.registry.write().unwrap_or_else(|e| e.into_inner());
+        let mut reg = app.models_mut();
         let Some(i) = reg.entries.iter().position(|e| e.name == req.lora_name) else {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -504,7 +496,7 @@ struct Picked {
 }
 
 fn find_model(app: &App, name: &str) -> Result<Picked, ApiError> {
-    let reg = app.registry.read().unwrap_or_else(|e| e.into_inner());
+    let reg = app.models();
     if let Some(e) = reg.entries.iter().find(|e| e.name == name) {
         return Ok(Picked {
             model: e.model.clone(),

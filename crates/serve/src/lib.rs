@@ -85,7 +85,7 @@ pub fn serve(
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (app, engine) = api::start(cfg);
+    let (app, engine) = api::start(cfg)?;
     let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         on_listen(listener.local_addr()?);
@@ -151,6 +151,17 @@ impl Registry {
             model,
             key: (group, id),
         });
+    }
+}
+
+impl App {
+    /// The served models (a poisoned lock still holds a consistent list: every change to it
+    /// is one push or one remove).
+    pub(crate) fn models(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(crate) fn models_mut(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
+        self.registry.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
