@@ -630,6 +630,45 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
     // Chunked prefill changes nothing.
     let want = generate(&model, None, "Name three colours.", true, 16);
     assert_eq!(greedy_chat(&s.url, base, "Name three colours.", 16), want);
+    // vLLM's min_tokens masks the end-of-sequence token until that many are out, and
+    // ignore_eos never stops on it.
+    let ask = |extra: Value| {
+        let mut b = json!({"model": base, "temperature": 0, "max_tokens": 120,
+                           "messages": [{"role": "user", "content": "Say hi."}]});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let (st, v) = post(&url, &b);
+        assert_eq!(st, 200, "{v}");
+        (
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+            v["choices"][0]["finish_reason"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    };
+    let (text, k, reason) = ask(json!({}));
+    assert_eq!(
+        reason, "stop",
+        "the greedy answer to 'Say hi.' should end by itself"
+    );
+    assert!(k < 100, "{k} tokens");
+    let (longer, k2, _) = ask(json!({"min_tokens": k + 3}));
+    assert!(k2 >= k + 3, "min_tokens {}: {k2} tokens", k + 3);
+    assert!(longer.starts_with(text.trim_end()), "{longer:?} / {text:?}");
+    let (_, k3, reason) = ask(json!({"ignore_eos": true, "max_tokens": k + 5}));
+    assert_eq!((k3, reason.as_str()), (k + 5, "length"));
+    let (st, v) = post(
+        &url,
+        &json!({"model": base, "max_tokens": 4, "min_tokens": 5,
+                "messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    assert_openai_error(st, &v, 400, &["min_tokens"]);
     // Over the prompt limit.
     let (st, v) = post(
         &url,
@@ -642,8 +681,19 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
         &addr,
         "/v1/chat/completions",
         &json!({"model": base, "temperature": 0.8, "max_tokens": 400, "stream": true,
+                "ignore_eos": true,
                 "messages": [{"role": "user", "content": "Tell me a long story."}]}),
     );
+    // SSE headers come before the engine admits it: wait until it runs, so that the next
+    // request is the one waiting.
+    let t0 = Instant::now();
+    while metric(&s.url, "qlora_running") < 1.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the stream never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let u2 = url.clone();
     let waiting = std::thread::spawn(move || {
         post(

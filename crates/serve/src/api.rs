@@ -335,6 +335,10 @@ struct Common {
     #[serde(default)]
     repetition_penalty: Option<f32>,
     #[serde(default)]
+    ignore_eos: Option<bool>,
+    #[serde(default)]
+    min_tokens: Option<u64>,
+    #[serde(default)]
     seed: Option<u64>,
     #[serde(default)]
     stop: Option<OneOrMany>,
@@ -649,6 +653,13 @@ fn generate(
             Some("max_tokens"),
         ));
     }
+    let min_tokens = c.min_tokens.unwrap_or(0);
+    if min_tokens as usize > max_tokens {
+        return Err(ApiError::bad(
+            format!("min_tokens {min_tokens} is above max_tokens {max_tokens}"),
+            Some("min_tokens"),
+        ));
+    }
     let stop = match &c.stop {
         None => Vec::new(),
         Some(OneOrMany::One(s)) => vec![s.clone()],
@@ -682,6 +693,8 @@ fn generate(
             seed,
         },
         stop,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
+        min_tokens: min_tokens as usize,
         events: tx,
         enqueued: t0,
     };

@@ -28,6 +28,10 @@ pub struct Job {
     pub sampling: SamplingParams,
     /// Strings that end the completion (not included in it).
     pub stop: Vec<String>,
+    /// vLLM's `ignore_eos`: the end-of-sequence tokens are ordinary tokens.
+    pub ignore_eos: bool,
+    /// vLLM's `min_tokens`: the end-of-sequence tokens are masked until this many are out.
+    pub min_tokens: usize,
     pub events: UnboundedSender<Event>,
     pub enqueued: Instant,
 }
@@ -235,6 +239,14 @@ impl<'a> Seq<'a> {
                 return Ok(true);
             }
         }
+        let mut logits = logits;
+        if !self.job.ignore_eos && self.stream.tokens().len() < self.job.min_tokens {
+            for &e in stop_ids {
+                if let Some(x) = logits.get_mut(e as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
         let id = self.sampler.sample(&logits, &self.seen);
         let now = Instant::now();
         if self.first_token {
@@ -245,7 +257,7 @@ impl<'a> Seq<'a> {
                 .observe(now.duration_since(self.last_token).as_secs_f64());
         }
         self.last_token = now;
-        if stop_ids.contains(&id) {
+        if !self.job.ignore_eos && stop_ids.contains(&id) {
             return Ok(self.finish("stop", false));
         }
         self.seen.push(id);
