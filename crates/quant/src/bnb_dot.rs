@@ -33,16 +33,7 @@ impl Bnb4Activation {
     }
 }
 
-fn use_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+use crate::use_avx512;
 
 /// Σ W[row]·x for a row of `x.len()` elements stored as `packed` (x.len() / 2 bytes) with one
 /// absmax per `blocksize` elements. Requires `blocksize` to be a multiple of 32 and to divide

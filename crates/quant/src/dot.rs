@@ -55,8 +55,12 @@ pub fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         {
             // SAFETY: the features were detected just above.
             return unsafe {
-                if is_dense(t) && std::is_x86_feature_detected!("avx512f") {
-                    avx512::dot_dense(t, row, x)
+                if crate::use_avx512() {
+                    if is_dense(t) {
+                        avx512::dot_dense(t, row, x)
+                    } else {
+                        avx512::dot_row(t, row, x, xsum)
+                    }
                 } else if is_dense(t) {
                     avx2::dot_dense(t, row, x)
                 } else {
@@ -145,6 +149,81 @@ mod avx512 {
         let acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
         acc + super::dense_tail(t, row, x, i)
     }
+
+    /// f16 → f32 of the two bytes at `at` (F16C).
+    #[inline(always)]
+    unsafe fn h(p: *const u8, at: usize) -> f32 {
+        let v = u16::from_le_bytes([*p.add(at), *p.add(at + 1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(v as i32)))
+    }
+
+    /// One block's Σ q·x (before its scale d) and its offset term m·Σx (0 for Q8_0).
+    #[inline(always)]
+    unsafe fn block<const T: u8>(b: *const u8, xb: *const f32, xsum: f32) -> (__m512, f32) {
+        if T == 2 {
+            let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(2) as *const __m128i));
+            let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(18) as *const __m128i));
+            let p = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), _mm512_loadu_ps(xb));
+            let p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), _mm512_loadu_ps(xb.add(16)), p);
+            return (p, 0.0);
+        }
+        let (m, qs) = if T == 0 {
+            (-8.0 * h(b, 0), b.add(2))
+        } else {
+            (h(b, 2), b.add(4))
+        };
+        // Byte j holds element j (low nibble) and j + 16 (high nibble).
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs as *const __m128i));
+        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        let p = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+        (
+            _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), p),
+            m * xsum,
+        )
+    }
+
+    /// Q4_0 (T = 0), Q4_1 (1), Q8_0 (2): two blocks per step into two register accumulators.
+    #[inline(always)]
+    unsafe fn dot_blocks<const T: u8>(row: &[u8], bb: usize, x: &[f32], xsum: &[f32]) -> f32 {
+        let nb = row.len() / bb;
+        debug_assert!(x.len() >= 32 * nb && (T == 2 || xsum.len() >= nb));
+        let (rp, xp) = (row.as_ptr(), x.as_ptr());
+        let xs = |i: usize| if T == 2 { 0.0 } else { *xsum.get_unchecked(i) };
+        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut o0, mut o1) = (0f32, 0f32);
+        let mut i = 0;
+        while i + 2 <= nb {
+            let (b0, b1) = (rp.add(i * bb), rp.add((i + 1) * bb));
+            let (p0, m0) = block::<T>(b0, xp.add(32 * i), xs(i));
+            let (p1, m1) = block::<T>(b1, xp.add(32 * i + 32), xs(i + 1));
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(h(b0, 0)), p0, a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(h(b1, 0)), p1, a1);
+            o0 += m0;
+            o1 += m1;
+            i += 2;
+        }
+        if i < nb {
+            let b0 = rp.add(i * bb);
+            let (p0, m0) = block::<T>(b0, xp.add(32 * i), xs(i));
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(h(b0, 0)), p0, a0);
+            o0 += m0;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (o0 + o1)
+    }
+
+    /// Q4_0/Q4_1/Q8_0 row · x: each 32-element block is two 16-lane halves widened from bytes
+    /// in one shuffle each (no per-element lookups), dotted in f32 and scaled by the block's d.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let (_, bb) = t.block();
+        match t {
+            GgmlType::Q4_0 => dot_blocks::<0>(row, bb, x, xsum),
+            GgmlType::Q4_1 => dot_blocks::<1>(row, bb, x, xsum),
+            GgmlType::Q8_0 => dot_blocks::<2>(row, bb, x, xsum),
+            _ => unreachable!("dot_row is only called for types with a fused kernel"),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -221,7 +300,9 @@ mod avx2 {
         let (_, bb) = t.block();
         let nb = row.len() / bb;
         // Two accumulators (even/odd blocks) halve the FMA dependency chain.
-        let mut accs = [_mm256_setzero_ps(); 2];
+        // Named, not an array indexed by i & 1: an indexed array lives on the stack, and each
+        // block's update then waits on a store-to-load forward.
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut offset = 0f32;
         let mask = _mm_set1_epi8(0x0F);
         for i in 0..nb {
@@ -236,7 +317,12 @@ mod avx2 {
                     p = fma8_i8(_mm_srli_si128(q0, 8), xp.add(8), p);
                     p = fma8_i8(q1, xp.add(16), p);
                     p = fma8_i8(_mm_srli_si128(q1, 8), xp.add(24), p);
-                    accs[i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(h(b, 0)), p, accs[i & 1]);
+                    let d = _mm256_set1_ps(h(b, 0));
+                    if i & 1 == 0 {
+                        a0 = _mm256_fmadd_ps(d, p, a0);
+                    } else {
+                        a1 = _mm256_fmadd_ps(d, p, a1);
+                    }
                 }
                 _ => {
                     let (d, m, qs) = if t == GgmlType::Q4_0 {
@@ -252,13 +338,17 @@ mod avx2 {
                     p = fma8(_mm_srli_si128(lo, 8), xp.add(8), p);
                     p = fma8(hi, xp.add(16), p);
                     p = fma8(_mm_srli_si128(hi, 8), xp.add(24), p);
-                    accs[i & 1] = _mm256_fmadd_ps(_mm256_set1_ps(d), p, accs[i & 1]);
+                    if i & 1 == 0 {
+                        a0 = _mm256_fmadd_ps(_mm256_set1_ps(d), p, a0);
+                    } else {
+                        a1 = _mm256_fmadd_ps(_mm256_set1_ps(d), p, a1);
+                    }
                     offset += m * xsum[i];
                 }
             }
         }
         let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(accs[0], accs[1]));
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1));
         lanes.iter().sum::<f32>() + offset
     }
 }
@@ -327,9 +417,15 @@ mod tests {
                 let xs = block_sums(&x);
                 let mut got = vec![dot_row(t, &r, &x, &xs), dot_row_scalar(t, &r, &x, &xs)];
                 #[cfg(target_arch = "x86_64")]
-                if is_dense(t) && std::is_x86_feature_detected!("avx2") {
+                if std::is_x86_feature_detected!("avx2") {
                     // SAFETY: AVX2 detected (F16C/FMA come with it on every x86 CPU qlora runs on).
-                    got.push(unsafe { avx2::dot_dense(t, &r, &x) });
+                    got.push(unsafe {
+                        if is_dense(t) {
+                            avx2::dot_dense(t, &r, &x)
+                        } else {
+                            avx2::dot_row(t, &r, &x, &xs)
+                        }
+                    });
                 }
                 for got in got {
                     assert!(

@@ -11,3 +11,20 @@ pub use bnb_dot::{bf16_dot_row, bnb4_dot_row, bnb4_dot_row_scalar, Bnb4Activatio
 pub use dot::{block_sums, dot_row, dot_row_scalar, has_fused_dot};
 
 pub use ggml::{dequantize_ggml, GgmlType};
+
+/// Whether the AVX-512 kernels run: the CPU has AVX-512F and `QLORA_NO_AVX512` is not set (it
+/// lets an AVX-512 host measure the AVX2 kernels most machines run).
+pub fn use_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            std::is_x86_feature_detected!("avx512f")
+                && std::env::var_os("QLORA_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
