@@ -4,7 +4,7 @@
 use crate::simd::dot;
 use crate::{Weight, WeightFormat};
 use qlora_quant::{
-    bf16_dot_row, block_sums, bnb4_dot_row, dot_row, has_fused_dot, Bnb4Activation, GgmlType,
+    bf16_dot_rows, block_sums, bnb4_dot_rows, dot_rows, has_fused_dot, Bnb4Activation, GgmlType,
 };
 use rayon::prelude::*;
 
@@ -147,45 +147,39 @@ pub fn linear_many(x: &[f32], t: usize, ws: &[&Weight], ys: &mut [&mut [f32]]) {
         let (w, yp) = (ws[i], &yps[i]);
         let (d_out, d_in) = (w.rows, w.cols);
         let n = chunk.min(d_out - r0);
-        let mut buf = match preps[i] {
-            Prepared::Widen => vec![0f32; d_in],
-            _ => Vec::new(),
+        // SAFETY: rows r0..r0+n of token `tok`'s output of this weight are written by this
+        // task only; they are contiguous in y [t, d_out].
+        let out = |tok: usize| unsafe {
+            std::slice::from_raw_parts_mut(yp.get().add(tok * d_out + r0), n)
         };
-        for r in r0..r0 + n {
-            match &preps[i] {
-                Prepared::Bf16(acts) => {
-                    let row = &w.bytes()[r * 2 * d_in..(r + 1) * 2 * d_in];
-                    for (tok, xr) in acts.iter().enumerate() {
-                        let v = bf16_dot_row(row, xr);
-                        // SAFETY: (tok, r) of this weight's output is written by this task only.
-                        unsafe { *yp.get().add(tok * d_out + r) = v };
-                    }
+        match &preps[i] {
+            Prepared::Bf16(acts) => {
+                let rows = &w.bytes()[r0 * 2 * d_in..(r0 + n) * 2 * d_in];
+                for (tok, xr) in acts.iter().enumerate() {
+                    bf16_dot_rows(rows, xr, out(tok));
                 }
-                Prepared::Ggml(fmt, xsums) => {
-                    let rb = w.row_bytes();
-                    let row = &w.bytes()[r * rb..(r + 1) * rb];
-                    for tok in 0..t {
-                        let v = dot_row(*fmt, row, &x[tok * d_in..(tok + 1) * d_in], &xsums[tok]);
-                        // SAFETY: (tok, r) of this weight's output is written by this task only.
-                        unsafe { *yp.get().add(tok * d_out + r) = v };
-                    }
+            }
+            Prepared::Ggml(fmt, xsums) => {
+                let rb = w.row_bytes();
+                let rows = &w.bytes()[r0 * rb..(r0 + n) * rb];
+                for (tok, xs) in xsums.iter().enumerate() {
+                    dot_rows(*fmt, rows, &x[tok * d_in..(tok + 1) * d_in], xs, out(tok));
                 }
-                Prepared::Bnb4(s, acts) => {
-                    let row = &w.bytes()[r * d_in / 2..(r + 1) * d_in / 2];
-                    let per_row = d_in / s.blocksize;
-                    let absmax = &s.values[r * per_row..(r + 1) * per_row];
-                    for (tok, xr) in acts.iter().enumerate() {
-                        let v = bnb4_dot_row(row, absmax, &s.code, s.blocksize, xr);
-                        // SAFETY: as above.
-                        unsafe { *yp.get().add(tok * d_out + r) = v };
-                    }
+            }
+            Prepared::Bnb4(s, acts) => {
+                let rows = &w.bytes()[r0 * d_in / 2..(r0 + n) * d_in / 2];
+                let per_row = d_in / s.blocksize;
+                let absmax = &s.values[r0 * per_row..(r0 + n) * per_row];
+                for (tok, xr) in acts.iter().enumerate() {
+                    bnb4_dot_rows(rows, absmax, &s.code, s.blocksize, xr, out(tok));
                 }
-                Prepared::Widen => {
+            }
+            Prepared::Widen => {
+                let mut buf = vec![0f32; d_in];
+                for r in r0..r0 + n {
                     w.dequantize_rows(r, &mut buf);
                     for tok in 0..t {
-                        let v = dot(&x[tok * d_in..(tok + 1) * d_in], &buf);
-                        // SAFETY: as above.
-                        unsafe { *yp.get().add(tok * d_out + r) = v };
+                        out(tok)[r - r0] = dot(&x[tok * d_in..(tok + 1) * d_in], &buf);
                     }
                 }
             }

@@ -63,6 +63,54 @@ pub fn bnb4_dot_row(
     bnb4_dot_row_scalar(packed, absmax, code, blocksize, &x.x)
 }
 
+/// `bnb4_dot_row` for `out.len()` consecutive rows (row-major `packed`, `absmax`), with the
+/// kernel chosen once: at decode a row is only a few blocks, so a call per row costs about as
+/// much as the row.
+pub fn bnb4_dot_rows(
+    packed: &[u8],
+    absmax: &[f32],
+    code: &[f32; 16],
+    blocksize: usize,
+    x: &Bnb4Activation,
+    out: &mut [f32],
+) {
+    let cols = x.x.len();
+    let (pb, pa) = (cols / 2, cols / blocksize);
+    assert!(packed.len() >= out.len() * pb && absmax.len() >= out.len() * pa);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !x.split.is_empty() {
+            // SAFETY: `split` is only filled when AVX-512F was detected; lengths as asserted.
+            return unsafe { avx512::dot_rows(packed, absmax, code, blocksize, &x.split, out) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected just above; lengths as asserted.
+            return unsafe { avx2::dot_rows(packed, absmax, code, blocksize, &x.x, out) };
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = bnb4_dot_row_scalar(
+            &packed[r * pb..(r + 1) * pb],
+            &absmax[r * pa..(r + 1) * pa],
+            code,
+            blocksize,
+            &x.x,
+        );
+    }
+}
+
+/// `bf16_dot_row` for `out.len()` consecutive rows of `rows`.
+pub fn bf16_dot_rows(rows: &[u8], x: &Bnb4Activation, out: &mut [f32]) {
+    let rb = 2 * x.x.len();
+    assert!(rows.len() >= out.len() * rb);
+    #[cfg(target_arch = "x86_64")]
+    if !x.split.is_empty() {
+        // SAFETY: `split` is only filled when AVX-512F was detected; lengths as asserted.
+        return unsafe { avx512::dot_bf16_rows(rows, &x.split, out) };
+    }
+    crate::dot_rows(crate::GgmlType::BF16, rows, &x.x, &[], out)
+}
+
 /// Σ W[row]·x for a bf16 row (`2 · x.len()` bytes): with AVX-512, each 32-bit lane of a load
 /// holds an even element (low half) and an odd one (high half), widened by a shift and a mask,
 /// with no shuffles; otherwise the plain kernel.
@@ -105,6 +153,36 @@ mod avx512 {
     /// lanes; the high nibbles (shifted down) and the low nibbles (the permute reads only the low
     /// four bits) each index the 16-entry code book in one permute.
     #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_rows(
+        packed: &[u8],
+        absmax: &[f32],
+        code: &[f32; 16],
+        blocksize: usize,
+        xs: &[f32],
+        out: &mut [f32],
+    ) {
+        let (pb, pa) = (xs.len() / 2, xs.len() / blocksize);
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot(
+                packed.get_unchecked(r * pb..(r + 1) * pb),
+                absmax.get_unchecked(r * pa..(r + 1) * pa),
+                code,
+                blocksize,
+                xs,
+            );
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_bf16_rows(rows: &[u8], xs: &[f32], out: &mut [f32]) {
+        let rb = 2 * xs.len();
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot_bf16(rows.get_unchecked(r * rb..(r + 1) * rb), xs);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
     pub unsafe fn dot(
         packed: &[u8],
         absmax: &[f32],
@@ -133,6 +211,7 @@ mod avx512 {
         _mm512_reduce_add_ps(total)
     }
 
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_bf16(row: &[u8], xs: &[f32]) -> f32 {
         let hi_mask = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
@@ -164,6 +243,28 @@ mod avx2 {
         _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
     }
 
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows(
+        packed: &[u8],
+        absmax: &[f32],
+        code: &[f32; 16],
+        blocksize: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        let (pb, pa) = (x.len() / 2, x.len() / blocksize);
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot(
+                packed.get_unchecked(r * pb..(r + 1) * pb),
+                absmax.get_unchecked(r * pa..(r + 1) * pa),
+                code,
+                blocksize,
+                x,
+            );
+        }
+    }
+
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(
         packed: &[u8],
@@ -259,6 +360,41 @@ mod tests {
                     "{quant:?}: {got} vs {want}"
                 );
             }
+        }
+    }
+
+    /// The several-rows entries give each row's single-row result (NF4 rows and bf16 rows).
+    #[test]
+    fn rows_entries_equal_the_row_kernels() {
+        let (cols, n, bs) = (128, 6, 64);
+        let w: Vec<f32> = (0..cols * n)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.21).cos()).collect();
+        let act = Bnb4Activation::new(&x);
+        let (packed, absmax) = quantize_4bit(&w, bs, Quant4::Nf4);
+        let code = Quant4::Nf4.code();
+        let mut out = vec![0f32; n];
+        bnb4_dot_rows(&packed, &absmax, &code, bs, &act, &mut out);
+        let (pb, pa) = (cols / 2, cols / bs);
+        for (r, got) in out.iter().enumerate() {
+            let want = bnb4_dot_row(
+                &packed[r * pb..(r + 1) * pb],
+                &absmax[r * pa..(r + 1) * pa],
+                &code,
+                bs,
+                &act,
+            );
+            assert_eq!(*got, want, "nf4 row {r}");
+        }
+        let bf: Vec<u8> = w
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        bf16_dot_rows(&bf, &act, &mut out);
+        for (r, got) in out.iter().enumerate() {
+            let want = bf16_dot_row(&bf[r * 2 * cols..(r + 1) * 2 * cols], &act);
+            assert_eq!(*got, want, "bf16 row {r}");
         }
     }
 }

@@ -72,6 +72,33 @@ pub fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     dot_row_scalar(t, row, x, xsum)
 }
 
+/// `dot_row` for `out.len()` consecutive rows of `rows` (each of `x.len()` elements), with the kernel chosen once for all of them.
+pub fn dot_rows(t: GgmlType, rows: &[u8], x: &[f32], xsum: &[f32], out: &mut [f32]) {
+    let (bs, bb) = t.block();
+    let rb = x.len() / bs * bb;
+    assert!(rows.len() >= out.len() * rb);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the features were detected just above; lengths as asserted.
+            unsafe {
+                if crate::use_avx512() {
+                    avx512::rows(t, rows, rb, x, xsum, out)
+                } else {
+                    avx2::rows(t, rows, rb, x, xsum, out)
+                }
+            }
+            return;
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_row_scalar(t, &rows[r * rb..(r + 1) * rb], x, xsum);
+    }
+}
+
 #[inline(always)]
 fn h(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
@@ -129,7 +156,28 @@ mod avx512 {
         }
     }
 
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn rows(
+        t: GgmlType,
+        rows: &[u8],
+        rb: usize,
+        x: &[f32],
+        xsum: &[f32],
+        out: &mut [f32],
+    ) {
+        let dense = super::is_dense(t);
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = rows.get_unchecked(r * rb..(r + 1) * rb);
+            *o = if dense {
+                dot_dense(t, row, x)
+            } else {
+                dot_row(t, row, x, xsum)
+            };
+        }
+    }
+
     /// f32/f16/bf16 row · x, 32 elements per step.
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_dense(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         let n = x.len();
@@ -214,6 +262,7 @@ mod avx512 {
 
     /// Q4_0/Q4_1/Q8_0 row · x: each 32-element block is two 16-lane halves widened from bytes
     /// in one shuffle each (no per-element lookups), dotted in f32 and scaled by the block's d.
+    #[inline]
     #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let (_, bb) = t.block();
@@ -271,7 +320,28 @@ mod avx2 {
         }
     }
 
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows(
+        t: GgmlType,
+        rows: &[u8],
+        rb: usize,
+        x: &[f32],
+        xsum: &[f32],
+        out: &mut [f32],
+    ) {
+        let dense = super::is_dense(t);
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = rows.get_unchecked(r * rb..(r + 1) * rb);
+            *o = if dense {
+                dot_dense(t, row, x)
+            } else {
+                dot_row(t, row, x, xsum)
+            };
+        }
+    }
+
     /// f32/f16/bf16 row · x.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_dense(t: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         let n = x.len();
@@ -295,6 +365,7 @@ mod avx2 {
         acc + super::dense_tail(t, row, x, i)
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let (_, bb) = t.block();
@@ -433,6 +504,55 @@ mod tests {
                         "{t:?} {blocks}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod rows_tests {
+    use super::*;
+
+    /// The several-rows entry gives each row's `dot_row`, whatever the format.
+    #[test]
+    fn dot_rows_equals_dot_row_per_row() {
+        for t in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
+            let (cols, n) = (96, 5);
+            let (bs, bb) = t.block();
+            let rb = cols / bs * bb;
+            let mut s = 7u32;
+            let mut bytes: Vec<u8> = (0..n * rb)
+                .map(|_| {
+                    s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                    (s >> 24) as u8
+                })
+                .collect();
+            if !is_dense(t) {
+                for b in bytes.chunks_exact_mut(bb) {
+                    b[0..2].copy_from_slice(&f16::from_f32(0.02).to_le_bytes());
+                    if t == GgmlType::Q4_1 {
+                        b[2..4].copy_from_slice(&f16::from_f32(-0.1).to_le_bytes());
+                    }
+                }
+            } else {
+                // Finite values: clear each element's top exponent bit.
+                for e in bytes.chunks_exact_mut(2) {
+                    e[1] &= 0x3F;
+                }
+            }
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let xs = block_sums(&x);
+            let mut out = vec![0f32; n];
+            dot_rows(t, &bytes, &x, &xs, &mut out);
+            for (r, got) in out.iter().enumerate() {
+                let want = dot_row(t, &bytes[r * rb..(r + 1) * rb], &x, &xs);
+                assert_eq!(*got, want, "{t:?} row {r}");
             }
         }
     }

@@ -7,8 +7,10 @@ mod dot;
 mod ggml;
 
 pub use bnb::Quant4;
-pub use bnb_dot::{bf16_dot_row, bnb4_dot_row, bnb4_dot_row_scalar, Bnb4Activation};
-pub use dot::{block_sums, dot_row, dot_row_scalar, has_fused_dot};
+pub use bnb_dot::{
+    bf16_dot_row, bf16_dot_rows, bnb4_dot_row, bnb4_dot_row_scalar, bnb4_dot_rows, Bnb4Activation,
+};
+pub use dot::{block_sums, dot_row, dot_row_scalar, dot_rows, has_fused_dot};
 
 pub use ggml::{dequantize_ggml, GgmlType};
 
