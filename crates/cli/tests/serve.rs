@@ -6,9 +6,7 @@
 
 mod common;
 use common::*;
-use qlora_io::{write_safetensors, ElementType, WriteTensor};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,65 +16,9 @@ fn gguf() -> Option<PathBuf> {
     smollm2_or_skip()
 }
 
-/// A PEFT LoRA adapter for SmolLM2-135M with random A and B (B large enough to change the
-/// greedy text), on `modules`.
+/// A random SmolLM2 LoRA adapter (see `common::write_smollm2_adapter`).
 fn write_adapter(dir: &Path, modules: &[&str], r: usize, seed: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    let (d, kv, f, layers) = (576usize, 192usize, 1536usize, 30usize);
-    let shape = |m: &str| -> (usize, usize) {
-        match m {
-            "q_proj" | "o_proj" => (d, d),
-            "k_proj" | "v_proj" => (kv, d),
-            "gate_proj" | "up_proj" => (f, d),
-            "down_proj" => (d, f),
-            _ => unreachable!(),
-        }
-    };
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut rnd = |n: usize, scale: f32| -> Vec<u8> {
-        (0..n)
-            .flat_map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                (u * scale).to_le_bytes()
-            })
-            .collect()
-    };
-    let mut tensors = Vec::new();
-    for l in 0..layers {
-        for m in modules {
-            let (out, inp) = shape(m);
-            let part =
-                if m.ends_with("_proj") && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(m) {
-                    "self_attn"
-                } else {
-                    "mlp"
-                };
-            let base = format!("base_model.model.model.layers.{l}.{part}.{m}");
-            tensors.push(WriteTensor {
-                name: format!("{base}.lora_A.weight"),
-                dtype: ElementType::F32,
-                shape: vec![r, inp],
-                data: rnd(r * inp, 0.2).into(),
-            });
-            tensors.push(WriteTensor {
-                name: format!("{base}.lora_B.weight"),
-                dtype: ElementType::F32,
-                shape: vec![out, r],
-                data: rnd(out * r, 0.6).into(),
-            });
-        }
-    }
-    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, &meta).unwrap();
-    let cfg = json!({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-        "lora_dropout": 0.0, "target_modules": modules, "bias": "none",
-        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    });
-    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    write_smollm2_adapter(dir, modules, r, seed, json!({}));
 }
 
 struct Server {

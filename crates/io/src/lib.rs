@@ -7,6 +7,7 @@ mod bytes;
 mod config;
 mod error;
 mod gguf;
+mod gguf_write;
 mod model_dir;
 mod partial_dir;
 mod safetensors_file;
@@ -17,12 +18,15 @@ pub use bytes::Bytes;
 pub use config::{ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufValue};
+pub use gguf_write::{gguf_name, permute_rows, GgufTensorSpec, GgufWriter};
 pub use model_dir::{ModelSource, TensorStore};
 pub use partial_dir::PartialDir;
 pub use safetensors_file::{
     write_safetensors, SafetensorsFile, StreamingWriter, TensorSpec, WriteTensor,
 };
-pub use tokenizer::{load_tokenizer_json, tokenizer_from_gguf, TokenizerInfo};
+pub use tokenizer::{
+    gguf_tokenizer_metadata, load_tokenizer_json, tokenizer_from_gguf, TokenizerInfo,
+};
 
 /// How one tensor's elements are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -390,3 +390,225 @@ mod tests {
         assert!(e.contains("t.gguf") && e.contains("65537 bytes"), "{e}");
     }
 }
+
+/// llama.cpp's token types.
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_UNKNOWN: i32 = 2;
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+const TOKEN_UNUSED: i32 = 5;
+const TOKEN_BYTE: i32 = 6;
+
+/// llama.cpp's pre-tokenizer name for a tokenizer.json `pre_tokenizer` (the inverse of the
+/// table in `tokenizer_from_gguf`).
+fn pre_type(pre: &Value) -> Option<&'static str> {
+    let is_byte_level = |v: &Value| v["type"] == "ByteLevel";
+    match pre["type"].as_str()? {
+        "ByteLevel" if pre["use_regex"] != false => Some("gpt2"),
+        "Sequence" => {
+            let p = pre["pretokenizers"].as_array()?;
+            match p.as_slice() {
+                [d, b]
+                    if d["type"] == "Digits"
+                        && d["individual_digits"] == true
+                        && is_byte_level(b) =>
+                {
+                    Some("smollm")
+                }
+                [s, b]
+                    if s["type"] == "Split"
+                        && s["pattern"]["Regex"] == LLAMA3_REGEX
+                        && is_byte_level(b) =>
+                {
+                    Some("llama-bpe")
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The `tokenizer.*` GGUF metadata llama.cpp needs for a tokenizer read from tokenizer.json
+/// (byte-level BPE: `tokenizer.ggml.model` "gpt2"; SentencePiece-style BPE with byte fallback:
+/// "llama", scores from the merge ranks), padded with unused `[PADi]` tokens to `vocab_size`
+/// (the embedding's rows), as `convert_hf_to_gguf.py` writes them. `path` names the tokenizer
+/// in errors.
+pub fn gguf_tokenizer_metadata(
+    info: &TokenizerInfo,
+    vocab_size: usize,
+    path: &Path,
+) -> Result<Vec<(String, GgufValue)>> {
+    let doc: Value = serde_json::from_str(&info.json).map_err(|e| Error::Json {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let m = &doc["model"];
+    if m["type"] != "BPE" {
+        return Err(tok_err(
+            path,
+            format!(
+                "tokenizer model {} cannot be written to GGUF yet (qlora writes BPE tokenizers)",
+                m["type"]
+            ),
+        ));
+    }
+    let vocab = m["vocab"]
+        .as_object()
+        .ok_or_else(|| tok_err(path, "model.vocab is not an object"))?;
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![TOKEN_NORMAL; vocab_size];
+    let mut put = |t: &str, id: u64, ty: Option<i32>| -> Result<()> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| {
+            tok_err(
+                path,
+                format!("token {t:?} has id {id}, outside the model's vocabulary of {vocab_size}"),
+            )
+        })?;
+        *slot = Some(t.to_string());
+        if let Some(ty) = ty {
+            types[id as usize] = ty;
+        }
+        Ok(())
+    };
+    for (t, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| tok_err(path, format!("token {t:?} has a non-integer id")))?;
+        put(t, id, None)?;
+    }
+    for a in doc["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(t), Some(id)) = (a["content"].as_str(), a["id"].as_u64()) else {
+            continue;
+        };
+        let ty = if a["special"] == true {
+            TOKEN_CONTROL
+        } else {
+            TOKEN_USER_DEFINED
+        };
+        put(t, id, Some(ty))?;
+    }
+    let merges: Vec<String> = m["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Array(p) if p.len() == 2 && p.iter().all(|x| x.is_string()) => Ok(format!(
+                "{} {}",
+                p[0].as_str().unwrap(),
+                p[1].as_str().unwrap()
+            )),
+            _ => Err(tok_err(path, format!("model.merges holds {v}, not a pair"))),
+        })
+        .collect::<Result<_>>()?;
+    let spm = m["byte_fallback"] == true;
+    let id_of = |name: &Option<String>| {
+        name.as_deref()
+            .and_then(|n| info.tokenizer.token_to_id(n))
+            .map(GgufValue::U32)
+    };
+    let mut out: Vec<(String, GgufValue)> = Vec::new();
+    let mut scores = Vec::new();
+    if spm {
+        // SentencePiece's merges take the highest-scoring pair first; HF's BPE takes the
+        // lowest-ranked merge first. A piece's score is minus the rank of the merge making it.
+        let mut rank: HashMap<String, usize> = HashMap::new();
+        for (k, mg) in merges.iter().enumerate() {
+            let piece = mg.replacen(' ', "", 1);
+            rank.entry(piece).or_insert(k);
+        }
+        let unk = m["unk_token"].as_str();
+        for (i, t) in tokens.iter().enumerate() {
+            let Some(t) = t else {
+                scores.push(GgufValue::F32(-1e9));
+                continue;
+            };
+            let is_byte = t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+            if Some(t.as_str()) == unk {
+                types[i] = TOKEN_UNKNOWN;
+            } else if is_byte {
+                types[i] = TOKEN_BYTE;
+            }
+            scores.push(GgufValue::F32(
+                rank.get(t).map_or(0.0, |&k| -(k as f32) - 1.0),
+            ));
+        }
+        out.push((
+            "tokenizer.ggml.model".into(),
+            GgufValue::String("llama".into()),
+        ));
+        out.push((
+            "tokenizer.ggml.pre".into(),
+            GgufValue::String("default".into()),
+        ));
+    } else {
+        let pre = pre_type(&doc["pre_tokenizer"]).ok_or_else(|| {
+            tok_err(
+                path,
+                format!(
+                    "its pre-tokenizer {} is not one llama.cpp names (qlora knows gpt2, smollm, llama-bpe); llama.cpp would split text differently",
+                    doc["pre_tokenizer"]
+                ),
+            )
+        })?;
+        out.push((
+            "tokenizer.ggml.model".into(),
+            GgufValue::String("gpt2".into()),
+        ));
+        out.push(("tokenizer.ggml.pre".into(), GgufValue::String(pre.into())));
+    }
+    let tokens: Vec<GgufValue> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            GgufValue::String(t.unwrap_or_else(|| {
+                types[i] = TOKEN_UNUSED;
+                format!("[PAD{i}]")
+            }))
+        })
+        .collect();
+    out.push(("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens)));
+    if spm {
+        out.push(("tokenizer.ggml.scores".into(), GgufValue::Array(scores)));
+    }
+    out.push((
+        "tokenizer.ggml.token_type".into(),
+        GgufValue::Array(types.into_iter().map(GgufValue::I32).collect()),
+    ));
+    if !spm {
+        out.push((
+            "tokenizer.ggml.merges".into(),
+            GgufValue::Array(merges.into_iter().map(GgufValue::String).collect()),
+        ));
+    }
+    if let Some(b) = id_of(&info.bos_token) {
+        out.push(("tokenizer.ggml.bos_token_id".into(), b));
+    }
+    if let Some(e) = id_of(&info.eos_token) {
+        out.push(("tokenizer.ggml.eos_token_id".into(), e));
+    }
+    if spm {
+        if let Some(u) = m["unk_token"]
+            .as_str()
+            .and_then(|u| info.tokenizer.token_to_id(u))
+        {
+            out.push(("tokenizer.ggml.unknown_token_id".into(), GgufValue::U32(u)));
+        }
+    }
+    out.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        GgufValue::Bool(info.add_bos),
+    ));
+    out.push((
+        "tokenizer.ggml.add_eos_token".into(),
+        GgufValue::Bool(false),
+    ));
+    if let Some(t) = &info.chat_template {
+        out.push((
+            "tokenizer.chat_template".into(),
+            GgufValue::String(t.clone()),
+        ));
+    }
+    Ok(out)
+}

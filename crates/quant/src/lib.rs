@@ -5,6 +5,7 @@ pub mod bnb;
 mod bnb_dot;
 mod dot;
 mod ggml;
+mod ggml_quantize;
 
 pub use bnb::Quant4;
 pub use bnb_dot::{
@@ -13,6 +14,7 @@ pub use bnb_dot::{
 pub use dot::{block_sums, dot_row, dot_row_scalar, dot_rows, has_fused_dot};
 
 pub use ggml::{dequantize_ggml, GgmlType};
+pub use ggml_quantize::{quantize_ggml, QUANTIZABLE};
 
 /// Whether the AVX-512 kernels run: the CPU has AVX-512F and `QLORA_NO_AVX512` is not set (it
 /// lets an AVX-512 host measure the AVX2 kernels most machines run).

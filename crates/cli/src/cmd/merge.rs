@@ -48,7 +48,7 @@ pub struct Args {
 
 /// Merges a linear weight: W ← W + s·B A (LoRA) or W ← m/‖W + ΔW‖ · (W + ΔW) (DoRA), in the
 /// adapters' order; `lora_B.bias` adds s·b to the bias.
-fn merge_linear(
+pub(crate) fn merge_linear(
     w: &mut [f32],
     bias: &mut Option<Vec<f32>>,
     out: usize,
@@ -83,7 +83,7 @@ fn merge_linear(
 }
 
 /// Merges embedding deltas: E ← E + s·(B A)ᵀ, or DoRA's column-rescaled form.
-fn merge_embedding(e: &mut [f32], vocab: usize, dim: usize, deltas: &[&EmbeddingDelta]) {
+pub(crate) fn merge_embedding(e: &mut [f32], vocab: usize, dim: usize, deltas: &[&EmbeddingDelta]) {
     for d in deltas {
         let r = d.rank;
         for v in 0..vocab {

@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod logits;
@@ -19,7 +20,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "qlora",
     version,
-    about = "QLoRA for Llama/Mistral-family models: load, run, quantize (NF4/FP4, bit-exact with bitsandbytes), fine-tune LoRA (QLoRA), apply, inspect and merge PEFT adapters, convert"
+    about = "QLoRA for Llama/Mistral-family models: load, run, quantize (NF4/FP4, bit-exact with bitsandbytes), fine-tune LoRA (QLoRA), apply, inspect and merge PEFT adapters, convert, export to GGUF"
 )]
 pub struct Cli {
     /// Worker threads (default: all cores).
@@ -38,6 +39,7 @@ enum Command {
     Quantize(quantize::Args),
     Inspect(inspect::Args),
     Merge(merge::Args),
+    Export(export::Args),
     Train(Box<train::Args>),
     Eval(eval::Args),
     Bench(bench::Args),
@@ -64,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Export(a) => export::run(a),
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
