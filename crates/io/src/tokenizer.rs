@@ -328,69 +328,6 @@ fn spm_merges(path: &Path, tokens: &[String], scores: &[f64]) -> Result<Vec<Valu
     Ok(merges)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The merges as transformers' extractor defines them, by brute force.
-    fn merges_by_brute_force(tokens: &[String], scores: &[f64]) -> Vec<Value> {
-        let ids: HashMap<&str, usize> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.as_str(), i))
-            .collect();
-        let mut order: Vec<usize> = (0..tokens.len()).collect();
-        order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap());
-        let mut merges = Vec::new();
-        for &p in &order {
-            let piece = &tokens[p];
-            let mut local = Vec::new();
-            for (i, _) in piece.char_indices().skip(1) {
-                let (l, r) = piece.split_at(i);
-                if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
-                    local.push((li, ri, l, r));
-                }
-            }
-            local.sort();
-            merges.extend(local.into_iter().map(|(_, _, l, r)| json!([l, r])));
-        }
-        merges
-    }
-
-    #[test]
-    fn hashed_merges_equal_the_brute_force_ones() {
-        let words = [
-            "a", "b", "ab", "ba", "abab", "▁", "▁a", "▁ab", "é", "aé", "éa", "ab", "b",
-        ];
-        let tokens: Vec<String> = words.iter().map(|w| w.to_string()).collect();
-        let scores: Vec<f64> = (0..tokens.len()).map(|i| -((i * 7 % 5) as f64)).collect();
-        let p = Path::new("t.gguf");
-        assert_eq!(
-            spm_merges(p, &tokens, &scores).unwrap(),
-            merges_by_brute_force(&tokens, &scores)
-        );
-    }
-
-    #[test]
-    fn long_pieces_cost_linear_time_and_oversized_ones_are_refused() {
-        // Ten 60 KB pieces: by brute force, 10 × 60,000 splits × ~60 KB hashed each.
-        let mut tokens: Vec<String> = (1..50).map(|k| "a".repeat(k)).collect();
-        tokens.extend((0..10).map(|i| format!("{}{i}", "a".repeat(60_000))));
-        let scores = vec![0.0; tokens.len()];
-        let t0 = std::time::Instant::now();
-        let m = spm_merges(Path::new("t.gguf"), &tokens, &scores).unwrap();
-        assert!(t0.elapsed().as_secs() < 20, "{:?}", t0.elapsed());
-        // "aa…a" (k) splits into two shorter runs: k − 1 merges each for k = 2..49.
-        assert_eq!(m.len(), (2..50).map(|k| k - 1).sum::<usize>());
-        tokens.push("b".repeat(MAX_PIECE_BYTES + 1));
-        let scores = vec![0.0; tokens.len()];
-        let e = spm_merges(Path::new("t.gguf"), &tokens, &scores)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("t.gguf") && e.contains("65537 bytes"), "{e}");
-    }
-}
-
 /// llama.cpp's token types.
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_UNKNOWN: i32 = 2;
@@ -611,4 +548,67 @@ pub fn gguf_tokenizer_metadata(
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The merges as transformers' extractor defines them, by brute force.
+    fn merges_by_brute_force(tokens: &[String], scores: &[f64]) -> Vec<Value> {
+        let ids: HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let mut order: Vec<usize> = (0..tokens.len()).collect();
+        order.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap());
+        let mut merges = Vec::new();
+        for &p in &order {
+            let piece = &tokens[p];
+            let mut local = Vec::new();
+            for (i, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(i);
+                if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                    local.push((li, ri, l, r));
+                }
+            }
+            local.sort();
+            merges.extend(local.into_iter().map(|(_, _, l, r)| json!([l, r])));
+        }
+        merges
+    }
+
+    #[test]
+    fn hashed_merges_equal_the_brute_force_ones() {
+        let words = [
+            "a", "b", "ab", "ba", "abab", "▁", "▁a", "▁ab", "é", "aé", "éa", "ab", "b",
+        ];
+        let tokens: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+        let scores: Vec<f64> = (0..tokens.len()).map(|i| -((i * 7 % 5) as f64)).collect();
+        let p = Path::new("t.gguf");
+        assert_eq!(
+            spm_merges(p, &tokens, &scores).unwrap(),
+            merges_by_brute_force(&tokens, &scores)
+        );
+    }
+
+    #[test]
+    fn long_pieces_cost_linear_time_and_oversized_ones_are_refused() {
+        // Ten 60 KB pieces: by brute force, 10 × 60,000 splits × ~60 KB hashed each.
+        let mut tokens: Vec<String> = (1..50).map(|k| "a".repeat(k)).collect();
+        tokens.extend((0..10).map(|i| format!("{}{i}", "a".repeat(60_000))));
+        let scores = vec![0.0; tokens.len()];
+        let t0 = std::time::Instant::now();
+        let m = spm_merges(Path::new("t.gguf"), &tokens, &scores).unwrap();
+        assert!(t0.elapsed().as_secs() < 20, "{:?}", t0.elapsed());
+        // "aa…a" (k) splits into two shorter runs: k − 1 merges each for k = 2..49.
+        assert_eq!(m.len(), (2..50).map(|k| k - 1).sum::<usize>());
+        tokens.push("b".repeat(MAX_PIECE_BYTES + 1));
+        let scores = vec![0.0; tokens.len()];
+        let e = spm_merges(Path::new("t.gguf"), &tokens, &scores)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.gguf") && e.contains("65537 bytes"), "{e}");
+    }
 }
