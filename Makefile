@@ -43,6 +43,7 @@ demo: fixtures build
 	@echo "metrics:  $(RUN)/metrics.jsonl    loss plot: $(RUN)/loss.svg"
 	@echo "next:     $(QLORA) inspect --model $(NF4) --adapter $(RUN)/final"
 	@echo "          $(QLORA) merge --model $(NF4) --adapter $(RUN)/final --out $(DEMO)/merged --dtype bf16"
+	@echo "          $(QLORA) export --model $(NF4) --adapter $(RUN)/final --type q8_0 --out $(DEMO)/smollm2-ft.gguf   # for llama.cpp/Ollama"
 	@echo "          $(QLORA) generate --model $(NF4) --adapter $(RUN)/final --chat --temperature 0 --prompt \"Give the meaning representation of this sentence: Blue Pine is a cheap Thai restaurant downtown.\""
 
 test: fixtures
