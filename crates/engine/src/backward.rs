@@ -79,6 +79,23 @@ pub fn linear_backward_input(dy: &[f32], t: usize, w: &Weight) -> Vec<f32> {
                 let n = TILE.min(d_out - r0);
                 w.dequantize_rows(r0, &mut tile[..n * d_in]);
                 // dx [t, d_in] += dy[:, r0..r0+n] [t, n] · tile [n, d_in]
+                if crate::matmul::available() {
+                    // SAFETY: AVX-512 checked; the strides describe the buffers above.
+                    unsafe {
+                        crate::matmul::nn_acc(
+                            dy.as_ptr().add(r0),
+                            d_out,
+                            tile.as_ptr(),
+                            d_in,
+                            t,
+                            n,
+                            d_in,
+                            dx.as_mut_ptr(),
+                            d_in,
+                        )
+                    };
+                    continue;
+                }
                 // SAFETY: strides describe the row-major buffers with the sizes above.
                 unsafe {
                     gemm::gemm(

@@ -7,6 +7,7 @@
 
 pub mod backward;
 mod device;
+mod matmul;
 pub mod ops;
 pub mod reference;
 mod simd;

@@ -48,6 +48,12 @@ pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
                 let n = TILE_ROWS.min(d_out - r0);
                 let tile = &mut buf[..n * d_in];
                 w.dequantize_rows(r0, tile);
+                if crate::matmul::available() {
+                    // SAFETY: AVX-512 checked; the task writes columns r0..r0+n of y [t, d_out],
+                    // disjoint from other tasks.
+                    unsafe { crate::matmul::nt(x, t, tile, n, d_in, yp.get().add(r0), d_out) };
+                    return;
+                }
                 // SAFETY: the task writes columns r0..r0+n of y, disjoint from other tasks; strides
                 // describe x [t, d_in] row-major, tileᵀ [d_in, n] and y[:, r0..r0+n].
                 unsafe {
@@ -273,14 +279,14 @@ pub fn attention(
                 sum += *s;
             }
             o.fill(0.0);
-            for (jj, &s) in scores.iter().enumerate() {
-                let j = lo + jj;
-                let vr = &v[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
-                let pw = s / sum;
-                for (a, &b) in o.iter_mut().zip(vr) {
-                    *a += pw * b;
-                }
-            }
+            crate::simd::weighted_rows(
+                o,
+                scores,
+                sum,
+                v,
+                (lo * kv_heads + kvh) * hd,
+                kv_heads * hd,
+            );
         },
     );
 }
