@@ -317,7 +317,7 @@ fn proj_backward(
     dx
 }
 
-/// A layer's intermediates, recomputed from its input.
+/// A layer's intermediates: kept from the forward, or recomputed from its input.
 struct Saved {
     h1: Vec<f32>,
     q: Vec<f32>,
@@ -329,6 +329,19 @@ struct Saved {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
+}
+
+impl Saved {
+    /// f32 values held per layer for `t` tokens.
+    fn floats(cfg: &qlora_io::ModelConfig, t: usize) -> usize {
+        let (q, kv, d, f) = (
+            cfg.num_attention_heads * cfg.head_dim(),
+            cfg.num_kv_heads() * cfg.head_dim(),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+        );
+        t * (3 * d + 2 * q + 2 * kv + 3 * f)
+    }
 }
 
 struct Ctx<'a> {
@@ -399,7 +412,19 @@ impl Ctx<'_> {
         (dq, dk, dv)
     }
 
+    /// The layer's output and what its backward needs.
     fn layer(&self, l: &Layer, x: &[f32]) -> (Vec<f32>, Saved) {
+        let s = self.layer_saved(l, x);
+        let t = self.t;
+        let down = proj_forward(&l.down_proj, &self.act, &s.act, t);
+        let mut out = s.x2.clone();
+        ops::add_in_place(&mut out, &down);
+        (out, s)
+    }
+
+    /// The layer up to the MLP's activation: everything its backward reads (the backward's
+    /// recompute stops here; the down projection's output is not needed again).
+    fn layer_saved(&self, l: &Layer, x: &[f32]) -> Saved {
         let cfg = &self.model.config;
         let (heads, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let eps = cfg.rms_norm_eps as f32;
@@ -421,32 +446,35 @@ impl Ctx<'_> {
         let up = proj_forward(&l.up_proj, &self.act, &h2, t);
         let mut act = gate.clone();
         ops::swiglu(&mut act, &up);
-        let down = proj_forward(&l.down_proj, &self.act, &act, t);
-        let mut out = x2.clone();
-        ops::add_in_place(&mut out, &down);
-        (
-            out,
-            Saved {
-                h1,
-                q,
-                k,
-                v,
-                attn,
-                x2,
-                h2,
-                gate,
-                up,
-                act,
-            },
-        )
+        Saved {
+            h1,
+            q,
+            k,
+            v,
+            attn,
+            x2,
+            h2,
+            gate,
+            up,
+            act,
+        }
     }
 
-    fn layer_backward(&self, l: &Layer, x: &[f32], dout: &[f32], g: &mut Grads) -> Vec<f32> {
+    /// `saved`: the forward's intermediates when they were kept, else they are recomputed
+    /// from `x` (the same arithmetic, so the same bits).
+    fn layer_backward(
+        &self,
+        l: &Layer,
+        x: &[f32],
+        saved: Option<Saved>,
+        dout: &[f32],
+        g: &mut Grads,
+    ) -> Vec<f32> {
         let cfg = &self.model.config;
         let (heads, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let eps = cfg.rms_norm_eps as f32;
         let t = self.t;
-        let (_, s) = self.layer(l, x);
+        let s = saved.unwrap_or_else(|| self.layer_saved(l, x));
         let dact = proj_backward(&l.down_proj, &self.act, &s.act, t, dout, g);
         let (dgate, dup) = bw::swiglu_backward(&s.gate, &s.up, &dact);
         let mut dh2 = proj_backward(&l.gate_proj, &self.act, &s.h2, t, &dgate, g);
@@ -491,12 +519,27 @@ pub fn sequence_loss(
     norm: f32,
     grads: Option<&mut Grads>,
 ) -> (f64, usize) {
-    packed_loss(model, ad, noise, &[(ids, labels)], norm, grads)
+    packed_loss(
+        model,
+        ad,
+        noise,
+        &[(ids, labels)],
+        norm,
+        grads,
+        KEEP_ACTIVATIONS_BYTES,
+    )
 }
+
+/// `packed_loss`'s default budget for keeping activations: 512 MiB (SmolLM2-135M keeps a
+/// micro-batch of about 1,100 tokens; a 7B model recomputes beyond a few dozen).
+pub const KEEP_ACTIVATIONS_BYTES: usize = 512 << 20;
 
 /// `sequence_loss` of several sequences packed into one pass: the projections run once over
 /// all their tokens (one widening of each weight for the whole micro-batch), attention and RoPE
 /// positions stay within each sequence, so the result is that of running them one by one.
+/// With gradients, every layer's intermediates are kept for the backward when they take at
+/// most `keep_activations_bytes`; otherwise each layer is recomputed from its saved input.
+/// Either way the arithmetic, and so the result, is the same.
 pub fn packed_loss(
     model: &Model,
     ad: &Adapters,
@@ -504,6 +547,7 @@ pub fn packed_loss(
     seqs: &[(&[u32], &[Option<u32>])],
     norm: f32,
     grads: Option<&mut Grads>,
+    keep_activations_bytes: usize,
 ) -> (f64, usize) {
     let ids: Vec<u32> = seqs.iter().flat_map(|(i, _)| i.iter().copied()).collect();
     let labels: Vec<Option<u32>> = seqs.iter().flat_map(|(_, l)| l.iter().copied()).collect();
@@ -535,9 +579,17 @@ pub fn packed_loss(
     };
     let mut x = vec![0f32; t * d];
     ops::embedding(ids, &model.embed_tokens, &mut x);
+    // Keep every layer's intermediates when they fit the budget (no recompute in the
+    // backward); else keep each layer's input only and recompute the rest, layer by layer.
+    let keep =
+        grads.is_some() && model.layers.len() * Saved::floats(cfg, t) * 4 <= keep_activations_bytes;
     let mut inputs = Vec::with_capacity(model.layers.len());
+    let mut saved = Vec::with_capacity(if keep { model.layers.len() } else { 0 });
     for l in &model.layers {
-        let (out, _) = ctx.layer(l, &x);
+        let (out, s) = ctx.layer(l, &x);
+        if keep {
+            saved.push(s);
+        }
         inputs.push(std::mem::replace(&mut x, out));
     }
     let mut h = vec![0f32; t * d];
@@ -553,8 +605,10 @@ pub fn packed_loss(
     let dh = proj_backward(&model.lm_head, &ctx.act, &h, t, &dlogits, g);
     drop(dlogits);
     let mut dx = bw::rms_norm_backward(&x, &model.norm, cfg.rms_norm_eps as f32, &dh);
-    for (l, xin) in model.layers.iter().zip(&inputs).rev() {
-        dx = ctx.layer_backward(l, xin, &dx, g);
+    let mut saved = saved.into_iter().map(Some).collect::<Vec<_>>();
+    saved.resize_with(model.layers.len(), || None);
+    for ((l, xin), s) in model.layers.iter().zip(&inputs).zip(saved).rev() {
+        dx = ctx.layer_backward(l, xin, s, &dx, g);
     }
     (loss, n)
 }

@@ -8,7 +8,9 @@ pub mod grad;
 pub mod optim;
 pub mod run;
 
-pub use grad::{packed_loss, sequence_loss, Adapters, Grads, LoraParam, Noise};
+pub use grad::{
+    packed_loss, sequence_loss, Adapters, Grads, LoraParam, Noise, KEEP_ACTIVATIONS_BYTES,
+};
 pub use optim::{AdamW, Schedule};
 
 /// Trainable adapters from a PEFT adapter planned against a model (`--init-adapter`, resume):

@@ -33,6 +33,8 @@ pub struct TrainOptions {
     pub save_every: Option<usize>,
     pub eval_every: Option<usize>,
     pub seed: u64,
+    /// Budget for keeping activations from forward to backward (`packed_loss`).
+    pub keep_activations_bytes: usize,
     /// Leaf names written as `target_modules`.
     pub target_names: Vec<String>,
     pub base_name: String,
@@ -428,7 +430,16 @@ pub fn train(
             };
             let seqs: Vec<(&[u32], &[Option<u32>])> =
                 micro.iter().map(|e| (&e.ids[..], &e.labels[..])).collect();
-            total += packed_loss(model, ad, Some(noise), &seqs, n_tok as f32, Some(&mut g)).0;
+            total += packed_loss(
+                model,
+                ad,
+                Some(noise),
+                &seqs,
+                n_tok as f32,
+                Some(&mut g),
+                o.keep_activations_bytes,
+            )
+            .0;
         }
         let loss = total / n_tok as f64;
         let grad_norm = clip_grad_norm(&mut g, o.max_grad_norm);
