@@ -210,15 +210,23 @@ pub fn attention_backward(
                     let dp: Vec<f32> = (lo..=p).map(|j| crate::simd::dot(dov, vr(j))).collect();
                     let s_dot: f32 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
                     let mut dq = vec![0f32; hd];
-                    for (jj, j) in (lo..=p).enumerate() {
-                        let ds = pr[jj] * (dp[jj] - s_dot) * scale;
-                        let krow = kr(j);
-                        for i in 0..hd {
-                            dq[i] += ds * krow[i];
-                            dk[j * hd + i] += ds * qv[i];
-                            dv[j * hd + i] += pr[jj] * dov[i];
-                        }
-                    }
+                    let ds: Vec<f32> = pr
+                        .iter()
+                        .zip(&dp)
+                        .map(|(p, d)| p * (d - s_dot) * scale)
+                        .collect();
+                    crate::simd::attention_backward_keys(
+                        &mut dq,
+                        &mut dk[lo * hd..(p + 1) * hd],
+                        &mut dv[lo * hd..(p + 1) * hd],
+                        &ds,
+                        &pr,
+                        qv,
+                        dov,
+                        k,
+                        (lo * kv_heads + kvh) * hd,
+                        kv_heads * hd,
+                    );
                     dqs.push((idx, dq));
                 }
             }

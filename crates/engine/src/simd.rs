@@ -174,8 +174,127 @@ unsafe fn weighted_rows_avx2(
     }
 }
 
+/// Attention backward's inner loop over the keys j < ds.len() of one query: dq += ds_j·k_j,
+/// dk_j += ds_j·q, dv_j += p_j·dout, with k_j = k[kfirst + j·kstride..][..hd] and dk_j, dv_j
+/// = dk[j·hd..], dv[j·hd..]. Each element's updates happen in j order with the multiply and add
+/// rounded separately, so the vector paths give the scalar loop's bits.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_keys(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    ds: &[f32],
+    p: &[f32],
+    q: &[f32],
+    dout: &[f32],
+    k: &[f32],
+    kfirst: usize,
+    kstride: usize,
+) {
+    let (n, hd) = (ds.len(), dq.len());
+    assert!(p.len() == n && q.len() == hd && dout.len() == hd);
+    assert!(dk.len() >= n * hd && dv.len() >= n * hd);
+    if n > 0 {
+        assert!(k.len() >= kfirst + (n - 1) * kstride + hd);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if qlora_quant::use_avx512() {
+            // SAFETY: AVX-512 detected; the bounds are asserted above.
+            unsafe {
+                attention_backward_keys_avx512(dq, dk, dv, ds, p, q, dout, k, kfirst, kstride)
+            };
+            return;
+        }
+    }
+    for j in 0..n {
+        let krow = &k[kfirst + j * kstride..kfirst + j * kstride + hd];
+        for i in 0..hd {
+            dq[i] += ds[j] * krow[i];
+            dk[j * hd + i] += ds[j] * q[i];
+            dv[j * hd + i] += p[j] * dout[i];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_backward_keys_avx512(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    ds: &[f32],
+    p: &[f32],
+    q: &[f32],
+    dout: &[f32],
+    k: &[f32],
+    kfirst: usize,
+    kstride: usize,
+) {
+    use std::arch::x86_64::*;
+    let hd = dq.len();
+    let (dqp, dkp, dvp) = (dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr());
+    let (qp, dop, kp) = (q.as_ptr(), dout.as_ptr(), k.as_ptr().add(kfirst));
+    for j in 0..ds.len() {
+        let (sj, pj) = (ds[j], p[j]);
+        let (sv, pv) = (_mm512_set1_ps(sj), _mm512_set1_ps(pj));
+        let kr = kp.add(j * kstride);
+        let (dkr, dvr) = (dkp.add(j * hd), dvp.add(j * hd));
+        let mut i = 0;
+        while i + 16 <= hd {
+            let upd = |acc: *mut f32, s: __m512, x: *const f32| {
+                let a = _mm512_loadu_ps(acc);
+                _mm512_storeu_ps(acc, _mm512_add_ps(a, _mm512_mul_ps(s, _mm512_loadu_ps(x))));
+            };
+            upd(dqp.add(i), sv, kr.add(i));
+            upd(dkr.add(i), sv, qp.add(i));
+            upd(dvr.add(i), pv, dop.add(i));
+            i += 16;
+        }
+        while i < hd {
+            *dqp.add(i) += sj * *kr.add(i);
+            *dkr.add(i) += sj * *qp.add(i);
+            *dvr.add(i) += pj * *dop.add(i);
+            i += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// The vector path gives the scalar loop's bits.
+    #[test]
+    fn attention_backward_keys_equals_the_scalar_loop() {
+        for hd in [8usize, 64, 70] {
+            let (n, kstride) = (5, hd + 9);
+            let f = |i: usize, m: usize| ((i * m % 23) as f32 - 11.0) / 5.0;
+            let k: Vec<f32> = (0..3 + n * kstride).map(|i| f(i, 7)).collect();
+            let (q, dout): (Vec<f32>, Vec<f32>) = (
+                (0..hd).map(|i| f(i, 3)).collect(),
+                (0..hd).map(|i| f(i, 5)).collect(),
+            );
+            let (ds, p): (Vec<f32>, Vec<f32>) = (
+                (0..n).map(|i| f(i, 11) * 0.1).collect(),
+                (0..n).map(|i| 0.1 + i as f32 * 0.2).collect(),
+            );
+            let init = |m: usize, len: usize| (0..len).map(|i| f(i, m) * 0.3).collect::<Vec<f32>>();
+            let (mut dq, mut dk, mut dv) = (init(13, hd), init(17, n * hd), init(19, n * hd));
+            let (mut wq, mut wk, mut wv) = (dq.clone(), dk.clone(), dv.clone());
+            for j in 0..n {
+                for i in 0..hd {
+                    wq[i] += ds[j] * k[3 + j * kstride + i];
+                    wk[j * hd + i] += ds[j] * q[i];
+                    wv[j * hd + i] += p[j] * dout[i];
+                }
+            }
+            super::attention_backward_keys(
+                &mut dq, &mut dk, &mut dv, &ds, &p, &q, &dout, &k, 3, kstride,
+            );
+            assert_eq!((dq, dk, dv), (wq, wk, wv), "hd={hd}");
+        }
+    }
+
     /// The vector paths give the scalar loop's bits (odd widths, strided rows).
     #[test]
     fn weighted_rows_equal_the_scalar_loop() {
