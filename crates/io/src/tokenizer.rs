@@ -341,7 +341,7 @@ const TOKEN_BYTE: i32 = 6;
 fn pre_type(pre: &Value) -> Option<&'static str> {
     let is_byte_level = |v: &Value| v["type"] == "ByteLevel";
     match pre["type"].as_str()? {
-        "ByteLevel" if pre["use_regex"] != false => Some("gpt2"),
+        "ByteLevel" if pre["use_regex"] != false => Some("gpt-2"),
         "Sequence" => {
             let p = pre["pretokenizers"].as_array()?;
             match p.as_slice() {
@@ -484,7 +484,7 @@ pub fn gguf_tokenizer_metadata(
             tok_err(
                 path,
                 format!(
-                    "its pre-tokenizer {} is not one llama.cpp names (qlora knows gpt2, smollm, llama-bpe); llama.cpp would split text differently",
+                    "its pre-tokenizer {} is not one llama.cpp names (qlora knows gpt-2, smollm, llama-bpe); llama.cpp would split text differently",
                     doc["pre_tokenizer"]
                 ),
             )
