@@ -29,11 +29,11 @@ echo "date: $(date -u +%F)  llama.cpp: $("$build/bin/llama-quantize" --help 2>&1
 "$q" export --model "$src" --type f32 --out f32.gguf 2>/dev/null
 echo "source Q4_1: llama.cpp $(ppl "$src"); qlora $("$q" perplexity --model "$src" --text "$text" 2>/dev/null | tail -1)"
 echo "f32 export:  llama.cpp $(ppl f32.gguf); qlora $("$q" perplexity --model f32.gguf --text "$text" 2>/dev/null | tail -1)"
-for t in f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0; do
+for t in f16 bf16 q8_0 q6_k q5_1 q5_0 q4_1 q4_k q4_0; do
     T=$(echo "$t" | tr a-z A-Z)
     "$q" export --model "$src" --type "$t" --out "$t.gguf" 2>/dev/null
     emb=()
-    case $t in q4_*|q5_*) emb=(--token-embedding-type q8_0) ;; esac
+    case $t in q4_*|q5_*) emb=(--token-embedding-type q8_0) ;; esac  # q4_k included
     "$build/bin/llama-quantize" --pure "${emb[@]}" f32.gguf "$t.lq.gguf" "$T" >/dev/null 2>&1
     same=$("$py" "$cmp" "$t.gguf" "$t.lq.gguf" | tail -1)
     echo "$t: vs llama-quantize --pure: $same; llama.cpp $(ppl "$t.gguf"); qlora $("$q" perplexity --model "$t.gguf" --text "$text" 2>/dev/null | tail -1)"

@@ -348,7 +348,7 @@ fn bad_exports_fail_cleanly() {
             vec!["--model", "/no/such/model", "--out", o_],
             "/no/such/model",
         ),
-        (vec!["--model", s, "--type", "q4_k", "--out", o_], "q4_k"),
+        (vec!["--model", s, "--type", "q3_k", "--out", o_], "q3_k"),
     ];
     for (args, words) in cases {
         let mut a = vec!["export"];
@@ -369,5 +369,114 @@ fn bad_exports_fail_cleanly() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Every written type gives llama.cpp's bytes: FNV-1a hashes of three tensors as
+/// `llama-quantize --pure` (llama.cpp 0c1e570, the llama-cpp-python 0.3.36 sdist; with
+/// `--token-embedding-type q8_0` for the 4/5-bit types, qlora's default) wrote them from the
+/// f32 export of the same GGUF (tools/check-gguf-export.sh compares whole files). attn_q rows
+/// (576) are not whole 256-blocks, so q4_k/q6_k fall back there as llama.cpp does.
+#[test]
+fn quantized_exports_have_llama_quantize_bytes() {
+    let Some(src) = smollm2_or_skip() else { return };
+    let tmp = temp_dir("export-bytes");
+    let want: [(&str, [(&str, &str, u64); 3]); 8] = [
+        (
+            "q8_0",
+            [
+                ("blk.0.attn_q.weight", "Q8_0", 0x79141677325c6310),
+                ("blk.3.ffn_down.weight", "Q8_0", 0xf6dceb2f96fde8a6),
+                ("token_embd.weight", "Q8_0", 0xb781c33a3e759a55),
+            ],
+        ),
+        (
+            "q4_0",
+            [
+                ("blk.0.attn_q.weight", "Q4_0", 0x8c91186498d4bed0),
+                ("blk.3.ffn_down.weight", "Q4_0", 0xcc9a9b48de1816d5),
+                ("token_embd.weight", "Q8_0", 0xb781c33a3e759a55),
+            ],
+        ),
+        (
+            "q4_1",
+            [
+                ("blk.0.attn_q.weight", "Q4_1", 0xaadbc77c88f41a2d),
+                ("blk.3.ffn_down.weight", "Q4_1", 0x097e880424b0c14f),
+                ("token_embd.weight", "Q8_0", 0xb781c33a3e759a55),
+            ],
+        ),
+        (
+            "q5_0",
+            [
+                ("blk.0.attn_q.weight", "Q5_0", 0xdad4dcf466f21d6e),
+                ("blk.3.ffn_down.weight", "Q5_0", 0xddf314a747ee5c0d),
+                ("token_embd.weight", "Q8_0", 0xb781c33a3e759a55),
+            ],
+        ),
+        (
+            "q5_1",
+            [
+                ("blk.0.attn_q.weight", "Q5_1", 0x5b89e64f2e2017c7),
+                ("blk.3.ffn_down.weight", "Q5_1", 0x201cec030abe957d),
+                ("token_embd.weight", "Q8_0", 0xb781c33a3e759a55),
+            ],
+        ),
+        (
+            "q4_k",
+            [
+                ("blk.0.attn_q.weight", "Q5_0", 0xdad4dcf466f21d6e),
+                ("blk.3.ffn_down.weight", "Q4_K", 0xb4a46b32826d8e56),
+                ("token_embd.weight", "Q8_0", 0xb781c33a3e759a55),
+            ],
+        ),
+        (
+            "q6_k",
+            [
+                ("blk.0.attn_q.weight", "Q8_0", 0x79141677325c6310),
+                ("blk.3.ffn_down.weight", "Q6_K", 0x08b281b1a129a315),
+                ("token_embd.weight", "Q8_0", 0xb781c33a3e759a55),
+            ],
+        ),
+        (
+            "bf16",
+            [
+                ("blk.0.attn_q.weight", "BF16", 0x292fec5b5c4709b7),
+                ("blk.3.ffn_down.weight", "BF16", 0x9acdd8f181acc57e),
+                ("token_embd.weight", "BF16", 0x609d2f5d4dbb29ed),
+            ],
+        ),
+    ];
+    let mut bad = Vec::new();
+    for (ty, tensors) in want {
+        let f = tmp.join(format!("{ty}.gguf"));
+        export(&[
+            "--model",
+            src.to_str().unwrap(),
+            "--type",
+            ty,
+            "--out",
+            f.to_str().unwrap(),
+        ]);
+        let g = GgufFile::open(&f).unwrap();
+        let data = std::fs::read(&f).unwrap();
+        for (name, t, hash) in tensors {
+            let info = g.tensors.iter().find(|x| x.name == name).unwrap();
+            let got = (info.ggml_type.name(), fnv1a(&data[info.range.clone()]));
+            if got != (t, hash) {
+                bad.push(format!(
+                    "--type {ty} {name}: {got:?}, llama-quantize wrote ({t}, {hash:#x})"
+                ));
+            }
+        }
+        std::fs::remove_file(&f).unwrap();
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
     std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -36,11 +36,12 @@ pub struct Args {
     format: Format,
     /// Encoding of the 2-D weights (norms are always f32). Quantized types use ggml's
     /// reference rounding, the bytes `llama-quantize --pure` writes; a matrix whose rows are
-    /// not whole 32-element blocks is written f16. With --lora-only: f32, f16 or bf16.
+    /// not whole blocks falls back as llama-quantize does (q4_k → q5_0, q6_k → q8_0, else f16).
+    /// With --lora-only: f32, f16 or bf16.
     #[arg(long = "type", value_enum, default_value = "f16")]
     ty: OutType,
     /// Encoding of the token embedding (which a tied model's head reuses). Default: --type,
-    /// but q8_0 under a 4/5-bit --type (llama-quantize keeps it at 6 bits or more too: the
+    /// but q8_0 under a 4/5-bit --type (q4_k included) (llama-quantize keeps it at 6 bits or more too: the
     /// head is the most sensitive matrix). As llama-quantize's --token-embedding-type.
     #[arg(long, value_enum)]
     embedding_type: Option<OutType>,
@@ -78,6 +79,10 @@ enum OutType {
     Q5_0,
     #[value(name = "q5_1")]
     Q5_1,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 impl OutType {
@@ -91,6 +96,8 @@ impl OutType {
             OutType::Q4_1 => GgmlType::Q4_1,
             OutType::Q5_0 => GgmlType::Q5_0,
             OutType::Q5_1 => GgmlType::Q5_1,
+            OutType::Q4K => GgmlType::Q4K,
+            OutType::Q6K => GgmlType::Q6K,
         }
     }
 
@@ -104,6 +111,8 @@ impl OutType {
             OutType::Q8_0 => 7,
             OutType::Q5_0 => 8,
             OutType::Q5_1 => 9,
+            OutType::Q4K => 14,
+            OutType::Q6K => 18,
             OutType::Bf16 => 32,
         }
     }
@@ -165,7 +174,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let items = items(&model);
     let head_default = match a.ty {
-        OutType::Q4_0 | OutType::Q4_1 | OutType::Q5_0 | OutType::Q5_1 => OutType::Q8_0,
+        OutType::Q4_0 | OutType::Q4_1 | OutType::Q5_0 | OutType::Q5_1 | OutType::Q4K => {
+            OutType::Q8_0
+        }
         t => t,
     };
     let specs: Vec<GgufTensorSpec> = items
@@ -182,10 +193,8 @@ pub fn run(a: Args) -> Result<()> {
             .ggml();
             let t = if rows == 0 {
                 GgmlType::F32
-            } else if cols.is_multiple_of(want.block().0) {
-                want
             } else {
-                GgmlType::F16
+                fit(want, cols)
             };
             GgufTensorSpec {
                 name: gguf_name(&it.hf_name()).expect("every exported tensor has a GGUF name"),
@@ -198,15 +207,15 @@ pub fn run(a: Args) -> Result<()> {
             }
         })
         .collect();
-    for (s, it) in specs.iter().zip(&items) {
-        let (bs, _) = a.ty.ggml().block();
-        if s.ggml_type == GgmlType::F16 && s.dims.len() == 2 && s.dims[0] % bs as u64 != 0 {
-            eprintln!(
-                "warning: {}: rows of {} values are not whole {bs}-element blocks; written as F16",
-                it.hf_name(),
-                s.dims[0],
-            );
-        }
+    let mut fell_back = BTreeMap::new();
+    for s in specs
+        .iter()
+        .filter(|s| s.dims.len() == 2 && s.ggml_type != a.ty.ggml())
+    {
+        *fell_back.entry(s.ggml_type.name()).or_insert(0) += 1;
+    }
+    for (t, n) in fell_back {
+        eprintln!("note: {n} matrices written as {t} (the embedding/head's type, or rows that are not whole {} blocks, as llama-quantize falls back)", a.ty.ggml().name());
     }
     // lora_B.bias on a module without a bias cannot be merged.
     for (m, ds) in &linear {
@@ -267,6 +276,25 @@ pub fn run(a: Args) -> Result<()> {
         specs.len()
     );
     Ok(())
+}
+
+/// The type a matrix with rows of `cols` values gets: `want`, or llama-quantize's fallback when
+/// the rows are not whole blocks of it (Q4_K → Q5_0, Q6_K → Q8_0; a 32-block type → F16).
+fn fit(want: GgmlType, cols: usize) -> GgmlType {
+    if cols.is_multiple_of(want.block().0) {
+        return want;
+    }
+    let fallback = match want {
+        GgmlType::Q4K => GgmlType::Q5_0,
+        GgmlType::Q5K => GgmlType::Q5_1,
+        GgmlType::Q6K => GgmlType::Q8_0,
+        _ => GgmlType::F16,
+    };
+    if cols.is_multiple_of(fallback.block().0) {
+        fallback
+    } else {
+        GgmlType::F16
+    }
 }
 
 /// One tensor of the exported model, in llama.cpp's file order.
