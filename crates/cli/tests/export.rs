@@ -387,7 +387,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 fn quantized_exports_have_llama_quantize_bytes() {
     let Some(src) = smollm2_or_skip() else { return };
     let tmp = temp_dir("export-bytes");
-    let want: [(&str, [(&str, &str, u64); 3]); 8] = [
+    // (--type, [(tensor, its ggml type, FNV-1a of its bytes)])
+    type Expected = (&'static str, [(&'static str, &'static str, u64); 3]);
+    let want: [Expected; 8] = [
         (
             "q8_0",
             [
