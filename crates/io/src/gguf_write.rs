@@ -3,9 +3,10 @@
 //! names and layouts to llama.cpp's — the inverse of the reader's. Written to `.NAME.tmp` and
 //! renamed into place by `finish`; dropped unfinished, the partial file is removed.
 
-use crate::safetensors_file::tmp_path;
+#[cfg(test)]
+use crate::atomic_file::tmp_path;
+use crate::atomic_file::AtomicFile;
 use crate::{Error, GgmlType, GgufValue, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Data alignment (GGUF's default, `general.alignment` unset).
@@ -83,8 +84,7 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) -> std::result::Result<(), String
 
 pub struct GgufWriter {
     path: PathBuf,
-    tmp: PathBuf,
-    out: Option<std::io::BufWriter<std::fs::File>>,
+    out: AtomicFile,
     specs: Vec<GgufTensorSpec>,
     next: usize,
 }
@@ -137,17 +137,11 @@ impl GgufWriter {
             offset += s.nbytes().div_ceil(ALIGN) * ALIGN;
         }
         h.resize(h.len().div_ceil(ALIGN) * ALIGN, 0);
-        let tmp = tmp_path(path);
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        if let Err(e) = w.write_all(&h) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io(&tmp, e));
-        }
+        let mut out = AtomicFile::create(path)?;
+        out.write_all(&h)?;
         Ok(GgufWriter {
             path: path.into(),
-            tmp,
-            out: Some(w),
+            out,
             specs: specs.to_vec(),
             next: 0,
         })
@@ -179,15 +173,15 @@ impl GgufWriter {
             )));
         }
         let pad = data.len().div_ceil(ALIGN) * ALIGN - data.len();
-        let w = self.out.as_mut().expect("open until finish");
-        w.write_all(data)
-            .and_then(|_| w.write_all(&[0u8; ALIGN][..pad]))
-            .map_err(|e| Error::io(&self.tmp, e))?;
+        self.out.write_all(data)?;
+        self.out.write_all(&[0u8; ALIGN][..pad])?;
         self.next += 1;
         Ok(())
     }
 
-    pub fn finish(mut self) -> Result<()> {
+    /// Renames the file into place once every declared tensor is written (dropped unfinished,
+    /// the partial file is removed).
+    pub fn finish(self) -> Result<()> {
         if let Some(s) = self.specs.get(self.next) {
             return Err(Error::Tensor {
                 path: self.path.clone(),
@@ -195,21 +189,7 @@ impl GgufWriter {
                 reason: "not written".into(),
             });
         }
-        let mut w = self.out.take().expect("open until finish");
-        let mut done = || -> std::io::Result<()> {
-            w.flush()?;
-            w.get_ref().sync_all()
-        };
-        done().map_err(|e| Error::io(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
-    }
-}
-
-impl Drop for GgufWriter {
-    fn drop(&mut self) {
-        if self.out.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        self.out.finish()
     }
 }
 

@@ -2,6 +2,7 @@
 //! Tensors leave this crate as `RawTensor`s addressed by their Hugging Face name; foreign names
 //! (GGUF's `blk.3.ffn_down`) are translated here, once.
 
+mod atomic_file;
 mod bnb;
 mod bytes;
 mod config;

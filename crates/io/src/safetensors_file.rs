@@ -1,9 +1,9 @@
 //! Safetensors files: validated, memory-mapped reading; writing to a temporary name then renaming.
 
+use crate::atomic_file::AtomicFile;
 use crate::bytes::{map_file, Bytes};
 use crate::{ElementType, Error, RawTensor, Result};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One opened safetensors file: its tensors in file order.
@@ -194,8 +194,7 @@ pub fn write_safetensors(
 /// renames it into place, and dropping the writer unfinished removes the partial file.
 pub struct StreamingWriter {
     path: PathBuf,
-    tmp: PathBuf,
-    out: Option<std::io::BufWriter<std::fs::File>>,
+    out: AtomicFile,
     specs: Vec<TensorSpec>,
     sizes: Vec<usize>,
     next: usize,
@@ -208,23 +207,12 @@ impl StreamingWriter {
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self> {
         let (hbytes, sizes) = header_bytes(path, specs, metadata)?;
-        let tmp = tmp_path(path);
-        let mut w = std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?,
-        );
-        let mut start = || -> std::io::Result<()> {
-            w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
-            w.write_all(&hbytes)
-        };
-        if let Err(e) = start() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::io(path, e));
-        }
+        let mut out = AtomicFile::create(path)?;
+        out.write_all(&(hbytes.len() as u64).to_le_bytes())?;
+        out.write_all(&hbytes)?;
         Ok(StreamingWriter {
             path: path.into(),
-            tmp,
-            out: Some(w),
+            out,
             specs: specs.to_vec(),
             sizes,
             next: 0,
@@ -256,13 +244,14 @@ impl StreamingWriter {
                 self.sizes[i]
             )));
         }
-        let w = self.out.as_mut().expect("open until finish");
-        w.write_all(data).map_err(|e| Error::io(&self.tmp, e))?;
+        self.out.write_all(data)?;
         self.next += 1;
         Ok(())
     }
 
-    pub fn finish(mut self) -> Result<()> {
+    /// Renames the file into place once every declared tensor is written (dropped unfinished,
+    /// the partial file is removed).
+    pub fn finish(self) -> Result<()> {
         if self.next != self.specs.len() {
             return Err(Error::Tensor {
                 path: self.path.clone(),
@@ -270,29 +259,6 @@ impl StreamingWriter {
                 reason: "not written".into(),
             });
         }
-        let mut w = self.out.take().expect("open until finish");
-        let mut done = || -> std::io::Result<()> {
-            w.flush()?;
-            w.get_ref().sync_all()
-        };
-        done().map_err(|e| Error::io(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+        self.out.finish()
     }
-}
-
-impl Drop for StreamingWriter {
-    fn drop(&mut self) {
-        if self.out.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// `dir/name` → `dir/.name.tmp`: where a file is written before it is renamed into place.
-pub(crate) fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
 }
