@@ -341,7 +341,33 @@ pub fn eval_loss(model: &Model, ad: &Adapters, data: &[Example]) -> f64 {
     total / n.max(1) as f64
 }
 
-/// Trains from `start_step` to `o.steps`, writing the run directory.
+/// What `train` reports as it goes (the library prints nothing; the binary draws these).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// The eval loss before the first step of a new run.
+    Start { steps: usize, eval_loss: f64 },
+    /// A step is done (its checkpoint, if any, is written next).
+    Step {
+        step: usize,
+        steps: usize,
+        loss: f64,
+        eval_loss: Option<f64>,
+        lr: f32,
+        grad_norm: f32,
+        tokens_per_s: f64,
+        eta_s: f64,
+    },
+    /// The run is complete; `tokens_per_s` over the whole run.
+    Done {
+        steps: usize,
+        secs: f64,
+        tokens_per_s: f64,
+        adapter: std::path::PathBuf,
+    },
+}
+
+/// Trains from `start_step` to `o.steps`, writing the run directory and reporting each step to
+/// `on_progress`.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &Model,
@@ -352,6 +378,7 @@ pub fn train(
     o: &TrainOptions,
     out: &Path,
     start_step: usize,
+    on_progress: &mut dyn FnMut(Progress),
 ) -> Result<(), String> {
     let metrics_path = out.join("metrics.jsonl");
     if start_step == 0 && out.is_dir() {
@@ -410,11 +437,13 @@ pub fn train(
         let el = eval_loss(model, ad, eval);
         writeln!(metrics, "{}", json!({"step": 0, "eval_loss": el})).map_err(|e| e.to_string())?;
         eval_curve.push((0, el));
-        eprintln!("step 0/{} eval_loss {el:.4}", o.steps);
+        on_progress(Progress::Start {
+            steps: o.steps,
+            eval_loss: el,
+        });
     }
     let started = Instant::now();
     let mut tokens_done = 0usize;
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     for step in start_step..o.steps {
         let t0 = Instant::now();
         let batch: Vec<&Example> = (0..per_step)
@@ -445,9 +474,6 @@ pub fn train(
         let grad_norm = clip_grad_norm(&mut g, o.max_grad_norm);
         if !loss.is_finite() || !grad_norm.is_finite() {
             // Stop before the update: the adapter and the checkpoints on disk stay as they were.
-            if terminal {
-                eprintln!();
-            }
             let last = (1..=step)
                 .rev()
                 .find(|s| {
@@ -490,27 +516,16 @@ pub fn train(
             .map_err(|e| e.to_string())?;
         let elapsed = started.elapsed().as_secs_f64();
         let eta = elapsed / (done - start_step) as f64 * (o.steps - done) as f64;
-        let status = format!(
-            "step {done}/{} loss {loss:.4}{} lr {lr:.2e} grad_norm {grad_norm:.3} {tps:.0} tok/s ETA {:.0}s",
-            o.steps,
-            line.get("eval_loss").map(|v| format!(" eval_loss {:.4}", v.as_f64().unwrap_or(0.0))).unwrap_or_default(),
-            eta
-        );
-        if terminal {
-            // A bar redrawn in place; eval results stay on their own lines.
-            let width = 24;
-            let filled = width * done / o.steps;
-            eprint!(
-                "\r[{}{}] {status}\x1b[K",
-                "#".repeat(filled),
-                " ".repeat(width - filled)
-            );
-            if line.get("eval_loss").is_some() || done == o.steps {
-                eprintln!();
-            }
-        } else {
-            eprintln!("{status}");
-        }
+        on_progress(Progress::Step {
+            step: done,
+            steps: o.steps,
+            loss,
+            eval_loss: line.get("eval_loss").and_then(|v| v.as_f64()),
+            lr,
+            grad_norm,
+            tokens_per_s: tps,
+            eta_s: eta,
+        });
         if o.save_every.is_some_and(|e| done % e == 0) || done == o.steps {
             write_checkpoint(
                 &out.join(format!("checkpoint-{done}")),
@@ -524,12 +539,12 @@ pub fn train(
     }
     write_dir_atomic(&out.join("final"), |d| write_adapter(d, ad, o, model))?;
     let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "trained {} steps in {secs:.1}s ({:.0} tok/s); adapter in {}",
-        o.steps - start_step,
-        tokens_done as f64 / secs.max(1e-9),
-        out.join("final").display()
-    );
+    on_progress(Progress::Done {
+        steps: o.steps - start_step,
+        secs,
+        tokens_per_s: tokens_done as f64 / secs.max(1e-9),
+        adapter: out.join("final"),
+    });
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use crate::load::{load, plan_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{bail, Context, Result};
 use qlora_lora::{ModelShapes, Targets};
 use qlora_train::data::{load_jsonl, Tokenize};
-use qlora_train::run::{init_adapters, read_optimizer, train, TrainOptions};
+use qlora_train::run::{init_adapters, read_optimizer, train, Progress, TrainOptions};
 use qlora_train::{AdamW, Schedule};
 use std::path::PathBuf;
 
@@ -260,7 +260,99 @@ pub fn run(a: Args) -> Result<()> {
             String::new()
         }
     );
-    train(model, &mut ad, &mut opt, &data, &eval, &o, &a.out, start).map_err(anyhow::Error::msg)
+    let mut view = ProgressView::new(start, steps);
+    let r = train(
+        model,
+        &mut ad,
+        &mut opt,
+        &data,
+        &eval,
+        &o,
+        &a.out,
+        start,
+        &mut |p| view.show(p),
+    );
+    view.bar.finish_and_clear();
+    r.map_err(anyhow::Error::msg)
+}
+
+/// `train`'s progress on stderr: an indicatif bar redrawn in place on a terminal (eval results
+/// and the end printed above it as lines), one line per step otherwise (logs, CI).
+struct ProgressView {
+    bar: indicatif::ProgressBar,
+    terminal: bool,
+}
+
+impl ProgressView {
+    fn new(start: usize, steps: usize) -> Self {
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let bar = if terminal {
+            let b = indicatif::ProgressBar::new(steps as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("[{bar:24}] {pos}/{len} {msg}")
+                    .expect("a valid template")
+                    .progress_chars("#> "),
+            );
+            b.set_position(start as u64);
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        ProgressView { bar, terminal }
+    }
+
+    fn show(&mut self, p: Progress) {
+        let line = |s: String| {
+            if self.terminal {
+                self.bar.println(s);
+            } else {
+                eprintln!("{s}");
+            }
+        };
+        match p {
+            Progress::Start { steps, eval_loss } => {
+                line(format!("step 0/{steps} eval_loss {eval_loss:.4}"))
+            }
+            Progress::Step {
+                step,
+                steps,
+                loss,
+                eval_loss,
+                lr,
+                grad_norm,
+                tokens_per_s,
+                eta_s,
+            } => {
+                let eval = eval_loss
+                    .map(|e| format!(" eval_loss {e:.4}"))
+                    .unwrap_or_default();
+                let status = format!(
+                    "loss {loss:.4}{eval} lr {lr:.2e} grad_norm {grad_norm:.3} {tokens_per_s:.0} tok/s ETA {eta_s:.0}s"
+                );
+                if self.terminal {
+                    self.bar.set_position(step as u64);
+                    self.bar.set_message(status.clone());
+                    if eval_loss.is_some() {
+                        line(format!("step {step}/{steps} {status}"));
+                    }
+                } else {
+                    line(format!("step {step}/{steps} {status}"));
+                }
+            }
+            Progress::Done {
+                steps,
+                secs,
+                tokens_per_s,
+                adapter,
+            } => {
+                self.bar.finish_and_clear();
+                eprintln!(
+                    "trained {steps} steps in {secs:.1}s ({tokens_per_s:.0} tok/s); adapter in {}",
+                    adapter.display()
+                );
+            }
+        }
+    }
 }
 
 /// `--resume` continues a run: its options must be the checkpoint's, or the new checkpoints'
