@@ -462,6 +462,12 @@ fn tokenizer_metadata(
 ) -> Result<Vec<(String, GgufValue)>> {
     if model.is_file() {
         let g = GgufFile::open(model)?;
+        if g.get("tokenizer.ggml.model").is_none() {
+            bail!(
+                "{} has no tokenizer metadata (tokenizer.ggml.*); llama.cpp needs the tokenizer in the GGUF file: export from the model's Hugging Face directory instead",
+                model.display()
+            );
+        }
         return Ok(g
             .metadata
             .iter()
