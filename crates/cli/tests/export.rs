@@ -359,6 +359,46 @@ fn bad_exports_fail_cleanly() {
         assert!(e.contains(words), "{a:?}: {e}");
         assert!(!out.exists(), "{a:?} left {}", out.display());
     }
+    // A GGUF model without tokenizer metadata: llama.cpp could not load what would be written.
+    let full = tmp.join("full.gguf");
+    export(&[
+        "--model",
+        s,
+        "--type",
+        "q8_0",
+        "--out",
+        full.to_str().unwrap(),
+    ]);
+    let g = GgufFile::open(&full).unwrap();
+    let data = std::fs::read(&full).unwrap();
+    let meta: Vec<(String, GgufValue)> = g
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let specs: Vec<qlora_io::GgufTensorSpec> = g
+        .tensors
+        .iter()
+        .map(|t| qlora_io::GgufTensorSpec {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ggml_type: t.ggml_type,
+        })
+        .collect();
+    let bare = tmp.join("bare.gguf");
+    let mut w = qlora_io::GgufWriter::create(&bare, &meta, &specs).unwrap();
+    for t in &g.tensors {
+        w.write(&t.name, &data[t.range.clone()]).unwrap();
+    }
+    w.finish().unwrap();
+    let o = qlora(&["export", "--model", bare.to_str().unwrap(), "--out", o_]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("no tokenizer metadata"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
     std::fs::write(&out, b"keep").unwrap();
     let o = qlora(&["export", "--model", s, "--out", o_]);
     assert!(!o.status.success() && stderr(&o).contains("already exists"));
