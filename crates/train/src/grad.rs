@@ -530,8 +530,9 @@ pub fn sequence_loss(
     )
 }
 
-/// `packed_loss`'s default budget for keeping activations: 512 MiB (SmolLM2-135M keeps a
-/// micro-batch of about 1,100 tokens; a 7B model recomputes beyond a few dozen).
+/// `packed_loss`'s default budget for keeping activations: 512 MiB (SmolLM2-135M holds 0.9 MB
+/// a token, so it keeps micro-batches of up to about 560 tokens; Mistral-7B, 8.4 MB a token,
+/// recomputes beyond about 60).
 pub const KEEP_ACTIVATIONS_BYTES: usize = 512 << 20;
 
 /// `sequence_loss` of several sequences packed into one pass: the projections run once over
