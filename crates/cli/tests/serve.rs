@@ -157,6 +157,15 @@ fn metric(url: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
+/// Polls /metrics until `name` reaches `at_least` (30 s at most, else fails with `what`).
+fn wait_for_metric(url: &str, name: &str, at_least: f64, what: &str) {
+    let t0 = Instant::now();
+    while metric(url, name) < at_least {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn serve_answers_the_openai_api_for_a_base_and_its_adapters() {
     let Some(model) = gguf() else { return };
@@ -628,14 +637,7 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
     );
     // SSE headers come before the engine admits it: wait until it runs, so that the next
     // request is the one waiting.
-    let t0 = Instant::now();
-    while metric(&s.url, "qlora_running") < 1.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the stream never ran"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_metric(&s.url, "qlora_running", 1.0, "the stream never ran");
     let u2 = url.clone();
     let waiting = std::thread::spawn(move || {
         post(
@@ -644,14 +646,12 @@ fn serve_limits_the_queue_and_prefills_in_chunks() {
                     "messages": [{"role": "user", "content": "Hi"}]}),
         )
     });
-    let t0 = Instant::now();
-    while metric(&s.url, "qlora_queue_depth") < 1.0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the second request never queued"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_metric(
+        &s.url,
+        "qlora_queue_depth",
+        1.0,
+        "the second request never queued",
+    );
     let (st, v) = post(
         &url,
         &json!({"model": base, "messages": [{"role": "user", "content": "Hi"}]}),

@@ -47,32 +47,13 @@ pub fn block_sums(x: &[f32]) -> Vec<f32> {
 /// Σ W[row]·x for one row stored as `row` bytes of type `t` (one of `has_fused_dot`).
 /// `xsum` = `block_sums(x)`.
 pub fn dot_row(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
-            // SAFETY: the features were detected just above.
-            return unsafe {
-                if crate::use_avx512() {
-                    if is_dense(t) {
-                        avx512::dot_dense(t, row, x)
-                    } else {
-                        avx512::dot_row(t, row, x, xsum)
-                    }
-                } else if is_dense(t) {
-                    avx2::dot_dense(t, row, x)
-                } else {
-                    avx2::dot_row(t, row, x, xsum)
-                }
-            };
-        }
-    }
-    dot_row_scalar(t, row, x, xsum)
+    let mut out = [0f32];
+    dot_rows(t, row, x, xsum, &mut out);
+    out[0]
 }
 
-/// `dot_row` for `out.len()` consecutive rows of `rows` (each of `x.len()` elements), with the kernel chosen once for all of them.
+/// `dot_row` for `out.len()` consecutive rows of `rows` (each of `x.len()` elements), with the
+/// kernel chosen once for all of them.
 pub fn dot_rows(t: GgmlType, rows: &[u8], x: &[f32], xsum: &[f32], out: &mut [f32]) {
     let (bs, bb) = t.block();
     let rb = x.len() / bs * bb;
@@ -139,6 +120,33 @@ pub fn dot_row_scalar(t: GgmlType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     acc
 }
 
+/// `rows` for one instruction set's module: each of `out.len()` rows of `rb` bytes dotted with
+/// x by that module's `dot_dense`/`dot_row`, chosen once.
+#[cfg(target_arch = "x86_64")]
+macro_rules! rows_kernel {
+    ($features:literal) => {
+        #[target_feature(enable = $features)]
+        pub unsafe fn rows(
+            t: GgmlType,
+            rows: &[u8],
+            rb: usize,
+            x: &[f32],
+            xsum: &[f32],
+            out: &mut [f32],
+        ) {
+            let dense = super::is_dense(t);
+            for (r, o) in out.iter_mut().enumerate() {
+                let row = rows.get_unchecked(r * rb..(r + 1) * rb);
+                *o = if dense {
+                    dot_dense(t, row, x)
+                } else {
+                    dot_row(t, row, x, xsum)
+                };
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use crate::GgmlType;
@@ -156,25 +164,7 @@ mod avx512 {
         }
     }
 
-    #[target_feature(enable = "avx512f,f16c")]
-    pub unsafe fn rows(
-        t: GgmlType,
-        rows: &[u8],
-        rb: usize,
-        x: &[f32],
-        xsum: &[f32],
-        out: &mut [f32],
-    ) {
-        let dense = super::is_dense(t);
-        for (r, o) in out.iter_mut().enumerate() {
-            let row = rows.get_unchecked(r * rb..(r + 1) * rb);
-            *o = if dense {
-                dot_dense(t, row, x)
-            } else {
-                dot_row(t, row, x, xsum)
-            };
-        }
-    }
+    rows_kernel!("avx512f,f16c");
 
     /// f32/f16/bf16 row · x, 32 elements per step.
     #[inline]
@@ -320,25 +310,7 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows(
-        t: GgmlType,
-        rows: &[u8],
-        rb: usize,
-        x: &[f32],
-        xsum: &[f32],
-        out: &mut [f32],
-    ) {
-        let dense = super::is_dense(t);
-        for (r, o) in out.iter_mut().enumerate() {
-            let row = rows.get_unchecked(r * rb..(r + 1) * rb);
-            *o = if dense {
-                dot_dense(t, row, x)
-            } else {
-                dot_row(t, row, x, xsum)
-            };
-        }
-    }
+    rows_kernel!("avx2,fma,f16c");
 
     /// f32/f16/bf16 row · x.
     #[inline]
@@ -513,9 +485,10 @@ mod tests {
 mod rows_tests {
     use super::*;
 
-    /// The several-rows entry gives each row's `dot_row`, whatever the format.
+    /// The several-rows entry gives each row's scalar dot product, whatever the format (the rows'
+    /// offsets as well as the kernels).
     #[test]
-    fn dot_rows_equals_dot_row_per_row() {
+    fn dot_rows_equal_the_scalar_row_by_row() {
         for t in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
@@ -551,8 +524,11 @@ mod rows_tests {
             let mut out = vec![0f32; n];
             dot_rows(t, &bytes, &x, &xs, &mut out);
             for (r, got) in out.iter().enumerate() {
-                let want = dot_row(t, &bytes[r * rb..(r + 1) * rb], &x, &xs);
-                assert_eq!(*got, want, "{t:?} row {r}");
+                let want = dot_row_scalar(t, &bytes[r * rb..(r + 1) * rb], &x, &xs);
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{t:?} row {r}: {got} vs {want}"
+                );
             }
         }
     }

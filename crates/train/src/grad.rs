@@ -585,12 +585,10 @@ pub fn packed_loss(
     let keep =
         grads.is_some() && model.layers.len() * Saved::floats(cfg, t) * 4 <= keep_activations_bytes;
     let mut inputs = Vec::with_capacity(model.layers.len());
-    let mut saved = Vec::with_capacity(if keep { model.layers.len() } else { 0 });
+    let mut saved: Vec<Option<Saved>> = Vec::with_capacity(model.layers.len());
     for l in &model.layers {
         let (out, s) = ctx.layer(l, &x);
-        if keep {
-            saved.push(s);
-        }
+        saved.push(keep.then_some(s));
         inputs.push(std::mem::replace(&mut x, out));
     }
     let mut h = vec![0f32; t * d];
@@ -606,8 +604,6 @@ pub fn packed_loss(
     let dh = proj_backward(&model.lm_head, &ctx.act, &h, t, &dlogits, g);
     drop(dlogits);
     let mut dx = bw::rms_norm_backward(&x, &model.norm, cfg.rms_norm_eps as f32, &dh);
-    let mut saved = saved.into_iter().map(Some).collect::<Vec<_>>();
-    saved.resize_with(model.layers.len(), || None);
     for ((l, xin), s) in model.layers.iter().zip(&inputs).zip(saved).rev() {
         dx = ctx.layer_backward(l, xin, s, &dx, g);
     }

@@ -245,16 +245,16 @@ pub fn run(a: Args) -> Result<()> {
                 merge_linear(&mut v, &mut bias, wt.rows, wt.cols, &deltas, module)?;
                 permuted(&cfg, module, v, wt.rows)?
             }
-            Item::Bias { module, bias, .. } => {
-                let mut b = Some(bias.clone());
-                let deltas = linear.get(module.as_str()).cloned().unwrap_or_default();
-                for d in deltas {
-                    if let (Some(b), Some(bb)) = (b.as_mut(), &d.b_bias) {
+            Item::Bias { module, bias } => {
+                // b + s·lora_B.bias of each adapter, as merge_linear adds it.
+                let mut b = bias.clone();
+                for d in linear.get(module.as_str()).into_iter().flatten() {
+                    if let Some(bb) = &d.b_bias {
                         b.iter_mut().zip(bb).for_each(|(x, y)| *x += d.scaling * y);
                     }
                 }
-                let b = b.expect("set above");
-                permuted(&cfg, module, b.clone(), b.len())?
+                let n = b.len();
+                permuted(&cfg, module, b, n)?
             }
         };
         let mut bytes = Vec::new();
