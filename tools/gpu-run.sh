@@ -4,7 +4,9 @@
 # QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
 # time over two decode steps), peer (HF + PEFT +
-# bitsandbytes, ../shared/peers/h200_peer.py, when its wheel is in .gpu-peer/whl; carry it too).
+# bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
+# train (qlora bench --train on a synthetic Mistral-7B), gputrain (the GPU training tests alone),
+# peertrain (h200_peer.py --train).
 # Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -74,10 +76,22 @@ for k, v in sorted(tot.items(), key=lambda kv: -kv[1]): print(f"{v:10.1f} us {10
 print(f"{s:10.1f} us total over {sum(cnt.values())} kernels")
 PY
       ;;
-    peer)
+    train)
+      # QLoRA training on a synthetic Mistral-7B (NF4 base, LoRA r=16 on all seven projections,
+      # seq 2048), batch 1 and 4, recomputing and keeping the activations.
+      for cfg in "1 always" "4 always" "1 never" "4 never"; do
+        read -r b r <<< "$cfg"
+        echo "== train: batch $b, recompute $r"
+        $Q bench --train --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+          --prompt-tokens 2048 --batch "$b" --recompute "$r" --repeats 3 2>&1 | tee -a "$OUT/train.log"
+      done ;;
+    gputrain)
+      echo "== .gpu/bin/test-gpu_train"; .gpu/bin/test-gpu_train --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|Bf16|F32" ;;
+    peer|peertrain)
+      what=--decode; [ "$stage" = peertrain ] && what=--train
       if ls .gpu-peer/whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu-peer/whl/*.whl && \
-          PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site python3 .gpu/h200_peer.py --decode --out "$OUT/peer.json" 2>&1 | tail -20 | tee "$OUT/peer.log"
+          PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site python3 .gpu/h200_peer.py $what --out "$OUT/$stage.json" 2>&1 | tail -20 | tee "$OUT/$stage.log"
       else echo "no .gpu-peer/whl: peer skipped"; fi ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -30,7 +30,7 @@ impl Default for DeviceArgs {
     }
 }
 
-fn parse_device(s: &str) -> std::result::Result<DeviceRequest, String> {
+pub fn parse_device(s: &str) -> std::result::Result<DeviceRequest, String> {
     s.parse()
 }
 

@@ -25,20 +25,6 @@ const BF16_LOGITS: f32 = 1e-2;
 /// mode must hold the same line.
 const PEFT_TOL: f32 = 2e-4;
 
-fn have_gpu() -> bool {
-    match Gpu::open(0, Precision::F32) {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("QLORA_REQUIRE_GPU").is_none(),
-                "QLORA_REQUIRE_GPU is set: {e}"
-            );
-            eprintln!("skipped: no usable GPU ({e})");
-            false
-        }
-    }
-}
-
 /// The error measure of a precision's budget.
 fn err(prec: &str, a: &[f32], b: &[f32]) -> f32 {
     if prec == "bf16" {

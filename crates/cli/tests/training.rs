@@ -5,64 +5,8 @@
 
 mod common;
 use common::*;
-use qlora_io::ModelSource;
-use qlora_lora::{open_adapters, ModelShapes};
-use qlora_model::{LoadOptions, Model, QuantizeSpec};
-use qlora_quant::Quant4;
-use qlora_train::{adapters_from_plan, optim::clip_grad_norm, sequence_loss, AdamW, Adapters};
-use serde_json::Value;
-
-fn case(name: &str) -> (Model, Adapters, Value, std::path::PathBuf) {
-    let dir = repo_root().join("tests/fixtures/train").join(name);
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let base = temp_dir(&format!("train-{name}")).join("base");
-    write_model(&spec(meta["base"].as_str().unwrap()), &base);
-    let mut src = ModelSource::open(&base).unwrap();
-    let quantize = meta["quantize"].as_str().map(|q| QuantizeSpec {
-        quant: Quant4::Nf4,
-        double_quant: q.ends_with("-dq"),
-        blocksize: 64,
-    });
-    let adapter = &open_adapters(&dir.join("adapter")).unwrap()[0];
-    let plan = adapter
-        .plan(&ModelShapes::from_config(&src.config))
-        .unwrap();
-    for r in &plan.replacements {
-        src.tensors.insert(r.clone(), &adapter.weights_path);
-    }
-    let model = Model::load_with(&mut src, LoadOptions { quantize }).unwrap();
-    let ad = adapters_from_plan(&plan, 0.0).unwrap();
-    (model, ad, meta, dir)
-}
-
-type Batch = Vec<(Vec<u32>, Vec<Option<u32>>)>;
-
-fn batch(meta: &Value) -> Batch {
-    let seqs = meta["sequences"].as_array().unwrap();
-    let ignored = meta["ignored"].as_array().unwrap();
-    seqs.iter()
-        .zip(ignored)
-        .map(|(s, ign)| {
-            let ids: Vec<u32> = s
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
-            let ign: Vec<usize> = ign
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as usize)
-                .collect();
-            let labels = (0..ids.len())
-                .map(|i| (!ign.contains(&i) && i + 1 < ids.len()).then(|| ids[i + 1]))
-                .collect();
-            (ids, labels)
-        })
-        .collect()
-}
+use qlora_model::Model;
+use qlora_train::{optim::clip_grad_norm, sequence_loss, AdamW, Adapters};
 
 /// Loss of the batch (Σ token losses / tokens) and, optionally, its gradients.
 fn batch_step(
@@ -92,8 +36,8 @@ fn batch_step(
 }
 
 fn check_case(name: &str) {
-    let (model, mut ad, meta, dir) = case(name);
-    let b = batch(&meta);
+    let (model, mut ad, meta, dir) = train_case(name);
+    let b = train_batch(&meta);
     let mut g = ad.zero_grads();
     let loss0 = batch_step(&model, &ad, &b, Some(&mut g));
     let want0 = meta["loss0"].as_f64().unwrap();
@@ -171,8 +115,8 @@ fn dora_on_dense_and_nf4_bases_matches_pytorch_peft() {
 
 #[test]
 fn packing_sequences_gives_the_same_loss_and_gradients() {
-    let (model, ad, meta, _) = case("dense");
-    let b = batch(&meta);
+    let (model, ad, meta, _) = train_case("dense");
+    let b = train_batch(&meta);
     let mut g1 = ad.zero_grads();
     let one_by_one = batch_step(&model, &ad, &b, Some(&mut g1));
     let mut g2 = ad.zero_grads();
@@ -207,8 +151,8 @@ fn packing_sequences_gives_the_same_loss_and_gradients() {
 #[test]
 fn kept_and_recomputed_activations_give_identical_gradients() {
     for name in ["dense", "dense-dora", "nf4-dq", "nf4-dq-dora"] {
-        let (model, ad, meta, _) = case(name);
-        let b = batch(&meta);
+        let (model, ad, meta, _) = train_case(name);
+        let b = train_batch(&meta);
         let seqs: Vec<(&[u32], &[Option<u32>])> = b.iter().map(|(i, l)| (&i[..], &l[..])).collect();
         let noise = Some(qlora_train::Noise { seed: 7 });
         let run = |budget: usize| {

@@ -45,6 +45,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "embed_lora_apply",
     "argmax_rows",
     "fill_f32",
+    "rope_rows",
+    "rms_norm_bwd",
+    "swiglu_bwd",
+    "softmax_bwd",
+    "cross_entropy",
+    "adapter_in",
+    "dropout_add",
 ];
 
 pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {
@@ -775,6 +782,93 @@ impl Gpu {
                     cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 ),
                 "GemmBatchedEx",
+            )
+        }
+    }
+
+    /// Row-major GEMM, strided over `batch` matrices: C = alpha · op(A) · op(B) + beta · C with
+    /// op(A) [m, k] (A stored [m, k], or [k, m] when `ta`), op(B) [k, n] (B stored [k, n], or
+    /// [n, k] when `tb`), C [m, n]; leading dimensions and batch strides in elements. A/B of
+    /// type `dt`, C of type `ct`, f32 compute (no TF32 in f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_rm(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        (a, lda, sa): (cu::CUdeviceptr, usize, usize),
+        (b, ldb, sb): (cu::CUdeviceptr, usize, usize),
+        beta: f32,
+        (c, ldc, sc): (cu::CUdeviceptr, usize, usize),
+        (dt, ct): (Dt, Dt),
+        batch: usize,
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let op = |t: bool| {
+            if t {
+                cublas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // Column-major: Cᵀ [n, m] = op(B)ᵀ · op(A)ᵀ, each row-major matrix being its
+        // transpose in column-major.
+        unsafe {
+            check_blas(
+                cublas::cublasGemmStridedBatchedEx(
+                    self.blas,
+                    op(tb),
+                    op(ta),
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const c_void,
+                    b as *const c_void,
+                    dt.cuda(),
+                    ldb as i32,
+                    sb as i64,
+                    a as *const c_void,
+                    dt.cuda(),
+                    lda as i32,
+                    sa as i64,
+                    &beta as *const f32 as *const c_void,
+                    c as *mut c_void,
+                    ct.cuda(),
+                    ldc as i32,
+                    sc as i64,
+                    batch as i32,
+                    cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                ),
+                "GemmStridedBatchedEx",
+            )
+        }
+    }
+
+    /// Copies `bytes` from `src` to `dst` on the device (ordered on the stream).
+    pub fn copy(&self, dst: cu::CUdeviceptr, src: cu::CUdeviceptr, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        unsafe {
+            check(
+                cu::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.stream),
+                "cuMemcpyDtoDAsync",
+            )
+        }
+    }
+
+    /// Sets `bytes` (a multiple of 4) at `dst` to zero (ordered on the stream).
+    pub fn zero(&self, dst: cu::CUdeviceptr, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        unsafe {
+            check(
+                cu::cuMemsetD32Async(dst, 0, bytes / 4, self.stream),
+                "cuMemsetD32Async",
             )
         }
     }

@@ -806,3 +806,139 @@ extern "C" __global__ void fill_f32(float* __restrict__ a, float v, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) a[i] = v;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Training: the backward of the forward's ops, the loss, and the adapters' dropout. Each is the
+// CPU trainer's formula (`qlora_engine::backward`, `qlora_train::grad`), in f32.
+
+// Block-wide max with a fixed order.
+__device__ float block_max(float v, float* shm) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shm[warp] = v;
+    __syncthreads();
+    float r = (threadIdx.x < nw) ? shm[threadIdx.x] : -INFINITY;
+    if (warp == 0) r = warp_max(r);
+    if (threadIdx.x == 0) shm[0] = r;
+    __syncthreads();
+    return shm[0];
+}
+
+// RoPE (rotate-half) in place on the first `heads` heads of each row at positions pos[t]; sign
+// −1 rotates back (the backward: the inverse rotation). x [t, ld] f32, cos/sin [n_pos, hd/2].
+// Grid (t, heads), block ≥ hd/2 threads.
+extern "C" __global__ void rope_rows(float* __restrict__ x, int ld, int hd, const float* __restrict__ cos_t,
+                                     const float* __restrict__ sin_t, const int* __restrict__ pos, float sign) {
+    int tok = blockIdx.x, half = hd / 2, j = threadIdx.x;
+    if (j >= half) return;
+    float* hp = x + (long)tok * ld + (long)blockIdx.y * hd;
+    long ps = pos[tok];
+    float c = cos_t[ps * half + j], s = sign * sin_t[ps * half + j];
+    float x1 = hp[j], x2 = hp[j + half];
+    hp[j] = x1 * c - x2 * s;
+    hp[j + half] = x2 * c + x1 * s;
+}
+
+// dx += RMSNorm's input gradient r·(g ⊙ dy) − x·r³·⟨x, g ⊙ dy⟩/d, r = (mean(x²) + eps)^-½
+// (the residual's gradient and the norm's, summed in place). x, dy, dx [t, d] f32; a block a row.
+extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float* __restrict__ g, float eps,
+                                        int d, const float* __restrict__ dy, float* __restrict__ dx) {
+    __shared__ float shm[32];
+    long o = (long)blockIdx.x * d;
+    float ss = 0.f, dot = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = x[o + j];
+        ss = fmaf(v, v, ss);
+        dot = fmaf(v * g[j], dy[o + j], dot);
+    }
+    ss = block_sum(ss, shm);
+    dot = block_sum(dot, shm);
+    float r = 1.0f / sqrtf(ss / (float)d + eps);
+    float c = r * r * r * dot / (float)d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) dx[o + j] += r * g[j] * dy[o + j] - x[o + j] * c;
+}
+
+// SwiGLU's backward: a = silu(g)·u gives dg = da·u·σ(g)(1 + g(1 − σ(g))), du = da·g·σ(g).
+// gu [t, 2f] f32 (gate | up, the forward's), da [t, f], dgu [t, 2f] (dgate | dup).
+extern "C" __global__ void swiglu_bwd(const float* __restrict__ gu, int f, const float* __restrict__ da,
+                                      float* __restrict__ dgu, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long tok = i / f, j = i % f, o = tok * 2 * f + j;
+    float g = gu[o], u = gu[o + f], d = da[i];
+    float s = 1.0f / (1.0f + expf(-g));
+    dgu[o] = d * u * s * (1.0f + g * (1.0f - s));
+    dgu[o + f] = d * g * s;
+}
+
+// Softmax's backward in place: dS = P ⊙ (dP − Σ_j P·dP) over each row's visible keys (P is 0
+// elsewhere, and so stays dS). P [heads, hstride] lp rows of t, dP likewise f32. Grid (t, heads).
+extern "C" __global__ void softmax_bwd(lp_t* __restrict__ P, const float* __restrict__ dP, int t, long hstride) {
+    __shared__ float shm[32];
+    int i = blockIdx.x, h = blockIdx.y;
+    lp_t* pr = P + h * hstride + (long)i * t;
+    const float* dr = dP + h * hstride + (long)i * t;
+    float s = 0.f;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) s = fmaf(lp_to_f(pr[j]), dr[j], s);
+    s = block_sum(s, shm);
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) pr[j] = f_to_lp(lp_to_f(pr[j]) * (dr[j] - s));
+}
+
+// Cross-entropy of each row against its label (−1: none), in place: z [rows, v] f32 becomes
+// (softmax(z) − onehot(label))·scale on labeled rows and 0 on the others; loss[row] =
+// logsumexp(z) − z[label] (0 without a label). A block a row.
+extern "C" __global__ void cross_entropy(float* __restrict__ z, int v, const int* __restrict__ labels,
+                                         float scale, float* __restrict__ loss) {
+    __shared__ float shm[32];
+    float* zr = z + (long)blockIdx.x * v;
+    int y = labels[blockIdx.x];
+    if (y < 0) {
+        for (int j = threadIdx.x; j < v; j += blockDim.x) zr[j] = 0.f;
+        if (threadIdx.x == 0) loss[blockIdx.x] = 0.f;
+        return;
+    }
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, zr[j]);
+    m = block_max(m, shm);
+    float zy = zr[y];
+    float s = 0.f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(zr[j] - m);
+    s = block_sum(s, shm);  // its barriers also order every read of zr[y] before the writes
+    float inv = 1.0f / s;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        float p = expf(zr[j] - m) * inv;
+        zr[j] = (j == y ? p - 1.0f : p) * scale;
+    }
+    if (threadIdx.x == 0) loss[blockIdx.x] = m + logf(s) - zy;
+}
+
+// The CPU trainer's dropout hash (`qlora_train::grad::uniform`): element i of a module's
+// stream in [0, 1).
+__device__ __forceinline__ float hash_uniform(unsigned long long ms, unsigned long long i) {
+    unsigned long long h = ms ^ (i * 0xBF58476D1CE4E5B9ull);
+    h ^= h >> 31;
+    h *= 0x94D049BB133111EBull;
+    h ^= h >> 29;
+    return (float)(h >> 40) / 16777216.0f;
+}
+
+// An adapter's input: x widened to f32, and with p > 0 dropped out (kept elements times
+// `scale` = 1/(1 − p)), the mask from the hash of (seed, i0 + i) so a recompute sees the same
+// one (i0: the first element's index in the whole input, for row chunks). x, out [n].
+extern "C" __global__ void adapter_in(const lp_t* __restrict__ x, float* __restrict__ out, long n,
+                                      unsigned long long seed, long i0, float p, float scale) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = lp_to_f(x[i]);
+    if (p > 0.f) v = hash_uniform(seed, (unsigned long long)(i0 + i)) >= p ? v * scale : 0.f;
+    out[i] = v;
+}
+
+// dx += the gradient of the dropped-out input back through the same mask.   dx, dxd [n]
+extern "C" __global__ void dropout_add(float* __restrict__ dx, const float* __restrict__ dxd, long n,
+                                       unsigned long long seed, long i0, float p, float scale) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (hash_uniform(seed, (unsigned long long)(i0 + i)) >= p) dx[i] += dxd[i] * scale;
+}

@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use crate::gpu::{gemv4_fits, Gemv4, GEMV_MAX_T};
 
+pub mod train;
+
 /// A fresh sequence's prefill of at least this many tokens runs attention as two batched
 /// cuBLAS products around a causal softmax (tensor cores) instead of the paged-cache kernel.
 const PREFILL_ATTN_MIN: usize = 32;
@@ -1191,42 +1193,9 @@ impl CudaModel {
                         })?;
                         continue;
                     }
-                    let n = mat.rows * mat.cols;
-                    let x32 = n.is_multiple_of(32) && blocksize.is_multiple_of(32);
-                    let (kernel, threads, count) = if x32 {
-                        ("dequant4_x32", n / 32, n / 32)
-                    } else {
-                        ("dequant4", n.div_ceil(2), n)
-                    };
-                    g.launch_n(
-                        kernel,
-                        threads,
-                        &[
-                            P(packed.ptr()),
-                            P(absmax.ptr()),
-                            P(code.ptr()),
-                            I(*blocksize as i32),
-                            L(count as i64),
-                            P(self.s.w.ptr()),
-                        ],
-                    )?;
-                    self.s.w.ptr()
+                    self.dequantized(mat)?
                 }
-                MatKind::Int8 { cb, scb } => {
-                    let n = mat.rows * mat.cols;
-                    g.launch_n(
-                        "dequant_int8",
-                        n,
-                        &[
-                            P(cb.ptr()),
-                            P(scb.ptr()),
-                            I(mat.cols as i32),
-                            L(n as i64),
-                            P(self.s.w.ptr()),
-                        ],
-                    )?;
-                    self.s.w.ptr()
-                }
+                MatKind::Int8 { .. } => self.dequantized(mat)?,
                 MatKind::Dense(w) => w.ptr(),
             };
             g.gemm(
@@ -1321,6 +1290,57 @@ impl CudaModel {
             )?;
         }
         Ok(())
+    }
+
+    /// The lp matrix a product with `mat` reads: as stored (dense), or dequantized into the
+    /// scratch `w` (valid until the next dequantization).
+    fn dequantized(&self, mat: &DevMat) -> Result<u64> {
+        use Arg::*;
+        let g = &self.gpu;
+        let n = mat.rows * mat.cols;
+        match &mat.kind {
+            MatKind::Bnb4 {
+                packed,
+                absmax,
+                code,
+                blocksize,
+            } => {
+                let x32 = n.is_multiple_of(32) && blocksize.is_multiple_of(32);
+                let (kernel, threads, count) = if x32 {
+                    ("dequant4_x32", n / 32, n / 32)
+                } else {
+                    ("dequant4", n.div_ceil(2), n)
+                };
+                g.launch_n(
+                    kernel,
+                    threads,
+                    &[
+                        P(packed.ptr()),
+                        P(absmax.ptr()),
+                        P(code.ptr()),
+                        I(*blocksize as i32),
+                        L(count as i64),
+                        P(self.s.w.ptr()),
+                    ],
+                )?;
+                Ok(self.s.w.ptr())
+            }
+            MatKind::Int8 { cb, scb } => {
+                g.launch_n(
+                    "dequant_int8",
+                    n,
+                    &[
+                        P(cb.ptr()),
+                        P(scb.ptr()),
+                        I(mat.cols as i32),
+                        L(n as i64),
+                        P(self.s.w.ptr()),
+                    ],
+                )?;
+                Ok(self.s.w.ptr())
+            }
+            MatKind::Dense(w) => Ok(w.ptr()),
+        }
     }
 
     /// The adapters' input: x in f32, as PEFT casts x to lora_A's dtype. x itself in f32 mode,

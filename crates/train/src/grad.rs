@@ -99,8 +99,8 @@ fn dropout_input(ad: &Adapters, noise: Option<Noise>, module: &str, x: &[f32]) -
     }
 }
 
-/// The dropout stream of one module in one micro-step.
-fn module_seed(seed: u64, module: &str) -> u64 {
+/// The dropout stream of one module in one micro-step (GPU backends hash the same stream).
+pub fn module_seed(seed: u64, module: &str) -> u64 {
     let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
     for b in module.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);

@@ -1,15 +1,19 @@
 //! qlora-train: LoRA/DoRA fine-tuning on a frozen base, dense or 4-bit. `grad`: loss and
-//! adapter gradients with per-layer recomputation and packed sequences; `optim`: AdamW as
+//! adapter gradients with per-layer recomputation and packed sequences; `backend`: the device
+//! seam the loop computes them through (CPU here, CUDA in qlora-cuda); `optim`: AdamW as
 //! PyTorch's, schedules, clipping; `data`: JSONL training formats; `run`: the loop, checkpoints,
 //! metrics and the loss plot.
 
+pub mod backend;
 pub mod data;
 pub mod grad;
 pub mod optim;
 pub mod run;
 
+pub use backend::{CpuBackend, LossBackend};
 pub use grad::{
-    packed_loss, sequence_loss, Adapters, Grads, LoraParam, Noise, KEEP_ACTIVATIONS_BYTES,
+    module_seed, packed_loss, sequence_loss, Adapters, Grads, LoraParam, Noise,
+    KEEP_ACTIVATIONS_BYTES,
 };
 pub use optim::{AdamW, Schedule};
 

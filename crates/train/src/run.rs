@@ -2,8 +2,9 @@
 //! provenance sidecar, the optimizer and trainer state beside them), `final/`, `metrics.jsonl`
 //! and `loss.svg`. Every directory and file is written under a temporary name and renamed.
 
+use crate::backend::{CpuBackend, LossBackend};
 use crate::data::Example;
-use crate::grad::{packed_loss, sequence_loss, Adapters, LoraParam, Noise};
+use crate::grad::{Adapters, LoraParam, Noise};
 use crate::optim::{clip_grad_norm, AdamW, Schedule};
 use qlora_io::{write_safetensors, ElementType, WriteTensor};
 use qlora_lora::{BaseQuantization, Provenance};
@@ -330,15 +331,28 @@ fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
     )
 }
 
-/// Mean loss over examples, no gradients, no dropout.
+/// Mean loss over examples, no gradients, no dropout, on the CPU.
 pub fn eval_loss(model: &Model, ad: &Adapters, data: &[Example]) -> f64 {
+    let mut cpu = CpuBackend {
+        model,
+        keep_activations_bytes: 0,
+    };
+    eval_loss_on(&mut cpu, ad, data).expect("the CPU backend does not fail")
+}
+
+/// Mean loss over examples, no gradients, no dropout, one example a pass.
+pub fn eval_loss_on(
+    backend: &mut dyn LossBackend,
+    ad: &Adapters,
+    data: &[Example],
+) -> Result<f64, String> {
     let (mut total, mut n) = (0.0, 0usize);
     for e in data {
-        let (l, c) = sequence_loss(model, ad, None, &e.ids, &e.labels, 1.0, None);
+        let (l, c) = backend.packed_loss(ad, None, &[(&e.ids, &e.labels)], 1.0, None)?;
         total += l;
         n += c;
     }
-    total / n.max(1) as f64
+    Ok(total / n.max(1) as f64)
 }
 
 /// What `train` reports as it goes (the library prints nothing; the binary draws these).
@@ -366,10 +380,43 @@ pub enum Progress {
     },
 }
 
-/// Trains from `start_step` to `o.steps`, writing the run directory and reporting each step to
-/// `on_progress`.
+/// Trains on the CPU from `start_step` to `o.steps`, writing the run directory and reporting
+/// each step to `on_progress`.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
+    model: &Model,
+    ad: &mut Adapters,
+    opt: &mut AdamW,
+    data: &[Example],
+    eval: &[Example],
+    o: &TrainOptions,
+    out: &Path,
+    start_step: usize,
+    on_progress: &mut dyn FnMut(Progress),
+) -> Result<(), String> {
+    let mut cpu = CpuBackend {
+        model,
+        keep_activations_bytes: o.keep_activations_bytes,
+    };
+    train_on(
+        &mut cpu,
+        model,
+        ad,
+        opt,
+        data,
+        eval,
+        o,
+        out,
+        start_step,
+        on_progress,
+    )
+}
+
+/// `train` with the losses and gradients computed by `backend` (`model` is the base the
+/// checkpoints describe; the backend holds its own copy of it, on its device).
+#[allow(clippy::too_many_arguments)]
+pub fn train_on(
+    backend: &mut dyn LossBackend,
     model: &Model,
     ad: &mut Adapters,
     opt: &mut AdamW,
@@ -434,7 +481,7 @@ pub fn train(
     let (mut curve, mut eval_curve) = (Vec::new(), Vec::new());
     if start_step == 0 && o.eval_every.is_some() && !eval.is_empty() {
         // The starting point, so a run shows whether it helped.
-        let el = eval_loss(model, ad, eval);
+        let el = eval_loss_on(backend, ad, eval)?;
         writeln!(metrics, "{}", json!({"step": 0, "eval_loss": el})).map_err(|e| e.to_string())?;
         eval_curve.push((0, el));
         on_progress(Progress::Start {
@@ -459,16 +506,9 @@ pub fn train(
             };
             let seqs: Vec<(&[u32], &[Option<u32>])> =
                 micro.iter().map(|e| (&e.ids[..], &e.labels[..])).collect();
-            total += packed_loss(
-                model,
-                ad,
-                Some(noise),
-                &seqs,
-                n_tok as f32,
-                Some(&mut g),
-                o.keep_activations_bytes,
-            )
-            .0;
+            total += backend
+                .packed_loss(ad, Some(noise), &seqs, n_tok as f32, Some(&mut g))?
+                .0;
         }
         let loss = total / n_tok as f64;
         let grad_norm = clip_grad_norm(&mut g, o.max_grad_norm);
@@ -502,7 +542,7 @@ pub fn train(
                               "tokens_per_s": tps, "tokens": seq_tokens});
         if let Some(every) = o.eval_every {
             if !eval.is_empty() && (done % every == 0 || done == o.steps) {
-                let el = eval_loss(model, ad, eval);
+                let el = eval_loss_on(backend, ad, eval)?;
                 line["eval_loss"] = json!(el);
                 eval_curve.push((done, el));
             }

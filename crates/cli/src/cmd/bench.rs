@@ -47,6 +47,15 @@ pub struct Args {
     gen_tokens: usize,
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Instead of inference: training steps (forward, backward, clipping, AdamW) on one
+    /// micro-batch of --batch sequences of --prompt-tokens tokens, with a fresh LoRA of rank
+    /// --adapter-rank (default 16) on all seven projections; tok/s, time per phase and peak
+    /// device memory.
+    #[arg(long)]
+    train: bool,
+    /// With --train on a GPU: auto, always or never (see `qlora train --recompute`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    recompute: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -98,6 +107,9 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let m = &loaded_model;
+    if a.train {
+        return train_bench(&a, m, &model, device);
+    }
     #[cfg(feature = "cuda")]
     if let qlora_engine::Device::Cuda(n) = device {
         return gpu_bench(&a, m, &model, n);
@@ -170,13 +182,188 @@ fn synthetic(a: &Args, name: &str) -> Result<qlora_model::Model> {
         Some(s) => SyntheticBase::Bnb4(s.quant),
     };
     let t = Instant::now();
-    let m = synthetic_model(cfg, base, a.adapter_rank, 1)?;
+    // --train builds its own trainable adapter.
+    let rank = if a.train { None } else { a.adapter_rank };
+    let m = synthetic_model(cfg, base, rank, 1)?;
     eprintln!(
         "built synthetic {name} ({} layers, {base:?} base) in {:.1} s",
         m.layers.len(),
         t.elapsed().as_secs_f64()
     );
     Ok(m)
+}
+
+/// `--train`: optimizer steps on one packed micro-batch, on the CPU or a GPU.
+fn train_bench(
+    a: &Args,
+    m: &qlora_model::Model,
+    name: &std::path::Path,
+    device: qlora_engine::Device,
+) -> Result<()> {
+    use qlora_train::run::{init_adapters, TrainOptions};
+    use qlora_train::{AdamW, CpuBackend, LossBackend, Schedule};
+    let batch = a.batch[0].max(1);
+    let seq = a.prompt_tokens;
+    let rank = a.adapter_rank.unwrap_or(16);
+    let modules: Vec<String> = m
+        .layers
+        .iter()
+        .flat_map(|l| l.projections())
+        .map(|p| p.name.clone())
+        .collect();
+    let o = TrainOptions {
+        rank,
+        alpha: 2.0 * rank as f32,
+        dropout: 0.05,
+        rslora: false,
+        dora: false,
+        lr: 1e-4,
+        schedule: Schedule::Constant,
+        warmup_steps: 0,
+        weight_decay: 0.0,
+        max_grad_norm: Some(1.0),
+        steps: a.repeats,
+        batch_size: batch,
+        grad_accum: 1,
+        save_every: None,
+        eval_every: None,
+        seed: 1,
+        keep_activations_bytes: qlora_train::KEEP_ACTIVATIONS_BYTES,
+        target_names: Vec::new(),
+        base_name: String::new(),
+    };
+    let mut ad = init_adapters(m, &modules, &o);
+    // PEFT's B = 0 would leave A's gradient zero: a small B makes every product real.
+    for p in ad.params.iter_mut() {
+        for (i, b) in p.b.iter_mut().enumerate() {
+            *b = ((i % 7) as f32 - 3.0) * 1e-3;
+        }
+    }
+    let v = m.vocab_size() as u64;
+    let data: Vec<(Vec<u32>, Vec<Option<u32>>)> = (0..batch as u64)
+        .map(|k| {
+            let ids: Vec<u32> = (0..seq as u64)
+                .map(|i| ((i * 7919 + k * 104_729 + 13) % v) as u32)
+                .collect();
+            let labels = (0..seq)
+                .map(|i| (i + 1 < seq).then(|| ids[i + 1]))
+                .collect();
+            (ids, labels)
+        })
+        .collect();
+    let seqs: Vec<(&[u32], &[Option<u32>])> = data.iter().map(|(i, l)| (&i[..], &l[..])).collect();
+    let tokens = batch * seq;
+    let mut opt = AdamW::new(&ad, 0.0);
+    #[cfg(feature = "cuda")]
+    let mut before = 0usize;
+    let mut backend: Box<dyn LossBackend + '_> = match device {
+        qlora_engine::Device::Cpu => Box::new(CpuBackend {
+            model: m,
+            keep_activations_bytes: o.keep_activations_bytes,
+        }),
+        #[cfg(feature = "cuda")]
+        qlora_engine::Device::Cuda(n) => {
+            let gpu = a.device.open_gpu(n)?;
+            let (f, t) = gpu.mem_info()?;
+            before = t - f;
+            let policy: qlora_cuda::Recompute = a.recompute.parse().map_err(anyhow::Error::msg)?;
+            Box::new(
+                qlora_cuda::CudaTrainer::new(gpu, m, &ad, policy)
+                    .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?,
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        qlora_engine::Device::Cuda(_) => bail!("this qlora was built without the `cuda` feature"),
+    };
+    let noise = |s: u64| Some(qlora_train::Noise { seed: s });
+    // One warm-up step (allocations, cuBLAS's first calls), then the timed ones.
+    let (mut step_s, mut fwd_s, mut opt_s, mut losses) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for s in 0..=a.repeats {
+        let t0 = Instant::now();
+        backend
+            .packed_loss(&ad, noise(s as u64), &seqs, tokens as f32, None)
+            .map_err(anyhow::Error::msg)?;
+        let f = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut g = ad.zero_grads();
+        let (loss, n) = backend
+            .packed_loss(&ad, noise(s as u64), &seqs, tokens as f32, Some(&mut g))
+            .map_err(anyhow::Error::msg)?;
+        let fb = t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        qlora_train::optim::clip_grad_norm(&mut g, o.max_grad_norm);
+        opt.update(&mut ad, &g, o.lr);
+        let u = t2.elapsed().as_secs_f64();
+        if s > 0 {
+            step_s.push(fb + u);
+            fwd_s.push(f);
+            opt_s.push(u);
+            losses.push(loss / n.max(1) as f64);
+        }
+    }
+    let step = median(step_s);
+    let flops = train_flops(m, batch, seq);
+    println!("model            {}", name.display());
+    println!("device           {device:?}");
+    println!(
+        "train            batch {batch} × {seq} tokens, LoRA r={rank} on all seven projections ({} parameters), dropout 0.05",
+        ad.params.iter().map(|p| p.a.len() + p.b.len()).sum::<usize>()
+    );
+    println!(
+        "step             {:.1} ms ({:.0} tok/s, median of {})",
+        step * 1e3,
+        tokens as f64 / step,
+        a.repeats
+    );
+    println!(
+        "phases           forward alone {:.1} ms; forward+backward {:.1} ms; clip + AdamW (host) {:.1} ms",
+        median(fwd_s) * 1e3,
+        (step - median(opt_s.clone())) * 1e3,
+        median(opt_s) * 1e3
+    );
+    println!(
+        "model FLOPs      {:.1} GFLOP/token (forward, input gradients, attention), {:.1} TFLOP/s achieved",
+        flops / tokens as f64 / 1e9,
+        flops / step / 1e12
+    );
+    println!(
+        "losses           {}",
+        losses
+            .iter()
+            .map(|l| format!("{l:.4}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    #[cfg(feature = "cuda")]
+    if let qlora_engine::Device::Cuda(n) = device {
+        let gpu = a.device.open_gpu(n)?;
+        let (f, t) = gpu.mem_info()?;
+        println!(
+            "device memory    {:.2} GiB in use by the run (weights, adapters, activations, scratch), {:.2} GiB on the device",
+            (t - f).saturating_sub(before) as f64 / (1u64 << 30) as f64,
+            (t - f) as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
+
+/// FLOPs of one training step over `batch` sequences of `seq` tokens with the base frozen:
+/// the forward (2 per weight element per token), the input gradients (2 more), attention's
+/// forward (QKᵀ, PV) and backward (twice the forward's), adapters not counted.
+fn train_flops(m: &qlora_model::Model, batch: usize, seq: usize) -> f64 {
+    let linear: usize = m
+        .layers
+        .iter()
+        .flat_map(|l| l.projections())
+        .map(|p| p.d_in() * p.d_out())
+        .sum::<usize>()
+        + m.lm_head.d_in() * m.lm_head.d_out();
+    let cfg = &m.config;
+    let qd = (cfg.num_attention_heads * cfg.head_dim()) as f64;
+    let keys: f64 = (0..seq).map(|i| (i + 1) as f64).sum();
+    let tokens = (batch * seq) as f64;
+    4.0 * linear as f64 * tokens + 3.0 * 4.0 * qd * keys * batch as f64 * m.layers.len() as f64
 }
 
 /// FLOPs of one forward over `t` new tokens after `past` cached positions: 2 per weight

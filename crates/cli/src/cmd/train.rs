@@ -100,6 +100,20 @@ pub struct Args {
     /// Continue a run from one of its checkpoints (same flags as the original run).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Where to train: cpu, cuda (GPU 0), cuda:N, or auto (GPU 0 when the NVIDIA driver
+    /// reports one, else cpu).
+    #[arg(long, default_value = "cpu", value_parser = crate::device::parse_device)]
+    device: qlora_engine::DeviceRequest,
+    /// GPU arithmetic: bf16 (bf16 products with the base, f32 adapters and accumulation; the
+    /// default) or f32 (no TF32; the CPU's gradients within 1e-4, for checking).
+    #[arg(long, value_parser = ["bf16", "f32"])]
+    precision: Option<String>,
+    /// GPU: keep every layer's activations for the backward (never recompute), recompute each
+    /// layer from its input (always: least memory), or keep them when they fit in the free
+    /// GPU memory (auto). The same results to the bit either way. The CPU uses
+    /// --keep-activations-mb instead.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    recompute: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -260,18 +274,59 @@ pub fn run(a: Args) -> Result<()> {
             String::new()
         }
     );
+    let dev = crate::device::DeviceArgs {
+        device: a.device,
+        precision: a.precision.clone(),
+        kv_tokens: None,
+    };
+    let device = dev.resolve()?;
     let mut view = ProgressView::new(start, steps);
-    let r = train(
-        model,
-        &mut ad,
-        &mut opt,
-        &data,
-        &eval,
-        &o,
-        &a.out,
-        start,
-        &mut |p| view.show(p),
-    );
+    let r = match device {
+        qlora_engine::Device::Cpu => train(
+            model,
+            &mut ad,
+            &mut opt,
+            &data,
+            &eval,
+            &o,
+            &a.out,
+            start,
+            &mut |p| view.show(p),
+        ),
+        #[cfg(feature = "cuda")]
+        qlora_engine::Device::Cuda(n) => {
+            let gpu = dev.open_gpu(n)?;
+            let policy: qlora_cuda::Recompute = a.recompute.parse().map_err(anyhow::Error::msg)?;
+            let t0 = std::time::Instant::now();
+            let mut gt = qlora_cuda::CudaTrainer::new(gpu.clone(), model, &ad, policy)
+                .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
+            eprintln!(
+                "cuda:{n}: {} (sm_{}{}), {:?}, kernels compiled in {:.2} s, base uploaded in {:.2} s",
+                gpu.name,
+                gpu.arch.0,
+                gpu.arch.1,
+                gpu.precision,
+                gpu.compile_s,
+                t0.elapsed().as_secs_f64()
+            );
+            qlora_train::run::train_on(
+                &mut gt,
+                model,
+                &mut ad,
+                &mut opt,
+                &data,
+                &eval,
+                &o,
+                &a.out,
+                start,
+                &mut |p| view.show(p),
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        qlora_engine::Device::Cuda(_) => {
+            bail!("this qlora was built without the `cuda` feature; rebuild with `cargo build --release --features cuda` or use --device cpu")
+        }
+    };
     view.bar.finish_and_clear();
     r.map_err(anyhow::Error::msg)
 }

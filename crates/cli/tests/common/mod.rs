@@ -330,3 +330,79 @@ pub fn write_smollm2_adapter(dir: &Path, modules: &[&str], r: usize, seed: u64, 
     }
     std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
 }
+
+/// A training reference case of tests/fixtures/train (tools/reference/make_training_reference.py):
+/// its base (quantized as the case says), initial adapter, and case.json.
+pub fn train_case(name: &str) -> (qlora_model::Model, qlora_train::Adapters, Value, PathBuf) {
+    let dir = repo_root().join("tests/fixtures/train").join(name);
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let base = temp_dir(&format!("train-{name}")).join("base");
+    write_model(&spec(meta["base"].as_str().unwrap()), &base);
+    let mut src = qlora_io::ModelSource::open(&base).unwrap();
+    let quantize = meta["quantize"]
+        .as_str()
+        .map(|q| qlora_model::QuantizeSpec {
+            quant: qlora_quant::Quant4::Nf4,
+            double_quant: q.ends_with("-dq"),
+            blocksize: 64,
+        });
+    let adapter = &qlora_lora::open_adapters(&dir.join("adapter")).unwrap()[0];
+    let plan = adapter
+        .plan(&qlora_lora::ModelShapes::from_config(&src.config))
+        .unwrap();
+    for r in &plan.replacements {
+        src.tensors.insert(r.clone(), &adapter.weights_path);
+    }
+    let model =
+        qlora_model::Model::load_with(&mut src, qlora_model::LoadOptions { quantize }).unwrap();
+    let ad = qlora_train::adapters_from_plan(&plan, 0.0).unwrap();
+    (model, ad, meta, dir)
+}
+
+/// A batch of (ids, labels) sequences.
+pub type Batch = Vec<(Vec<u32>, Vec<Option<u32>>)>;
+
+/// The case's sequences with their labels (the next id; none where ignored or last).
+pub fn train_batch(meta: &Value) -> Batch {
+    let seqs = meta["sequences"].as_array().unwrap();
+    let ignored = meta["ignored"].as_array().unwrap();
+    seqs.iter()
+        .zip(ignored)
+        .map(|(s, ign)| {
+            let ids: Vec<u32> = s
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let ign: Vec<usize> = ign
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            let labels = (0..ids.len())
+                .map(|i| (!ign.contains(&i) && i + 1 < ids.len()).then(|| ids[i + 1]))
+                .collect();
+            (ids, labels)
+        })
+        .collect()
+}
+
+/// Whether a GPU is usable; where none is, a line on stderr, or a failure when
+/// QLORA_REQUIRE_GPU is set (on the device).
+#[cfg(feature = "cuda")]
+pub fn have_gpu() -> bool {
+    match qlora_cuda::Gpu::open(0, qlora_cuda::Precision::F32) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("QLORA_REQUIRE_GPU").is_none(),
+                "QLORA_REQUIRE_GPU is set: {e}"
+            );
+            eprintln!("skipped: no usable GPU ({e})");
+            false
+        }
+    }
+}

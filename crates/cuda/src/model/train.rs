@@ -1,0 +1,1169 @@
+//! Training on the GPU: the loss and adapter gradients of a packed micro-batch, the CPU
+//! trainer's arithmetic (`qlora_train::grad`) on the device. The frozen base is the inference
+//! model's upload (packed NF4/FP4/int8 or dense, dequantized a matrix at a time into scratch for
+//! the products); the adapters are f32 with f32 products, as on the CPU; the products with the
+//! base run in the precision's lp type with f32 accumulation.
+//!
+//! Memory policy: every layer's intermediates are kept from the forward for the backward when
+//! they fit (`Recompute::Never`, or `Auto` and they fit in the free memory), else each layer's
+//! input only, and the layer is recomputed from it before its backward (the same launches, so
+//! the same bits). Attention runs per packed sequence as batched products over the heads around
+//! a masked softmax, so no [t, t] matrix spans two sequences; the logits are made, turned into
+//! their gradient and consumed a chunk of rows at a time, never [t, vocab] at once.
+//!
+//! Every reduction has a fixed order (no atomics), so a run repeats bit for bit on one GPU.
+
+use super::*;
+use qlora_train::{module_seed, Adapters, Grads, LossBackend, Noise};
+
+/// When to keep a layer's intermediates for its backward instead of recomputing them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recompute {
+    /// Keep them when they fit in the free device memory (with a margin); else recompute.
+    Auto,
+    /// Recompute every layer from its input (least memory).
+    Always,
+    /// Keep every layer's intermediates (fastest; fails if they do not fit).
+    Never,
+}
+
+impl std::str::FromStr for Recompute {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Recompute::Auto),
+            "always" => Ok(Recompute::Always),
+            "never" => Ok(Recompute::Never),
+            _ => Err(format!(
+                "unknown recompute policy \"{s}\": use auto, always or never"
+            )),
+        }
+    }
+}
+
+/// Which linear of a layer a projection belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lin {
+    Qkv,
+    O,
+    Gu,
+    Down,
+    Head,
+}
+
+/// One trainable LoRA adapter on the device.
+struct DevParam {
+    /// Index into `Adapters::params`.
+    index: usize,
+    /// The layer (unused for the head).
+    layer: usize,
+    lin: Lin,
+    /// The projection's first column in its linear's output.
+    col0: usize,
+    d_in: usize,
+    d_out: usize,
+    r: usize,
+    s: f32,
+    /// The shrink output's first column in its layer's [T, Σ r] block of `Saved::lh`.
+    roff: usize,
+    /// f32 [r, d_in]
+    a: DevBuf,
+    /// f32 [d_out, r]
+    b: DevBuf,
+    /// f32 [r, d_in], [d_out, r]: this pass's gradients.
+    da: DevBuf,
+    db: DevBuf,
+}
+
+/// One layer's intermediates (capacity T tokens).
+struct Saved {
+    /// lp [T, d] input norm's output
+    h1: DevBuf,
+    /// lp [T, q + 2 kv] rotated q, k and v
+    qkv: DevBuf,
+    /// lp [T, q] attention output
+    attn: DevBuf,
+    /// f32 [T, d] residual after attention
+    x2: DevBuf,
+    /// lp [T, d] post-attention norm's output
+    h2: DevBuf,
+    /// f32 [T, 2 f] gate | up
+    gu: DevBuf,
+    /// lp [T, f] SwiGLU output
+    act: DevBuf,
+    /// f32 [T, Σ r of the layer's adapters] every adapter's shrink output, [T, r] blocks
+    lh: DevBuf,
+}
+
+/// Transient buffers (capacity T tokens, L positions per sequence, C logit rows).
+struct Work {
+    /// f32 [layers + 1, T, d] each layer's input, then the final norm's input
+    xs: DevBuf,
+    /// f32 [T, q + 2 kv]
+    qkv32: DevBuf,
+    /// f32 [T, q]
+    attn32: DevBuf,
+    /// lp [T, max(d, q + 2 kv, 2 f)] gradients as product inputs
+    lp: DevBuf,
+    /// f32 [T, max d_in] an adapter's (dropped-out) input, and its gradient
+    xd: DevBuf,
+    dxd: DevBuf,
+    /// f32 [T, max r]
+    dr: DevBuf,
+    /// f32 [T, d] the residual stream's gradient
+    dx: DevBuf,
+    /// f32 [T, max(d, q, f)] a linear's input gradient (and the recompute's output)
+    dh: DevBuf,
+    /// f32 [T, 2 f]
+    dgu: DevBuf,
+    /// f32 [T, q + 2 kv]
+    dqkv: DevBuf,
+    /// lp [T, d] the final norm's output
+    hn: DevBuf,
+    /// f32 [T, d]
+    dhn: DevBuf,
+    /// f32 [heads, L, L] scores (and their gradients); lp [heads, L, L] probabilities
+    sc: DevBuf,
+    p: DevBuf,
+    /// f32 [C, vocab] logits chunk (becomes its gradient); lp [C, vocab] the same as lp
+    logits: DevBuf,
+    dlogits: DevBuf,
+    /// f32 [T] each row's loss
+    loss: DevBuf,
+    /// i32 [T] ids, [T] labels (−1: none), [T] positions
+    meta: DevBuf,
+    /// f32 [L, hd/2]
+    cos: DevBuf,
+    sin: DevBuf,
+    /// Capacities.
+    t: usize,
+    l: usize,
+    c: usize,
+}
+
+/// The loss and adapter gradients of packed micro-batches on one GPU
+/// (`qlora_train::LossBackend`).
+pub struct CudaTrainer {
+    m: CudaModel,
+    inv_freq: Vec<f32>,
+    /// The adapters' module names, in `Adapters::params` order (checked each call).
+    modules: Vec<String>,
+    params: Vec<DevParam>,
+    /// Σ r of each layer's adapters (the layer's `Saved::lh` width), and the head's.
+    layer_r: Vec<usize>,
+    head_r: usize,
+    /// f32 [C, head Σ r] the head adapter's shrink output for a chunk
+    head_lh: Option<DevBuf>,
+    policy: Recompute,
+    saved: Vec<Saved>,
+    w: Option<Work>,
+    max_d_in: usize,
+    max_r: usize,
+    /// Whether the last pass kept every layer (for reports).
+    pub kept: bool,
+}
+
+fn lin_of(name: &str) -> Option<(Lin, usize)> {
+    Some(match name {
+        "q_proj" => (Lin::Qkv, 0),
+        "k_proj" => (Lin::Qkv, 1),
+        "v_proj" => (Lin::Qkv, 2),
+        "o_proj" => (Lin::O, 0),
+        "gate_proj" => (Lin::Gu, 0),
+        "up_proj" => (Lin::Gu, 1),
+        "down_proj" => (Lin::Down, 0),
+        _ => return None,
+    })
+}
+
+impl CudaTrainer {
+    /// Uploads `model`'s base (it must carry no adapters: the trainable ones are `ad`'s) and
+    /// `ad`'s shapes. DoRA adapters are refused (not on the GPU yet).
+    pub fn new(gpu: Arc<Gpu>, model: &Model, ad: &Adapters, policy: Recompute) -> Result<Self> {
+        let any = model
+            .layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .chain(std::iter::once(&model.lm_head))
+            .any(|p| !p.lora.is_empty())
+            || !model.embed_lora.is_empty();
+        if any {
+            return Err(Error::Invalid(
+                "the base to train carries adapters already; merge them first (`qlora merge`) or start from them with --init-adapter".into(),
+            ));
+        }
+        let opts = CudaOptions {
+            max_batch_tokens: 8,
+            max_seqs: 1,
+            kv_tokens: KV_BLOCK,
+            graphs: false,
+            prefill_attention: false,
+        };
+        let m = CudaModel::upload(gpu, model, opts)?;
+        let cfg = &model.config;
+        let (q, kv, f) = (
+            cfg.num_attention_heads * cfg.head_dim(),
+            cfg.num_kv_heads() * cfg.head_dim(),
+            cfg.intermediate_size,
+        );
+        let mut params = Vec::new();
+        let mut layer_r = vec![0usize; model.layers.len()];
+        let mut head_r = 0;
+        for (index, p) in ad.params.iter().enumerate() {
+            if p.magnitude.is_some() {
+                return Err(Error::Invalid(format!(
+                    "{}: DoRA training on the GPU is not implemented yet; train it with --device cpu, or drop --dora",
+                    p.module
+                )));
+            }
+            let (layer, lin, col0, proj) = if p.module == model.lm_head.name {
+                (0, Lin::Head, 0, &model.lm_head)
+            } else {
+                let found = model.layers.iter().enumerate().find_map(|(li, l)| {
+                    l.projections()
+                        .into_iter()
+                        .find(|pr| pr.name == p.module)
+                        .map(|pr| (li, pr))
+                });
+                let Some((li, pr)) = found else {
+                    return Err(Error::Invalid(format!(
+                        "adapter module {} is not a projection of this model",
+                        p.module
+                    )));
+                };
+                let leaf = pr.name.rsplit('.').next().unwrap_or("");
+                let Some((lin, k)) = lin_of(leaf) else {
+                    return Err(Error::Invalid(format!(
+                        "adapter module {}: not a q/k/v/o/gate/up/down projection",
+                        p.module
+                    )));
+                };
+                let col0 = match (lin, k) {
+                    (Lin::Qkv, 1) => q,
+                    (Lin::Qkv, 2) => q + kv,
+                    (Lin::Gu, 1) => f,
+                    _ => 0,
+                };
+                (li, lin, col0, pr)
+            };
+            if p.d_in != proj.d_in() || p.d_out != proj.d_out() || p.rank == 0 {
+                return Err(Error::Invalid(format!(
+                    "{}: adapter [{} → r {} → {}] does not fit the projection [{} → {}]",
+                    p.module,
+                    p.d_in,
+                    p.rank,
+                    p.d_out,
+                    proj.d_in(),
+                    proj.d_out()
+                )));
+            }
+            let roff = if lin == Lin::Head {
+                head_r += p.rank;
+                head_r - p.rank
+            } else {
+                layer_r[layer] += p.rank;
+                layer_r[layer] - p.rank
+            };
+            let g = &m.gpu;
+            params.push(DevParam {
+                index,
+                layer,
+                lin,
+                col0,
+                d_in: p.d_in,
+                d_out: p.d_out,
+                r: p.rank,
+                s: p.scaling,
+                roff,
+                a: g.alloc(p.a.len() * 4)?,
+                b: g.alloc(p.b.len() * 4)?,
+                da: g.alloc(p.a.len() * 4)?,
+                db: g.alloc(p.b.len() * 4)?,
+            });
+        }
+        let max_d_in = params.iter().map(|p| p.d_in).max().unwrap_or(0);
+        let max_r = params.iter().map(|p| p.r).max().unwrap_or(0);
+        Ok(CudaTrainer {
+            m,
+            inv_freq: model.inv_freq.clone(),
+            modules: ad.params.iter().map(|p| p.module.clone()).collect(),
+            params,
+            layer_r,
+            head_r,
+            head_lh: None,
+            policy,
+            saved: Vec::new(),
+            w: None,
+            max_d_in,
+            max_r,
+            kept: false,
+        })
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.m.gpu
+    }
+
+    fn qkv_ld(&self) -> usize {
+        (self.m.heads + 2 * self.m.kvh) * self.m.hd
+    }
+
+    /// Bytes of one `Saved` for t tokens.
+    fn saved_bytes(&self, t: usize) -> usize {
+        let (d, f, q) = (self.m.d, self.m.f, self.m.heads * self.m.hd);
+        let lp = self.m.gpu.lp().size();
+        let lr = self.layer_r.iter().copied().max().unwrap_or(0);
+        t * (lp * (d + self.qkv_ld() + q + d + f) + 4 * (d + 2 * f + lr))
+    }
+
+    fn alloc_saved(&self, t: usize) -> Result<Saved> {
+        let g = &self.m.gpu;
+        let (d, f, q) = (self.m.d, self.m.f, self.m.heads * self.m.hd);
+        let lp = g.lp().size();
+        let lr = self.layer_r.iter().copied().max().unwrap_or(0);
+        Ok(Saved {
+            h1: g.alloc(t * d * lp)?,
+            qkv: g.alloc(t * self.qkv_ld() * lp)?,
+            attn: g.alloc(t * q * lp)?,
+            x2: g.alloc(t * d * 4)?,
+            h2: g.alloc(t * d * lp)?,
+            gu: g.alloc(t * 2 * f * 4)?,
+            act: g.alloc(t * f * lp)?,
+            lh: g.alloc(t * lr * 4)?,
+        })
+    }
+
+    /// Makes room for t tokens, sequences of up to l positions, and the saved sets the policy
+    /// picks (`keep`: one per layer).
+    fn ensure(&mut self, t: usize, l: usize, with_grads: bool) -> Result<()> {
+        let fits = self.w.as_ref().is_some_and(|w| w.t >= t && w.l >= l);
+        if !fits {
+            let (t, l) = (
+                t.max(self.w.as_ref().map_or(0, |w| w.t)),
+                l.max(self.w.as_ref().map_or(0, |w| w.l)),
+            );
+            // Free the old buffers before allocating the new ones.
+            self.w = None;
+            self.saved.clear();
+            self.head_lh = None;
+            let g = self.m.gpu.clone();
+            let m = &self.m;
+            let (d, f, q, v) = (m.d, m.f, m.heads * m.hd, m.vocab);
+            let lp = g.lp().size();
+            let qkv = self.qkv_ld();
+            let c = t.min(((256usize << 20) / (v * 4)).max(1));
+            let half = m.hd / 2;
+            let table = qlora_engine::ops::RopeTable {
+                inv_freq: self.inv_freq.clone(),
+            };
+            let (cos, sin) = table.cos_sin(0..l);
+            self.w = Some(Work {
+                xs: g.alloc((m.layers.len() + 1) * t * d * 4)?,
+                qkv32: g.alloc(t * qkv * 4)?,
+                attn32: g.alloc(t * q * 4)?,
+                lp: g.alloc(t * d.max(qkv).max(2 * f) * lp)?,
+                xd: g.alloc(t * self.max_d_in * 4)?,
+                dxd: g.alloc(t * self.max_d_in * 4)?,
+                dr: g.alloc(t * self.max_r * 4)?,
+                dx: g.alloc(t * d * 4)?,
+                dh: g.alloc(t * d.max(q).max(f) * 4)?,
+                dgu: g.alloc(t * 2 * f * 4)?,
+                dqkv: g.alloc(t * qkv * 4)?,
+                hn: g.alloc(t * d * lp)?,
+                dhn: g.alloc(t * d * 4)?,
+                sc: g.alloc(m.heads * l * l * 4)?,
+                p: g.alloc(m.heads * l * l * lp)?,
+                logits: g.alloc(c * v * 4)?,
+                dlogits: g.alloc(c * v * lp)?,
+                loss: g.alloc(t * 4)?,
+                meta: g.alloc(3 * t * 4)?,
+                cos: g.upload(&cos)?,
+                sin: g.upload(&sin)?,
+                t,
+                l,
+                c,
+            });
+            debug_assert_eq!(cos.len(), l * half);
+            if self.head_r > 0 {
+                self.head_lh = Some(g.alloc(c * self.head_r * 4)?);
+            }
+        }
+        let cap = self.w.as_ref().map_or(0, |w| w.t);
+        let n_layers = self.m.layers.len();
+        if !with_grads {
+            // A forward alone (evaluation) runs through the first set, whatever is allocated.
+            if self.saved.is_empty() {
+                let s = self.alloc_saved(cap)?;
+                self.saved.push(s);
+            }
+            self.kept = false;
+            return Ok(());
+        }
+        let keep = match self.policy {
+            Recompute::Always => false,
+            Recompute::Never => true,
+            Recompute::Auto => {
+                let have = self.saved.len() * self.saved_bytes(cap);
+                let need = n_layers * self.saved_bytes(cap);
+                let (free, _) = self.m.gpu.mem_info()?;
+                // Keep a margin for cuBLAS and the allocator.
+                need <= have + free.saturating_sub(2 << 30)
+            }
+        };
+        let want = if keep { n_layers } else { 1 };
+        self.saved.truncate(want);
+        while self.saved.len() < want {
+            let s = self.alloc_saved(cap)?;
+            self.saved.push(s);
+        }
+        self.kept = keep;
+        Ok(())
+    }
+
+    fn work(&self) -> &Work {
+        self.w.as_ref().expect("ensure() runs first")
+    }
+
+    /// An adapter's input for `n` elements of x (lp) starting at element `i0` of the pass's
+    /// input: x itself in f32 without dropout, else widened (and dropped out) into `xd`.
+    fn adapter_input(&self, x: u64, n: usize, i0: usize, drop: Option<(u64, f32)>) -> Result<u64> {
+        let g = &self.m.gpu;
+        if drop.is_none() && g.lp() == Dt::F32 {
+            return Ok(x);
+        }
+        let (seed, p) = drop.unwrap_or((0, 0.0));
+        let out = self.work().xd.ptr();
+        g.launch_n(
+            "adapter_in",
+            n,
+            &[
+                Arg::P(x),
+                Arg::P(out),
+                Arg::L(n as i64),
+                Arg::L(seed as i64),
+                Arg::L(i0 as i64),
+                Arg::F(p),
+                Arg::F(1.0 / (1.0 - p)),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    /// y[:, col0 ..] += s · (xd Aᵀ) Bᵀ for rows [r0, r0 + t) of the pass; h [t, r] gets xd Aᵀ.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_fwd(
+        &self,
+        p: &DevParam,
+        x: u64,
+        t: usize,
+        r0: usize,
+        y: u64,
+        ldy: usize,
+        h: u64,
+        drop: Option<(u64, f32)>,
+    ) -> Result<()> {
+        let g = &self.m.gpu;
+        let xd = self.adapter_input(x, t * p.d_in, r0 * p.d_in, drop)?;
+        let f = (Dt::F32, Dt::F32);
+        g.gemm_rm(
+            (false, true),
+            (t, p.r, p.d_in),
+            1.0,
+            (xd, p.d_in, 0),
+            (p.a.ptr(), p.d_in, 0),
+            0.0,
+            (h, p.r, 0),
+            f,
+            1,
+        )?;
+        g.gemm_rm(
+            (false, true),
+            (t, p.d_out, p.r),
+            p.s,
+            (h, p.r, 0),
+            (p.b.ptr(), p.r, 0),
+            1.0,
+            (y + (p.col0 * 4) as u64, ldy, 0),
+            f,
+            1,
+        )
+    }
+
+    /// The adapter's backward for rows [r0, r0 + t): dB += s·dyᵀh, dA += (s·dy B)ᵀ xd, and
+    /// dx [t, d_in] += (s·dy B) A through the dropout. `dy` at the projection's first column.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_bwd(
+        &self,
+        p: &DevParam,
+        x: u64,
+        t: usize,
+        r0: usize,
+        dy: u64,
+        ldy: usize,
+        h: u64,
+        dx: u64,
+        drop: Option<(u64, f32)>,
+    ) -> Result<()> {
+        let g = &self.m.gpu;
+        let w = self.work();
+        let f = (Dt::F32, Dt::F32);
+        let xd = self.adapter_input(x, t * p.d_in, r0 * p.d_in, drop)?;
+        g.gemm_rm(
+            (true, false),
+            (p.d_out, p.r, t),
+            p.s,
+            (dy, ldy, 0),
+            (h, p.r, 0),
+            1.0,
+            (p.db.ptr(), p.r, 0),
+            f,
+            1,
+        )?;
+        let dh = w.dr.ptr();
+        g.gemm_rm(
+            (false, false),
+            (t, p.r, p.d_out),
+            p.s,
+            (dy, ldy, 0),
+            (p.b.ptr(), p.r, 0),
+            0.0,
+            (dh, p.r, 0),
+            f,
+            1,
+        )?;
+        g.gemm_rm(
+            (true, false),
+            (p.r, p.d_in, t),
+            1.0,
+            (dh, p.r, 0),
+            (xd, p.d_in, 0),
+            1.0,
+            (p.da.ptr(), p.d_in, 0),
+            f,
+            1,
+        )?;
+        match drop {
+            None => g.gemm_rm(
+                (false, false),
+                (t, p.d_in, p.r),
+                1.0,
+                (dh, p.r, 0),
+                (p.a.ptr(), p.d_in, 0),
+                1.0,
+                (dx, p.d_in, 0),
+                f,
+                1,
+            ),
+            Some((seed, pr)) => {
+                g.gemm_rm(
+                    (false, false),
+                    (t, p.d_in, p.r),
+                    1.0,
+                    (dh, p.r, 0),
+                    (p.a.ptr(), p.d_in, 0),
+                    0.0,
+                    (w.dxd.ptr(), p.d_in, 0),
+                    f,
+                    1,
+                )?;
+                let n = t * p.d_in;
+                g.launch_n(
+                    "dropout_add",
+                    n,
+                    &[
+                        Arg::P(dx),
+                        Arg::P(w.dxd.ptr()),
+                        Arg::L(n as i64),
+                        Arg::L(seed as i64),
+                        Arg::L((r0 * p.d_in) as i64),
+                        Arg::F(pr),
+                        Arg::F(1.0 / (1.0 - pr)),
+                    ],
+                )
+            }
+        }
+    }
+
+    /// dx [t, d_in] (+)= dy [t, ldy] · W for the frozen base of `lin` (dy lp).
+    fn base_bwd(
+        &self,
+        lin: &DevLinear,
+        dy: u64,
+        ldy: usize,
+        t: usize,
+        dx: u64,
+        accumulate: bool,
+    ) -> Result<()> {
+        let g = &self.m.gpu;
+        let lp = g.lp();
+        for (i, mat) in lin.mats.iter().enumerate() {
+            let w = self.m.dequantized(mat)?;
+            let beta = if i == 0 && !accumulate { 0.0 } else { 1.0 };
+            g.gemm_rm(
+                (false, false),
+                (t, mat.cols, mat.rows),
+                1.0,
+                (dy + (mat.col0 * lp.size()) as u64, ldy, 0),
+                (w, mat.cols, 0),
+                beta,
+                (dx, mat.cols, 0),
+                (lp, Dt::F32),
+                1,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// out (lp) = x (f32), n elements.
+    fn to_lp(&self, x: u64, out: u64, n: usize) -> Result<()> {
+        self.m
+            .gpu
+            .launch_n("f32_to_lp", n, &[Arg::P(x), Arg::P(out), Arg::L(n as i64)])
+    }
+
+    fn meta(&self, k: usize) -> u64 {
+        let w = self.work();
+        w.meta.at(k * w.t * 4)
+    }
+
+    /// Scores and probabilities of one sequence's rows [s0, s0 + n) (rotated lp q/k/v in
+    /// `qkv`, row stride ld): sc [heads, n, n] = scale · Q Kᵀ, p = masked softmax.
+    fn attn_probs(&self, qkv: u64, s0: usize, n: usize) -> Result<()> {
+        let (g, m, w) = (&self.m.gpu, &self.m, self.work());
+        let (heads, kvh, hd) = (m.heads, m.kvh, m.hd);
+        let group = heads / kvh;
+        let (lp, ld, nn) = (g.lp(), self.qkv_ld(), n * n);
+        let ls = lp.size() as u64;
+        let row = qkv + (s0 * ld) as u64 * ls;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for gi in 0..group {
+            g.gemm_rm(
+                (false, true),
+                (n, n, hd),
+                scale,
+                (row + (gi * hd) as u64 * ls, ld, group * hd),
+                (row + (heads * hd) as u64 * ls, ld, hd),
+                0.0,
+                (w.sc.ptr() + (gi * nn * 4) as u64, n, group * nn),
+                (lp, Dt::F32),
+                kvh,
+            )?;
+        }
+        g.launch(
+            "softmax_causal",
+            (n as u32, heads as u32),
+            256,
+            &[
+                Arg::P(w.sc.ptr()),
+                Arg::I(n as i32),
+                Arg::L(nn as i64),
+                Arg::I(m.window as i32),
+                Arg::P(w.p.ptr()),
+            ],
+        )
+    }
+
+    /// Causal attention within each sequence: attn32 [t, q] f32 from the saved rotated qkv.
+    fn attention(&self, sv: &Saved, segs: &[(usize, usize)]) -> Result<()> {
+        let (g, m, w) = (&self.m.gpu, &self.m, self.work());
+        let (heads, kvh, hd) = (m.heads, m.kvh, m.hd);
+        let group = heads / kvh;
+        let (lp, ld, q) = (g.lp(), self.qkv_ld(), heads * hd);
+        let ls = lp.size() as u64;
+        for &(s0, n) in segs {
+            self.attn_probs(sv.qkv.ptr(), s0, n)?;
+            let nn = n * n;
+            let row = sv.qkv.ptr() + (s0 * ld) as u64 * ls;
+            for gi in 0..group {
+                g.gemm_rm(
+                    (false, false),
+                    (n, hd, n),
+                    1.0,
+                    (w.p.ptr() + (gi * nn) as u64 * ls, n, group * nn),
+                    (row + ((heads + kvh) * hd) as u64 * ls, ld, hd),
+                    0.0,
+                    (w.attn32.at((s0 * q + gi * hd) * 4), q, group * hd),
+                    (lp, Dt::F32),
+                    kvh,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention's backward: dqkv [t, q + 2 kv] f32 (dq, dk, dv before RoPE's backward) from
+    /// dO (lp [t, q], in `lp`).
+    fn attention_bwd(&self, sv: &Saved, segs: &[(usize, usize)], d_o: u64) -> Result<()> {
+        let (g, m, w) = (&self.m.gpu, &self.m, self.work());
+        let (heads, kvh, hd) = (m.heads, m.kvh, m.hd);
+        let group = heads / kvh;
+        let (lp, ld, q) = (g.lp(), self.qkv_ld(), heads * hd);
+        let ls = lp.size() as u64;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let types = (lp, Dt::F32);
+        for &(s0, n) in segs {
+            self.attn_probs(sv.qkv.ptr(), s0, n)?;
+            let nn = n * n;
+            let row = sv.qkv.ptr() + (s0 * ld) as u64 * ls;
+            let (qp, kp, vp) = (
+                row,
+                row + (heads * hd) as u64 * ls,
+                row + ((heads + kvh) * hd) as u64 * ls,
+            );
+            let dor = d_o + (s0 * q) as u64 * ls;
+            let drow = w.dqkv.at(s0 * ld * 4);
+            let (dq, dk, dv) = (
+                drow,
+                drow + (heads * hd * 4) as u64,
+                drow + ((heads + kvh) * hd * 4) as u64,
+            );
+            let ph = |gi: usize| (w.p.ptr() + (gi * nn) as u64 * ls, n, group * nn);
+            // dV_j = Σ_g P_hᵀ dO_h (the group's heads in order).
+            for gi in 0..group {
+                g.gemm_rm(
+                    (true, false),
+                    (n, hd, n),
+                    1.0,
+                    ph(gi),
+                    (dor + (gi * hd) as u64 * ls, q, group * hd),
+                    if gi == 0 { 0.0 } else { 1.0 },
+                    (dv, ld, hd),
+                    types,
+                    kvh,
+                )?;
+            }
+            // dP_h = dO_h V_jᵀ into the scores' buffer.
+            for gi in 0..group {
+                g.gemm_rm(
+                    (false, true),
+                    (n, n, hd),
+                    1.0,
+                    (dor + (gi * hd) as u64 * ls, q, group * hd),
+                    (vp, ld, hd),
+                    0.0,
+                    (w.sc.ptr() + (gi * nn * 4) as u64, n, group * nn),
+                    types,
+                    kvh,
+                )?;
+            }
+            // dS = P ⊙ (dP − Σ P dP), in place of P.
+            g.launch(
+                "softmax_bwd",
+                (n as u32, heads as u32),
+                256,
+                &[
+                    Arg::P(w.p.ptr()),
+                    Arg::P(w.sc.ptr()),
+                    Arg::I(n as i32),
+                    Arg::L(nn as i64),
+                ],
+            )?;
+            // dQ_h = scale · dS_h K_j ; dK_j = Σ_g scale · dS_hᵀ Q_h.
+            for gi in 0..group {
+                g.gemm_rm(
+                    (false, false),
+                    (n, hd, n),
+                    scale,
+                    ph(gi),
+                    (kp, ld, hd),
+                    0.0,
+                    (dq + (gi * hd * 4) as u64, ld, group * hd),
+                    types,
+                    kvh,
+                )?;
+            }
+            for gi in 0..group {
+                g.gemm_rm(
+                    (true, false),
+                    (n, hd, n),
+                    scale,
+                    ph(gi),
+                    (qp + (gi * hd) as u64 * ls, ld, group * hd),
+                    if gi == 0 { 0.0 } else { 1.0 },
+                    (dk, ld, hd),
+                    types,
+                    kvh,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lh(&self, sv: &Saved, p: &DevParam) -> u64 {
+        sv.lh.at(self.work().t * p.roff * 4)
+    }
+
+    fn layer_params(&self, li: usize, lin: Lin) -> impl Iterator<Item = &DevParam> {
+        self.params
+            .iter()
+            .filter(move |p| p.lin == lin && p.layer == li)
+    }
+
+    /// One layer's forward over t tokens: xin → xout (f32 [t, d]), intermediates into `sv`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_fwd(
+        &self,
+        li: usize,
+        t: usize,
+        segs: &[(usize, usize)],
+        sv: &Saved,
+        xin: u64,
+        xout: u64,
+        drops: &[Option<(u64, f32)>],
+    ) -> Result<()> {
+        let (g, m, w) = (&self.m.gpu, &self.m, self.work());
+        let l = &m.layers[li];
+        let (d, f, q) = (m.d, m.f, m.heads * m.hd);
+        let ld = self.qkv_ld();
+        m.rms_norm(xin, &l.ln1, t, sv.h1.ptr(), 0)?;
+        m.linear(&l.qkv, sv.h1.ptr(), None, t, w.qkv32.ptr(), ld, false)?;
+        for p in self.layer_params(li, Lin::Qkv) {
+            let h = self.lh(sv, p);
+            self.lora_fwd(p, sv.h1.ptr(), t, 0, w.qkv32.ptr(), ld, h, drops[p.index])?;
+        }
+        g.launch(
+            "rope_rows",
+            (t as u32, (m.heads + m.kvh) as u32),
+            (m.hd / 2).next_multiple_of(32) as u32,
+            &[
+                Arg::P(w.qkv32.ptr()),
+                Arg::I(ld as i32),
+                Arg::I(m.hd as i32),
+                Arg::P(w.cos.ptr()),
+                Arg::P(w.sin.ptr()),
+                Arg::P(self.meta(2)),
+                Arg::F(1.0),
+            ],
+        )?;
+        self.to_lp(w.qkv32.ptr(), sv.qkv.ptr(), t * ld)?;
+        self.attention(sv, segs)?;
+        self.to_lp(w.attn32.ptr(), sv.attn.ptr(), t * q)?;
+        g.copy(sv.x2.ptr(), xin, t * d * 4)?;
+        m.linear(&l.o, sv.attn.ptr(), None, t, sv.x2.ptr(), d, true)?;
+        for p in self.layer_params(li, Lin::O) {
+            let h = self.lh(sv, p);
+            self.lora_fwd(p, sv.attn.ptr(), t, 0, sv.x2.ptr(), d, h, drops[p.index])?;
+        }
+        m.rms_norm(sv.x2.ptr(), &l.ln2, t, sv.h2.ptr(), 0)?;
+        m.linear(&l.gu, sv.h2.ptr(), None, t, sv.gu.ptr(), 2 * f, false)?;
+        for p in self.layer_params(li, Lin::Gu) {
+            let h = self.lh(sv, p);
+            self.lora_fwd(p, sv.h2.ptr(), t, 0, sv.gu.ptr(), 2 * f, h, drops[p.index])?;
+        }
+        g.launch_n(
+            "swiglu",
+            t * f,
+            &[
+                Arg::P(sv.gu.ptr()),
+                Arg::I(f as i32),
+                Arg::P(sv.act.ptr()),
+                Arg::L((t * f) as i64),
+                Arg::P(0),
+            ],
+        )?;
+        g.copy(xout, sv.x2.ptr(), t * d * 4)?;
+        m.linear(&l.down, sv.act.ptr(), None, t, xout, d, true)?;
+        for p in self.layer_params(li, Lin::Down) {
+            let h = self.lh(sv, p);
+            self.lora_fwd(p, sv.act.ptr(), t, 0, xout, d, h, drops[p.index])?;
+        }
+        Ok(())
+    }
+
+    /// One layer's backward: `dx` [t, d] holds dL/d(output) and becomes dL/d(input).
+    fn layer_bwd(
+        &self,
+        li: usize,
+        t: usize,
+        segs: &[(usize, usize)],
+        sv: &Saved,
+        xin: u64,
+        drops: &[Option<(u64, f32)>],
+    ) -> Result<()> {
+        let (g, m, w) = (&self.m.gpu, &self.m, self.work());
+        let l = &m.layers[li];
+        let (d, f, q) = (m.d, m.f, m.heads * m.hd);
+        let ld = self.qkv_ld();
+        let (dx, dh, lpb) = (w.dx.ptr(), w.dh.ptr(), w.lp.ptr());
+        // down: out = x2 + down(act)
+        self.to_lp(dx, lpb, t * d)?;
+        self.base_bwd(&l.down, lpb, d, t, dh, false)?;
+        for p in self.layer_params(li, Lin::Down) {
+            let h = self.lh(sv, p);
+            self.lora_bwd(p, sv.act.ptr(), t, 0, dx, d, h, dh, drops[p.index])?;
+        }
+        g.launch_n(
+            "swiglu_bwd",
+            t * f,
+            &[
+                Arg::P(sv.gu.ptr()),
+                Arg::I(f as i32),
+                Arg::P(dh),
+                Arg::P(w.dgu.ptr()),
+                Arg::L((t * f) as i64),
+            ],
+        )?;
+        self.to_lp(w.dgu.ptr(), lpb, t * 2 * f)?;
+        self.base_bwd(&l.gu, lpb, 2 * f, t, dh, false)?;
+        for p in self.layer_params(li, Lin::Gu) {
+            let h = self.lh(sv, p);
+            let dy = w.dgu.at(p.col0 * 4);
+            self.lora_bwd(p, sv.h2.ptr(), t, 0, dy, 2 * f, h, dh, drops[p.index])?;
+        }
+        self.rms_norm_bwd(sv.x2.ptr(), &l.ln2, t, dh, dx)?;
+        // o: x2 = x + o(attn)
+        self.to_lp(dx, lpb, t * d)?;
+        self.base_bwd(&l.o, lpb, d, t, dh, false)?;
+        for p in self.layer_params(li, Lin::O) {
+            let h = self.lh(sv, p);
+            self.lora_bwd(p, sv.attn.ptr(), t, 0, dx, d, h, dh, drops[p.index])?;
+        }
+        self.to_lp(dh, lpb, t * q)?;
+        self.attention_bwd(sv, segs, lpb)?;
+        g.launch(
+            "rope_rows",
+            (t as u32, (m.heads + m.kvh) as u32),
+            (m.hd / 2).next_multiple_of(32) as u32,
+            &[
+                Arg::P(w.dqkv.ptr()),
+                Arg::I(ld as i32),
+                Arg::I(m.hd as i32),
+                Arg::P(w.cos.ptr()),
+                Arg::P(w.sin.ptr()),
+                Arg::P(self.meta(2)),
+                Arg::F(-1.0),
+            ],
+        )?;
+        self.to_lp(w.dqkv.ptr(), lpb, t * ld)?;
+        self.base_bwd(&l.qkv, lpb, ld, t, dh, false)?;
+        for p in self.layer_params(li, Lin::Qkv) {
+            let h = self.lh(sv, p);
+            let dy = w.dqkv.at(p.col0 * 4);
+            self.lora_bwd(p, sv.h1.ptr(), t, 0, dy, ld, h, dh, drops[p.index])?;
+        }
+        self.rms_norm_bwd(xin, &l.ln1, t, dh, dx)
+    }
+
+    /// dx += RMSNorm(x; w)'s input gradient for dy.
+    fn rms_norm_bwd(&self, x: u64, wt: &DevBuf, t: usize, dy: u64, dx: u64) -> Result<()> {
+        self.m.gpu.launch(
+            "rms_norm_bwd",
+            (t as u32, 1),
+            512,
+            &[
+                Arg::P(x),
+                Arg::P(wt.ptr()),
+                Arg::F(self.m.eps),
+                Arg::I(self.m.d as i32),
+                Arg::P(dy),
+                Arg::P(dx),
+            ],
+        )
+    }
+
+    fn run(
+        &mut self,
+        ad: &Adapters,
+        noise: Option<Noise>,
+        seqs: &[(&[u32], &[Option<u32>])],
+        norm: f32,
+        grads: Option<&mut Grads>,
+    ) -> Result<(f64, usize)> {
+        self.m.gpu.bind()?;
+        if ad.params.len() != self.modules.len()
+            || ad
+                .params
+                .iter()
+                .zip(&self.modules)
+                .any(|(p, m)| &p.module != m)
+        {
+            return Err(Error::Invalid(
+                "the adapters differ from those the trainer was built for".into(),
+            ));
+        }
+        let t: usize = seqs.iter().map(|(ids, _)| ids.len()).sum();
+        if t == 0 {
+            return Ok((0.0, 0));
+        }
+        let vocab = self.m.vocab;
+        let mut meta = Vec::with_capacity(3 * t);
+        let mut labels = Vec::with_capacity(t);
+        let mut pos = Vec::with_capacity(t);
+        let mut segs = Vec::new();
+        let mut s0 = 0;
+        for (ids, lab) in seqs {
+            if ids.len() != lab.len() {
+                return Err(Error::Invalid(format!(
+                    "a sequence has {} ids and {} labels",
+                    ids.len(),
+                    lab.len()
+                )));
+            }
+            for (j, (&id, &y)) in ids.iter().zip(lab.iter()).enumerate() {
+                if id as usize >= vocab || y.is_some_and(|y| y as usize >= vocab) {
+                    return Err(Error::Invalid(format!(
+                        "token id {} is out of range for a vocabulary of {vocab}",
+                        if id as usize >= vocab {
+                            id
+                        } else {
+                            y.unwrap_or(0)
+                        }
+                    )));
+                }
+                meta.push(id as i32);
+                labels.push(y.map_or(-1, |y| y as i32));
+                pos.push(j as i32);
+            }
+            if !ids.is_empty() {
+                segs.push((s0, ids.len()));
+            }
+            s0 += ids.len();
+        }
+        let l = segs.iter().map(|s| s.1).max().unwrap_or(1);
+        let with_grads = grads.is_some();
+        self.ensure(t, l, with_grads)?;
+        let g = self.m.gpu.clone();
+        let cap = self.work().t;
+        let (d, lp) = (self.m.d, g.lp().size());
+        {
+            let w = self.work();
+            let mut all = vec![0i32; 3 * cap];
+            all[..t].copy_from_slice(&meta);
+            all[cap..cap + t].copy_from_slice(&labels);
+            all[2 * cap..2 * cap + t].copy_from_slice(&pos);
+            g.write(&w.meta, 0, &all)?;
+        }
+        for p in &self.params {
+            let src = &ad.params[p.index];
+            g.write(&p.a, 0, &src.a)?;
+            g.write(&p.b, 0, &src.b)?;
+            if with_grads {
+                g.zero(p.da.ptr(), p.da.bytes())?;
+                g.zero(p.db.ptr(), p.db.bytes())?;
+            }
+        }
+        let drops: Vec<Option<(u64, f32)>> = ad
+            .params
+            .iter()
+            .map(|p| match noise {
+                Some(n) if ad.dropout > 0.0 => Some((module_seed(n.seed, &p.module), ad.dropout)),
+                _ => None,
+            })
+            .collect();
+        let n_layers = self.m.layers.len();
+        let xs = |li: usize, w: &Work| w.xs.at(li * w.t * d * 4);
+        {
+            let w = self.work();
+            g.launch(
+                "embed",
+                (t as u32, 1),
+                256,
+                &[
+                    Arg::P(self.m.embed.ptr()),
+                    Arg::P(self.meta(0)),
+                    Arg::P(xs(0, w)),
+                    Arg::I(d as i32),
+                ],
+            )?;
+            for li in 0..n_layers {
+                let sv = &self.saved[if self.kept { li } else { 0 }];
+                self.layer_fwd(li, t, &segs, sv, xs(li, w), xs(li + 1, w), &drops)?;
+            }
+            self.m
+                .rms_norm(xs(n_layers, w), &self.m.norm, t, w.hn.ptr(), 0)?;
+        }
+        // The head and the loss, a chunk of rows at a time.
+        let head_params: Vec<&DevParam> =
+            self.params.iter().filter(|p| p.lin == Lin::Head).collect();
+        let w = self.work();
+        let c = w.c;
+        let mut r0 = 0;
+        while r0 < t {
+            let n = c.min(t - r0);
+            let hn = w.hn.at(r0 * d * lp);
+            self.m
+                .linear(&self.m.head, hn, None, n, w.logits.ptr(), vocab, false)?;
+            for p in &head_params {
+                let h = self.head_lh.as_ref().map_or(0, |b| b.at(n * p.roff * 4));
+                self.lora_fwd(p, hn, n, r0, w.logits.ptr(), vocab, h, drops[p.index])?;
+            }
+            g.launch(
+                "cross_entropy",
+                (n as u32, 1),
+                1024,
+                &[
+                    Arg::P(w.logits.ptr()),
+                    Arg::I(vocab as i32),
+                    Arg::P(self.meta(1) + (r0 * 4) as u64),
+                    Arg::F(1.0 / norm),
+                    Arg::P(w.loss.at(r0 * 4)),
+                ],
+            )?;
+            if with_grads {
+                let dhn = w.dhn.at(r0 * d * 4);
+                self.to_lp(w.logits.ptr(), w.dlogits.ptr(), n * vocab)?;
+                self.base_bwd(&self.m.head, w.dlogits.ptr(), vocab, n, dhn, false)?;
+                for p in &head_params {
+                    let h = self.head_lh.as_ref().map_or(0, |b| b.at(n * p.roff * 4));
+                    self.lora_bwd(p, hn, n, r0, w.logits.ptr(), vocab, h, dhn, drops[p.index])?;
+                }
+            }
+            r0 += n;
+        }
+        let mut rows = vec![0f32; t];
+        g.read(w.loss.ptr(), &mut rows)?;
+        let count = labels.iter().filter(|&&y| y >= 0).count();
+        let loss: f64 = rows
+            .iter()
+            .zip(&labels)
+            .filter(|(_, &y)| y >= 0)
+            .map(|(&l, _)| l as f64)
+            .sum();
+        let Some(grads) = grads else {
+            return Ok((loss, count));
+        };
+        g.zero(w.dx.ptr(), t * d * 4)?;
+        self.rms_norm_bwd(xs(n_layers, w), &self.m.norm, t, w.dhn.ptr(), w.dx.ptr())?;
+        for li in (0..n_layers).rev() {
+            let sv = if self.kept {
+                &self.saved[li]
+            } else {
+                // Recompute the layer from its input; its output goes to scratch.
+                let sv = &self.saved[0];
+                self.layer_fwd(li, t, &segs, sv, xs(li, w), w.dh.ptr(), &drops)?;
+                sv
+            };
+            self.layer_bwd(li, t, &segs, sv, xs(li, w), &drops)?;
+        }
+        // The gradients back, added into the caller's.
+        for p in &self.params {
+            let (mut da, mut db) = (vec![0f32; p.r * p.d_in], vec![0f32; p.d_out * p.r]);
+            g.read(p.da.ptr(), &mut da)?;
+            g.read(p.db.ptr(), &mut db)?;
+            grads.a[p.index]
+                .iter_mut()
+                .zip(&da)
+                .for_each(|(a, b)| *a += b);
+            grads.b[p.index]
+                .iter_mut()
+                .zip(&db)
+                .for_each(|(a, b)| *a += b);
+        }
+        Ok((loss, count))
+    }
+}
+
+impl LossBackend for CudaTrainer {
+    fn packed_loss(
+        &mut self,
+        ad: &Adapters,
+        noise: Option<Noise>,
+        seqs: &[(&[u32], &[Option<u32>])],
+        norm: f32,
+        grads: Option<&mut Grads>,
+    ) -> std::result::Result<(f64, usize), String> {
+        let ordinal = self.m.gpu.ordinal;
+        self.run(ad, noise, seqs, norm, grads)
+            .map_err(|e| format!("cuda:{ordinal}: {e}"))
+    }
+}
