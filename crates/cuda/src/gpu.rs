@@ -52,6 +52,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "cross_entropy",
     "adapter_in",
     "dropout_add",
+    "sumsq_f64",
+    "adamw",
 ];
 
 pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {

@@ -942,3 +942,37 @@ extern "C" __global__ void dropout_add(float* __restrict__ dx, const float* __re
     if (i >= n) return;
     if (hash_uniform(seed, (unsigned long long)(i0 + i)) >= p) dx[i] += dxd[i] * scale;
 }
+
+// Σ x² of n elements in f64, in a fixed order: block b sums elements b, b + grid, … (a
+// thread's share in order, then the block's tree) into out[b]; the host adds the blocks.
+extern "C" __global__ void sumsq_f64(const float* __restrict__ x, long n, double* __restrict__ out) {
+    __shared__ double shm[256];
+    double s = 0.0;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        s += (double)x[i] * (double)x[i];
+    shm[threadIdx.x] = s;
+    __syncthreads();
+    for (int st = blockDim.x / 2; st > 0; st >>= 1) {
+        if (threadIdx.x < st) shm[threadIdx.x] += shm[threadIdx.x + st];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = shm[0];
+}
+
+// AdamW as PyTorch's single-tensor implementation (`qlora_train::AdamW::update`), on the
+// gradient scaled by the clipping coefficient `coef`: p ← p·decay; m ← m + (g − m)(1 − β1);
+// v ← β2·v + (1 − β2)·g²; p ← p − step_size · m / (√v / bc2_sqrt + eps).
+extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                                 float* __restrict__ v, long n, float coef, float decay, float b1, float b2,
+                                 float eps, float step_size, float bc2_sqrt) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gr = coef < 1.0f ? g[i] * coef : g[i];
+    float pi = p[i] * decay;
+    float mi = m[i] + (gr - m[i]) * (1.0f - b1);
+    float vi = v[i] * b2 + (1.0f - b2) * gr * gr;
+    float denom = sqrtf(vi) / bc2_sqrt + eps;
+    p[i] = pi - step_size * (mi / denom);
+    m[i] = mi;
+    v[i] = vi;
+}

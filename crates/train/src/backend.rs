@@ -4,6 +4,7 @@
 //! one code path whatever the device.
 
 use crate::grad::{packed_loss, Adapters, Grads, Noise};
+use crate::optim::AdamW;
 use qlora_model::Model;
 
 pub trait LossBackend {
@@ -18,6 +19,48 @@ pub trait LossBackend {
         norm: f32,
         grads: Option<&mut Grads>,
     ) -> Result<(f64, usize), String>;
+
+    /// Whether the backend keeps the adapters, their gradients and the optimizer state on its
+    /// device between steps (then the loop drives it through the `resident_*` methods, and the
+    /// host copies are brought up to date only by `resident_store`).
+    fn resident(&self) -> bool {
+        false
+    }
+    /// Takes the adapters and the optimizer state (at the start, and on resume).
+    fn resident_load(&mut self, _ad: &Adapters, _opt: &AdamW) -> Result<(), String> {
+        Err("this backend does not keep the adapters on its device".into())
+    }
+    /// Zeroes the gradient accumulators.
+    fn resident_zero_grads(&mut self) -> Result<(), String> {
+        Err("this backend does not keep the adapters on its device".into())
+    }
+    /// `packed_loss` with the resident adapters; with `accumulate`, the gradients of
+    /// Σ loss / `norm` are added into the resident accumulators.
+    fn resident_loss(
+        &mut self,
+        _noise: Option<Noise>,
+        _seqs: &[(&[u32], &[Option<u32>])],
+        _norm: f32,
+        _accumulate: bool,
+    ) -> Result<(f64, usize), String> {
+        Err("this backend does not keep the adapters on its device".into())
+    }
+    /// One optimizer step on the accumulated gradients: `clip_grad_norm` to `max_norm`, then
+    /// `AdamW::update` with `lr` (`opt` gives the hyperparameters; its step count advances,
+    /// its moments live on the device). Returns the gradient norm before clipping; when it is
+    /// not finite, nothing is updated (and the step count stays).
+    fn resident_update(
+        &mut self,
+        _opt: &mut AdamW,
+        _lr: f32,
+        _max_norm: Option<f32>,
+    ) -> Result<f32, String> {
+        Err("this backend does not keep the adapters on its device".into())
+    }
+    /// Copies the adapters and the optimizer's moments back to the host (checkpoints, the end).
+    fn resident_store(&mut self, _ad: &mut Adapters, _opt: &mut AdamW) -> Result<(), String> {
+        Err("this backend does not keep the adapters on its device".into())
+    }
 }
 
 /// The CPU trainer (`grad::packed_loss`).

@@ -479,9 +479,26 @@ pub fn train_on(
         .open(out.join("metrics.jsonl"))
         .map_err(|e| format!("{}: {e}", out.join("metrics.jsonl").display()))?;
     let (mut curve, mut eval_curve) = (Vec::new(), Vec::new());
+    // A backend holding the adapters and optimizer on its device takes them once here.
+    let resident = backend.resident();
+    if resident {
+        backend.resident_load(ad, opt)?;
+    }
+    let eval_now = |backend: &mut dyn LossBackend, ad: &Adapters| -> Result<f64, String> {
+        if !resident {
+            return eval_loss_on(backend, ad, eval);
+        }
+        let (mut total, mut n) = (0.0, 0usize);
+        for e in eval {
+            let (l, c) = backend.resident_loss(None, &[(&e.ids, &e.labels)], 1.0, false)?;
+            total += l;
+            n += c;
+        }
+        Ok(total / n.max(1) as f64)
+    };
     if start_step == 0 && o.eval_every.is_some() && !eval.is_empty() {
         // The starting point, so a run shows whether it helped.
-        let el = eval_loss_on(backend, ad, eval)?;
+        let el = eval_now(backend, ad)?;
         writeln!(metrics, "{}", json!({"step": 0, "eval_loss": el})).map_err(|e| e.to_string())?;
         eval_curve.push((0, el));
         on_progress(Progress::Start {
@@ -497,7 +514,12 @@ pub fn train_on(
             .map(|k| &data[example_at(data.len(), o.seed, step * per_step + k)])
             .collect();
         let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
-        let mut g = ad.zero_grads();
+        let mut g = if resident {
+            backend.resident_zero_grads()?;
+            None
+        } else {
+            Some(ad.zero_grads())
+        };
         let mut total = 0.0;
         // Each micro-batch of `batch_size` sequences is packed into one pass.
         for (k, micro) in batch.chunks(o.batch_size).enumerate() {
@@ -506,12 +528,20 @@ pub fn train_on(
             };
             let seqs: Vec<(&[u32], &[Option<u32>])> =
                 micro.iter().map(|e| (&e.ids[..], &e.labels[..])).collect();
-            total += backend
-                .packed_loss(ad, Some(noise), &seqs, n_tok as f32, Some(&mut g))?
-                .0;
+            total += match g.as_mut() {
+                Some(g) => backend.packed_loss(ad, Some(noise), &seqs, n_tok as f32, Some(g))?,
+                None => backend.resident_loss(Some(noise), &seqs, n_tok as f32, true)?,
+            }
+            .0;
         }
         let loss = total / n_tok as f64;
-        let grad_norm = clip_grad_norm(&mut g, o.max_grad_norm);
+        let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
+        // On the device the update happens here, unless the norm is not finite.
+        let grad_norm = match g.as_mut() {
+            Some(g) => clip_grad_norm(g, o.max_grad_norm),
+            None if loss.is_finite() => backend.resident_update(opt, lr, o.max_grad_norm)?,
+            None => f32::NAN,
+        };
         if !loss.is_finite() || !grad_norm.is_finite() {
             // Stop before the update: the adapter and the checkpoints on disk stay as they were.
             let last = (1..=step)
@@ -532,8 +562,9 @@ pub fn train_on(
                 step + 1
             ));
         }
-        let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
-        opt.update(ad, &g, lr);
+        if let Some(g) = &g {
+            opt.update(ad, g, lr);
+        }
         let seq_tokens: usize = batch.iter().map(|e| e.ids.len()).sum();
         tokens_done += seq_tokens;
         let tps = seq_tokens as f64 / t0.elapsed().as_secs_f64();
@@ -542,7 +573,7 @@ pub fn train_on(
                               "tokens_per_s": tps, "tokens": seq_tokens});
         if let Some(every) = o.eval_every {
             if !eval.is_empty() && (done % every == 0 || done == o.steps) {
-                let el = eval_loss_on(backend, ad, eval)?;
+                let el = eval_now(backend, ad)?;
                 line["eval_loss"] = json!(el);
                 eval_curve.push((done, el));
             }
@@ -567,6 +598,9 @@ pub fn train_on(
             eta_s: eta,
         });
         if o.save_every.is_some_and(|e| done % e == 0) || done == o.steps {
+            if resident {
+                backend.resident_store(ad, opt)?;
+            }
             write_checkpoint(
                 &out.join(format!("checkpoint-{done}")),
                 ad,
@@ -576,6 +610,9 @@ pub fn train_on(
                 done,
             )?;
         }
+    }
+    if resident {
+        backend.resident_store(ad, opt)?;
     }
     write_dir_atomic(&out.join("final"), |d| write_adapter(d, ad, o, model))?;
     let secs = started.elapsed().as_secs_f64();

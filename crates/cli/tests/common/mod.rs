@@ -406,3 +406,69 @@ pub fn have_gpu() -> bool {
         }
     }
 }
+
+/// llama-64 (vocab 128) with a word-level tokenizer: <unk>=0, <s>=1, </s>=2, w3..w127, a
+/// post-processor adding <s>, and a ChatML-style template.
+pub fn tiny_with_tokenizer(tag: &str) -> PathBuf {
+    let dir = temp_dir(tag).join("base");
+    write_model(&spec("llama-64"), &dir);
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(t.to_string(), i.into());
+    }
+    for i in 3..128 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null, "padding": null,
+        "added_tokens": [
+            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let cfg = serde_json::json!({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}w10 {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}w10 assistant {% endif %}"
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+pub fn words(seed: usize, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("w{}", 3 + (seed * 31 + i * 17) % 120))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Training data in every format: six texts, a prompt/completion, a chat.
+pub fn write_data(dir: &Path) -> PathBuf {
+    let mut lines = Vec::new();
+    for i in 0..6 {
+        lines.push(serde_json::json!({"text": words(i, 12)}).to_string());
+    }
+    lines.push(serde_json::json!({"prompt": words(7, 5), "completion": words(8, 6)}).to_string());
+    lines.push(
+        serde_json::json!({"messages": [
+            {"role": "user", "content": words(9, 4)},
+            {"role": "assistant", "content": words(10, 5)},
+            {"role": "user", "content": words(11, 3)},
+            {"role": "assistant", "content": words(12, 4)}
+        ]})
+        .to_string(),
+    );
+    let p = dir.join("train.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}

@@ -14,7 +14,7 @@
 //! Every reduction has a fixed order (no atomics), so a run repeats bit for bit on one GPU.
 
 use super::*;
-use qlora_train::{module_seed, Adapters, Grads, LossBackend, Noise};
+use qlora_train::{module_seed, AdamW, Adapters, Grads, LossBackend, Noise};
 
 /// When to keep a layer's intermediates for its backward instead of recomputing them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,9 +70,12 @@ struct DevParam {
     a: DevBuf,
     /// f32 [d_out, r]
     b: DevBuf,
-    /// f32 [r, d_in], [d_out, r]: this pass's gradients.
+    /// f32 [r, d_in], [d_out, r]: the gradients (of this pass, or accumulated over a step's
+    /// micro-batches when resident).
     da: DevBuf,
     db: DevBuf,
+    /// AdamW's moments of A and B (resident training only; allocated by `resident_load`).
+    moments: Option<[DevBuf; 4]>,
 }
 
 /// One layer's intermediates (capacity T tokens).
@@ -161,7 +164,14 @@ pub struct CudaTrainer {
     max_r: usize,
     /// Whether the last pass kept every layer (for reports).
     pub kept: bool,
+    /// The adapters' dropout probability (of the last adapters uploaded).
+    dropout: f32,
+    /// f64 [blocks · 2 · params] partial sums of squares (the gradient norm).
+    norm_parts: Option<DevBuf>,
 }
+
+/// Blocks of the fixed-order sum of squares (`sumsq_f64`).
+const SUMSQ_BLOCKS: usize = 128;
 
 fn lin_of(name: &str) -> Option<(Lin, usize)> {
     Some(match name {
@@ -279,6 +289,7 @@ impl CudaTrainer {
                 b: g.alloc(p.b.len() * 4)?,
                 da: g.alloc(p.a.len() * 4)?,
                 db: g.alloc(p.b.len() * 4)?,
+                moments: None,
             });
         }
         let max_d_in = params.iter().map(|p| p.d_in).max().unwrap_or(0);
@@ -297,6 +308,8 @@ impl CudaTrainer {
             max_d_in,
             max_r,
             kept: false,
+            dropout: ad.dropout,
+            norm_parts: None,
         })
     }
 
@@ -961,14 +974,8 @@ impl CudaTrainer {
         )
     }
 
-    fn run(
-        &mut self,
-        ad: &Adapters,
-        noise: Option<Noise>,
-        seqs: &[(&[u32], &[Option<u32>])],
-        norm: f32,
-        grads: Option<&mut Grads>,
-    ) -> Result<(f64, usize)> {
+    /// Checks `ad` against the adapters the trainer was built for and uploads its A and B.
+    fn upload_adapters(&mut self, ad: &Adapters) -> Result<()> {
         self.m.gpu.bind()?;
         if ad.params.len() != self.modules.len()
             || ad
@@ -981,6 +988,54 @@ impl CudaTrainer {
                 "the adapters differ from those the trainer was built for".into(),
             ));
         }
+        let g = &self.m.gpu;
+        for p in &self.params {
+            let src = &ad.params[p.index];
+            g.write(&p.a, 0, &src.a)?;
+            g.write(&p.b, 0, &src.b)?;
+        }
+        self.dropout = ad.dropout;
+        Ok(())
+    }
+
+    fn zero_grads(&self) -> Result<()> {
+        let g = &self.m.gpu;
+        for p in &self.params {
+            g.zero(p.da.ptr(), p.da.bytes())?;
+            g.zero(p.db.ptr(), p.db.bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The gradients, added into the caller's.
+    fn read_grads(&self, grads: &mut Grads) -> Result<()> {
+        let g = &self.m.gpu;
+        for p in &self.params {
+            let (mut da, mut db) = (vec![0f32; p.r * p.d_in], vec![0f32; p.d_out * p.r]);
+            g.read(p.da.ptr(), &mut da)?;
+            g.read(p.db.ptr(), &mut db)?;
+            grads.a[p.index]
+                .iter_mut()
+                .zip(&da)
+                .for_each(|(a, b)| *a += b);
+            grads.b[p.index]
+                .iter_mut()
+                .zip(&db)
+                .for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    /// The loss of a packed micro-batch with the adapters on the device; with `with_grads`,
+    /// the gradients of Σ loss / `norm` are added into the device accumulators.
+    fn run(
+        &mut self,
+        noise: Option<Noise>,
+        seqs: &[(&[u32], &[Option<u32>])],
+        norm: f32,
+        with_grads: bool,
+    ) -> Result<(f64, usize)> {
+        self.m.gpu.bind()?;
         let t: usize = seqs.iter().map(|(ids, _)| ids.len()).sum();
         if t == 0 {
             return Ok((0.0, 0));
@@ -1020,7 +1075,6 @@ impl CudaTrainer {
             s0 += ids.len();
         }
         let l = segs.iter().map(|s| s.1).max().unwrap_or(1);
-        let with_grads = grads.is_some();
         self.ensure(t, l, with_grads)?;
         let g = self.m.gpu.clone();
         let cap = self.work().t;
@@ -1033,20 +1087,11 @@ impl CudaTrainer {
             all[2 * cap..2 * cap + t].copy_from_slice(&pos);
             g.write(&w.meta, 0, &all)?;
         }
-        for p in &self.params {
-            let src = &ad.params[p.index];
-            g.write(&p.a, 0, &src.a)?;
-            g.write(&p.b, 0, &src.b)?;
-            if with_grads {
-                g.zero(p.da.ptr(), p.da.bytes())?;
-                g.zero(p.db.ptr(), p.db.bytes())?;
-            }
-        }
-        let drops: Vec<Option<(u64, f32)>> = ad
-            .params
+        let drops: Vec<Option<(u64, f32)>> = self
+            .modules
             .iter()
-            .map(|p| match noise {
-                Some(n) if ad.dropout > 0.0 => Some((module_seed(n.seed, &p.module), ad.dropout)),
+            .map(|m| match noise {
+                Some(n) if self.dropout > 0.0 => Some((module_seed(n.seed, m), self.dropout)),
                 _ => None,
             })
             .collect();
@@ -1119,9 +1164,9 @@ impl CudaTrainer {
             .filter(|(_, &y)| y >= 0)
             .map(|(&l, _)| l as f64)
             .sum();
-        let Some(grads) = grads else {
+        if !with_grads {
             return Ok((loss, count));
-        };
+        }
         g.zero(w.dx.ptr(), t * d * 4)?;
         self.rms_norm_bwd(xs(n_layers, w), &self.m.norm, t, w.dhn.ptr(), w.dx.ptr())?;
         for li in (0..n_layers).rev() {
@@ -1135,21 +1180,121 @@ impl CudaTrainer {
             };
             self.layer_bwd(li, t, &segs, sv, xs(li, w), &drops)?;
         }
-        // The gradients back, added into the caller's.
-        for p in &self.params {
-            let (mut da, mut db) = (vec![0f32; p.r * p.d_in], vec![0f32; p.d_out * p.r]);
-            g.read(p.da.ptr(), &mut da)?;
-            g.read(p.db.ptr(), &mut db)?;
-            grads.a[p.index]
-                .iter_mut()
-                .zip(&da)
-                .for_each(|(a, b)| *a += b);
-            grads.b[p.index]
-                .iter_mut()
-                .zip(&db)
-                .for_each(|(a, b)| *a += b);
-        }
         Ok((loss, count))
+    }
+
+    /// Global-norm clipping and AdamW on the device (`resident_update`).
+    fn update(&mut self, opt: &mut AdamW, lr: f32, max_norm: Option<f32>) -> Result<f32> {
+        let g = self.m.gpu.clone();
+        let tensors = 2 * self.params.len();
+        if self.norm_parts.is_none() {
+            self.norm_parts = Some(g.alloc(tensors * SUMSQ_BLOCKS * 8)?);
+        }
+        let parts = self.norm_parts.as_ref().expect("allocated above");
+        // Σ g² over every A, then every B (the CPU's order of tensors), each in fixed blocks.
+        let order = self
+            .params
+            .iter()
+            .map(|p| &p.da)
+            .chain(self.params.iter().map(|p| &p.db));
+        for (k, buf) in order.enumerate() {
+            g.launch(
+                "sumsq_f64",
+                (SUMSQ_BLOCKS as u32, 1),
+                256,
+                &[
+                    Arg::P(buf.ptr()),
+                    Arg::L((buf.bytes() / 4) as i64),
+                    Arg::P(parts.at(k * SUMSQ_BLOCKS * 8)),
+                ],
+            )?;
+        }
+        let mut sums = vec![0f64; tensors * SUMSQ_BLOCKS];
+        g.read(parts.ptr(), &mut sums)?;
+        let norm = sums.iter().sum::<f64>().sqrt() as f32;
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        let coef = max_norm.map_or(1.0, |mx| (mx / (norm + 1e-6)).min(1.0));
+        opt.step += 1;
+        let bc1 = 1.0 - (opt.beta1 as f64).powi(opt.step as i32);
+        let bc2 = 1.0 - (opt.beta2 as f64).powi(opt.step as i32);
+        let step_size = (lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        for p in &self.params {
+            let m = p
+                .moments
+                .as_ref()
+                .ok_or_else(|| Error::Invalid("resident_update before resident_load".into()))?;
+            for (param, grad, mm, vv) in [(&p.a, &p.da, &m[0], &m[1]), (&p.b, &p.db, &m[2], &m[3])]
+            {
+                let n = param.bytes() / 4;
+                g.launch_n(
+                    "adamw",
+                    n,
+                    &[
+                        Arg::P(param.ptr()),
+                        Arg::P(grad.ptr()),
+                        Arg::P(mm.ptr()),
+                        Arg::P(vv.ptr()),
+                        Arg::L(n as i64),
+                        Arg::F(coef),
+                        Arg::F(1.0 - lr * opt.weight_decay),
+                        Arg::F(opt.beta1),
+                        Arg::F(opt.beta2),
+                        Arg::F(opt.eps),
+                        Arg::F(step_size),
+                        Arg::F(bc2_sqrt),
+                    ],
+                )?;
+            }
+        }
+        Ok(norm)
+    }
+
+    fn load(&mut self, ad: &Adapters, opt: &AdamW) -> Result<()> {
+        self.upload_adapters(ad)?;
+        let g = self.m.gpu.clone();
+        for p in self.params.iter_mut() {
+            let i = p.index;
+            let up = |v: &Vec<f32>, n: usize| -> Result<DevBuf> {
+                if v.len() != n {
+                    return Err(Error::Invalid(format!(
+                        "optimizer state of {} elements for a tensor of {n}",
+                        v.len()
+                    )));
+                }
+                g.upload(v)
+            };
+            let (na, nb) = (p.r * p.d_in, p.d_out * p.r);
+            p.moments = Some([
+                up(&opt.m.a[i], na)?,
+                up(&opt.v.a[i], na)?,
+                up(&opt.m.b[i], nb)?,
+                up(&opt.v.b[i], nb)?,
+            ]);
+        }
+        Ok(())
+    }
+
+    fn store(&self, ad: &mut Adapters, opt: &mut AdamW) -> Result<()> {
+        let g = &self.m.gpu;
+        for p in &self.params {
+            let i = p.index;
+            g.read(p.a.ptr(), &mut ad.params[i].a)?;
+            g.read(p.b.ptr(), &mut ad.params[i].b)?;
+            if let Some(m) = &p.moments {
+                g.read(m[0].ptr(), &mut opt.m.a[i])?;
+                g.read(m[1].ptr(), &mut opt.v.a[i])?;
+                g.read(m[2].ptr(), &mut opt.m.b[i])?;
+                g.read(m[3].ptr(), &mut opt.v.b[i])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn err(&self, e: Error) -> String {
+        format!("cuda:{}: {e}", self.m.gpu.ordinal)
     }
 }
 
@@ -1162,8 +1307,57 @@ impl LossBackend for CudaTrainer {
         norm: f32,
         grads: Option<&mut Grads>,
     ) -> std::result::Result<(f64, usize), String> {
-        let ordinal = self.m.gpu.ordinal;
-        self.run(ad, noise, seqs, norm, grads)
-            .map_err(|e| format!("cuda:{ordinal}: {e}"))
+        let r = (|| {
+            self.upload_adapters(ad)?;
+            if grads.is_some() {
+                self.zero_grads()?;
+            }
+            let out = self.run(noise, seqs, norm, grads.is_some())?;
+            if let Some(g) = grads {
+                self.read_grads(g)?;
+            }
+            Ok(out)
+        })();
+        r.map_err(|e| self.err(e))
+    }
+
+    fn resident(&self) -> bool {
+        true
+    }
+
+    fn resident_load(&mut self, ad: &Adapters, opt: &AdamW) -> std::result::Result<(), String> {
+        self.load(ad, opt).map_err(|e| self.err(e))
+    }
+
+    fn resident_zero_grads(&mut self) -> std::result::Result<(), String> {
+        self.zero_grads().map_err(|e| self.err(e))
+    }
+
+    fn resident_loss(
+        &mut self,
+        noise: Option<Noise>,
+        seqs: &[(&[u32], &[Option<u32>])],
+        norm: f32,
+        accumulate: bool,
+    ) -> std::result::Result<(f64, usize), String> {
+        self.run(noise, seqs, norm, accumulate)
+            .map_err(|e| self.err(e))
+    }
+
+    fn resident_update(
+        &mut self,
+        opt: &mut AdamW,
+        lr: f32,
+        max_norm: Option<f32>,
+    ) -> std::result::Result<f32, String> {
+        self.update(opt, lr, max_norm).map_err(|e| self.err(e))
+    }
+
+    fn resident_store(
+        &mut self,
+        ad: &mut Adapters,
+        opt: &mut AdamW,
+    ) -> std::result::Result<(), String> {
+        self.store(ad, opt).map_err(|e| self.err(e))
     }
 }
