@@ -873,8 +873,11 @@ extern "C" __global__ void swiglu_bwd(const float* __restrict__ gu, int f, const
 }
 
 // Softmax's backward in place: dS = P ⊙ (dP − Σ_j P·dP) over each row's visible keys (P is 0
-// elsewhere, and so stays dS). P [heads, hstride] lp rows of t, dP likewise f32. Grid (t, heads).
-extern "C" __global__ void softmax_bwd(lp_t* __restrict__ P, const float* __restrict__ dP, int t, long hstride) {
+// elsewhere, and so stays dS). P [heads, hstride] lp rows of t, dP likewise f32. lo (may be
+// null) gets what the lp rounding of dS left out (dS ≈ hi + lo to about 16 bits in bf16: a row
+// of dS sums to zero, so the products with it cancel and need the extra bits). Grid (t, heads).
+extern "C" __global__ void softmax_bwd(lp_t* __restrict__ P, const float* __restrict__ dP, int t, long hstride,
+                                       lp_t* __restrict__ lo) {
     __shared__ float shm[32];
     int i = blockIdx.x, h = blockIdx.y;
     lp_t* pr = P + h * hstride + (long)i * t;
@@ -882,7 +885,15 @@ extern "C" __global__ void softmax_bwd(lp_t* __restrict__ P, const float* __rest
     float s = 0.f;
     for (int j = threadIdx.x; j <= i; j += blockDim.x) s = fmaf(lp_to_f(pr[j]), dr[j], s);
     s = block_sum(s, shm);
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) pr[j] = f_to_lp(lp_to_f(pr[j]) * (dr[j] - s));
+    lp_t* lr = lo ? lo + h * hstride + (long)i * t : 0;
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
+        float v = lp_to_f(pr[j]) * (dr[j] - s);
+        lp_t hi = f_to_lp(v);
+        pr[j] = hi;
+        if (lr) lr[j] = f_to_lp(v - lp_to_f(hi));
+    }
+    if (lr)  // the rest of the row (no visible keys): zero, as in P
+        for (int j = i + 1 + threadIdx.x; j < t; j += blockDim.x) lr[j] = f_to_lp(0.f);
 }
 
 // Cross-entropy of each row against its label (−1: none), in place: z [rows, v] f32 becomes

@@ -41,8 +41,8 @@ impl std::str::FromStr for Recompute {
     }
 }
 
-/// Which linear of a layer a projection belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which linear of a layer a projection belongs to (in the layer's order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Lin {
     Qkv,
     O,
@@ -125,9 +125,11 @@ struct Work {
     hn: DevBuf,
     /// f32 [T, d]
     dhn: DevBuf,
-    /// f32 [heads, L, L] scores (and their gradients); lp [heads, L, L] probabilities
+    /// f32 [heads, L, L] scores (and their gradients); lp [heads, L, L] probabilities (and
+    /// the scores' gradients); bf16 only: lp [heads, L, L] the gradients' low parts
     sc: DevBuf,
     p: DevBuf,
+    plo: DevBuf,
     /// f32 [C, vocab] logits chunk (becomes its gradient); lp [C, vocab] the same as lp
     logits: DevBuf,
     dlogits: DevBuf,
@@ -292,6 +294,10 @@ impl CudaTrainer {
                 moments: None,
             });
         }
+        // The model's order (layer, linear, columns), whatever the adapters' order: the
+        // adapters of one input add into its gradient in this order, so a run resumed from a
+        // checkpoint (whose adapters are listed by name) adds them as the uninterrupted one.
+        params.sort_by_key(|p| (p.lin == Lin::Head, p.layer, p.lin, p.col0));
         let max_d_in = params.iter().map(|p| p.d_in).max().unwrap_or(0);
         let max_r = params.iter().map(|p| p.r).max().unwrap_or(0);
         Ok(CudaTrainer {
@@ -386,6 +392,11 @@ impl CudaTrainer {
                 dhn: g.alloc(t * d * 4)?,
                 sc: g.alloc(m.heads * l * l * 4)?,
                 p: g.alloc(m.heads * l * l * lp)?,
+                plo: g.alloc(if g.lp() == Dt::F32 {
+                    0
+                } else {
+                    m.heads * l * l * lp
+                })?,
                 logits: g.alloc(c * v * 4)?,
                 dlogits: g.alloc(c * v * lp)?,
                 loss: g.alloc(t * 4)?,
@@ -769,34 +780,43 @@ impl CudaTrainer {
                     Arg::P(w.sc.ptr()),
                     Arg::I(n as i32),
                     Arg::L(nn as i64),
+                    Arg::P(w.plo.ptr()),
                 ],
             )?;
-            // dQ_h = scale · dS_h K_j ; dK_j = Σ_g scale · dS_hᵀ Q_h.
-            for gi in 0..group {
-                g.gemm_rm(
-                    (false, false),
-                    (n, hd, n),
-                    scale,
-                    ph(gi),
-                    (kp, ld, hd),
-                    0.0,
-                    (dq + (gi * hd * 4) as u64, ld, group * hd),
-                    types,
-                    kvh,
-                )?;
+            // dQ_h = scale · dS_h K_j ; dK_j = Σ_g scale · dS_hᵀ Q_h; in bf16 with dS as its
+            // high and low parts, each a product.
+            let mut parts = vec![w.p.ptr()];
+            if lp != Dt::F32 {
+                parts.push(w.plo.ptr());
             }
-            for gi in 0..group {
-                g.gemm_rm(
-                    (true, false),
-                    (n, hd, n),
-                    scale,
-                    ph(gi),
-                    (qp + (gi * hd) as u64 * ls, ld, group * hd),
-                    if gi == 0 { 0.0 } else { 1.0 },
-                    (dk, ld, hd),
-                    types,
-                    kvh,
-                )?;
+            for (k, &ds) in parts.iter().enumerate() {
+                let dsh = |gi: usize| (ds + (gi * nn) as u64 * ls, n, group * nn);
+                for gi in 0..group {
+                    g.gemm_rm(
+                        (false, false),
+                        (n, hd, n),
+                        scale,
+                        dsh(gi),
+                        (kp, ld, hd),
+                        if k == 0 { 0.0 } else { 1.0 },
+                        (dq + (gi * hd * 4) as u64, ld, group * hd),
+                        types,
+                        kvh,
+                    )?;
+                }
+                for gi in 0..group {
+                    g.gemm_rm(
+                        (true, false),
+                        (n, hd, n),
+                        scale,
+                        dsh(gi),
+                        (qp + (gi * hd) as u64 * ls, ld, group * hd),
+                        if gi == 0 && k == 0 { 0.0 } else { 1.0 },
+                        (dk, ld, hd),
+                        types,
+                        kvh,
+                    )?;
+                }
             }
         }
         Ok(())
