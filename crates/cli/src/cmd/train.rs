@@ -5,7 +5,7 @@ use crate::load::{load, plan_adapters, AdapterArgs, QuantizeArgs};
 use anyhow::{bail, Context, Result};
 use qlora_lora::{ModelShapes, Targets};
 use qlora_train::data::{load_jsonl, Tokenize};
-use qlora_train::run::{init_adapters, read_optimizer, train, Progress, TrainOptions};
+use qlora_train::run::{init_adapters, read_optimizer, Progress, TrainOptions};
 use qlora_train::{AdamW, Schedule};
 use std::path::PathBuf;
 
@@ -280,25 +280,17 @@ pub fn run(a: Args) -> Result<()> {
         kv_tokens: None,
     };
     let device = dev.resolve()?;
-    let mut view = ProgressView::new(start, steps);
-    let r = match device {
-        qlora_engine::Device::Cpu => train(
+    let mut backend: Box<dyn qlora_train::LossBackend> = match device {
+        qlora_engine::Device::Cpu => Box::new(qlora_train::CpuBackend {
             model,
-            &mut ad,
-            &mut opt,
-            &data,
-            &eval,
-            &o,
-            &a.out,
-            start,
-            &mut |p| view.show(p),
-        ),
+            keep_activations_bytes: o.keep_activations_bytes,
+        }),
         #[cfg(feature = "cuda")]
         qlora_engine::Device::Cuda(n) => {
             let gpu = dev.open_gpu(n)?;
             let policy: qlora_cuda::Recompute = a.recompute.parse().map_err(anyhow::Error::msg)?;
             let t0 = std::time::Instant::now();
-            let mut gt = qlora_cuda::CudaTrainer::new(gpu.clone(), model, &ad, policy)
+            let gt = qlora_cuda::CudaTrainer::new(gpu.clone(), model, &ad, policy)
                 .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
             eprintln!(
                 "cuda:{n}: {} (sm_{}{}), {:?}, kernels compiled in {:.2} s, base uploaded in {:.2} s",
@@ -309,24 +301,26 @@ pub fn run(a: Args) -> Result<()> {
                 gpu.compile_s,
                 t0.elapsed().as_secs_f64()
             );
-            qlora_train::run::train_on(
-                &mut gt,
-                model,
-                &mut ad,
-                &mut opt,
-                &data,
-                &eval,
-                &o,
-                &a.out,
-                start,
-                &mut |p| view.show(p),
-            )
+            Box::new(gt)
         }
         #[cfg(not(feature = "cuda"))]
         qlora_engine::Device::Cuda(_) => {
             bail!("this qlora was built without the `cuda` feature; rebuild with `cargo build --release --features cuda` or use --device cpu")
         }
     };
+    let mut view = ProgressView::new(start, steps);
+    let r = qlora_train::run::train_on(
+        backend.as_mut(),
+        model,
+        &mut ad,
+        &mut opt,
+        &data,
+        &eval,
+        &o,
+        &a.out,
+        start,
+        &mut |p| view.show(p),
+    );
     view.bar.finish_and_clear();
     r.map_err(anyhow::Error::msg)
 }

@@ -854,20 +854,7 @@ impl CudaTrainer {
             let h = self.lh(sv, p);
             self.lora_fwd(p, sv.h1.ptr(), t, 0, w.qkv32.ptr(), ld, h, drops[p.index])?;
         }
-        g.launch(
-            "rope_rows",
-            (t as u32, (m.heads + m.kvh) as u32),
-            (m.hd / 2).next_multiple_of(32) as u32,
-            &[
-                Arg::P(w.qkv32.ptr()),
-                Arg::I(ld as i32),
-                Arg::I(m.hd as i32),
-                Arg::P(w.cos.ptr()),
-                Arg::P(w.sin.ptr()),
-                Arg::P(self.meta(2)),
-                Arg::F(1.0),
-            ],
-        )?;
+        self.rope(w.qkv32.ptr(), t, 1.0)?;
         self.to_lp(w.qkv32.ptr(), sv.qkv.ptr(), t * ld)?;
         self.attention(sv, segs)?;
         self.to_lp(w.attn32.ptr(), sv.attn.ptr(), t * q)?;
@@ -953,20 +940,7 @@ impl CudaTrainer {
         }
         self.to_lp(dh, lpb, t * q)?;
         self.attention_bwd(sv, segs, lpb)?;
-        g.launch(
-            "rope_rows",
-            (t as u32, (m.heads + m.kvh) as u32),
-            (m.hd / 2).next_multiple_of(32) as u32,
-            &[
-                Arg::P(w.dqkv.ptr()),
-                Arg::I(ld as i32),
-                Arg::I(m.hd as i32),
-                Arg::P(w.cos.ptr()),
-                Arg::P(w.sin.ptr()),
-                Arg::P(self.meta(2)),
-                Arg::F(-1.0),
-            ],
-        )?;
+        self.rope(w.dqkv.ptr(), t, -1.0)?;
         self.to_lp(w.dqkv.ptr(), lpb, t * ld)?;
         self.base_bwd(&l.qkv, lpb, ld, t, dh, false)?;
         for p in self.layer_params(li, Lin::Qkv) {
@@ -975,6 +949,26 @@ impl CudaTrainer {
             self.lora_bwd(p, sv.h1.ptr(), t, 0, dy, ld, h, dh, drops[p.index])?;
         }
         self.rms_norm_bwd(xin, &l.ln1, t, dh, dx)
+    }
+
+    /// RoPE in place on the q and k heads of qkv rows [t, q + 2 kv] at the pass's positions;
+    /// sign −1 rotates back (the backward).
+    fn rope(&self, qkv: u64, t: usize, sign: f32) -> Result<()> {
+        let (m, w) = (&self.m, self.work());
+        m.gpu.launch(
+            "rope_rows",
+            (t as u32, (m.heads + m.kvh) as u32),
+            (m.hd / 2).next_multiple_of(32) as u32,
+            &[
+                Arg::P(qkv),
+                Arg::I(self.qkv_ld() as i32),
+                Arg::I(m.hd as i32),
+                Arg::P(w.cos.ptr()),
+                Arg::P(w.sin.ptr()),
+                Arg::P(self.meta(2)),
+                Arg::F(sign),
+            ],
+        )
     }
 
     /// dx += RMSNorm(x; w)'s input gradient for dy.
