@@ -14,6 +14,21 @@ Q=.gpu/bin/qlora
 export QLORA_REQUIRE_GPU=1 QLORA_BIN="$PWD/$Q" QLORA_REPO="$PWD"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 date -u | tee -a "$OUT/gpu.txt"
+# Sums an ncu --csv gpu__time_duration report per kernel name.
+ncu_summary() {
+  python3 - "$1" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
+tot = collections.defaultdict(float); cnt = collections.Counter()
+for r in rows[1:]:
+    v = float(r[vi].replace(",", "")) * {"ns": 1e-3, "nsecond": 1e-3, "ms": 1e3, "msecond": 1e3}.get(r[ui], 1.0)
+    tot[r[ki][:60]] += v; cnt[r[ki][:60]] += 1
+s = sum(tot.values())
+for k, v in sorted(tot.items(), key=lambda kv: -kv[1]): print(f"{v:10.1f} us {100*v/s:5.1f}% {cnt[k]:5d}x {k}")
+print(f"{s:10.1f} us total over {sum(cnt.values())} kernels")
+PY
+}
 for stage in "$@"; do
   case "$stage" in
     check)
@@ -63,18 +78,7 @@ for stage in "$@"; do
         --launch-skip 2500 --launch-count 600 \
         $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
         --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-step.csv" 2>"$OUT/ncu-step.err"
-      python3 - "$OUT/ncu-step.csv" <<'PY'
-import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
-tot = collections.defaultdict(float); cnt = collections.Counter()
-for r in rows[1:]:
-    v = float(r[vi].replace(",", "")) * {"ns": 1e-3, "nsecond": 1e-3, "ms": 1e3, "msecond": 1e3}.get(r[ui], 1.0)
-    tot[r[ki][:60]] += v; cnt[r[ki][:60]] += 1
-s = sum(tot.values())
-for k, v in sorted(tot.items(), key=lambda kv: -kv[1]): print(f"{v:10.1f} us {100*v/s:5.1f}% {cnt[k]:5d}x {k}")
-print(f"{s:10.1f} us total over {sum(cnt.values())} kernels")
-PY
+      ncu_summary "$OUT/ncu-step.csv"
       ;;
     train)
       # QLoRA training on a synthetic Mistral-7B (NF4 base, LoRA r=16 on all seven projections,
@@ -85,6 +89,14 @@ PY
         $Q bench --train --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
           --prompt-tokens 2048 --batch "$b" --recompute "$r" --repeats 3 2>&1 | tee -a "$OUT/train.log"
       done ;;
+    trainprof)
+      # Every kernel's time over one training step (2 layers of Mistral-7B, NF4, batch 1 × 2048,
+      # activations kept), the warm-up step and the forward-alone pass included.
+      echo "== ncu: per-kernel durations over a training step"
+      ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+        $Q bench --train --synthetic mistral-7b --layers 2 --quantize nf4 --double-quant --device cuda \
+        --prompt-tokens 2048 --batch 1 --recompute never --repeats 1 > "$OUT/ncu-train.csv" 2>"$OUT/ncu-train.err"
+      ncu_summary "$OUT/ncu-train.csv" | head -40 ;;
     gputrain)
       echo "== .gpu/bin/test-gpu_train"; .gpu/bin/test-gpu_train --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|Bf16|F32" ;;
     peer|peertrain)
