@@ -51,47 +51,52 @@ def batch_loss(model):
     return total / n
 
 
-def main():
+def write_case(d, base, dora, meta):
+    """Puts a seeded adapter on `base`, then writes d/{adapter/, case.json, expected.safetensors}:
+    the step-0 loss and gradients and 10 AdamW steps' losses. `meta` is merged into case.json."""
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    targets = [t for t in TARGETS if not (dora and t == "lm_head")]
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, r=HP["r"],
+                                            lora_alpha=HP["lora_alpha"], lora_dropout=0.0,
+                                            init_lora_weights=False, use_dora=dora))
+    randomize(model, 77)
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(os.path.join(d, "adapter"))
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = batch_loss(model)
+    loss.backward()
+    grads = {}
+    for n, p in params.items():
+        key = n.replace(".default", "")
+        grads["grad." + key] = p.grad.detach().float().contiguous().clone()
+    loss0 = loss.item()
+    model.zero_grad()
+    opt = torch.optim.AdamW(list(params.values()), lr=HP["lr"], weight_decay=HP["weight_decay"])
+    losses, norms = [], []
+    for _ in range(HP["steps"]):
+        opt.zero_grad()
+        loss = batch_loss(model)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(params.values()), HP["max_grad_norm"])))
+        opt.step()
+        losses.append(loss.item())
+    meta = {"base": "llama-64", "quantize": None, **meta, "sequences": SEQS, "ignored": IGNORED, "hp": HP,
+            "loss0": loss0, "losses": losses, "grad_norms": norms, "versions": versions,
+            "command": "python tools/reference/make_training_reference.py"}
+    json.dump(meta, open(os.path.join(d, "case.json"), "w"), indent=1)
+    save_file(grads, os.path.join(d, "expected.safetensors"))
+    print(os.path.basename(d), "loss0", loss0, "losses", [round(x, 5) for x in losses], "grads", len(grads))
+
+
+def main():
     torch.manual_seed(0)
     for case, quant, dora in [("dense", None, False), ("nf4-dq", "nf4-dq", False), ("dense-dora", None, True),
                               ("nf4-dq-dora", "nf4-dq", True)]:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             base, _ = base_model("llama-64", quant, tmp)
-            targets = [t for t in TARGETS if not (dora and t == "lm_head")]
-            model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", target_modules=targets, r=HP["r"],
-                                                    lora_alpha=HP["lora_alpha"], lora_dropout=0.0,
-                                                    init_lora_weights=False, use_dora=dora))
-            randomize(model, 77)
-            d = os.path.join(ROOT, case)
-            shutil.rmtree(d, ignore_errors=True)
-            model.save_pretrained(os.path.join(d, "adapter"))
-            model.train()
-            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            loss = batch_loss(model)
-            loss.backward()
-            grads = {}
-            for n, p in params.items():
-                key = n.replace(".default", "")
-                grads["grad." + key] = p.grad.detach().float().contiguous().clone()
-            loss0 = loss.item()
-            model.zero_grad()
-            opt = torch.optim.AdamW(list(params.values()), lr=HP["lr"], weight_decay=HP["weight_decay"])
-            losses, norms = [], []
-            for _ in range(HP["steps"]):
-                opt.zero_grad()
-                loss = batch_loss(model)
-                loss.backward()
-                norms.append(float(torch.nn.utils.clip_grad_norm_(list(params.values()), HP["max_grad_norm"])))
-                opt.step()
-                losses.append(loss.item())
-        meta = {"base": "llama-64", "quantize": quant, "sequences": SEQS, "ignored": IGNORED, "hp": HP,
-                "loss0": loss0, "losses": losses, "grad_norms": norms, "versions": versions,
-                "command": "python tools/reference/make_training_reference.py"}
-        json.dump(meta, open(os.path.join(d, "case.json"), "w"), indent=1)
-        save_file(grads, os.path.join(d, "expected.safetensors"))
-        print(case, "loss0", loss0, "losses", [round(x, 5) for x in losses], "grads", len(grads))
+            write_case(os.path.join(ROOT, case), base, dora, {"quantize": quant})
 
 
 if __name__ == "__main__":

@@ -137,6 +137,59 @@ fn tiny_models_on_every_base_format_match_the_cpu() {
 }
 
 #[test]
+fn gptq_and_awq_bases_with_and_without_adapters_match_the_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let root = repo_root().join("tests/fixtures/gptq");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 6);
+    let mut report = Vec::new();
+    for dir in cases {
+        let mut variants = vec![vec![]];
+        if dir.join("adapter").exists() {
+            variants.push(vec![
+                "--adapter".to_string(),
+                dir.join("adapter").to_str().unwrap().to_string(),
+            ]);
+        }
+        for extra in variants {
+            let mut base: Vec<String> = vec![
+                "--model".into(),
+                dir.to_str().unwrap().into(),
+                "--tokens".into(),
+                "1,5,17,3,42,8,8,23,60,11,0,33".into(),
+            ];
+            base.extend(extra.iter().cloned());
+            let cpu = logits(&base, "gptq-cpu");
+            for (prec, budget) in [("f32", F32_LOGITS), ("bf16", BF16_LOGITS)] {
+                let mut a = base.clone();
+                a.extend([
+                    "--device".into(),
+                    "cuda".into(),
+                    "--precision".into(),
+                    prec.into(),
+                ]);
+                let g = logits(&a, prec);
+                let e = err(prec, &g, &cpu);
+                let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+                report.push(format!("{name} {} {prec}: {e:.2e}", extra.len() / 2));
+                assert!(
+                    e <= budget,
+                    "{name} adapters {} {prec}: {e:.3e} over {budget:.0e}",
+                    extra.len() / 2
+                );
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
 fn every_peft_adapter_matches_peft_and_the_cpu_on_the_gpu() {
     if !have_gpu() {
         return;

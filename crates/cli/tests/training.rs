@@ -1,7 +1,7 @@
 //! Training against PyTorch + PEFT (tools/reference/make_training_reference.py): from the same
 //! initial adapter and batches, the step-0 loss and every adapter gradient within 1e-5 relative,
-//! and 10 AdamW steps (with clipping) whose losses stay within 1e-3 relative, on a dense and an
-//! NF4 (double quant) base.
+//! and 10 AdamW steps (with clipping) whose losses stay within 1e-3 relative, on a dense, an
+//! NF4 (double quant) and a GPTQ base.
 
 mod common;
 use common::*;
@@ -105,6 +105,13 @@ fn dense_base_matches_pytorch_peft() {
 #[test]
 fn nf4_base_matches_pytorch_peft() {
     check_case("nf4-dq");
+}
+
+#[test]
+fn gptq_base_matches_pytorch_peft() {
+    // GPTQModel's 4-bit act-order asymmetric checkpoint; PyTorch + PEFT on its dequantized
+    // weights (tools/reference/make_gptq_awq_models.py).
+    check_case("gptq-llama64-g32-descact-asym");
 }
 
 #[test]

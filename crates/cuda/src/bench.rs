@@ -120,7 +120,7 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
         // Fill x with small finite values (random bytes may be NaN patterns).
         gpu.write(&x, 0, &vec![0u8; c * lp])?;
         let y = gpu.alloc(r * 4)?;
-        for kernel in ["gemv4x_t1", "gemv4s_t1", "gemv4_t1"] {
+        for kernel in ["gemv4m", "gemv4x_t1", "gemv4s_t1", "gemv4_t1"] {
             let ms = time(gpu, reps, sets, |i| {
                 gpu.gemv4_with(
                     kernel,

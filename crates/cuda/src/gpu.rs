@@ -27,6 +27,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dequant4",
     "dequant4_x32",
     "dequant_int8",
+    "dequant_grouped",
+    "gemv4m",
     "gemv4_t1",
     "gemv4_t2",
     "gemv4_t4",
@@ -99,7 +101,16 @@ pub fn gemv4_fits(cols: usize, blocksize: usize) -> bool {
     cols.is_multiple_of(32) && blocksize.is_multiple_of(32) && cols.is_multiple_of(blocksize)
 }
 
-/// The fused GEMV for `t` tokens (1 ≤ t ≤ 8) over `cols` inputs: the x-stationary
+/// Whether the tensor-core GEMV (`gemv4m`, bf16 mode) takes a matrix: 64-column chunks that
+/// never straddle an absmax block.
+pub fn gemv4m_fits(cols: usize, blocksize: usize) -> bool {
+    cols.is_multiple_of(64)
+        && blocksize >= 64
+        && blocksize.is_power_of_two()
+        && cols.is_multiple_of(blocksize)
+}
+
+/// The CUDA-core GEMV for `t` tokens (1 ≤ t ≤ 8) over `cols` inputs: the x-stationary
 /// `gemv4x_t1/t2` for t ≤ 2 (its 32-column pieces as threads: cols ≤ 32 · GX_MAXT), else the
 /// cp.async-staged `gemv4s_*`. QLORA_GEMV=staged or =registers picks the older families
 /// (benchmarks; QLORA_GEMV_T1 then names the register family's t = 1 variant).
@@ -611,8 +622,15 @@ impl Gpu {
     }
 
     /// Launches an elementwise kernel over `n` elements (256 threads a block).
-    /// The fused 4-bit GEMV with the kernel `gemv4_kernel` picks.
+    /// The fused 4-bit GEMV: the kernel `gemv4_kernel` picks, or with QLORA_GEMV=mma in bf16
+    /// mode the tensor-core `gemv4m` where the layout fits (being measured).
     pub fn gemv4(&self, g: &Gemv4) -> Result<()> {
+        static FAMILY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let family = FAMILY.get_or_init(|| std::env::var("QLORA_GEMV").unwrap_or_default());
+        if self.precision == Precision::Bf16 && family == "mma" && gemv4m_fits(g.cols, g.blocksize)
+        {
+            return self.gemv4_with("gemv4m", g);
+        }
         self.gemv4_with(gemv4_kernel(g.t, g.cols), g)
     }
 
@@ -638,6 +656,30 @@ impl Gpu {
             I(g.ld as i32),
             I(g.accumulate as i32),
         ];
+        if kernel == "gemv4m" {
+            if !gemv4m_fits(g.cols, g.blocksize) {
+                return Err(Error::Invalid(format!(
+                    "gemv4m: [{}, {}] with blocksize {} is not in 64-column chunks",
+                    g.rows, g.cols, g.blocksize
+                )));
+            }
+            let f = *self
+                .funcs
+                .get(kernel)
+                .ok_or_else(|| Error::Invalid(format!("no kernel {kernel}")))?;
+            let mut per_sm = 0;
+            unsafe {
+                check(
+                    cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f, 256, 0),
+                    "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+                )?;
+            }
+            let grid = g
+                .rows
+                .div_ceil(16)
+                .min(self.sms as usize * per_sm.max(1) as usize);
+            return self.launch_smem(kernel, (grid as u32, 1), 256, 0, &args);
+        }
         if kernel.starts_with("gemv4x_") {
             let kt = (g.cols / 32).next_multiple_of(32);
             if kt > GX_MAXT {

@@ -376,6 +376,23 @@ extern "C" __global__ void dequant_int8(const signed char* __restrict__ cb, cons
     out[i] = f_to_lp(__fmul_rn(__fmul_rn((float)cb[i], scb[i / cols]), 7.874016e-3f));
 }
 
+// GPTQ/AWQ: element (r, c) = scales[r, g] * (q - zeros[r, g]), g = g_idx[c]; exact in f32 (a
+// 16-bit scale times a small integer). codes [rows, cols]: 4-bit two a byte (element 2k in the
+// low nibble) or 8-bit; scales, zeros f32 [rows, groups]; out lp [rows, cols]
+extern "C" __global__ void dequant_grouped(const unsigned char* __restrict__ codes,
+                                           const unsigned* __restrict__ g_idx,
+                                           const float* __restrict__ scales,
+                                           const float* __restrict__ zeros, int cols, int groups,
+                                           int bits, long n, lp_t* __restrict__ out) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long r = i / cols;
+    int c = (int)(i - r * cols);
+    int q = bits == 8 ? codes[i] : (codes[i >> 1] >> ((i & 1) * 4)) & 15;
+    long k = r * groups + g_idx[c];
+    out[i] = f_to_lp(__fmul_rn(scales[k], (float)q - zeros[k]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 32 consecutive activations (16-byte loads) widened to f32.
 __device__ __forceinline__ void load_x32(const lp_t* __restrict__ xr, float* xv) {
@@ -732,6 +749,137 @@ __device__ __forceinline__ void gemv4x_body(const u8* __restrict__ packed, const
     }
 GEMVX_KERNEL(gemv4x_t1, 1, 2)
 GEMVX_KERNEL(gemv4x_t2, 2, 1)
+
+// The tensor-core 4-bit GEMV (gemv4m, bf16 mode, 1 ≤ t ≤ 8 tokens at the cost of one): each
+// warp computes a 16-row × 8-token tile with mma.m16n8k16 (bf16 in, f32 accumulate), the
+// weights as the A operand and the tokens' activations as B (columns past t are zero). The
+// codes become bf16 pairs through a byte → pair table in shared memory, one entry per lane
+// (entry byte · 32 + lane: a warp's lookups never share a bank), one lookup per two codes;
+// the tensor core does the multiply-adds. Per 64-column chunk (inside one absmax block), lane
+// (g, q) of the warp holds bytes 8q … 8q + 7 of the chunk for rows g and g + 8; its byte 2m
+// feeds the k pair (2q, 2q+1) of the chunk's m-th mma and byte 2m + 1 the pair (2q+8, 2q+9),
+// and the B operand takes the same inputs, so every k of the mma is one real input column.
+// The chunk's four mmas go into a fresh accumulator that is scaled by each row's absmax (f32)
+// and added to the running sum. The 8 warps of a block split the row's chunks (warp w takes
+// chunks w, w + 8, …) and sum their tiles in a fixed order; blocks are persistent over the
+// 16-row tiles. Needs cols % 64 == 0, blocksize = 64 · 2^k, cols % blocksize == 0.
+#define GM_WARPS 8
+#define GM_U 2
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, unsigned b0, unsigned b1,
+                                               const float* c) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+}
+// 16 consecutive activations of one token as 8 bf16 pairs.
+__device__ __forceinline__ void load_x16_bf16(const lp_t* __restrict__ p, unsigned* v) {
+#ifdef QLORA_BF16
+    uint4 a = *(const uint4*)p, b = *(const uint4*)(p + 8);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+#else
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = (unsigned)f_to_bf16(p[2 * e]) | ((unsigned)f_to_bf16(p[2 * e + 1]) << 16);
+#endif
+}
+extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 3)
+gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
+       int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
+       int accumulate) {
+    __shared__ unsigned lut[256 * 32];
+    __shared__ float red[GM_WARPS][16][8];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    for (int e = tid; e < 256 * 32; e += blockDim.x) {
+        int b = e >> 5;
+        lut[e] = (unsigned)f_to_bf16(code[b >> 4]) | ((unsigned)f_to_bf16(code[b & 15]) << 16);
+    }
+    __syncthreads();
+    const unsigned* lut_l = lut + lane;
+    // blocksize / 64 is a power of two (gemv4m_fits): chunk c of row r has absmax
+    // r · (cols / blocksize) + (c >> pb_shift).
+    const int chunks = cols / 64, pb_shift = __ffs(blocksize / 64) - 1, row_scales = cols / blocksize;
+    const long row_bytes = cols / 2;
+    const int tiles = (rows + 15) / 16;
+    const bool has_x = g < t;
+    const lp_t* xg = x + (long)(has_x ? g : 0) * cols + q * 16;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int r0 = min(tile * 16 + g, rows - 1), r1 = min(tile * 16 + g + 8, rows - 1);
+        const u8* p0 = packed + (long)r0 * row_bytes + q * 8;
+        const u8* p1 = packed + (long)r1 * row_bytes + q * 8;
+        const float* am0 = absmax + (long)r0 * row_scales;
+        const float* am1 = absmax + (long)r1 * row_scales;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int c0 = warp; c0 < chunks; c0 += GM_WARPS * GM_U) {
+            uint2 w0[GM_U], w1[GM_U];
+            float s0[GM_U], s1[GM_U];
+            unsigned xv[GM_U][8];
+#pragma unroll
+            for (int u = 0; u < GM_U; u++) {
+                int c = c0 + u * GM_WARPS;
+                if (c < chunks) {
+                    w0[u] = *(const uint2*)(p0 + (long)c * 32);
+                    w1[u] = *(const uint2*)(p1 + (long)c * 32);
+                    s0[u] = am0[c >> pb_shift];
+                    s1[u] = am1[c >> pb_shift];
+                    if (has_x) {
+                        load_x16_bf16(xg + (long)c * 64, xv[u]);
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < 8; e++) xv[u][e] = 0u;
+                    }
+                } else {
+                    w0[u] = make_uint2(0u, 0u);
+                    w1[u] = make_uint2(0u, 0u);
+                    s0[u] = 0.f;
+                    s1[u] = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 8; e++) xv[u][e] = 0u;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GM_U; u++) {
+                const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                unsigned wa[2] = {w0[u].x, w0[u].y}, wb[2] = {w1[u].x, w1[u].y};
+#pragma unroll
+                for (int m = 0; m < 4; m++) {
+                    unsigned ra = wa[m >> 1], rb = wb[m >> 1];
+                    int sh = (m & 1) * 16;
+                    unsigned a[4];
+                    a[0] = lut_l[((ra >> sh) & 0xffu) << 5];
+                    a[1] = lut_l[((rb >> sh) & 0xffu) << 5];
+                    a[2] = lut_l[((ra >> (sh + 8)) & 0xffu) << 5];
+                    a[3] = lut_l[((rb >> (sh + 8)) & 0xffu) << 5];
+                    mma_bf16_16816(d, a, xv[u][2 * m], xv[u][2 * m + 1], m == 0 ? zero : d);
+                }
+                acc[0] = fmaf(d[0], s0[u], acc[0]);
+                acc[1] = fmaf(d[1], s0[u], acc[1]);
+                acc[2] = fmaf(d[2], s1[u], acc[2]);
+                acc[3] = fmaf(d[3], s1[u], acc[3]);
+            }
+        }
+        red[warp][g][2 * q] = acc[0];
+        red[warp][g][2 * q + 1] = acc[1];
+        red[warp][g + 8][2 * q] = acc[2];
+        red[warp][g + 8][2 * q + 1] = acc[3];
+        __syncthreads();
+        if (tid < 128) {
+            int row_in = tid >> 3, k = tid & 7, row = tile * 16 + row_in;
+            if (k < t && row < rows) {
+                float v = 0.f;
+#pragma unroll
+                for (int w = 0; w < GM_WARPS; w++) v += red[w][row_in][k];
+                float* o = y + (long)k * ld + row;
+                *o = accumulate ? *o + v : v;
+            }
+        }
+        __syncthreads();
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Adapters

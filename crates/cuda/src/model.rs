@@ -75,6 +75,16 @@ enum MatKind {
     },
     /// cb int8 [rows, cols], scb f32 [rows]
     Int8 { cb: DevBuf, scb: DevBuf },
+    /// GPTQ/AWQ: codes [rows, cols] of `bits` bits, g_idx u32 [cols], scales and zeros f32
+    /// [rows, groups] (`qlora_engine::Groups`)
+    Grouped {
+        codes: DevBuf,
+        g_idx: DevBuf,
+        scales: DevBuf,
+        zeros: DevBuf,
+        groups: usize,
+        bits: u8,
+    },
 }
 
 /// One base matrix on the device, writing output columns [col0, col0 + rows).
@@ -348,6 +358,10 @@ fn same_class(a: &Weight, b: &Weight) -> bool {
                 && a.cols == b.cols
         }
         (WeightFormat::Int8, WeightFormat::Int8) => a.cols == b.cols,
+        (WeightFormat::Grouped { bits: x }, WeightFormat::Grouped { bits: y }) => {
+            let (ga, gb) = (a.groups().expect("grouped"), b.groups().expect("grouped"));
+            x == y && a.cols == b.cols && ga.groups == gb.groups && ga.g_idx == gb.g_idx
+        }
         (WeightFormat::Ggml(_), WeightFormat::Ggml(_)) => a.cols == b.cols,
         _ => false,
     }
@@ -371,6 +385,19 @@ fn upload_mat(gpu: &Gpu, ws: &[&Weight], col0: usize) -> Result<DevMat> {
             cb: upload_stacked(gpu, ws, |w| w.bytes())?,
             scb: upload_stacked(gpu, ws, |w| scales(w).values.as_slice())?,
         },
+        WeightFormat::Grouped { bits } => {
+            fn gr(w: &Weight) -> &qlora_engine::Groups {
+                w.groups().expect("grouped weights carry their groups")
+            }
+            MatKind::Grouped {
+                codes: upload_stacked(gpu, ws, |w| w.bytes())?,
+                g_idx: gpu.upload(&gr(ws[0]).g_idx)?,
+                scales: upload_stacked(gpu, ws, |w| gr(w).scales.as_slice())?,
+                zeros: upload_stacked(gpu, ws, |w| gr(w).zeros.as_slice())?,
+                groups: gr(ws[0]).groups,
+                bits,
+            }
+        }
         WeightFormat::Ggml(_) => {
             let buf = gpu.alloc(rows * cols * gpu.lp().size())?;
             let mut off = 0;
@@ -477,6 +504,13 @@ impl DevLinear {
                 MatKind::Dense(b) => b.bytes(),
                 MatKind::Bnb4 { packed, absmax, .. } => packed.bytes() + absmax.bytes(),
                 MatKind::Int8 { cb, scb } => cb.bytes() + scb.bytes(),
+                MatKind::Grouped {
+                    codes,
+                    g_idx,
+                    scales,
+                    zeros,
+                    ..
+                } => codes.bytes() + g_idx.bytes() + scales.bytes() + zeros.bytes(),
             })
             .sum::<usize>()
             + self
@@ -1195,7 +1229,7 @@ impl CudaModel {
                     }
                     self.dequantized(mat)?
                 }
-                MatKind::Int8 { .. } => self.dequantized(mat)?,
+                MatKind::Int8 { .. } | MatKind::Grouped { .. } => self.dequantized(mat)?,
                 MatKind::Dense(w) => w.ptr(),
             };
             g.gemm(
@@ -1333,6 +1367,31 @@ impl CudaModel {
                         P(cb.ptr()),
                         P(scb.ptr()),
                         I(mat.cols as i32),
+                        L(n as i64),
+                        P(self.s.w.ptr()),
+                    ],
+                )?;
+                Ok(self.s.w.ptr())
+            }
+            MatKind::Grouped {
+                codes,
+                g_idx,
+                scales,
+                zeros,
+                groups,
+                bits,
+            } => {
+                g.launch_n(
+                    "dequant_grouped",
+                    n,
+                    &[
+                        P(codes.ptr()),
+                        P(g_idx.ptr()),
+                        P(scales.ptr()),
+                        P(zeros.ptr()),
+                        I(mat.cols as i32),
+                        I(*groups as i32),
+                        I(*bits as i32),
                         L(n as i64),
                         P(self.s.w.ptr()),
                     ],

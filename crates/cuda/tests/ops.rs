@@ -6,7 +6,7 @@
 //! Needs a GPU: skipped (with a line on stderr) where there is none, unless
 //! QLORA_REQUIRE_GPU=1 (the device script sets it), which turns a missing GPU into a failure.
 
-use qlora_cuda::{gemv4_kernel, Arg, DevBuf, Gemv4, Gpu, Precision};
+use qlora_cuda::{gemv4_kernel, gemv4m_fits, Arg, DevBuf, Gemv4, Gpu, Precision};
 use qlora_engine::{ops, Weight};
 use qlora_quant::Quant4;
 use std::sync::Arc;
@@ -637,6 +637,71 @@ fn dequantization_is_bit_exact() {
             "dequant_int8 ({:?})",
             g.precision
         );
+        // GPTQ/AWQ grouped codes: 4 and 8 bits, an act-order group index, odd row count.
+        for bits in [4u8, 8] {
+            let (rows, cols, groups) = (7usize, 48usize, 3usize);
+            let n = rows * cols;
+            let codes: Vec<u8> = rand(50 + bits as u64, if bits == 8 { n } else { n / 2 })
+                .iter()
+                .map(|v| ((v + 1.0) * 127.9) as u8)
+                .collect();
+            let g_idx: Vec<u32> = (0..cols).map(|c| ((c * 7 + 3) % groups) as u32).collect();
+            let scales: Vec<f32> = rand(52, rows * groups)
+                .iter()
+                .map(|v| half::f16::from_f32(v * 0.05).to_f32())
+                .collect();
+            let zmax = if bits == 8 { 256.0 } else { 16.0 };
+            let zeros: Vec<f32> = rand(53, rows * groups)
+                .iter()
+                .map(|v| ((v + 1.0) * 0.5 * zmax).floor())
+                .collect();
+            let w = Weight::grouped(
+                bits,
+                rows,
+                cols,
+                Arc::new(codes.clone()),
+                qlora_engine::Groups::new(g_idx.clone(), groups, scales.clone(), zeros.clone()),
+            )
+            .unwrap();
+            let want: Vec<f32> = match g.precision {
+                Precision::F32 => w.to_f32(),
+                Precision::Bf16 => w
+                    .to_f32()
+                    .iter()
+                    .map(|x| half::bf16::from_f32(*x).to_f32())
+                    .collect(),
+            };
+            let (bc, bg, bs, bz, out) = (
+                g.upload(&codes).unwrap(),
+                g.upload(&g_idx).unwrap(),
+                up(&g, &scales),
+                up(&g, &zeros),
+                poison_lp(&g, n),
+            );
+            g.launch_n(
+                "dequant_grouped",
+                n,
+                &[
+                    P(bc.ptr()),
+                    P(bg.ptr()),
+                    P(bs.ptr()),
+                    P(bz.ptr()),
+                    I(cols as i32),
+                    I(groups as i32),
+                    I(bits as i32),
+                    L(n as i64),
+                    P(out.ptr()),
+                ],
+            )
+            .unwrap();
+            let got = down_lp(&g, &out, n);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "dequant_grouped {bits}-bit ({:?})",
+                g.precision
+            );
+        }
     }
 }
 
@@ -691,6 +756,9 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             if t == 1 {
                 names.extend(["gemv4_np_t1".to_string(), "gemv4_p3_t1".to_string()]);
             }
+            if gemv4m_fits(cols, bs) {
+                names.push("gemv4m".to_string());
+            }
             for n in names {
                 let n: &'static str = qlora_cuda::KERNEL_NAMES
                     .iter()
@@ -726,10 +794,17 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                 let got: Vec<f32> = (0..t)
                     .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
                     .collect();
-                // The weights are exact in both modes and the input is the same: f32 budget.
+                // The weights are exact in both modes and the input is the same: f32 budget;
+                // the tensor-core kernel rounds the codes (and, in f32 mode, the input) to
+                // bf16: the bf16 budget.
+                let b = if kernel == "gemv4m" {
+                    BF16_BUDGET
+                } else {
+                    F32_BUDGET
+                };
                 let e = rel("gemv4", &got, &want);
                 assert!(
-                    e <= F32_BUDGET,
+                    e <= b,
                     "{kernel} {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.3e}",
                     g.precision
                 );
@@ -747,7 +822,7 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                     .collect();
                 let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
                 assert!(
-                    rel("gemv4 accumulate", &twice, &want2) <= F32_BUDGET,
+                    rel("gemv4 accumulate", &twice, &want2) <= b,
                     "{kernel} accumulate"
                 );
             }

@@ -15,6 +15,10 @@ pub enum WeightFormat {
     Bnb4(Quant4),
     /// LLM.int8: int8 rows with one f32 scale (SCB) per row.
     Int8,
+    /// GPTQ/AWQ: `[rows, cols]` integer codes of `bits` bits (4: two a byte, element `2k` in
+    /// the low nibble; 8: one a byte), with a scale and a zero point per (row, group) and the
+    /// group of each column (`Groups`).
+    Grouped { bits: u8 },
 }
 
 impl WeightFormat {
@@ -23,6 +27,8 @@ impl WeightFormat {
             WeightFormat::Ggml(t) => t.name(),
             WeightFormat::Bnb4(q) => q.name(),
             WeightFormat::Int8 => "int8",
+            WeightFormat::Grouped { bits: 4 } => "int4 (grouped)",
+            WeightFormat::Grouped { .. } => "int8 (grouped)",
         }
     }
 }
@@ -38,6 +44,40 @@ pub struct Scales {
     pub values: Vec<f32>,
 }
 
+/// The side data of a grouped-integer (GPTQ/AWQ) weight: `w[r, c] = scales[r, g] · (q[r, c] −
+/// zeros[r, g])` with `g = g_idx[c]`, computed in f32 (exact: a 16-bit scale times a small integer).
+#[derive(Debug)]
+pub struct Groups {
+    /// The group of each column, `< groups`.
+    pub g_idx: Vec<u32>,
+    pub groups: usize,
+    /// `[rows, groups]`.
+    pub scales: Vec<f32>,
+    /// `[rows, groups]`, integers.
+    pub zeros: Vec<f32>,
+    /// `Some(size)` when column `c` is in group `c / size` (no act-order permutation).
+    pub contiguous: Option<usize>,
+}
+
+impl Groups {
+    /// `g_idx` one group per column, `scales` and `zeros` `[rows, groups]`.
+    pub fn new(g_idx: Vec<u32>, groups: usize, scales: Vec<f32>, zeros: Vec<f32>) -> Groups {
+        let size = g_idx.len().div_ceil(groups.max(1)).max(1);
+        let contiguous = g_idx
+            .iter()
+            .enumerate()
+            .all(|(c, &g)| g as usize == c / size)
+            .then_some(size);
+        Groups {
+            g_idx,
+            groups,
+            scales,
+            zeros,
+            contiguous,
+        }
+    }
+}
+
 /// Bytes owned by someone else (a memory map, a buffer).
 pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
@@ -50,6 +90,7 @@ pub struct Weight {
     /// Bytes per row for the formats whose rows are byte-aligned (0 for Bnb4).
     row_bytes: usize,
     scales: Option<Arc<Scales>>,
+    groups: Option<Arc<Groups>>,
 }
 
 impl std::fmt::Debug for Weight {
@@ -102,6 +143,7 @@ impl Weight {
             bytes,
             row_bytes,
             scales: None,
+            groups: None,
         })
     }
 
@@ -142,6 +184,7 @@ impl Weight {
                 blocksize,
                 values: absmax,
             })),
+            groups: None,
         })
     }
 
@@ -168,7 +211,56 @@ impl Weight {
                 blocksize: cols,
                 values: scb,
             })),
+            groups: None,
         })
+    }
+
+    /// A grouped-integer (GPTQ/AWQ) weight: `codes` as `WeightFormat::Grouped` describes.
+    pub fn grouped(
+        bits: u8,
+        rows: usize,
+        cols: usize,
+        codes: SharedBytes,
+        g: Groups,
+    ) -> Result<Self, String> {
+        let groups = g.groups;
+        let want = match bits {
+            4 => (rows * cols).div_ceil(2),
+            8 => rows * cols,
+            b => return Err(format!("{b}-bit grouped weights are not supported")),
+        };
+        let have = (*codes).as_ref().len();
+        if have != want {
+            return Err(format!(
+                "{have} bytes of {bits}-bit codes for shape [{rows}, {cols}], expected {want}"
+            ));
+        }
+        if g.g_idx.len() != cols || g.g_idx.iter().any(|&i| i as usize >= groups) {
+            return Err(format!(
+                "the group index must give each of the {cols} columns a group below {groups}"
+            ));
+        }
+        if g.scales.len() != rows * groups || g.zeros.len() != rows * groups {
+            return Err(format!(
+                "{} scales and {} zeros for {rows} rows of {groups} groups",
+                g.scales.len(),
+                g.zeros.len()
+            ));
+        }
+        Ok(Weight {
+            format: WeightFormat::Grouped { bits },
+            rows,
+            cols,
+            bytes: codes,
+            row_bytes: if bits == 8 { cols } else { 0 },
+            scales: None,
+            groups: Some(Arc::new(g)),
+        })
+    }
+
+    /// The GPTQ/AWQ side data, if this is such a weight.
+    pub fn groups(&self) -> Option<&Groups> {
+        self.groups.as_deref()
     }
 
     /// The bitsandbytes side data (absmax or SCB), if this is such a weight.
@@ -187,6 +279,7 @@ impl Weight {
             bytes: Arc::new(bytes),
             row_bytes: cols * 4,
             scales: None,
+            groups: None,
         }
     }
 
@@ -201,10 +294,16 @@ impl Weight {
 
     /// Bytes read per full pass over the matrix (what a decode step streams).
     pub fn stored_bytes(&self) -> usize {
-        self.bytes().len() + self.scales.as_ref().map_or(0, |s| s.values.len() * 4)
+        self.bytes().len()
+            + self.scales.as_ref().map_or(0, |s| s.values.len() * 4)
+            + self
+                .groups
+                .as_ref()
+                .map_or(0, |g| (g.scales.len() + g.zeros.len() + g.g_idx.len()) * 4)
     }
 
-    /// Bytes of one row, for the formats whose rows are byte-aligned (not Bnb4).
+    /// Bytes of one row, for the formats whose rows are byte-aligned (not Bnb4 or 4-bit
+    /// grouped).
     pub fn row_bytes(&self) -> usize {
         self.row_bytes
     }
@@ -235,6 +334,28 @@ impl Weight {
                     let r = r0 + i;
                     let row = &self.bytes()[r * self.cols..(r + 1) * self.cols];
                     dequantize_int8_row(row, s.values[r], o);
+                }
+            }
+            WeightFormat::Grouped { bits } => {
+                let g = self.groups.as_ref().expect("grouped weight has groups");
+                let codes = self.bytes();
+                for (k, o) in out.chunks_mut(self.cols).enumerate() {
+                    let r = r0 + k;
+                    let (s, z) = (
+                        &g.scales[r * g.groups..(r + 1) * g.groups],
+                        &g.zeros[r * g.groups..(r + 1) * g.groups],
+                    );
+                    let base = r * self.cols;
+                    for (c, (v, &gi)) in o.iter_mut().zip(&g.g_idx).enumerate() {
+                        let e = base + c;
+                        let q = if bits == 8 {
+                            codes[e]
+                        } else {
+                            (codes[e / 2] >> (4 * (e % 2))) & 0xF
+                        };
+                        let gi = gi as usize;
+                        *v = s[gi] * (q as f32 - z[gi]);
+                    }
                 }
             }
         }

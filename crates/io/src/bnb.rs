@@ -172,8 +172,8 @@ pub struct BnbConfig {
 }
 
 impl BnbConfig {
-    /// `Ok(None)` when there is no quantization config; an error for other methods (GPTQ, AWQ…)
-    /// or a malformed block.
+    /// `Ok(None)` when there is no quantization config or it is GPTQ/AWQ (`GroupedConfig`
+    /// reads those); an error for other methods or a malformed block.
     pub fn from_config(q: Option<&Value>) -> Result<Option<BnbConfig>, String> {
         let Some(q) = q else { return Ok(None) };
         let obj = q
@@ -183,9 +183,12 @@ impl BnbConfig {
             .get("quant_method")
             .and_then(Value::as_str)
             .unwrap_or("bitsandbytes");
+        if method == "gptq" || method == "awq" {
+            return Ok(None);
+        }
         if method != "bitsandbytes" {
             return Err(format!(
-                "quantization_config.quant_method is \"{method}\"; qlora reads bitsandbytes 4-bit/8-bit checkpoints (dequantize other formats with their own tools first)"
+                "quantization_config.quant_method is \"{method}\"; qlora reads bitsandbytes 4-bit/8-bit, GPTQ and AWQ checkpoints (dequantize other formats with their own tools first)"
             ));
         }
         let flag = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_bool);

@@ -9,6 +9,7 @@ mod config;
 mod error;
 mod gguf;
 mod gguf_write;
+mod gptq;
 mod model_dir;
 mod partial_dir;
 mod safetensors_file;
@@ -20,6 +21,7 @@ pub use config::{ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufValue};
 pub use gguf_write::{gguf_name, permute_rows, GgufTensorSpec, GgufWriter};
+pub use gptq::{GroupedConfig, GroupedMethod, GroupedParts, GroupedShapes};
 pub use model_dir::{ModelSource, TensorStore};
 pub use partial_dir::PartialDir;
 pub use safetensors_file::{

@@ -21,11 +21,21 @@ impl BaseQuantization {
         match q {
             None => "an unquantized (f32/f16/bf16) base".into(),
             Some(q) => format!(
-                "a {} base (blocksize {}{})",
+                "a {} base ({}{})",
                 q.quant_type.to_uppercase(),
-                q.blocksize,
+                q.block_words(),
                 if q.double_quant { ", double quant" } else { "" }
             ),
+        }
+    }
+
+    /// "blocksize 64" (bitsandbytes), "group size 128" or "one group per row" (GPTQ/AWQ).
+    pub fn block_words(&self) -> String {
+        let grouped = self.quant_type.starts_with("gptq") || self.quant_type.starts_with("awq");
+        match (grouped, self.blocksize) {
+            (true, 0) => "one group per row".into(),
+            (true, g) => format!("group size {g}"),
+            (false, b) => format!("blocksize {b}"),
         }
     }
 }

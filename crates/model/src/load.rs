@@ -5,7 +5,9 @@ use crate::model::{Layer, Model, Projection};
 use crate::quantize::{quantize_tensor, QuantizeSpec};
 use crate::{inv_freq, Error, Result};
 use qlora_engine::{Weight, WeightFormat};
-use qlora_io::{quant_state_key, BnbConfig, ElementType, ModelSource, QuantStateJson, RawTensor};
+use qlora_io::{
+    quant_state_key, BnbConfig, ElementType, GroupedConfig, ModelSource, QuantStateJson, RawTensor,
+};
 use qlora_quant::bnb;
 use qlora_quant::{GgmlType, Quant4};
 use std::path::Path;
@@ -20,6 +22,8 @@ pub struct LoadOptions {
 struct Loader<'a> {
     src: &'a mut ModelSource,
     opts: LoadOptions,
+    /// The checkpoint's GPTQ/AWQ config, if it is one.
+    grouped: Option<GroupedConfig>,
 }
 
 impl Loader<'_> {
@@ -247,10 +251,98 @@ impl Loader<'_> {
             .map_err(|r| self.err(&wname, r))
     }
 
+    /// A GPTQ/AWQ linear `name` (`name.qweight`, `.qzeros`, `.scales`, GPTQ's `.g_idx`),
+    /// unpacked to qlora's row-major codes.
+    fn grouped(&mut self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let qw = format!("{name}.qweight");
+        let Some(cfg) = self.grouped.clone() else {
+            return Err(self.err(
+                &qw,
+                "a GPTQ/AWQ packed weight, but config.json has no GPTQ or AWQ quantization_config (nor is there a quantize_config.json); the checkpoint is incomplete".into(),
+            ));
+        };
+        let sh = cfg.shapes(rows, cols).map_err(|r| self.err(&qw, r))?;
+        let int32 = |ld: &mut Self, part: &str, shape: &[usize]| -> Result<RawTensor> {
+            let n = format!("{name}.{part}");
+            let t = ld.take(&n, shape)?;
+            if t.dtype != ElementType::I32 {
+                return Err(ld.err(
+                    &n,
+                    format!(
+                        "stored as {}; {} stores it as int32",
+                        t.dtype.name(),
+                        cfg.method.name().to_uppercase()
+                    ),
+                ));
+            }
+            Ok(t)
+        };
+        let qweight = int32(self, "qweight", &sh.qweight)?;
+        let qzeros = int32(self, "qzeros", &sh.qzeros)?;
+        let sname = format!("{name}.scales");
+        let st = self.take(&sname, &sh.scales)?;
+        if !matches!(
+            st.dtype,
+            ElementType::F16 | ElementType::BF16 | ElementType::F32
+        ) {
+            return Err(self.err(
+                &sname,
+                format!(
+                    "scales stored as {}; expected f16, bf16 or f32",
+                    st.dtype.name()
+                ),
+            ));
+        }
+        let scales = self
+            .widenable(&sname, st, sh.scales[0], sh.scales[1])?
+            .to_f32();
+        let gname = format!("{name}.g_idx");
+        let g_idx = match self.src.tensors.get(&gname).cloned() {
+            None => None,
+            Some(_) if cfg.method == qlora_io::GroupedMethod::Awq => {
+                return Err(self.err(
+                    &gname,
+                    "AWQ checkpoints have no g_idx; this one is not a layout qlora knows".into(),
+                ));
+            }
+            Some(_) => {
+                let t = int32(self, "g_idx", &[cols])?;
+                Some(
+                    t.data
+                        .as_slice()
+                        .chunks_exact(4)
+                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect::<Vec<i32>>(),
+                )
+            }
+        };
+        let parts = cfg
+            .unpack(
+                rows,
+                cols,
+                qweight.data.as_slice(),
+                qzeros.data.as_slice(),
+                &scales,
+                g_idx.as_deref(),
+            )
+            .map_err(|r| self.err(if r.starts_with("g_idx") { &gname } else { &qw }, r))?;
+        Weight::grouped(
+            cfg.bits as u8,
+            rows,
+            cols,
+            Arc::new(parts.codes),
+            qlora_engine::Groups::new(parts.g_idx, parts.groups, parts.scales, parts.zeros),
+        )
+        .map_err(|r| self.err(&qw, r))
+    }
+
     /// A decoder linear's weight in whatever form the checkpoint has it, quantized on the way
     /// in when asked.
     fn linear_weight(&mut self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
         let wname = format!("{name}.weight");
+        if self.has(&format!("{name}.qweight")) {
+            return self.grouped(name, rows, cols);
+        }
         for quant in [Quant4::Nf4, Quant4::Fp4] {
             if self.has(&format!("{wname}.{}", quant_state_key(quant))) {
                 return self.bnb4(&wname, quant, rows, cols);
@@ -298,7 +390,7 @@ impl Loader<'_> {
         d_in: usize,
         bias: bool,
     ) -> Result<Projection> {
-        let base = if name == "lm_head" {
+        let base = if name == "lm_head" && !self.has("lm_head.qweight") {
             self.weight(&format!("{name}.weight"), d_out, d_in)?
         } else {
             self.linear_weight(name, d_out, d_in)?
@@ -331,6 +423,17 @@ impl Model {
         let bnb_cfg = BnbConfig::from_config(cfg.quantization_config.as_ref()).map_err(|r| {
             Error::Invalid(format!("{}: {r}", src.path.join("config.json").display()))
         })?;
+        let grouped = GroupedConfig::from_model(&src.path, cfg.quantization_config.as_ref())
+            .map_err(|r| {
+                Error::Invalid(format!("{}: {r}", src.path.join("config.json").display()))
+            })?;
+        if let (Some(g), Some(_)) = (&grouped, opts.quantize) {
+            return Err(Error::Invalid(format!(
+                "{} is already a {} checkpoint; drop --quantize (it loads as stored)",
+                src.path.display(),
+                g.method.name().to_uppercase()
+            )));
+        }
         if let (Some(c), Some(_)) = (&bnb_cfg, opts.quantize) {
             if c.load_in_4bit || c.load_in_8bit {
                 return Err(Error::Invalid(format!(
@@ -364,11 +467,15 @@ impl Model {
                 blocksize: 0,
                 double_quant: false,
             }),
-            _ => None,
+            _ => grouped.as_ref().map(|g| qlora_lora::BaseQuantization {
+                quant_type: g.quant_type(),
+                blocksize: g.group_size.unwrap_or(0),
+                double_quant: false,
+            }),
         };
         let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-        let mut ld = Loader { src, opts };
+        let mut ld = Loader { src, opts, grouped };
         let embed_tokens = ld.weight("model.embed_tokens.weight", v, d)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

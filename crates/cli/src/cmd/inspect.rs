@@ -46,7 +46,7 @@ fn model_report(a: &Args) -> Result<(Value, ModelShapes, Model)> {
     let quant = match &model.quantization {
         None => Value::Null,
         Some(q) => {
-            json!({"type": q.quant_type, "blocksize": q.blocksize, "double_quant": q.double_quant})
+            json!({"type": q.quant_type, "blocksize": q.blocksize, "double_quant": q.double_quant, "block_words": q.block_words()})
         }
     };
     let params: usize = shapes
@@ -156,7 +156,10 @@ fn print_text(m: &Value, adapters: &[Value]) {
     println!(
         "           {:.1} M parameters · {} tensors ({}) · {:.1} MB stored",
         m["parameters"].as_f64().unwrap_or(0.0) / 1e6,
-        types.len(),
+        m["tensors"].as_object().map_or(0, |o| o
+            .values()
+            .filter_map(|v| v["count"].as_u64())
+            .sum::<u64>()),
         types.join(", "),
         m["stored_bytes"].as_f64().unwrap_or(0.0) / 1e6
     );
@@ -167,9 +170,9 @@ fn print_text(m: &Value, adapters: &[Value]) {
             "none".to_string()
         } else {
             format!(
-                "{} blocksize {}{}",
+                "{} {}{}",
                 q["type"].as_str().unwrap_or("?"),
-                q["blocksize"],
+                q["block_words"].as_str().unwrap_or("?"),
                 if q["double_quant"].as_bool() == Some(true) {
                     ", double quant"
                 } else {

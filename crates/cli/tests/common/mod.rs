@@ -337,8 +337,18 @@ pub fn train_case(name: &str) -> (qlora_model::Model, qlora_train::Adapters, Val
     let dir = repo_root().join("tests/fixtures/train").join(name);
     let meta: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let base = temp_dir(&format!("train-{name}")).join("base");
-    write_model(&spec(meta["base"].as_str().unwrap()), &base);
+    // A checkpoint fixture (GPTQ/AWQ), or the seeded tiny model written out.
+    let base = match meta["base_dir"].as_str() {
+        Some(d) => repo_root().join(d),
+        None => {
+            // Tests of one binary run in parallel and may open the same case.
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let base = temp_dir(&format!("train-{name}-{n}")).join("base");
+            write_model(&spec(meta["base"].as_str().unwrap()), &base);
+            base
+        }
+    };
     let mut src = qlora_io::ModelSource::open(&base).unwrap();
     let quantize = meta["quantize"]
         .as_str()

@@ -1,0 +1,500 @@
+//! GPTQ and AWQ checkpoints: config.json's `quantization_config` (or AutoGPTQ's separate
+//! `quantize_config.json`) and the unpacking of their int32 tensors into per-output-row codes.
+//!
+//! Layouts (`../shared/docs/formats.md` §5), for a linear with `in` inputs and `out` outputs
+//! and `p = 32 / bits` values a word:
+//! - GPTQ `qweight` i32 `[in / p, out]`, packed along the input: word `[r, o]` holds inputs
+//!   `p·r … p·r + p − 1` of output `o`, LSB first. `qzeros` i32 `[groups, out / p]`, packed
+//!   along the output the same way; format `gptq` (v1) stores every zero minus one, subtracted
+//!   from the packed word (so a borrow can cross fields), `gptq_v2` the zero itself. `scales`
+//!   `[groups, out]`; `g_idx` i32 `[in]`, the group of each input (not monotone with act-order).
+//! - AWQ (`version: gemm`) `qweight` i32 `[in, out / 8]`, packed along the output in the order
+//!   `0 2 4 6 1 3 5 7`; `qzeros` `[in / G, out / 8]` the same, holding the zero itself;
+//!   `scales` `[in / G, out]`; no `g_idx` (groups are contiguous).
+//!
+//! Both dequantize as `w[o, i] = scale[g, o] · (q[o, i] − zero[g, o])`, `g` the group of `i`.
+
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Which library's layout the checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupedMethod {
+    Gptq,
+    Awq,
+}
+
+impl GroupedMethod {
+    pub fn name(&self) -> &'static str {
+        match self {
+            GroupedMethod::Gptq => "gptq",
+            GroupedMethod::Awq => "awq",
+        }
+    }
+}
+
+/// A GPTQ or AWQ `quantization_config`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupedConfig {
+    pub method: GroupedMethod,
+    /// 4 or 8 (GPTQ); 4 (AWQ).
+    pub bits: u32,
+    /// Inputs per group; `None` for one group over the whole input (`group_size: -1`).
+    pub group_size: Option<usize>,
+    /// GPTQ act-order: inputs grouped through `g_idx`, not by position.
+    pub desc_act: bool,
+    pub sym: bool,
+    /// GPTQ v1 (`checkpoint_format: gptq`): zeros are stored minus one.
+    pub zeros_minus_one: bool,
+}
+
+impl GroupedConfig {
+    /// The config of a GPTQ/AWQ checkpoint: `quantization_config` from config.json when it has
+    /// one, else `dir/quantize_config.json` (AutoGPTQ's older layout). `Ok(None)` for other
+    /// checkpoints.
+    pub fn from_model(dir: &Path, q: Option<&Value>) -> Result<Option<GroupedConfig>, String> {
+        if let Some(q) = q {
+            return Self::from_value(q);
+        }
+        let side = dir.join("quantize_config.json");
+        if !side.is_file() {
+            return Ok(None);
+        }
+        let text =
+            std::fs::read_to_string(&side).map_err(|e| format!("{}: {e}", side.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not JSON ({e})", side.display()))?;
+        let mut v = v;
+        // AutoGPTQ's file has no quant_method key: it is GPTQ by being there.
+        if let Some(o) = v.as_object_mut() {
+            o.entry("quant_method")
+                .or_insert_with(|| Value::String("gptq".into()));
+        }
+        Self::from_value(&v).map_err(|e| format!("{}: {e}", side.display()))
+    }
+
+    /// `Ok(None)` when `quant_method` is neither `gptq` nor `awq`.
+    pub fn from_value(q: &Value) -> Result<Option<GroupedConfig>, String> {
+        let obj = q
+            .as_object()
+            .ok_or("\"quantization_config\" is not a JSON object")?;
+        let method = match obj.get("quant_method").and_then(Value::as_str) {
+            Some("gptq") => GroupedMethod::Gptq,
+            Some("awq") => GroupedMethod::Awq,
+            _ => return Ok(None),
+        };
+        let int = |k: &str| -> Result<Option<i64>, String> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_i64()
+                    .map(Some)
+                    .ok_or_else(|| format!("quantization_config.{k} is {v}, expected an integer")),
+            }
+        };
+        let flag = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_bool);
+        let m = method.name();
+        let bits = int("bits")?.or(int("w_bit")?).ok_or(format!(
+            "quantization_config for {m} has no \"bits\"; the checkpoint's config is incomplete"
+        ))?;
+        let supported: &[i64] = match method {
+            GroupedMethod::Gptq => &[4, 8],
+            GroupedMethod::Awq => &[4],
+        };
+        if !supported.contains(&bits) {
+            return Err(format!(
+                "{m} with {bits}-bit weights is not supported (qlora reads {m} with {} bits); re-quantize at 4 bits",
+                supported
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ));
+        }
+        let gs = int("group_size")?.or(int("q_group_size")?).unwrap_or(-1);
+        let group_size = match gs {
+            -1 => None,
+            g if g > 0 => Some(g as usize),
+            g => {
+                return Err(format!(
+                    "quantization_config.group_size is {g}; expected a positive size or -1"
+                ))
+            }
+        };
+        if method == GroupedMethod::Awq && group_size.is_none() {
+            return Err("AWQ with group_size -1 is not a layout AutoAWQ writes".into());
+        }
+        let format = obj
+            .get("checkpoint_format")
+            .or(obj.get("format"))
+            .or(obj.get("version"))
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase);
+        let zeros_minus_one = match (method, format.as_deref()) {
+            (GroupedMethod::Gptq, None | Some("gptq")) => true,
+            (GroupedMethod::Gptq, Some("gptq_v2")) => false,
+            (GroupedMethod::Awq, None | Some("gemm")) => false,
+            (_, Some(f)) => {
+                return Err(format!(
+                    "{m} checkpoint format \"{f}\" is not supported (qlora reads {}); convert it with GPTQModel first",
+                    match method {
+                        GroupedMethod::Gptq => "\"gptq\" and \"gptq_v2\"",
+                        GroupedMethod::Awq => "\"gemm\"",
+                    }
+                ))
+            }
+        };
+        Ok(Some(GroupedConfig {
+            method,
+            bits: bits as u32,
+            group_size,
+            desc_act: flag(obj, "desc_act").unwrap_or(false),
+            sym: flag(obj, "sym")
+                .or(flag(obj, "zero_point").map(|z| !z))
+                .unwrap_or(true),
+            zeros_minus_one,
+        }))
+    }
+
+    /// What `qlora inspect` and the provenance record call it, e.g. `gptq-int4`.
+    pub fn quant_type(&self) -> String {
+        format!("{}-int{}", self.method.name(), self.bits)
+    }
+}
+
+/// One linear's grouped-integer weight, unpacked to qlora's layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupedParts {
+    /// `[out, in]` codes, row-major: two a byte (element `2k` in the low nibble) for 4 bits,
+    /// one a byte for 8.
+    pub codes: Vec<u8>,
+    /// The group of each input column, `< groups`.
+    pub g_idx: Vec<u32>,
+    /// `[out, groups]`, row-major.
+    pub scales: Vec<f32>,
+    /// `[out, groups]`, the integer zero points (`0 ..= 2^bits`).
+    pub zeros: Vec<f32>,
+    pub groups: usize,
+}
+
+fn words(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+/// AWQ's nibble slot of output `8c + j` within word `c`.
+const AWQ_SLOT: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+
+/// Unpacks the zero points `[groups, out / p]` (packed along the output).
+fn unpack_zeros(
+    qzeros: &[u8],
+    groups: usize,
+    out: usize,
+    bits: u32,
+    method: GroupedMethod,
+    minus_one: bool,
+) -> Vec<f32> {
+    let p = (32 / bits) as usize;
+    let mask = (1u32 << bits) - 1;
+    // v1 subtracted one from every field of the packed word; adding it back to the word undoes
+    // any borrow between fields (what GPTQModel's v1 → v2 conversion does).
+    let one: u32 = (0..p).fold(0, |w, j| w | (1 << (bits as usize * j)));
+    let w: Vec<u32> = words(qzeros)
+        .map(|w| if minus_one { w.wrapping_add(one) } else { w })
+        .collect();
+    let per_row = out / p;
+    let mut z = vec![0f32; out * groups];
+    for g in 0..groups {
+        for o in 0..out {
+            let slot = match method {
+                GroupedMethod::Awq => AWQ_SLOT[o % 8],
+                GroupedMethod::Gptq => o % p,
+            };
+            let v = (w[g * per_row + o / p] >> (bits as usize * slot)) & mask;
+            z[o * groups + g] = v as f32;
+        }
+    }
+    z
+}
+
+/// `[groups, out]` scales of any float type (already widened to f32) → `[out, groups]`.
+fn transpose_scales(s: &[f32], groups: usize, out: usize) -> Vec<f32> {
+    let mut t = vec![0f32; s.len()];
+    for g in 0..groups {
+        for o in 0..out {
+            t[o * groups + g] = s[g * out + o];
+        }
+    }
+    t
+}
+
+fn put_code(codes: &mut [u8], bits: u32, cols: usize, o: usize, i: usize, v: u32) {
+    if bits == 8 {
+        codes[o * cols + i] = v as u8;
+    } else {
+        let e = o * cols + i;
+        codes[e / 2] |= (v as u8) << (4 * (e % 2));
+    }
+}
+
+/// The groups a linear's checkpoint tensors imply, and each tensor's expected shape, for
+/// checking shapes before unpacking (the caller names the tensor that disagrees).
+pub struct GroupedShapes {
+    pub groups: usize,
+    pub qweight: [usize; 2],
+    pub qzeros: [usize; 2],
+    pub scales: [usize; 2],
+}
+
+impl GroupedConfig {
+    /// The tensor shapes a `[out, in]` linear must have, or why it cannot be stored this way.
+    pub fn shapes(&self, out: usize, inp: usize) -> Result<GroupedShapes, String> {
+        let p = (32 / self.bits) as usize;
+        let gs = self.group_size.unwrap_or(inp).min(inp.max(1));
+        let groups = inp.div_ceil(gs.max(1)).max(1);
+        match self.method {
+            GroupedMethod::Gptq => {
+                if !inp.is_multiple_of(p) || !out.is_multiple_of(p) {
+                    return Err(format!(
+                        "a [{out}, {inp}] linear cannot be GPTQ-packed at {} bits ({p} values a word need both dims to be multiples of {p})",
+                        self.bits
+                    ));
+                }
+                Ok(GroupedShapes {
+                    groups,
+                    qweight: [inp / p, out],
+                    qzeros: [groups, out / p],
+                    scales: [groups, out],
+                })
+            }
+            GroupedMethod::Awq => {
+                if !out.is_multiple_of(8) || !inp.is_multiple_of(gs) {
+                    return Err(format!(
+                        "a [{out}, {inp}] linear cannot be AWQ-packed with group size {gs} (outputs must be a multiple of 8, inputs of the group size)"
+                    ));
+                }
+                Ok(GroupedShapes {
+                    groups,
+                    qweight: [inp, out / 8],
+                    qzeros: [groups, out / 8],
+                    scales: [groups, out],
+                })
+            }
+        }
+    }
+
+    /// Unpacks one linear. `qweight`/`qzeros` are the i32 tensors' bytes, `scales` widened to
+    /// f32 in their stored `[groups, out]` order, `g_idx` the GPTQ tensor if present. Shapes
+    /// must already match `shapes(out, inp)`; the error names what is out of range.
+    pub fn unpack(
+        &self,
+        out: usize,
+        inp: usize,
+        qweight: &[u8],
+        qzeros: &[u8],
+        scales: &[f32],
+        g_idx: Option<&[i32]>,
+    ) -> Result<GroupedParts, String> {
+        let sh = self.shapes(out, inp)?;
+        let groups = sh.groups;
+        let bits = self.bits;
+        let p = (32 / bits) as usize;
+        let mask = (1u32 << bits) - 1;
+        let gs = self.group_size.unwrap_or(inp).min(inp.max(1)).max(1);
+        let g_idx: Vec<u32> = match g_idx {
+            Some(g) => {
+                if g.len() != inp {
+                    return Err(format!("g_idx has {} entries for {inp} inputs", g.len()));
+                }
+                if let Some((i, &v)) = g
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &v)| v < 0 || v as usize >= groups)
+                {
+                    return Err(format!(
+                        "g_idx[{i}] = {v} is out of range: the scales have {groups} groups; the checkpoint is corrupt"
+                    ));
+                }
+                g.iter().map(|&v| v as u32).collect()
+            }
+            None => (0..inp).map(|i| (i / gs) as u32).collect(),
+        };
+        let nbytes = if bits == 8 {
+            out * inp
+        } else {
+            (out * inp).div_ceil(2)
+        };
+        let mut codes = vec![0u8; nbytes];
+        let w: Vec<u32> = words(qweight).collect();
+        match self.method {
+            GroupedMethod::Gptq => {
+                for r in 0..inp / p {
+                    for o in 0..out {
+                        let word = w[r * out + o];
+                        for j in 0..p {
+                            let v = (word >> (bits as usize * j)) & mask;
+                            put_code(&mut codes, bits, inp, o, r * p + j, v);
+                        }
+                    }
+                }
+            }
+            GroupedMethod::Awq => {
+                let per_row = out / 8;
+                for i in 0..inp {
+                    for o in 0..out {
+                        let word = w[i * per_row + o / 8];
+                        let v = (word >> (4 * AWQ_SLOT[o % 8])) & 0xF;
+                        put_code(&mut codes, bits, inp, o, i, v);
+                    }
+                }
+            }
+        }
+        if let Some((k, s)) = scales.iter().enumerate().find(|(_, s)| !s.is_finite()) {
+            return Err(format!(
+                "scale {s} at [{}, {}] is not finite; the checkpoint is corrupt",
+                k / out,
+                k % out
+            ));
+        }
+        Ok(GroupedParts {
+            codes,
+            g_idx,
+            scales: transpose_scales(scales, groups, out),
+            zeros: unpack_zeros(qzeros, groups, out, bits, self.method, self.zeros_minus_one),
+            groups,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg(v: Value) -> Result<Option<GroupedConfig>, String> {
+        GroupedConfig::from_value(&v)
+    }
+
+    #[test]
+    fn configs_are_read_and_checked() {
+        let c = cfg(json!({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": true, "sym": false}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.group_size, Some(128));
+        assert!(c.desc_act && !c.sym && c.zeros_minus_one);
+        let v2 = cfg(json!({"quant_method": "gptq", "bits": 8, "group_size": -1, "checkpoint_format": "gptq_v2"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (v2.bits, v2.group_size, v2.zeros_minus_one),
+            (8, None, false)
+        );
+        let awq = cfg(json!({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": true, "version": "gemm"}))
+            .unwrap()
+            .unwrap();
+        assert!(!awq.sym && !awq.zeros_minus_one);
+        assert_eq!(cfg(json!({"quant_method": "bitsandbytes"})).unwrap(), None);
+        for (bad, says) in [
+            (
+                json!({"quant_method": "gptq", "bits": 3, "group_size": 128}),
+                "3-bit",
+            ),
+            (
+                json!({"quant_method": "gptq", "group_size": 128}),
+                "no \"bits\"",
+            ),
+            (
+                json!({"quant_method": "gptq", "bits": 4, "group_size": 0}),
+                "group_size is 0",
+            ),
+            (
+                json!({"quant_method": "gptq", "bits": "4"}),
+                "expected an integer",
+            ),
+            (
+                json!({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}),
+                "\"gemv\"",
+            ),
+            (
+                json!({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}),
+                "\"marlin\"",
+            ),
+        ] {
+            let e = cfg(bad).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn v1_zeros_undo_the_borrow_of_the_packed_subtraction() {
+        // Zeros 0, 3, 15, 8 … packed, then one subtracted from every field as AutoGPTQ did:
+        // the 0 field borrows from its neighbour.
+        let z = [0u32, 3, 15, 8, 1, 0, 7, 2];
+        let packed: u32 = z.iter().enumerate().map(|(j, &v)| v << (4 * j)).sum();
+        let v1 = packed.wrapping_sub(0x1111_1111);
+        let got = unpack_zeros(&v1.to_le_bytes(), 1, 8, 4, GroupedMethod::Gptq, true);
+        assert_eq!(got, z.map(|v| v as f32));
+    }
+
+    #[test]
+    fn awq_order_and_gptq_order_unpack_to_the_same_codes() {
+        // One [8, 8] linear, codes q[o, i] = (o + 3i) % 16, packed both ways.
+        let q = |o: usize, i: usize| ((o + 3 * i) % 16) as u32;
+        let mut gptq = Vec::new();
+        for o in 0..8 {
+            gptq.push((0..8).map(|j| q(o, j) << (4 * j)).sum::<u32>());
+        }
+        let mut awq = Vec::new();
+        for i in 0..8 {
+            awq.push((0..8).map(|o| q(o, i) << (4 * AWQ_SLOT[o])).sum::<u32>());
+        }
+        let bytes = |w: &[u32]| w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let zeros = bytes(&[0x8888_8888]);
+        let g = GroupedConfig {
+            method: GroupedMethod::Gptq,
+            bits: 4,
+            group_size: None,
+            desc_act: false,
+            sym: true,
+            zeros_minus_one: false,
+        };
+        let a = g
+            .unpack(8, 8, &bytes(&gptq), &zeros, &[1.0; 8], None)
+            .unwrap();
+        let awq_cfg = GroupedConfig {
+            method: GroupedMethod::Awq,
+            group_size: Some(8),
+            ..g.clone()
+        };
+        let b = awq_cfg
+            .unpack(8, 8, &bytes(&awq), &zeros, &[1.0; 8], None)
+            .unwrap();
+        assert_eq!(a.codes, b.codes);
+        assert_eq!(a.codes[0], (q(0, 0) | q(0, 1) << 4) as u8);
+        assert_eq!(a.zeros, vec![8.0; 8]);
+    }
+
+    #[test]
+    fn g_idx_out_of_range_is_named() {
+        let g = GroupedConfig {
+            method: GroupedMethod::Gptq,
+            bits: 4,
+            group_size: Some(4),
+            desc_act: true,
+            sym: true,
+            zeros_minus_one: true,
+        };
+        let e = g
+            .unpack(
+                8,
+                8,
+                &[0; 32],
+                &[0; 8],
+                &[1.0; 16],
+                Some(&[0, 1, 0, 1, 2, 0, 1, 0]),
+            )
+            .unwrap_err();
+        assert!(e.contains("g_idx[4] = 2"), "{e}");
+    }
+}
