@@ -6,7 +6,7 @@
 # time over two decode steps), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
 # train (qlora bench --train on a synthetic Mistral-7B), gputrain (the GPU training tests alone),
-# peertrain (h200_peer.py --train).
+# peertrain (h200_peer.py --train), mma (the tensor-core GEMV against the default).
 # Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -55,6 +55,18 @@ for stage in "$@"; do
         $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
           --prompt-tokens 16 --gen-tokens 64 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
       done ;;
+    mma)
+      # The tensor-core GEMV (QLORA_GEMV=mma) against the default, decode at batch 1 and 8,
+      # with and without an adapter; then the model-level GPU tests with it.
+      for fam in "" mma; do
+        for ad in "" "--adapter-rank 16"; do
+          echo "== decode, GEMV ${fam:-default}, ${ad:-no adapter}"
+          QLORA_GEMV=$fam $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
+            --prompt-tokens 16 --gen-tokens 64 --batch 1,8 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
+        done
+      done
+      echo "== .gpu/bin/test-gpu with QLORA_GEMV=mma"
+      QLORA_GEMV=mma .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check-mma.log" | grep -E "^test |test result|panicked|over" ;;
     kernels)
       echo "== kernels (bf16)"; $Q bench --kernels --device cuda --precision bf16 2>&1 | tee -a "$OUT/bench.log" ;;
     ncu)

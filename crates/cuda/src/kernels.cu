@@ -378,9 +378,12 @@ extern "C" __global__ void dequant_int8(const signed char* __restrict__ cb, cons
 
 // GPTQ/AWQ: element (r, c) = scales[r, g] * (q - zeros[r, g]), g = g_idx[c]; exact in f32 (a
 // 16-bit scale times a small integer). codes [rows, cols]: 4-bit two a byte (element 2k in the
-// low nibble) or 8-bit; scales, zeros f32 [rows, groups]; out lp [rows, cols]
+// high nibble) or 8-bit, in stored column order; scales, zeros f32 [rows, groups]; perm (may
+// be null): stored column c is input column perm[c] (act-order sorted by group); out lp
+// [rows, cols] in input order
 extern "C" __global__ void dequant_grouped(const unsigned char* __restrict__ codes,
                                            const unsigned* __restrict__ g_idx,
+                                           const unsigned* __restrict__ perm,
                                            const float* __restrict__ scales,
                                            const float* __restrict__ zeros, int cols, int groups,
                                            int bits, long n, lp_t* __restrict__ out) {
@@ -388,9 +391,9 @@ extern "C" __global__ void dequant_grouped(const unsigned char* __restrict__ cod
     if (i >= n) return;
     long r = i / cols;
     int c = (int)(i - r * cols);
-    int q = bits == 8 ? codes[i] : (codes[i >> 1] >> ((i & 1) * 4)) & 15;
+    int q = bits == 8 ? codes[i] : (codes[i >> 1] >> ((~i & 1) * 4)) & 15;
     long k = r * groups + g_idx[c];
-    out[i] = f_to_lp(__fmul_rn(scales[k], (float)q - zeros[k]));
+    out[r * cols + (perm ? perm[c] : c)] = f_to_lp(__fmul_rn(scales[k], (float)q - zeros[k]));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -75,11 +75,12 @@ enum MatKind {
     },
     /// cb int8 [rows, cols], scb f32 [rows]
     Int8 { cb: DevBuf, scb: DevBuf },
-    /// GPTQ/AWQ: codes [rows, cols] of `bits` bits, g_idx u32 [cols], scales and zeros f32
-    /// [rows, groups] (`qlora_engine::Groups`)
+    /// GPTQ/AWQ: codes [rows, cols] of `bits` bits, g_idx u32 [cols], perm u32 [cols] (act
+    /// order), scales and zeros f32 [rows, groups] (`qlora_engine::Groups`)
     Grouped {
         codes: DevBuf,
         g_idx: DevBuf,
+        perm: Option<DevBuf>,
         scales: DevBuf,
         zeros: DevBuf,
         groups: usize,
@@ -360,7 +361,11 @@ fn same_class(a: &Weight, b: &Weight) -> bool {
         (WeightFormat::Int8, WeightFormat::Int8) => a.cols == b.cols,
         (WeightFormat::Grouped { bits: x }, WeightFormat::Grouped { bits: y }) => {
             let (ga, gb) = (a.groups().expect("grouped"), b.groups().expect("grouped"));
-            x == y && a.cols == b.cols && ga.groups == gb.groups && ga.g_idx == gb.g_idx
+            x == y
+                && a.cols == b.cols
+                && ga.groups == gb.groups
+                && ga.g_idx == gb.g_idx
+                && ga.perm == gb.perm
         }
         (WeightFormat::Ggml(_), WeightFormat::Ggml(_)) => a.cols == b.cols,
         _ => false,
@@ -392,6 +397,7 @@ fn upload_mat(gpu: &Gpu, ws: &[&Weight], col0: usize) -> Result<DevMat> {
             MatKind::Grouped {
                 codes: upload_stacked(gpu, ws, |w| w.bytes())?,
                 g_idx: gpu.upload(&gr(ws[0]).g_idx)?,
+                perm: gr(ws[0]).perm.as_ref().map(|p| gpu.upload(p)).transpose()?,
                 scales: upload_stacked(gpu, ws, |w| gr(w).scales.as_slice())?,
                 zeros: upload_stacked(gpu, ws, |w| gr(w).zeros.as_slice())?,
                 groups: gr(ws[0]).groups,
@@ -507,10 +513,17 @@ impl DevLinear {
                 MatKind::Grouped {
                     codes,
                     g_idx,
+                    perm,
                     scales,
                     zeros,
                     ..
-                } => codes.bytes() + g_idx.bytes() + scales.bytes() + zeros.bytes(),
+                } => {
+                    codes.bytes()
+                        + g_idx.bytes()
+                        + perm.as_ref().map_or(0, |p| p.bytes())
+                        + scales.bytes()
+                        + zeros.bytes()
+                }
             })
             .sum::<usize>()
             + self
@@ -1376,6 +1389,7 @@ impl CudaModel {
             MatKind::Grouped {
                 codes,
                 g_idx,
+                perm,
                 scales,
                 zeros,
                 groups,
@@ -1387,6 +1401,7 @@ impl CudaModel {
                     &[
                         P(codes.ptr()),
                         P(g_idx.ptr()),
+                        P(perm.as_ref().map_or(0, |p| p.ptr())),
                         P(scales.ptr()),
                         P(zeros.ptr()),
                         I(mat.cols as i32),

@@ -684,6 +684,7 @@ fn dequantization_is_bit_exact() {
                 &[
                     P(bc.ptr()),
                     P(bg.ptr()),
+                    P(0),
                     P(bs.ptr()),
                     P(bz.ptr()),
                     I(cols as i32),
@@ -699,6 +700,43 @@ fn dequantization_is_bit_exact() {
                 got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                 want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                 "dequant_grouped {bits}-bit ({:?})",
+                g.precision
+            );
+            // The weight as the model uploads it: columns sorted by group, with the
+            // permutation that puts them back.
+            let gr = w.groups().unwrap();
+            let perm = gr
+                .perm
+                .as_ref()
+                .expect("act-order columns are sorted by group");
+            let (bc, bg, bp, out) = (
+                g.upload(w.bytes()).unwrap(),
+                g.upload(&gr.g_idx).unwrap(),
+                g.upload(perm).unwrap(),
+                poison_lp(&g, n),
+            );
+            g.launch_n(
+                "dequant_grouped",
+                n,
+                &[
+                    P(bc.ptr()),
+                    P(bg.ptr()),
+                    P(bp.ptr()),
+                    P(bs.ptr()),
+                    P(bz.ptr()),
+                    I(cols as i32),
+                    I(groups as i32),
+                    I(bits as i32),
+                    L(n as i64),
+                    P(out.ptr()),
+                ],
+            )
+            .unwrap();
+            let got = down_lp(&g, &out, n);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "dequant_grouped {bits}-bit, sorted columns ({:?})",
                 g.precision
             );
         }

@@ -91,6 +91,22 @@ enum Prepared<'a> {
     Ggml(qlora_quant::GgmlType, Vec<Vec<f32>>),
     /// The fused bitsandbytes 4-bit kernel, with the activations in its order.
     Bnb4(&'a crate::weight::Scales, Vec<Bnb4Activation>),
+    /// GPTQ/AWQ with contiguous groups of `size` columns: each token's input in stored
+    /// column order (`Groups::perm`) and its group sums.
+    Grouped(
+        &'a crate::weight::Groups,
+        usize,
+        Vec<Vec<f32>>,
+        Vec<Vec<f32>>,
+    ),
+    /// GPTQ/AWQ int4 whose groups suit the bitsandbytes kernel (size % 32 == 0, dividing the
+    /// row): that kernel with the identity code book and the scales as absmax, then the zero
+    /// points' term. Holds the activations in its order and each token's group sums.
+    GroupedBnb(
+        &'a crate::weight::Groups,
+        Vec<Bnb4Activation>,
+        Vec<Vec<f32>>,
+    ),
     /// No fused kernel: widen each row, then dot.
     Widen,
 }
@@ -112,8 +128,93 @@ impl<'a> Prepared<'a> {
                     Prepared::Widen
                 }
             }
+            WeightFormat::Grouped { .. } => {
+                let g = w.groups().expect("grouped weight has groups");
+                // Each token's input in stored column order.
+                let xs: Vec<Vec<f32>> = x
+                    .chunks(w.cols)
+                    .map(|xt| match &g.perm {
+                        None => xt.to_vec(),
+                        Some(p) => p.iter().map(|&c| xt[c as usize]).collect(),
+                    })
+                    .collect();
+                let sums = |size: usize| -> Vec<Vec<f32>> {
+                    xs.iter()
+                        .map(|xt| xt.chunks(size).map(|c| c.iter().sum()).collect())
+                        .collect()
+                };
+                match g.contiguous {
+                    Some(size)
+                        if w.format == (WeightFormat::Grouped { bits: 4 })
+                            && size.is_multiple_of(32)
+                            && w.cols.is_multiple_of(size) =>
+                    {
+                        Prepared::GroupedBnb(
+                            g,
+                            xs.iter().map(|xt| Bnb4Activation::new(xt)).collect(),
+                            sums(size),
+                        )
+                    }
+                    Some(size) if size.is_multiple_of(2) && w.cols.is_multiple_of(2) => {
+                        let sums = sums(size);
+                        Prepared::Grouped(g, size, xs, sums)
+                    }
+                    _ => Prepared::Widen,
+                }
+            }
             _ => Prepared::Widen,
         }
+    }
+}
+
+/// The integer codes 0 … 15 as a code book (GPTQ/AWQ through the bitsandbytes kernel).
+const IDENTITY_CODE: [f32; 16] = [
+    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+];
+
+/// GPTQ/AWQ decode over rows `r0 .. r0 + out.len()` with contiguous groups of `size` (even)
+/// columns, `x` in stored column order: y_r = Σ_g s[r, g] · (Σ_{c ∈ g} q[r, c] · x_c − z[r, g] · X_g), X_g the token's
+/// group sums (`xsum`), so a row is one pass over its codes with no per-element scale.
+fn grouped_dot_rows(
+    w: &Weight,
+    g: &crate::weight::Groups,
+    size: usize,
+    r0: usize,
+    x: &[f32],
+    xsum: &[f32],
+    out: &mut [f32],
+) {
+    let cols = w.cols;
+    let eight = w.format == WeightFormat::Grouped { bits: 8 };
+    let codes = w.bytes();
+    let mut buf = vec![0f32; size];
+    for (k, o) in out.iter_mut().enumerate() {
+        let r = r0 + k;
+        let (s, z) = (
+            &g.scales[r * g.groups..(r + 1) * g.groups],
+            &g.zeros[r * g.groups..(r + 1) * g.groups],
+        );
+        let mut acc = 0f32;
+        for gi in 0..g.groups {
+            let c0 = gi * size;
+            let len = size.min(cols - c0);
+            let q = &mut buf[..len];
+            if eight {
+                let row = &codes[r * cols + c0..r * cols + c0 + len];
+                for (v, &b) in q.iter_mut().zip(row) {
+                    *v = b as f32;
+                }
+            } else {
+                let row = &codes[(r * cols + c0) / 2..(r * cols + c0 + len) / 2];
+                for (pair, &b) in q.chunks_exact_mut(2).zip(row) {
+                    pair[0] = (b >> 4) as f32;
+                    pair[1] = (b & 15) as f32;
+                }
+            }
+            let d = dot(q, &x[c0..c0 + len]);
+            acc += s[gi] * (d - z[gi] * xsum[gi]);
+        }
+        *o = acc;
     }
 }
 
@@ -178,6 +279,26 @@ pub fn linear_many(x: &[f32], t: usize, ws: &[&Weight], ys: &mut [&mut [f32]]) {
                 let absmax = &s.values[r0 * per_row..(r0 + n) * per_row];
                 for (tok, xr) in acts.iter().enumerate() {
                     bnb4_dot_rows(rows, absmax, &s.code, s.blocksize, xr, out(tok));
+                }
+            }
+            Prepared::GroupedBnb(g, acts, sums) => {
+                let rows = &w.bytes()[r0 * d_in / 2..(r0 + n) * d_in / 2];
+                let scales = &g.scales[r0 * g.groups..(r0 + n) * g.groups];
+                let size = d_in / g.groups;
+                for (tok, (xr, xs)) in acts.iter().zip(sums).enumerate() {
+                    let o = out(tok);
+                    bnb4_dot_rows(rows, scales, &IDENTITY_CODE, size, xr, o);
+                    for (k, v) in o.iter_mut().enumerate() {
+                        let i = (r0 + k) * g.groups;
+                        let (s, z) = (&g.scales[i..i + g.groups], &g.zeros[i..i + g.groups]);
+                        let zx: f32 = s.iter().zip(z).zip(xs).map(|((s, z), x)| s * z * x).sum();
+                        *v -= zx;
+                    }
+                }
+            }
+            Prepared::Grouped(g, size, xs, sums) => {
+                for (tok, (xt, xsum)) in xs.iter().zip(sums).enumerate() {
+                    grouped_dot_rows(w, g, *size, r0, xt, xsum, out(tok));
                 }
             }
             Prepared::Widen => {

@@ -16,7 +16,7 @@ pub enum WeightFormat {
     /// LLM.int8: int8 rows with one f32 scale (SCB) per row.
     Int8,
     /// GPTQ/AWQ: `[rows, cols]` integer codes of `bits` bits (4: two a byte, element `2k` in
-    /// the low nibble; 8: one a byte), with a scale and a zero point per (row, group) and the
+    /// the high nibble, as `Bnb4`, so its decode kernel serves both; 8: one a byte), with a scale and a zero point per (row, group) and the
     /// group of each column (`Groups`).
     Grouped { bits: u8 },
 }
@@ -55,27 +55,78 @@ pub struct Groups {
     pub scales: Vec<f32>,
     /// `[rows, groups]`, integers.
     pub zeros: Vec<f32>,
-    /// `Some(size)` when column `c` is in group `c / size` (no act-order permutation).
+    /// `Some(size)` when stored column `c` is in group `c / size`.
     pub contiguous: Option<usize>,
+    /// Act-order checkpoints: the columns are stored sorted by group, stored column `c` being
+    /// input column `perm[c]` (`g_idx` and the codes are in stored order), so that decode
+    /// runs over contiguous groups of a permuted input. `None`: stored order is input order.
+    pub perm: Option<Vec<u32>>,
 }
 
 impl Groups {
     /// `g_idx` one group per column, `scales` and `zeros` `[rows, groups]`.
     pub fn new(g_idx: Vec<u32>, groups: usize, scales: Vec<f32>, zeros: Vec<f32>) -> Groups {
-        let size = g_idx.len().div_ceil(groups.max(1)).max(1);
-        let contiguous = g_idx
-            .iter()
-            .enumerate()
-            .all(|(c, &g)| g as usize == c / size)
-            .then_some(size);
+        // The first group's length; contiguous if every column is in group c / size.
+        let size = g_idx.iter().take_while(|&&g| g == 0).count().max(1);
+        let contiguous = (g_idx.len().div_ceil(size) == groups
+            && g_idx
+                .iter()
+                .enumerate()
+                .all(|(c, &g)| g as usize == c / size))
+        .then_some(size);
         Groups {
             g_idx,
             groups,
             scales,
             zeros,
             contiguous,
+            perm: None,
         }
     }
+}
+
+/// An act-order weight with its columns sorted by group (stably), when that makes every
+/// group contiguous; else as it was (decode then widens rows through `g_idx`).
+fn sort_by_group(
+    bits: u8,
+    rows: usize,
+    cols: usize,
+    codes: SharedBytes,
+    g: Groups,
+) -> (SharedBytes, Groups) {
+    let mut perm: Vec<u32> = (0..cols as u32).collect();
+    perm.sort_by_key(|&c| g.g_idx[c as usize]);
+    let sorted: Vec<u32> = perm.iter().map(|&c| g.g_idx[c as usize]).collect();
+    let probe = Groups::new(sorted, g.groups, Vec::new(), Vec::new());
+    if probe.contiguous.is_none() {
+        return (codes, g);
+    }
+    let src = (*codes).as_ref();
+    let code = |e: usize| -> u8 {
+        if bits == 8 {
+            src[e]
+        } else {
+            (src[e / 2] >> (4 * (1 - e % 2))) & 0xF
+        }
+    };
+    let mut out = vec![0u8; src.len()];
+    for r in 0..rows {
+        for (c, &from) in perm.iter().enumerate() {
+            let (e, v) = (r * cols + c, code(r * cols + from as usize));
+            if bits == 8 {
+                out[e] = v;
+            } else {
+                out[e / 2] |= v << (4 * (1 - e % 2));
+            }
+        }
+    }
+    let g = Groups {
+        g_idx: probe.g_idx,
+        contiguous: probe.contiguous,
+        perm: Some(perm),
+        ..g
+    };
+    (Arc::new(out), g)
 }
 
 /// Bytes owned by someone else (a memory map, a buffer).
@@ -247,6 +298,10 @@ impl Weight {
                 g.zeros.len()
             ));
         }
+        let (codes, g) = match g.contiguous {
+            Some(_) => (codes, g),
+            None => sort_by_group(bits, rows, cols, codes, g),
+        };
         Ok(Weight {
             format: WeightFormat::Grouped { bits },
             rows,
@@ -258,7 +313,8 @@ impl Weight {
         })
     }
 
-    /// The GPTQ/AWQ side data, if this is such a weight.
+    /// The GPTQ/AWQ side data, if this is such a weight (`Groups::perm`: codes in stored
+    /// order).
     pub fn groups(&self) -> Option<&Groups> {
         self.groups.as_deref()
     }
@@ -346,15 +402,16 @@ impl Weight {
                         &g.zeros[r * g.groups..(r + 1) * g.groups],
                     );
                     let base = r * self.cols;
-                    for (c, (v, &gi)) in o.iter_mut().zip(&g.g_idx).enumerate() {
+                    for (c, &gi) in g.g_idx.iter().enumerate() {
                         let e = base + c;
                         let q = if bits == 8 {
                             codes[e]
                         } else {
-                            (codes[e / 2] >> (4 * (e % 2))) & 0xF
+                            (codes[e / 2] >> (4 * (1 - e % 2))) & 0xF
                         };
                         let gi = gi as usize;
-                        *v = s[gi] * (q as f32 - z[gi]);
+                        let dst = g.perm.as_ref().map_or(c, |p| p[c] as usize);
+                        o[dst] = s[gi] * (q as f32 - z[gi]);
                     }
                 }
             }

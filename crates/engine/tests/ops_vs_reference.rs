@@ -181,3 +181,69 @@ fn linear_on_bitsandbytes_4bit_and_int8_weights() {
         close(&y, &reference::linear(&x, t, &w), TOL);
     }
 }
+
+#[test]
+fn linear_on_gptq_awq_grouped_weights_fused_and_widened() {
+    use qlora_engine::Groups;
+    // Contiguous groups (the fused decode dot), a short last group, act-order (widened), both
+    // code widths; decode (t ≤ 4) and prefill (t > 4) against the reference on the widened
+    // matrix.
+    for (bits, out, inp, size, act_order) in [
+        (4u8, 13usize, 96usize, 32usize, false),
+        (4, 9, 56, 16, false),
+        (8, 7, 48, 48, false),
+        (4, 11, 64, 16, true),
+        (8, 5, 40, 8, true),
+    ] {
+        let groups = inp.div_ceil(size);
+        let n = out * inp;
+        let codes: Vec<u8> = data(if bits == 8 { n } else { n / 2 }, 21)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.9) as u8)
+            .collect();
+        let g_idx: Vec<u32> = (0..inp)
+            .map(|c| {
+                if act_order {
+                    ((c * 5 + 1) % groups) as u32
+                } else {
+                    (c / size) as u32
+                }
+            })
+            .collect();
+        let scales: Vec<f32> = data(out * groups, 22).iter().map(|v| v * 0.02).collect();
+        let zmax = if bits == 8 { 255.0 } else { 15.0 };
+        let zeros: Vec<f32> = data(out * groups, 23)
+            .iter()
+            .map(|v| ((v + 1.0) * 0.5 * zmax).round())
+            .collect();
+        let gr = Groups::new(g_idx.clone(), groups, scales.clone(), zeros.clone());
+        assert_eq!(gr.contiguous.is_some(), !act_order);
+        let w = Weight::grouped(bits, out, inp, Arc::new(codes.clone()), gr).unwrap();
+        // The widened matrix is the formula, exactly.
+        let full = w.to_f32();
+        for r in 0..out {
+            for c in 0..inp {
+                let e = r * inp + c;
+                let q = if bits == 8 {
+                    codes[e]
+                } else {
+                    (codes[e / 2] >> (4 * (1 - e % 2))) & 15
+                };
+                let gi = g_idx[c] as usize;
+                let want = scales[r * groups + gi] * (q as f32 - zeros[r * groups + gi]);
+                assert_eq!(full[e].to_bits(), want.to_bits());
+            }
+        }
+        for t in [1, 4, 7] {
+            let x = data(t * inp, 24);
+            let mut y = vec![0f32; t * out];
+            ops::linear(&x, t, &w, &mut y);
+            close(&y, &reference::linear(&x, t, &w), TOL);
+        }
+    }
+    // Sizes that do not fit are refused.
+    let g = Groups::new(vec![0; 8], 1, vec![1.0; 2], vec![0.0; 2]);
+    assert!(Weight::grouped(4, 2, 8, Arc::new(vec![0u8; 7]), g).is_err());
+    let g = Groups::new(vec![0, 1, 0, 2, 0, 0, 0, 0], 2, vec![1.0; 4], vec![0.0; 4]);
+    assert!(Weight::grouped(4, 2, 8, Arc::new(vec![0u8; 8]), g).is_err());
+}

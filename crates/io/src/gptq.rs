@@ -165,8 +165,8 @@ impl GroupedConfig {
 /// One linear's grouped-integer weight, unpacked to qlora's layout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupedParts {
-    /// `[out, in]` codes, row-major: two a byte (element `2k` in the low nibble) for 4 bits,
-    /// one a byte for 8.
+    /// `[out, in]` codes, row-major: two a byte (element `2k` in the high nibble, as
+    /// bitsandbytes packs) for 4 bits, one a byte for 8.
     pub codes: Vec<u8>,
     /// The group of each input column, `< groups`.
     pub g_idx: Vec<u32>,
@@ -234,7 +234,7 @@ fn put_code(codes: &mut [u8], bits: u32, cols: usize, o: usize, i: usize, v: u32
         codes[o * cols + i] = v as u8;
     } else {
         let e = o * cols + i;
-        codes[e / 2] |= (v as u8) << (4 * (e % 2));
+        codes[e / 2] |= (v as u8) << (4 * (1 - e % 2));
     }
 }
 
@@ -471,7 +471,7 @@ mod tests {
             .unpack(8, 8, &bytes(&awq), &zeros, &[1.0; 8], None)
             .unwrap();
         assert_eq!(a.codes, b.codes);
-        assert_eq!(a.codes[0], (q(0, 0) | q(0, 1) << 4) as u8);
+        assert_eq!(a.codes[0], (q(0, 0) << 4 | q(0, 1)) as u8);
         assert_eq!(a.zeros, vec![8.0; 8]);
     }
 

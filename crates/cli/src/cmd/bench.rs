@@ -557,7 +557,8 @@ fn gpu_bench(
 }
 
 /// NF4 (blocksize 64, double-quantized absmax) kernels at Mistral-7B's linear shapes:
-/// dequantizing whole 64-row tiles (the prefill path) and the fused GEMV (decode).
+/// dequantizing whole 64-row tiles (the prefill path) and the fused GEMV (decode); then the
+/// GPTQ/AWQ int4 GEMV, fused and widened.
 fn kernels(repeats: usize) -> Result<()> {
     use qlora_engine::{ops::linear, Weight};
     use qlora_model::quantize::quantize_tensor;
@@ -636,6 +637,61 @@ fn kernels(repeats: usize) -> Result<()> {
             100.0 * stored / g / 1e9 / bw,
             g * 1e6
         );
+    }
+    // GPTQ/AWQ int4, group size 128: the fused decode dot on contiguous groups, and on an
+    // act-order checkpoint (columns sorted by group at load, the input permuted per call).
+    for (name, rows, cols) in [
+        ("q_proj/o_proj", 4096usize, 4096usize),
+        ("down_proj", 4096, 14336),
+    ] {
+        let groups = cols / 128;
+        let codes: Vec<u8> = (0..rows * cols / 2)
+            .map(|i| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+            .collect();
+        let codes = Arc::new(codes);
+        for act_order in [false, true] {
+            let g_idx: Vec<u32> = (0..cols)
+                .map(|c| {
+                    if act_order {
+                        // A permutation of the columns (7919 is prime to both widths).
+                        ((c * 7919) % cols / 128) as u32
+                    } else {
+                        (c / 128) as u32
+                    }
+                })
+                .collect();
+            let scales = vec![0.01f32; rows * groups];
+            let zeros = vec![8f32; rows * groups];
+            let w = Weight::grouped(
+                4,
+                rows,
+                cols,
+                codes.clone(),
+                qlora_engine::Groups::new(g_idx, groups, scales, zeros),
+            )
+            .map_err(anyhow::Error::msg)?;
+            let stored = w.stored_bytes() as f64;
+            let x: Vec<f32> = (0..cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+            let mut y = vec![0f32; rows];
+            let mut gemv = Vec::new();
+            for _ in 0..repeats {
+                let calls = (64 << 20) / w.stored_bytes().max(1) + 1;
+                let t = Instant::now();
+                for _ in 0..calls {
+                    linear(&x, 1, &w, &mut y);
+                    std::hint::black_box(&y);
+                }
+                gemv.push(t.elapsed().as_secs_f64() / calls as f64);
+            }
+            let g = median(gemv);
+            println!(
+                "{name:<15} [{rows}, {cols}]  gptq int4 g128 {}  gemv {:.2} GB/s ({:.0} % of bw, {:.1} µs)",
+                if act_order { "act-order" } else { "         " },
+                stored / g / 1e9,
+                100.0 * stored / g / 1e9 / bw,
+                g * 1e6
+            );
+        }
     }
     Ok(())
 }
