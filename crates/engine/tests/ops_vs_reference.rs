@@ -222,14 +222,14 @@ fn linear_on_gptq_awq_grouped_weights_fused_and_widened() {
         // The widened matrix is the formula, exactly.
         let full = w.to_f32();
         for r in 0..out {
-            for c in 0..inp {
+            for (c, &gi) in g_idx.iter().enumerate() {
                 let e = r * inp + c;
                 let q = if bits == 8 {
                     codes[e]
                 } else {
                     (codes[e / 2] >> (4 * (1 - e % 2))) & 15
                 };
-                let gi = g_idx[c] as usize;
+                let gi = gi as usize;
                 let want = scales[r * groups + gi] * (q as f32 - zeros[r * groups + gi]);
                 assert_eq!(full[e].to_bits(), want.to_bits());
             }
