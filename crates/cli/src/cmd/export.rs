@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
   qlora export --model SmolLM2-135M-Instruct.Q4_1.gguf --adapter ./adapter --lora-only --out adapter.gguf
   llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --lora adapter.gguf")]
 pub struct Args {
-    /// Hugging Face model directory (dense, or a bitsandbytes 4-bit/8-bit checkpoint: its
-    /// dequantized weights are exported) or .gguf file.
+    /// Hugging Face model directory (dense, or a bitsandbytes 4-bit/8-bit, GPTQ or AWQ
+    /// checkpoint: its dequantized weights are exported) or .gguf file.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]

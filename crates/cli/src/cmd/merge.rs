@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
     after_help = "Example:\n  qlora merge --model ./Mistral-7B-v0.1 --adapter ./checkpoint-500 --out ./mistral-merged --dtype bf16\n  qlora merge --model ./model-nf4 --adapter ./adapter --out ./merged-nf4 --requantize nf4 --double-quant"
 )]
 pub struct Args {
-    /// Hugging Face model directory (dense, or a bitsandbytes 4-bit/8-bit checkpoint).
+    /// Hugging Face model directory (dense, or a bitsandbytes 4-bit/8-bit, GPTQ or AWQ
+    /// checkpoint).
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
