@@ -1,7 +1,7 @@
 """GPTQ and AWQ checkpoints of the tiny seeded models, written by GPTQModel on CPU, with the
 library's own dequantized weights and reference logits (with and without a PEFT adapter).
 
-Run:  GPTQMODEL_CPU_WORKERS=2 ~/peers/venv-torch/bin/python tools/reference/make_gptq_awq_models.py
+Run:  GPTQMODEL_CPU_WORKERS=2 ~/peers/venv-torch/bin/python tools/reference/make_gptq_awq_models.py [CASE...]
 Writes tests/fixtures/gptq/<case>/: the checkpoint as GPTQModel's `save` wrote it (config.json
 with its quantization_config, model.safetensors, tokenizer), case.json (the tiny model, the
 QuantizeConfig, versions) and expected.safetensors:
@@ -49,6 +49,12 @@ CASES = [
      False, False),
     ("gptq-llama3-bias-g16-v2", "llama3-rope-bias",
      dict(bits=4, group_size=16, desc_act=False, sym=False, format="gptq_v2"), False, False),
+    # A quantized lm_head, and GPTQModel's per-module `dynamic` overrides: one down_proj left
+    # dense ("-:"), the gate projections at 8 bits with another group size.
+    ("gptq-llama64-lmhead-dynamic", "llama-64",
+     dict(bits=4, group_size=32, desc_act=False, sym=False, lm_head=True,
+          dynamic={r"-:model\.layers\.1\.mlp\.down_proj": {}, r".*gate_proj": {"bits": 8, "group_size": 64}}),
+     True, False),
     ("awq-llama64-g32", "llama-64", dict(bits=4, group_size=32, quant_method="awq", format="gemm"), True, False),
     # AWQ's clip search needs output dims that are multiples of 64: the llama-64 shapes only.
     ("awq-llama64-g64-zeropoint", "llama-64",
@@ -82,7 +88,6 @@ def dequantized(qdir, qcfg, n_layers):
         if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
             mod.scales = mod.scales.float()
             out[name] = mod.dequantize_weight().T.contiguous().float()
-    assert len(out) == 7 * n_layers, sorted(out)
     return out
 
 
@@ -100,6 +105,8 @@ def dense_from(qdir, deq):
         state[k] = v.float()
     for p, w in deq.items():
         state[p + ".weight"] = w
+    if "lm_head.weight" in state and cfg.tie_word_embeddings:
+        del state["lm_head.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     if cfg.tie_word_embeddings:
@@ -111,7 +118,10 @@ def main():
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "peft": peft.__version__, "gptqmodel": gptqmodel.__version__}
     models_by_name = {m[0]: m for m in MODELS}
+    only = sys.argv[1:]  # case names to (re)write; all when none are given
     for case, tiny, qkw, with_adapter, train_case in CASES:
+        if only and case not in only:
+            continue
         _, kind, cfg, _, _ = models_by_name[tiny]
         d = os.path.join(ROOT, "gptq", case)
         shutil.rmtree(d, ignore_errors=True)

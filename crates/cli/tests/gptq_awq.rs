@@ -15,6 +15,7 @@ const CASES: &[&str] = &[
     "gptq-gqa-g16-sym",
     "gptq-gqa-8bit-nogroup-descact",
     "gptq-llama3-bias-g16-v2",
+    "gptq-llama64-lmhead-dynamic",
     "awq-llama64-g32",
     "awq-llama64-g64-zeropoint",
 ];
@@ -71,9 +72,10 @@ fn dequantized_weights_equal_the_librarys_bit_for_bit() {
         let mut src = ModelSource::open(&dir).unwrap();
         let model = qlora_model::Model::load(&mut src).unwrap_or_else(|e| panic!("{case}: {e}"));
         let expected = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
-        let mut checked = 0;
+        // Every linear by its module name; the library dequantized the packed ones.
+        let mut projs = vec![("lm_head".to_string(), &model.lm_head)];
         for (i, layer) in model.layers.iter().enumerate() {
-            let projs = [
+            let ps = [
                 &layer.q_proj,
                 &layer.k_proj,
                 &layer.v_proj,
@@ -82,33 +84,53 @@ fn dequantized_weights_equal_the_librarys_bit_for_bit() {
                 &layer.up_proj,
                 &layer.down_proj,
             ];
-            for (lin, p) in LINEARS.iter().zip(projs) {
-                let name = format!("deq.model.layers.{i}.{lin}");
-                let want = expected
-                    .tensors
-                    .iter()
-                    .find(|t| t.name == name)
-                    .unwrap_or_else(|| panic!("{case}: {name}"))
-                    .to_f32()
-                    .unwrap();
-                assert!(
-                    matches!(p.base.format, qlora_engine::WeightFormat::Grouped { .. }),
-                    "{case} {name}: loaded as {:?}",
-                    p.base.format
-                );
-                let got = p.base.to_f32();
-                assert_eq!(got.len(), want.len(), "{case} {name}");
-                let differ = got
-                    .iter()
-                    .zip(&want)
-                    .filter(|(a, b)| a.to_bits() != b.to_bits())
-                    .count();
-                assert_eq!(differ, 0, "{case} {name}: {differ} elements differ");
-                checked += 1;
+            for (lin, p) in LINEARS.iter().zip(ps) {
+                projs.push((format!("model.layers.{i}.{lin}"), p));
             }
         }
-        assert_eq!(checked, 7 * model.layers.len());
+        let mut checked = 0;
+        for (name, p) in projs {
+            let grouped = matches!(p.base.format, qlora_engine::WeightFormat::Grouped { .. });
+            let Some(t) = expected
+                .tensors
+                .iter()
+                .find(|t| t.name == format!("deq.{name}"))
+            else {
+                assert!(!grouped, "{case} {name}: packed here, dense in the library");
+                continue;
+            };
+            assert!(grouped, "{case} {name}: loaded as {:?}", p.base.format);
+            let want = t.to_f32().unwrap();
+            let got = p.base.to_f32();
+            assert_eq!(got.len(), want.len(), "{case} {name}");
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{case} {name}: {differ} elements differ");
+            checked += 1;
+        }
+        let deq = expected
+            .tensors
+            .iter()
+            .filter(|t| t.name.starts_with("deq."))
+            .count();
+        assert_eq!(checked, deq, "{case}");
     }
+}
+
+#[test]
+fn dynamic_overrides_and_a_quantized_head_load_as_gptqmodel_wrote_them() {
+    let mut src = ModelSource::open(&case_dir("gptq-llama64-lmhead-dynamic")).unwrap();
+    let model = qlora_model::Model::load(&mut src).unwrap();
+    use qlora_engine::WeightFormat::{Ggml, Grouped};
+    assert_eq!(model.lm_head.base.format, Grouped { bits: 8 });
+    assert_eq!(model.layers[0].gate_proj.base.format, Grouped { bits: 8 });
+    assert_eq!(model.layers[0].up_proj.base.format, Grouped { bits: 4 });
+    assert!(matches!(model.layers[1].down_proj.base.format, Ggml(_)));
+    let gate = model.layers[0].gate_proj.base.groups().unwrap();
+    assert_eq!(gate.groups, 1, "group size 64 over 64 inputs");
 }
 
 #[test]
@@ -148,7 +170,7 @@ fn peft_adapters_on_gptq_and_awq_bases_match_peft() {
         );
         n += 1;
     }
-    assert_eq!(n, 2);
+    assert_eq!(n, 3);
 }
 
 #[test]
@@ -377,6 +399,23 @@ fn broken_gptq_and_awq_files_fail_with_the_tensor_named() {
     );
     std::fs::remove_file(d.join("quantize_config.json")).ok();
     fails_with(&d, &["qweight", "no GPTQ or AWQ quantization_config"]);
+    // A dynamic entry that leaves a packed module dense.
+    let d = broken(
+        "gptq-llama64-lmhead-dynamic",
+        "dynamic-dense",
+        |_| {},
+        |c| {
+            let dy = c["quantization_config"]["dynamic"].as_object_mut().unwrap();
+            dy.insert(
+                r"-:model\.layers\.0\.self_attn\.k_proj".into(),
+                serde_json::json!({}),
+            );
+        },
+    );
+    fails_with(
+        &d,
+        &["model.layers.0.self_attn.k_proj.qweight", "leaves", "dense"],
+    );
     // A missing scales tensor.
     let d = broken(
         "awq-llama64-g64-zeropoint",

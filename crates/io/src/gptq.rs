@@ -14,6 +14,7 @@
 //!
 //! Both dequantize as `w[o, i] = scale[g, o] · (q[o, i] − zero[g, o])`, `g` the group of `i`.
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -33,6 +34,68 @@ impl GroupedMethod {
     }
 }
 
+/// One entry of GPTQModel's `dynamic`: modules whose name matches `pattern` (a literal name,
+/// or a regex anchored at the start as Python's `re.match`) are left dense (`-:` prefix) or
+/// quantized with the given fields overridden. The first matching entry, in file order, wins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DynamicRule {
+    pub pattern: String,
+    pub dense: bool,
+    pub bits: Option<u32>,
+    pub group_size: Option<Option<usize>>,
+    pub sym: Option<bool>,
+    pub desc_act: Option<bool>,
+}
+
+/// A JSON object's entries in file order (serde_json's `Map` sorts its keys).
+struct Ordered(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Ordered, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = m.next_entry::<String, Value>()? {
+                    v.push(e);
+                }
+                Ok(Ordered(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The `dynamic` object of a config file's `quantization_config` (or of quantize_config.json
+/// itself), in file order.
+fn dynamic_in_order(text: &str, nested: bool) -> Result<Option<Vec<(String, Value)>>, String> {
+    #[derive(Deserialize)]
+    struct Q {
+        #[serde(default)]
+        dynamic: Option<Ordered>,
+    }
+    #[derive(Deserialize)]
+    struct C {
+        #[serde(default)]
+        quantization_config: Option<Q>,
+    }
+    let q = if nested {
+        serde_json::from_str::<C>(text)
+            .map_err(|e| e.to_string())?
+            .quantization_config
+    } else {
+        Some(serde_json::from_str::<Q>(text).map_err(|e| e.to_string())?)
+    };
+    Ok(q.and_then(|q| q.dynamic).map(|o| o.0))
+}
+
 /// A GPTQ or AWQ `quantization_config`, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupedConfig {
@@ -46,6 +109,8 @@ pub struct GroupedConfig {
     pub sym: bool,
     /// GPTQ v1 (`checkpoint_format: gptq`): zeros are stored minus one.
     pub zeros_minus_one: bool,
+    /// GPTQModel's per-module overrides, in file order.
+    pub dynamic: Vec<DynamicRule>,
 }
 
 impl GroupedConfig {
@@ -53,24 +118,83 @@ impl GroupedConfig {
     /// one, else `dir/quantize_config.json` (AutoGPTQ's older layout). `Ok(None)` for other
     /// checkpoints.
     pub fn from_model(dir: &Path, q: Option<&Value>) -> Result<Option<GroupedConfig>, String> {
+        let read =
+            |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
         if let Some(q) = q {
-            return Self::from_value(q);
+            let Some(mut c) = Self::from_value(q)? else {
+                return Ok(None);
+            };
+            if q.get("dynamic").is_some_and(|d| !d.is_null()) {
+                let cfg = dir.join("config.json");
+                let order = dynamic_in_order(&read(&cfg)?, true)
+                    .map_err(|e| format!("{}: {e}", cfg.display()))?;
+                c.dynamic = parse_dynamic(&order.unwrap_or_default())?;
+            }
+            return Ok(Some(c));
         }
         let side = dir.join("quantize_config.json");
         if !side.is_file() {
             return Ok(None);
         }
-        let text =
-            std::fs::read_to_string(&side).map_err(|e| format!("{}: {e}", side.display()))?;
-        let v: Value = serde_json::from_str(&text)
+        let text = read(&side)?;
+        let mut v: Value = serde_json::from_str(&text)
             .map_err(|e| format!("{}: not JSON ({e})", side.display()))?;
-        let mut v = v;
         // AutoGPTQ's file has no quant_method key: it is GPTQ by being there.
         if let Some(o) = v.as_object_mut() {
             o.entry("quant_method")
                 .or_insert_with(|| Value::String("gptq".into()));
         }
-        Self::from_value(&v).map_err(|e| format!("{}: {e}", side.display()))
+        let Some(mut c) = Self::from_value(&v).map_err(|e| format!("{}: {e}", side.display()))?
+        else {
+            return Ok(None);
+        };
+        let order =
+            dynamic_in_order(&text, false).map_err(|e| format!("{}: {e}", side.display()))?;
+        c.dynamic = parse_dynamic(&order.unwrap_or_default())
+            .map_err(|e| format!("{}: {e}", side.display()))?;
+        Ok(Some(c))
+    }
+
+    /// The config that applies to module `name` (e.g. `model.layers.3.mlp.down_proj`,
+    /// `lm_head`): `None` when a `dynamic` entry leaves it dense.
+    pub fn for_module(&self, name: &str) -> Result<Option<GroupedConfig>, String> {
+        for r in &self.dynamic {
+            if !rule_matches(&r.pattern, name)? {
+                continue;
+            }
+            if r.dense {
+                return Ok(None);
+            }
+            let mut c = self.clone();
+            c.dynamic.clear();
+            if let Some(b) = r.bits {
+                c.bits = b;
+            }
+            if let Some(g) = r.group_size {
+                c.group_size = g;
+            }
+            if let Some(s) = r.sym {
+                c.sym = s;
+            }
+            if let Some(d) = r.desc_act {
+                c.desc_act = d;
+            }
+            let ok: &[u32] = match c.method {
+                GroupedMethod::Gptq => &[4, 8],
+                GroupedMethod::Awq => &[4],
+            };
+            if !ok.contains(&c.bits) {
+                return Err(format!(
+                    "quantization_config.dynamic gives {name} {} bits (entry \"{}\"); qlora reads {} with {} bits",
+                    c.bits,
+                    r.pattern,
+                    c.method.name(),
+                    ok.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" or ")
+                ));
+            }
+            return Ok(Some(c));
+        }
+        Ok(Some(self.clone()))
     }
 
     /// `Ok(None)` when `quant_method` is neither `gptq` nor `awq`.
@@ -145,6 +269,7 @@ impl GroupedConfig {
             }
         };
         Ok(Some(GroupedConfig {
+            dynamic: Vec::new(),
             method,
             bits: bits as u32,
             group_size,
@@ -160,6 +285,75 @@ impl GroupedConfig {
     pub fn quant_type(&self) -> String {
         format!("{}-int{}", self.method.name(), self.bits)
     }
+}
+
+/// Whether a `dynamic` pattern (its `+:`/`-:` prefix removed) selects module `name`: equality
+/// for a literal, Python's `re.match` (anchored at the start) for a regex.
+fn rule_matches(pattern: &str, name: &str) -> Result<bool, String> {
+    if !pattern.contains([
+        '.', '^', '$', '*', '+', '?', '(', ')', '[', ']', '{', '}', '|', '\\',
+    ]) {
+        return Ok(pattern == name);
+    }
+    let re = regex::Regex::new(&format!("^(?:{pattern})")).map_err(|e| {
+        format!(
+            "quantization_config.dynamic entry \"{pattern}\" is not a regex qlora can read: {e}"
+        )
+    })?;
+    Ok(re.is_match(name))
+}
+
+/// GPTQModel's `dynamic` entries, in order.
+fn parse_dynamic(entries: &[(String, Value)]) -> Result<Vec<DynamicRule>, String> {
+    let mut rules = Vec::new();
+    for (key, v) in entries {
+        let (dense, pattern) = match key.strip_prefix("-:") {
+            Some(p) => (true, p),
+            None => (false, key.strip_prefix("+:").unwrap_or(key)),
+        };
+        let o = v.as_object().ok_or_else(|| {
+            format!("quantization_config.dynamic[\"{key}\"] is {v}, expected an object")
+        })?;
+        let int = |k: &str| -> Result<Option<i64>, String> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x.as_i64().map(Some).ok_or_else(|| {
+                    format!(
+                        "quantization_config.dynamic[\"{key}\"].{k} is {x}, expected an integer"
+                    )
+                }),
+            }
+        };
+        let group_size = match int("group_size")? {
+            None => None,
+            Some(-1) => Some(None),
+            Some(g) if g > 0 => Some(Some(g as usize)),
+            Some(g) => {
+                return Err(format!(
+                    "quantization_config.dynamic[\"{key}\"].group_size is {g}; expected a positive size or -1"
+                ))
+            }
+        };
+        let bits = match int("bits")? {
+            None => None,
+            Some(b) if (1..=32).contains(&b) => Some(b as u32),
+            Some(b) => {
+                return Err(format!(
+                    "quantization_config.dynamic[\"{key}\"].bits is {b}"
+                ))
+            }
+        };
+        rule_matches(pattern, "")?;
+        rules.push(DynamicRule {
+            pattern: pattern.to_string(),
+            dense,
+            bits,
+            group_size,
+            sym: o.get("sym").and_then(Value::as_bool),
+            desc_act: o.get("desc_act").and_then(Value::as_bool),
+        });
+    }
+    Ok(rules)
 }
 
 /// One linear's grouped-integer weight, unpacked to qlora's layout.
@@ -395,6 +589,51 @@ mod tests {
             .unwrap();
         assert!(!awq.sym && !awq.zeros_minus_one);
         assert_eq!(cfg(json!({"quant_method": "bitsandbytes"})).unwrap(), None);
+        let d = parse_dynamic(&[
+            (r"-:model\.layers\.1\.mlp\.down_proj".into(), json!({})),
+            (".*gate_proj".into(), json!({"bits": 8, "group_size": 64})),
+            (
+                "lm_head".into(),
+                json!({"bits": 8, "group_size": -1, "sym": true}),
+            ),
+            (".*".into(), json!({"bits": 4})),
+        ])
+        .unwrap();
+        let base = GroupedConfig {
+            dynamic: d,
+            ..c.clone()
+        };
+        assert_eq!(
+            base.for_module("model.layers.1.mlp.down_proj").unwrap(),
+            None
+        );
+        let g = base
+            .for_module("model.layers.0.mlp.gate_proj")
+            .unwrap()
+            .unwrap();
+        assert_eq!((g.bits, g.group_size), (8, Some(64)));
+        let h = base.for_module("lm_head").unwrap().unwrap();
+        assert_eq!((h.bits, h.group_size, h.sym), (8, None, true));
+        // Anchored at the start, as re.match: "mlp" alone does not match a full name.
+        let m = parse_dynamic(&[("mlp".into(), json!({"bits": 8}))]).unwrap();
+        let m = GroupedConfig {
+            dynamic: m,
+            ..c.clone()
+        };
+        assert_eq!(
+            m.for_module("model.layers.0.mlp.up_proj")
+                .unwrap()
+                .unwrap()
+                .bits,
+            4
+        );
+        let bad = parse_dynamic(&[("(unclosed".into(), json!({}))]).unwrap_err();
+        assert!(bad.contains("(unclosed"), "{bad}");
+        let three = GroupedConfig {
+            dynamic: parse_dynamic(&[(".*".into(), json!({"bits": 3}))]).unwrap(),
+            ..c.clone()
+        };
+        assert!(three.for_module("x").unwrap_err().contains("3 bits"));
         for (bad, says) in [
             (
                 json!({"quant_method": "gptq", "bits": 3, "group_size": 128}),
@@ -458,6 +697,7 @@ mod tests {
             desc_act: false,
             sym: true,
             zeros_minus_one: false,
+            dynamic: Vec::new(),
         };
         let a = g
             .unpack(8, 8, &bytes(&gptq), &zeros, &[1.0; 8], None)
@@ -484,6 +724,7 @@ mod tests {
             desc_act: true,
             sym: true,
             zeros_minus_one: true,
+            dynamic: Vec::new(),
         };
         let e = g
             .unpack(

@@ -255,10 +255,16 @@ impl Loader<'_> {
     /// unpacked to qlora's row-major codes.
     fn grouped(&mut self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
         let qw = format!("{name}.qweight");
-        let Some(cfg) = self.grouped.clone() else {
+        let Some(base) = self.grouped.clone() else {
             return Err(self.err(
                 &qw,
                 "a GPTQ/AWQ packed weight, but config.json has no GPTQ or AWQ quantization_config (nor is there a quantize_config.json); the checkpoint is incomplete".into(),
+            ));
+        };
+        let Some(cfg) = base.for_module(name).map_err(|r| self.err(&qw, r))? else {
+            return Err(self.err(
+                &qw,
+                format!("quantization_config.dynamic leaves {name} dense, but the checkpoint has it packed; the config and the weights disagree"),
             ));
         };
         let sh = cfg.shapes(rows, cols).map_err(|r| self.err(&qw, r))?;
