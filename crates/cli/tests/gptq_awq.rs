@@ -48,7 +48,10 @@ fn tokens(case: &str) -> String {
 }
 
 fn logits(model: &Path, case: &str, extra: &[&str]) -> Vec<f32> {
-    let out = temp_dir(&format!("gptq-logits-{case}")).join("l.safetensors");
+    // Tests run in parallel over the same cases: one directory per call.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = temp_dir(&format!("gptq-logits-{case}-{n}")).join("l.safetensors");
     let t = tokens(case);
     let mut args = vec![
         "logits",

@@ -178,6 +178,28 @@ pub fn attention_backward(
     hd: usize,
     window: Option<usize>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    if crate::matmul::available() && t >= TILED_MIN_T {
+        return attention_backward_tiled(q, k, v, dout, t, heads, kv_heads, hd, window);
+    }
+    attention_backward_rows(q, k, v, dout, t, heads, kv_heads, hd, window)
+}
+
+/// `attention_backward` one query at a time (CPUs without AVX-512, short sequences; the tiled
+/// path's oracle in the tests).
+/// # Shapes
+/// q [t, h, hd], k/v [t, kv, hd], dout [t, h, hd]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     // Per kv head, in parallel: every query head of the group and every position.
@@ -244,6 +266,186 @@ pub fn attention_backward(
         }
         for (idx, d) in dqs {
             dq[idx * hd..(idx + 1) * hd].copy_from_slice(&d);
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// Sequences at least this long take the tiled attention backward (when AVX-512 runs).
+const TILED_MIN_T: usize = 32;
+/// Queries per block of the tiled attention backward.
+const QB: usize = 64;
+
+/// Rows of head `h` of x [t, nh, hd], contiguous: [t, hd].
+fn head_rows(x: &[f32], t: usize, nh: usize, h: usize, hd: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(t * hd);
+    for p in 0..t {
+        out.extend_from_slice(&x[(p * nh + h) * hd..(p * nh + h + 1) * hd]);
+    }
+    out
+}
+
+/// `attention_backward` as matrix products over blocks of QB queries (`matmul`'s AVX-512 tile
+/// kernels): per query head and block, S = Q·Kᵀ and dP = dO·Vᵀ over the keys the block sees,
+/// the softmax and dS = P ∘ (dP − Σ P·dP) row by row (masked past each query's position and
+/// window), then dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. Query heads run in parallel, each with
+/// its own dK/dV, summed per kv head in head order: the same bits on every run.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_tiled(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use crate::matmul::{nn_acc, nt};
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let ks: Vec<Vec<f32>> = (0..kv_heads)
+        .map(|g| head_rows(k, t, kv_heads, g, hd))
+        .collect();
+    let vs: Vec<Vec<f32>> = (0..kv_heads)
+        .map(|g| head_rows(v, t, kv_heads, g, hd))
+        .collect();
+    // (dq, dk, dv) of each query head, each [t, hd].
+    type HeadGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let per_head: Vec<HeadGrads> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let (kh, vh) = (&ks[h / group], &vs[h / group]);
+            let qh = head_rows(q, t, heads, h, hd);
+            let doh = head_rows(dout, t, heads, h, hd);
+            let (mut dq, mut dk, mut dv) =
+                (vec![0f32; t * hd], vec![0f32; t * hd], vec![0f32; t * hd]);
+            let mut sp = vec![0f32; QB * t];
+            let mut ds = vec![0f32; QB * t];
+            let mut tr = vec![0f32; t * QB];
+            for i0 in (0..t).step_by(QB) {
+                let i1 = (i0 + QB).min(t);
+                let rows = i1 - i0;
+                // The keys any query of the block sees.
+                let lo = window.map_or(0, |w| (i0 + 1).saturating_sub(w));
+                let nk = i1 - lo;
+                let (sp, ds) = (&mut sp[..rows * nk], &mut ds[..rows * nk]);
+                // SAFETY: available() was checked by the caller; the outputs are this task's
+                // own [rows, nk] buffers and every operand holds the indexed elements.
+                unsafe {
+                    nt(
+                        &qh[i0 * hd..i1 * hd],
+                        rows,
+                        &kh[lo * hd..i1 * hd],
+                        nk,
+                        hd,
+                        sp.as_mut_ptr(),
+                        nk,
+                    );
+                    nt(
+                        &doh[i0 * hd..i1 * hd],
+                        rows,
+                        &vh[lo * hd..i1 * hd],
+                        nk,
+                        hd,
+                        ds.as_mut_ptr(),
+                        nk,
+                    );
+                }
+                for r in 0..rows {
+                    let p = i0 + r;
+                    let a = window.map_or(0, |w| (p + 1).saturating_sub(w)) - lo;
+                    let b = p + 1 - lo;
+                    let (srow, drow) =
+                        (&mut sp[r * nk..(r + 1) * nk], &mut ds[r * nk..(r + 1) * nk]);
+                    let mut max = f32::NEG_INFINITY;
+                    for x in &mut srow[a..b] {
+                        *x *= scale;
+                        max = max.max(*x);
+                    }
+                    let mut sum = 0f32;
+                    for x in &mut srow[a..b] {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let mut s_dot = 0f32;
+                    for (x, d) in srow[a..b].iter_mut().zip(&drow[a..b]) {
+                        *x /= sum;
+                        s_dot += *x * d;
+                    }
+                    for (d, x) in drow[a..b].iter_mut().zip(&srow[a..b]) {
+                        *d = x * (*d - s_dot) * scale;
+                    }
+                    srow[..a].fill(0.0);
+                    srow[b..].fill(0.0);
+                    drow[..a].fill(0.0);
+                    drow[b..].fill(0.0);
+                }
+                let transpose = |m: &[f32], out: &mut [f32]| {
+                    for r in 0..rows {
+                        for c in 0..nk {
+                            out[c * rows + r] = m[r * nk + c];
+                        }
+                    }
+                };
+                // SAFETY: as above; C is this task's dq/dk/dv, A and B hold the indexed elements.
+                unsafe {
+                    nn_acc(
+                        ds.as_ptr(),
+                        nk,
+                        kh[lo * hd..].as_ptr(),
+                        hd,
+                        rows,
+                        nk,
+                        hd,
+                        dq[i0 * hd..].as_mut_ptr(),
+                        hd,
+                    );
+                    let tr = &mut tr[..nk * rows];
+                    transpose(ds, tr);
+                    nn_acc(
+                        tr.as_ptr(),
+                        rows,
+                        qh[i0 * hd..].as_ptr(),
+                        hd,
+                        nk,
+                        rows,
+                        hd,
+                        dk[lo * hd..].as_mut_ptr(),
+                        hd,
+                    );
+                    transpose(sp, tr);
+                    nn_acc(
+                        tr.as_ptr(),
+                        rows,
+                        doh[i0 * hd..].as_ptr(),
+                        hd,
+                        nk,
+                        rows,
+                        hd,
+                        dv[lo * hd..].as_mut_ptr(),
+                        hd,
+                    );
+                }
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0f32; q.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
+    for (h, (dqh, dkh, dvh)) in per_head.iter().enumerate() {
+        let g = h / group;
+        for p in 0..t {
+            let (qa, ka) = ((p * heads + h) * hd, (p * kv_heads + g) * hd);
+            dq[qa..qa + hd].copy_from_slice(&dqh[p * hd..(p + 1) * hd]);
+            for (x, y) in dk[ka..ka + hd].iter_mut().zip(&dkh[p * hd..(p + 1) * hd]) {
+                *x += y;
+            }
+            for (x, y) in dv[ka..ka + hd].iter_mut().zip(&dvh[p * hd..(p + 1) * hd]) {
+                *x += y;
+            }
         }
     }
     (dq, dk, dv)

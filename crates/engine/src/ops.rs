@@ -376,6 +376,35 @@ pub fn attention(
     window: Option<usize>,
     out: &mut [f32],
 ) {
+    if crate::matmul::available() && t >= ATTN_TILED_MIN_T {
+        attention_tiled(q, k, v, t, pos0, heads, kv_heads, hd, window, out);
+        return;
+    }
+    attention_rows(q, k, v, t, pos0, heads, kv_heads, hd, window, out);
+}
+
+/// At least this many queries take the tiled attention (when AVX-512 runs).
+const ATTN_TILED_MIN_T: usize = 32;
+/// Queries per block of the tiled attention.
+const ATTN_QB: usize = 64;
+
+/// `attention` one query at a time (decode, short prompts, CPUs without AVX-512; the tiled
+/// path's oracle in the tests).
+/// # Shapes
+/// q [t, h, hd], k/v [pos0 + t, kv, hd] → out [t, h, hd]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    pos0: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     out.par_chunks_mut(hd).enumerate().for_each_init(
@@ -410,6 +439,111 @@ pub fn attention(
             );
         },
     );
+}
+
+/// `attention` as matrix products over blocks of ATTN_QB queries (`matmul`'s AVX-512 tile
+/// kernels): per query head and block, S = Q·Kᵀ over the keys the block sees, each row's
+/// softmax masked past its position and window, then O = P·V. Heads run in parallel; each
+/// output element is one head's, so the bits do not depend on scheduling.
+#[allow(clippy::too_many_arguments)]
+fn attention_tiled(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    pos0: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    use crate::matmul::{nn_acc, nt};
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n = pos0 + t;
+    let rows_of = |x: &[f32], len: usize, nh: usize, h: usize| -> Vec<f32> {
+        let mut o = Vec::with_capacity(len * hd);
+        for p in 0..len {
+            o.extend_from_slice(&x[(p * nh + h) * hd..(p * nh + h + 1) * hd]);
+        }
+        o
+    };
+    let ks: Vec<Vec<f32>> = (0..kv_heads).map(|g| rows_of(k, n, kv_heads, g)).collect();
+    // Each head's output [t, hd], then scattered into out [t, h, hd].
+    let per_head: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let g = h / group;
+            let qh = rows_of(q, t, heads, h);
+            let kh = &ks[g];
+            let mut o = vec![0f32; t * hd];
+            let mut sp = vec![0f32; ATTN_QB * n];
+            for i0 in (0..t).step_by(ATTN_QB) {
+                let i1 = (i0 + ATTN_QB).min(t);
+                let rows = i1 - i0;
+                let (p0, p1) = (pos0 + i0, pos0 + i1);
+                let lo = window.map_or(0, |w| (p0 + 1).saturating_sub(w));
+                let nk = p1 - lo;
+                let sp = &mut sp[..rows * nk];
+                // SAFETY: available() was checked by the caller; sp is this task's [rows, nk]
+                // buffer and the operands hold the indexed elements.
+                unsafe {
+                    nt(
+                        &qh[i0 * hd..i1 * hd],
+                        rows,
+                        &kh[lo * hd..p1 * hd],
+                        nk,
+                        hd,
+                        sp.as_mut_ptr(),
+                        nk,
+                    );
+                }
+                for r in 0..rows {
+                    let p = p0 + r;
+                    let a = window.map_or(0, |w| (p + 1).saturating_sub(w)) - lo;
+                    let b = p + 1 - lo;
+                    let row = &mut sp[r * nk..(r + 1) * nk];
+                    let mut max = f32::NEG_INFINITY;
+                    for x in &mut row[a..b] {
+                        *x *= scale;
+                        max = max.max(*x);
+                    }
+                    let mut sum = 0f32;
+                    for x in &mut row[a..b] {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    for x in &mut row[a..b] {
+                        *x /= sum;
+                    }
+                    row[..a].fill(0.0);
+                    row[b..].fill(0.0);
+                }
+                // SAFETY: as above; C is this task's o, V rows at stride kv_heads · hd.
+                unsafe {
+                    nn_acc(
+                        sp.as_ptr(),
+                        nk,
+                        v[(lo * kv_heads + g) * hd..].as_ptr(),
+                        kv_heads * hd,
+                        rows,
+                        nk,
+                        hd,
+                        o[i0 * hd..].as_mut_ptr(),
+                        hd,
+                    );
+                }
+            }
+            o
+        })
+        .collect();
+    for (h, o) in per_head.iter().enumerate() {
+        for i in 0..t {
+            out[(i * heads + h) * hd..(i * heads + h + 1) * hd]
+                .copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        }
+    }
 }
 
 /// SwiGLU: silu(gate) · up, in place into `gate`.

@@ -147,3 +147,41 @@ fn cross_entropy_with_ignored_positions() {
     let f = |l: &[f32]| bw::cross_entropy(l, v, &labels).0;
     check("cross_entropy", &d, &numeric(&logits, f));
 }
+
+#[test]
+fn tiled_attention_backward_equals_the_per_query_one() {
+    if !qlora_quant::use_avx512() {
+        eprintln!("skipping: no AVX-512 (the tiled path does not run here)");
+        return;
+    }
+    // Several query blocks (64 a block), a partial last block, GQA and MQA, windows shorter
+    // and longer than a block, odd head dims.
+    for (t, h, kv, hd, window) in [
+        (150usize, 4usize, 2usize, 16usize, None),
+        (64, 3, 1, 24, Some(10)),
+        (97, 6, 2, 8, Some(70)),
+        (33, 2, 2, 64, None),
+    ] {
+        let q = data(t * h * hd, 40);
+        let k = data(t * kv * hd, 41);
+        let v = data(t * kv * hd, 42);
+        let r = data(t * h * hd, 43);
+        let tiled = bw::attention_backward(&q, &k, &v, &r, t, h, kv, hd, window);
+        let rows = bw::attention_backward_rows(&q, &k, &v, &r, t, h, kv, hd, window);
+        for (what, a, b) in [
+            ("dq", &tiled.0, &rows.0),
+            ("dk", &tiled.1, &rows.1),
+            ("dv", &tiled.2, &rows.2),
+        ] {
+            let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                err <= 2e-6 * scale,
+                "t {t} h {h} kv {kv} hd {hd} {window:?} {what}: {err:e} (scale {scale:e})"
+            );
+        }
+        // The same bits on a second run (fixed reduction order).
+        let again = bw::attention_backward(&q, &k, &v, &r, t, h, kv, hd, window);
+        assert!(again == tiled);
+    }
+}

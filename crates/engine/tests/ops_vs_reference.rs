@@ -113,7 +113,18 @@ fn rope_matches_reference() {
 #[test]
 fn attention_matches_reference_with_gqa_and_window() {
     let (h, kv, hd) = (6, 2, 8);
-    for &(t, pos0, window) in &[(7, 0, None), (7, 0, Some(3)), (1, 9, Some(4)), (3, 5, None)] {
+    // Short ones run per query; 32 and more queries as tiles (several blocks, a partial last
+    // block, a cache before them, windows shorter and longer than a block).
+    for &(t, pos0, window) in &[
+        (7, 0, None),
+        (7, 0, Some(3)),
+        (1, 9, Some(4)),
+        (3, 5, None),
+        (150, 0, None),
+        (70, 40, Some(20)),
+        (33, 100, Some(90)),
+        (64, 0, Some(64)),
+    ] {
         let n = pos0 + t;
         let q = data(t * h * hd, 8);
         let k = data(n * kv * hd, 9);
@@ -125,6 +136,9 @@ fn attention_matches_reference_with_gqa_and_window() {
             &reference::attention(&q, &k, &v, t, pos0, h, kv, hd, window),
             1e-5,
         );
+        let mut rows = vec![0f32; t * h * hd];
+        ops::attention_rows(&q, &k, &v, t, pos0, h, kv, hd, window, &mut rows);
+        close(&out, &rows, 2e-6);
     }
 }
 
