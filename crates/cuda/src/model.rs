@@ -283,7 +283,7 @@ pub struct CudaModel {
 
 fn lp_bytes(gpu: &Gpu, values: &[f32]) -> Vec<u8> {
     match gpu.precision {
-        Precision::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Precision::F32 => bytemuck::cast_slice(values).to_vec(),
         Precision::Bf16 => values
             .iter()
             .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())

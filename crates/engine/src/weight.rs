@@ -327,7 +327,7 @@ impl Weight {
     /// An f32 weight from values (tests, converted tensors).
     pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Self {
         debug_assert_eq!(values.len(), rows * cols);
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = bytemuck::cast_slice(values).to_vec();
         Weight {
             format: WeightFormat::Ggml(GgmlType::F32),
             rows,

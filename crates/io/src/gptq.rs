@@ -371,10 +371,8 @@ pub struct GroupedParts {
     pub groups: usize,
 }
 
-fn words(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
-    bytes
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+fn words(bytes: &[u8]) -> impl Iterator<Item = u32> {
+    bytemuck::pod_collect_to_vec::<u8, u32>(bytes).into_iter()
 }
 
 /// AWQ's nibble slot of output `8c + j` within word `c`.

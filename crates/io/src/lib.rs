@@ -2,6 +2,11 @@
 //! Tensors leave this crate as `RawTensor`s addressed by their Hugging Face name; foreign names
 //! (GGUF's `blk.3.ffn_down`) are translated here, once.
 
+#[cfg(target_endian = "big")]
+compile_error!(
+    "qlora casts little-endian file bytes to native numbers; big-endian targets are not supported"
+);
+
 mod atomic_file;
 mod bnb;
 mod bytes;
@@ -79,10 +84,7 @@ impl RawTensor {
     pub fn to_f32(&self) -> std::result::Result<Vec<f32>, String> {
         let b = self.data.as_slice();
         Ok(match self.dtype {
-            ElementType::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
+            ElementType::F32 => bytemuck::pod_collect_to_vec(b),
             ElementType::F16 => b
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())

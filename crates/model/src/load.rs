@@ -123,11 +123,7 @@ impl Loader<'_> {
     }
 
     fn f32s(t: &RawTensor) -> Vec<f32> {
-        t.data
-            .as_slice()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        bytemuck::pod_collect_to_vec(t.data.as_slice())
     }
 
     /// A bitsandbytes 4-bit weight `wname` (`P.weight`) and its quant-state tensors.
@@ -313,13 +309,7 @@ impl Loader<'_> {
             }
             Some(_) => {
                 let t = int32(self, "g_idx", &[cols])?;
-                Some(
-                    t.data
-                        .as_slice()
-                        .chunks_exact(4)
-                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect::<Vec<i32>>(),
-                )
+                Some(bytemuck::pod_collect_to_vec::<u8, i32>(t.data.as_slice()))
             }
         };
         let parts = cfg

@@ -122,10 +122,6 @@ fn example_at(n: usize, seed: u64, cursor: usize) -> usize {
     perm[cursor % n]
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// Writes a directory under a temporary name and renames it into place, replacing an older
 /// one of the same name.
 fn write_dir_atomic(
@@ -153,20 +149,20 @@ pub fn write_adapter(
             name: format!("base_model.model.{}.lora_A.weight", p.module),
             dtype: ElementType::F32,
             shape: vec![p.rank, p.d_in],
-            data: f32_bytes(&p.a).into(),
+            data: std::borrow::Cow::Borrowed(bytemuck::cast_slice(&p.a)),
         });
         tensors.push(WriteTensor {
             name: format!("base_model.model.{}.lora_B.weight", p.module),
             dtype: ElementType::F32,
             shape: vec![p.d_out, p.rank],
-            data: f32_bytes(&p.b).into(),
+            data: std::borrow::Cow::Borrowed(bytemuck::cast_slice(&p.b)),
         });
         if let Some(m) = &p.magnitude {
             tensors.push(WriteTensor {
                 name: format!("base_model.model.{}.lora_magnitude_vector", p.module),
                 dtype: ElementType::F32,
                 shape: vec![p.d_out],
-                data: f32_bytes(m).into(),
+                data: std::borrow::Cow::Borrowed(bytemuck::cast_slice(m)),
             });
         }
     }
@@ -224,13 +220,13 @@ fn write_checkpoint(
                     name: format!("exp_avg.{}.lora_{kind}", p.module),
                     dtype: ElementType::F32,
                     shape: shape.clone(),
-                    data: f32_bytes(m).into(),
+                    data: std::borrow::Cow::Borrowed(bytemuck::cast_slice(m)),
                 });
                 t.push(WriteTensor {
                     name: format!("exp_avg_sq.{}.lora_{kind}", p.module),
                     dtype: ElementType::F32,
                     shape,
-                    data: f32_bytes(v).into(),
+                    data: std::borrow::Cow::Borrowed(bytemuck::cast_slice(v)),
                 });
             }
         }

@@ -49,12 +49,11 @@ pub fn run(a: Args) -> Result<()> {
         }
         Ok(all)
     })?;
-    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
     let t = WriteTensor {
         name: "logits".into(),
         dtype: ElementType::F32,
         shape: vec![a.tokens.len(), model.vocab_size()],
-        data: bytes.into(),
+        data: std::borrow::Cow::Borrowed(bytemuck::cast_slice(&logits)),
     };
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(&a.out, &[t], &meta)

@@ -74,7 +74,7 @@ impl DType {
     /// f32 values as this dtype's little-endian bytes (round to nearest even).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
-            DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F32 => bytemuck::cast_slice(values).to_vec(),
             DType::Bf16 => values
                 .iter()
                 .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
@@ -85,10 +85,6 @@ impl DType {
                 .collect(),
         }
     }
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn state(spec: QuantizeSpec, shape: &[usize], dtype: &str, offset: f32) -> QuantStateJson {
@@ -159,7 +155,7 @@ pub fn bnb4_tensors(
             ".absmax",
             ElementType::F32,
             vec![q.absmax.len()],
-            f32_bytes(&q.absmax),
+            bytemuck::cast_slice(&q.absmax).to_vec(),
         )),
         Some(d) => {
             out.push(t(
@@ -172,13 +168,13 @@ pub fn bnb4_tensors(
                 ".nested_absmax",
                 ElementType::F32,
                 vec![d.nested_absmax.len()],
-                f32_bytes(&d.nested_absmax),
+                bytemuck::cast_slice(&d.nested_absmax).to_vec(),
             ));
             out.push(t(
                 ".nested_quant_map",
                 ElementType::F32,
                 vec![256],
-                f32_bytes(&bnb::dynamic_map()),
+                bytemuck::cast_slice(&bnb::dynamic_map()).to_vec(),
             ));
         }
     }
@@ -186,7 +182,7 @@ pub fn bnb4_tensors(
         ".quant_map",
         ElementType::F32,
         vec![16],
-        f32_bytes(&spec.quant.code()),
+        bytemuck::cast_slice(&spec.quant.code()).to_vec(),
     ));
     let json = state_json(q, spec, shape, dtype, json_width);
     out.push(t(
