@@ -79,64 +79,39 @@ struct Zip<'a> {
     entries: Vec<(String, usize, usize)>, // name, data offset, size
 }
 
-fn u16_at(b: &[u8], at: usize) -> Result<usize, String> {
-    b.get(at..at + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
-        .ok_or_else(|| "truncated zip archive".to_string())
-}
-fn u32_at(b: &[u8], at: usize) -> Result<usize, String> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize)
-        .ok_or_else(|| "truncated zip archive".to_string())
-}
-
 impl<'a> Zip<'a> {
+    /// The archive's entries as slices of `data` (torch.save stores them uncompressed), read
+    /// with the `zip` crate (zip64 included).
     fn parse(data: &'a [u8]) -> Result<Zip<'a>, String> {
         if data.len() < 22 || &data[..4] != b"PK\x03\x04" {
             return Err("not a zip archive (PyTorch ≥ 1.6 saves zip files); the file is truncated, corrupt or from a legacy torch".into());
         }
-        let eocd = (0..=data.len() - 22)
-            .rev()
-            .take(65536 + 22)
-            .find(|&i| data[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])
-            .ok_or("zip end-of-directory record not found; the file is truncated")?;
-        let count = u16_at(data, eocd + 10)?;
-        let mut at = u32_at(data, eocd + 16)?;
-        let mut entries = Vec::with_capacity(count);
-        for _ in 0..count {
-            if u32_at(data, at)? != 0x0201_4b50 {
-                return Err("corrupt zip central directory".into());
+        let corrupt = |e: zip::result::ZipError| {
+            format!("corrupt zip archive ({e}); the file is truncated or damaged")
+        };
+        let mut z = zip::ZipArchive::new(std::io::Cursor::new(data)).map_err(corrupt)?;
+        let mut entries = Vec::with_capacity(z.len());
+        for i in 0..z.len() {
+            let f = z.by_index_raw(i).map_err(corrupt)?;
+            let name = f.name().map_err(corrupt)?.into_owned();
+            if f.compression() != zip::CompressionMethod::Stored {
+                return Err(format!(
+                    "zip entry {name} is compressed ({}); torch.save writes stored entries",
+                    f.compression()
+                ));
             }
-            let method = u16_at(data, at + 10)?;
-            let size = u32_at(data, at + 20)?;
-            let name_len = u16_at(data, at + 28)?;
-            let extra_len = u16_at(data, at + 30)?;
-            let comment_len = u16_at(data, at + 32)?;
-            let local = u32_at(data, at + 42)?;
-            let name = String::from_utf8_lossy(
-                data.get(at + 46..at + 46 + name_len)
-                    .ok_or("truncated zip archive")?,
-            )
-            .into_owned();
-            if method != 0 {
-                return Err(format!("zip entry {name} is compressed (method {method}); torch.save writes stored entries"));
-            }
-            if size == 0xFFFF_FFFF || local == 0xFFFF_FFFF {
-                return Err(
-                    "zip64 archives (over 4 GB) are not read; save the adapter as safetensors"
-                        .into(),
-                );
-            }
-            let lname = u16_at(data, local + 26)?;
-            let lextra = u16_at(data, local + 28)?;
-            let start = local + 30 + lname + lextra;
-            if start + size > data.len() {
+            let size =
+                usize::try_from(f.size()).map_err(|_| format!("zip entry {name} is too large"))?;
+            let start = f
+                .data_start()
+                .and_then(|s| usize::try_from(s).ok())
+                .ok_or(format!("zip entry {name} has no readable data offset"))?;
+            if start.checked_add(size).is_none_or(|e| e > data.len()) {
                 return Err(format!(
                     "zip entry {name} runs past the end of the file; the file is truncated"
                 ));
             }
             entries.push((name, start, size));
-            at += 46 + name_len + extra_len + comment_len;
         }
         Ok(Zip { data, entries })
     }
