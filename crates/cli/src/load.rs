@@ -1,8 +1,8 @@
 //! Opening `--model PATH` (an HF directory or a .gguf file) into a model and its tokenizer.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use qlora_io::{ModelConfig, ModelSource, TokenizerInfo};
-use qlora_lora::{open_adapters, Adapter, ModelShapes, Plan};
+use qlora_lora::{Adapter, Plan};
 use qlora_model::{LoadOptions, Model, QuantizeSpec};
 use qlora_quant::Quant4;
 use std::path::Path;
@@ -82,53 +82,26 @@ pub fn load(path: &Path, quantize: QuantizeArgs) -> Result<Loaded> {
     load_with_adapters(path, quantize, &AdapterArgs::default())
 }
 
-/// Opens and checks every adapter against the base's config (`base` names it in messages);
-/// the problems of an adapter in one message. Warnings go to stderr.
+/// Prints a library's warnings as the commands do.
+pub fn warn_all(warnings: Vec<String>) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+/// `qlora_model::plan::plan_adapters` for `--adapter`, its warnings on stderr.
 pub fn plan_adapters(
     config: &ModelConfig,
     base: &Path,
     args: &AdapterArgs,
 ) -> Result<Vec<(Adapter, Plan)>> {
-    let shapes = ModelShapes::from_config(config);
-    let mut out = Vec::new();
-    for dir in &args.adapters {
-        for a in open_adapters(dir)? {
-            match a.plan(&shapes) {
-                Ok(plan) => {
-                    for w in &plan.warnings {
-                        eprintln!("warning: adapter {}: {w}", a.dir.display());
-                    }
-                    out.push((a, plan));
-                }
-                Err(problems) => bail!(
-                    "adapter {} does not fit {}:\n{}",
-                    a.dir.display(),
-                    base.display(),
-                    qlora_lora::format_problems(&problems, 12)
-                ),
-            }
-        }
-    }
-    Ok(out)
+    let mut w = Vec::new();
+    let planned = qlora_model::plan::plan_adapters(config, base, &args.adapters, &mut w);
+    warn_all(w);
+    Ok(planned?)
 }
 
-/// Puts the adapters' replacement tensors (`base_layer.weight`, `modules_to_save` copies) in
-/// place of the base's before it loads, so they get the base's checks.
-pub fn apply_replacements(src: &mut ModelSource, planned: &[(Adapter, Plan)]) -> Result<()> {
-    for (a, plan) in planned {
-        for r in &plan.replacements {
-            if src.config.tie_word_embeddings && r.name == "lm_head.weight" {
-                bail!(
-                    "adapter {} replaces lm_head, but {} ties lm_head to embed_tokens; untied heads on tied bases are not supported",
-                    a.dir.display(),
-                    src.path.display()
-                );
-            }
-            src.tensors.insert(r.clone(), &a.weights_path);
-        }
-    }
-    Ok(())
-}
+pub use qlora_model::plan::apply_replacements;
 
 pub fn load_with_adapters(
     path: &Path,
@@ -148,24 +121,12 @@ pub fn load_with_adapters(
     Ok(Loaded { model, tokenizer })
 }
 
-/// Puts planned adapters on a loaded model, checking each one's provenance record against the
-/// base (warnings, or errors with `strict`).
+/// `qlora_model::plan::apply_planned`, its warnings on stderr.
 pub fn apply_planned(model: &mut Model, planned: &[(Adapter, Plan)], strict: bool) -> Result<()> {
-    for (a, plan) in planned {
-        model
-            .apply_adapter(plan)
-            .with_context(|| format!("applying adapter {}", a.dir.display()))?;
-        if let Some(p) = &a.provenance {
-            let diffs = p.differences(&model.fingerprint, model.quantization.as_ref());
-            for d in &diffs {
-                if strict {
-                    bail!("adapter {}: {d} (--strict)", a.dir.display());
-                }
-                eprintln!("warning: adapter {}: {d}", a.dir.display());
-            }
-        }
-    }
-    Ok(())
+    let mut w = Vec::new();
+    let r = qlora_model::plan::apply_planned(model, planned, strict, &mut w);
+    warn_all(w);
+    Ok(r?)
 }
 
 impl Loaded {

@@ -75,6 +75,41 @@ fn default_max_pos() -> usize {
 /// Architectures whose graph is the one Llama/Mistral definition.
 const SUPPORTED: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM"];
 
+/// The linears of a Llama/Mistral decoder layer, as HF names them under `model.layers.N.`, in
+/// graph order (q, k, v, o, gate, up, down): the one place the module schema is written out.
+pub const LAYER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// One decoder linear with a config's shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearSpec {
+    /// As in `LAYER_LINEARS`, e.g. `mlp.gate_proj`.
+    pub name: &'static str,
+    pub d_out: usize,
+    pub d_in: usize,
+    /// Whether the config gives it a bias (`attention_bias`, `mlp_bias`).
+    pub bias: bool,
+}
+
+impl LinearSpec {
+    /// The module's own name, e.g. `gate_proj` (what PEFT's `target_modules` lists).
+    pub fn short(&self) -> &'static str {
+        short_name(self.name)
+    }
+}
+
+/// `mlp.gate_proj` → `gate_proj`.
+pub fn short_name(linear: &'static str) -> &'static str {
+    linear.rsplit('.').next().unwrap_or(linear)
+}
+
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
@@ -241,6 +276,32 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The seven linears of every decoder layer with this config's shapes, in `LAYER_LINEARS`
+    /// order.
+    pub fn layer_linears(&self) -> [LinearSpec; 7] {
+        let (d, f) = (self.hidden_size, self.intermediate_size);
+        let (qd, kvd) = (
+            self.num_attention_heads * self.head_dim(),
+            self.num_kv_heads() * self.head_dim(),
+        );
+        let (ab, mb) = (self.attention_bias, self.mlp_bias);
+        let dims = [
+            (qd, d, ab),
+            (kvd, d, ab),
+            (kvd, d, ab),
+            (d, qd, ab),
+            (f, d, mb),
+            (f, d, mb),
+            (d, f, mb),
+        ];
+        std::array::from_fn(|i| LinearSpec {
+            name: LAYER_LINEARS[i],
+            d_out: dims[i].0,
+            d_in: dims[i].1,
+            bias: dims[i].2,
+        })
     }
 
     /// The scaling section, wherever this config's transformers version put it.

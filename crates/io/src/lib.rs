@@ -22,7 +22,7 @@ mod tokenizer;
 
 pub use bnb::{python_float_repr, quant_state_key, BnbConfig, NestedJson, QuantStateJson};
 pub use bytes::Bytes;
-pub use config::{ModelConfig, RopeScaling};
+pub use config::{short_name, LinearSpec, ModelConfig, RopeScaling, LAYER_LINEARS};
 pub use error::{Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufValue};
 pub use gguf_write::{gguf_name, permute_rows, GgufTensorSpec, GgufWriter};

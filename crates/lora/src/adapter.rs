@@ -149,21 +149,13 @@ pub struct ModelShapes {
 
 impl ModelShapes {
     pub fn from_config(c: &ModelConfig) -> ModelShapes {
-        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let (h, kv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let (d, v) = (c.hidden_size, c.vocab_size);
         let mut linears = BTreeMap::new();
         let mut tensors = BTreeMap::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            for (name, out, inp, bias) in [
-                ("self_attn.q_proj", h * hd, d, c.attention_bias),
-                ("self_attn.k_proj", kv * hd, d, c.attention_bias),
-                ("self_attn.v_proj", kv * hd, d, c.attention_bias),
-                ("self_attn.o_proj", d, h * hd, c.attention_bias),
-                ("mlp.gate_proj", f, d, c.mlp_bias),
-                ("mlp.up_proj", f, d, c.mlp_bias),
-                ("mlp.down_proj", d, f, c.mlp_bias),
-            ] {
+            for l in c.layer_linears() {
+                let (name, out, inp, bias) = (l.name, l.d_out, l.d_in, l.bias);
                 let m = format!("{p}.{name}");
                 tensors.insert(format!("{m}.weight"), vec![out, inp]);
                 if bias {

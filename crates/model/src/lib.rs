@@ -9,6 +9,7 @@ mod forward;
 mod generate;
 mod load;
 mod model;
+pub mod plan;
 pub mod quantize;
 mod rope;
 mod sampling;

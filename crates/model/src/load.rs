@@ -469,25 +469,36 @@ impl Model {
                 double_quant: false,
             }),
         };
-        let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let mut ld = Loader { src, opts, grouped };
         let embed_tokens = ld.weight("model.embed_tokens.weight", v, d)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let ab = cfg.attention_bias;
+            let input_layernorm = ld.vector(&format!("{p}.input_layernorm.weight"), d)?;
+            // In graph order, the second norm between attention and MLP (errors name the first
+            // tensor that is wrong in that order).
+            let mut lin = Vec::with_capacity(7);
+            let mut post_attention_layernorm = Vec::new();
+            for (k, l) in cfg.layer_linears().iter().enumerate() {
+                if k == 4 {
+                    post_attention_layernorm =
+                        ld.vector(&format!("{p}.post_attention_layernorm.weight"), d)?;
+                }
+                lin.push(ld.projection(&format!("{p}.{}", l.name), l.d_out, l.d_in, l.bias)?);
+            }
+            let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]: [Projection; 7] =
+                lin.try_into().expect("seven linears");
             layers.push(Layer {
-                input_layernorm: ld.vector(&format!("{p}.input_layernorm.weight"), d)?,
-                q_proj: ld.projection(&format!("{p}.self_attn.q_proj"), h * hd, d, ab)?,
-                k_proj: ld.projection(&format!("{p}.self_attn.k_proj"), kv * hd, d, ab)?,
-                v_proj: ld.projection(&format!("{p}.self_attn.v_proj"), kv * hd, d, ab)?,
-                o_proj: ld.projection(&format!("{p}.self_attn.o_proj"), d, h * hd, ab)?,
-                post_attention_layernorm: ld
-                    .vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
-                gate_proj: ld.projection(&format!("{p}.mlp.gate_proj"), f, d, cfg.mlp_bias)?,
-                up_proj: ld.projection(&format!("{p}.mlp.up_proj"), f, d, cfg.mlp_bias)?,
-                down_proj: ld.projection(&format!("{p}.mlp.down_proj"), d, f, cfg.mlp_bias)?,
+                input_layernorm,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                post_attention_layernorm,
+                gate_proj,
+                up_proj,
+                down_proj,
             });
         }
         let norm = ld.vector("model.norm.weight", d)?;

@@ -69,15 +69,6 @@ pub fn quantize_tensor(values: &[f32], spec: QuantizeSpec) -> Quantized4 {
 
 /// Whether an HF tensor name is a decoder linear's weight that 4-bit loading quantizes.
 pub fn is_quantized_linear(name: &str) -> bool {
-    const LINEARS: [&str; 7] = [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ];
     let Some(rest) = name.strip_prefix("model.layers.") else {
         return false;
     };
@@ -87,7 +78,7 @@ pub fn is_quantized_linear(name: &str) -> bool {
     layer.parse::<usize>().is_ok()
         && rest
             .strip_suffix(".weight")
-            .is_some_and(|l| LINEARS.contains(&l))
+            .is_some_and(|l| qlora_io::LAYER_LINEARS.contains(&l))
 }
 
 #[cfg(test)]

@@ -145,8 +145,7 @@ pub fn synthetic_model(
     lora_rank: Option<usize>,
     seed: u64,
 ) -> Result<Model> {
-    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let sd = seed.wrapping_add(1000 * (i as u64 + 1));
@@ -159,16 +158,17 @@ pub fn synthetic_model(
                 .unwrap_or_default(),
         };
         let norm = |k: u64| uniform(sd + k, d, 0.1).iter().map(|u| 1.0 + u).collect();
+        let [q, k, v, o, g, u, dn] = cfg.layer_linears().map(|l| (l.name, l.d_out, l.d_in));
         layers.push(Layer {
             input_layernorm: norm(20),
-            q_proj: proj(1, "self_attn.q_proj", h * hd, d),
-            k_proj: proj(2, "self_attn.k_proj", kv * hd, d),
-            v_proj: proj(3, "self_attn.v_proj", kv * hd, d),
-            o_proj: proj(4, "self_attn.o_proj", d, h * hd),
+            q_proj: proj(1, q.0, q.1, q.2),
+            k_proj: proj(2, k.0, k.1, k.2),
+            v_proj: proj(3, v.0, v.1, v.2),
+            o_proj: proj(4, o.0, o.1, o.2),
             post_attention_layernorm: norm(21),
-            gate_proj: proj(5, "mlp.gate_proj", f, d),
-            up_proj: proj(6, "mlp.up_proj", f, d),
-            down_proj: proj(7, "mlp.down_proj", d, f),
+            gate_proj: proj(5, g.0, g.1, g.2),
+            up_proj: proj(6, u.0, u.1, u.2),
+            down_proj: proj(7, dn.0, dn.1, dn.2),
         });
     }
     let embed_tokens = bf16_weight(seed ^ 7, v, d);

@@ -165,15 +165,7 @@ pub fn run(a: Args) -> Result<()> {
     // Which modules get adapters.
     let shapes = ModelShapes::from_config(&model.config);
     let (targets, names): (Targets, Vec<String>) = if a.targets == "all-linear" {
-        let all = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
+        let all = qlora_io::LAYER_LINEARS.map(qlora_io::short_name);
         (
             Targets::List(all.iter().map(|s| s.to_string()).collect()),
             all.iter().map(|s| s.to_string()).collect(),
