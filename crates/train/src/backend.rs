@@ -5,6 +5,7 @@
 
 use crate::grad::{packed_loss, Adapters, Grads, Noise};
 use crate::optim::AdamW;
+use crate::Result;
 use qlora_model::Model;
 
 pub trait LossBackend {
@@ -18,7 +19,7 @@ pub trait LossBackend {
         seqs: &[(&[u32], &[Option<u32>])],
         norm: f32,
         grads: Option<&mut Grads>,
-    ) -> Result<(f64, usize), String>;
+    ) -> Result<(f64, usize)>;
 
     /// Whether the backend keeps the adapters, their gradients and the optimizer state on its
     /// device between steps (then the loop drives it through the `resident_*` methods, and the
@@ -27,12 +28,16 @@ pub trait LossBackend {
         false
     }
     /// Takes the adapters and the optimizer state (at the start, and on resume).
-    fn resident_load(&mut self, _ad: &Adapters, _opt: &AdamW) -> Result<(), String> {
-        Err("this backend does not keep the adapters on its device".into())
+    fn resident_load(&mut self, _ad: &Adapters, _opt: &AdamW) -> Result<()> {
+        Err(crate::Error::Backend(
+            "this backend does not keep the adapters on its device".into(),
+        ))
     }
     /// Zeroes the gradient accumulators.
-    fn resident_zero_grads(&mut self) -> Result<(), String> {
-        Err("this backend does not keep the adapters on its device".into())
+    fn resident_zero_grads(&mut self) -> Result<()> {
+        Err(crate::Error::Backend(
+            "this backend does not keep the adapters on its device".into(),
+        ))
     }
     /// `packed_loss` with the resident adapters; with `accumulate`, the gradients of
     /// Σ loss / `norm` are added into the resident accumulators.
@@ -42,8 +47,10 @@ pub trait LossBackend {
         _seqs: &[(&[u32], &[Option<u32>])],
         _norm: f32,
         _accumulate: bool,
-    ) -> Result<(f64, usize), String> {
-        Err("this backend does not keep the adapters on its device".into())
+    ) -> Result<(f64, usize)> {
+        Err(crate::Error::Backend(
+            "this backend does not keep the adapters on its device".into(),
+        ))
     }
     /// One optimizer step on the accumulated gradients: `clip_grad_norm` to `max_norm`, then
     /// `AdamW::update` with `lr` (`opt` gives the hyperparameters; its step count advances,
@@ -54,12 +61,16 @@ pub trait LossBackend {
         _opt: &mut AdamW,
         _lr: f32,
         _max_norm: Option<f32>,
-    ) -> Result<f32, String> {
-        Err("this backend does not keep the adapters on its device".into())
+    ) -> Result<f32> {
+        Err(crate::Error::Backend(
+            "this backend does not keep the adapters on its device".into(),
+        ))
     }
     /// Copies the adapters and the optimizer's moments back to the host (checkpoints, the end).
-    fn resident_store(&mut self, _ad: &mut Adapters, _opt: &mut AdamW) -> Result<(), String> {
-        Err("this backend does not keep the adapters on its device".into())
+    fn resident_store(&mut self, _ad: &mut Adapters, _opt: &mut AdamW) -> Result<()> {
+        Err(crate::Error::Backend(
+            "this backend does not keep the adapters on its device".into(),
+        ))
     }
 }
 
@@ -78,7 +89,7 @@ impl LossBackend for CpuBackend<'_> {
         seqs: &[(&[u32], &[Option<u32>])],
         norm: f32,
         grads: Option<&mut Grads>,
-    ) -> Result<(f64, usize), String> {
+    ) -> Result<(f64, usize)> {
         Ok(packed_loss(
             self.model,
             ad,

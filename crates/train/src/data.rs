@@ -84,7 +84,8 @@ impl Tokenize<'_> {
     }
 
     /// One JSON line → an example.
-    pub fn line(&self, v: &Value, template: Option<&str>) -> Result<Example, String> {
+    /// One parsed line as an example; the error is the reason (the caller adds file and line).
+    pub(crate) fn line(&self, v: &Value, template: Option<&str>) -> Result<Example, String> {
         let obj = v.as_object().ok_or("not a JSON object")?;
         if let Some(t) = template {
             let ids = self.with_eos(self.encode(&fill(t, obj)?, true)?);
@@ -174,19 +175,23 @@ pub fn load_jsonl(
     tk: &Tokenize,
     template: Option<&str>,
     max_len: usize,
-) -> Result<(Vec<Example>, DataStats), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+) -> crate::Result<(Vec<Example>, DataStats)> {
+    use crate::Error;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let at = |n: usize, reason: String| Error::Line {
+        path: path.to_path_buf(),
+        line: n + 1,
+        reason,
+    };
     let mut out = Vec::new();
     let mut stats = DataStats::default();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
-            .map_err(|e| format!("{}:{}: invalid JSON: {e}", path.display(), n + 1))?;
-        let mut ex = tk
-            .line(&v, template)
-            .map_err(|e| format!("{}:{}: {e}", path.display(), n + 1))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| at(n, format!("invalid JSON: {e}")))?;
+        let mut ex = tk.line(&v, template).map_err(|e| at(n, e))?;
         if ex.ids.len() > max_len {
             ex.ids.truncate(max_len);
             ex.labels.truncate(max_len);
@@ -204,10 +209,10 @@ pub fn load_jsonl(
         out.push(ex);
     }
     if out.is_empty() {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "{}: no example with a trained token",
             path.display()
-        ));
+        )));
     }
     Ok((out, stats))
 }

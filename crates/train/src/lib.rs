@@ -6,11 +6,13 @@
 
 pub mod backend;
 pub mod data;
+mod error;
 pub mod grad;
 pub mod optim;
 pub mod run;
 
 pub use backend::{CpuBackend, LossBackend};
+pub use error::{Error, Result};
 pub use grad::{
     module_seed, packed_loss, sequence_loss, Adapters, Grads, LoraParam, Noise,
     KEEP_ACTIVATIONS_BYTES,
@@ -19,17 +21,19 @@ pub use optim::{AdamW, Schedule};
 
 /// Trainable adapters from a PEFT adapter planned against a model (`--init-adapter`, resume):
 /// every linear delta (LoRA or DoRA) becomes a `LoraParam`. Embedding adapters are not trainable yet.
-pub fn adapters_from_plan(plan: &qlora_lora::Plan, dropout: f32) -> Result<Adapters, String> {
+pub fn adapters_from_plan(plan: &qlora_lora::Plan, dropout: f32) -> Result<Adapters> {
     if !plan.embedding.is_empty() {
-        return Err("training embedding adapters is not supported yet".into());
+        return Err(Error::Invalid(
+            "training embedding adapters is not supported yet".into(),
+        ));
     }
     let mut params = Vec::new();
     for d in &plan.linear {
         if d.b_bias.is_some() {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "\"{}\" has lora_bias; training it is not supported yet",
                 d.module
-            ));
+            )));
         }
         let d_in = d.a.len() / d.rank;
         let d_out = d.b.len() / d.rank;

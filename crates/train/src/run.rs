@@ -6,6 +6,7 @@ use crate::backend::{CpuBackend, LossBackend};
 use crate::data::Example;
 use crate::grad::{Adapters, LoraParam, Noise};
 use crate::optim::{clip_grad_norm, AdamW, Schedule};
+use crate::{Error, Result};
 use qlora_io::{write_safetensors, ElementType, WriteTensor};
 use qlora_lora::{BaseQuantization, Provenance};
 use qlora_model::Model;
@@ -124,11 +125,8 @@ fn example_at(n: usize, seed: u64, cursor: usize) -> usize {
 
 /// Writes a directory under a temporary name and renames it into place, replacing an older
 /// one of the same name.
-fn write_dir_atomic(
-    dir: &Path,
-    write: impl FnOnce(&Path) -> Result<(), String>,
-) -> Result<(), String> {
-    let err = |e: std::io::Error| format!("{}: {e}", dir.display());
+fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let err = |e: std::io::Error| Error::file(dir, e);
     let partial = qlora_io::PartialDir::create(dir).map_err(err)?;
     write(partial.path())?;
     partial.commit(true).map_err(err)
@@ -136,12 +134,7 @@ fn write_dir_atomic(
 
 /// A PEFT adapter directory: adapter_config.json (only the fields old PEFT knows, plus
 /// use_rslora when set), adapter_model.safetensors (f32), and the provenance sidecar.
-pub fn write_adapter(
-    dir: &Path,
-    ad: &Adapters,
-    o: &TrainOptions,
-    model: &Model,
-) -> Result<(), String> {
+pub fn write_adapter(dir: &Path, ad: &Adapters, o: &TrainOptions, model: &Model) -> Result<()> {
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut tensors = Vec::new();
     for p in &ad.params {
@@ -166,8 +159,7 @@ pub fn write_adapter(
             });
         }
     }
-    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, &meta)
-        .map_err(|e| e.to_string())?;
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, &meta)?;
     let mut cfg = json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": o.rank, "lora_alpha": o.alpha,
         "lora_dropout": o.dropout, "target_modules": o.target_names, "bias": "none",
@@ -181,11 +173,12 @@ pub fn write_adapter(
     if ad.params.iter().any(|p| p.magnitude.is_some()) {
         cfg["use_dora"] = json!(true);
     }
+    let cfg_path = dir.join("adapter_config.json");
     std::fs::write(
-        dir.join("adapter_config.json"),
+        &cfg_path,
         serde_json::to_string_pretty(&cfg).expect("json") + "\n",
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Error::file(&cfg_path, e))?;
     Provenance {
         qlora_version: env!("CARGO_PKG_VERSION").into(),
         base_fingerprint: model.fingerprint.clone(),
@@ -193,7 +186,7 @@ pub fn write_adapter(
         base_path: Some(o.base_name.clone()),
     }
     .write(dir)
-    .map_err(|e| e.to_string())
+    .map_err(|e| Error::Invalid(e.to_string()))
 }
 
 fn write_checkpoint(
@@ -203,7 +196,7 @@ fn write_checkpoint(
     o: &TrainOptions,
     model: &Model,
     step: usize,
-) -> Result<(), String> {
+) -> Result<()> {
     write_dir_atomic(dir, |d| {
         write_adapter(d, ad, o, model)?;
         let mut t = Vec::new();
@@ -231,28 +224,30 @@ fn write_checkpoint(
             }
         }
         let meta = BTreeMap::from([("optimizer_step".to_string(), opt.step.to_string())]);
-        write_safetensors(&d.join("optimizer.safetensors"), &t, &meta)
-            .map_err(|e| e.to_string())?;
+        write_safetensors(&d.join("optimizer.safetensors"), &t, &meta)?;
         let state = json!({"global_step": step, "seed": o.seed, "optimizer": "AdamW",
                            "lr": o.lr, "weight_decay": o.weight_decay});
+        let state_path = d.join("trainer_state.json");
         std::fs::write(
-            d.join("trainer_state.json"),
+            &state_path,
             serde_json::to_string_pretty(&state).expect("json") + "\n",
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| Error::file(&state_path, e))
     })
 }
 
 /// Restores the optimizer state and step from a checkpoint written by `write_checkpoint`.
-pub fn read_optimizer(dir: &Path, ad: &Adapters, opt: &mut AdamW) -> Result<usize, String> {
-    let f = qlora_io::SafetensorsFile::open(&dir.join("optimizer.safetensors"))
-        .map_err(|e| e.to_string())?;
-    let get = |name: &str| -> Result<Vec<f32>, String> {
+pub fn read_optimizer(dir: &Path, ad: &Adapters, opt: &mut AdamW) -> Result<usize> {
+    let f = qlora_io::SafetensorsFile::open(&dir.join("optimizer.safetensors"))?;
+    let get = |name: &str| -> Result<Vec<f32>> {
         f.tensors
             .iter()
             .find(|t| t.name == name)
-            .ok_or(format!("{}: optimizer state lacks {name}", dir.display()))?
+            .ok_or_else(|| {
+                Error::Invalid(format!("{}: optimizer state lacks {name}", dir.display()))
+            })?
             .to_f32()
+            .map_err(|r| Error::Invalid(format!("{}: {name}: {r}", dir.display())))
     };
     for (i, p) in ad.params.iter().enumerate() {
         opt.m.a[i] = get(&format!("exp_avg.{}.lora_A", p.module))?;
@@ -271,13 +266,18 @@ pub fn read_optimizer(dir: &Path, ad: &Adapters, opt: &mut AdamW) -> Result<usiz
         .unwrap_or(0);
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("trainer_state.json"))
-            .map_err(|e| format!("{}: {e}", dir.display()))?,
+            .map_err(|e| Error::file(dir, e))?,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Error::Invalid(format!("{}: trainer_state.json: {e}", dir.display())))?;
     state["global_step"]
         .as_u64()
         .map(|s| s as usize)
-        .ok_or("trainer_state.json lacks global_step".into())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: trainer_state.json lacks global_step",
+                dir.display()
+            ))
+        })
 }
 
 /// The loss curve as an SVG line chart (training loss, and eval loss points).
@@ -337,11 +337,7 @@ pub fn eval_loss(model: &Model, ad: &Adapters, data: &[Example]) -> f64 {
 }
 
 /// Mean loss over examples, no gradients, no dropout, one example a pass.
-pub fn eval_loss_on(
-    backend: &mut dyn LossBackend,
-    ad: &Adapters,
-    data: &[Example],
-) -> Result<f64, String> {
+pub fn eval_loss_on(backend: &mut dyn LossBackend, ad: &Adapters, data: &[Example]) -> Result<f64> {
     let (mut total, mut n) = (0.0, 0usize);
     for e in data {
         let (l, c) = backend.packed_loss(ad, None, &[(&e.ids, &e.labels)], 1.0, None)?;
@@ -389,7 +385,7 @@ pub fn train(
     out: &Path,
     start_step: usize,
     on_progress: &mut dyn FnMut(Progress),
-) -> Result<(), String> {
+) -> Result<()> {
     let mut cpu = CpuBackend {
         model,
         keep_activations_bytes: o.keep_activations_bytes,
@@ -422,28 +418,28 @@ pub fn train_on(
     out: &Path,
     start_step: usize,
     on_progress: &mut dyn FnMut(Progress),
-) -> Result<(), String> {
+) -> Result<()> {
     let metrics_path = out.join("metrics.jsonl");
     if start_step == 0 && out.is_dir() {
         let taken = std::fs::read_dir(out)
-            .map_err(|e| format!("{}: {e}", out.display()))?
+            .map_err(|e| Error::file(out, e))?
             .filter_map(|e| e.ok())
             .any(|e| {
                 let n = e.file_name().to_string_lossy().into_owned();
                 n == "metrics.jsonl" || n == "final" || n.starts_with("checkpoint-")
             });
         if taken {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "{}: already holds a training run (metrics.jsonl, checkpoints); continue it with --resume {}/checkpoint-N, or choose a new --out",
                 out.display(),
                 out.display()
-            ));
+            )));
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, e))?;
     // Checkpoints a killed run left half-written (`.checkpoint-N.partial`): ours, never complete.
     for e in std::fs::read_dir(out)
-        .map_err(|e| format!("{}: {e}", out.display()))?
+        .map_err(|e| Error::file(out, e))?
         .flatten()
     {
         let n = e.file_name().to_string_lossy().into_owned();
@@ -453,8 +449,8 @@ pub fn train_on(
     }
     if start_step > 0 && metrics_path.exists() {
         // A resumed run rewrites the steps after its checkpoint: drop their old lines.
-        let text = std::fs::read_to_string(&metrics_path)
-            .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+        let text =
+            std::fs::read_to_string(&metrics_path).map_err(|e| Error::file(&metrics_path, e))?;
         let kept: String = text
             .lines()
             .filter(|l| {
@@ -465,22 +461,21 @@ pub fn train_on(
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        std::fs::write(&metrics_path, kept)
-            .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+        std::fs::write(&metrics_path, kept).map_err(|e| Error::file(&metrics_path, e))?;
     }
     let per_step = o.batch_size * o.grad_accum;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(out.join("metrics.jsonl"))
-        .map_err(|e| format!("{}: {e}", out.join("metrics.jsonl").display()))?;
+        .map_err(|e| Error::file(&metrics_path, e))?;
     let (mut curve, mut eval_curve) = (Vec::new(), Vec::new());
     // A backend holding the adapters and optimizer on its device takes them once here.
     let resident = backend.resident();
     if resident {
         backend.resident_load(ad, opt)?;
     }
-    let eval_now = |backend: &mut dyn LossBackend, ad: &Adapters| -> Result<f64, String> {
+    let eval_now = |backend: &mut dyn LossBackend, ad: &Adapters| -> Result<f64> {
         if !resident {
             return eval_loss_on(backend, ad, eval);
         }
@@ -495,7 +490,8 @@ pub fn train_on(
     if start_step == 0 && o.eval_every.is_some() && !eval.is_empty() {
         // The starting point, so a run shows whether it helped.
         let el = eval_now(backend, ad)?;
-        writeln!(metrics, "{}", json!({"step": 0, "eval_loss": el})).map_err(|e| e.to_string())?;
+        writeln!(metrics, "{}", json!({"step": 0, "eval_loss": el}))
+            .map_err(|e| Error::file(&metrics_path, e))?;
         eval_curve.push((0, el));
         on_progress(Progress::Start {
             steps: o.steps,
@@ -553,10 +549,12 @@ pub fn train_on(
                     )
                 })
                 .unwrap_or_default();
-            return Err(format!(
-                "step {}: the loss is {loss} and the gradient norm {grad_norm}; training stopped before applying it{last}. Lower --lr, raise --warmup-steps, or check the data",
-                step + 1
-            ));
+            return Err(Error::NonFinite {
+                step: step + 1,
+                loss,
+                grad_norm,
+                last,
+            });
         }
         if let Some(g) = &g {
             opt.update(ad, g, lr);
@@ -574,13 +572,13 @@ pub fn train_on(
                 eval_curve.push((done, el));
             }
         }
-        writeln!(metrics, "{line}").map_err(|e| e.to_string())?;
+        writeln!(metrics, "{line}").map_err(|e| Error::file(&metrics_path, e))?;
         curve.push((done, loss));
         let svg = loss_svg(&curve, &eval_curve);
         let tmp = out.join(".loss.svg.tmp");
         std::fs::write(&tmp, svg)
             .and_then(|_| std::fs::rename(&tmp, out.join("loss.svg")))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::file(&out.join("loss.svg"), e))?;
         let elapsed = started.elapsed().as_secs_f64();
         let eta = elapsed / (done - start_step) as f64 * (o.steps - done) as f64;
         on_progress(Progress::Step {

@@ -1307,8 +1307,8 @@ impl CudaTrainer {
         Ok(())
     }
 
-    fn err(&self, e: Error) -> String {
-        format!("cuda:{}: {e}", self.m.gpu.ordinal)
+    fn err(&self, e: Error) -> qlora_train::Error {
+        qlora_train::Error::Backend(format!("cuda:{}: {e}", self.m.gpu.ordinal))
     }
 }
 
@@ -1320,7 +1320,7 @@ impl LossBackend for CudaTrainer {
         seqs: &[(&[u32], &[Option<u32>])],
         norm: f32,
         grads: Option<&mut Grads>,
-    ) -> std::result::Result<(f64, usize), String> {
+    ) -> qlora_train::Result<(f64, usize)> {
         let r = (|| {
             self.upload_adapters(ad)?;
             if grads.is_some() {
@@ -1339,11 +1339,11 @@ impl LossBackend for CudaTrainer {
         true
     }
 
-    fn resident_load(&mut self, ad: &Adapters, opt: &AdamW) -> std::result::Result<(), String> {
+    fn resident_load(&mut self, ad: &Adapters, opt: &AdamW) -> qlora_train::Result<()> {
         self.load(ad, opt).map_err(|e| self.err(e))
     }
 
-    fn resident_zero_grads(&mut self) -> std::result::Result<(), String> {
+    fn resident_zero_grads(&mut self) -> qlora_train::Result<()> {
         self.zero_grads().map_err(|e| self.err(e))
     }
 
@@ -1353,7 +1353,7 @@ impl LossBackend for CudaTrainer {
         seqs: &[(&[u32], &[Option<u32>])],
         norm: f32,
         accumulate: bool,
-    ) -> std::result::Result<(f64, usize), String> {
+    ) -> qlora_train::Result<(f64, usize)> {
         self.run(noise, seqs, norm, accumulate)
             .map_err(|e| self.err(e))
     }
@@ -1363,15 +1363,11 @@ impl LossBackend for CudaTrainer {
         opt: &mut AdamW,
         lr: f32,
         max_norm: Option<f32>,
-    ) -> std::result::Result<f32, String> {
+    ) -> qlora_train::Result<f32> {
         self.update(opt, lr, max_norm).map_err(|e| self.err(e))
     }
 
-    fn resident_store(
-        &mut self,
-        ad: &mut Adapters,
-        opt: &mut AdamW,
-    ) -> std::result::Result<(), String> {
+    fn resident_store(&mut self, ad: &mut Adapters, opt: &mut AdamW) -> qlora_train::Result<()> {
         self.store(ad, opt).map_err(|e| self.err(e))
     }
 }
