@@ -671,74 +671,50 @@ fn dequantization_is_bit_exact() {
                     .map(|x| half::bf16::from_f32(*x).to_f32())
                     .collect(),
             };
-            let (bc, bg, bs, bz, out) = (
-                g.upload(&codes).unwrap(),
-                g.upload(&g_idx).unwrap(),
-                up(&g, &scales),
-                up(&g, &zeros),
-                poison_lp(&g, n),
-            );
-            g.launch_n(
-                "dequant_grouped",
-                n,
-                &[
-                    P(bc.ptr()),
-                    P(bg.ptr()),
-                    P(0),
-                    P(bs.ptr()),
-                    P(bz.ptr()),
-                    I(cols as i32),
-                    I(groups as i32),
-                    I(bits as i32),
-                    L(n as i64),
-                    P(out.ptr()),
-                ],
-            )
-            .unwrap();
-            let got = down_lp(&g, &out, n);
-            assert_eq!(
-                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                "dequant_grouped {bits}-bit ({:?})",
-                g.precision
-            );
+            let (bs, bz) = (up(&g, &scales), up(&g, &zeros));
+            // Dequantizes codes with their group index (and the permutation back to input
+            // order, none: 0) and compares every element's bits with the CPU's.
+            let check = |codes: &[u8], g_idx: &[u32], perm: Option<&[u32]>, what: &str| {
+                let (bc, bg, out) = (
+                    g.upload(codes).unwrap(),
+                    g.upload(g_idx).unwrap(),
+                    poison_lp(&g, n),
+                );
+                let bp = perm.map(|p| g.upload(p).unwrap());
+                g.launch_n(
+                    "dequant_grouped",
+                    n,
+                    &[
+                        P(bc.ptr()),
+                        P(bg.ptr()),
+                        P(bp.as_ref().map_or(0, |b| b.ptr())),
+                        P(bs.ptr()),
+                        P(bz.ptr()),
+                        I(cols as i32),
+                        I(groups as i32),
+                        I(bits as i32),
+                        L(n as i64),
+                        P(out.ptr()),
+                    ],
+                )
+                .unwrap();
+                let got = down_lp(&g, &out, n);
+                assert_eq!(
+                    got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "dequant_grouped {bits}-bit, {what} ({:?})",
+                    g.precision
+                );
+            };
+            check(&codes, &g_idx, None, "input column order");
             // The weight as the model uploads it: columns sorted by group, with the
             // permutation that puts them back.
             let gr = w.groups().unwrap();
             let perm = gr
                 .perm
-                .as_ref()
+                .as_deref()
                 .expect("act-order columns are sorted by group");
-            let (bc, bg, bp, out) = (
-                g.upload(w.bytes()).unwrap(),
-                g.upload(&gr.g_idx).unwrap(),
-                g.upload(perm).unwrap(),
-                poison_lp(&g, n),
-            );
-            g.launch_n(
-                "dequant_grouped",
-                n,
-                &[
-                    P(bc.ptr()),
-                    P(bg.ptr()),
-                    P(bp.ptr()),
-                    P(bs.ptr()),
-                    P(bz.ptr()),
-                    I(cols as i32),
-                    I(groups as i32),
-                    I(bits as i32),
-                    L(n as i64),
-                    P(out.ptr()),
-                ],
-            )
-            .unwrap();
-            let got = down_lp(&g, &out, n);
-            assert_eq!(
-                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                "dequant_grouped {bits}-bit, sorted columns ({:?})",
-                g.precision
-            );
+            check(w.bytes(), &gr.g_idx, Some(perm), "sorted columns");
         }
     }
 }

@@ -276,15 +276,6 @@ const TILED_MIN_T: usize = 32;
 /// Queries per block of the tiled attention backward.
 const QB: usize = 64;
 
-/// Rows of head `h` of x [t, nh, hd], contiguous: [t, hd].
-fn head_rows(x: &[f32], t: usize, nh: usize, h: usize, hd: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(t * hd);
-    for p in 0..t {
-        out.extend_from_slice(&x[(p * nh + h) * hd..(p * nh + h + 1) * hd]);
-    }
-    out
-}
-
 /// `attention_backward` as matrix products over blocks of QB queries (`matmul`'s AVX-512 tile
 /// kernels): per query head and block, S = Q·Kᵀ and dP = dO·Vᵀ over the keys the block sees,
 /// the softmax and dS = P ∘ (dP − Σ P·dP) row by row (masked past each query's position and
@@ -306,10 +297,10 @@ fn attention_backward_tiled(
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let ks: Vec<Vec<f32>> = (0..kv_heads)
-        .map(|g| head_rows(k, t, kv_heads, g, hd))
+        .map(|g| ops::head_rows(k, t, kv_heads, g, hd))
         .collect();
     let vs: Vec<Vec<f32>> = (0..kv_heads)
-        .map(|g| head_rows(v, t, kv_heads, g, hd))
+        .map(|g| ops::head_rows(v, t, kv_heads, g, hd))
         .collect();
     // (dq, dk, dv) of each query head, each [t, hd].
     type HeadGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
@@ -317,8 +308,8 @@ fn attention_backward_tiled(
         .into_par_iter()
         .map(|h| {
             let (kh, vh) = (&ks[h / group], &vs[h / group]);
-            let qh = head_rows(q, t, heads, h, hd);
-            let doh = head_rows(dout, t, heads, h, hd);
+            let qh = ops::head_rows(q, t, heads, h, hd);
+            let doh = ops::head_rows(dout, t, heads, h, hd);
             let (mut dq, mut dk, mut dv) =
                 (vec![0f32; t * hd], vec![0f32; t * hd], vec![0f32; t * hd]);
             let mut sp = vec![0f32; QB * t];
@@ -359,26 +350,11 @@ fn attention_backward_tiled(
                     let b = p + 1 - lo;
                     let (srow, drow) =
                         (&mut sp[r * nk..(r + 1) * nk], &mut ds[r * nk..(r + 1) * nk]);
-                    let mut max = f32::NEG_INFINITY;
-                    for x in &mut srow[a..b] {
-                        *x *= scale;
-                        max = max.max(*x);
-                    }
-                    let mut sum = 0f32;
-                    for x in &mut srow[a..b] {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let mut s_dot = 0f32;
-                    for (x, d) in srow[a..b].iter_mut().zip(&drow[a..b]) {
-                        *x /= sum;
-                        s_dot += *x * d;
-                    }
+                    ops::softmax_span(srow, a, b, scale);
+                    let s_dot: f32 = srow[a..b].iter().zip(&drow[a..b]).map(|(x, d)| x * d).sum();
                     for (d, x) in drow[a..b].iter_mut().zip(&srow[a..b]) {
                         *d = x * (*d - s_dot) * scale;
                     }
-                    srow[..a].fill(0.0);
-                    srow[b..].fill(0.0);
                     drow[..a].fill(0.0);
                     drow[b..].fill(0.0);
                 }

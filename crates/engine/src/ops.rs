@@ -441,6 +441,35 @@ pub fn attention_rows(
     );
 }
 
+/// Rows of head `h` of x [t, nh, hd], contiguous: [t, hd].
+pub(crate) fn head_rows(x: &[f32], t: usize, nh: usize, h: usize, hd: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(t * hd);
+    for p in 0..t {
+        out.extend_from_slice(&x[(p * nh + h) * hd..(p * nh + h + 1) * hd]);
+    }
+    out
+}
+
+/// A row of raw scores → probabilities: softmax of `scale · row[a..b]` (the keys a query sees),
+/// zero outside it. The per-query attention's arithmetic, in the same order.
+pub(crate) fn softmax_span(row: &mut [f32], a: usize, b: usize, scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for x in &mut row[a..b] {
+        *x *= scale;
+        max = max.max(*x);
+    }
+    let mut sum = 0f32;
+    for x in &mut row[a..b] {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    for x in &mut row[a..b] {
+        *x /= sum;
+    }
+    row[..a].fill(0.0);
+    row[b..].fill(0.0);
+}
+
 /// `attention` as matrix products over blocks of ATTN_QB queries (`matmul`'s AVX-512 tile
 /// kernels): per query head and block, S = Q·Kᵀ over the keys the block sees, each row's
 /// softmax masked past its position and window, then O = P·V. Heads run in parallel; each
@@ -462,20 +491,15 @@ fn attention_tiled(
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let n = pos0 + t;
-    let rows_of = |x: &[f32], len: usize, nh: usize, h: usize| -> Vec<f32> {
-        let mut o = Vec::with_capacity(len * hd);
-        for p in 0..len {
-            o.extend_from_slice(&x[(p * nh + h) * hd..(p * nh + h + 1) * hd]);
-        }
-        o
-    };
-    let ks: Vec<Vec<f32>> = (0..kv_heads).map(|g| rows_of(k, n, kv_heads, g)).collect();
+    let ks: Vec<Vec<f32>> = (0..kv_heads)
+        .map(|g| head_rows(k, n, kv_heads, g, hd))
+        .collect();
     // Each head's output [t, hd], then scattered into out [t, h, hd].
     let per_head: Vec<Vec<f32>> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let g = h / group;
-            let qh = rows_of(q, t, heads, h);
+            let qh = head_rows(q, t, heads, h, hd);
             let kh = &ks[g];
             let mut o = vec![0f32; t * hd];
             let mut sp = vec![0f32; ATTN_QB * n];
@@ -503,22 +527,7 @@ fn attention_tiled(
                     let p = p0 + r;
                     let a = window.map_or(0, |w| (p + 1).saturating_sub(w)) - lo;
                     let b = p + 1 - lo;
-                    let row = &mut sp[r * nk..(r + 1) * nk];
-                    let mut max = f32::NEG_INFINITY;
-                    for x in &mut row[a..b] {
-                        *x *= scale;
-                        max = max.max(*x);
-                    }
-                    let mut sum = 0f32;
-                    for x in &mut row[a..b] {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    for x in &mut row[a..b] {
-                        *x /= sum;
-                    }
-                    row[..a].fill(0.0);
-                    row[b..].fill(0.0);
+                    softmax_span(&mut sp[r * nk..(r + 1) * nk], a, b, scale);
                 }
                 // SAFETY: as above; C is this task's o, V rows at stride kv_heads · hd.
                 unsafe {
