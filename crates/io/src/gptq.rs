@@ -16,7 +16,7 @@
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Which library's layout the checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,18 +117,17 @@ impl GroupedConfig {
     /// The config of a GPTQ/AWQ checkpoint: `quantization_config` from config.json when it has
     /// one, else `dir/quantize_config.json` (AutoGPTQ's older layout). `Ok(None)` for other
     /// checkpoints.
-    pub fn from_model(dir: &Path, q: Option<&Value>) -> Result<Option<GroupedConfig>, String> {
-        let read =
-            |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    pub fn from_model(dir: &Path, q: Option<&Value>) -> crate::Result<Option<GroupedConfig>> {
+        let bad = |path: PathBuf| move |reason: String| crate::Error::Config { path, reason };
+        let cfg = dir.join("config.json");
         if let Some(q) = q {
-            let Some(mut c) = Self::from_value(q)? else {
+            let Some(mut c) = Self::from_value(q).map_err(bad(cfg.clone()))? else {
                 return Ok(None);
             };
             if q.get("dynamic").is_some_and(|d| !d.is_null()) {
-                let cfg = dir.join("config.json");
-                let order = dynamic_in_order(&read(&cfg)?, true)
-                    .map_err(|e| format!("{}: {e}", cfg.display()))?;
-                c.dynamic = parse_dynamic(&order.unwrap_or_default())?;
+                let text = std::fs::read_to_string(&cfg).map_err(|e| crate::Error::io(&cfg, e))?;
+                let order = dynamic_in_order(&text, true).map_err(bad(cfg.clone()))?;
+                c.dynamic = parse_dynamic(&order.unwrap_or_default()).map_err(bad(cfg))?;
             }
             return Ok(Some(c));
         }
@@ -136,22 +135,21 @@ impl GroupedConfig {
         if !side.is_file() {
             return Ok(None);
         }
-        let text = read(&side)?;
-        let mut v: Value = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not JSON ({e})", side.display()))?;
+        let text = std::fs::read_to_string(&side).map_err(|e| crate::Error::io(&side, e))?;
+        let mut v: Value = serde_json::from_str(&text).map_err(|e| crate::Error::Json {
+            path: side.clone(),
+            reason: e.to_string(),
+        })?;
         // AutoGPTQ's file has no quant_method key: it is GPTQ by being there.
         if let Some(o) = v.as_object_mut() {
             o.entry("quant_method")
                 .or_insert_with(|| Value::String("gptq".into()));
         }
-        let Some(mut c) = Self::from_value(&v).map_err(|e| format!("{}: {e}", side.display()))?
-        else {
+        let Some(mut c) = Self::from_value(&v).map_err(bad(side.clone()))? else {
             return Ok(None);
         };
-        let order =
-            dynamic_in_order(&text, false).map_err(|e| format!("{}: {e}", side.display()))?;
-        c.dynamic = parse_dynamic(&order.unwrap_or_default())
-            .map_err(|e| format!("{}: {e}", side.display()))?;
+        let order = dynamic_in_order(&text, false).map_err(bad(side.clone()))?;
+        c.dynamic = parse_dynamic(&order.unwrap_or_default()).map_err(bad(side))?;
         Ok(Some(c))
     }
 
@@ -197,8 +195,9 @@ impl GroupedConfig {
         Ok(Some(self.clone()))
     }
 
-    /// `Ok(None)` when `quant_method` is neither `gptq` nor `awq`.
-    pub fn from_value(q: &Value) -> Result<Option<GroupedConfig>, String> {
+    /// `Ok(None)` when `quant_method` is neither `gptq` nor `awq`; the error is the reason
+    /// (`from_model` names the file).
+    pub(crate) fn from_value(q: &Value) -> Result<Option<GroupedConfig>, String> {
         let obj = q
             .as_object()
             .ok_or("\"quantization_config\" is not a JSON object")?;

@@ -419,10 +419,7 @@ impl Model {
         let bnb_cfg = BnbConfig::from_config(cfg.quantization_config.as_ref()).map_err(|r| {
             Error::Invalid(format!("{}: {r}", src.path.join("config.json").display()))
         })?;
-        let grouped = GroupedConfig::from_model(&src.path, cfg.quantization_config.as_ref())
-            .map_err(|r| {
-                Error::Invalid(format!("{}: {r}", src.path.join("config.json").display()))
-            })?;
+        let grouped = GroupedConfig::from_model(&src.path, cfg.quantization_config.as_ref())?;
         if let (Some(g), Some(_)) = (&grouped, opts.quantize) {
             return Err(Error::Invalid(format!(
                 "{} is already a {} checkpoint; drop --quantize (it loads as stored)",
