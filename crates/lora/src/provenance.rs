@@ -3,7 +3,8 @@
 //! same weights without the quantization used in training) is said in plain words. It is a
 //! separate file because older PEFT rejects unknown keys in adapter_config.json.
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::path::Path;
 
 pub const FILE: &str = "qlora_provenance.json";
@@ -49,6 +50,41 @@ pub struct Provenance {
     pub base_path: Option<String>,
 }
 
+/// `qlora_provenance.json` as stored (keys in alphabetical order, as earlier versions wrote).
+#[derive(Serialize, Deserialize)]
+struct ProvenanceFile {
+    base: BaseFile,
+    #[serde(default = "unknown")]
+    qlora_version: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BaseFile {
+    fingerprint: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    quantization: Option<QuantizationFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct QuantizationFile {
+    #[serde(default = "default_blocksize")]
+    blocksize: usize,
+    #[serde(default)]
+    double_quant: bool,
+    #[serde(rename = "type", default = "unknown")]
+    quant_type: String,
+}
+
+fn unknown() -> String {
+    "?".into()
+}
+
+fn default_blocksize() -> usize {
+    64
+}
+
 impl Provenance {
     pub fn read(dir: &Path) -> Result<Option<Provenance>, String> {
         let p = dir.join(FILE);
@@ -56,43 +92,41 @@ impl Provenance {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| format!("invalid JSON: {e}"))?;
-        let base = &v["base"];
-        let q = &base["quantization"];
+        let f: ProvenanceFile =
+            serde_json::from_str(&text).map_err(|e| format!("invalid {FILE}: {e}"))?;
         Ok(Some(Provenance {
-            qlora_version: v["qlora_version"].as_str().unwrap_or("?").into(),
-            base_fingerprint: base["fingerprint"]
-                .as_str()
-                .ok_or("\"base.fingerprint\" is missing")?
-                .into(),
-            base_quantization: if q.is_null() {
-                None
-            } else {
-                Some(BaseQuantization {
-                    quant_type: q["type"].as_str().unwrap_or("?").into(),
-                    blocksize: q["blocksize"].as_u64().unwrap_or(64) as usize,
-                    double_quant: q["double_quant"].as_bool().unwrap_or(false),
-                })
-            },
-            base_path: base["path"].as_str().map(String::from),
+            qlora_version: f.qlora_version,
+            base_fingerprint: f.base.fingerprint,
+            base_quantization: f.base.quantization.map(|q| BaseQuantization {
+                quant_type: q.quant_type,
+                blocksize: q.blocksize,
+                double_quant: q.double_quant,
+            }),
+            base_path: f.base.path,
         }))
     }
 
+    fn file(&self) -> ProvenanceFile {
+        ProvenanceFile {
+            qlora_version: self.qlora_version.clone(),
+            base: BaseFile {
+                fingerprint: self.base_fingerprint.clone(),
+                path: self.base_path.clone(),
+                quantization: self.base_quantization.as_ref().map(|q| QuantizationFile {
+                    blocksize: q.blocksize,
+                    double_quant: q.double_quant,
+                    quant_type: q.quant_type.clone(),
+                }),
+            },
+        }
+    }
+
     pub fn to_json(&self) -> Value {
-        json!({
-            "qlora_version": self.qlora_version,
-            "base": {
-                "fingerprint": self.base_fingerprint,
-                "quantization": self.base_quantization.as_ref().map(|q| json!({
-                    "type": q.quant_type, "blocksize": q.blocksize, "double_quant": q.double_quant
-                })),
-                "path": self.base_path,
-            }
-        })
+        serde_json::to_value(self.file()).expect("serializable")
     }
 
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
-        let text = serde_json::to_string_pretty(&self.to_json()).expect("serializable") + "\n";
+        let text = serde_json::to_string_pretty(&self.file()).expect("serializable") + "\n";
         std::fs::write(dir.join(FILE), text)
     }
 
