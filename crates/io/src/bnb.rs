@@ -7,7 +7,8 @@
 //! `P.weight.quant_state.bitsandbytes__nf4` (or `__fp4`). 8-bit: `P.weight` int8, `P.SCB`,
 //! optionally `P.weight_format`.
 
-use qlora_quant::Quant4;
+use crate::{ElementType, TensorSpec};
+use qlora_quant::{bnb, Quant4, QuantizeSpec, Quantized4};
 use serde_json::{Map, Value};
 
 /// The JSON part of a 4-bit quant state.
@@ -235,6 +236,154 @@ impl BnbConfig {
             "quant_method": "bitsandbytes"
         })
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing a 4-bit weight as bitsandbytes stores it (`qlora quantize`, `merge --requantize`).
+
+fn state(spec: QuantizeSpec, shape: &[usize], dtype: &str, offset: f32) -> QuantStateJson {
+    QuantStateJson {
+        quant: spec.quant,
+        blocksize: spec.blocksize,
+        dtype: dtype.into(),
+        shape: shape.to_vec(),
+        nested: spec.double_quant.then(|| NestedJson {
+            blocksize: bnb::NESTED_BLOCKSIZE,
+            dtype: "float32".into(),
+            offset,
+        }),
+    }
+}
+
+/// The quant-state JSON of a weight; padded with spaces to `width` when given (JSON parsers,
+/// bitsandbytes' included, ignore trailing whitespace), so a streaming writer can size it
+/// before the offset is known.
+fn state_json(
+    q: &Quantized4,
+    spec: QuantizeSpec,
+    shape: &[usize],
+    dtype: &str,
+    width: Option<usize>,
+) -> Vec<u8> {
+    let offset = q.double.as_ref().map_or(0.0, |d| d.offset);
+    let mut s = state(spec, shape, dtype, offset).to_json();
+    while s.len() < width.unwrap_or(0) {
+        s.push(' ');
+    }
+    s.into_bytes()
+}
+
+/// The longest quant-state JSON a weight can have: the offset printed with the most digits.
+pub fn state_json_width(spec: QuantizeSpec, shape: &[usize], dtype: &str) -> usize {
+    state(spec, shape, dtype, -1.234_567_9e-30).to_json().len() + 8
+}
+
+/// The tensors bitsandbytes stores for a 4-bit weight `name` (`P.weight`), in a fixed order:
+/// packed codes, absmax, (nested absmax, nested map,) quant map, quant-state JSON.
+pub fn bnb4_tensors(
+    name: &str,
+    q: &Quantized4,
+    spec: QuantizeSpec,
+    shape: &[usize],
+    dtype: &str,
+    json_width: Option<usize>,
+) -> Vec<(TensorSpec, Vec<u8>)> {
+    let t = |suffix: &str, dtype, shape: Vec<usize>, data: Vec<u8>| {
+        (
+            TensorSpec {
+                name: format!("{name}{suffix}"),
+                dtype,
+                shape,
+            },
+            data,
+        )
+    };
+    let mut out = vec![t(
+        "",
+        ElementType::U8,
+        vec![q.packed.len(), 1],
+        q.packed.clone(),
+    )];
+    match &q.double {
+        None => out.push(t(
+            ".absmax",
+            ElementType::F32,
+            vec![q.absmax.len()],
+            bytemuck::cast_slice(&q.absmax).to_vec(),
+        )),
+        Some(d) => {
+            out.push(t(
+                ".absmax",
+                ElementType::U8,
+                vec![d.codes.len()],
+                d.codes.clone(),
+            ));
+            out.push(t(
+                ".nested_absmax",
+                ElementType::F32,
+                vec![d.nested_absmax.len()],
+                bytemuck::cast_slice(&d.nested_absmax).to_vec(),
+            ));
+            out.push(t(
+                ".nested_quant_map",
+                ElementType::F32,
+                vec![256],
+                bytemuck::cast_slice(&bnb::dynamic_map()).to_vec(),
+            ));
+        }
+    }
+    out.push(t(
+        ".quant_map",
+        ElementType::F32,
+        vec![16],
+        bytemuck::cast_slice(&spec.quant.code()).to_vec(),
+    ));
+    let json = state_json(q, spec, shape, dtype, json_width);
+    out.push(t(
+        &format!(".{}", quant_state_key(spec.quant)),
+        ElementType::U8,
+        vec![json.len()],
+        json,
+    ));
+    out
+}
+
+/// The specs `bnb4_tensors` will produce for a weight of `shape`, before it is computed.
+pub fn bnb4_specs(name: &str, spec: QuantizeSpec, shape: &[usize], dtype: &str) -> Vec<TensorSpec> {
+    let n: usize = shape.iter().product();
+    let blocks = n.div_ceil(spec.blocksize);
+    let mut s = vec![TensorSpec {
+        name: name.into(),
+        dtype: ElementType::U8,
+        shape: vec![n.div_ceil(2), 1],
+    }];
+    let push = |s: &mut Vec<TensorSpec>, suffix: &str, dtype, shape| {
+        s.push(TensorSpec {
+            name: format!("{name}{suffix}"),
+            dtype,
+            shape,
+        })
+    };
+    if spec.double_quant {
+        push(&mut s, ".absmax", ElementType::U8, vec![blocks]);
+        push(
+            &mut s,
+            ".nested_absmax",
+            ElementType::F32,
+            vec![blocks.div_ceil(bnb::NESTED_BLOCKSIZE)],
+        );
+        push(&mut s, ".nested_quant_map", ElementType::F32, vec![256]);
+    } else {
+        push(&mut s, ".absmax", ElementType::F32, vec![blocks]);
+    }
+    push(&mut s, ".quant_map", ElementType::F32, vec![16]);
+    push(
+        &mut s,
+        &format!(".{}", quant_state_key(spec.quant)),
+        ElementType::U8,
+        vec![state_json_width(spec, shape, dtype)],
+    );
+    s
 }
 
 #[cfg(test)]

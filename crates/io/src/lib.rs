@@ -20,7 +20,10 @@ mod partial_dir;
 mod safetensors_file;
 mod tokenizer;
 
-pub use bnb::{python_float_repr, quant_state_key, BnbConfig, NestedJson, QuantStateJson};
+pub use bnb::{
+    bnb4_specs, bnb4_tensors, python_float_repr, quant_state_key, state_json_width, BnbConfig,
+    NestedJson, QuantStateJson,
+};
 pub use bytes::Bytes;
 pub use config::{short_name, LinearSpec, ModelConfig, RopeScaling, LAYER_LINEARS};
 pub use error::{Error, Result};
