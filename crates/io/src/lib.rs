@@ -17,6 +17,7 @@ mod gguf_write;
 mod gptq;
 mod model_dir;
 mod partial_dir;
+mod peft;
 mod safetensors_file;
 mod tokenizer;
 
@@ -32,6 +33,7 @@ pub use gguf_write::{gguf_name, permute_rows, GgufTensorSpec, GgufWriter};
 pub use gptq::{GroupedConfig, GroupedMethod, GroupedParts, GroupedShapes};
 pub use model_dir::{ModelSource, TensorStore};
 pub use partial_dir::PartialDir;
+pub use peft::{write_peft_adapter, PeftLoraConfig};
 pub use safetensors_file::{
     write_safetensors, SafetensorsFile, StreamingWriter, TensorSpec, WriteTensor,
 };

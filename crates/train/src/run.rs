@@ -7,7 +7,7 @@ use crate::data::Example;
 use crate::grad::{Adapters, LoraParam, Noise};
 use crate::optim::{clip_grad_norm, AdamW, Schedule};
 use crate::{Error, Result};
-use qlora_io::{write_safetensors, ElementType, WriteTensor};
+use qlora_io::{write_peft_adapter, write_safetensors, ElementType, PeftLoraConfig, WriteTensor};
 use qlora_lora::{BaseQuantization, Provenance};
 use qlora_model::Model;
 use serde_json::json;
@@ -135,7 +135,6 @@ fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resu
 /// A PEFT adapter directory: adapter_config.json (only the fields old PEFT knows, plus
 /// use_rslora when set), adapter_model.safetensors (f32), and the provenance sidecar.
 pub fn write_adapter(dir: &Path, ad: &Adapters, o: &TrainOptions, model: &Model) -> Result<()> {
-    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut tensors = Vec::new();
     for p in &ad.params {
         tensors.push(WriteTensor {
@@ -159,26 +158,12 @@ pub fn write_adapter(dir: &Path, ad: &Adapters, o: &TrainOptions, model: &Model)
             });
         }
     }
-    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, &meta)?;
-    let mut cfg = json!({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": o.rank, "lora_alpha": o.alpha,
-        "lora_dropout": o.dropout, "target_modules": o.target_names, "bias": "none",
-        "fan_in_fan_out": false, "modules_to_save": null, "base_model_name_or_path": o.base_name,
-        "revision": null, "inference_mode": true, "init_lora_weights": true,
-        "layers_to_transform": null, "layers_pattern": null, "rank_pattern": {}, "alpha_pattern": {},
-    });
-    if o.rslora {
-        cfg["use_rslora"] = json!(true);
-    }
-    if ad.params.iter().any(|p| p.magnitude.is_some()) {
-        cfg["use_dora"] = json!(true);
-    }
-    let cfg_path = dir.join("adapter_config.json");
-    std::fs::write(
-        &cfg_path,
-        serde_json::to_string_pretty(&cfg).expect("json") + "\n",
-    )
-    .map_err(|e| Error::file(&cfg_path, e))?;
+    let mut cfg =
+        PeftLoraConfig::causal_lm(o.rank, o.alpha as f64, o.dropout as f64, &o.target_names);
+    cfg.base_model_name_or_path = o.base_name.clone();
+    cfg.use_rslora = o.rslora;
+    cfg.use_dora = ad.params.iter().any(|p| p.magnitude.is_some());
+    write_peft_adapter(dir, &tensors, &cfg)?;
     Provenance {
         qlora_version: env!("CARGO_PKG_VERSION").into(),
         base_fingerprint: model.fingerprint.clone(),
