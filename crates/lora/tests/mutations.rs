@@ -1,6 +1,7 @@
 //! A bounded mutation fuzzer over every file parser, run in CI: valid inputs from the fixtures
-//! (a bitsandbytes 4-bit safetensors checkpoint, a GGUF, config.json, a quant-state JSON, an
-//! adapter_config.json, a PyTorch `.bin` adapter) are mutated (bit flips, byte overwrites with
+//! (a bitsandbytes 4-bit safetensors checkpoint, a GGUF, config.json, a GPTQ quantization
+//! config with `dynamic` rules, a quant-state JSON, an adapter_config.json, a PyTorch `.bin`
+//! adapter) are mutated (bit flips, byte overwrites with
 //! boundary values, insertions, deletions, truncation, splices) and fed to their parser. Every
 //! result must be Ok or Err: a panic or a parse slower than its bound fails the test, with the
 //! seed and the case to reproduce it.
@@ -181,6 +182,34 @@ fn gguf_files() {
         if let Ok(g) = GgufFile::open(&p) {
             let _ = g.config();
             let _ = qlora_io::tokenizer_from_gguf(&g);
+        }
+    });
+}
+
+#[test]
+fn gptq_quantization_configs() {
+    // GPTQModel's config with per-module `dynamic` regexes; every module of the model asked.
+    let seed =
+        std::fs::read(root().join("tests/fixtures/gptq/gptq-llama64-lmhead-dynamic/config.json"))
+            .unwrap();
+    let dir = tmp("gptq");
+    fuzz("gptq config", &seed, Duration::from_secs(1), |b| {
+        let p = dir.join("config.json");
+        std::fs::write(&p, b).unwrap();
+        let Ok(cfg) = ModelConfig::load(&p) else {
+            return;
+        };
+        if let Ok(Some(g)) =
+            qlora_io::GroupedConfig::from_model(&dir, cfg.quantization_config.as_ref())
+        {
+            for i in 0..cfg.num_hidden_layers.min(4) {
+                for l in qlora_io::LAYER_LINEARS {
+                    if let Ok(Some(c)) = g.for_module(&format!("model.layers.{i}.{l}")) {
+                        let _ = c.shapes(cfg.hidden_size, cfg.intermediate_size);
+                    }
+                }
+            }
+            let _ = g.for_module("lm_head");
         }
     });
 }
