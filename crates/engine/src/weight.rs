@@ -395,6 +395,7 @@ impl Weight {
             WeightFormat::Grouped { bits } => {
                 let g = self.groups.as_ref().expect("grouped weight has groups");
                 let codes = self.bytes();
+                let mut tmp = Vec::new();
                 for (k, o) in out.chunks_mut(self.cols).enumerate() {
                     let r = r0 + k;
                     let (s, z) = (
@@ -402,16 +403,52 @@ impl Weight {
                         &g.zeros[r * g.groups..(r + 1) * g.groups],
                     );
                     let base = r * self.cols;
-                    for (c, &gi) in g.g_idx.iter().enumerate() {
-                        let e = base + c;
-                        let q = if bits == 8 {
-                            codes[e]
+                    let code = |e: usize| -> f32 {
+                        if bits == 8 {
+                            codes[e] as f32
                         } else {
-                            (codes[e / 2] >> (4 * (1 - e % 2))) & 0xF
-                        };
-                        let gi = gi as usize;
-                        let dst = g.perm.as_ref().map_or(c, |p| p[c] as usize);
-                        o[dst] = s[gi] * (q as f32 - z[gi]);
+                            ((codes[e / 2] >> (4 * (1 - e % 2))) & 0xF) as f32
+                        }
+                    };
+                    match g.contiguous {
+                        // Contiguous groups in stored order: one scale and zero a run, no
+                        // gathers (the prefill and training products widen this way); act-order
+                        // rows then go back to input order through the permutation.
+                        Some(size)
+                            if bits == 4 && size.is_multiple_of(2) && base.is_multiple_of(2) =>
+                        {
+                            let row = &codes[base / 2..(base + self.cols).div_ceil(2)];
+                            let dst: &mut [f32] = match &g.perm {
+                                None => o,
+                                Some(_) => {
+                                    tmp.resize(self.cols, 0.0);
+                                    &mut tmp[..]
+                                }
+                            };
+                            for (gi, (og, bg)) in
+                                dst.chunks_mut(size).zip(row.chunks(size / 2)).enumerate()
+                            {
+                                let (sc, zc) = (s[gi], z[gi]);
+                                for (pair, &b) in og.chunks_mut(2).zip(bg) {
+                                    pair[0] = sc * ((b >> 4) as f32 - zc);
+                                    if let Some(v) = pair.get_mut(1) {
+                                        *v = sc * ((b & 0xF) as f32 - zc);
+                                    }
+                                }
+                            }
+                            if let Some(p) = &g.perm {
+                                for (&v, &c) in tmp.iter().zip(p) {
+                                    o[c as usize] = v;
+                                }
+                            }
+                        }
+                        _ => {
+                            for (c, &gi) in g.g_idx.iter().enumerate() {
+                                let gi = gi as usize;
+                                let dst = g.perm.as_ref().map_or(c, |p| p[c] as usize);
+                                o[dst] = s[gi] * (code(base + c) - z[gi]);
+                            }
+                        }
                     }
                 }
             }

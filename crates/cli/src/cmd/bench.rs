@@ -673,8 +673,18 @@ fn kernels(repeats: usize) -> Result<()> {
             let stored = w.stored_bytes() as f64;
             let x: Vec<f32> = (0..cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
             let mut y = vec![0f32; rows];
-            let mut gemv = Vec::new();
+            let (mut gemv, mut deq) = (Vec::new(), Vec::new());
             for _ in 0..repeats {
+                let t = Instant::now();
+                (0..rows.div_ceil(64)).into_par_iter().for_each_init(
+                    || vec![0f32; 64 * cols],
+                    |buf, c| {
+                        let n = 64.min(rows - c * 64);
+                        w.dequantize_rows(c * 64, &mut buf[..n * cols]);
+                        std::hint::black_box(&buf);
+                    },
+                );
+                deq.push(t.elapsed().as_secs_f64());
                 let calls = (64 << 20) / w.stored_bytes().max(1) + 1;
                 let t = Instant::now();
                 for _ in 0..calls {
@@ -683,10 +693,11 @@ fn kernels(repeats: usize) -> Result<()> {
                 }
                 gemv.push(t.elapsed().as_secs_f64() / calls as f64);
             }
-            let g = median(gemv);
+            let (g, d) = (median(gemv), median(deq));
             println!(
-                "{name:<15} [{rows}, {cols}]  gptq int4 g128 {}  gemv {:.2} GB/s ({:.0} % of bw, {:.1} µs)",
+                "{name:<15} [{rows}, {cols}]  gptq int4 g128 {}  dequantize {:.2} G weights/s  gemv {:.2} GB/s ({:.0} % of bw, {:.1} µs)",
                 if act_order { "act-order" } else { "         " },
+                (rows * cols) as f64 / d / 1e9,
                 stored / g / 1e9,
                 100.0 * stored / g / 1e9 / bw,
                 g * 1e6
