@@ -556,11 +556,41 @@ fn gpu_bench(
     Ok(())
 }
 
+/// Median seconds to widen a weight to f32 in 64-row tiles (the prefill path) and of one
+/// single-token product with it (decode), over `repeats` runs.
+fn time_widen_and_gemv(w: &qlora_engine::Weight, repeats: usize) -> (f64, f64) {
+    let (rows, cols) = (w.rows, w.cols);
+    let (mut deq, mut gemv) = (Vec::new(), Vec::new());
+    let x: Vec<f32> = (0..cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
+    let mut y = vec![0f32; rows];
+    for _ in 0..repeats {
+        let t = Instant::now();
+        (0..rows.div_ceil(64)).into_par_iter().for_each_init(
+            || vec![0f32; 64 * cols],
+            |buf, c| {
+                let n = 64.min(rows - c * 64);
+                w.dequantize_rows(c * 64, &mut buf[..n * cols]);
+                std::hint::black_box(&buf);
+            },
+        );
+        deq.push(t.elapsed().as_secs_f64());
+        // Small matrices: time many calls so the clock is not the measurement.
+        let calls = (64 << 20) / w.stored_bytes().max(1) + 1;
+        let t = Instant::now();
+        for _ in 0..calls {
+            qlora_engine::ops::linear(&x, 1, w, &mut y);
+            std::hint::black_box(&y);
+        }
+        gemv.push(t.elapsed().as_secs_f64() / calls as f64);
+    }
+    (median(deq), median(gemv))
+}
+
 /// NF4 (blocksize 64, double-quantized absmax) kernels at Mistral-7B's linear shapes:
 /// dequantizing whole 64-row tiles (the prefill path) and the fused GEMV (decode); then the
 /// GPTQ/AWQ int4 GEMV, fused and widened.
 fn kernels(repeats: usize) -> Result<()> {
-    use qlora_engine::{ops::linear, Weight};
+    use qlora_engine::Weight;
     use qlora_model::quantize::quantize_tensor;
     use qlora_model::QuantizeSpec;
     use qlora_quant::Quant4;
@@ -603,31 +633,7 @@ fn kernels(repeats: usize) -> Result<()> {
         )
         .map_err(anyhow::Error::msg)?;
         let stored = w.stored_bytes() as f64;
-        let mut deq = Vec::new();
-        let mut gemv = Vec::new();
-        let x: Vec<f32> = (0..cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
-        let mut y = vec![0f32; rows];
-        for _ in 0..repeats {
-            let t = Instant::now();
-            (0..rows.div_ceil(64)).into_par_iter().for_each_init(
-                || vec![0f32; 64 * cols],
-                |buf, c| {
-                    let n = 64.min(rows - c * 64);
-                    w.dequantize_rows(c * 64, &mut buf[..n * cols]);
-                    std::hint::black_box(&buf);
-                },
-            );
-            deq.push(t.elapsed().as_secs_f64());
-            // Small matrices: time many calls so the clock is not the measurement.
-            let calls = (64 << 20) / w.stored_bytes().max(1) + 1;
-            let t = Instant::now();
-            for _ in 0..calls {
-                linear(&x, 1, &w, &mut y);
-                std::hint::black_box(&y);
-            }
-            gemv.push(t.elapsed().as_secs_f64() / calls as f64);
-        }
-        let (d, g) = (median(deq), median(gemv));
+        let (d, g) = time_widen_and_gemv(&w, repeats);
         println!(
             "{name:<15} [{rows}, {cols}]  dequantize {:.2} G weights/s ({:.2} GB/s packed, {:.0} % of bw)  gemv {:.2} GB/s ({:.0} % of bw, {:.1} µs)",
             (rows * cols) as f64 / d / 1e9,
@@ -671,29 +677,7 @@ fn kernels(repeats: usize) -> Result<()> {
             )
             .map_err(anyhow::Error::msg)?;
             let stored = w.stored_bytes() as f64;
-            let x: Vec<f32> = (0..cols).map(|i| ((i % 17) as f32 - 8.0) / 8.0).collect();
-            let mut y = vec![0f32; rows];
-            let (mut gemv, mut deq) = (Vec::new(), Vec::new());
-            for _ in 0..repeats {
-                let t = Instant::now();
-                (0..rows.div_ceil(64)).into_par_iter().for_each_init(
-                    || vec![0f32; 64 * cols],
-                    |buf, c| {
-                        let n = 64.min(rows - c * 64);
-                        w.dequantize_rows(c * 64, &mut buf[..n * cols]);
-                        std::hint::black_box(&buf);
-                    },
-                );
-                deq.push(t.elapsed().as_secs_f64());
-                let calls = (64 << 20) / w.stored_bytes().max(1) + 1;
-                let t = Instant::now();
-                for _ in 0..calls {
-                    linear(&x, 1, &w, &mut y);
-                    std::hint::black_box(&y);
-                }
-                gemv.push(t.elapsed().as_secs_f64() / calls as f64);
-            }
-            let (g, d) = (median(gemv), median(deq));
+            let (d, g) = time_widen_and_gemv(&w, repeats);
             println!(
                 "{name:<15} [{rows}, {cols}]  gptq int4 g128 {}  dequantize {:.2} G weights/s  gemv {:.2} GB/s ({:.0} % of bw, {:.1} µs)",
                 if act_order { "act-order" } else { "         " },
