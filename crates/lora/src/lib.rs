@@ -2,10 +2,12 @@
 //! and the weights (`adapter_model.safetensors`, or `adapter_model.bin` through a restricted
 //! unpickler that executes nothing), multi-adapter directories, matching every tensor to a
 //! model's modules with shape checks and precise misfit messages, per-module scaling (LoRA,
-//! rsLoRA, rank/alpha patterns), and the provenance sidecar.
+//! rsLoRA, rank/alpha patterns), the provenance sidecar, and merging adapters into dense
+//! weights (`merge`).
 
 pub mod adapter;
 pub mod config;
+pub mod merge;
 pub mod pickle;
 pub mod provenance;
 

@@ -76,47 +76,9 @@ impl Model {
     }
 }
 
-/// ΔW = s · B A as [out, in] f32: an f32 matrix product (as PEFT's fp32 `B @ A`), then
-/// scaled.
-pub fn delta_weight(a: &[f32], b: &[f32], r: usize, out: usize, inp: usize, s: f32) -> Vec<f32> {
-    // B A = B · (Aᵀ)ᵀ: `linear` with x = B [out, r] and W = Aᵀ [in, r].
-    let mut a_t = vec![0f32; inp * r];
-    for k in 0..r {
-        for i in 0..inp {
-            a_t[i * r + k] = a[k * inp + i];
-        }
-    }
-    let mut dw = vec![0f32; out * inp];
-    qlora_engine::ops::linear(b, out, &Weight::from_f32(inp, r, &a_t), &mut dw);
-    for v in dw.iter_mut() {
-        *v *= s;
-    }
-    dw
-}
-
-/// DoRA's row norms ‖W + s·B A‖₂ (W dequantized), one per output row.
-/// # Shapes
-/// base [out, in], a [r, in], b [out, r] → [out]
-pub fn dora_row_norms(base: &Weight, a: &[f32], b: &[f32], r: usize, s: f32) -> Vec<f32> {
-    let (out, inp) = (base.rows, base.cols);
-    let w = base.to_f32();
-    let dw = delta_weight(a, b, r, out, inp, s);
-    w.chunks(inp)
-        .zip(dw.chunks(inp))
-        .map(|(wr, dr)| {
-            let sq: f64 = wr
-                .iter()
-                .zip(dr)
-                .map(|(x, y)| ((x + y) as f64).powi(2))
-                .sum();
-            sq.sqrt() as f32
-        })
-        .collect()
-}
-
 /// DoRA's per-row scale: magnitude / ‖W + s·B A‖₂ over each output row.
 fn dora_row_scale(base: &Weight, d: &LinearDelta, magnitude: &[f32]) -> Vec<f32> {
-    let n = dora_row_norms(base, &d.a, &d.b, d.rank, d.scaling);
+    let n = qlora_lora::merge::dora_row_norms(base, &d.a, &d.b, d.rank, d.scaling);
     magnitude.iter().zip(&n).map(|(m, n)| m / n).collect()
 }
 

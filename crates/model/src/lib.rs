@@ -15,7 +15,6 @@ mod rope;
 mod sampling;
 pub mod synthetic;
 
-pub use adapters::{delta_weight, dora_row_norms};
 pub use decoder::{CpuDecoder, Decoder};
 pub use error::{Error, Result};
 pub use forward::{BatchSeq, KvCache, Logits};
@@ -24,6 +23,7 @@ pub use generate::{
 };
 pub use load::LoadOptions;
 pub use model::{EmbeddingLora, Layer, Lora, Model, Projection};
+pub use qlora_lora::merge::{delta_weight, dora_row_norms};
 pub use quantize::QuantizeSpec;
 pub use rope::inv_freq;
 pub use sampling::{argmax as sampling_argmax, Sampler, SamplingParams};

@@ -5,13 +5,13 @@
 //! `llama-cli --lora`, as llama.cpp's `convert_lora_to_gguf.py` lays it out. Tensors are computed
 //! and written one at a time, into a temporary file renamed when complete.
 
-use super::merge::{merge_embedding, merge_linear};
 use crate::load::{apply_replacements, plan_adapters, AdapterArgs};
 use anyhow::{bail, Context, Result};
 use qlora_io::{
     gguf_name, gguf_tokenizer_metadata, permute_rows, GgmlType, GgufFile, GgufTensorSpec,
     GgufValue, GgufWriter, ModelConfig, ModelSource,
 };
+use qlora_lora::merge::{merge_embedding, merge_linear};
 use qlora_lora::{Adapter, EmbeddingDelta, LinearDelta, Plan};
 use qlora_model::{LoadOptions, Model};
 use qlora_quant::quantize_ggml;

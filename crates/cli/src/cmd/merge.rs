@@ -12,9 +12,10 @@ use crate::load::{apply_replacements, plan_adapters, AdapterArgs, QuantType, Qua
 use anyhow::{bail, Context, Result};
 use qlora_engine::Weight;
 use qlora_io::{BnbConfig, ElementType, ModelSource, StreamingWriter, TensorSpec};
+use qlora_lora::merge::{merge_embedding, merge_linear};
 use qlora_lora::{Adapter, EmbeddingDelta, LinearDelta, Plan, Provenance};
 use qlora_model::quantize::quantize_tensor;
-use qlora_model::{delta_weight, LoadOptions, Model, QuantizeSpec};
+use qlora_model::{LoadOptions, Model, QuantizeSpec};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -45,64 +46,6 @@ pub struct Args {
     /// Double-quantize the absmax of the requantized layers.
     #[arg(long = "requantize-double-quant", requires = "requantize")]
     requantize_double_quant: bool,
-}
-
-/// Merges a linear weight: W ← W + s·B A (LoRA) or W ← m/‖W + ΔW‖ · (W + ΔW) (DoRA), in the
-/// adapters' order; `lora_B.bias` adds s·b to the bias.
-pub(crate) fn merge_linear(
-    w: &mut [f32],
-    bias: &mut Option<Vec<f32>>,
-    out: usize,
-    inp: usize,
-    deltas: &[&LinearDelta],
-    module: &str,
-) -> Result<()> {
-    for d in deltas {
-        let dw = delta_weight(&d.a, &d.b, d.rank, out, inp, d.scaling);
-        match &d.magnitude {
-            None => w.iter_mut().zip(&dw).for_each(|(x, y)| *x += y),
-            Some(m) => {
-                for o in 0..out {
-                    let row = &mut w[o * inp..(o + 1) * inp];
-                    row.iter_mut()
-                        .zip(&dw[o * inp..(o + 1) * inp])
-                        .for_each(|(x, y)| *x += y);
-                    let norm: f64 = row.iter().map(|v| (*v as f64) * (*v as f64)).sum();
-                    let f = m[o] / norm.sqrt() as f32;
-                    row.iter_mut().for_each(|x| *x *= f);
-                }
-            }
-        }
-        if let Some(bb) = &d.b_bias {
-            let Some(b) = bias else {
-                bail!("adapter has lora_B.bias for \"{module}\", which has no bias to merge it into (PEFT cannot merge it either); apply it unmerged with --adapter");
-            };
-            b.iter_mut().zip(bb).for_each(|(x, y)| *x += d.scaling * y);
-        }
-    }
-    Ok(())
-}
-
-/// Merges embedding deltas: E ← E + s·(B A)ᵀ, or DoRA's column-rescaled form.
-pub(crate) fn merge_embedding(e: &mut [f32], vocab: usize, dim: usize, deltas: &[&EmbeddingDelta]) {
-    for d in deltas {
-        let r = d.rank;
-        for v in 0..vocab {
-            for j in 0..dim {
-                let delta: f32 = (0..r)
-                    .map(|k| d.b[j * r + k] * d.a[k * vocab + v])
-                    .sum::<f32>();
-                e[v * dim + j] += delta * d.scaling;
-            }
-        }
-        if let Some(m) = &d.magnitude {
-            for j in 0..dim {
-                let norm: f64 = (0..vocab).map(|v| (e[v * dim + j] as f64).powi(2)).sum();
-                let f = m[j] / norm.sqrt() as f32;
-                (0..vocab).for_each(|v| e[v * dim + j] *= f);
-            }
-        }
-    }
 }
 
 /// One output tensor to produce, in file order.
