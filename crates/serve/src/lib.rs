@@ -75,11 +75,13 @@ pub struct ServeConfig {
 }
 
 /// Binds `addr`, calls `on_listen` with the bound address (port 0 picks one), and serves until
-/// SIGTERM or Ctrl-C; then stops accepting, lets running streams finish, and returns.
+/// SIGTERM or Ctrl-C; then calls `on_shutdown`, stops accepting, lets running streams finish,
+/// and returns. The library prints nothing: the caller says what it wants in the callbacks.
 pub fn serve(
     cfg: ServeConfig,
     addr: SocketAddr,
     on_listen: impl FnOnce(SocketAddr),
+    on_shutdown: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -90,7 +92,7 @@ pub fn serve(
         let listener = tokio::net::TcpListener::bind(addr).await?;
         on_listen(listener.local_addr()?);
         axum::serve(listener, router(app))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown_signal(on_shutdown))
             .await
     });
     // The router (and with it the queue's sender) is gone: the engine finishes what runs.
@@ -98,7 +100,7 @@ pub fn serve(
     result
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(on_shutdown: impl FnOnce()) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -117,7 +119,7 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("qlora serve: shutting down (finishing running requests)");
+    on_shutdown();
 }
 
 /// A served model in the registry.

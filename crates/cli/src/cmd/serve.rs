@@ -169,12 +169,17 @@ pub fn run(a: Args) -> Result<()> {
         limits,
         loader,
     };
-    serve(cfg, SocketAddr::new(a.host, a.port), |addr| {
-        eprintln!(
-            "qlora serve: {base_name} and {} adapter(s), listening on http://{addr}",
-            named.len()
-        );
-    })
+    serve(
+        cfg,
+        SocketAddr::new(a.host, a.port),
+        |addr| {
+            eprintln!(
+                "qlora serve: {base_name} and {} adapter(s), listening on http://{addr}",
+                named.len()
+            );
+        },
+        || eprintln!("qlora serve: shutting down (finishing running requests)"),
+    )
     .with_context(|| format!("serving on {}:{}", a.host, a.port))
 }
 
