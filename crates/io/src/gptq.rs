@@ -370,8 +370,9 @@ pub struct GroupedParts {
     pub groups: usize,
 }
 
-fn words(bytes: &[u8]) -> impl Iterator<Item = u32> {
-    bytemuck::pod_collect_to_vec::<u8, u32>(bytes).into_iter()
+/// Little-endian int32 words (any alignment).
+fn words(bytes: &[u8]) -> Vec<u32> {
+    bytemuck::pod_collect_to_vec(bytes)
 }
 
 /// AWQ's nibble slot of output `8c + j` within word `c`.
@@ -391,9 +392,10 @@ fn unpack_zeros(
     // v1 subtracted one from every field of the packed word; adding it back to the word undoes
     // any borrow between fields (what GPTQModel's v1 → v2 conversion does).
     let one: u32 = (0..p).fold(0, |w, j| w | (1 << (bits as usize * j)));
-    let w: Vec<u32> = words(qzeros)
-        .map(|w| if minus_one { w.wrapping_add(one) } else { w })
-        .collect();
+    let mut w = words(qzeros);
+    if minus_one {
+        w.iter_mut().for_each(|x| *x = x.wrapping_add(one));
+    }
     let per_row = out / p;
     let mut z = vec![0f32; out * groups];
     for g in 0..groups {
@@ -517,7 +519,7 @@ impl GroupedConfig {
             (out * inp).div_ceil(2)
         };
         let mut codes = vec![0u8; nbytes];
-        let w: Vec<u32> = words(qweight).collect();
+        let w = words(qweight);
         match self.method {
             GroupedMethod::Gptq => {
                 for r in 0..inp / p {

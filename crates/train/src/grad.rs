@@ -104,13 +104,7 @@ const DROPOUT_CHUNK: usize = 1 << 14;
 fn dropout_chunk(ms: u64, i0: usize, p: f32, scale: f32, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        static AVX512DQ: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on = *AVX512DQ.get_or_init(|| {
-            std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512dq")
-                && std::env::var_os("QLORA_NO_AVX512").is_none_or(|v| v.is_empty() || v == "0")
-        });
-        if on {
+        if qlora_quant::use_avx512() && std::is_x86_feature_detected!("avx512dq") {
             // SAFETY: AVX-512F and DQ detected.
             unsafe { dropout_chunk_avx512(ms, i0, p, scale, x, out) };
             return;

@@ -514,7 +514,8 @@ impl CudaTrainer {
     }
 
     /// The adapter's backward for rows [r0, r0 + t): dB += s·dyᵀh, dA += (s·dy B)ᵀ xd, and
-    /// dx [t, d_in] += (s·dy B) A through the dropout. `dy` at the projection's first column.
+    /// dx [t, d_in] += (s·dy B) A through the dropout. `dy` is the whole linear's gradient
+    /// (the projection's columns start at col0), as `lora_fwd`'s `y`.
     #[allow(clippy::too_many_arguments)]
     fn lora_bwd(
         &self,
@@ -531,6 +532,7 @@ impl CudaTrainer {
         let g = &self.m.gpu;
         let w = self.work();
         let f = (Dt::F32, Dt::F32);
+        let dy = dy + (p.col0 * 4) as u64;
         let xd = self.adapter_input(x, t * p.d_in, r0 * p.d_in, drop)?;
         g.gemm_rm(
             (true, false),
@@ -832,6 +834,46 @@ impl CudaTrainer {
             .filter(move |p| p.lin == lin && p.layer == li)
     }
 
+    /// Every adapter of one linear of layer `li`, forward: y [t, ldy] += its deltas from x.
+    #[allow(clippy::too_many_arguments)]
+    fn adapters_fwd(
+        &self,
+        li: usize,
+        lin: Lin,
+        sv: &Saved,
+        x: u64,
+        t: usize,
+        y: u64,
+        ldy: usize,
+        drops: &[Option<(u64, f32)>],
+    ) -> Result<()> {
+        for p in self.layer_params(li, lin) {
+            self.lora_fwd(p, x, t, 0, y, ldy, self.lh(sv, p), drops[p.index])?;
+        }
+        Ok(())
+    }
+
+    /// Every adapter of one linear of layer `li`, backward: gradients from dy [t, ldy], and
+    /// dx += their input gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn adapters_bwd(
+        &self,
+        li: usize,
+        lin: Lin,
+        sv: &Saved,
+        x: u64,
+        t: usize,
+        dy: u64,
+        ldy: usize,
+        dx: u64,
+        drops: &[Option<(u64, f32)>],
+    ) -> Result<()> {
+        for p in self.layer_params(li, lin) {
+            self.lora_bwd(p, x, t, 0, dy, ldy, self.lh(sv, p), dx, drops[p.index])?;
+        }
+        Ok(())
+    }
+
     /// One layer's forward over t tokens: xin → xout (f32 [t, d]), intermediates into `sv`.
     #[allow(clippy::too_many_arguments)]
     fn layer_fwd(
@@ -850,26 +892,17 @@ impl CudaTrainer {
         let ld = self.qkv_ld();
         m.rms_norm(xin, &l.ln1, t, sv.h1.ptr(), 0)?;
         m.linear(&l.qkv, sv.h1.ptr(), None, t, w.qkv32.ptr(), ld, false)?;
-        for p in self.layer_params(li, Lin::Qkv) {
-            let h = self.lh(sv, p);
-            self.lora_fwd(p, sv.h1.ptr(), t, 0, w.qkv32.ptr(), ld, h, drops[p.index])?;
-        }
+        self.adapters_fwd(li, Lin::Qkv, sv, sv.h1.ptr(), t, w.qkv32.ptr(), ld, drops)?;
         self.rope(w.qkv32.ptr(), t, 1.0)?;
         self.to_lp(w.qkv32.ptr(), sv.qkv.ptr(), t * ld)?;
         self.attention(sv, segs)?;
         self.to_lp(w.attn32.ptr(), sv.attn.ptr(), t * q)?;
         g.copy(sv.x2.ptr(), xin, t * d * 4)?;
         m.linear(&l.o, sv.attn.ptr(), None, t, sv.x2.ptr(), d, true)?;
-        for p in self.layer_params(li, Lin::O) {
-            let h = self.lh(sv, p);
-            self.lora_fwd(p, sv.attn.ptr(), t, 0, sv.x2.ptr(), d, h, drops[p.index])?;
-        }
+        self.adapters_fwd(li, Lin::O, sv, sv.attn.ptr(), t, sv.x2.ptr(), d, drops)?;
         m.rms_norm(sv.x2.ptr(), &l.ln2, t, sv.h2.ptr(), 0)?;
         m.linear(&l.gu, sv.h2.ptr(), None, t, sv.gu.ptr(), 2 * f, false)?;
-        for p in self.layer_params(li, Lin::Gu) {
-            let h = self.lh(sv, p);
-            self.lora_fwd(p, sv.h2.ptr(), t, 0, sv.gu.ptr(), 2 * f, h, drops[p.index])?;
-        }
+        self.adapters_fwd(li, Lin::Gu, sv, sv.h2.ptr(), t, sv.gu.ptr(), 2 * f, drops)?;
         g.launch_n(
             "swiglu",
             t * f,
@@ -883,10 +916,7 @@ impl CudaTrainer {
         )?;
         g.copy(xout, sv.x2.ptr(), t * d * 4)?;
         m.linear(&l.down, sv.act.ptr(), None, t, xout, d, true)?;
-        for p in self.layer_params(li, Lin::Down) {
-            let h = self.lh(sv, p);
-            self.lora_fwd(p, sv.act.ptr(), t, 0, xout, d, h, drops[p.index])?;
-        }
+        self.adapters_fwd(li, Lin::Down, sv, sv.act.ptr(), t, xout, d, drops)?;
         Ok(())
     }
 
@@ -908,10 +938,7 @@ impl CudaTrainer {
         // down: out = x2 + down(act)
         self.to_lp(dx, lpb, t * d)?;
         self.base_bwd(&l.down, lpb, d, t, dh, false)?;
-        for p in self.layer_params(li, Lin::Down) {
-            let h = self.lh(sv, p);
-            self.lora_bwd(p, sv.act.ptr(), t, 0, dx, d, h, dh, drops[p.index])?;
-        }
+        self.adapters_bwd(li, Lin::Down, sv, sv.act.ptr(), t, dx, d, dh, drops)?;
         g.launch_n(
             "swiglu_bwd",
             t * f,
@@ -925,29 +952,38 @@ impl CudaTrainer {
         )?;
         self.to_lp(w.dgu.ptr(), lpb, t * 2 * f)?;
         self.base_bwd(&l.gu, lpb, 2 * f, t, dh, false)?;
-        for p in self.layer_params(li, Lin::Gu) {
-            let h = self.lh(sv, p);
-            let dy = w.dgu.at(p.col0 * 4);
-            self.lora_bwd(p, sv.h2.ptr(), t, 0, dy, 2 * f, h, dh, drops[p.index])?;
-        }
+        self.adapters_bwd(
+            li,
+            Lin::Gu,
+            sv,
+            sv.h2.ptr(),
+            t,
+            w.dgu.ptr(),
+            2 * f,
+            dh,
+            drops,
+        )?;
         self.rms_norm_bwd(sv.x2.ptr(), &l.ln2, t, dh, dx)?;
         // o: x2 = x + o(attn)
         self.to_lp(dx, lpb, t * d)?;
         self.base_bwd(&l.o, lpb, d, t, dh, false)?;
-        for p in self.layer_params(li, Lin::O) {
-            let h = self.lh(sv, p);
-            self.lora_bwd(p, sv.attn.ptr(), t, 0, dx, d, h, dh, drops[p.index])?;
-        }
+        self.adapters_bwd(li, Lin::O, sv, sv.attn.ptr(), t, dx, d, dh, drops)?;
         self.to_lp(dh, lpb, t * q)?;
         self.attention_bwd(sv, segs, lpb)?;
         self.rope(w.dqkv.ptr(), t, -1.0)?;
         self.to_lp(w.dqkv.ptr(), lpb, t * ld)?;
         self.base_bwd(&l.qkv, lpb, ld, t, dh, false)?;
-        for p in self.layer_params(li, Lin::Qkv) {
-            let h = self.lh(sv, p);
-            let dy = w.dqkv.at(p.col0 * 4);
-            self.lora_bwd(p, sv.h1.ptr(), t, 0, dy, ld, h, dh, drops[p.index])?;
-        }
+        self.adapters_bwd(
+            li,
+            Lin::Qkv,
+            sv,
+            sv.h1.ptr(),
+            t,
+            w.dqkv.ptr(),
+            ld,
+            dh,
+            drops,
+        )?;
         self.rms_norm_bwd(xin, &l.ln1, t, dh, dx)
     }
 
