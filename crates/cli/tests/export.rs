@@ -58,6 +58,7 @@ fn greedy(model: &Path) -> String {
 #[test]
 fn exported_models_read_back_with_the_source_weights() {
     let Some(src) = smollm2_or_skip() else { return };
+    let _disk = one_big_writer();
     let tmp = temp_dir("export-roundtrip");
     let want = logits(&src, &[], &tmp.join("src.safetensors"));
     let f32_file = tmp.join("smol-f32.gguf");
@@ -86,6 +87,8 @@ fn exported_models_read_back_with_the_source_weights() {
         assert_eq!(b.get(k), Some(v), "{k}");
     }
     assert_eq!(b.get("general.file_type"), Some(&GgufValue::U32(0)));
+    drop(b);
+    std::fs::remove_file(&f32_file).unwrap();
     // Quantizing again (the source is already Q4_1) adds error: bounds on the RMS of Δlogit
     // relative to the logits' (measured: q8_0 0.02, q4_0 0.35 with a Q8_0 embedding).
     let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
@@ -115,6 +118,8 @@ fn exported_models_read_back_with_the_source_weights() {
         let delta: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
         let r = rms(&delta) / rms(&want);
         assert!(r > 0.0 && r < bound, "{ty}: relative RMS of Δlogit = {r}");
+        drop(g);
+        std::fs::remove_file(&f).unwrap();
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
@@ -125,6 +130,7 @@ fn exported_models_read_back_with_the_source_weights() {
 #[test]
 fn export_from_a_directory_rebuilds_the_gguf_tokenizer() {
     let Some(src) = smollm2_or_skip() else { return };
+    let _disk = one_big_writer();
     let tmp = temp_dir("export-hf");
     let hf = tmp.join("hf");
     let o = qlora(&[
@@ -146,6 +152,7 @@ fn export_from_a_directory_rebuilds_the_gguf_tokenizer() {
         "--out",
         out.to_str().unwrap(),
     ]);
+    std::fs::remove_dir_all(&hf).unwrap();
     let (a, b) = (GgufFile::open(&src).unwrap(), GgufFile::open(&out).unwrap());
     for k in [
         "tokenizer.ggml.model",
@@ -176,6 +183,7 @@ fn export_from_a_directory_rebuilds_the_gguf_tokenizer() {
 #[test]
 fn merged_exports_equal_the_unmerged_adapters() {
     let Some(src) = smollm2_or_skip() else { return };
+    let _disk = one_big_writer();
     let tmp = temp_dir("export-merge");
     let (a1, a2) = (tmp.join("a1"), tmp.join("a2"));
     let all = [

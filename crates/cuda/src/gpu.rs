@@ -112,12 +112,11 @@ pub fn gemv4m_fits(cols: usize, blocksize: usize) -> bool {
 
 /// The CUDA-core GEMV for `t` tokens (1 ≤ t ≤ 8) over `cols` inputs: the x-stationary
 /// `gemv4x_t1/t2` for t ≤ 2 (its 32-column pieces as threads: cols ≤ 32 · GX_MAXT), else the
-/// cp.async-staged `gemv4s_*`. QLORA_GEMV=staged or =registers picks the older families
+/// cp.async-staged `gemv4s_*` (in bf16 mode `gemv4m` takes 2-8 tokens first; QLORA_GEMV=cuda
+/// keeps these at every t). QLORA_GEMV=staged or =registers picks the older families
 /// (benchmarks; QLORA_GEMV_T1 then names the register family's t = 1 variant).
 pub fn gemv4_kernel(t: usize, cols: usize) -> &'static str {
-    static FAMILY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let family = FAMILY.get_or_init(|| std::env::var("QLORA_GEMV").unwrap_or_default());
-    match family.as_str() {
+    match gemv_family() {
         "registers" => match t {
             0 | 1 => gemv_t1(),
             2 => "gemv4_t2",
@@ -132,6 +131,24 @@ pub fn gemv4_kernel(t: usize, cols: usize) -> &'static str {
             3 | 4 => "gemv4s_t4",
             _ => "gemv4s_t8",
         },
+    }
+}
+
+/// QLORA_GEMV, read once: "" (the default), "mma", "cuda", "staged" or "registers".
+fn gemv_family() -> &'static str {
+    static FAMILY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FAMILY.get_or_init(|| std::env::var("QLORA_GEMV").unwrap_or_default())
+}
+
+/// Whether the tensor-core `gemv4m` serves `t` tokens in bf16 mode: from 2 tokens on, where
+/// it costs about what one does (run 21: batch-8 decode 604 → 1,962 tok/s), but not at 1,
+/// where the CUDA-core `gemv4x_t1` is faster (324 against 263 tok/s). QLORA_GEMV=mma takes it
+/// at 1 token too; any other named family never (benchmarks).
+fn gemv4m_serves(t: usize) -> bool {
+    match gemv_family() {
+        "" => t >= 2,
+        "mma" => true,
+        _ => false,
     }
 }
 
@@ -622,12 +639,12 @@ impl Gpu {
     }
 
     /// Launches an elementwise kernel over `n` elements (256 threads a block).
-    /// The fused 4-bit GEMV: the kernel `gemv4_kernel` picks, or with QLORA_GEMV=mma in bf16
-    /// mode the tensor-core `gemv4m` where the layout fits (being measured).
+    /// The fused 4-bit GEMV: in bf16 mode the tensor-core `gemv4m` for 2 to 8 tokens where the
+    /// layout fits (`gemv4m_serves`), else the CUDA-core kernel `gemv4_kernel` picks.
     pub fn gemv4(&self, g: &Gemv4) -> Result<()> {
-        static FAMILY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let family = FAMILY.get_or_init(|| std::env::var("QLORA_GEMV").unwrap_or_default());
-        if self.precision == Precision::Bf16 && family == "mma" && gemv4m_fits(g.cols, g.blocksize)
+        if self.precision == Precision::Bf16
+            && gemv4m_serves(g.t)
+            && gemv4m_fits(g.cols, g.blocksize)
         {
             return self.gemv4_with("gemv4m", g);
         }

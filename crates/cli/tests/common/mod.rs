@@ -197,11 +197,51 @@ pub fn write_model(spec: &Value, dir: &Path) {
     }
 }
 
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A test's scratch directory, removed when the guard drops, a failing test's too: a run
+/// never leaves copies of SmolLM2 (hundreds of MB each) behind on a small disk.
+/// QLORA_KEEP_TEST_DIRS=1 keeps them to look at.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("QLORA_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn temp_dir(tag: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("qlora-test-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
+}
+
+/// Held by the tests of one binary that write whole f32 copies of SmolLM2 (540 MB each), so
+/// that they take their disk one at a time rather than all at once (CI machines' disks can be
+/// small). A test that panicked while holding it does not block the others.
+pub fn one_big_writer() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub fn qlora(args: &[&str]) -> Output {
