@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .gpu/bin
 cargo build --release
 strip -o .gpu/bin/qlora target/release/qlora
-cargo test --release --no-run --message-format=json -p qlora-cuda -p qlora --test ops --test gpu --test gpu_train \
+cargo test --release --no-run --message-format=json -p qlora-cuda -p qlora --test ops --test gpu --test gpu_train --test serve \
   | python3 -c '
 import json, sys
 for line in sys.stdin:

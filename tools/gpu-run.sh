@@ -6,7 +6,8 @@
 # time over two decode steps), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
 # train (qlora bench --train on a synthetic Mistral-7B), gputrain (the GPU training tests alone),
-# peertrain (h200_peer.py --train), mma (the tensor-core GEMV against the default).
+# peertrain (h200_peer.py --train), mma (the tensor-core GEMV against the default), sets (many
+# adapters at once: the adapter-set and GPU-serve tests, mixed-adapter decode).
 # Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -67,6 +68,18 @@ for stage in "$@"; do
       done
       echo "== .gpu/bin/test-gpu with QLORA_GEMV=mma"
       QLORA_GEMV=mma .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check-mma.log" | grep -E "^test |test result|panicked|over" ;;
+    sets)
+      # Many adapters at once: the model-level adapter-set test, the server on the GPU
+      # against `qlora generate`, and batched decode with 8 adapters mixed in every batch
+      # beside the no-adapter and one-adapter figures.
+      echo "== adapter sets"; .gpu/bin/test-gpu adapter_sets --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|off the"
+      echo "== serve on the GPU"; .gpu/bin/test-serve serve_on_the_gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked"
+      echo "== adapter sets, QLORA_BGMV=always"; QLORA_BGMV=always .gpu/bin/test-gpu adapter_sets --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|off the"
+      for ad in "" "--adapter-rank 16" "--mixed-adapters 8 --adapter-rank 16"; do
+        echo "== decode, NF4+DQ base ${ad:-(no adapter)}"
+        $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
+          --prompt-tokens 16 --gen-tokens 64 --batch 1,8,16,32,64 --repeats 3 2>&1 | grep -E "adapters|decode|prefill" | tee -a "$OUT/bench.log"
+      done ;;
     kernels)
       echo "== kernels (bf16)"; $Q bench --kernels --device cuda --precision bf16 2>&1 | tee -a "$OUT/bench.log" ;;
     ncu)

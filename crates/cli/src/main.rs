@@ -5,6 +5,8 @@ mod cmd;
 mod config_file;
 mod device;
 mod load;
+#[cfg(feature = "cuda")]
+mod serve_gpu;
 
 use clap::Parser;
 

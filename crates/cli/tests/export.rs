@@ -59,7 +59,7 @@ fn greedy(model: &Path) -> String {
 fn exported_models_read_back_with_the_source_weights() {
     let Some(src) = smollm2_or_skip() else { return };
     let _disk = one_big_writer();
-    let tmp = temp_dir("export-roundtrip");
+    let tmp = scratch_dir("export-roundtrip");
     let want = logits(&src, &[], &tmp.join("src.safetensors"));
     let f32_file = tmp.join("smol-f32.gguf");
     export(&[
@@ -131,7 +131,7 @@ fn exported_models_read_back_with_the_source_weights() {
 fn export_from_a_directory_rebuilds_the_gguf_tokenizer() {
     let Some(src) = smollm2_or_skip() else { return };
     let _disk = one_big_writer();
-    let tmp = temp_dir("export-hf");
+    let tmp = scratch_dir("export-hf");
     let hf = tmp.join("hf");
     let o = qlora(&[
         "convert",
@@ -184,7 +184,7 @@ fn export_from_a_directory_rebuilds_the_gguf_tokenizer() {
 fn merged_exports_equal_the_unmerged_adapters() {
     let Some(src) = smollm2_or_skip() else { return };
     let _disk = one_big_writer();
-    let tmp = temp_dir("export-merge");
+    let tmp = scratch_dir("export-merge");
     let (a1, a2) = (tmp.join("a1"), tmp.join("a2"));
     let all = [
         "q_proj",

@@ -270,7 +270,7 @@ fn broken(
     tag: &str,
     edit: impl Fn(&mut Vec<(String, ElementType, Vec<usize>, Vec<u8>)>),
     cfg: impl Fn(&mut serde_json::Value),
-) -> TempDir {
+) -> PathBuf {
     let dir = temp_dir(&format!("gptq-broken-{tag}"));
     let src = case_dir(case);
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {

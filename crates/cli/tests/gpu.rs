@@ -507,3 +507,178 @@ fn synthetic_mistral_7b_layers_match_the_cpu() {
         }
     }
 }
+
+/// The base with one PEFT fixture case's adapter on it (a clone sharing the base's weights).
+fn with_case_adapter(base: &Model, base_dir: &Path, case: &str) -> Model {
+    let dir = repo_root()
+        .join("tests/fixtures/peft")
+        .join(case)
+        .join("adapter");
+    let mut w = Vec::new();
+    let planned = qlora_model::plan::plan_adapters(&base.config, base_dir, &[dir], &mut w).unwrap();
+    let mut m = base.clone();
+    qlora_model::plan::apply_planned(&mut m, &planned, false, &mut w).unwrap();
+    assert!(m.shares_base(base), "{case}");
+    m
+}
+
+/// Serving's batch: one uploaded base with several adapter sets (plain LoRA, rsLoRA, DoRA,
+/// an embedding LoRA and DoRA, a LoRA on lm_head (its saved base layer left out), two
+/// adapters at once) beside the bare base; sequences of every set in one forward give what
+/// each adapter's model gives alone, through prefill, graph-replayed decode steps (the
+/// stacked sets in one `bgmv` pair) and mixed prefill/decode batches: in f32 mode the CPU's
+/// logits within 1e-4 at every step; in bf16 the CPU's after prefill within the bf16 budget,
+/// and at every step the same model's run alone on the GPU in bf16 (decode rounds the cache
+/// to bf16, so bf16 against the CPU drifts over steps whatever the batching). A removed set's
+/// sequences fail with a clear error and the others run on.
+#[test]
+fn adapter_sets_share_one_batch_and_each_matches_its_model_alone() {
+    if !have_gpu() {
+        return;
+    }
+    let tmp = temp_dir("gpu-sets");
+    let base_dir = model_dir("llama-64", &tmp);
+    let base = load(&base_dir);
+    let cases = [
+        "all-linear",
+        "dora",
+        "embedding-lora",
+        "embedding-dora",
+        "lm-head-target",
+        "rslora-patterns",
+        "multi-adapter",
+    ];
+    let models: Vec<Model> = std::iter::once(base.clone())
+        .chain(cases.iter().map(|c| with_case_adapter(&base, &base_dir, c)))
+        .collect();
+    for p in [Precision::F32, Precision::Bf16] {
+        let mut cm = upload(&base, p, CudaOptions::default());
+        let mut sets = vec![0];
+        for m in &models[1..] {
+            sets.push(cm.add_adapters(m).unwrap());
+        }
+        // Two sequences per set, with different prompts; contiguous per set as the server
+        // orders them, plus one out of order (a set's rows in two groups).
+        let mut order: Vec<usize> = (0..models.len()).flat_map(|k| [k, k]).collect();
+        order.push(1);
+        let prompts: Vec<Vec<u32>> = (0..order.len())
+            .map(|i| {
+                (0..5 + i % 4)
+                    .map(|j| ((i * 13 + j * 7 + 2) % 60) as u32)
+                    .collect()
+            })
+            .collect();
+        let mut seqs: Vec<qlora_cuda::Seq> = order
+            .iter()
+            .map(|&k| cm.new_seq_with(sets[k]).unwrap())
+            .collect();
+        let mut cpus: Vec<CpuDecoder> =
+            order.iter().map(|&k| CpuDecoder::new(&models[k])).collect();
+        // bf16: each model alone on the GPU, one sequence per batch sequence.
+        let mut alone: Vec<CudaModel> = match p {
+            Precision::Bf16 => models
+                .iter()
+                .map(|m| upload(m, p, CudaOptions::default()))
+                .collect(),
+            Precision::F32 => Vec::new(),
+        };
+        let mut alone_seqs: Vec<qlora_cuda::Seq> = match p {
+            Precision::Bf16 => order.iter().map(|&k| alone[k].new_seq()).collect(),
+            Precision::F32 => Vec::new(),
+        };
+        // The reference for sequence i's next logits after `ids` (the CPU's always advances).
+        let mut reference = |i: usize, ids: &[u32], cpus: &mut Vec<CpuDecoder>| -> Vec<f32> {
+            let cpu = cpus[i].step(ids, Logits::Last).unwrap();
+            match p {
+                Precision::F32 => cpu,
+                Precision::Bf16 => alone[order[i]]
+                    .forward(&mut [(&mut alone_seqs[i], ids)], Logits::Last)
+                    .unwrap(),
+            }
+        };
+        let check = |i: usize, got: &[f32], want: &[f32], what: &str| {
+            let (e, budget) = match p {
+                Precision::F32 => (rel(got, want), F32_LOGITS),
+                Precision::Bf16 => (rel_norm(got, want), BF16_LOGITS),
+            };
+            assert!(
+                e <= budget,
+                "{p:?} {what}: sequence {i} ({}) off the CPU by {e:.3e}",
+                if order[i] == 0 {
+                    "base"
+                } else {
+                    cases[order[i] - 1]
+                }
+            );
+        };
+        let v = cm.vocab_size();
+        // Prefill, all at once.
+        let mut batch: Vec<(&mut qlora_cuda::Seq, &[u32])> = seqs
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(s, p)| (s, p.as_slice()))
+            .collect();
+        let got = cm.forward(&mut batch, Logits::Last).unwrap();
+        for i in 0..order.len() {
+            let want = reference(i, &prompts[i], &mut cpus);
+            check(i, &got[i * v..(i + 1) * v], &want, "prefill");
+            if p == Precision::Bf16 {
+                // And the CPU's, after prefill.
+                let cpu = CpuDecoder::new(&models[order[i]])
+                    .step(&prompts[i], Logits::Last)
+                    .unwrap();
+                let e = rel_norm(&got[i * v..(i + 1) * v], &cpu);
+                assert!(
+                    e <= BF16_LOGITS,
+                    "bf16 prefill: sequence {i} off the CPU by {e:.3e}"
+                );
+            }
+        }
+        // Decode steps (graphs on): every sequence one token; then a mixed step where half
+        // the sequences take three tokens.
+        for step in 0..4u32 {
+            let toks: Vec<Vec<u32>> = (0..seqs.len())
+                .map(|i| {
+                    let n = if step == 3 && i % 2 == 0 { 3 } else { 1 };
+                    (0..n)
+                        .map(|j| (step * 11 + i as u32 * 3 + j) % 60)
+                        .collect()
+                })
+                .collect();
+            let mut batch: Vec<(&mut qlora_cuda::Seq, &[u32])> = seqs
+                .iter_mut()
+                .zip(&toks)
+                .map(|(s, t)| (s, t.as_slice()))
+                .collect();
+            let got = cm.forward(&mut batch, Logits::Last).unwrap();
+            for i in 0..order.len() {
+                let want = reference(i, &toks[i], &mut cpus);
+                check(i, &got[i * v..(i + 1) * v], &want, &format!("step {step}"));
+            }
+        }
+        // Removing a set: its sequences are refused, the rest run on.
+        let gone = sets[2];
+        cm.remove_adapters(gone).unwrap();
+        assert!(cm.remove_adapters(0).is_err(), "set 0 stays");
+        let e = cm.new_seq_with(gone).unwrap_err().to_string();
+        assert!(e.contains("not loaded"), "{e}");
+        let i_gone = order.iter().position(|&k| k == 2).unwrap();
+        let e = cm
+            .forward(&mut [(&mut seqs[i_gone], &[4])], Logits::Last)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not loaded"), "{e}");
+        let i_kept = order.iter().position(|&k| k == 3).unwrap();
+        let got = cm
+            .forward(&mut [(&mut seqs[i_kept], &[4])], Logits::Last)
+            .unwrap();
+        let want = reference(i_kept, &[4], &mut cpus);
+        check(i_kept, &got, &want, "after a removal");
+        // A base of another shape is refused.
+        let other = load(&model_dir("llama-gqa", &tmp));
+        assert!(cm.add_adapters(&other).is_err());
+        for s in seqs.iter_mut() {
+            cm.free_seq(s);
+        }
+    }
+}

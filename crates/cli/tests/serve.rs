@@ -473,8 +473,9 @@ fn serve_refuses_bad_flags_with_one_line() {
             vec!["two served models", "SmolLM2-135M-Instruct.Q4_1"],
         ),
         (
-            vec!["--model", m, "--device", "cuda"],
-            vec!["--device cuda", "CPU"],
+            // No such GPU on any machine (no driver, or fewer GPUs).
+            vec!["--model", m, "--device", "cuda:99"],
+            vec!["--device cuda:99"],
         ),
         (
             vec!["--model", m, "--max-concurrent", "0"],
@@ -822,4 +823,123 @@ fn hostile_requests_do_not_take_the_server_down() {
                 "messages": [{"role": "user", "content": "hi"}]}),
     );
     assert_eq!(st, 200, "{v}");
+}
+
+/// On a GPU (f32 mode, one uploaded base, every adapter a device adapter set): concurrent
+/// greedy requests over the base and five PEFT fixture adapters (LoRA on all linears, DoRA,
+/// rsLoRA with rank patterns, two adapters in one directory, regex targets), in one batch, equal
+/// `qlora generate` on the CPU with that adapter, token for token; an adapter loaded at run
+/// time serves beside them and unloads (its device set freed once its requests are done), and
+/// a round after that still matches. The tiny llama-64 with a word-level tokenizer (SmolLM2's
+/// 98 MB GGUF does not travel to the GPU machine). Skips without a GPU unless
+/// QLORA_REQUIRE_GPU=1 (the device check).
+#[cfg(feature = "cuda")]
+#[test]
+fn serve_on_the_gpu_batches_many_adapters_as_generate_does() {
+    if !have_gpu() {
+        return;
+    }
+    let model = tiny_with_tokenizer("serve-gpu");
+    let peft = |c: &str| {
+        repo_root()
+            .join("tests/fixtures/peft")
+            .join(c)
+            .join("adapter")
+    };
+    let named = [
+        "all-linear",
+        "dora",
+        "rslora-patterns",
+        "multi-adapter",
+        "regex-target",
+    ];
+    // An adapter that replaces base weights cannot share the one uploaded base: refused.
+    let head = format!("head={}", peft("lm-head-target").display());
+    let o = qlora(&[
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        &head,
+        "--device",
+        "cuda",
+        "--port",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("replaces base weights"),
+        "{}",
+        stderr(&o)
+    );
+    let specs: Vec<String> = named
+        .iter()
+        .map(|c| format!("{c}={}", peft(c).display()))
+        .collect();
+    let mut args = vec!["--model", model.to_str().unwrap()];
+    for sp in &specs {
+        args.extend(["--adapter", sp.as_str()]);
+    }
+    args.extend([
+        "--device",
+        "cuda",
+        "--precision",
+        "f32",
+        "--max-concurrent",
+        "16",
+        "--allow-runtime-adapters",
+    ]);
+    let s = start(&args);
+    let base = "base";
+    let n = 12;
+    let mut cases: Vec<(String, Option<PathBuf>, String)> = Vec::new();
+    for (i, name) in std::iter::once(base).chain(named).enumerate() {
+        let ad = (name != base).then(|| peft(name));
+        for k in 0..2 {
+            cases.push((name.to_string(), ad.clone(), words(i * 2 + k, 4 + k * 3)));
+        }
+    }
+    let gen = |cases: &[(String, Option<PathBuf>, String)]| -> Vec<String> {
+        cases
+            .iter()
+            .map(|(_, a, p)| generate(&model, a.as_deref(), p, true, n))
+            .collect()
+    };
+    let want = gen(&cases);
+    assert_ne!(want[0], want[2], "the adapter must change the text");
+    let round = |cases: &[(String, Option<PathBuf>, String)], want: &[String]| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(name, _, prompt)| {
+                let (name, prompt, url) = (name.clone(), prompt.clone(), s.url.clone());
+                std::thread::spawn(move || greedy_chat(&url, &name, &prompt, n))
+            })
+            .collect();
+        for ((h, w), (name, _, p)) in handles.into_iter().zip(want).zip(cases) {
+            assert_eq!(
+                &h.join().unwrap(),
+                w,
+                "model {name} on the GPU, prompt {p:?}"
+            );
+        }
+    };
+    round(&cases, &want);
+    // At run time: load, serve beside the others, unload.
+    let late = peft("all-linear");
+    let (st, v) = post(
+        &format!("{}/v1/load_lora_adapter", s.url),
+        &json!({"lora_name": "late", "lora_path": late.to_str().unwrap()}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let late_cases = vec![
+        ("late".to_string(), Some(late.clone()), words(40, 5)),
+        ("dora".to_string(), Some(peft("dora")), words(41, 5)),
+    ];
+    round(&late_cases, &gen(&late_cases));
+    let (st, v) = post(
+        &format!("{}/v1/unload_lora_adapter", s.url),
+        &json!({"lora_name": "late"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    round(&cases, &want);
 }

@@ -59,7 +59,7 @@ fn check_logits(model: &str, tmp: &std::path::Path) {
 #[test]
 fn gguf_and_converted_directory_match_transformers_logits() {
     let Some(g) = gguf() else { return };
-    let tmp = temp_dir("smol-logits");
+    let tmp = scratch_dir("smol-logits");
     check_logits(g.to_str().unwrap(), &tmp);
     let hf = tmp.join("hf");
     let o = qlora(&[

@@ -29,6 +29,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dequant_int8",
     "dequant_grouped",
     "gemv4m",
+    "gemv4m4",
     "gemv4_t1",
     "gemv4_t2",
     "gemv4_t4",
@@ -43,6 +44,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4x_t2",
     "softmax_causal",
     "lora_apply",
+    "bgmv_shrink",
+    "bgmv_expand",
     "gather_rows",
     "embed_lora_apply",
     "argmax_rows",
@@ -93,8 +96,13 @@ pub struct Gemv4 {
     pub accumulate: bool,
 }
 
-/// Most tokens one fused GEMV launch takes (kernels.cu gemv4s_t8).
+/// Most tokens one fused GEMV launch takes (kernels.cu gemv4s_t8, gemv4m).
 pub const GEMV_MAX_T: usize = 8;
+/// Most tokens one `gemv4m4` launch takes (kernels.cu GM4_NT · 8).
+pub const GEMV4M4_MAX_T: usize = 32;
+/// Most tokens the fused GEMV serves in bf16 mode (`gemv4m4` in passes of 32), where the
+/// tensor-core kernels take the matrix; past it, dequantization and cuBLAS.
+pub const GEMV_MMA_MAX_T: usize = 64;
 
 /// Whether a matrix's layout suits the fused GEMV kernels.
 pub fn gemv4_fits(cols: usize, blocksize: usize) -> bool {
@@ -642,19 +650,53 @@ impl Gpu {
     /// The fused 4-bit GEMV: in bf16 mode the tensor-core `gemv4m` for 2 to 8 tokens where the
     /// layout fits (`gemv4m_serves`), else the CUDA-core kernel `gemv4_kernel` picks.
     pub fn gemv4(&self, g: &Gemv4) -> Result<()> {
-        if self.precision == Precision::Bf16
-            && gemv4m_serves(g.t)
-            && gemv4m_fits(g.cols, g.blocksize)
-        {
-            return self.gemv4_with("gemv4m", g);
+        if self.mma_gemv(g.t, g.cols, g.blocksize) {
+            if g.t <= GEMV_MAX_T {
+                return self.gemv4_with("gemv4m", g);
+            }
+            // 9 to 64 tokens: 32 at a time, each pass reading the weights once.
+            for k0 in (0..g.t).step_by(GEMV4M4_MAX_T) {
+                let part = Gemv4 {
+                    x: g.x + (k0 * g.cols * self.lp().size()) as u64,
+                    y: g.y + (k0 * g.ld * 4) as u64,
+                    t: (g.t - k0).min(GEMV4M4_MAX_T),
+                    ..*g
+                };
+                self.gemv4_with("gemv4m4", &part)?;
+            }
+            return Ok(());
         }
         self.gemv4_with(gemv4_kernel(g.t, g.cols), g)
+    }
+
+    /// Whether the tensor-core GEMVs take `t` tokens over a matrix of `cols` columns.
+    fn mma_gemv(&self, t: usize, cols: usize, blocksize: usize) -> bool {
+        self.precision == Precision::Bf16
+            && gemv4m_serves(t)
+            && t <= GEMV_MMA_MAX_T
+            && gemv4m_fits(cols, blocksize)
+    }
+
+    /// Most tokens `gemv4` takes over a 4-bit matrix of this layout (0: none).
+    pub fn gemv4_max_t(&self, cols: usize, blocksize: usize) -> usize {
+        if !gemv4_fits(cols, blocksize) {
+            0
+        } else if self.mma_gemv(GEMV_MMA_MAX_T, cols, blocksize) {
+            GEMV_MMA_MAX_T
+        } else {
+            GEMV_MAX_T
+        }
     }
 
     /// The fused 4-bit GEMV with a named kernel of one of the three families (benchmarks).
     pub fn gemv4_with(&self, kernel: &str, g: &Gemv4) -> Result<()> {
         use Arg::*;
-        if !gemv4_fits(g.cols, g.blocksize) || g.t == 0 || g.t > GEMV_MAX_T {
+        let max_t = if kernel == "gemv4m4" {
+            GEMV4M4_MAX_T
+        } else {
+            GEMV_MAX_T
+        };
+        if !gemv4_fits(g.cols, g.blocksize) || g.t == 0 || g.t > max_t {
             return Err(Error::Invalid(format!(
                 "fused GEMV: {} tokens over [{}, {}] with blocksize {} do not fit the kernels",
                 g.t, g.rows, g.cols, g.blocksize
@@ -673,7 +715,7 @@ impl Gpu {
             I(g.ld as i32),
             I(g.accumulate as i32),
         ];
-        if kernel == "gemv4m" {
+        if kernel == "gemv4m" || kernel == "gemv4m4" {
             if !gemv4m_fits(g.cols, g.blocksize) {
                 return Err(Error::Invalid(format!(
                     "gemv4m: [{}, {}] with blocksize {} is not in 64-column chunks",
@@ -1000,6 +1042,9 @@ impl Gpu {
 pub struct Graph {
     exec: cu::CUgraphExec,
 }
+
+// A driver handle like the buffers' pointers: launched only with its context current.
+unsafe impl Send for Graph {}
 
 impl Drop for Graph {
     fn drop(&mut self) {

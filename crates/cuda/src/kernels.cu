@@ -788,6 +788,107 @@ __device__ __forceinline__ void load_x16_bf16(const lp_t* __restrict__ p, unsign
     for (int e = 0; e < 8; e++) v[e] = (unsigned)f_to_bf16(p[2 * e]) | ((unsigned)f_to_bf16(p[2 * e + 1]) << 16);
 #endif
 }
+
+// gemv4m for 9 to 32 tokens (decode batches): the same 16-row tiles and per-chunk decoding of
+// the codes through the table, each decoded A fragment fed to GM4_NT mmas, one per 8-token
+// n-tile (token g + 8·nt of lane (g, q)), so the weights are read and decoded once for all
+// the tokens. One chunk a warp at a time (no unrolling: the n-tiles take the registers).
+#define GM4_NT 4
+extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 2)
+gemv4m4(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
+        int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
+        int accumulate) {
+    __shared__ unsigned lut[256 * 32];
+    __shared__ float red[GM_WARPS][16][8];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    for (int e = tid; e < 256 * 32; e += blockDim.x) {
+        int b = e >> 5;
+        lut[e] = (unsigned)f_to_bf16(code[b >> 4]) | ((unsigned)f_to_bf16(code[b & 15]) << 16);
+    }
+    __syncthreads();
+    const unsigned* lut_l = lut + lane;
+    const int chunks = cols / 64, pb_shift = __ffs(blocksize / 64) - 1, row_scales = cols / blocksize;
+    const long row_bytes = cols / 2;
+    const int tiles = (rows + 15) / 16;
+    bool has[GM4_NT];
+    const lp_t* xg[GM4_NT];
+#pragma unroll
+    for (int nt = 0; nt < GM4_NT; nt++) {
+        const int tok = g + 8 * nt;
+        has[nt] = tok < t;
+        xg[nt] = x + (long)(has[nt] ? tok : 0) * cols + q * 16;
+    }
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int r0 = min(tile * 16 + g, rows - 1), r1 = min(tile * 16 + g + 8, rows - 1);
+        const u8* p0 = packed + (long)r0 * row_bytes + q * 8;
+        const u8* p1 = packed + (long)r1 * row_bytes + q * 8;
+        const float* am0 = absmax + (long)r0 * row_scales;
+        const float* am1 = absmax + (long)r1 * row_scales;
+        float acc[GM4_NT][4];
+#pragma unroll
+        for (int nt = 0; nt < GM4_NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+        for (int c = warp; c < chunks; c += GM_WARPS) {
+            const uint2 w0 = *(const uint2*)(p0 + (long)c * 32);
+            const uint2 w1 = *(const uint2*)(p1 + (long)c * 32);
+            const float s0 = am0[c >> pb_shift], s1 = am1[c >> pb_shift];
+            unsigned xv[GM4_NT][8];
+#pragma unroll
+            for (int nt = 0; nt < GM4_NT; nt++) {
+                if (has[nt]) {
+                    load_x16_bf16(xg[nt] + (long)c * 64, xv[nt]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) xv[nt][e] = 0u;
+                }
+            }
+            const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+            float d[GM4_NT][4];
+            const unsigned wa[2] = {w0.x, w0.y}, wb[2] = {w1.x, w1.y};
+#pragma unroll
+            for (int m = 0; m < 4; m++) {
+                const unsigned ra = wa[m >> 1], rb = wb[m >> 1];
+                const int sh = (m & 1) * 16;
+                unsigned a[4];
+                a[0] = lut_l[((ra >> sh) & 0xffu) << 5];
+                a[1] = lut_l[((rb >> sh) & 0xffu) << 5];
+                a[2] = lut_l[((ra >> (sh + 8)) & 0xffu) << 5];
+                a[3] = lut_l[((rb >> (sh + 8)) & 0xffu) << 5];
+#pragma unroll
+                for (int nt = 0; nt < GM4_NT; nt++)
+                    mma_bf16_16816(d[nt], a, xv[nt][2 * m], xv[nt][2 * m + 1], m == 0 ? zero : d[nt]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < GM4_NT; nt++) {
+                acc[nt][0] = fmaf(d[nt][0], s0, acc[nt][0]);
+                acc[nt][1] = fmaf(d[nt][1], s0, acc[nt][1]);
+                acc[nt][2] = fmaf(d[nt][2], s1, acc[nt][2]);
+                acc[nt][3] = fmaf(d[nt][3], s1, acc[nt][3]);
+            }
+        }
+        // The warps' tiles summed in a fixed order, an n-tile at a time (shared memory stays
+        // at gemv4m's).
+#pragma unroll
+        for (int nt = 0; nt < GM4_NT; nt++) {
+            red[warp][g][2 * q] = acc[nt][0];
+            red[warp][g][2 * q + 1] = acc[nt][1];
+            red[warp][g + 8][2 * q] = acc[nt][2];
+            red[warp][g + 8][2 * q + 1] = acc[nt][3];
+            __syncthreads();
+            if (tid < 128) {
+                const int row_in = tid >> 3, k = tid & 7, tok = 8 * nt + k, row = tile * 16 + row_in;
+                if (tok < t && row < rows) {
+                    float v = 0.f;
+#pragma unroll
+                    for (int w = 0; w < GM_WARPS; w++) v += red[w][row_in][k];
+                    float* o = y + (long)tok * ld + row;
+                    *o = accumulate ? *o + v : v;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
 extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 3)
 gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
        int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
@@ -903,6 +1004,86 @@ extern "C" __global__ void lora_apply(float* __restrict__ y, int ld, int col0, c
         } else {
             yr[j] += s * delta;
         }
+    }
+}
+
+// Many stacked-LoRA adapter sets in one launch (serving's mixed batch; Punica's BGMV): row i
+// of t runs with set row_set[i] (< 0: none), whose entry in `table` is four u64s: A (f32
+// [r, d_in]), s·B (f32 [n, r]), r, n; an entry with A null has no adapters on this linear.
+// Every sum runs in a fixed order (no atomics).
+// shrink: h[i, j] = x[i, :] · A[j, :] for j < r. A block takes BG_ROWS rows and 8 values of j
+// (one a warp); a warp's lanes stride d_in in float4s (d_in % 4 == 0), each A chunk read once
+// for the block's rows. grid (ceil(t / BG_ROWS), ceil(max r / 8)), block 256.
+#define BG_ROWS 4
+extern "C" __global__ void bgmv_shrink(const float* __restrict__ x, int d_in, int t, const int* __restrict__ row_set,
+                                       const unsigned long long* __restrict__ table, float* __restrict__ h,
+                                       int ldh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int i0 = blockIdx.x * BG_ROWS, j = blockIdx.y * 8 + warp;
+    const float* a[BG_ROWS];
+    bool any = false;
+#pragma unroll
+    for (int q = 0; q < BG_ROWS; q++) {
+        a[q] = nullptr;
+        const int i = i0 + q;
+        if (i < t) {
+            const int set = row_set[i];
+            if (set >= 0) {
+                const float* A = (const float*)table[4 * set];
+                if (A && j < (int)table[4 * set + 2]) a[q] = A + (long)j * d_in;
+            }
+        }
+        any |= a[q] != nullptr;
+    }
+    if (!any) return;
+    float acc[BG_ROWS];
+#pragma unroll
+    for (int q = 0; q < BG_ROWS; q++) acc[q] = 0.f;
+#pragma unroll 2
+    for (int k = lane * 4; k < d_in; k += 128) {
+#pragma unroll
+        for (int q = 0; q < BG_ROWS; q++) {
+            if (!a[q]) continue;
+            const float4 av = *(const float4*)(a[q] + k);
+            const float4 xv = *(const float4*)(x + (long)(i0 + q) * d_in + k);
+            acc[q] = fmaf(xv.x, av.x, fmaf(xv.y, av.y, fmaf(xv.z, av.z, fmaf(xv.w, av.w, acc[q]))));
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < BG_ROWS; q++) {
+        const float v = warp_sum(acc[q]);
+        if (lane == 0 && a[q]) h[(long)(i0 + q) * ldh + j] = v;
+    }
+}
+
+// expand: y[i, c] += Σ_j h[i, j] · B[c, j] for c < n (B already scaled by s). A block takes
+// 256 columns and BG_EROWS rows, the rows' h in shared memory (r ≤ BG_MAXR); a thread's B
+// row stays in L1 across the block's rows of one set.
+// grid (ceil(max n / 256), ceil(t / BG_EROWS)), block 256.
+#define BG_EROWS 16
+#define BG_MAXR 128
+extern "C" __global__ void bgmv_expand(const float* __restrict__ h, int ldh, int t, const int* __restrict__ row_set,
+                                       const unsigned long long* __restrict__ table, float* __restrict__ y,
+                                       int ldy) {
+    __shared__ float sh[BG_EROWS][BG_MAXR];
+    const int i0 = blockIdx.y * BG_EROWS, c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int rows = min(BG_EROWS, t - i0);
+    for (int e = threadIdx.x; e < rows * BG_MAXR; e += blockDim.x) {
+        const int q = e / BG_MAXR, j = e % BG_MAXR;
+        sh[q][j] = j < ldh ? h[(long)(i0 + q) * ldh + j] : 0.f;
+    }
+    __syncthreads();
+    for (int q = 0; q < rows; q++) {
+        const int set = row_set[i0 + q];
+        if (set < 0) continue;
+        const float* b = (const float*)table[4 * set + 1];
+        if (!b) continue;
+        const int r = (int)table[4 * set + 2], n = (int)table[4 * set + 3];
+        if (c >= n) continue;
+        const float* bc = b + (long)c * r;
+        float acc = 0.f;
+        for (int j = 0; j < r; j++) acc = fmaf(sh[q][j], bc[j], acc);
+        y[(long)(i0 + q) * ldy + c] += acc;
     }
 }
 

@@ -9,13 +9,37 @@ use qlora_quant::GgmlType;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::gpu::{gemv4_fits, Gemv4, GEMV_MAX_T};
+use crate::gpu::Gemv4;
 
 pub mod train;
 
 /// A fresh sequence's prefill of at least this many tokens runs attention as two batched
 /// cuBLAS products around a causal softmax (tensor cores) instead of the paged-cache kernel.
 const PREFILL_ATTN_MIN: usize = 32;
+/// Captured decode graphs kept at most (one per batch shape: tokens and adapter groups).
+const MAX_GRAPHS: usize = 256;
+/// Rows up to which stacked-LoRA sets run as one `bgmv_shrink`/`bgmv_expand` pair over the
+/// whole batch (each row its set's adapter) rather than two cuBLAS products per set.
+const BGMV_MAX_T: usize = 64;
+/// Most adapter-scratch columns (rank) the `bgmv_expand` kernel holds (kernels.cu BG_MAXR).
+const BGMV_MAX_R: usize = 128;
+
+/// When the `bgmv` pair replaces the per-set cuBLAS products: only with QLORA_BGMV=always
+/// (any batch with a stacked set) or =mixed (two or more). Run 23 measured it slower than
+/// two cuBLAS products per set at every batch on Mistral-7B shapes (8 mixed adapters at 64
+/// sequences: 1,986 against 2,304 tok/s; one adapter at batch 1: 141 against 250), so the
+/// default is the cuBLAS path; the kernels stay, checked, for the next attempt.
+fn bgmv_wanted(fused_sets: usize) -> bool {
+    static MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match MODE
+        .get_or_init(|| std::env::var("QLORA_BGMV").unwrap_or_default())
+        .as_str()
+    {
+        "always" => fused_sets >= 1,
+        "mixed" => fused_sets >= 2,
+        _ => false,
+    }
+}
 /// Positions per KV cache block.
 pub const KV_BLOCK: usize = 16;
 
@@ -47,11 +71,13 @@ impl Default for CudaOptions {
     }
 }
 
-/// A sequence's place in the paged cache: its blocks and how many positions are filled.
+/// A sequence's place in the paged cache: its blocks, how many positions are filled, and the
+/// adapter set its tokens run with (0: the uploaded model's own adapters, if any).
 #[derive(Debug, Default)]
 pub struct Seq {
     blocks: Vec<u32>,
     len: usize,
+    adapter: usize,
 }
 
 impl Seq {
@@ -60,6 +86,28 @@ impl Seq {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// The adapter set (`CudaModel::add_adapters`) the sequence runs with.
+    pub fn adapter(&self) -> usize {
+        self.adapter
+    }
+}
+
+/// Rows [row0, row0 + rows) of a launch that run with adapter set `set`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Group {
+    set: usize,
+    row0: usize,
+    rows: usize,
+}
+
+/// Appends `rows` rows of `set`, merged into the last group when it is the same set.
+fn push_group(groups: &mut Vec<Group>, set: usize, rows: usize) {
+    let row0 = groups.last().map_or(0, |g| g.row0 + g.rows);
+    match groups.last_mut() {
+        Some(g) if g.set == set => g.rows += rows,
+        _ if rows > 0 => groups.push(Group { set, row0, rows }),
+        _ => {}
     }
 }
 
@@ -96,15 +144,6 @@ struct DevMat {
     col0: usize,
 }
 
-impl DevMat {
-    fn gemv_ok(&self) -> bool {
-        match &self.kind {
-            MatKind::Bnb4 { blocksize, .. } => gemv4_fits(self.cols, *blocksize),
-            _ => false,
-        }
-    }
-}
-
 struct DevLora {
     /// f32 [r, d_in]
     a: DevBuf,
@@ -124,7 +163,42 @@ struct Part {
     n: usize,
     /// f32 [n]
     bias: Option<DevBuf>,
-    lora: Vec<DevLora>,
+}
+
+/// One adapter set's adapters on a linear.
+#[derive(Default)]
+struct LinLora {
+    /// Each part's adapters, in `DevLinear::parts` order (all empty when `fused` holds them).
+    parts: Vec<Vec<DevLora>>,
+    /// When every adapter on the linear is plain LoRA (no lora_B bias, no DoRA): all of them
+    /// as two products, whatever the number of projections and adapters.
+    fused: Option<FusedLora>,
+}
+
+impl LinLora {
+    fn is_empty(&self) -> bool {
+        self.fused.is_none() && self.parts.iter().all(|p| p.is_empty())
+    }
+    fn has_dora(&self) -> bool {
+        self.parts.iter().flatten().any(|l| l.dora.is_some())
+    }
+    fn bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .flatten()
+            .map(|l| l.a.bytes() + l.b.bytes())
+            .sum::<usize>()
+            + self.fused.as_ref().map_or(0, |f| f.a.bytes() + f.b.bytes())
+    }
+    fn max_rank(&self) -> usize {
+        self.parts
+            .iter()
+            .flatten()
+            .map(|l| l.r)
+            .chain(self.fused.as_ref().map(|f| f.r))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// Several projections of one input (q/k/v, gate/up) as one output [t, d_out] of column
@@ -133,9 +207,10 @@ struct DevLinear {
     mats: Vec<DevMat>,
     parts: Vec<Part>,
     d_in: usize,
-    /// When every adapter on the linear is plain LoRA (no lora_B bias, no DoRA): all of them
-    /// as two products, whatever the number of projections and adapters.
-    fused_lora: Option<FusedLora>,
+    /// The adapters of each adapter set (index = set; a removed set's entry is empty).
+    sets: Vec<LinLora>,
+    /// u64 [capacity, 4]: each set's stacked LoRA for `bgmv_*` (A, s·B, r, n; zeros for none).
+    table: Option<DevBuf>,
 }
 
 /// Plain LoRA adapters of a linear's projections stacked: the A matrices one under another,
@@ -227,6 +302,9 @@ struct Meta {
     tables: usize,
     /// argmax results of `step_greedy`, [max_seqs]
     argmax: usize,
+    /// each token row's / each logits row's adapter set, [max_t] each
+    row_set: usize,
+    out_set: usize,
     total: usize,
 }
 
@@ -239,6 +317,8 @@ impl Meta {
         let out_rows = seq + max_t;
         let tables = out_rows + max_t;
         let argmax = tables + max_seqs * max_blocks;
+        let row_set = argmax + max_seqs;
+        let out_set = row_set + max_t;
         Meta {
             ids,
             pos,
@@ -247,7 +327,9 @@ impl Meta {
             out_rows,
             tables,
             argmax,
-            total: argmax + max_seqs,
+            row_set,
+            out_set,
+            total: out_set + max_t,
         }
     }
 }
@@ -265,7 +347,12 @@ pub struct CudaModel {
     window: usize,
     max_pos: usize,
     embed: DevBuf,
-    embed_lora: Vec<DevEmbedLora>,
+    /// Each adapter set's embedding adapters (index = set).
+    embed_lora: Vec<Vec<DevEmbedLora>>,
+    /// Whether each adapter set is loaded (set 0, the uploaded model's, always is).
+    live: Vec<bool>,
+    /// What the adapter scratch (`lh`, `ld`, `x32`) holds per token row: (rank, part width).
+    adapter_cap: (usize, usize),
     layers: Vec<DevLayer>,
     norm: DevBuf,
     head: DevLinear,
@@ -275,7 +362,8 @@ pub struct CudaModel {
     meta: Meta,
     max_blocks: usize,
     free_blocks: Vec<u32>,
-    graphs: HashMap<usize, Graph>,
+    /// Captured decode steps by (tokens, each adapter group's (set, rows)).
+    graphs: HashMap<(usize, Vec<(usize, usize)>), Graph>,
     any_lora: bool,
     /// Bytes of weights a decode step reads.
     pub weight_bytes: usize,
@@ -422,37 +510,35 @@ fn upload_mat(gpu: &Gpu, ws: &[&Weight], col0: usize) -> Result<DevMat> {
     })
 }
 
-fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
+/// The adapters on projections `ps` (one linear's, in part order) as one adapter set.
+fn upload_lora(gpu: &Gpu, ps: &[&Projection]) -> Result<LinLora> {
     let d_in = ps[0].d_in();
-    let mut parts = Vec::new();
-    let mut col0 = 0;
-    for p in ps {
-        let mut lora = Vec::new();
-        for l in &p.lora {
-            lora.push(DevLora {
-                a: gpu.upload(&l.a.to_f32())?,
-                b: gpu.upload(&l.b.to_f32())?,
-                r: l.a.rows,
-                s: l.scaling,
-                b_bias: l.b_bias.as_ref().map(|b| gpu.upload(b)).transpose()?,
-                dora: l.dora_scale.as_ref().map(|f| gpu.upload(f)).transpose()?,
-            });
-        }
-        parts.push(Part {
-            col0,
-            n: p.d_out(),
-            bias: p.bias.as_ref().map(|b| gpu.upload(b)).transpose()?,
-            lora,
-        });
-        col0 += p.d_out();
-    }
+    let col0: usize = ps.iter().map(|p| p.d_out()).sum();
     // Plain LoRA everywhere: stack the adapters (their deltas add, in any order).
     let plain = ps
         .iter()
         .flat_map(|p| &p.lora)
         .all(|l| l.b_bias.is_none() && l.dora_scale.is_none());
     let total_r: usize = ps.iter().flat_map(|p| &p.lora).map(|l| l.a.rows).sum();
-    let fused_lora = if plain && total_r > 0 {
+    if !plain {
+        let mut parts = Vec::new();
+        for p in ps {
+            let mut lora = Vec::new();
+            for l in &p.lora {
+                lora.push(DevLora {
+                    a: gpu.upload(&l.a.to_f32())?,
+                    b: gpu.upload(&l.b.to_f32())?,
+                    r: l.a.rows,
+                    s: l.scaling,
+                    b_bias: l.b_bias.as_ref().map(|b| gpu.upload(b)).transpose()?,
+                    dora: l.dora_scale.as_ref().map(|f| gpu.upload(f)).transpose()?,
+                });
+            }
+            parts.push(lora);
+        }
+        return Ok(LinLora { parts, fused: None });
+    }
+    let fused = if total_r > 0 {
         let n = col0;
         let mut a = Vec::with_capacity(total_r * d_in);
         let mut b = vec![0f32; n * total_r];
@@ -471,9 +557,6 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
             }
             c0 += p.d_out();
         }
-        for part in parts.iter_mut() {
-            part.lora.clear();
-        }
         Some(FusedLora {
             a: gpu.upload(&a)?,
             b: gpu.upload(&b)?,
@@ -483,6 +566,27 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
     } else {
         None
     };
+    Ok(LinLora {
+        parts: ps.iter().map(|_| Vec::new()).collect(),
+        fused,
+    })
+}
+
+/// Projections `ps` of one input as a linear: the bases (fused when their formats allow),
+/// the biases, and their adapters as set 0.
+fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
+    let d_in = ps[0].d_in();
+    let mut parts = Vec::new();
+    let mut col0 = 0;
+    for p in ps {
+        parts.push(Part {
+            col0,
+            n: p.d_out(),
+            bias: p.bias.as_ref().map(|b| gpu.upload(b)).transpose()?,
+        });
+        col0 += p.d_out();
+    }
+    let set0 = upload_lora(gpu, ps)?;
     let fuse = ps.windows(2).all(|w| same_class(&w[0].base, &w[1].base));
     let mats = if fuse {
         let ws: Vec<&Weight> = ps.iter().map(|p| &p.base).collect();
@@ -494,12 +598,15 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
         }
         v
     };
-    Ok(DevLinear {
+    let mut lin = DevLinear {
         mats,
         parts,
         d_in,
-        fused_lora,
-    })
+        sets: vec![set0],
+        table: None,
+    };
+    lin.write_table(gpu)?;
+    Ok(lin)
 }
 
 impl DevLinear {
@@ -526,16 +633,7 @@ impl DevLinear {
                 }
             })
             .sum::<usize>()
-            + self
-                .parts
-                .iter()
-                .flat_map(|p| &p.lora)
-                .map(|l| l.a.bytes() + l.b.bytes())
-                .sum::<usize>()
-            + self
-                .fused_lora
-                .as_ref()
-                .map_or(0, |f| f.a.bytes() + f.b.bytes())
+            + self.sets[0].bytes()
     }
     /// Elements of the largest matrix that must be dequantized before a product.
     fn dequant_elems(&self) -> usize {
@@ -547,22 +645,73 @@ impl DevLinear {
             .unwrap_or(0)
     }
     fn max_rank(&self) -> usize {
-        self.parts
-            .iter()
-            .flat_map(|p| &p.lora)
-            .map(|l| l.r)
-            .chain(self.fused_lora.as_ref().map(|f| f.r))
-            .max()
-            .unwrap_or(0)
+        self.sets.iter().map(|s| s.max_rank()).max().unwrap_or(0)
     }
+    /// The widest part with per-adapter (unstacked) adapters in any set.
     fn max_part(&self) -> usize {
-        self.parts
+        self.sets
             .iter()
-            .filter(|p| !p.lora.is_empty())
-            .map(|p| p.n)
+            .flat_map(|s| self.parts.iter().zip(&s.parts))
+            .filter(|(_, l)| !l.is_empty())
+            .map(|(p, _)| p.n)
             .max()
             .unwrap_or(0)
     }
+    fn has_dora(&self) -> bool {
+        self.sets.iter().any(|s| s.has_dora())
+    }
+    /// Writes the `bgmv_*` table of the sets' stacked LoRA, in place while it fits (graphs
+    /// that read it stay valid); false when it had to move (captured graphs are stale then).
+    fn write_table(&mut self, gpu: &Gpu) -> Result<bool> {
+        let mut t: Vec<u64> = Vec::with_capacity(4 * self.sets.len());
+        for s in &self.sets {
+            match &s.fused {
+                Some(f) => t.extend([f.a.ptr(), f.b.ptr(), f.r as u64, f.n as u64]),
+                None => t.extend([0; 4]),
+            }
+        }
+        let bytes = t.len() * 8;
+        let stayed = match &self.table {
+            Some(b) if b.bytes() >= bytes => true,
+            _ => {
+                let cap = self.sets.len().next_power_of_two().max(16);
+                self.table = Some(gpu.alloc(cap * 4 * 8)?);
+                false
+            }
+        };
+        gpu.write(self.table.as_ref().expect("allocated above"), 0, &t)?;
+        Ok(stayed)
+    }
+    /// How many distinct sets with stacked LoRA on this linear a batch of `groups` has rows
+    /// of, and their largest rank.
+    fn fused_in(&self, groups: &[Group]) -> (usize, usize) {
+        let mut seen: Vec<usize> = Vec::new();
+        let mut r = 0;
+        for g in groups {
+            if let Some(f) = self.sets.get(g.set).and_then(|s| s.fused.as_ref()) {
+                if !seen.contains(&g.set) {
+                    seen.push(g.set);
+                }
+                r = r.max(f.r);
+            }
+        }
+        (seen.len(), r)
+    }
+}
+
+/// A model's embedding adapters.
+fn upload_embed_lora(gpu: &Gpu, model: &Model) -> Result<Vec<DevEmbedLora>> {
+    let mut out = Vec::new();
+    for e in &model.embed_lora {
+        out.push(DevEmbedLora {
+            a_t: gpu.upload(&e.a_t)?,
+            b: gpu.upload(&e.b.to_f32())?,
+            r: e.rank,
+            s: e.scaling,
+            dora: e.dora_scale.as_ref().map(|f| gpu.upload(f)).transpose()?,
+        });
+    }
+    Ok(out)
 }
 
 /// A device pointer as an option (0 = none).
@@ -610,16 +759,7 @@ impl CudaModel {
         }
         let head = upload_linear(&gpu, &[&model.lm_head])?;
         let embed = upload_dense(&gpu, &model.embed_tokens)?;
-        let mut embed_lora = Vec::new();
-        for e in &model.embed_lora {
-            embed_lora.push(DevEmbedLora {
-                a_t: gpu.upload(&e.a_t)?,
-                b: gpu.upload(&e.b.to_f32())?,
-                r: e.rank,
-                s: e.scaling,
-                dora: e.dora_scale.as_ref().map(|f| gpu.upload(f)).transpose()?,
-            });
-        }
+        let embed_lora = upload_embed_lora(&gpu, model)?;
         // RoPE tables with the CPU's values (f64 cos/sin of the f32 angle).
         let table = qlora_engine::ops::RopeTable {
             inv_freq: model.inv_freq.clone(),
@@ -644,6 +784,7 @@ impl CudaModel {
             .chain(embed_lora.iter().map(|_| d))
             .max()
             .unwrap_or(0);
+        let embed_lora = vec![embed_lora];
         let any_lora = max_r > 0;
         let qkv_cols = (heads + 2 * kvh) * hd;
         let meta = Meta::new(t, opts.max_seqs, max_blocks);
@@ -700,6 +841,8 @@ impl CudaModel {
             max_pos,
             embed,
             embed_lora,
+            live: vec![true],
+            adapter_cap: (max_r, max_part),
             norm: gpu.upload(&model.norm)?,
             head,
             cos: gpu.upload(&cos)?,
@@ -728,10 +871,184 @@ impl CudaModel {
         Seq::default()
     }
 
+    /// A new, empty sequence that runs with adapter set `set` (`add_adapters`; 0 is the
+    /// uploaded model's own).
+    pub fn new_seq_with(&self, set: usize) -> Result<Seq> {
+        self.check_set(set)?;
+        Ok(Seq {
+            adapter: set,
+            ..Seq::default()
+        })
+    }
+
+    fn check_set(&self, set: usize) -> Result<()> {
+        if self.live.get(set) == Some(&true) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "adapter set {set} is not loaded on the device"
+            )))
+        }
+    }
+
     /// Returns a sequence's cache blocks to the pool.
     pub fn free_seq(&mut self, s: &mut Seq) {
         self.free_blocks.extend(s.blocks.drain(..).rev());
         s.len = 0;
+    }
+
+    /// Uploads the adapters `model` carries (a model on the uploaded base: same shapes, its
+    /// projections' adapters are what is read) as a new adapter set beside the others, and
+    /// returns its number for `new_seq_with`. Sequences of different sets share one batch: the
+    /// base's products run over all rows, each set's adapters over its own rows. Nothing
+    /// changes on an error.
+    pub fn add_adapters(&mut self, model: &Model) -> Result<usize> {
+        self.gpu.bind()?;
+        let cfg = &model.config;
+        let shape = (
+            model.layers.len(),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+            model.vocab_size(),
+        );
+        let ours = (
+            self.layers.len(),
+            self.d,
+            self.f,
+            self.heads,
+            self.kvh,
+            self.hd,
+            self.vocab,
+        );
+        if shape != ours {
+            return Err(Error::Invalid(format!(
+                "the adapters' model (layers, hidden, intermediate, heads, kv heads, head dim, vocabulary) = {shape:?} is not the uploaded base's {ours:?}"
+            )));
+        }
+        let g = self.gpu.clone();
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for l in &model.layers {
+            layers.push([
+                upload_lora(&g, &[&l.q_proj, &l.k_proj, &l.v_proj])?,
+                upload_lora(&g, &[&l.o_proj])?,
+                upload_lora(&g, &[&l.gate_proj, &l.up_proj])?,
+                upload_lora(&g, &[&l.down_proj])?,
+            ]);
+        }
+        let head = upload_lora(&g, &[&model.lm_head])?;
+        let embed = upload_embed_lora(&g, model)?;
+        self.fit_adapter_scratch(
+            layers
+                .iter()
+                .flatten()
+                .chain(std::iter::once(&head))
+                .map(|l| l.max_rank())
+                .chain(embed.iter().map(|e| e.r))
+                .max()
+                .unwrap_or(0),
+            layers
+                .iter()
+                .flat_map(|ls| {
+                    ls.iter().zip([
+                        (self.heads + 2 * self.kvh) * self.hd,
+                        self.d,
+                        2 * self.f,
+                        self.d,
+                    ])
+                })
+                .filter(|(l, _)| l.fused.is_none() && !l.is_empty())
+                .map(|(_, n)| n)
+                .chain((!head.is_empty() && head.fused.is_none()).then_some(self.vocab))
+                .chain(embed.iter().map(|_| self.d))
+                .max()
+                .unwrap_or(0),
+        )?;
+        let set = self.live.len();
+        for (dl, [qkv, o, gu, down]) in self.layers.iter_mut().zip(layers) {
+            dl.qkv.sets.push(qkv);
+            dl.o.sets.push(o);
+            dl.gu.sets.push(gu);
+            dl.down.sets.push(down);
+        }
+        self.head.sets.push(head);
+        self.embed_lora.push(embed);
+        self.live.push(true);
+        self.gpu.sync()?;
+        self.write_tables()?;
+        if !self.any_lora && self.adapter_cap.0 > 0 {
+            // Producers now write the adapters' f32 copies: recapture.
+            self.graphs.clear();
+            self.any_lora = true;
+        }
+        Ok(set)
+    }
+
+    /// Frees adapter set `set` (not 0). Its sequences must be freed first: a forward with
+    /// one of them fails.
+    pub fn remove_adapters(&mut self, set: usize) -> Result<()> {
+        self.check_set(set)?;
+        if set == 0 {
+            return Err(Error::Invalid(
+                "adapter set 0 is the uploaded model's own; it stays".into(),
+            ));
+        }
+        self.gpu.sync()?;
+        for l in &mut self.layers {
+            for lin in [&mut l.qkv, &mut l.o, &mut l.gu, &mut l.down] {
+                lin.sets[set] = LinLora::default();
+            }
+        }
+        self.head.sets[set] = LinLora::default();
+        self.embed_lora[set].clear();
+        self.live[set] = false;
+        self.write_tables()?;
+        self.graphs
+            .retain(|k, _| k.1.iter().all(|&(s, _)| s != set));
+        Ok(())
+    }
+
+    /// Rewrites every linear's `bgmv_*` table; drops the captured graphs when one moved.
+    fn write_tables(&mut self) -> Result<()> {
+        let g = self.gpu.clone();
+        let mut moved = false;
+        for l in &mut self.layers {
+            for lin in [&mut l.qkv, &mut l.o, &mut l.gu, &mut l.down] {
+                moved |= !lin.write_table(&g)?;
+            }
+        }
+        moved |= !self.head.write_table(&g)?;
+        if moved {
+            self.graphs.clear();
+        }
+        Ok(())
+    }
+
+    /// Grows the adapter scratch to `rank` and `part` columns a token row when it holds less
+    /// (the captured graphs, which read the old buffers, are dropped).
+    fn fit_adapter_scratch(&mut self, rank: usize, part: usize) -> Result<()> {
+        let (r0, p0) = self.adapter_cap;
+        let need_x32 = rank > 0 && self.gpu.lp() != Dt::F32 && self.s.x32.bytes() == 0;
+        if rank <= r0 && part <= p0 && !need_x32 {
+            return Ok(());
+        }
+        self.gpu.sync()?;
+        self.graphs.clear();
+        let t = self.opts.max_batch_tokens;
+        if rank > r0 {
+            self.s.lh = self.gpu.alloc(t * rank * 4)?;
+        }
+        if part > p0 {
+            self.s.ld = self.gpu.alloc(t * part * 4)?;
+        }
+        if need_x32 {
+            let wide = self.d.max(self.f).max(self.heads * self.hd);
+            self.s.x32 = self.gpu.alloc(t * wide * 4)?;
+        }
+        self.adapter_cap = (r0.max(rank), p0.max(part));
+        Ok(())
     }
 
     /// Runs each sequence's new tokens at its next positions, appending to its cache.
@@ -740,6 +1057,7 @@ impl CudaModel {
     pub fn forward(&mut self, batch: &mut [(&mut Seq, &[u32])], which: Logits) -> Result<Vec<f32>> {
         self.gpu.bind()?;
         for (s, ids) in batch.iter() {
+            self.check_set(s.adapter)?;
             if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
                 return Err(Error::Invalid(format!(
                     "token id {id} is out of range for a vocabulary of {}",
@@ -753,6 +1071,23 @@ impl CudaModel {
                     self.max_pos
                 )));
             }
+        }
+        // Every new cache block is there before anything runs (a batch may take several
+        // launches; none may fail half-way for want of blocks).
+        let need: usize = batch
+            .iter()
+            .map(|(s, ids)| {
+                (s.len + ids.len())
+                    .div_ceil(KV_BLOCK)
+                    .saturating_sub(s.blocks.len())
+            })
+            .sum();
+        if need > self.free_blocks.len() {
+            return Err(Error::Invalid(format!(
+                "the KV cache is full ({} positions, {} free); finish or free sequences, or raise its size (--kv-tokens)",
+                self.opts.kv_tokens,
+                self.free_blocks.len() * KV_BLOCK
+            )));
         }
         let v = self.vocab;
         let mut out = Vec::new();
@@ -835,6 +1170,7 @@ impl CudaModel {
             )));
         }
         for (s, ids) in batch.iter() {
+            self.check_set(s.adapter)?;
             if ids[0] as usize >= self.vocab || s.len + 1 > self.max_pos {
                 return Err(Error::Invalid(format!(
                     "token {} at position {} is out of range (vocabulary {}, context {})",
@@ -918,21 +1254,44 @@ impl CudaModel {
         for (i, &r) in rows.iter().enumerate() {
             meta[m.out_rows + i] = r as i32;
         }
+        // Each adapter set's rows, of the packed tokens and of the rows that get logits.
+        let (mut groups, mut out_groups) = (Vec::new(), Vec::new());
+        let (mut end, mut n_out) = (0, 0);
+        let mut out = rows.iter().peekable();
+        for (s, ids) in batch.iter() {
+            for k in end..end + ids.len() {
+                meta[m.row_set + k] = s.adapter as i32;
+            }
+            push_group(&mut groups, s.adapter, ids.len());
+            end += ids.len();
+            let mut n = 0;
+            while out.next_if(|&&r| r < end).is_some() {
+                meta[m.out_set + n_out + n] = s.adapter as i32;
+                n += 1;
+            }
+            push_group(&mut out_groups, s.adapter, n);
+            n_out += n;
+        }
         self.gpu.write(&self.s.meta, 0, &meta)?;
         let decode = rows.len() == t && rows.iter().enumerate().all(|(i, &r)| i == r);
         let use_graph = self.opts.graphs && decode && batch.iter().all(|(_, ids)| ids.len() == 1);
         let fresh = batch.len() == 1 && batch[0].0.len == 0 && t >= PREFILL_ATTN_MIN;
         if use_graph {
-            if !self.graphs.contains_key(&t) {
+            let key = (t, groups.iter().map(|g| (g.set, g.rows)).collect());
+            if !self.graphs.contains_key(&key) {
+                // Batches of many adapters make many shapes: a bounded cache.
+                if self.graphs.len() >= MAX_GRAPHS {
+                    self.graphs.clear();
+                }
                 self.gpu.begin_capture()?;
-                let r = self.kernels(t, rows.len(), false);
+                let r = self.kernels(t, rows.len(), false, &groups, &out_groups);
                 let g = self.gpu.end_capture();
                 r?;
-                self.graphs.insert(t, g?);
+                self.graphs.insert(key.clone(), g?);
             }
-            self.gpu.replay(&self.graphs[&t])?;
+            self.gpu.replay(&self.graphs[&key])?;
         } else {
-            self.kernels(t, rows.len(), fresh)?;
+            self.kernels(t, rows.len(), fresh, &groups, &out_groups)?;
         }
         for (s, ids) in batch.iter_mut() {
             s.len += ids.len();
@@ -951,7 +1310,16 @@ impl CudaModel {
 
     /// The whole forward as launches on the stream (capturable: no copies, no syncs).
     /// `fresh`: one sequence starting at position 0 (attention may take the cuBLAS path).
-    fn kernels(&self, t: usize, n_out: usize, fresh: bool) -> Result<()> {
+    /// `groups` / `out_groups`: each adapter set's rows of the t tokens / of the n_out rows
+    /// that get logits.
+    fn kernels(
+        &self,
+        t: usize,
+        n_out: usize,
+        fresh: bool,
+        groups: &[Group],
+        out_groups: &[Group],
+    ) -> Result<()> {
         use Arg::*;
         let g = &self.gpu;
         let d = self.d;
@@ -968,38 +1336,42 @@ impl CudaModel {
                 I(d as i32),
             ],
         )?;
-        for e in &self.embed_lora {
-            g.launch(
-                "gather_rows",
-                (t as u32, 1),
-                64,
-                &[
-                    P(e.a_t.ptr()),
-                    P(self.mptr(m.ids)),
-                    I(e.r as i32),
-                    P(s.lh.ptr()),
-                ],
-            )?;
-            g.gemm(
-                Dt::F32,
-                t,
-                d,
-                e.r,
-                s.lh.ptr(),
-                e.r,
-                e.b.ptr(),
-                s.ld.ptr(),
-                d,
-                1.0,
-                0.0,
-            )?;
-            let f = e.dora.as_ref().map_or(0, |b| b.ptr());
-            g.launch(
-                "embed_lora_apply",
-                (t as u32, 1),
-                256,
-                &[P(s.x.ptr()), P(s.ld.ptr()), I(d as i32), P(f), F(e.s)],
-            )?;
+        for gr in groups {
+            let rows = gr.rows;
+            let x = s.x.at(gr.row0 * d * 4);
+            for e in &self.embed_lora[gr.set] {
+                g.launch(
+                    "gather_rows",
+                    (rows as u32, 1),
+                    64,
+                    &[
+                        P(e.a_t.ptr()),
+                        P(self.mptr(m.ids + gr.row0)),
+                        I(e.r as i32),
+                        P(s.lh.ptr()),
+                    ],
+                )?;
+                g.gemm(
+                    Dt::F32,
+                    rows,
+                    d,
+                    e.r,
+                    s.lh.ptr(),
+                    e.r,
+                    e.b.ptr(),
+                    s.ld.ptr(),
+                    d,
+                    1.0,
+                    0.0,
+                )?;
+                let f = e.dora.as_ref().map_or(0, |b| b.ptr());
+                g.launch(
+                    "embed_lora_apply",
+                    (rows as u32, 1),
+                    256,
+                    &[P(x), P(s.ld.ptr()), I(d as i32), P(f), F(e.s)],
+                )?;
+            }
         }
         let qkv_ld = (self.heads + 2 * self.kvh) * self.hd;
         let scale = 1.0 / (self.hd as f32).sqrt();
@@ -1008,7 +1380,16 @@ impl CudaModel {
             // The adapters' f32 copy of each linear's input, written by its producer.
             let c = self.copy32();
             self.rms_norm(s.x.ptr(), &l.ln1, t, s.h.ptr(), c)?;
-            self.linear(&l.qkv, s.h.ptr(), nz(c), t, s.qkv.ptr(), qkv_ld, false)?;
+            self.linear(
+                &l.qkv,
+                s.h.ptr(),
+                nz(c),
+                t,
+                s.qkv.ptr(),
+                qkv_ld,
+                false,
+                groups,
+            )?;
             g.launch(
                 "rope_store",
                 (t as u32, (self.heads + 2 * self.kvh) as u32),
@@ -1059,9 +1440,19 @@ impl CudaModel {
                 s.attn.ptr(),
                 if pa.is_some() { None } else { nz(c) },
                 t,
+                groups,
             )?;
             self.rms_norm(s.x.ptr(), &l.ln2, t, s.h.ptr(), c)?;
-            self.linear(&l.gu, s.h.ptr(), nz(c), t, s.gu.ptr(), 2 * self.f, false)?;
+            self.linear(
+                &l.gu,
+                s.h.ptr(),
+                nz(c),
+                t,
+                s.gu.ptr(),
+                2 * self.f,
+                false,
+                groups,
+            )?;
             g.launch_n(
                 "swiglu",
                 t * self.f,
@@ -1073,7 +1464,7 @@ impl CudaModel {
                     P(c),
                 ],
             )?;
-            self.residual(&l.down, s.h.ptr(), nz(c), t)?;
+            self.residual(&l.down, s.h.ptr(), nz(c), t, groups)?;
         }
         // The rows that get logits, normed, through the head.
         g.launch(
@@ -1097,6 +1488,7 @@ impl CudaModel {
             s.logits.ptr(),
             self.vocab,
             false,
+            out_groups,
         )
     }
 
@@ -1129,22 +1521,24 @@ impl CudaModel {
 
     /// x += lin(a), accumulated straight into the residual stream, unless a DoRA adapter needs
     /// the projection's own output (then through `o` and an add).
-    fn residual(&self, lin: &DevLinear, a: u64, a32: Option<u64>, t: usize) -> Result<()> {
+    fn residual(
+        &self,
+        lin: &DevLinear,
+        a: u64,
+        a32: Option<u64>,
+        t: usize,
+        groups: &[Group],
+    ) -> Result<()> {
         let (g, s, d) = (&self.gpu, &self.s, self.d);
-        let dora = lin
-            .parts
-            .iter()
-            .flat_map(|p| &p.lora)
-            .any(|l| l.dora.is_some());
-        if dora {
-            self.linear(lin, a, a32, t, s.o.ptr(), d, false)?;
+        if lin.has_dora() {
+            self.linear(lin, a, a32, t, s.o.ptr(), d, false, groups)?;
             g.launch_n(
                 "add_f32",
                 t * d,
                 &[Arg::P(s.x.ptr()), Arg::P(s.o.ptr()), Arg::L((t * d) as i64)],
             )
         } else {
-            self.linear(lin, a, a32, t, s.x.ptr(), d, true)
+            self.linear(lin, a, a32, t, s.x.ptr(), d, true, groups)
         }
     }
 
@@ -1194,11 +1588,9 @@ impl CudaModel {
         )
     }
 
-    /// y[t, ldy] = x[t, d_in] · Wᵀ (+ bias) + adapters, for each part's columns.
-    /// x lp, y f32.
-    /// `accumulate`: y += the product (adapters add to y either way).
-    #[allow(clippy::too_many_arguments)]
-    /// y (+)= lin(x); `x32`, when given, holds x widened to f32 for the adapters.
+    /// y[t, ldy] (+)= x[t, d_in] · Wᵀ (+ bias), for each part's columns, then each adapter
+    /// group's adapters over its rows (they add to y either way). x lp, y f32; `x32`, when
+    /// given, holds x widened to f32 for the adapters. `accumulate`: y += the product.
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
@@ -1209,11 +1601,18 @@ impl CudaModel {
         y: u64,
         ldy: usize,
         accumulate: bool,
+        groups: &[Group],
     ) -> Result<()> {
         use Arg::*;
         let g = &self.gpu;
         let lp = g.lp();
         let beta = if accumulate { 1.0 } else { 0.0 };
+        // Which token rows these are: the t packed tokens, or the rows that get logits.
+        let row_set = if std::ptr::eq(lin, &self.head) {
+            self.mptr(self.meta.out_set)
+        } else {
+            self.mptr(self.meta.row_set)
+        };
         for mat in &lin.mats {
             let yc = y + (mat.col0 * 4) as u64;
             // The matrix the product reads: as stored (dense), or dequantized into scratch.
@@ -1224,7 +1623,7 @@ impl CudaModel {
                     code,
                     blocksize,
                 } => {
-                    if t <= GEMV_MAX_T && mat.gemv_ok() {
+                    if t <= g.gemv4_max_t(mat.cols, *blocksize) {
                         g.gemv4(&Gemv4 {
                             packed: packed.ptr(),
                             absmax: absmax.ptr(),
@@ -1249,7 +1648,6 @@ impl CudaModel {
                 lp, t, mat.rows, mat.cols, x, lin.d_in, w, yc, ldy, 1.0, beta,
             )?;
         }
-        let mut x32 = x32;
         for part in &lin.parts {
             if let Some(b) = &part.bias {
                 g.launch(
@@ -1265,76 +1663,130 @@ impl CudaModel {
                     ],
                 )?;
             }
-            for a in &part.lora {
-                let xf = self.adapter_input(x, &mut x32, t, lin.d_in)?;
-                self.shrink(xf, t, a.r, lin.d_in, &a.a)?;
-                let yc = y + (part.col0 * 4) as u64;
-                if a.b_bias.is_none() && a.dora.is_none() {
-                    g.gemm(
-                        Dt::F32,
-                        t,
-                        part.n,
-                        a.r,
-                        self.s.lh.ptr(),
-                        a.r,
-                        a.b.ptr(),
-                        yc,
-                        ldy,
-                        a.s,
-                        1.0,
-                    )?;
-                } else {
-                    g.gemm(
-                        Dt::F32,
-                        t,
-                        part.n,
-                        a.r,
-                        self.s.lh.ptr(),
-                        a.r,
-                        a.b.ptr(),
-                        self.s.ld.ptr(),
-                        part.n,
-                        1.0,
-                        0.0,
-                    )?;
-                    let bb = a.b_bias.as_ref().map_or(0, |b| b.ptr());
-                    let f = a.dora.as_ref().map_or(0, |b| b.ptr());
-                    let bias = part.bias.as_ref().map_or(0, |b| b.ptr());
-                    g.launch(
-                        "lora_apply",
-                        (t as u32, 1),
-                        256,
-                        &[
-                            P(y),
-                            I(ldy as i32),
-                            I(part.col0 as i32),
-                            P(self.s.ld.ptr()),
-                            I(part.n as i32),
-                            P(bb),
-                            P(f),
-                            P(bias),
-                            F(a.s),
-                        ],
-                    )?;
+        }
+        let mut x32 = x32;
+        // Every stacked set at once over the batch's rows, when the batch is small.
+        let (n_fused, r_max) = lin.fused_in(groups);
+        let ldh = self.adapter_cap.0;
+        let bgmv = t <= BGMV_MAX_T
+            && bgmv_wanted(n_fused)
+            && lin.d_in.is_multiple_of(4)
+            && ldh <= BGMV_MAX_R;
+        if bgmv {
+            let xf = self.adapter_input(x, &mut x32, t, lin.d_in)?;
+            let table = lin.table.as_ref().expect("written at upload").ptr();
+            g.launch(
+                "bgmv_shrink",
+                (t.div_ceil(4) as u32, r_max.div_ceil(8) as u32),
+                256,
+                &[
+                    P(xf),
+                    I(lin.d_in as i32),
+                    I(t as i32),
+                    P(row_set),
+                    P(table),
+                    P(self.s.lh.ptr()),
+                    I(ldh as i32),
+                ],
+            )?;
+            let n_max = lin.parts.iter().map(|p| p.col0 + p.n).max().unwrap_or(0);
+            g.launch(
+                "bgmv_expand",
+                (n_max.div_ceil(256) as u32, t.div_ceil(16) as u32),
+                256,
+                &[
+                    P(self.s.lh.ptr()),
+                    I(ldh as i32),
+                    I(t as i32),
+                    P(row_set),
+                    P(table),
+                    P(y),
+                    I(ldy as i32),
+                ],
+            )?;
+        }
+        for gr in groups {
+            let Some(set) = lin
+                .sets
+                .get(gr.set)
+                .filter(|s| !(s.is_empty() || bgmv && s.fused.is_some()))
+            else {
+                continue;
+            };
+            // The group's rows of the adapters' input and of y.
+            let xf =
+                self.adapter_input(x, &mut x32, t, lin.d_in)? + (gr.row0 * lin.d_in * 4) as u64;
+            let (n_rows, yg) = (gr.rows, y + (gr.row0 * ldy * 4) as u64);
+            for (part, loras) in lin.parts.iter().zip(&set.parts) {
+                for a in loras {
+                    self.shrink(xf, n_rows, a.r, lin.d_in, &a.a)?;
+                    let yc = yg + (part.col0 * 4) as u64;
+                    if a.b_bias.is_none() && a.dora.is_none() {
+                        g.gemm(
+                            Dt::F32,
+                            n_rows,
+                            part.n,
+                            a.r,
+                            self.s.lh.ptr(),
+                            a.r,
+                            a.b.ptr(),
+                            yc,
+                            ldy,
+                            a.s,
+                            1.0,
+                        )?;
+                    } else {
+                        g.gemm(
+                            Dt::F32,
+                            n_rows,
+                            part.n,
+                            a.r,
+                            self.s.lh.ptr(),
+                            a.r,
+                            a.b.ptr(),
+                            self.s.ld.ptr(),
+                            part.n,
+                            1.0,
+                            0.0,
+                        )?;
+                        let bb = a.b_bias.as_ref().map_or(0, |b| b.ptr());
+                        let f = a.dora.as_ref().map_or(0, |b| b.ptr());
+                        let bias = part.bias.as_ref().map_or(0, |b| b.ptr());
+                        g.launch(
+                            "lora_apply",
+                            (n_rows as u32, 1),
+                            256,
+                            &[
+                                P(yg),
+                                I(ldy as i32),
+                                I(part.col0 as i32),
+                                P(self.s.ld.ptr()),
+                                I(part.n as i32),
+                                P(bb),
+                                P(f),
+                                P(bias),
+                                F(a.s),
+                            ],
+                        )?;
+                    }
                 }
             }
-        }
-        if let Some(f) = &lin.fused_lora {
-            let xf = self.adapter_input(x, &mut x32, t, lin.d_in)?;
-            self.shrink(xf, t, f.r, lin.d_in, &f.a)?;
-            g.gemm(
-                Dt::F32,
-                t,
-                f.n,
-                f.r,
-                self.s.lh.ptr(),
-                f.r,
-                f.b.ptr(),
-                y,
-                ldy,
-                1.0,
-                1.0,
-            )?;
+            if let Some(f) = &set.fused {
+                self.shrink(xf, n_rows, f.r, lin.d_in, &f.a)?;
+                g.gemm(
+                    Dt::F32,
+                    n_rows,
+                    f.n,
+                    f.r,
+                    self.s.lh.ptr(),
+                    f.r,
+                    f.b.ptr(),
+                    yg,
+                    ldy,
+                    1.0,
+                    1.0,
+                )?;
+            }
         }
         Ok(())
     }

@@ -841,6 +841,96 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                 );
             }
         }
+        // The tensor-core GEMV past 8 tokens (decode batches): gemv4m4 alone up to 32, and
+        // the bf16 dispatch (`Gpu::gemv4`, passes of 32) up to 64; the bf16 budget (it rounds
+        // the codes to bf16).
+        for (quant, rows, cols, bs, t) in [
+            (Quant4::Nf4, 1024usize, 4096usize, 64usize, 9usize),
+            (Quant4::Nf4, 333, 4096, 128, 17),
+            (Quant4::Fp4, 37, 576, 64, 32),
+            (Quant4::Nf4, 4096, 14336, 64, 33),
+            (Quant4::Nf4, 72, 192, 64, 64),
+        ] {
+            let w = bnb4(quant, rows, cols, bs, 11 + rows as u64);
+            let x = rand(52, t * cols);
+            let x_lp: Vec<f32> = match g.precision {
+                Precision::F32 => x.clone(),
+                Precision::Bf16 => x
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v).to_f32())
+                    .collect(),
+            };
+            let mut want = vec![0f32; t * rows];
+            ops::linear(&x_lp, t, &w, &mut want);
+            let s = w.scales().unwrap();
+            let ld = rows + 3;
+            let (bp, ba, bc, bx) = (
+                g.upload(w.bytes()).unwrap(),
+                up(&g, &s.values),
+                up(&g, &s.code),
+                up_lp(&g, &x),
+            );
+            let gv = |y: &DevBuf, accumulate: bool| Gemv4 {
+                packed: bp.ptr(),
+                absmax: ba.ptr(),
+                code: bc.ptr(),
+                blocksize: bs,
+                rows,
+                cols,
+                x: bx.ptr(),
+                t,
+                y: y.ptr(),
+                ld,
+                accumulate,
+            };
+            let mut paths: Vec<&str> = Vec::new();
+            if t <= 32 {
+                paths.push("gemv4m4");
+            }
+            if g.precision == Precision::Bf16 {
+                assert_eq!(g.gemv4_max_t(cols, bs), 64);
+                paths.push("dispatch");
+            }
+            for path in paths {
+                let y = poison(&g, t * ld);
+                let run = |accumulate: bool| match path {
+                    "gemv4m4" => g.gemv4_with("gemv4m4", &gv(&y, accumulate)).unwrap(),
+                    _ => g.gemv4(&gv(&y, accumulate)).unwrap(),
+                };
+                run(false);
+                let all = down(&g, &y, t * ld);
+                let got: Vec<f32> = (0..t)
+                    .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
+                    .collect();
+                let e = rel("gemv4m4", &got, &want);
+                assert!(
+                    e <= BF16_BUDGET,
+                    "{path} {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.3e}",
+                    g.precision
+                );
+                for i in 0..t {
+                    assert!(
+                        all[i * ld + rows..(i + 1) * ld].iter().all(|v| v.is_nan()),
+                        "{path} wrote past its columns"
+                    );
+                }
+                run(true);
+                let all2 = down(&g, &y, t * ld);
+                let twice: Vec<f32> = (0..t)
+                    .flat_map(|i| all2[i * ld..i * ld + rows].to_vec())
+                    .collect();
+                let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+                assert!(
+                    rel("gemv4m4 accumulate", &twice, &want2) <= BF16_BUDGET,
+                    "{path} accumulate"
+                );
+            }
+            if g.precision == Precision::F32 {
+                // f32 mode keeps the CUDA-core kernels: nothing past 8 tokens.
+                assert_eq!(g.gemv4_max_t(cols, bs), 8);
+                assert!(g.gemv4(&gv(&bx, false)).is_err());
+            }
+        }
         // cuBLAS through Gpu::gemm, into a column slice of a wider output.
         for (t, n, k) in [(5usize, 33usize, 70usize), (1, 4096, 4096), (300, 96, 576)] {
             let wv = rand(60, n * k);

@@ -145,6 +145,17 @@ impl Layer {
             &self.down_proj,
         ]
     }
+    pub fn projections_mut(&mut self) -> [&mut Projection; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
 }
 
 #[derive(Debug, Clone)]

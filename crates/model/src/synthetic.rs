@@ -137,6 +137,20 @@ fn lora(seed: u64, d_out: usize, d_in: usize, r: usize) -> Lora {
     }
 }
 
+/// `base` (sharing its weights) with a random LoRA adapter of rank `r` on all seven
+/// projections of every layer, replacing any it had: one of many adapters served at once.
+pub fn with_synthetic_lora(base: &Model, r: usize, seed: u64) -> Model {
+    let mut m = base.clone();
+    for (i, l) in m.layers.iter_mut().enumerate() {
+        let sd = seed.wrapping_add(1000 * (i as u64 + 1)).wrapping_mul(31);
+        for (k, p) in l.projections_mut().into_iter().enumerate() {
+            let (rows, cols) = (p.d_out(), p.d_in());
+            p.lora = vec![lora(sd + k as u64, rows, cols, r)];
+        }
+    }
+    m
+}
+
 /// A random model of `cfg`'s architecture (`cfg.num_hidden_layers` layers) with the given
 /// base format, and when `lora_rank` is set a LoRA adapter on all seven projections.
 pub fn synthetic_model(

@@ -33,6 +33,7 @@ pub(crate) fn start(cfg: ServeConfig) -> std::io::Result<(Arc<App>, std::thread:
         stop_ids,
         limits,
         loader,
+        backend,
     } = cfg;
     let context = models
         .first()
@@ -55,7 +56,7 @@ pub(crate) fn start(cfg: ServeConfig) -> std::io::Result<(Arc<App>, std::thread:
     let m = metrics.clone();
     let handle = std::thread::Builder::new()
         .name("qlora-engine".into())
-        .spawn(move || engine::run(tok, stop_ids, rx, engine_cfg, m))?;
+        .spawn(move || engine::run(backend, tok, stop_ids, rx, engine_cfg, m))?;
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

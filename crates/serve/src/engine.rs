@@ -1,11 +1,12 @@
 //! The scheduler: one thread that runs continuous batching. Each step,
 //! every admitted request contributes its next ids (a prefill chunk of at most
-//! `prefill_chunk` tokens, or its last sampled token) to one batched forward per base
-//! (`Model::forward_batch`: the base's products over all rows at once, each adapter's over
-//! its requests' rows), then samples and streams. A request joins between steps and leaves
-//! when it finishes, when its client goes away (its event channel closes) or on an error; a
-//! long prompt is prefilled a chunk a step beside the running streams. Each request keeps its
-//! own KV cache and sampler.
+//! `prefill_chunk` tokens, or its last sampled token) to one batched forward of the
+//! `Backend` (on the CPU `Model::forward_batch` per base; on a GPU the device model's: the
+//! base's products over all rows at once, each adapter's over its requests' rows), then
+//! samples and streams. A request joins between steps and leaves when it finishes, when its
+//! client goes away (its event channel closes) or on an error; a long prompt is prefilled a
+//! chunk a step beside the running streams. Each request keeps its own KV cache (in the
+//! backend) and sampler.
 
 use crate::metrics::Metrics;
 use qlora_model::{BatchSeq, KvCache, Logits, Model, Sampler, SamplingParams, TextStream};
@@ -49,6 +50,109 @@ pub enum Event {
     Error(String),
 }
 
+/// A request's decoding state (its KV cache) in a `Backend`.
+pub type Handle = usize;
+
+/// One request's part of a batched step.
+pub struct StepSeq<'a> {
+    pub handle: Handle,
+    pub model: &'a Arc<Model>,
+    /// `Job::key`: requests come sorted by it, so each adapter's rows are contiguous.
+    pub key: (usize, usize),
+    pub ids: &'a [u32],
+    /// Whether the last token's logits are wanted.
+    pub logits: bool,
+}
+
+/// Where the batched forward runs; the engine thread owns it and calls nothing else.
+pub trait Backend: Send {
+    /// Opens a request's state for `model` (`key`: `Job::key`). An error goes to that request.
+    fn open(&mut self, model: &Arc<Model>, key: (usize, usize)) -> Result<Handle, String>;
+    /// Runs each sequence's ids at its next positions, batched; one result per sequence: the
+    /// last token's logits when it asked (else empty), or the error that concerns it alone.
+    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Vec<Result<Vec<f32>, String>>;
+    /// Frees a request's state.
+    fn close(&mut self, handle: Handle);
+}
+
+/// The CPU: one `Model::forward_batch` per run of requests on one base, a `KvCache` each.
+#[derive(Default)]
+pub struct CpuBackend {
+    caches: Vec<Option<KvCache>>,
+    free: Vec<Handle>,
+}
+
+impl Backend for CpuBackend {
+    fn open(&mut self, model: &Arc<Model>, _key: (usize, usize)) -> Result<Handle, String> {
+        let cache = Some(KvCache::new(model));
+        Ok(match self.free.pop() {
+            Some(h) => {
+                self.caches[h] = cache;
+                h
+            }
+            None => {
+                self.caches.push(cache);
+                self.caches.len() - 1
+            }
+        })
+    }
+
+    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Vec<Result<Vec<f32>, String>> {
+        let mut results = Vec::with_capacity(batch.len());
+        let mut i = 0;
+        while i < batch.len() {
+            let base = batch[i].key.0;
+            let j = i + batch[i..].iter().take_while(|s| s.key.0 == base).count();
+            let mut caches: Vec<KvCache> = batch[i..j]
+                .iter()
+                .map(|s| self.caches[s.handle].take().expect("an open handle"))
+                .collect();
+            let mut seqs: Vec<BatchSeq> = batch[i..j]
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(s, cache)| BatchSeq {
+                    model: s.model,
+                    ids: s.ids,
+                    cache,
+                    logits: s.logits.then_some(Logits::Last),
+                })
+                .collect();
+            match Model::forward_batch(&mut seqs) {
+                Ok(v) => results.extend(v.into_iter().map(Ok)),
+                // The checks run before any cache changes: run each alone, so that only the
+                // request at fault gets the error.
+                Err(_) => {
+                    for b in seqs.iter_mut() {
+                        let one = BatchSeq {
+                            model: b.model,
+                            ids: b.ids,
+                            cache: &mut *b.cache,
+                            logits: b.logits,
+                        };
+                        results.push(
+                            Model::forward_batch(&mut [one])
+                                .map(|mut v| v.pop().unwrap_or_default())
+                                .map_err(|e| e.to_string()),
+                        );
+                    }
+                }
+            }
+            drop(seqs);
+            for (s, c) in batch[i..j].iter().zip(caches) {
+                self.caches[s.handle] = Some(c);
+            }
+            i = j;
+        }
+        results
+    }
+
+    fn close(&mut self, handle: Handle) {
+        if self.caches.get_mut(handle).and_then(|c| c.take()).is_some() {
+            self.free.push(handle);
+        }
+    }
+}
+
 pub struct EngineConfig {
     pub max_concurrent: usize,
     pub prefill_chunk: usize,
@@ -56,6 +160,7 @@ pub struct EngineConfig {
 
 /// Runs until every sender of `jobs` is gone and the running requests are done.
 pub fn run(
+    mut backend: Box<dyn Backend>,
     tokenizer: Tokenizer,
     stop_ids: Vec<u32>,
     jobs: Receiver<Job>,
@@ -89,7 +194,15 @@ pub fn run(
                 .queue_time
                 .observe(job.enqueued.elapsed().as_secs_f64());
             let key = job.key;
-            let seq = Seq::new(&tokenizer, job, cfg.prefill_chunk);
+            let handle = match backend.open(&job.model, key) {
+                Ok(h) => h,
+                Err(e) => {
+                    metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    let _ = job.events.send(Event::Error(e));
+                    continue;
+                }
+            };
+            let seq = Seq::new(&tokenizer, job, handle, cfg.prefill_chunk);
             // Kept sorted by (base, adapter), so each adapter's rows are contiguous.
             let at = active.partition_point(|s| s.key <= key);
             active.insert(at, seq);
@@ -98,6 +211,7 @@ pub fn run(
             let gone = s.job.events.is_closed();
             if gone {
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                backend.close(s.handle);
             }
             !gone
         });
@@ -111,7 +225,13 @@ pub fn run(
             continue;
         }
         metrics.batch_size.observe(active.len() as f64);
-        step(&mut active, &stop_ids, cfg.prefill_chunk, &metrics);
+        step(
+            backend.as_mut(),
+            &mut active,
+            &stop_ids,
+            cfg.prefill_chunk,
+            &metrics,
+        );
         metrics
             .running
             .store(active.len() as u64, Ordering::Relaxed);
@@ -119,55 +239,51 @@ pub fn run(
 }
 
 /// One engine step: every running request's next ids (a prefill chunk or its last token)
-/// through one batched forward per base, then each samples and streams. Finished requests
-/// leave `active`.
-fn step(active: &mut Vec<Seq>, stop_ids: &[u32], chunk: usize, m: &Metrics) {
-    let mut results: Vec<qlora_model::Result<Vec<f32>>> = Vec::with_capacity(active.len());
-    let mut i = 0;
-    while i < active.len() {
-        let base = active[i].key.0;
-        let j = i + active[i..].iter().take_while(|s| s.key.0 == base).count();
-        let mut batch: Vec<BatchSeq> = active[i..j]
-            .iter_mut()
-            .map(|s| {
-                let logits = s.wants_logits().then_some(Logits::Last);
-                BatchSeq {
-                    model: &s.model,
-                    ids: &s.next,
-                    cache: &mut s.cache,
-                    logits,
-                }
-            })
-            .collect();
-        match Model::forward_batch(&mut batch) {
-            Ok(v) => results.extend(v.into_iter().map(Ok)),
-            // The checks run before any cache changes: run each alone, so that only the
-            // request at fault gets the error.
-            Err(_) => {
-                for b in batch.iter_mut() {
-                    let one = BatchSeq {
-                        model: b.model,
-                        ids: b.ids,
-                        cache: &mut *b.cache,
-                        logits: b.logits,
-                    };
-                    results.push(
-                        Model::forward_batch(&mut [one]).map(|mut v| v.pop().unwrap_or_default()),
-                    );
-                }
-            }
-        }
-        i = j;
-    }
+/// through the backend's batched forward, then each samples and streams. Finished requests
+/// leave `active` and close their state.
+fn step(
+    backend: &mut dyn Backend,
+    active: &mut Vec<Seq>,
+    stop_ids: &[u32],
+    chunk: usize,
+    m: &Metrics,
+) {
+    let batch: Vec<StepSeq> = active
+        .iter()
+        .map(|s| StepSeq {
+            handle: s.handle,
+            model: &s.model,
+            key: s.key,
+            ids: &s.next,
+            logits: s.wants_logits(),
+        })
+        .collect();
+    let mut results = backend.forward(&batch);
+    drop(batch);
+    results.resize_with(
+        active.len(),
+        || Err("the backend returned no result".into()),
+    );
     let mut k = 0;
     active.retain_mut(|s| {
         let r = std::mem::replace(&mut results[k], Ok(Vec::new()));
         k += 1;
-        match r.and_then(|logits| s.after(logits, stop_ids, chunk, m)) {
-            Ok(more) => more,
+        let more = match r {
+            Ok(logits) => s
+                .after(logits, stop_ids, chunk, m)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match more {
+            Ok(true) => true,
+            Ok(false) => {
+                backend.close(s.handle);
+                false
+            }
             Err(e) => {
                 m.errors.fetch_add(1, Ordering::Relaxed);
-                let _ = s.job.events.send(Event::Error(e.to_string()));
+                let _ = s.job.events.send(Event::Error(e));
+                backend.close(s.handle);
                 false
             }
         }
@@ -179,7 +295,8 @@ struct Seq<'a> {
     model: Arc<Model>,
     /// (base group, model index): the batching order.
     key: (usize, usize),
-    cache: KvCache,
+    /// Its state in the backend.
+    handle: Handle,
     stream: TextStream<'a>,
     sampler: Sampler,
     job: Job,
@@ -196,12 +313,12 @@ struct Seq<'a> {
 }
 
 impl<'a> Seq<'a> {
-    fn new(tokenizer: &'a Tokenizer, job: Job, chunk: usize) -> Self {
+    fn new(tokenizer: &'a Tokenizer, job: Job, handle: Handle, chunk: usize) -> Self {
         let first = job.prompt[..job.prompt.len().min(chunk.max(1))].to_vec();
         Seq {
             model: job.model.clone(),
             key: job.key,
-            cache: KvCache::new(&job.model),
+            handle,
             stream: TextStream::new(tokenizer),
             sampler: Sampler::new(job.sampling.clone()),
             seen: job.prompt.clone(),

@@ -12,6 +12,7 @@ mod engine;
 mod metrics;
 
 pub use api::router;
+pub use engine::{Backend, CpuBackend, Handle, StepSeq};
 pub use metrics::Metrics;
 
 use qlora_io::TokenizerInfo;
@@ -72,6 +73,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// With a loader, the opt-in endpoints that load and unload adapters while serving.
     pub loader: Option<AdapterLoader>,
+    /// Where generation runs: `CpuBackend`, or a device's (the CLI's CUDA backend).
+    pub backend: Box<dyn Backend>,
 }
 
 /// Binds `addr`, calls `on_listen` with the bound address (port 0 picks one), and serves until

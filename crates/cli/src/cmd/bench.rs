@@ -30,6 +30,11 @@ pub struct Args {
     /// GPU: batched decode at these batch sizes (aggregate tok/s), e.g. 1,8,32,64.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
+    /// With --synthetic on a GPU: N different random adapters (rank --adapter-rank, default
+    /// 16, all seven projections) loaded at once, each decode batch's sequences split evenly
+    /// over them, as `qlora serve` batches requests for many adapters.
+    #[arg(long, requires = "synthetic", default_value_t = 0)]
+    mixed_adapters: usize,
     #[command(flatten)]
     device: crate::device::DeviceArgs,
     /// Instead of a model: NF4 dequantize and GEMV throughput at Mistral-7B's linear shapes,
@@ -108,14 +113,17 @@ pub fn run(a: Args) -> Result<()> {
     };
     let m = &loaded_model;
     if a.train {
+        if a.mixed_adapters > 0 {
+            bail!("--mixed-adapters is for decode benchmarks; drop it with --train");
+        }
         return train_bench(&a, m, &model, device);
     }
     #[cfg(feature = "cuda")]
     if let qlora_engine::Device::Cuda(n) = device {
         return gpu_bench(&a, m, &model, n);
     }
-    if a.batch != [1] {
-        bail!("--batch is for GPU benchmarks (--device cuda)");
+    if a.batch != [1] || a.mixed_adapters > 0 {
+        bail!("--batch and --mixed-adapters are for GPU benchmarks (--device cuda)");
     }
     let v = m.vocab_size() as u64;
     // Arbitrary in-vocabulary ids: the cost of a forward pass does not depend on them.
@@ -183,7 +191,11 @@ fn synthetic(a: &Args, name: &str) -> Result<qlora_model::Model> {
     };
     let t = Instant::now();
     // --train builds its own trainable adapter.
-    let rank = if a.train { None } else { a.adapter_rank };
+    let rank = if a.train || a.mixed_adapters > 0 {
+        None
+    } else {
+        a.adapter_rank
+    };
     let m = synthetic_model(cfg, base, rank, 1)?;
     eprintln!(
         "built synthetic {name} ({} layers, {base:?} base) in {:.1} s",
@@ -479,6 +491,23 @@ fn gpu_bench(
         total as f64 / (1u64 << 30) as f64
     );
     println!("weights/token    {:.1} MB", cm.weight_bytes as f64 / 1e6);
+    // Serving's mixed batch: adapter sets 1..=N beside the bare base.
+    let n_sets = a.mixed_adapters;
+    if n_sets > 0 {
+        let r = a.adapter_rank.unwrap_or(16);
+        let t = Instant::now();
+        for k in 0..n_sets {
+            let am = qlora_model::synthetic::with_synthetic_lora(m, r, 77 + k as u64);
+            cm.add_adapters(&am)
+                .map_err(|e| anyhow::anyhow!("cuda:{ordinal}: {e}"))?;
+        }
+        println!(
+            "adapters         {n_sets} of rank {r} on all seven projections, uploaded in {:.1} s; a batch's sequences split evenly over them",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    // Sequence i of a batch of b runs with set 1 + i·N / b (contiguous groups), or 0.
+    let set_of = |i: usize, b: usize| if n_sets == 0 { 0 } else { 1 + i * n_sets / b };
     let v = m.vocab_size() as u64;
     let ids = |n: usize, salt: u64| -> Vec<u32> {
         (0..n as u64)
@@ -513,7 +542,10 @@ fn gpu_bench(
     for &b in &a.batch {
         let mut runs = Vec::new();
         for r in 0..a.repeats + 1 {
-            let mut seqs: Vec<qlora_cuda::Seq> = (0..b).map(|_| cm.new_seq()).collect();
+            let mut seqs: Vec<qlora_cuda::Seq> = (0..b)
+                .map(|i| cm.new_seq_with(set_of(i, b)))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(err)?;
             let prompts: Vec<Vec<u32>> = (0..b).map(|i| ids(DECODE_PROMPT, i as u64 + 1)).collect();
             let mut batch: Vec<(&mut qlora_cuda::Seq, &[u32])> = seqs
                 .iter_mut()

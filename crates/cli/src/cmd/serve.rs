@@ -1,12 +1,14 @@
 //! `qlora serve`: an OpenAI-compatible server for one base and many adapters, chosen per
 //! request by `model`.
 
+use crate::device::DeviceArgs;
 use crate::load::{
     apply_planned, load, load_with_adapters, plan_adapters, AdapterArgs, QuantizeArgs,
 };
 use anyhow::{bail, Context, Result};
+use qlora_engine::Device;
 use qlora_model::Model;
-use qlora_serve::{serve, AdapterLoader, Limits, ServeConfig, Served};
+use qlora_serve::{serve, AdapterLoader, Backend, CpuBackend, Limits, ServeConfig, Served};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -39,9 +41,10 @@ pub struct Args {
     /// may then make the server read adapter directories by path.
     #[arg(long)]
     allow_runtime_adapters: bool,
-    /// Where generation runs; the server runs on the CPU for now.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Where generation runs (`--device cuda`: the base uploaded once, every adapter beside
+    /// it, all requests in one batch; `--kv-tokens` sizes the shared KV cache).
+    #[command(flatten)]
+    device: DeviceArgs,
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
     /// TCP port (0 picks a free one; the address is printed).
@@ -68,12 +71,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.device != "cpu" {
-        bail!(
-            "--device {}: `qlora serve` runs on the CPU for now (the GPU engine has no per-request adapters yet); use --device cpu",
-            a.device
-        );
-    }
+    let device = a.device.resolve()?;
     for (v, name) in [
         (a.max_concurrent, "--max-concurrent"),
         (a.max_queue, "--max-queue"),
@@ -141,11 +139,47 @@ pub fn run(a: Args) -> Result<()> {
     let loader: Option<AdapterLoader> = a.allow_runtime_adapters.then(|| {
         let (base, path, quantize, strict) =
             (base.model.clone(), a.model.clone(), a.quantize, a.strict);
+        let on_gpu = device != Device::Cpu;
         Box::new(move |dir: &Path| {
-            adapter_model(&base, &path, quantize, dir, strict).map_err(|e| format!("{e:#}"))
+            let m = adapter_model(&base, &path, quantize, dir, strict).map_err(|e| format!("{e:#}"))?;
+            if on_gpu && !base.shares_base(&m) {
+                return Err("this adapter replaces base weights (modules_to_save, or a trained embedding or head); on a GPU every adapter runs on the one uploaded base".into());
+            }
+            Ok(m)
         }) as AdapterLoader
     });
     let context = base.model.config.max_position_embeddings;
+    let max_prompt_tokens = a.max_prompt_tokens.unwrap_or(context).min(context);
+    let backend: Box<dyn Backend> = match device {
+        Device::Cpu => Box::new(CpuBackend::default()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            // One uploaded base serves every adapter: an adapter that replaces base weights
+            // cannot share it.
+            for m in &models {
+                if !base.model.shares_base(&m.model) {
+                    bail!(
+                        "adapter \"{}\" replaces base weights (modules_to_save, or a trained embedding or head); on a GPU every adapter runs on the one uploaded base: serve it with --device cpu, or merge it (`qlora merge`) and serve the merged model",
+                        m.name
+                    );
+                }
+            }
+            // Room for every running request at its longest, unless --kv-tokens says.
+            let per_request = (max_prompt_tokens + a.max_tokens).min(context);
+            let mut dev = a.device.clone();
+            dev.kv_tokens = Some(
+                a.device
+                    .kv_tokens
+                    .unwrap_or_else(|| (a.max_concurrent * per_request).clamp(1, 1 << 18)),
+            );
+            let cm = dev.upload(&base.model, n, a.max_concurrent)?;
+            Box::new(crate::serve_gpu::CudaBackend::new(cm, base.model.clone()))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => bail!(
+            "this qlora was built without the `cuda` feature; rebuild with `cargo build --release --features cuda` or use --device cpu"
+        ),
+    };
     models.insert(
         0,
         Served {
@@ -157,7 +191,7 @@ pub fn run(a: Args) -> Result<()> {
     let limits = Limits {
         max_concurrent: a.max_concurrent,
         max_queue: a.max_queue,
-        max_prompt_tokens: a.max_prompt_tokens.unwrap_or(context).min(context),
+        max_prompt_tokens,
         max_tokens: a.max_tokens,
         max_body_bytes: a.max_body_bytes,
         prefill_chunk: a.prefill_chunk,
@@ -168,6 +202,7 @@ pub fn run(a: Args) -> Result<()> {
         stop_ids,
         limits,
         loader,
+        backend,
     };
     serve(
         cfg,

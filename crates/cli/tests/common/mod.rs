@@ -197,43 +197,41 @@ pub fn write_model(spec: &Value, dir: &Path) {
     }
 }
 
-/// A test's scratch directory, removed when the guard drops, a failing test's too: a run
-/// never leaves copies of SmolLM2 (hundreds of MB each) behind on a small disk.
-/// QLORA_KEEP_TEST_DIRS=1 keeps them to look at.
-pub struct TempDir(PathBuf);
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qlora-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
 
-impl std::ops::Deref for TempDir {
+/// A `temp_dir` removed when the guard drops, a failing test's too, for the tests that write
+/// copies of SmolLM2 (hundreds of MB each): a run never leaves them behind on a small disk.
+/// QLORA_KEEP_TEST_DIRS=1 keeps them to look at.
+pub struct ScratchDir(PathBuf);
+
+pub fn scratch_dir(tag: &str) -> ScratchDir {
+    ScratchDir(temp_dir(tag))
+}
+
+impl std::ops::Deref for ScratchDir {
     type Target = Path;
     fn deref(&self) -> &Path {
         &self.0
     }
 }
 
-impl AsRef<Path> for TempDir {
+impl AsRef<Path> for ScratchDir {
     fn as_ref(&self) -> &Path {
         &self.0
     }
 }
 
-impl AsRef<std::ffi::OsStr> for TempDir {
-    fn as_ref(&self) -> &std::ffi::OsStr {
-        self.0.as_os_str()
-    }
-}
-
-impl Drop for TempDir {
+impl Drop for ScratchDir {
     fn drop(&mut self) {
         if std::env::var_os("QLORA_KEEP_TEST_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-}
-
-pub fn temp_dir(tag: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("qlora-test-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
 }
 
 /// Held by the tests of one binary that write whole f32 copies of SmolLM2 (540 MB each), so

@@ -891,17 +891,17 @@ impl CudaTrainer {
         let (d, f, q) = (m.d, m.f, m.heads * m.hd);
         let ld = self.qkv_ld();
         m.rms_norm(xin, &l.ln1, t, sv.h1.ptr(), 0)?;
-        m.linear(&l.qkv, sv.h1.ptr(), None, t, w.qkv32.ptr(), ld, false)?;
+        m.linear(&l.qkv, sv.h1.ptr(), None, t, w.qkv32.ptr(), ld, false, &[])?;
         self.adapters_fwd(li, Lin::Qkv, sv, sv.h1.ptr(), t, w.qkv32.ptr(), ld, drops)?;
         self.rope(w.qkv32.ptr(), t, 1.0)?;
         self.to_lp(w.qkv32.ptr(), sv.qkv.ptr(), t * ld)?;
         self.attention(sv, segs)?;
         self.to_lp(w.attn32.ptr(), sv.attn.ptr(), t * q)?;
         g.copy(sv.x2.ptr(), xin, t * d * 4)?;
-        m.linear(&l.o, sv.attn.ptr(), None, t, sv.x2.ptr(), d, true)?;
+        m.linear(&l.o, sv.attn.ptr(), None, t, sv.x2.ptr(), d, true, &[])?;
         self.adapters_fwd(li, Lin::O, sv, sv.attn.ptr(), t, sv.x2.ptr(), d, drops)?;
         m.rms_norm(sv.x2.ptr(), &l.ln2, t, sv.h2.ptr(), 0)?;
-        m.linear(&l.gu, sv.h2.ptr(), None, t, sv.gu.ptr(), 2 * f, false)?;
+        m.linear(&l.gu, sv.h2.ptr(), None, t, sv.gu.ptr(), 2 * f, false, &[])?;
         self.adapters_fwd(li, Lin::Gu, sv, sv.h2.ptr(), t, sv.gu.ptr(), 2 * f, drops)?;
         g.launch_n(
             "swiglu",
@@ -915,7 +915,7 @@ impl CudaTrainer {
             ],
         )?;
         g.copy(xout, sv.x2.ptr(), t * d * 4)?;
-        m.linear(&l.down, sv.act.ptr(), None, t, xout, d, true)?;
+        m.linear(&l.down, sv.act.ptr(), None, t, xout, d, true, &[])?;
         self.adapters_fwd(li, Lin::Down, sv, sv.act.ptr(), t, xout, d, drops)?;
         Ok(())
     }
@@ -1177,7 +1177,7 @@ impl CudaTrainer {
             let n = c.min(t - r0);
             let hn = w.hn.at(r0 * d * lp);
             self.m
-                .linear(&self.m.head, hn, None, n, w.logits.ptr(), vocab, false)?;
+                .linear(&self.m.head, hn, None, n, w.logits.ptr(), vocab, false, &[])?;
             for p in &head_params {
                 let h = self.head_lh.as_ref().map_or(0, |b| b.at(n * p.roff * 4));
                 self.lora_fwd(p, hn, n, r0, w.logits.ptr(), vocab, h, drops[p.index])?;
