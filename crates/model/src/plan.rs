@@ -49,6 +49,41 @@ pub fn plan_adapters(
     Ok(out)
 }
 
+/// Drops the replacement tensors that hold exactly the base's own stored tensor (the same
+/// shape and values): PEFT saves a tied embedding's or head's base layer beside an adapter
+/// that targets it, and such a copy changes nothing, so the adapter can share the base's
+/// weights (one base for many adapters when serving). Returns how many were dropped.
+pub fn drop_unchanged_replacements(src: &ModelSource, planned: &mut [Planned]) -> usize {
+    let mut dropped = 0;
+    for (_, plan) in planned.iter_mut() {
+        plan.replacements.retain(|r| {
+            let base = src.tensors.get(&r.name).or_else(|| {
+                (src.config.tie_word_embeddings && r.name == "lm_head.weight")
+                    .then(|| src.tensors.get("model.embed_tokens.weight"))
+                    .flatten()
+            });
+            // The same values: byte for byte in one dtype, else both widened exactly to f32
+            // (PEFT saves the base layer in the dtype it trained in, f32 over a bf16 base).
+            let same = base.is_some_and(|b| {
+                b.shape == r.shape
+                    && if b.dtype == r.dtype {
+                        b.data.as_slice() == r.data.as_slice()
+                    } else {
+                        match (b.to_f32(), r.to_f32()) {
+                            (Ok(x), Ok(y)) => {
+                                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits())
+                            }
+                            _ => false,
+                        }
+                    }
+            });
+            dropped += same as usize;
+            !same
+        });
+    }
+    dropped
+}
+
 /// Puts the adapters' replacement tensors in place of the base's before it loads.
 pub fn apply_replacements(src: &mut ModelSource, planned: &[Planned]) -> Result<()> {
     for (a, plan) in planned {

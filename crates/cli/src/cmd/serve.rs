@@ -232,7 +232,12 @@ fn adapter_model(
         adapters: vec![dir.to_path_buf()],
         strict,
     };
-    let planned = plan_adapters(&base.config, model_path, &args)?;
+    let mut planned = plan_adapters(&base.config, model_path, &args)?;
+    // Copies of the base's own tensors (a tied embedding/head's base layer) change nothing.
+    if planned.iter().any(|(_, p)| !p.replacements.is_empty()) {
+        let src = qlora_io::ModelSource::open(model_path)?;
+        qlora_model::plan::drop_unchanged_replacements(&src, &mut planned);
+    }
     if planned.iter().any(|(_, p)| !p.replacements.is_empty()) {
         return Ok(load_with_adapters(model_path, quantize, &args)?.model);
     }
