@@ -67,14 +67,7 @@ impl CudaBackend {
         if !self.base.shares_base(model) {
             return Err("this adapter replaces base weights (modules_to_save, or a trained embedding or head): on the GPU the server runs one uploaded base for every adapter; serve it with --device cpu, or merge it (`qlora merge`) and serve the merged model".into());
         }
-        let any = model
-            .layers
-            .iter()
-            .flat_map(|l| l.projections())
-            .chain(std::iter::once(&model.lm_head))
-            .any(|p| !p.lora.is_empty())
-            || !model.embed_lora.is_empty();
-        let set = if any {
+        let set = if model.has_adapters() {
             self.model
                 .add_adapters(model)
                 .map_err(|e| format!("uploading the adapter to the GPU: {e}"))?

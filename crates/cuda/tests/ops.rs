@@ -719,6 +719,104 @@ fn dequantization_is_bit_exact() {
     }
 }
 
+/// A random 4-bit matrix and input on the device, and the CPU op's output on the lp-rounded
+/// input (the GPU reads lp activations).
+struct GemvCase {
+    label: String,
+    want: Vec<f32>,
+    /// packed, absmax, code, x
+    bufs: [DevBuf; 4],
+    blocksize: usize,
+    rows: usize,
+    cols: usize,
+    t: usize,
+    ld: usize,
+}
+
+fn gemv_case(
+    g: &Gpu,
+    quant: Quant4,
+    shape: (usize, usize, usize, usize),
+    seeds: (u64, u64),
+) -> GemvCase {
+    let (rows, cols, bs, t) = shape;
+    let w = bnb4(quant, rows, cols, bs, seeds.0 + rows as u64);
+    let x = rand(seeds.1, t * cols);
+    let x_lp: Vec<f32> = match g.precision {
+        Precision::F32 => x.clone(),
+        Precision::Bf16 => x
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_f32())
+            .collect(),
+    };
+    let mut want = vec![0f32; t * rows];
+    ops::linear(&x_lp, t, &w, &mut want);
+    let s = w.scales().unwrap();
+    GemvCase {
+        label: format!("{quant:?} [{rows}, {cols}] t {t} ({:?})", g.precision),
+        want,
+        bufs: [
+            g.upload(w.bytes()).unwrap(),
+            up(g, &s.values),
+            up(g, &s.code),
+            up_lp(g, &x),
+        ],
+        blocksize: bs,
+        rows,
+        cols,
+        t,
+        ld: rows + 5,
+    }
+}
+
+impl GemvCase {
+    fn args(&self, y: &DevBuf, accumulate: bool) -> Gemv4 {
+        Gemv4 {
+            packed: self.bufs[0].ptr(),
+            absmax: self.bufs[1].ptr(),
+            code: self.bufs[2].ptr(),
+            blocksize: self.blocksize,
+            rows: self.rows,
+            cols: self.cols,
+            x: self.bufs[3].ptr(),
+            t: self.t,
+            y: y.ptr(),
+            ld: self.ld,
+            accumulate,
+        }
+    }
+
+    /// Runs `run` (one GEMV into y, accumulating or not) into a poisoned output: within
+    /// `budget` of the CPU, nothing written past each row's columns, accumulate = 1 adding.
+    fn check(&self, g: &Gpu, name: &str, budget: f64, run: impl Fn(&Gemv4)) {
+        let (t, ld, rows) = (self.t, self.ld, self.rows);
+        let y = poison(g, t * ld);
+        let rows_of = |all: &[f32]| -> Vec<f32> {
+            (0..t)
+                .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
+                .collect()
+        };
+        run(&self.args(&y, false));
+        let all = down(g, &y, t * ld);
+        let e = rel(name, &rows_of(&all), &self.want);
+        eprintln!("{name} {}: {e:.2e}", self.label);
+        assert!(e <= budget, "{name} {}: {e:.3e}", self.label);
+        for i in 0..t {
+            assert!(
+                all[i * ld + rows..(i + 1) * ld].iter().all(|v| v.is_nan()),
+                "{name} wrote past its columns"
+            );
+        }
+        run(&self.args(&y, true));
+        let twice = rows_of(&down(g, &y, t * ld));
+        let want2: Vec<f32> = self.want.iter().map(|v| 2.0 * v).collect();
+        assert!(
+            rel("accumulate", &twice, &want2) <= budget,
+            "{name} accumulate"
+        );
+    }
+}
+
 #[test]
 fn fused_4bit_gemv_and_cublas_gemm() {
     for g in gpus() {
@@ -734,26 +832,7 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             (Quant4::Nf4, 28672, 4096, 64, 1),
             (Quant4::Nf4, 333, 4096, 128, 2),
         ] {
-            let w = bnb4(quant, rows, cols, bs, 7 + rows as u64);
-            let x = rand(50, t * cols);
-            // The CPU op on the lp-rounded input (the GPU reads lp activations).
-            let x_lp: Vec<f32> = match g.precision {
-                Precision::F32 => x.clone(),
-                Precision::Bf16 => x
-                    .iter()
-                    .map(|v| half::bf16::from_f32(*v).to_f32())
-                    .collect(),
-            };
-            let mut want = vec![0f32; t * rows];
-            ops::linear(&x_lp, t, &w, &mut want);
-            let s = w.scales().unwrap();
-            let ld = rows + 5;
-            let (bp, ba, bc, bx) = (
-                g.upload(w.bytes()).unwrap(),
-                up(&g, &s.values),
-                up(&g, &s.code),
-                up_lp(&g, &x),
-            );
+            let case = gemv_case(&g, quant, (rows, cols, bs, t), (7, 50));
             // Every GEMV family for t: the default, the x-stationary, the staged, the register
             // family and its t = 1 alternatives.
             let mut variants = vec![gemv4_kernel(t, cols)];
@@ -783,31 +862,6 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                 }
             }
             for kernel in variants {
-                let y = poison(&g, t * ld);
-                let run = |accumulate: bool| {
-                    g.gemv4_with(
-                        kernel,
-                        &Gemv4 {
-                            packed: bp.ptr(),
-                            absmax: ba.ptr(),
-                            code: bc.ptr(),
-                            blocksize: bs,
-                            rows,
-                            cols,
-                            x: bx.ptr(),
-                            t,
-                            y: y.ptr(),
-                            ld,
-                            accumulate,
-                        },
-                    )
-                    .unwrap()
-                };
-                run(false);
-                let all = down(&g, &y, t * ld);
-                let got: Vec<f32> = (0..t)
-                    .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
-                    .collect();
                 // The weights are exact in both modes and the input is the same: f32 budget;
                 // the tensor-core kernel rounds the codes (and, in f32 mode, the input) to
                 // bf16: the bf16 budget.
@@ -816,38 +870,12 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                 } else {
                     F32_BUDGET
                 };
-                let e = rel("gemv4", &got, &want);
-                eprintln!(
-                    "{kernel} {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.2e}",
-                    g.precision
-                );
-                assert!(
-                    e <= b,
-                    "{kernel} {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.3e}",
-                    g.precision
-                );
-                for i in 0..t {
-                    assert!(
-                        all[i * ld + rows..(i + 1) * ld].iter().all(|v| v.is_nan()),
-                        "{kernel} wrote past its columns"
-                    );
-                }
-                // accumulate = 1 adds to what is there.
-                run(true);
-                let all2 = down(&g, &y, t * ld);
-                let twice: Vec<f32> = (0..t)
-                    .flat_map(|i| all2[i * ld..i * ld + rows].to_vec())
-                    .collect();
-                let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
-                assert!(
-                    rel("gemv4 accumulate", &twice, &want2) <= b,
-                    "{kernel} accumulate"
-                );
+                case.check(&g, kernel, b, |a| g.gemv4_with(kernel, a).unwrap());
             }
         }
         // The tensor-core GEMV past 8 tokens (decode batches): gemv4m4 alone up to 32, and
-        // the bf16 dispatch (`Gpu::gemv4`, passes of 32) up to 64; the bf16 budget (it rounds
-        // the codes to bf16).
+        // the bf16 dispatch (`Gpu::gemv4`, passes of 32) up to 64 when QLORA_GEMV=mma takes
+        // it; the bf16 budget (it rounds the codes to bf16).
         for (quant, rows, cols, bs, t) in [
             (Quant4::Nf4, 1024usize, 4096usize, 64usize, 9usize),
             (Quant4::Nf4, 333, 4096, 128, 17),
@@ -855,88 +883,19 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             (Quant4::Nf4, 4096, 14336, 64, 33),
             (Quant4::Nf4, 72, 192, 64, 64),
         ] {
-            let w = bnb4(quant, rows, cols, bs, 11 + rows as u64);
-            let x = rand(52, t * cols);
-            let x_lp: Vec<f32> = match g.precision {
-                Precision::F32 => x.clone(),
-                Precision::Bf16 => x
-                    .iter()
-                    .map(|v| half::bf16::from_f32(*v).to_f32())
-                    .collect(),
-            };
-            let mut want = vec![0f32; t * rows];
-            ops::linear(&x_lp, t, &w, &mut want);
-            let s = w.scales().unwrap();
-            let ld = rows + 3;
-            let (bp, ba, bc, bx) = (
-                g.upload(w.bytes()).unwrap(),
-                up(&g, &s.values),
-                up(&g, &s.code),
-                up_lp(&g, &x),
-            );
-            let gv = |y: &DevBuf, accumulate: bool| Gemv4 {
-                packed: bp.ptr(),
-                absmax: ba.ptr(),
-                code: bc.ptr(),
-                blocksize: bs,
-                rows,
-                cols,
-                x: bx.ptr(),
-                t,
-                y: y.ptr(),
-                ld,
-                accumulate,
-            };
-            let mut paths: Vec<&str> = Vec::new();
+            let case = gemv_case(&g, quant, (rows, cols, bs, t), (11, 52));
             if t <= 32 {
-                paths.push("gemv4m4");
+                case.check(&g, "gemv4m4", BF16_BUDGET, |a| {
+                    g.gemv4_with("gemv4m4", a).unwrap()
+                });
             }
-            // The dispatch takes them only when QLORA_GEMV=mma asks (Gpu::gemv4).
             if g.precision == Precision::Bf16 && g.gemv4_max_t(cols, bs) == 64 {
-                paths.push("dispatch");
-            }
-            for path in paths {
-                let y = poison(&g, t * ld);
-                let run = |accumulate: bool| match path {
-                    "gemv4m4" => g.gemv4_with("gemv4m4", &gv(&y, accumulate)).unwrap(),
-                    _ => g.gemv4(&gv(&y, accumulate)).unwrap(),
-                };
-                run(false);
-                let all = down(&g, &y, t * ld);
-                let got: Vec<f32> = (0..t)
-                    .flat_map(|i| all[i * ld..i * ld + rows].to_vec())
-                    .collect();
-                let e = rel("gemv4m4", &got, &want);
-                eprintln!(
-                    "{path} {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.2e}",
-                    g.precision
-                );
-                assert!(
-                    e <= BF16_BUDGET,
-                    "{path} {quant:?} [{rows}, {cols}] t {t} ({:?}): {e:.3e}",
-                    g.precision
-                );
-                for i in 0..t {
-                    assert!(
-                        all[i * ld + rows..(i + 1) * ld].iter().all(|v| v.is_nan()),
-                        "{path} wrote past its columns"
-                    );
-                }
-                run(true);
-                let all2 = down(&g, &y, t * ld);
-                let twice: Vec<f32> = (0..t)
-                    .flat_map(|i| all2[i * ld..i * ld + rows].to_vec())
-                    .collect();
-                let want2: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
-                assert!(
-                    rel("gemv4m4 accumulate", &twice, &want2) <= BF16_BUDGET,
-                    "{path} accumulate"
-                );
+                case.check(&g, "dispatch", BF16_BUDGET, |a| g.gemv4(a).unwrap());
             }
             if g.precision == Precision::F32 {
                 // f32 mode keeps the CUDA-core kernels: nothing past 8 tokens.
                 assert_eq!(g.gemv4_max_t(cols, bs), 8);
-                assert!(g.gemv4(&gv(&bx, false)).is_err());
+                assert!(g.gemv4(&case.args(&case.bufs[3], false)).is_err());
             }
         }
         // cuBLAS through Gpu::gemm, into a column slice of a wider output.

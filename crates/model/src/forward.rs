@@ -159,6 +159,16 @@ pub struct BatchSeq<'a> {
 }
 
 impl Model {
+    /// Whether any adapter is on the model (a projection's, or an embedding adapter).
+    pub fn has_adapters(&self) -> bool {
+        self.layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .chain(std::iter::once(&self.lm_head))
+            .any(|p| !p.lora.is_empty())
+            || !self.embed_lora.is_empty()
+    }
+
     /// Whether `other` has this model's base (its weights are the same stored bytes): a clone
     /// that may carry other adapters.
     pub fn shares_base(&self, other: &Model) -> bool {

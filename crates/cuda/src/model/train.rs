@@ -192,14 +192,7 @@ impl CudaTrainer {
     /// Uploads `model`'s base (it must carry no adapters: the trainable ones are `ad`'s) and
     /// `ad`'s shapes. DoRA adapters are refused (not on the GPU yet).
     pub fn new(gpu: Arc<Gpu>, model: &Model, ad: &Adapters, policy: Recompute) -> Result<Self> {
-        let any = model
-            .layers
-            .iter()
-            .flat_map(|l| l.projections())
-            .chain(std::iter::once(&model.lm_head))
-            .any(|p| !p.lora.is_empty())
-            || !model.embed_lora.is_empty();
-        if any {
+        if model.has_adapters() {
             return Err(Error::Invalid(
                 "the base to train carries adapters already; merge them first (`qlora merge`) or start from them with --init-adapter".into(),
             ));
