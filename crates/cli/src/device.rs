@@ -15,7 +15,8 @@ pub struct DeviceArgs {
     /// default) or f32 (no TF32; equals the CPU within 1e-4, for checking).
     #[arg(long, value_parser = ["bf16", "f32"])]
     pub precision: Option<String>,
-    /// GPU: positions the paged KV cache holds (default: the model's context, at most 32768).
+    /// GPU: positions the paged KV cache holds (default: the model's context, at most 32768;
+    /// for `serve`, --max-concurrent × (prompt + --max-tokens), at most 262144).
     #[arg(long)]
     pub kv_tokens: Option<usize>,
 }
