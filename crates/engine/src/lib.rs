@@ -14,4 +14,4 @@ mod simd;
 mod weight;
 
 pub use device::{Device, DeviceRequest};
-pub use weight::{Groups, Scales, SharedBytes, Weight, WeightFormat};
+pub use weight::{Groups, LayoutError, Scales, SharedBytes, Weight, WeightFormat};

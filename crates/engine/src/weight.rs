@@ -156,36 +156,87 @@ impl std::fmt::Debug for Weight {
     }
 }
 
+/// Why stored data does not make a weight of the shape and format asked for (the caller adds
+/// the file and tensor name).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{format} weights are built with their own constructor")]
+    OwnConstructor { format: &'static str },
+    #[error("row length {cols} is not a multiple of the {ty} block size {block}")]
+    RowLength {
+        cols: usize,
+        ty: &'static str,
+        block: usize,
+    },
+    #[error("{have} bytes of {what} for shape [{rows}, {cols}], expected {want}")]
+    Bytes {
+        what: String,
+        have: usize,
+        want: usize,
+        rows: usize,
+        cols: usize,
+    },
+    #[error("{have} int8 values for shape [{rows}, {cols}]")]
+    Int8Values {
+        have: usize,
+        rows: usize,
+        cols: usize,
+    },
+    #[error("absmax has {have} values, expected {want} (one per {blocksize} elements of [{rows}, {cols}])")]
+    Absmax {
+        have: usize,
+        want: usize,
+        blocksize: usize,
+        rows: usize,
+        cols: usize,
+    },
+    #[error("SCB has {have} values, expected one per row ({rows})")]
+    Scb { have: usize, rows: usize },
+    #[error("{bits}-bit grouped weights are not supported")]
+    Bits { bits: u8 },
+    #[error("the group index must give each of the {cols} columns a group below {groups}")]
+    GroupIndex { cols: usize, groups: usize },
+    #[error("{scales} scales and {zeros} zeros for {rows} rows of {groups} groups")]
+    GroupScales {
+        scales: usize,
+        zeros: usize,
+        rows: usize,
+        groups: usize,
+    },
+}
+
 impl Weight {
-    /// Wraps stored bytes. Returns a description of the problem when the byte count or the
-    /// row length does not fit the format (the caller adds the file and tensor name).
+    /// Wraps stored bytes; an error when the byte count or the row length does not fit the
+    /// format.
     pub fn new(
         format: WeightFormat,
         rows: usize,
         cols: usize,
         bytes: SharedBytes,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, LayoutError> {
         let WeightFormat::Ggml(t) = format else {
-            return Err(format!(
-                "{} weights are built with their own constructor",
-                format.name()
-            ));
+            return Err(LayoutError::OwnConstructor {
+                format: format.name(),
+            });
         };
         let (bs, bb) = t.block();
         if !cols.is_multiple_of(bs) {
-            return Err(format!(
-                "row length {cols} is not a multiple of the {} block size {bs}",
-                t.name()
-            ));
+            return Err(LayoutError::RowLength {
+                cols,
+                ty: t.name(),
+                block: bs,
+            });
         }
         let row_bytes = cols / bs * bb;
         let have = (*bytes).as_ref().len();
         if have != rows * row_bytes {
-            return Err(format!(
-                "{have} bytes of {} data for shape [{rows}, {cols}], expected {}",
-                t.name(),
-                rows * row_bytes
-            ));
+            return Err(LayoutError::Bytes {
+                what: format!("{} data", t.name()),
+                have,
+                want: rows * row_bytes,
+                rows,
+                cols,
+            });
         }
         Ok(Weight {
             format,
@@ -208,21 +259,26 @@ impl Weight {
         cols: usize,
         packed: SharedBytes,
         absmax: Vec<f32>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, LayoutError> {
         let n = rows * cols;
         let have = (*packed).as_ref().len();
         if have != n.div_ceil(2) {
-            return Err(format!(
-                "{have} bytes of packed 4-bit codes for shape [{rows}, {cols}], expected {}",
-                n.div_ceil(2)
-            ));
+            return Err(LayoutError::Bytes {
+                what: "packed 4-bit codes".into(),
+                have,
+                want: n.div_ceil(2),
+                rows,
+                cols,
+            });
         }
         if absmax.len() != n.div_ceil(blocksize) {
-            return Err(format!(
-                "absmax has {} values, expected {} (one per {blocksize} elements of [{rows}, {cols}])",
-                absmax.len(),
-                n.div_ceil(blocksize)
-            ));
+            return Err(LayoutError::Absmax {
+                have: absmax.len(),
+                want: n.div_ceil(blocksize),
+                blocksize,
+                rows,
+                cols,
+            });
         }
         Ok(Weight {
             format: WeightFormat::Bnb4(quant),
@@ -240,16 +296,21 @@ impl Weight {
     }
 
     /// An LLM.int8 weight: `[rows, cols]` int8 and one scale per row.
-    pub fn int8(rows: usize, cols: usize, cb: SharedBytes, scb: Vec<f32>) -> Result<Self, String> {
+    pub fn int8(
+        rows: usize,
+        cols: usize,
+        cb: SharedBytes,
+        scb: Vec<f32>,
+    ) -> Result<Self, LayoutError> {
         let have = (*cb).as_ref().len();
         if have != rows * cols {
-            return Err(format!("{have} int8 values for shape [{rows}, {cols}]"));
+            return Err(LayoutError::Int8Values { have, rows, cols });
         }
         if scb.len() != rows {
-            return Err(format!(
-                "SCB has {} values, expected one per row ({rows})",
-                scb.len()
-            ));
+            return Err(LayoutError::Scb {
+                have: scb.len(),
+                rows,
+            });
         }
         Ok(Weight {
             format: WeightFormat::Int8,
@@ -273,30 +334,33 @@ impl Weight {
         cols: usize,
         codes: SharedBytes,
         g: Groups,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, LayoutError> {
         let groups = g.groups;
         let want = match bits {
             4 => (rows * cols).div_ceil(2),
             8 => rows * cols,
-            b => return Err(format!("{b}-bit grouped weights are not supported")),
+            bits => return Err(LayoutError::Bits { bits }),
         };
         let have = (*codes).as_ref().len();
         if have != want {
-            return Err(format!(
-                "{have} bytes of {bits}-bit codes for shape [{rows}, {cols}], expected {want}"
-            ));
+            return Err(LayoutError::Bytes {
+                what: format!("{bits}-bit codes"),
+                have,
+                want,
+                rows,
+                cols,
+            });
         }
         if g.g_idx.len() != cols || g.g_idx.iter().any(|&i| i as usize >= groups) {
-            return Err(format!(
-                "the group index must give each of the {cols} columns a group below {groups}"
-            ));
+            return Err(LayoutError::GroupIndex { cols, groups });
         }
         if g.scales.len() != rows * groups || g.zeros.len() != rows * groups {
-            return Err(format!(
-                "{} scales and {} zeros for {rows} rows of {groups} groups",
-                g.scales.len(),
-                g.zeros.len()
-            ));
+            return Err(LayoutError::GroupScales {
+                scales: g.scales.len(),
+                zeros: g.zeros.len(),
+                rows,
+                groups,
+            });
         }
         let (codes, g) = match g.contiguous {
             Some(_) => (codes, g),

@@ -31,11 +31,11 @@ impl Loader<'_> {
         self.src.tensors.file_of(name).unwrap_or(&self.src.path)
     }
 
-    fn err(&self, name: &str, reason: String) -> Error {
+    fn err(&self, name: &str, reason: impl std::fmt::Display) -> Error {
         Error::Tensor {
             path: self.path(name).into(),
             tensor: name.into(),
-            reason,
+            reason: reason.to_string(),
         }
     }
 
@@ -174,7 +174,7 @@ impl Loader<'_> {
             }
             Some(nested) => {
                 if nested.blocksize == 0 {
-                    return Err(self.err(&key, "nested_blocksize is 0".into()));
+                    return Err(self.err(&key, "nested_blocksize is 0"));
                 }
                 let a = self.take_aux(
                     &format!("{wname}.absmax"),
@@ -254,7 +254,7 @@ impl Loader<'_> {
         let Some(base) = self.grouped.clone() else {
             return Err(self.err(
                 &qw,
-                "a GPTQ/AWQ packed weight, but config.json has no GPTQ or AWQ quantization_config (nor is there a quantize_config.json); the checkpoint is incomplete".into(),
+                "a GPTQ/AWQ packed weight, but config.json has no GPTQ or AWQ quantization_config (nor is there a quantize_config.json); the checkpoint is incomplete",
             ));
         };
         let Some(cfg) = base.for_module(name).map_err(|r| self.err(&qw, r))? else {
@@ -304,7 +304,7 @@ impl Loader<'_> {
             Some(_) if cfg.method == qlora_io::GroupedMethod::Awq => {
                 return Err(self.err(
                     &gname,
-                    "AWQ checkpoints have no g_idx; this one is not a layout qlora knows".into(),
+                    "AWQ checkpoints have no g_idx; this one is not a layout qlora knows",
                 ));
             }
             Some(_) => {
