@@ -35,43 +35,60 @@ pub fn quant_state_key(quant: Quant4) -> String {
     format!("quant_state.bitsandbytes__{}", quant.name())
 }
 
+/// What is wrong with a bitsandbytes quant-state blob (the caller adds the file and tensor).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuantStateError {
+    #[error("quant state is not valid JSON ({0})")]
+    Json(String),
+    #[error("quant state is not a JSON object")]
+    NotObject,
+    #[error("quant state lacks \"{0}\"")]
+    Missing(String),
+    #[error("quant state \"{field}\" is not {want}")]
+    Type { field: String, want: &'static str },
+    #[error("unknown quant_type \"{0}\" (bitsandbytes 4-bit is \"nf4\" or \"fp4\")")]
+    QuantType(String),
+    #[error("blocksize {0} is not one bitsandbytes makes (a power of two from 32 to 4096)")]
+    Blocksize(usize),
+}
+
 impl QuantStateJson {
     /// Parses the blob; the error says which field is missing or wrong.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let v: Value = serde_json::from_slice(bytes)
-            .map_err(|e| format!("quant state is not valid JSON ({e})"))?;
-        let obj = v.as_object().ok_or("quant state is not a JSON object")?;
-        let field = |k: &str| obj.get(k).ok_or(format!("quant state lacks \"{k}\""));
-        let uint = |k: &str| -> Result<usize, String> {
+    pub fn parse(bytes: &[u8]) -> Result<Self, QuantStateError> {
+        use QuantStateError as E;
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| E::Json(e.to_string()))?;
+        let obj = v.as_object().ok_or(E::NotObject)?;
+        let field = |k: &str| obj.get(k).ok_or_else(|| E::Missing(k.into()));
+        let wrong = |k: &str, want| E::Type {
+            field: k.into(),
+            want,
+        };
+        let uint = |k: &str| -> Result<usize, E> {
             field(k)?
                 .as_u64()
                 .map(|u| u as usize)
-                .ok_or(format!("quant state \"{k}\" is not a non-negative integer"))
+                .ok_or_else(|| wrong(k, "a non-negative integer"))
         };
-        let string = |k: &str| -> Result<String, String> {
+        let string = |k: &str| -> Result<String, E> {
             field(k)?
                 .as_str()
                 .map(String::from)
-                .ok_or(format!("quant state \"{k}\" is not a string"))
+                .ok_or_else(|| wrong(k, "a string"))
         };
         let qt = string("quant_type")?;
-        let quant = Quant4::parse(&qt).ok_or(format!(
-            "unknown quant_type \"{qt}\" (bitsandbytes 4-bit is \"nf4\" or \"fp4\")"
-        ))?;
+        let quant = Quant4::parse(&qt).ok_or_else(|| E::QuantType(qt.clone()))?;
         let blocksize = uint("blocksize")?;
         if !qlora_quant::bnb::valid_blocksize(blocksize) {
-            return Err(format!(
-                "blocksize {blocksize} is not one bitsandbytes makes (a power of two from 32 to 4096)"
-            ));
+            return Err(E::Blocksize(blocksize));
         }
         let shape = field("shape")?
             .as_array()
             .and_then(|a| a.iter().map(|d| d.as_u64().map(|u| u as usize)).collect())
-            .ok_or("quant state \"shape\" is not a list of sizes")?;
+            .ok_or_else(|| wrong("shape", "a list of sizes"))?;
         let nested = if obj.contains_key("nested_blocksize") || obj.contains_key("nested_offset") {
             let offset = field("nested_offset")?
                 .as_f64()
-                .ok_or("quant state \"nested_offset\" is not a number")?;
+                .ok_or_else(|| wrong("nested_offset", "a number"))?;
             Some(NestedJson {
                 blocksize: uint("nested_blocksize")?,
                 dtype: string("nested_dtype").unwrap_or_else(|_| "float32".into()),
@@ -420,16 +437,20 @@ mod tests {
 
     #[test]
     fn quant_state_errors_name_the_field() {
-        let e = QuantStateJson::parse(br#"{"quant_type": "int3", "blocksize": 64}"#).unwrap_err();
+        let e = QuantStateJson::parse(br#"{"quant_type": "int3", "blocksize": 64}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("int3"), "{e}");
         let e =
             QuantStateJson::parse(br#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"}"#)
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("shape"), "{e}");
         let e = QuantStateJson::parse(
             br#"{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [2, 2]}"#,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("48"), "{e}");
     }
 }
