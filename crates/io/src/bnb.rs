@@ -35,6 +35,15 @@ pub fn quant_state_key(quant: Quant4) -> String {
     format!("quant_state.bitsandbytes__{}", quant.name())
 }
 
+/// What is wrong with config.json's `quantization_config` (the caller names the file).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuantConfigError {
+    #[error("\"quantization_config\" is not a JSON object")]
+    NotObject,
+    #[error("quantization_config.quant_method is \"{0}\"; qlora reads bitsandbytes 4-bit/8-bit, GPTQ and AWQ checkpoints (dequantize other formats with their own tools first)")]
+    Method(String),
+}
+
 /// What is wrong with a bitsandbytes quant-state blob (the caller adds the file and tensor).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QuantStateError {
@@ -192,11 +201,9 @@ pub struct BnbConfig {
 impl BnbConfig {
     /// `Ok(None)` when there is no quantization config or it is GPTQ/AWQ (`GroupedConfig`
     /// reads those); an error for other methods or a malformed block.
-    pub fn from_config(q: Option<&Value>) -> Result<Option<BnbConfig>, String> {
+    pub fn from_config(q: Option<&Value>) -> Result<Option<BnbConfig>, QuantConfigError> {
         let Some(q) = q else { return Ok(None) };
-        let obj = q
-            .as_object()
-            .ok_or("\"quantization_config\" is not a JSON object")?;
+        let obj = q.as_object().ok_or(QuantConfigError::NotObject)?;
         let method = obj
             .get("quant_method")
             .and_then(Value::as_str)
@@ -205,9 +212,7 @@ impl BnbConfig {
             return Ok(None);
         }
         if method != "bitsandbytes" {
-            return Err(format!(
-                "quantization_config.quant_method is \"{method}\"; qlora reads bitsandbytes 4-bit/8-bit, GPTQ and AWQ checkpoints (dequantize other formats with their own tools first)"
-            ));
+            return Err(QuantConfigError::Method(method.into()));
         }
         let flag = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_bool);
         let load_in_4bit = flag(obj, "load_in_4bit")

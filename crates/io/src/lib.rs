@@ -23,7 +23,7 @@ mod tokenizer;
 
 pub use bnb::{
     bnb4_specs, bnb4_tensors, python_float_repr, quant_state_key, state_json_width, BnbConfig,
-    NestedJson, QuantStateError, QuantStateJson,
+    NestedJson, QuantConfigError, QuantStateError, QuantStateJson,
 };
 pub use bytes::Bytes;
 pub use config::{short_name, LinearSpec, ModelConfig, RopeScaling, LAYER_LINEARS};
