@@ -20,6 +20,7 @@ fn rel_norm(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// `m` with every decoder linear's base replaced by `f` of it.
 fn map_weights(m: &Model, f: &dyn Fn(&Weight) -> Weight) -> Model {
     let mut out = m.clone();
     for l in out.layers.iter_mut() {
@@ -30,8 +31,30 @@ fn map_weights(m: &Model, f: &dyn Fn(&Weight) -> Weight) -> Model {
     out
 }
 
+/// `m` with each NF4 code book entry c replaced by `round(c)` (the packed codes and absmax as
+/// they are).
+fn with_code_book(m: &Model, round: &dyn Fn(f32) -> f32) -> Model {
+    map_weights(m, &|w| {
+        let (WeightFormat::Bnb4(q), Some(s)) = (w.format, w.scales()) else {
+            unreachable!("the synthetic model's linears are NF4")
+        };
+        let packed: qlora_engine::SharedBytes = Arc::new(w.bytes().to_vec());
+        let code = s.code.map(round);
+        Weight::bnb4(
+            q,
+            code,
+            s.blocksize,
+            w.rows,
+            w.cols,
+            packed,
+            s.values.clone(),
+        )
+        .expect("the same layout as the weight it copies")
+    })
+}
+
 fn main() {
-    let mut cfg = synthetic_config("mistral-7b").unwrap();
+    let mut cfg = synthetic_config("mistral-7b").expect("a known architecture");
     cfg.num_hidden_layers = 2;
     let toks: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 1) % 32768).collect();
     let m = synthetic_model(
@@ -40,83 +63,32 @@ fn main() {
         None,
         3,
     )
-    .unwrap();
-    let exact = CpuDecoder::new(&m).step(&toks, Logits::All).unwrap();
-    let codes_bf16 = map_weights(&m, &|w| {
-        let s = w.scales().unwrap();
-        let WeightFormat::Bnb4(q) = w.format else {
-            panic!()
-        };
-        let code = s.code.map(bf);
-        let packed: qlora_engine::SharedBytes = Arc::new(w.bytes().to_vec());
-        Weight::bnb4(
-            q,
-            code,
-            s.blocksize,
-            w.rows,
-            w.cols,
-            packed,
-            s.values.clone(),
-        )
-        .unwrap()
-    });
-    let a = CpuDecoder::new(&codes_bf16)
-        .step(&toks, Logits::All)
-        .unwrap();
-    println!("bf16(code)*absmax weights: {:.3e}", rel_norm(&a, &exact));
-    let codes_f16 = map_weights(&m, &|w| {
-        let s = w.scales().unwrap();
-        let WeightFormat::Bnb4(q) = w.format else {
-            panic!()
-        };
-        let code = s.code.map(|c| half::f16::from_f32(c).to_f32());
-        let packed: qlora_engine::SharedBytes = Arc::new(w.bytes().to_vec());
-        Weight::bnb4(
-            q,
-            code,
-            s.blocksize,
-            w.rows,
-            w.cols,
-            packed,
-            s.values.clone(),
-        )
-        .unwrap()
-    });
-    let c = CpuDecoder::new(&codes_f16)
-        .step(&toks, Logits::All)
-        .unwrap();
-    println!("f16(code)*absmax weights: {:.3e}", rel_norm(&c, &exact));
-    let codes_hilo = map_weights(&m, &|w| {
-        let s = w.scales().unwrap();
-        let WeightFormat::Bnb4(q) = w.format else {
-            panic!()
-        };
-        let code = s.code.map(|c| bf(c) + bf(c - bf(c)));
-        let packed: qlora_engine::SharedBytes = Arc::new(w.bytes().to_vec());
-        Weight::bnb4(
-            q,
-            code,
-            s.blocksize,
-            w.rows,
-            w.cols,
-            packed,
-            s.values.clone(),
-        )
-        .unwrap()
-    });
-    let d = CpuDecoder::new(&codes_hilo)
-        .step(&toks, Logits::All)
-        .unwrap();
-    println!(
-        "(bf16 hi + bf16 lo)(code)*absmax weights: {:.3e}",
-        rel_norm(&d, &exact)
-    );
-    let dense_bf16 = map_weights(&m, &|w| {
-        let v: Vec<f32> = w.to_f32().iter().map(|&x| bf(x)).collect();
-        Weight::from_f32(w.rows, w.cols, &v)
-    });
-    let b = CpuDecoder::new(&dense_bf16)
-        .step(&toks, Logits::All)
-        .unwrap();
-    println!("bf16(code*absmax) weights: {:.3e}", rel_norm(&b, &exact));
+    .expect("a synthetic model");
+    let logits = |m: &Model| {
+        CpuDecoder::new(m)
+            .step(&toks, Logits::All)
+            .expect("a forward")
+    };
+    let exact = logits(&m);
+    let dense_bf16 = |m: &Model| {
+        map_weights(m, &|w| {
+            let v: Vec<f32> = w.to_f32().iter().map(|&x| bf(x)).collect();
+            Weight::from_f32(w.rows, w.cols, &v)
+        })
+    };
+    let variants: [(&str, Model); 4] = [
+        ("bf16(code)*absmax", with_code_book(&m, &bf)),
+        (
+            "f16(code)*absmax",
+            with_code_book(&m, &|c| half::f16::from_f32(c).to_f32()),
+        ),
+        (
+            "(bf16 hi + bf16 lo)(code)*absmax",
+            with_code_book(&m, &|c| bf(c) + bf(c - bf(c))),
+        ),
+        ("bf16(code*absmax)", dense_bf16(&m)),
+    ];
+    for (name, v) in &variants {
+        println!("{name} weights: {:.3e}", rel_norm(&logits(v), &exact));
+    }
 }

@@ -20,16 +20,6 @@ const CASES: &[&str] = &[
     "awq-llama64-g64-zeropoint",
 ];
 
-const LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
 fn case_dir(case: &str) -> PathBuf {
     repo_root().join("tests/fixtures/gptq").join(case)
 }
@@ -87,7 +77,7 @@ fn dequantized_weights_equal_the_librarys_bit_for_bit() {
                 &layer.up_proj,
                 &layer.down_proj,
             ];
-            for (lin, p) in LINEARS.iter().zip(ps) {
+            for (lin, p) in qlora_io::LAYER_LINEARS.iter().zip(ps) {
                 projs.push((format!("model.layers.{i}.{lin}"), p));
             }
         }

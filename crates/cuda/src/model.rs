@@ -24,21 +24,21 @@ const BGMV_MAX_T: usize = 64;
 /// Most adapter-scratch columns (rank) the `bgmv_expand` kernel holds (kernels.cu BG_MAXR).
 const BGMV_MAX_R: usize = 128;
 
-/// When the `bgmv` pair replaces the per-set cuBLAS products: only with QLORA_BGMV=always
-/// (any batch with a stacked set) or =mixed (two or more). Run 23 measured it slower than
-/// two cuBLAS products per set at every batch on Mistral-7B shapes (8 mixed adapters at 64
-/// sequences: 1,986 against 2,304 tok/s; one adapter at batch 1: 141 against 250), so the
-/// default is the cuBLAS path; the kernels stay, checked, for the next attempt.
-fn bgmv_wanted(fused_sets: usize) -> bool {
-    static MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    match MODE
-        .get_or_init(|| std::env::var("QLORA_BGMV").unwrap_or_default())
-        .as_str()
-    {
-        "always" => fused_sets >= 1,
-        "mixed" => fused_sets >= 2,
-        _ => false,
-    }
+/// Sets a linear's `bgmv_*` table has room for before it moves.
+const TABLE_SETS: usize = 16;
+
+/// The fewest stacked sets in a batch for which the `bgmv` pair replaces the per-set cuBLAS
+/// products: none by default, 1 with QLORA_BGMV=always, 2 with =mixed. Run 23 measured it
+/// slower than two cuBLAS products per set at every batch on Mistral-7B shapes (8 mixed
+/// adapters at 64 sequences: 1,986 against 2,304 tok/s; one adapter at batch 1: 141 against
+/// 250), so the default is the cuBLAS path; the kernels stay, checked, for the next attempt.
+fn bgmv_min_sets() -> Option<usize> {
+    static MODE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("QLORA_BGMV").as_deref() {
+        Ok("always") => Some(1),
+        Ok("mixed") => Some(2),
+        _ => None,
+    })
 }
 /// Positions per KV cache block.
 pub const KV_BLOCK: usize = 16;
@@ -210,7 +210,7 @@ struct DevLinear {
     /// The adapters of each adapter set (index = set; a removed set's entry is empty).
     sets: Vec<LinLora>,
     /// u64 [capacity, 4]: each set's stacked LoRA for `bgmv_*` (A, s·B, r, n; zeros for none).
-    table: Option<DevBuf>,
+    table: DevBuf,
 }
 
 /// Plain LoRA adapters of a linear's projections stacked: the A matrices one under another,
@@ -603,7 +603,7 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
         parts,
         d_in,
         sets: vec![set0],
-        table: None,
+        table: gpu.alloc(TABLE_SETS * 4 * 8)?,
     };
     lin.write_table(gpu)?;
     Ok(lin)
@@ -670,16 +670,12 @@ impl DevLinear {
                 None => t.extend([0; 4]),
             }
         }
-        let bytes = t.len() * 8;
-        let stayed = match &self.table {
-            Some(b) if b.bytes() >= bytes => true,
-            _ => {
-                let cap = self.sets.len().next_power_of_two().max(16);
-                self.table = Some(gpu.alloc(cap * 4 * 8)?);
-                false
-            }
-        };
-        gpu.write(self.table.as_ref().expect("allocated above"), 0, &t)?;
+        let stayed = self.table.bytes() >= t.len() * 8;
+        if !stayed {
+            let cap = self.sets.len().next_power_of_two().max(TABLE_SETS);
+            self.table = gpu.alloc(cap * 4 * 8)?;
+        }
+        gpu.write(&self.table, 0, &t)?;
         Ok(stayed)
     }
     /// How many distinct sets with stacked LoRA on this linear a batch of `groups` has rows
@@ -1665,16 +1661,18 @@ impl CudaModel {
             }
         }
         let mut x32 = x32;
-        // Every stacked set at once over the batch's rows, when the batch is small.
-        let (n_fused, r_max) = lin.fused_in(groups);
+        // Every stacked set at once over the batch's rows, when asked and the batch is small:
+        // Some(largest rank).
         let ldh = self.adapter_cap.0;
-        let bgmv = t <= BGMV_MAX_T
-            && bgmv_wanted(n_fused)
-            && lin.d_in.is_multiple_of(4)
-            && ldh <= BGMV_MAX_R;
-        if bgmv {
+        let bgmv = bgmv_min_sets()
+            .filter(|_| t <= BGMV_MAX_T && lin.d_in.is_multiple_of(4) && ldh <= BGMV_MAX_R)
+            .and_then(|min| {
+                let (n_fused, r_max) = lin.fused_in(groups);
+                (n_fused >= min).then_some(r_max)
+            });
+        if let Some(r_max) = bgmv {
             let xf = self.adapter_input(x, &mut x32, t, lin.d_in)?;
-            let table = lin.table.as_ref().expect("written at upload").ptr();
+            let table = lin.table.ptr();
             g.launch(
                 "bgmv_shrink",
                 (t.div_ceil(4) as u32, r_max.div_ceil(8) as u32),
@@ -1709,7 +1707,7 @@ impl CudaModel {
             let Some(set) = lin
                 .sets
                 .get(gr.set)
-                .filter(|s| !(s.is_empty() || bgmv && s.fused.is_some()))
+                .filter(|s| !(s.is_empty() || bgmv.is_some() && s.fused.is_some()))
             else {
                 continue;
             };
