@@ -6,7 +6,7 @@
 # time over two decode steps), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
 # train (qlora bench --train on a synthetic Mistral-7B), gputrain (the GPU training tests alone),
-# peertrain (h200_peer.py --train), mma (the tensor-core GEMV against the default), sets (many
+# peertrain (h200_peer.py --train), mma (the default tensor-core GEMV against QLORA_GEMV=cuda), sets (many
 # adapters at once: the adapter-set and GPU-serve tests, mixed-adapter decode).
 # Logs under $OUT.
 set -uo pipefail
@@ -31,6 +31,7 @@ print(f"{s:10.1f} us total over {sum(cnt.values())} kernels")
 PY
 }
 for stage in "$@"; do
+  echo "== stage $stage at $(date -u +%T)" | tee -a "$OUT/gpu.txt"
   case "$stage" in
     check)
       for t in .gpu/bin/test-*; do
@@ -49,7 +50,9 @@ for stage in "$@"; do
       QLORA_GEMV=staged $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
         --prompt-tokens 16 --gen-tokens 64 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log" ;;
     ops)
-      echo "== .gpu/bin/test-ops"; .gpu/bin/test-ops --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked" ;;
+      echo "== .gpu/bin/test-ops"; .gpu/bin/test-ops --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked"
+      echo "== the GEMV op test with QLORA_GEMV=mma (tensor-core passes up to 64 tokens)"
+      QLORA_GEMV=mma .gpu/bin/test-ops fused_4bit --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|dispatch" ;;
     decode1)
       for ad in "" "--adapter-rank 16"; do
         echo "== batch-1 decode, NF4+DQ base ${ad:-(no adapter)}"
@@ -57,17 +60,18 @@ for stage in "$@"; do
           --prompt-tokens 16 --gen-tokens 64 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
       done ;;
     mma)
-      # The tensor-core GEMV (QLORA_GEMV=mma) against the default, decode at batch 1 and 8,
-      # with and without an adapter; then the model-level GPU tests with it.
-      for fam in "" mma; do
+      # The tensor-core GEMV (the bf16 default from 2 tokens) against the CUDA-core kernels
+      # (QLORA_GEMV=cuda), decode at batch 1, 8 and 32, with and without an adapter; then the
+      # model-level GPU tests without it.
+      for fam in "" cuda; do
         for ad in "" "--adapter-rank 16"; do
           echo "== decode, GEMV ${fam:-default}, ${ad:-no adapter}"
           QLORA_GEMV=$fam $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
-            --prompt-tokens 16 --gen-tokens 64 --batch 1,8 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
+            --prompt-tokens 16 --gen-tokens 64 --batch 1,8,32 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
         done
       done
-      echo "== .gpu/bin/test-gpu with QLORA_GEMV=mma"
-      QLORA_GEMV=mma .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check-mma.log" | grep -E "^test |test result|panicked|over" ;;
+      echo "== .gpu/bin/test-gpu with QLORA_GEMV=cuda"
+      QLORA_GEMV=cuda .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check-cuda.log" | grep -E "^test |test result|panicked|over" ;;
     sets)
       # Many adapters at once: the model-level adapter-set test, the server on the GPU
       # against `qlora generate`, and batched decode with 8 adapters mixed in every batch

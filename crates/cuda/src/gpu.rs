@@ -100,9 +100,21 @@ pub struct Gemv4 {
 pub const GEMV_MAX_T: usize = 8;
 /// Most tokens one `gemv4m4` launch takes (kernels.cu GM4_NT · 8).
 pub const GEMV4M4_MAX_T: usize = 32;
-/// Most tokens the fused GEMV serves in bf16 mode (`gemv4m4` in passes of 32), where the
-/// tensor-core kernels take the matrix; past it, dequantization and cuBLAS.
+/// Most tokens the fused GEMV serves in bf16 mode with QLORA_GEMV=mma (`gemv4m4` in passes of
+/// 32); past it, dequantization and cuBLAS.
 pub const GEMV_MMA_MAX_T: usize = 64;
+/// The same by default: one pass of `gemv4m4`. Two passes read the weights twice, and at 64
+/// tokens dequantization and cuBLAS were faster (run 26: 4,352 against run 22's 4,925 tok/s).
+pub const GEMV_MMA_DEFAULT_MAX_T: usize = GEMV4M4_MAX_T;
+
+/// Most tokens the tensor-core GEMVs take in bf16 mode.
+fn mma_max_t() -> usize {
+    if gemv_family() == "mma" {
+        GEMV_MMA_MAX_T
+    } else {
+        GEMV_MMA_DEFAULT_MAX_T
+    }
+}
 
 /// Whether a matrix's layout suits the fused GEMV kernels.
 pub fn gemv4_fits(cols: usize, blocksize: usize) -> bool {
@@ -142,29 +154,32 @@ pub fn gemv4_kernel(t: usize, cols: usize) -> &'static str {
     }
 }
 
-/// QLORA_GEMV, read once: "" (the default), "mma", "staged" or "registers".
+/// QLORA_GEMV, read once: "" (the default, as "mma"), "mma", "cuda" (no tensor-core GEMV),
+/// "staged" or "registers".
 fn gemv_family() -> &'static str {
     static FAMILY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     FAMILY.get_or_init(|| std::env::var("QLORA_GEMV").unwrap_or_default())
 }
 
-/// Whether the tensor-core `gemv4m`/`gemv4m4` serve `t` tokens in bf16 mode: only with
-/// QLORA_GEMV=mma (then from 2 tokens, or at 1 too with QLORA_GEMV_MMA1=1). They are much
-/// faster for decode batches (runs 21-24: batch 8 604 → 1,944 tok/s, batch 32 2,717 →
-/// 4,901) but round the NF4/FP4 codes to bf16 before the products, and at the model level
-/// that breaks the bf16 budget: 2.5e-2 against 1e-2 on the synthetic Mistral-7B test, where
-/// the dequantize-then-cuBLAS path (codes exact in f32, the scaled weight rounded) gives
-/// 6.4e-3, with op-level errors alike (1.0e-3): the code book's rounding is one relative
-/// error per code value, correlated over every weight (the example `code_rounding` shows it on
-/// the CPU). Until the codes are exact (f16 operands, or two bf16 parts) they stay opt-in.
+/// Whether the tensor-core `gemv4m`/`gemv4m4` serve `t` tokens in bf16 mode: from 2 tokens by
+/// default (QLORA_GEMV_MMA1=1: at 1 too, where the CUDA-core `gemv4x_t1` is faster: run 21),
+/// never with QLORA_GEMV=cuda (or the older families, =staged and =registers). They are much
+/// faster for decode batches (runs 21-24: batch 8 604 → 1,944 tok/s, batch 32 2,717 → 4,901).
+/// Each code is two bf16 parts (kernels.cu gm_fill_lut): with one, the code book's rounding
+/// was one relative error per code value, correlated over every weight, and broke the
+/// model-level bf16 budget (2.5e-2 against 1e-2; the example `code_rounding` shows it on the
+/// CPU).
 fn gemv4m_serves(t: usize) -> bool {
     static AT1: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let at1 = *AT1.get_or_init(|| std::env::var_os("QLORA_GEMV_MMA1").is_some_and(|v| v == "1"));
-    gemv_family() == "mma" && (t >= 2 || at1)
+    matches!(gemv_family(), "" | "mma") && (t >= 2 || at1)
 }
 
 /// Dynamic shared memory of the staged GEMV (kernels.cu GEMV_STAGES · GEMV_R · 256 · 20).
 const GEMV_STAGED_SMEM: u32 = 3 * 4 * 256 * 20;
+/// Dynamic shared memory of the tensor-core GEMVs: their two code tables (kernels.cu
+/// gm_fill_lut: 2 parts · 256 bytes · 32 lanes · 4 B).
+const GM_LUT_BYTES: u32 = 2 * 256 * 32 * 4;
 /// The x-stationary GEMV's limits (kernels.cu GX_MAXT, GX_STAGES, GX_R).
 const GX_MAXT: usize = 512;
 const GX_SMEM_PER_THREAD: u32 = 4 * 2 * 20;
@@ -437,6 +452,8 @@ impl Gpu {
                 check(cu::cuModuleGetFunction(&mut f, module, cn.as_ptr()), n)?;
                 let smem = if n.starts_with("gemv4s_") {
                     GEMV_STAGED_SMEM
+                } else if n == "gemv4m" || n == "gemv4m4" {
+                    GM_LUT_BYTES
                 } else if n.starts_with("gemv4x_") {
                     GX_SMEM_PER_THREAD * GX_MAXT as u32
                 } else {
@@ -651,8 +668,8 @@ impl Gpu {
 
     /// Launches an elementwise kernel over `n` elements (256 threads a block).
     /// The fused 4-bit GEMV: the CUDA-core kernel `gemv4_kernel` picks (1-8 tokens), or, where
-    /// QLORA_GEMV=mma asks in bf16 mode (`gemv4m_serves`), the tensor-core `gemv4m` (2-8
-    /// tokens) and `gemv4m4` (9-64, in passes of 32).
+    /// in bf16 mode (`gemv4m_serves`), the tensor-core `gemv4m` (2-8 tokens) and `gemv4m4`
+    /// (9-32; with QLORA_GEMV=mma up to 64, in passes of 32).
     pub fn gemv4(&self, g: &Gemv4) -> Result<()> {
         if self.mma_gemv(g.t, g.cols, g.blocksize) {
             if g.t <= GEMV_MAX_T {
@@ -677,7 +694,7 @@ impl Gpu {
     fn mma_gemv(&self, t: usize, cols: usize, blocksize: usize) -> bool {
         self.precision == Precision::Bf16
             && gemv4m_serves(t)
-            && t <= GEMV_MMA_MAX_T
+            && t <= mma_max_t()
             && gemv4m_fits(cols, blocksize)
     }
 
@@ -685,8 +702,8 @@ impl Gpu {
     pub fn gemv4_max_t(&self, cols: usize, blocksize: usize) -> usize {
         if !gemv4_fits(cols, blocksize) {
             0
-        } else if self.mma_gemv(GEMV_MMA_MAX_T, cols, blocksize) {
-            GEMV_MMA_MAX_T
+        } else if self.mma_gemv(mma_max_t(), cols, blocksize) {
+            mma_max_t()
         } else {
             GEMV_MAX_T
         }
@@ -733,7 +750,12 @@ impl Gpu {
             let mut per_sm = 0;
             unsafe {
                 check(
-                    cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut per_sm, f, 256, 0),
+                    cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                        &mut per_sm,
+                        f,
+                        256,
+                        GM_LUT_BYTES as usize,
+                    ),
                     "cuOccupancyMaxActiveBlocksPerMultiprocessor",
                 )?;
             }
@@ -741,7 +763,7 @@ impl Gpu {
                 .rows
                 .div_ceil(16)
                 .min(self.sms as usize * per_sm.max(1) as usize);
-            return self.launch_smem(kernel, (grid as u32, 1), 256, 0, &args);
+            return self.launch_smem(kernel, (grid as u32, 1), 256, GM_LUT_BYTES, &args);
         }
         if kernel.starts_with("gemv4x_") {
             let kt = (g.cols / 32).next_multiple_of(32);

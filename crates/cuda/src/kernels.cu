@@ -755,17 +755,22 @@ GEMVX_KERNEL(gemv4x_t2, 2, 1)
 
 // The tensor-core 4-bit GEMV (gemv4m, bf16 mode, 1 ≤ t ≤ 8 tokens at the cost of one): each
 // warp computes a 16-row × 8-token tile with mma.m16n8k16 (bf16 in, f32 accumulate), the
-// weights as the A operand and the tokens' activations as B (columns past t are zero). The
-// codes become bf16 pairs through a byte → pair table in shared memory, one entry per lane
-// (entry byte · 32 + lane: a warp's lookups never share a bank), one lookup per two codes;
-// the tensor core does the multiply-adds. Per 64-column chunk (inside one absmax block), lane
-// (g, q) of the warp holds bytes 8q … 8q + 7 of the chunk for rows g and g + 8; its byte 2m
-// feeds the k pair (2q, 2q+1) of the chunk's m-th mma and byte 2m + 1 the pair (2q+8, 2q+9),
-// and the B operand takes the same inputs, so every k of the mma is one real input column.
-// The chunk's four mmas go into a fresh accumulator that is scaled by each row's absmax (f32)
-// and added to the running sum. The 8 warps of a block split the row's chunks (warp w takes
-// chunks w, w + 8, …) and sum their tiles in a fixed order; blocks are persistent over the
-// 16-row tiles. Needs cols % 64 == 0, blocksize = 64 · 2^k, cols % blocksize == 0.
+// weights as the A operand and the tokens' activations as B (columns past t are zero). Each
+// code is two bf16 parts, hi = bf16(c) and lo = bf16(c − hi), and every product is two mmas
+// (hi, then lo, into one accumulator), so the code book is exact to about 2^-17: one bf16 part
+// alone is a relative error per code value that every weight with that code shares, and that
+// correlated error broke the model-level bf16 budget (run 24: 2.5e-2 against 1e-2; examples/
+// code_rounding.rs: 2.46e-2 with one part, 7.2e-6 with two). The parts come from two byte →
+// pair tables in dynamic shared memory (GM_LUT_BYTES), one entry per lane (entry byte · 32 +
+// lane: a warp's lookups never share a bank), one lookup per two codes and part; the tensor
+// core does the multiply-adds. Per 64-column chunk (inside one absmax block), lane (g, q) of
+// the warp holds bytes 8q … 8q + 7 of the chunk for rows g and g + 8; its byte 2m feeds the k
+// pair (2q, 2q+1) of the chunk's m-th mma and byte 2m + 1 the pair (2q+8, 2q+9), and the B
+// operand takes the same inputs, so every k of the mma is one real input column. The chunk's
+// mmas go into a fresh accumulator that is scaled by each row's absmax (f32) and added to the
+// running sum. The 8 warps of a block split the row's chunks (warp w takes chunks w, w + 8, …)
+// and sum their tiles in a fixed order; blocks are persistent over the 16-row tiles. Needs
+// cols % 64 == 0, blocksize = 64 · 2^k, cols % blocksize == 0.
 #define GM_WARPS 8
 #define GM_U 2
 __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, unsigned b0, unsigned b1,
@@ -789,6 +794,35 @@ __device__ __forceinline__ void load_x16_bf16(const lp_t* __restrict__ p, unsign
 #endif
 }
 
+// The two tables (hi parts, then lo parts) of gemv4m/gemv4m4: 2 · 256 · 32 entries.
+#define GM_LUT_ENTRIES (256 * 32)
+__device__ __forceinline__ void gm_fill_lut(unsigned* lut, const float* __restrict__ code) {
+    for (int e = threadIdx.x; e < GM_LUT_ENTRIES; e += blockDim.x) {
+        const int b = e >> 5;
+        const float c0 = code[b >> 4], c1 = code[b & 15];
+        const bf16_t h0 = f_to_bf16(c0), h1 = f_to_bf16(c1);
+        lut[e] = (unsigned)h0 | ((unsigned)h1 << 16);
+        lut[GM_LUT_ENTRIES + e] =
+            (unsigned)f_to_bf16(c0 - bf16_to_f(h0)) | ((unsigned)f_to_bf16(c1 - bf16_to_f(h1)) << 16);
+    }
+    __syncthreads();
+}
+// The A fragments (hi and lo parts) of the m-th mma of a chunk from lane (g, q)'s bytes of
+// rows g (ra) and g + 8 (rb), sh = 16 · (m & 1).
+__device__ __forceinline__ void gm_frags(const unsigned* lut_l, unsigned ra, unsigned rb, int sh, unsigned* hi,
+                                         unsigned* lo) {
+    const unsigned i0 = ((ra >> sh) & 0xffu) << 5, i1 = ((rb >> sh) & 0xffu) << 5;
+    const unsigned i2 = ((ra >> (sh + 8)) & 0xffu) << 5, i3 = ((rb >> (sh + 8)) & 0xffu) << 5;
+    hi[0] = lut_l[i0];
+    hi[1] = lut_l[i1];
+    hi[2] = lut_l[i2];
+    hi[3] = lut_l[i3];
+    lo[0] = lut_l[GM_LUT_ENTRIES + i0];
+    lo[1] = lut_l[GM_LUT_ENTRIES + i1];
+    lo[2] = lut_l[GM_LUT_ENTRIES + i2];
+    lo[3] = lut_l[GM_LUT_ENTRIES + i3];
+}
+
 // gemv4m for 9 to 32 tokens (decode batches): the same 16-row tiles and per-chunk decoding of
 // the codes through the table, each decoded A fragment fed to GM4_NT mmas, one per 8-token
 // n-tile (token g + 8·nt of lane (g, q)), so the weights are read and decoded once for all
@@ -798,15 +832,11 @@ extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 2)
 gemv4m4(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
         int accumulate) {
-    __shared__ unsigned lut[256 * 32];
+    extern __shared__ unsigned lut[];  // GM_LUT_BYTES: gm_fill_lut's two tables
     __shared__ float red[GM_WARPS][16][8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
-    for (int e = tid; e < 256 * 32; e += blockDim.x) {
-        int b = e >> 5;
-        lut[e] = (unsigned)f_to_bf16(code[b >> 4]) | ((unsigned)f_to_bf16(code[b & 15]) << 16);
-    }
-    __syncthreads();
+    gm_fill_lut(lut, code);
     const unsigned* lut_l = lut + lane;
     const int chunks = cols / 64, pb_shift = __ffs(blocksize / 64) - 1, row_scales = cols / blocksize;
     const long row_bytes = cols / 2;
@@ -847,16 +877,13 @@ gemv4m4(const u8* __restrict__ packed, const float* __restrict__ absmax, const f
             const unsigned wa[2] = {w0.x, w0.y}, wb[2] = {w1.x, w1.y};
 #pragma unroll
             for (int m = 0; m < 4; m++) {
-                const unsigned ra = wa[m >> 1], rb = wb[m >> 1];
-                const int sh = (m & 1) * 16;
-                unsigned a[4];
-                a[0] = lut_l[((ra >> sh) & 0xffu) << 5];
-                a[1] = lut_l[((rb >> sh) & 0xffu) << 5];
-                a[2] = lut_l[((ra >> (sh + 8)) & 0xffu) << 5];
-                a[3] = lut_l[((rb >> (sh + 8)) & 0xffu) << 5];
+                unsigned hi[4], lo[4];
+                gm_frags(lut_l, wa[m >> 1], wb[m >> 1], (m & 1) * 16, hi, lo);
 #pragma unroll
-                for (int nt = 0; nt < GM4_NT; nt++)
-                    mma_bf16_16816(d[nt], a, xv[nt][2 * m], xv[nt][2 * m + 1], m == 0 ? zero : d[nt]);
+                for (int nt = 0; nt < GM4_NT; nt++) {
+                    mma_bf16_16816(d[nt], hi, xv[nt][2 * m], xv[nt][2 * m + 1], m == 0 ? zero : d[nt]);
+                    mma_bf16_16816(d[nt], lo, xv[nt][2 * m], xv[nt][2 * m + 1], d[nt]);
+                }
             }
 #pragma unroll
             for (int nt = 0; nt < GM4_NT; nt++) {
@@ -893,15 +920,11 @@ extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 3)
 gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
        int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
        int accumulate) {
-    __shared__ unsigned lut[256 * 32];
+    extern __shared__ unsigned lut[];  // GM_LUT_BYTES: gm_fill_lut's two tables
     __shared__ float red[GM_WARPS][16][8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
-    for (int e = tid; e < 256 * 32; e += blockDim.x) {
-        int b = e >> 5;
-        lut[e] = (unsigned)f_to_bf16(code[b >> 4]) | ((unsigned)f_to_bf16(code[b & 15]) << 16);
-    }
-    __syncthreads();
+    gm_fill_lut(lut, code);
     const unsigned* lut_l = lut + lane;
     // blocksize / 64 is a power of two (gemv4m_fits): chunk c of row r has absmax
     // r · (cols / blocksize) + (c >> pb_shift).
@@ -951,14 +974,10 @@ gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
                 unsigned wa[2] = {w0[u].x, w0[u].y}, wb[2] = {w1[u].x, w1[u].y};
 #pragma unroll
                 for (int m = 0; m < 4; m++) {
-                    unsigned ra = wa[m >> 1], rb = wb[m >> 1];
-                    int sh = (m & 1) * 16;
-                    unsigned a[4];
-                    a[0] = lut_l[((ra >> sh) & 0xffu) << 5];
-                    a[1] = lut_l[((rb >> sh) & 0xffu) << 5];
-                    a[2] = lut_l[((ra >> (sh + 8)) & 0xffu) << 5];
-                    a[3] = lut_l[((rb >> (sh + 8)) & 0xffu) << 5];
-                    mma_bf16_16816(d, a, xv[u][2 * m], xv[u][2 * m + 1], m == 0 ? zero : d);
+                    unsigned hi[4], lo[4];
+                    gm_frags(lut_l, wa[m >> 1], wb[m >> 1], (m & 1) * 16, hi, lo);
+                    mma_bf16_16816(d, hi, xv[u][2 * m], xv[u][2 * m + 1], m == 0 ? zero : d);
+                    mma_bf16_16816(d, lo, xv[u][2 * m], xv[u][2 * m + 1], d);
                 }
                 acc[0] = fmaf(d[0], s0[u], acc[0]);
                 acc[1] = fmaf(d[1], s0[u], acc[1]);
