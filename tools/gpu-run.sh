@@ -7,7 +7,8 @@
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
 # train (qlora bench --train on a synthetic Mistral-7B), gputrain (the GPU training tests alone),
 # peertrain (h200_peer.py --train), mma (the default tensor-core GEMV against QLORA_GEMV=cuda), sets (many
-# adapters at once: the adapter-set and GPU-serve tests, mixed-adapter decode).
+# adapters at once: the adapter-set and GPU-serve tests, mixed-adapter decode), ncumma (Nsight Compute on the tensor-core
+# GEMVs: gemv4m in batch-8 decode, gemv4m4 in a 16-token prefill), serve7b (the HTTP load test of the GPU server at Mistral-7B size).
 # Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -72,6 +73,17 @@ for stage in "$@"; do
       done
       echo "== .gpu/bin/test-gpu with QLORA_GEMV=cuda"
       QLORA_GEMV=cuda .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check-cuda.log" | grep -E "^test |test result|panicked|over" ;;
+    serve7b)
+      # The HTTP load test of `qlora serve --device cuda` at Mistral-7B size: a random
+      # Mistral-7B (tools/make-random-mistral.py, as the peer's) quantized to NF4 + double
+      # quant at load, 8 random r=16 all-linear adapters, 8/32/64 concurrent streams to the
+      # base, to one adapter, and mixed over all.
+      python3 tools/make-random-mistral.py /tmp/m7b 2>&1 | tail -1 | tee "$OUT/serve7b.log"
+      python3 tools/serve-load-test.py --qlora "$Q" --model /tmp/m7b --adapters 8 --adapter-modules all \
+        --adapter-rank 16 --clients 8,32,64 --routes base,one,mixed --requests-per-client 3 --max-tokens 64 \
+        --max-concurrent 64 --threads 16 --serve-arg=--device --serve-arg=cuda --serve-arg=--quantize \
+        --serve-arg=nf4 --serve-arg=--double-quant 2>>"$OUT/serve7b.log" | tee "$OUT/serve7b.json"
+      tail -5 "$OUT/serve7b.log" ;;
     sets)
       # Many adapters at once: the model-level adapter-set test, the server on the GPU
       # against `qlora generate`, and batched decode with 8 adapters mixed in every batch
@@ -86,6 +98,21 @@ for stage in "$@"; do
       done ;;
     kernels)
       echo "== kernels (bf16)"; $Q bench --kernels --device cuda --precision bf16 2>&1 | tee -a "$OUT/bench.log" ;;
+    ncumma)
+      # Nsight Compute on the tensor-core GEMVs, one layer's four calls: gemv4m in batch-8
+      # decode, and with --batch 1 the launches skipped land in the 16-token prefill's gemv4m4.
+      NCU="ncu --clock-control none"
+      for b in 8 1; do
+        echo "== ncu: decode batch $b"
+        $NCU -k regex:gemv4 --launch-skip 300 --launch-count 4 \
+          --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+          --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section LaunchStats \
+          --metrics l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,dram__bytes_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,smsp__inst_executed.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum \
+          $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+          --prompt-tokens 16 --gen-tokens 8 --batch $b --repeats 1 > "$OUT/ncu-b$b.txt" 2>&1
+        grep -E "gemv4|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issued Ipc|No Eligible|Stall|Block Size|Grid Size|sectors|requests|bytes_read|inst_executed|bank|wavefronts|L1/TEX Hit|L2 Hit" "$OUT/ncu-b$b.txt" | head -120
+      done
+      ;;
     ncu)
       # Nsight Compute (Firecracker only): the decode GEMVs' stall reasons and pipes.
       NCU="ncu --clock-control none"

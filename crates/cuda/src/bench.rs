@@ -116,11 +116,19 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
             ms,
             gbps: bytes as f64 / ms / 1e6,
         });
-        let x = random_buf(gpu, c * lp, 3)?;
+        let x = random_buf(gpu, 8 * c * lp, 3)?;
         // Fill x with small finite values (random bytes may be NaN patterns).
-        gpu.write(&x, 0, &vec![0u8; c * lp])?;
-        let y = gpu.alloc(r * 4)?;
-        for kernel in ["gemv4m", "gemv4x_t1", "gemv4s_t1", "gemv4_t1"] {
+        gpu.write(&x, 0, &vec![0u8; 8 * c * lp])?;
+        let y = gpu.alloc(8 * r * 4)?;
+        // One token through every family; 8 (a decode batch) through the tensor-core ones.
+        for (kernel, t) in [
+            ("gemv4m", 1),
+            ("gemv4x_t1", 1),
+            ("gemv4s_t1", 1),
+            ("gemv4_t1", 1),
+            ("gemv4m", 8),
+            ("gemv4s_t8", 8),
+        ] {
             let ms = time(gpu, reps, sets, |i| {
                 gpu.gemv4_with(
                     kernel,
@@ -132,7 +140,7 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
                         rows: r,
                         cols: c,
                         x: x.ptr(),
-                        t: 1,
+                        t,
                         y: y.ptr(),
                         ld: r,
                         accumulate: false,
@@ -141,7 +149,7 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
             })?;
             let bytes = el / 2 + el / 64 * 4;
             rows.push(KernelRow {
-                name: format!("{kernel} {name} [{r}, {c}]"),
+                name: format!("{kernel} t={t} {name} [{r}, {c}]"),
                 ms,
                 gbps: bytes as f64 / ms / 1e6,
             });

@@ -177,6 +177,11 @@ fn gemv4m_serves(t: usize) -> bool {
 
 /// Dynamic shared memory of the staged GEMV (kernels.cu GEMV_STAGES · GEMV_R · 256 · 20).
 const GEMV_STAGED_SMEM: u32 = 3 * 4 * 256 * 20;
+/// Whether a kernel is one of the tensor-core GEMVs (their table in dynamic shared memory).
+fn is_mma_gemv(kernel: &str) -> bool {
+    matches!(kernel, "gemv4m" | "gemv4m4")
+}
+
 /// Dynamic shared memory of the tensor-core GEMVs: their two code tables (kernels.cu
 /// gm_fill_lut: 2 parts · 256 bytes · 32 lanes · 4 B).
 const GM_LUT_BYTES: u32 = 2 * 256 * 32 * 4;
@@ -452,7 +457,7 @@ impl Gpu {
                 check(cu::cuModuleGetFunction(&mut f, module, cn.as_ptr()), n)?;
                 let smem = if n.starts_with("gemv4s_") {
                     GEMV_STAGED_SMEM
-                } else if n == "gemv4m" || n == "gemv4m4" {
+                } else if is_mma_gemv(n) {
                     GM_LUT_BYTES
                 } else if n.starts_with("gemv4x_") {
                     GX_SMEM_PER_THREAD * GX_MAXT as u32
@@ -736,7 +741,7 @@ impl Gpu {
             I(g.ld as i32),
             I(g.accumulate as i32),
         ];
-        if kernel == "gemv4m" || kernel == "gemv4m4" {
+        if is_mma_gemv(kernel) {
             if !gemv4m_fits(g.cols, g.blocksize) {
                 return Err(Error::Invalid(format!(
                     "gemv4m: [{}, {}] with blocksize {} is not in 64-column chunks",

@@ -761,7 +761,7 @@ GEMVX_KERNEL(gemv4x_t2, 2, 1)
 // alone is a relative error per code value that every weight with that code shares, and that
 // correlated error broke the model-level bf16 budget (run 24: 2.5e-2 against 1e-2; examples/
 // code_rounding.rs: 2.46e-2 with one part, 7.2e-6 with two). The parts come from two byte →
-// pair tables in dynamic shared memory (GM_LUT_BYTES), one entry per lane (entry byte · 32 +
+// pair tables in dynamic shared memory (GM_LUT_BYTES, one {hi, lo} entry), one entry per lane (entry byte · 32 +
 // lane: a warp's lookups never share a bank), one lookup per two codes and part; the tensor
 // core does the multiply-adds. Per 64-column chunk (inside one absmax block), lane (g, q) of
 // the warp holds bytes 8q … 8q + 7 of the chunk for rows g and g + 8; its byte 2m feeds the k
@@ -794,33 +794,32 @@ __device__ __forceinline__ void load_x16_bf16(const lp_t* __restrict__ p, unsign
 #endif
 }
 
-// The two tables (hi parts, then lo parts) of gemv4m/gemv4m4: 2 · 256 · 32 entries.
+// The code table of gemv4m/gemv4m4: 256 bytes × 32 lanes, each entry the byte's two
+// codes as {hi pair, lo pair} of bf16 (8 B: a warp's 64-bit lookups, entry byte · 32 + lane,
+// take the two wavefronts they must and never conflict). 64 KB of dynamic shared memory.
 #define GM_LUT_ENTRIES (256 * 32)
-__device__ __forceinline__ void gm_fill_lut(unsigned* lut, const float* __restrict__ code) {
+__device__ __forceinline__ void gm_fill_lut(uint2* lut, const float* __restrict__ code) {
     for (int e = threadIdx.x; e < GM_LUT_ENTRIES; e += blockDim.x) {
         const int b = e >> 5;
         const float c0 = code[b >> 4], c1 = code[b & 15];
         const bf16_t h0 = f_to_bf16(c0), h1 = f_to_bf16(c1);
-        lut[e] = (unsigned)h0 | ((unsigned)h1 << 16);
-        lut[GM_LUT_ENTRIES + e] =
-            (unsigned)f_to_bf16(c0 - bf16_to_f(h0)) | ((unsigned)f_to_bf16(c1 - bf16_to_f(h1)) << 16);
+        lut[e] = make_uint2((unsigned)h0 | ((unsigned)h1 << 16),
+                            (unsigned)f_to_bf16(c0 - bf16_to_f(h0)) | ((unsigned)f_to_bf16(c1 - bf16_to_f(h1)) << 16));
     }
     __syncthreads();
 }
 // The A fragments (hi and lo parts) of the m-th mma of a chunk from lane (g, q)'s bytes of
-// rows g (ra) and g + 8 (rb), sh = 16 · (m & 1).
-__device__ __forceinline__ void gm_frags(const unsigned* lut_l, unsigned ra, unsigned rb, int sh, unsigned* hi,
+// rows g (ra) and g + 8 (rb), sh = 2 · (m & 1) (the byte of the word).
+__device__ __forceinline__ void gm_frags(const uint2* lut_l, unsigned ra, unsigned rb, int sh, unsigned* hi,
                                          unsigned* lo) {
-    const unsigned i0 = ((ra >> sh) & 0xffu) << 5, i1 = ((rb >> sh) & 0xffu) << 5;
-    const unsigned i2 = ((ra >> (sh + 8)) & 0xffu) << 5, i3 = ((rb >> (sh + 8)) & 0xffu) << 5;
-    hi[0] = lut_l[i0];
-    hi[1] = lut_l[i1];
-    hi[2] = lut_l[i2];
-    hi[3] = lut_l[i3];
-    lo[0] = lut_l[GM_LUT_ENTRIES + i0];
-    lo[1] = lut_l[GM_LUT_ENTRIES + i1];
-    lo[2] = lut_l[GM_LUT_ENTRIES + i2];
-    lo[3] = lut_l[GM_LUT_ENTRIES + i3];
+    const uint2 e0 = lut_l[__byte_perm(ra, 0u, 0x4440u + sh) << 5];
+    const uint2 e1 = lut_l[__byte_perm(rb, 0u, 0x4440u + sh) << 5];
+    const uint2 e2 = lut_l[__byte_perm(ra, 0u, 0x4441u + sh) << 5];
+    const uint2 e3 = lut_l[__byte_perm(rb, 0u, 0x4441u + sh) << 5];
+    hi[0] = e0.x; lo[0] = e0.y;
+    hi[1] = e1.x; lo[1] = e1.y;
+    hi[2] = e2.x; lo[2] = e2.y;
+    hi[3] = e3.x; lo[3] = e3.y;
 }
 
 // gemv4m for 9 to 32 tokens (decode batches): the same 16-row tiles and per-chunk decoding of
@@ -832,12 +831,12 @@ extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 2)
 gemv4m4(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
         int accumulate) {
-    extern __shared__ unsigned lut[];  // GM_LUT_BYTES: gm_fill_lut's two tables
+    extern __shared__ uint2 lut[];  // GM_LUT_BYTES: gm_fill_lut's table
     __shared__ float red[GM_WARPS][16][8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
     gm_fill_lut(lut, code);
-    const unsigned* lut_l = lut + lane;
+    const uint2* lut_l = lut + lane;
     const int chunks = cols / 64, pb_shift = __ffs(blocksize / 64) - 1, row_scales = cols / blocksize;
     const long row_bytes = cols / 2;
     const int tiles = (rows + 15) / 16;
@@ -878,7 +877,7 @@ gemv4m4(const u8* __restrict__ packed, const float* __restrict__ absmax, const f
 #pragma unroll
             for (int m = 0; m < 4; m++) {
                 unsigned hi[4], lo[4];
-                gm_frags(lut_l, wa[m >> 1], wb[m >> 1], (m & 1) * 16, hi, lo);
+                gm_frags(lut_l, wa[m >> 1], wb[m >> 1], (m & 1) * 2, hi, lo);
 #pragma unroll
                 for (int nt = 0; nt < GM4_NT; nt++) {
                     mma_bf16_16816(d[nt], hi, xv[nt][2 * m], xv[nt][2 * m + 1], m == 0 ? zero : d[nt]);
@@ -920,12 +919,12 @@ extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 3)
 gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
        int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
        int accumulate) {
-    extern __shared__ unsigned lut[];  // GM_LUT_BYTES: gm_fill_lut's two tables
+    extern __shared__ uint2 lut[];  // GM_LUT_BYTES: gm_fill_lut's table
     __shared__ float red[GM_WARPS][16][8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
     gm_fill_lut(lut, code);
-    const unsigned* lut_l = lut + lane;
+    const uint2* lut_l = lut + lane;
     // blocksize / 64 is a power of two (gemv4m_fits): chunk c of row r has absmax
     // r · (cols / blocksize) + (c >> pb_shift).
     const int chunks = cols / 64, pb_shift = __ffs(blocksize / 64) - 1, row_scales = cols / blocksize;
@@ -975,7 +974,7 @@ gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
 #pragma unroll
                 for (int m = 0; m < 4; m++) {
                     unsigned hi[4], lo[4];
-                    gm_frags(lut_l, wa[m >> 1], wb[m >> 1], (m & 1) * 16, hi, lo);
+                    gm_frags(lut_l, wa[m >> 1], wb[m >> 1], (m & 1) * 2, hi, lo);
                     mma_bf16_16816(d, hi, xv[u][2 * m], xv[u][2 * m + 1], m == 0 ? zero : d);
                     mma_bf16_16816(d, lo, xv[u][2 * m], xv[u][2 * m + 1], d);
                 }

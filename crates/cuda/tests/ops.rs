@@ -877,7 +877,7 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                 // The weights are exact in both modes and the input is the same: f32 budget;
                 // the tensor-core kernel's codes are two bf16 parts (and, in f32 mode, it
                 // rounds the input to bf16): `mma_budget`.
-                let b = if kernel == "gemv4m" {
+                let b = if kernel.starts_with("gemv4m") {
                     mma_budget(g.precision)
                 } else {
                     F32_BUDGET
