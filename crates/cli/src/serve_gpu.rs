@@ -7,7 +7,7 @@
 
 use qlora_cuda::{CudaModel, Seq};
 use qlora_model::{Logits, Model};
-use qlora_serve::{Backend, Handle, StepSeq};
+use qlora_serve::{Backend, BackendError, Handle, StepSeq};
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
@@ -60,17 +60,17 @@ impl CudaBackend {
     }
 
     /// The adapter set of served model `id`, uploaded now if it is new.
-    fn set_for(&mut self, model: &Arc<Model>, id: usize) -> Result<usize, String> {
+    fn set_for(&mut self, model: &Arc<Model>, id: usize) -> Result<usize, BackendError> {
         if let Some(e) = self.sets.get(&id) {
             return Ok(e.set);
         }
         if !self.base.shares_base(model) {
-            return Err("this adapter replaces base weights (modules_to_save, or a trained embedding or head): on the GPU the server runs one uploaded base for every adapter; serve it with --device cpu, or merge it (`qlora merge`) and serve the merged model".into());
+            return Err(BackendError::Device("this adapter replaces base weights (modules_to_save, or a trained embedding or head): on the GPU the server runs one uploaded base for every adapter; serve it with --device cpu, or merge it (`qlora merge`) and serve the merged model".into()));
         }
         let set = if model.has_adapters() {
-            self.model
-                .add_adapters(model)
-                .map_err(|e| format!("uploading the adapter to the GPU: {e}"))?
+            self.model.add_adapters(model).map_err(|e| {
+                BackendError::Device(format!("uploading the adapter to the GPU: {e}").into())
+            })?
         } else {
             0
         };
@@ -86,21 +86,24 @@ impl CudaBackend {
     }
 
     /// One forward of `seqs` (each with its ids); each one's logits row, or the error.
-    fn run(&mut self, seqs: &mut [(&mut Seq, &[u32])]) -> Result<Vec<Vec<f32>>, String> {
+    fn run(&mut self, seqs: &mut [(&mut Seq, &[u32])]) -> Result<Vec<Vec<f32>>, BackendError> {
         let v = self.model.vocab_size();
         let rows = self
             .model
             .forward(seqs, Logits::Last)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| BackendError::Device(Box::new(e)))?;
         Ok(rows.chunks(v).map(|r| r.to_vec()).collect())
     }
 }
 
 impl Backend for CudaBackend {
-    fn open(&mut self, model: &Arc<Model>, key: (usize, usize)) -> Result<Handle, String> {
+    fn open(&mut self, model: &Arc<Model>, key: (usize, usize)) -> Result<Handle, BackendError> {
         self.sweep();
         let set = self.set_for(model, key.1)?;
-        let seq = self.model.new_seq_with(set).map_err(|e| e.to_string())?;
+        let seq = self
+            .model
+            .new_seq_with(set)
+            .map_err(|e| BackendError::Device(Box::new(e)))?;
         if let Some(e) = self.sets.get_mut(&key.1) {
             e.open += 1;
         }
@@ -117,7 +120,7 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Vec<Result<Vec<f32>, String>> {
+    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Vec<Result<Vec<f32>, BackendError>> {
         let mut taken: Vec<(Seq, usize)> = batch
             .iter()
             .map(|b| self.seqs[b.handle].take().expect("an open handle"))

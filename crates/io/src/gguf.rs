@@ -455,11 +455,11 @@ impl GgufFile {
                 None
             };
             if let Some(n_head) = n_head {
-                data = unpermute_rows(data.as_slice(), shape[0], n_head).map_err(|reason| {
+                data = unpermute_rows(data.as_slice(), shape[0], n_head).map_err(|e| {
                     Error::Tensor {
                         path: self.path.clone(),
                         tensor: t.name.clone(),
-                        reason,
+                        reason: e.to_string(),
                     }
                 })?;
             }
@@ -477,16 +477,12 @@ impl GgufFile {
 /// Undo `convert_hf_to_gguf`'s permutation: row (h, i, j) of the (n_head, rows/n_head/2, 2)
 /// view moves to (h, j, i) of the (n_head, 2, rows/n_head/2) view. Rows are independent
 /// blocks of bytes in every GGUF type, so this works on quantized data too.
-fn unpermute_rows(bytes: &[u8], rows: usize, n_head: usize) -> std::result::Result<Bytes, String> {
-    if rows == 0
-        || n_head == 0
-        || !rows.is_multiple_of(2 * n_head)
-        || !bytes.len().is_multiple_of(rows)
-    {
-        return Err(format!(
-            "{rows} rows cannot be split into {n_head} heads of rotary pairs"
-        ));
-    }
+fn unpermute_rows(
+    bytes: &[u8],
+    rows: usize,
+    n_head: usize,
+) -> std::result::Result<Bytes, crate::gguf_write::PermuteError> {
+    crate::gguf_write::check_permute(bytes.len(), rows, n_head)?;
     let row_bytes = bytes.len() / rows;
     let half = rows / n_head / 2;
     let mut out = vec![0u8; bytes.len()];

@@ -52,8 +52,33 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend(s.as_bytes());
 }
 
+/// A metadata array of more than one value type (GGUF arrays hold one).
+#[derive(Debug, thiserror::Error)]
+#[error("an array mixes value types")]
+pub struct MixedArray;
+
+/// Rows that cannot be split into heads of rotary pairs (the Q/K permutation's shape).
+#[derive(Debug, thiserror::Error)]
+#[error("{rows} rows cannot be split into {heads} heads of rotary pairs")]
+pub struct PermuteError {
+    pub rows: usize,
+    pub heads: usize,
+}
+
+/// Whether `len` values (or bytes) in `rows` rows split into `heads` heads of rotary pairs.
+pub(crate) fn check_permute(
+    len: usize,
+    rows: usize,
+    heads: usize,
+) -> std::result::Result<(), PermuteError> {
+    if rows == 0 || heads == 0 || !rows.is_multiple_of(2 * heads) || !len.is_multiple_of(rows) {
+        return Err(PermuteError { rows, heads });
+    }
+    Ok(())
+}
+
 /// A value's bytes (without its type id). Arrays must be of one type.
-fn put_value(out: &mut Vec<u8>, v: &GgufValue) -> std::result::Result<(), String> {
+fn put_value(out: &mut Vec<u8>, v: &GgufValue) -> std::result::Result<(), MixedArray> {
     match v {
         GgufValue::U8(x) => out.push(*x),
         GgufValue::I8(x) => out.push(*x as u8),
@@ -70,7 +95,7 @@ fn put_value(out: &mut Vec<u8>, v: &GgufValue) -> std::result::Result<(), String
         GgufValue::Array(a) => {
             let inner = a.first().map_or(4, type_id);
             if a.iter().any(|e| type_id(e) != inner) {
-                return Err("an array mixes value types".into());
+                return Err(MixedArray);
             }
             out.extend(inner.to_le_bytes());
             out.extend((a.len() as u64).to_le_bytes());
@@ -227,16 +252,8 @@ pub fn permute_rows<T: Copy>(
     values: &[T],
     rows: usize,
     n_head: usize,
-) -> std::result::Result<Vec<T>, String> {
-    if rows == 0
-        || n_head == 0
-        || !rows.is_multiple_of(2 * n_head)
-        || !values.len().is_multiple_of(rows)
-    {
-        return Err(format!(
-            "{rows} rows cannot be split into {n_head} heads of rotary pairs"
-        ));
-    }
+) -> std::result::Result<Vec<T>, PermuteError> {
+    check_permute(values.len(), rows, n_head)?;
     let w = values.len() / rows;
     let half = rows / n_head / 2;
     let mut out = values.to_vec();

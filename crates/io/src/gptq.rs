@@ -47,39 +47,16 @@ pub struct DynamicRule {
     pub desc_act: Option<bool>,
 }
 
-/// A JSON object's entries in file order (serde_json's `Map` sorts its keys).
-struct Ordered(Vec<(String, Value)>);
-
-impl<'de> Deserialize<'de> for Ordered {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Ordered;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> Result<Ordered, A::Error> {
-                let mut v = Vec::new();
-                while let Some(e) = m.next_entry::<String, Value>()? {
-                    v.push(e);
-                }
-                Ok(Ordered(v))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
 /// The `dynamic` object of a config file's `quantization_config` (or of quantize_config.json
 /// itself), in file order.
-fn dynamic_in_order(text: &str, nested: bool) -> Result<Option<Vec<(String, Value)>>, String> {
+fn dynamic_in_order(
+    text: &str,
+    nested: bool,
+) -> Result<Option<Vec<(String, Value)>>, GroupedError> {
     #[derive(Deserialize)]
     struct Q {
         #[serde(default)]
-        dynamic: Option<Ordered>,
+        dynamic: Option<crate::OrderedMap<Value>>,
     }
     #[derive(Deserialize)]
     struct C {
@@ -87,16 +64,101 @@ fn dynamic_in_order(text: &str, nested: bool) -> Result<Option<Vec<(String, Valu
         quantization_config: Option<Q>,
     }
     let q = if nested {
-        serde_json::from_str::<C>(text)
-            .map_err(|e| e.to_string())?
-            .quantization_config
+        serde_json::from_str::<C>(text)?.quantization_config
     } else {
-        Some(serde_json::from_str::<Q>(text).map_err(|e| e.to_string())?)
+        Some(serde_json::from_str::<Q>(text)?)
     };
     Ok(q.and_then(|q| q.dynamic).map(|o| o.0))
 }
 
 /// A GPTQ or AWQ `quantization_config`, validated.
+/// Why a GPTQ/AWQ config or linear was refused (the caller names the file or tensor).
+#[derive(Debug, thiserror::Error)]
+pub enum GroupedError {
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("\"quantization_config\" is not a JSON object")]
+    NotAnObject,
+    #[error("quantization_config.{key} is {value}, expected an integer")]
+    NotAnInteger { key: String, value: Value },
+    #[error("quantization_config for {0} has no \"bits\"; the checkpoint's config is incomplete")]
+    NoBits(&'static str),
+    #[error("{method} with {bits}-bit weights is not supported (qlora reads {method} with {supported} bits); re-quantize at 4 bits")]
+    Bits {
+        method: &'static str,
+        bits: i64,
+        supported: &'static str,
+    },
+    #[error("quantization_config.group_size is {0}; expected a positive size or -1")]
+    GroupSize(i64),
+    #[error("AWQ with group_size -1 is not a layout AutoAWQ writes")]
+    AwqWithoutGroups,
+    #[error("{method} checkpoint format \"{format}\" is not supported (qlora reads {supported}); convert it with GPTQModel first")]
+    Format {
+        method: &'static str,
+        format: String,
+        supported: &'static str,
+    },
+    #[error("quantization_config.dynamic gives {module} {bits} bits (entry \"{pattern}\"); qlora reads {method} with {supported} bits")]
+    DynamicBits {
+        module: String,
+        bits: u32,
+        pattern: String,
+        method: &'static str,
+        supported: &'static str,
+    },
+    #[error(
+        "quantization_config.dynamic entry \"{pattern}\" is not a regex qlora can read: {source}"
+    )]
+    DynamicRegex {
+        pattern: String,
+        source: regex::Error,
+    },
+    #[error("quantization_config.dynamic[\"{key}\"] is {value}, expected an object")]
+    DynamicNotAnObject { key: String, value: Value },
+    #[error("quantization_config.dynamic[\"{key}\"].{field} is {value}, expected an integer")]
+    DynamicNotAnInteger {
+        key: String,
+        field: String,
+        value: Value,
+    },
+    #[error("quantization_config.dynamic[\"{key}\"].group_size is {value}; expected a positive size or -1")]
+    DynamicGroupSize { key: String, value: i64 },
+    #[error("quantization_config.dynamic[\"{key}\"].bits is {value}")]
+    DynamicBitsRange { key: String, value: i64 },
+    #[error("a [{out}, {inp}] linear cannot be GPTQ-packed at {bits} bits ({per} values a word need both dims to be multiples of {per})")]
+    GptqShape {
+        out: usize,
+        inp: usize,
+        bits: u32,
+        per: usize,
+    },
+    #[error("a [{out}, {inp}] linear cannot be AWQ-packed with group size {group} (outputs must be a multiple of 8, inputs of the group size)")]
+    AwqShape {
+        out: usize,
+        inp: usize,
+        group: usize,
+    },
+    #[error("g_idx has {len} entries for {inp} inputs")]
+    GIdxLen { len: usize, inp: usize },
+    #[error("g_idx[{index}] = {value} is out of range: the scales have {groups} groups; the checkpoint is corrupt")]
+    GIdxRange {
+        index: usize,
+        value: i32,
+        groups: usize,
+    },
+    #[error("scale {value} at [{row}, {col}] is not finite; the checkpoint is corrupt")]
+    Scale { value: f32, row: usize, col: usize },
+}
+
+/// The bit widths qlora reads for a method, and as words.
+fn supported_bits(m: GroupedMethod) -> (&'static [u32], &'static str) {
+    match m {
+        GroupedMethod::Gptq => (&[4, 8], "4 or 8"),
+        GroupedMethod::Awq => (&[4], "4"),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupedConfig {
     pub method: GroupedMethod,
@@ -118,7 +180,12 @@ impl GroupedConfig {
     /// one, else `dir/quantize_config.json` (AutoGPTQ's older layout). `Ok(None)` for other
     /// checkpoints.
     pub fn from_model(dir: &Path, q: Option<&Value>) -> crate::Result<Option<GroupedConfig>> {
-        let bad = |path: PathBuf| move |reason: String| crate::Error::Config { path, reason };
+        let bad = |path: PathBuf| {
+            move |e: GroupedError| crate::Error::Config {
+                path,
+                reason: e.to_string(),
+            }
+        };
         let cfg = dir.join("config.json");
         if let Some(q) = q {
             let Some(mut c) = Self::from_value(q).map_err(bad(cfg.clone()))? else {
@@ -155,7 +222,7 @@ impl GroupedConfig {
 
     /// The config that applies to module `name` (e.g. `model.layers.3.mlp.down_proj`,
     /// `lm_head`): `None` when a `dynamic` entry leaves it dense.
-    pub fn for_module(&self, name: &str) -> Result<Option<GroupedConfig>, String> {
+    pub fn for_module(&self, name: &str) -> Result<Option<GroupedConfig>, GroupedError> {
         for r in &self.dynamic {
             if !rule_matches(&r.pattern, name)? {
                 continue;
@@ -177,18 +244,15 @@ impl GroupedConfig {
             if let Some(d) = r.desc_act {
                 c.desc_act = d;
             }
-            let ok: &[u32] = match c.method {
-                GroupedMethod::Gptq => &[4, 8],
-                GroupedMethod::Awq => &[4],
-            };
+            let (ok, words) = supported_bits(c.method);
             if !ok.contains(&c.bits) {
-                return Err(format!(
-                    "quantization_config.dynamic gives {name} {} bits (entry \"{}\"); qlora reads {} with {} bits",
-                    c.bits,
-                    r.pattern,
-                    c.method.name(),
-                    ok.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" or ")
-                ));
+                return Err(GroupedError::DynamicBits {
+                    module: name.to_string(),
+                    bits: c.bits,
+                    pattern: r.pattern.clone(),
+                    method: c.method.name(),
+                    supported: words,
+                });
             }
             return Ok(Some(c));
         }
@@ -197,55 +261,46 @@ impl GroupedConfig {
 
     /// `Ok(None)` when `quant_method` is neither `gptq` nor `awq`; the error is the reason
     /// (`from_model` names the file).
-    pub(crate) fn from_value(q: &Value) -> Result<Option<GroupedConfig>, String> {
-        let obj = q
-            .as_object()
-            .ok_or("\"quantization_config\" is not a JSON object")?;
+    pub(crate) fn from_value(q: &Value) -> Result<Option<GroupedConfig>, GroupedError> {
+        let obj = q.as_object().ok_or(GroupedError::NotAnObject)?;
         let method = match obj.get("quant_method").and_then(Value::as_str) {
             Some("gptq") => GroupedMethod::Gptq,
             Some("awq") => GroupedMethod::Awq,
             _ => return Ok(None),
         };
-        let int = |k: &str| -> Result<Option<i64>, String> {
+        let int = |k: &str| -> Result<Option<i64>, GroupedError> {
             match obj.get(k) {
                 None | Some(Value::Null) => Ok(None),
                 Some(v) => v
                     .as_i64()
                     .map(Some)
-                    .ok_or_else(|| format!("quantization_config.{k} is {v}, expected an integer")),
+                    .ok_or_else(|| GroupedError::NotAnInteger {
+                        key: k.to_string(),
+                        value: v.clone(),
+                    }),
             }
         };
         let flag = |o: &Map<String, Value>, k: &str| o.get(k).and_then(Value::as_bool);
         let m = method.name();
-        let bits = int("bits")?.or(int("w_bit")?).ok_or(format!(
-            "quantization_config for {m} has no \"bits\"; the checkpoint's config is incomplete"
-        ))?;
-        let supported: &[i64] = match method {
-            GroupedMethod::Gptq => &[4, 8],
-            GroupedMethod::Awq => &[4],
-        };
-        if !supported.contains(&bits) {
-            return Err(format!(
-                "{m} with {bits}-bit weights is not supported (qlora reads {m} with {} bits); re-quantize at 4 bits",
-                supported
-                    .iter()
-                    .map(|b| b.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" or ")
-            ));
+        let bits = int("bits")?
+            .or(int("w_bit")?)
+            .ok_or(GroupedError::NoBits(m))?;
+        let (supported, words) = supported_bits(method);
+        if !supported.iter().any(|&b| i64::from(b) == bits) {
+            return Err(GroupedError::Bits {
+                method: m,
+                bits,
+                supported: words,
+            });
         }
         let gs = int("group_size")?.or(int("q_group_size")?).unwrap_or(-1);
         let group_size = match gs {
             -1 => None,
             g if g > 0 => Some(g as usize),
-            g => {
-                return Err(format!(
-                    "quantization_config.group_size is {g}; expected a positive size or -1"
-                ))
-            }
+            g => return Err(GroupedError::GroupSize(g)),
         };
         if method == GroupedMethod::Awq && group_size.is_none() {
-            return Err("AWQ with group_size -1 is not a layout AutoAWQ writes".into());
+            return Err(GroupedError::AwqWithoutGroups);
         }
         let format = obj
             .get("checkpoint_format")
@@ -258,13 +313,14 @@ impl GroupedConfig {
             (GroupedMethod::Gptq, Some("gptq_v2")) => false,
             (GroupedMethod::Awq, None | Some("gemm")) => false,
             (_, Some(f)) => {
-                return Err(format!(
-                    "{m} checkpoint format \"{f}\" is not supported (qlora reads {}); convert it with GPTQModel first",
-                    match method {
+                return Err(GroupedError::Format {
+                    method: m,
+                    format: f.to_string(),
+                    supported: match method {
                         GroupedMethod::Gptq => "\"gptq\" and \"gptq_v2\"",
                         GroupedMethod::Awq => "\"gemm\"",
-                    }
-                ))
+                    },
+                })
             }
         };
         Ok(Some(GroupedConfig {
@@ -288,39 +344,46 @@ impl GroupedConfig {
 
 /// Whether a `dynamic` pattern (its `+:`/`-:` prefix removed) selects module `name`: equality
 /// for a literal, Python's `re.match` (anchored at the start) for a regex.
-fn rule_matches(pattern: &str, name: &str) -> Result<bool, String> {
+fn rule_matches(pattern: &str, name: &str) -> Result<bool, GroupedError> {
     if !pattern.contains([
         '.', '^', '$', '*', '+', '?', '(', ')', '[', ']', '{', '}', '|', '\\',
     ]) {
         return Ok(pattern == name);
     }
-    let re = regex::Regex::new(&format!("^(?:{pattern})")).map_err(|e| {
-        format!(
-            "quantization_config.dynamic entry \"{pattern}\" is not a regex qlora can read: {e}"
-        )
+    let re = regex::Regex::new(&format!("^(?:{pattern})")).map_err(|source| {
+        GroupedError::DynamicRegex {
+            pattern: pattern.to_string(),
+            source,
+        }
     })?;
     Ok(re.is_match(name))
 }
 
 /// GPTQModel's `dynamic` entries, in order.
-fn parse_dynamic(entries: &[(String, Value)]) -> Result<Vec<DynamicRule>, String> {
+fn parse_dynamic(entries: &[(String, Value)]) -> Result<Vec<DynamicRule>, GroupedError> {
     let mut rules = Vec::new();
     for (key, v) in entries {
         let (dense, pattern) = match key.strip_prefix("-:") {
             Some(p) => (true, p),
             None => (false, key.strip_prefix("+:").unwrap_or(key)),
         };
-        let o = v.as_object().ok_or_else(|| {
-            format!("quantization_config.dynamic[\"{key}\"] is {v}, expected an object")
-        })?;
-        let int = |k: &str| -> Result<Option<i64>, String> {
+        let o = v
+            .as_object()
+            .ok_or_else(|| GroupedError::DynamicNotAnObject {
+                key: key.clone(),
+                value: v.clone(),
+            })?;
+        let int = |k: &str| -> Result<Option<i64>, GroupedError> {
             match o.get(k) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x.as_i64().map(Some).ok_or_else(|| {
-                    format!(
-                        "quantization_config.dynamic[\"{key}\"].{k} is {x}, expected an integer"
-                    )
-                }),
+                Some(x) => x
+                    .as_i64()
+                    .map(Some)
+                    .ok_or_else(|| GroupedError::DynamicNotAnInteger {
+                        key: key.clone(),
+                        field: k.to_string(),
+                        value: x.clone(),
+                    }),
             }
         };
         let group_size = match int("group_size")? {
@@ -328,18 +391,20 @@ fn parse_dynamic(entries: &[(String, Value)]) -> Result<Vec<DynamicRule>, String
             Some(-1) => Some(None),
             Some(g) if g > 0 => Some(Some(g as usize)),
             Some(g) => {
-                return Err(format!(
-                    "quantization_config.dynamic[\"{key}\"].group_size is {g}; expected a positive size or -1"
-                ))
+                return Err(GroupedError::DynamicGroupSize {
+                    key: key.clone(),
+                    value: g,
+                })
             }
         };
         let bits = match int("bits")? {
             None => None,
             Some(b) if (1..=32).contains(&b) => Some(b as u32),
             Some(b) => {
-                return Err(format!(
-                    "quantization_config.dynamic[\"{key}\"].bits is {b}"
-                ))
+                return Err(GroupedError::DynamicBitsRange {
+                    key: key.clone(),
+                    value: b,
+                })
             }
         };
         rule_matches(pattern, "")?;
@@ -442,17 +507,19 @@ pub struct GroupedShapes {
 
 impl GroupedConfig {
     /// The tensor shapes a `[out, in]` linear must have, or why it cannot be stored this way.
-    pub fn shapes(&self, out: usize, inp: usize) -> Result<GroupedShapes, String> {
+    pub fn shapes(&self, out: usize, inp: usize) -> Result<GroupedShapes, GroupedError> {
         let p = (32 / self.bits) as usize;
         let gs = self.group_size.unwrap_or(inp).min(inp.max(1));
         let groups = inp.div_ceil(gs.max(1)).max(1);
         match self.method {
             GroupedMethod::Gptq => {
                 if !inp.is_multiple_of(p) || !out.is_multiple_of(p) {
-                    return Err(format!(
-                        "a [{out}, {inp}] linear cannot be GPTQ-packed at {} bits ({p} values a word need both dims to be multiples of {p})",
-                        self.bits
-                    ));
+                    return Err(GroupedError::GptqShape {
+                        out,
+                        inp,
+                        bits: self.bits,
+                        per: p,
+                    });
                 }
                 Ok(GroupedShapes {
                     groups,
@@ -463,9 +530,11 @@ impl GroupedConfig {
             }
             GroupedMethod::Awq => {
                 if !out.is_multiple_of(8) || !inp.is_multiple_of(gs) {
-                    return Err(format!(
-                        "a [{out}, {inp}] linear cannot be AWQ-packed with group size {gs} (outputs must be a multiple of 8, inputs of the group size)"
-                    ));
+                    return Err(GroupedError::AwqShape {
+                        out,
+                        inp,
+                        group: gs,
+                    });
                 }
                 Ok(GroupedShapes {
                     groups,
@@ -488,7 +557,7 @@ impl GroupedConfig {
         qzeros: &[u8],
         scales: &[f32],
         g_idx: Option<&[i32]>,
-    ) -> Result<GroupedParts, String> {
+    ) -> Result<GroupedParts, GroupedError> {
         let sh = self.shapes(out, inp)?;
         let groups = sh.groups;
         let bits = self.bits;
@@ -498,16 +567,18 @@ impl GroupedConfig {
         let g_idx: Vec<u32> = match g_idx {
             Some(g) => {
                 if g.len() != inp {
-                    return Err(format!("g_idx has {} entries for {inp} inputs", g.len()));
+                    return Err(GroupedError::GIdxLen { len: g.len(), inp });
                 }
                 if let Some((i, &v)) = g
                     .iter()
                     .enumerate()
                     .find(|(_, &v)| v < 0 || v as usize >= groups)
                 {
-                    return Err(format!(
-                        "g_idx[{i}] = {v} is out of range: the scales have {groups} groups; the checkpoint is corrupt"
-                    ));
+                    return Err(GroupedError::GIdxRange {
+                        index: i,
+                        value: v,
+                        groups,
+                    });
                 }
                 g.iter().map(|&v| v as u32).collect()
             }
@@ -544,11 +615,11 @@ impl GroupedConfig {
             }
         }
         if let Some((k, s)) = scales.iter().enumerate().find(|(_, s)| !s.is_finite()) {
-            return Err(format!(
-                "scale {s} at [{}, {}] is not finite; the checkpoint is corrupt",
-                k / out,
-                k % out
-            ));
+            return Err(GroupedError::Scale {
+                value: *s,
+                row: k / out,
+                col: k % out,
+            });
         }
         Ok(GroupedParts {
             codes,
@@ -565,7 +636,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn cfg(v: Value) -> Result<Option<GroupedConfig>, String> {
+    fn cfg(v: Value) -> Result<Option<GroupedConfig>, GroupedError> {
         GroupedConfig::from_value(&v)
     }
 
@@ -626,13 +697,19 @@ mod tests {
                 .bits,
             4
         );
-        let bad = parse_dynamic(&[("(unclosed".into(), json!({}))]).unwrap_err();
+        let bad = parse_dynamic(&[("(unclosed".into(), json!({}))])
+            .unwrap_err()
+            .to_string();
         assert!(bad.contains("(unclosed"), "{bad}");
         let three = GroupedConfig {
             dynamic: parse_dynamic(&[(".*".into(), json!({"bits": 3}))]).unwrap(),
             ..c.clone()
         };
-        assert!(three.for_module("x").unwrap_err().contains("3 bits"));
+        assert!(three
+            .for_module("x")
+            .unwrap_err()
+            .to_string()
+            .contains("3 bits"));
         for (bad, says) in [
             (
                 json!({"quant_method": "gptq", "bits": 3, "group_size": 128}),
@@ -659,7 +736,7 @@ mod tests {
                 "\"marlin\"",
             ),
         ] {
-            let e = cfg(bad).unwrap_err();
+            let e = cfg(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
         }
     }
@@ -735,6 +812,16 @@ mod tests {
                 Some(&[0, 1, 0, 1, 2, 0, 1, 0]),
             )
             .unwrap_err();
-        assert!(e.contains("g_idx[4] = 2"), "{e}");
+        assert!(
+            matches!(
+                e,
+                GroupedError::GIdxRange {
+                    index: 4,
+                    value: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -29,8 +29,10 @@ pub use bytes::Bytes;
 pub use config::{short_name, LinearSpec, ModelConfig, RopeScaling, LAYER_LINEARS};
 pub use error::{Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufValue};
-pub use gguf_write::{gguf_name, permute_rows, GgufTensorSpec, GgufWriter};
-pub use gptq::{GroupedConfig, GroupedMethod, GroupedParts, GroupedShapes};
+pub use gguf_write::{
+    gguf_name, permute_rows, GgufTensorSpec, GgufWriter, MixedArray, PermuteError,
+};
+pub use gptq::{GroupedConfig, GroupedError, GroupedMethod, GroupedParts, GroupedShapes};
 pub use model_dir::{ModelSource, TensorStore};
 pub use partial_dir::PartialDir;
 pub use peft::{write_peft_adapter, PeftLoraConfig};
@@ -79,6 +81,44 @@ pub struct RawTensor {
     pub data: Bytes,
 }
 
+/// A JSON object's entries in the file's order, deserialized by serde (serde_json's `Map`
+/// sorts its keys): GPTQModel's `dynamic` rules and PEFT's `rank_pattern`/`alpha_pattern`,
+/// whose first matching key wins, are order-sensitive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderedMap<V>(pub Vec<(String, V)>);
+
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for OrderedMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Entries<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Entries<V> {
+            type Value = OrderedMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = m.next_entry()? {
+                    v.push(e);
+                }
+                Ok(OrderedMap(v))
+            }
+        }
+        d.deserialize_map(Entries(std::marker::PhantomData))
+    }
+}
+
+/// A tensor whose element type an operation does not take.
+#[derive(Debug, thiserror::Error)]
+#[error("tensor \"{tensor}\" is {dtype}; expected {expected}")]
+pub struct DtypeError {
+    pub tensor: String,
+    pub dtype: String,
+    pub expected: &'static str,
+}
+
 impl RawTensor {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -86,7 +126,7 @@ impl RawTensor {
 
     /// The values of an f32/f16/bf16 tensor as f32 (exact); an error naming the tensor for any
     /// other type.
-    pub fn to_f32(&self) -> std::result::Result<Vec<f32>, String> {
+    pub fn to_f32(&self) -> std::result::Result<Vec<f32>, DtypeError> {
         let b = self.data.as_slice();
         Ok(match self.dtype {
             ElementType::F32 => bytemuck::pod_collect_to_vec(b),
@@ -99,11 +139,11 @@ impl RawTensor {
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
             other => {
-                return Err(format!(
-                    "tensor \"{}\" is {}; expected f32, f16 or bf16",
-                    self.name,
-                    other.name()
-                ))
+                return Err(DtypeError {
+                    tensor: self.name.clone(),
+                    dtype: other.name(),
+                    expected: "f32, f16 or bf16",
+                })
             }
         })
     }

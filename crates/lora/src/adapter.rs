@@ -11,6 +11,21 @@ use std::path::{Path, PathBuf};
 pub enum LoraError {
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Config {
+        path: PathBuf,
+        source: crate::config::ConfigError,
+    },
+    #[error("{path}: {source}")]
+    Provenance {
+        path: PathBuf,
+        source: crate::provenance::ProvenanceError,
+    },
+    #[error("{path}: {source}")]
+    Pickle {
+        path: PathBuf,
+        source: crate::pickle::PickleError,
+    },
     #[error(transparent)]
     Io(#[from] qlora_io::Error),
 }
@@ -99,14 +114,20 @@ fn open_one(dir: &Path, name: &str) -> Result<Adapter, LoraError> {
     let cfg_path = dir.join("adapter_config.json");
     let text =
         std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e.to_string()))?;
-    let config = AdapterConfig::parse(&text).map_err(|r| file_err(&cfg_path, r))?;
+    let config = AdapterConfig::parse(&text).map_err(|source| LoraError::Config {
+        path: cfg_path.clone(),
+        source,
+    })?;
     let st = dir.join("adapter_model.safetensors");
     let bin = dir.join("adapter_model.bin");
     let (weights_path, raw) = if st.exists() {
         let f = SafetensorsFile::open(&st)?;
         (st, f.tensors)
     } else if bin.exists() {
-        let t = pickle::read_torch_file(&bin).map_err(|r| file_err(&bin, r))?;
+        let t = pickle::read_torch_file(&bin).map_err(|source| LoraError::Pickle {
+            path: bin.clone(),
+            source,
+        })?;
         (bin, t)
     } else {
         return Err(file_err(
@@ -123,8 +144,10 @@ fn open_one(dir: &Path, name: &str) -> Result<Adapter, LoraError> {
             t
         })
         .collect();
-    let provenance =
-        Provenance::read(dir).map_err(|r| file_err(&dir.join(crate::provenance::FILE), r))?;
+    let provenance = Provenance::read(dir).map_err(|source| LoraError::Provenance {
+        path: dir.join(crate::provenance::FILE),
+        source,
+    })?;
     Ok(Adapter {
         dir: dir.into(),
         name: name.into(),
@@ -359,7 +382,7 @@ impl Adapter {
         let f32s = |t: &RawTensor, problems: &mut Vec<String>| match t.to_f32() {
             Ok(v) => Some(v),
             Err(e) => {
-                problems.push(e);
+                problems.push(e.to_string());
                 None
             }
         };

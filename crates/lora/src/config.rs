@@ -1,7 +1,11 @@
 //! `adapter_config.json` (PEFT's LoraConfig), read leniently: every LoRA field PEFT has written
 //! from 0.4 to today, and unknown fields from newer versions kept as warnings, not errors.
 
-use serde_json::{Map, Value};
+use qlora_io::OrderedMap;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// `target_modules` / `exclude_modules`: a list of names (suffix match) or one regex (full match).
 #[derive(Debug, Clone, PartialEq)]
@@ -11,25 +15,6 @@ pub enum Targets {
 }
 
 impl Targets {
-    fn from_value(v: &Value, field: &str) -> Result<Option<Targets>, String> {
-        match v {
-            Value::Null => Ok(None),
-            Value::String(s) => Ok(Some(Targets::Regex(s.clone()))),
-            Value::Array(a) => a
-                .iter()
-                .map(|x| {
-                    x.as_str()
-                        .map(String::from)
-                        .ok_or(format!("\"{field}\" has a non-string entry {x}"))
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(|l| Some(Targets::List(l))),
-            other => Err(format!(
-                "\"{field}\" must be a list of names or a regex string, not {other}"
-            )),
-        }
-    }
-
     /// PEFT's rule: a list entry `t` matches module `k` if `k == t` or `k` ends with `.t`; a string
     /// is a regex that must match all of `k`.
     pub fn matches(&self, module: &str) -> bool {
@@ -105,194 +90,224 @@ const KNOWN_INERT: &[&str] = &[
     "velora_config",
 ];
 
+/// Why an `adapter_config.json` was refused (the file's path is added by the caller).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// A field of the wrong JSON shape (serde's message, the field's path in the file).
+    #[error("\"{field}\": {reason}")]
+    Field { field: String, reason: String },
+    #[error("peft_type is \"{0}\"; qlora applies LoRA adapters (and DoRA, which PEFT stores as LORA with use_dora)")]
+    NotLora(String),
+    #[error("\"r\" must be a positive integer, not {0}")]
+    Rank(u64),
+    #[error("\"lora_alpha\" must be a finite number, not {0}")]
+    Alpha(f64),
+    #[error("\"{field}\" key {pattern:?} is not a valid regular expression")]
+    PatternRegex {
+        field: &'static str,
+        pattern: String,
+    },
+    #[error("\"rank_pattern\" entry {pattern:?} is {value}; a rank must be a positive integer")]
+    PatternRank { pattern: String, value: f64 },
+    #[error("\"alpha_pattern\" entry {pattern:?} is {value}; it must be a finite number")]
+    PatternAlpha { pattern: String, value: f64 },
+    #[error("init_lora_weights is \"{0}\": this initialization changes the base weights, so the adapter only works on the base it modified; convert it to a plain LoRA in PEFT first (path_initial_model_for_weight_conversion)")]
+    BaseModifyingInit(String),
+}
+
+/// `target_modules` / `exclude_modules` as stored.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "a list of module names or a regex string")]
+enum RawTargets {
+    Regex(String),
+    List(Vec<String>),
+}
+
+/// One value or a list of them (`layers_to_transform`, `layers_pattern`).
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "one value or a list of them")]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// `adapter_config.json` as PEFT writes it, by serde: each field optional (absent and null
+/// alike take PEFT's default), of the JSON shape PEFT gives it; every other key kept by name.
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    peft_type: Option<String>,
+    #[serde(default)]
+    r: Option<u64>,
+    #[serde(default)]
+    lora_alpha: Option<f64>,
+    #[serde(default)]
+    use_rslora: Option<bool>,
+    #[serde(default)]
+    use_dora: Option<bool>,
+    #[serde(default)]
+    target_modules: Option<RawTargets>,
+    #[serde(default)]
+    exclude_modules: Option<RawTargets>,
+    #[serde(default)]
+    layers_to_transform: Option<OneOrMany<u64>>,
+    #[serde(default)]
+    layers_pattern: Option<OneOrMany<String>>,
+    #[serde(default)]
+    rank_pattern: Option<OrderedMap<f64>>,
+    #[serde(default)]
+    alpha_pattern: Option<OrderedMap<f64>>,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    fan_in_fan_out: Option<bool>,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    lora_bias: Option<bool>,
+    #[serde(default)]
+    lora_dropout: Option<f64>,
+    #[serde(default)]
+    init_lora_weights: Value,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    peft_version: Option<String>,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, IgnoredAny>,
+}
+
+/// PEFT matches pattern keys as regular expressions: an invalid one is an error, not a
+/// silently skipped entry.
+fn check_patterns<T>(field: &'static str, v: &[(String, T)]) -> Result<(), ConfigError> {
+    match v
+        .iter()
+        .find(|(p, _)| regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$")).is_err())
+    {
+        Some((p, _)) => Err(ConfigError::PatternRegex {
+            field,
+            pattern: p.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 impl AdapterConfig {
-    pub fn parse(text: &str) -> Result<AdapterConfig, String> {
-        let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        let obj = v.as_object().ok_or("not a JSON object")?;
-        Self::from_object(obj)
+    pub fn parse(text: &str) -> Result<AdapterConfig, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_data() && path != "." {
+                ConfigError::Field {
+                    field: path,
+                    reason: inner.to_string(),
+                }
+            } else if inner.is_data() {
+                ConfigError::Json(format!("not a JSON object ({inner})"))
+            } else {
+                ConfigError::Json(inner.to_string())
+            }
+        })?;
+        Self::from_raw(raw)
     }
 
-    fn from_object(o: &Map<String, Value>) -> Result<AdapterConfig, String> {
-        let get = |k: &str| o.get(k).unwrap_or(&Value::Null);
-        let boolean = |k: &str| -> Result<bool, String> {
-            match get(k) {
-                Value::Null => Ok(false),
-                Value::Bool(b) => Ok(*b),
-                other => Err(format!("\"{k}\" must be true or false, not {other}")),
-            }
-        };
-        let string = |k: &str| get(k).as_str().map(String::from);
-        let peft_type = string("peft_type").unwrap_or_else(|| "LORA".into());
+    fn from_raw(raw: RawConfig) -> Result<AdapterConfig, ConfigError> {
+        let peft_type = raw.peft_type.unwrap_or_else(|| "LORA".into());
         if peft_type != "LORA" {
-            return Err(format!(
-                "peft_type is \"{peft_type}\"; qlora applies LoRA adapters (and DoRA, which PEFT stores as LORA with use_dora)"
-            ));
+            return Err(ConfigError::NotLora(peft_type));
         }
-        let r = match get("r") {
-            Value::Null => 8,
-            v => v
-                .as_u64()
-                .filter(|r| *r > 0)
-                .ok_or(format!("\"r\" must be a positive integer, not {v}"))?
-                as usize,
+        let r = match raw.r {
+            None => 8,
+            Some(0) => return Err(ConfigError::Rank(0)),
+            Some(r) => usize::try_from(r).map_err(|_| ConfigError::Rank(r))?,
         };
-        let lora_alpha = match get("lora_alpha") {
-            Value::Null => 8.0,
-            v => v
-                .as_f64()
-                .filter(|a| a.is_finite())
-                .ok_or(format!("\"lora_alpha\" must be a finite number, not {v}"))?,
-        };
-        let layers_to_transform = match get("layers_to_transform") {
-            Value::Null => None,
-            Value::Number(n) => Some(vec![n
-                .as_u64()
-                .ok_or("\"layers_to_transform\" must be a layer index")?
-                as usize]),
-            Value::Array(a) => Some(
-                a.iter()
-                    .map(|x| x.as_u64().map(|u| u as usize))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or("\"layers_to_transform\" must list layer indices")?,
-            ),
-            other => {
-                return Err(format!(
-                    "\"layers_to_transform\" must be a list of layer indices, not {other}"
-                ))
-            }
-        };
-        let layers_pattern = match get("layers_pattern") {
-            Value::Null => None,
-            Value::String(s) => Some(vec![s.clone()]),
-            Value::Array(a) => Some(
-                a.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect(),
-            ),
-            other => {
-                return Err(format!(
-                    "\"layers_pattern\" must be a string or a list, not {other}"
-                ))
-            }
-        };
-        let pattern = |k: &str| -> Result<Vec<(String, f64)>, String> {
-            match get(k) {
-                Value::Null => Ok(Vec::new()),
-                Value::Object(m) => m
-                    .iter()
-                    .map(|(p, v)| {
-                        v.as_f64()
-                            .map(|n| (p.clone(), n))
-                            .ok_or(format!("\"{k}\" entry {p:?} must be a number, not {v}"))
+        let lora_alpha = raw.lora_alpha.unwrap_or(8.0);
+        if !lora_alpha.is_finite() {
+            return Err(ConfigError::Alpha(lora_alpha));
+        }
+        let rank_pattern = raw.rank_pattern.map(|o| o.0).unwrap_or_default();
+        check_patterns("rank_pattern", &rank_pattern)?;
+        let rank_pattern = rank_pattern
+            .into_iter()
+            .map(|(p, n)| {
+                if n >= 1.0 && n.fract() == 0.0 && n <= u32::MAX as f64 {
+                    Ok((p, n as usize))
+                } else {
+                    Err(ConfigError::PatternRank {
+                        pattern: p,
+                        value: n,
                     })
-                    .collect(),
-                other => Err(format!("\"{k}\" must be an object, not {other}")),
-            }
-            .and_then(|v: Vec<(String, f64)>| {
-                // PEFT matches these keys as regular expressions: an invalid one is an error,
-                // not a silently skipped entry.
-                match v
-                    .iter()
-                    .find(|(p, _)| regex::Regex::new(&format!("^(?:.*\\.)?(?:{p})$")).is_err())
-                {
-                    Some((p, _)) => Err(format!(
-                        "\"{k}\" key {p:?} is not a valid regular expression"
-                    )),
-                    None => Ok(v),
                 }
             })
-        };
-        let modules_to_save = match get("modules_to_save") {
-            Value::Null => Vec::new(),
-            Value::Array(a) => a
-                .iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect(),
-            other => return Err(format!("\"modules_to_save\" must be a list, not {other}")),
-        };
-        let init = get("init_lora_weights").clone();
-        if let Some(s) = init.as_str() {
+            .collect::<Result<_, _>>()?;
+        let alpha_pattern = raw.alpha_pattern.map(|o| o.0).unwrap_or_default();
+        check_patterns("alpha_pattern", &alpha_pattern)?;
+        if let Some((p, a)) = alpha_pattern.iter().find(|(_, a)| !a.is_finite()) {
+            return Err(ConfigError::PatternAlpha {
+                pattern: p.clone(),
+                value: *a,
+            });
+        }
+        if let Some(s) = raw.init_lora_weights.as_str() {
             let lower = s.to_ascii_lowercase();
             if ["pissa", "olora", "corda", "loftq"]
                 .iter()
                 .any(|m| lower.starts_with(m))
             {
-                return Err(format!(
-                    "init_lora_weights is \"{s}\": this initialization changes the base weights, so the adapter only works on the base it modified; convert it to a plain LoRA in PEFT first (path_initial_model_for_weight_conversion)"
-                ));
+                return Err(ConfigError::BaseModifyingInit(s.to_string()));
             }
         }
-        let known: Vec<&str> = [
-            "peft_type",
-            "r",
-            "lora_alpha",
-            "use_rslora",
-            "use_dora",
-            "target_modules",
-            "exclude_modules",
-            "layers_to_transform",
-            "layers_pattern",
-            "rank_pattern",
-            "alpha_pattern",
-            "modules_to_save",
-            "fan_in_fan_out",
-            "bias",
-            "lora_bias",
-            "lora_dropout",
-            "init_lora_weights",
-            "base_model_name_or_path",
-            "revision",
-            "peft_version",
-            "task_type",
-        ]
-        .into_iter()
-        .chain(KNOWN_INERT.iter().copied())
-        .collect();
-        let unknown_fields = o
-            .keys()
-            .filter(|k| !known.contains(&k.as_str()))
-            .cloned()
+        let targets = |t: Option<RawTargets>| {
+            t.map(|t| match t {
+                RawTargets::Regex(r) => Targets::Regex(r),
+                RawTargets::List(l) => Targets::List(l),
+            })
+        };
+        let unknown_fields = raw
+            .rest
+            .into_keys()
+            .filter(|k| !KNOWN_INERT.contains(&k.as_str()))
             .collect();
         Ok(AdapterConfig {
             peft_type,
             r,
             lora_alpha,
-            use_rslora: boolean("use_rslora")?,
-            use_dora: boolean("use_dora")?,
-            target_modules: Targets::from_value(get("target_modules"), "target_modules")?,
-            exclude_modules: Targets::from_value(get("exclude_modules"), "exclude_modules")?,
-            layers_to_transform,
-            layers_pattern,
-            rank_pattern: pattern("rank_pattern")?
-                .into_iter()
-                .map(|(p, n)| {
-                    if n >= 1.0 && n.fract() == 0.0 && n <= u32::MAX as f64 {
-                        Ok((p, n as usize))
-                    } else {
-                        Err(format!("\"rank_pattern\" entry {p:?} is {n}; a rank must be a positive integer"))
-                    }
-                })
-                .collect::<Result<_, String>>()?,
-            alpha_pattern: pattern("alpha_pattern")?
-                .into_iter()
-                .map(|(p, a)| {
-                    if a.is_finite() {
-                        Ok((p, a))
-                    } else {
-                        Err(format!("\"alpha_pattern\" entry {p:?} is {a}; it must be a finite number"))
-                    }
-                })
-                .collect::<Result<_, String>>()?,
-            modules_to_save,
-            fan_in_fan_out: boolean("fan_in_fan_out")?,
-            bias: string("bias").unwrap_or_else(|| "none".into()),
-            lora_bias: boolean("lora_bias")?,
-            lora_dropout: get("lora_dropout").as_f64().unwrap_or(0.0),
-            init_lora_weights: init,
-            base_model_name_or_path: string("base_model_name_or_path"),
-            revision: string("revision"),
-            peft_version: string("peft_version"),
-            task_type: string("task_type"),
+            use_rslora: raw.use_rslora.unwrap_or(false),
+            use_dora: raw.use_dora.unwrap_or(false),
+            target_modules: targets(raw.target_modules),
+            exclude_modules: targets(raw.exclude_modules),
+            layers_to_transform: raw
+                .layers_to_transform
+                .map(|l| l.into_vec().into_iter().map(|i| i as usize).collect()),
+            layers_pattern: raw.layers_pattern.map(OneOrMany::into_vec),
+            rank_pattern,
+            alpha_pattern,
+            modules_to_save: raw.modules_to_save.unwrap_or_default(),
+            fan_in_fan_out: raw.fan_in_fan_out.unwrap_or(false),
+            bias: raw.bias.unwrap_or_else(|| "none".into()),
+            lora_bias: raw.lora_bias.unwrap_or(false),
+            lora_dropout: raw.lora_dropout.unwrap_or(0.0),
+            init_lora_weights: raw.init_lora_weights,
+            base_model_name_or_path: raw.base_model_name_or_path,
+            revision: raw.revision,
+            peft_version: raw.peft_version,
+            task_type: raw.task_type,
             unknown_fields,
         })
     }
@@ -398,15 +413,18 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
-        assert!(AdapterConfig::parse(r#"{"r": "eight"}"#)
-            .unwrap_err()
-            .contains("\"r\""));
-        assert!(AdapterConfig::parse(r#"{"peft_type": "IA3"}"#)
-            .unwrap_err()
-            .contains("IA3"));
-        assert!(AdapterConfig::parse("{not json")
-            .unwrap_err()
-            .contains("invalid JSON"));
+        let e = |j: &str| AdapterConfig::parse(j).unwrap_err().to_string();
+        assert!(e(r#"{"r": "eight"}"#).contains("\"r\""));
+        assert!(e(r#"{"r": 0}"#).contains("positive integer"));
+        assert!(e(r#"{"peft_type": "IA3"}"#).contains("IA3"));
+        assert!(e("{not json").contains("invalid JSON"));
+        assert!(e("[1, 2]").contains("not a JSON object"));
+        assert!(e(r#"{"use_dora": 3}"#).contains("\"use_dora\""));
+        assert!(e(r#"{"target_modules": 5}"#).contains("a list of module names or a regex"));
+        assert!(e(r#"{"target_modules": ["q_proj", 5]}"#).contains("target_modules"));
+        assert!(e(r#"{"layers_to_transform": [1, -2]}"#).contains("layers_to_transform"));
+        assert!(e(r#"{"rank_pattern": {"q_proj": "x"}}"#).contains("rank_pattern.q_proj"));
+        assert!(e(r#"{"init_lora_weights": "pissa_niter_4"}"#).contains("changes the base"));
     }
 
     #[test]
@@ -425,9 +443,13 @@ mod tests {
             ),
             (r#"{"lora_alpha": "x"}"#, "lora_alpha"),
         ] {
-            let e = AdapterConfig::parse(json).unwrap_err();
+            let e = AdapterConfig::parse(json).unwrap_err().to_string();
             assert!(e.contains(words), "{json}: {e}");
         }
         assert!(AdapterConfig::parse(r#"{"rank_pattern": {"q_proj": 4}}"#).is_ok());
+        // Two keys that both match: PEFT takes the first in the dict's (the file's) order.
+        let c = AdapterConfig::parse(r#"{"rank_pattern": {"self_attn.q_proj": 4, "q_proj": 2}}"#)
+            .unwrap();
+        assert_eq!(c.rank_alpha("model.layers.0.self_attn.q_proj").0, 4);
     }
 }

@@ -15,5 +15,5 @@ pub use adapter::{
     format_problems, open_adapters, Adapter, EmbeddingDelta, LinearDelta, LoraError, ModelShapes,
     Plan,
 };
-pub use config::{AdapterConfig, Targets};
-pub use provenance::{BaseQuantization, Fingerprint, Provenance};
+pub use config::{AdapterConfig, ConfigError, Targets};
+pub use provenance::{BaseQuantization, Fingerprint, Provenance, ProvenanceError};

@@ -8,28 +8,92 @@ use qlora_io::{Bytes, ElementType, RawTensor};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Why a `torch.save` file was refused (the file's path is added by the caller).
+#[derive(Debug, thiserror::Error)]
+pub enum PickleError {
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    #[error("not a zip archive (PyTorch ≥ 1.6 saves zip files); the file is truncated, corrupt or from a legacy torch")]
+    NotZip,
+    #[error("corrupt zip archive ({0}); the file is truncated or damaged")]
+    CorruptZip(#[from] zip::result::ZipError),
+    #[error("zip entry {name} is compressed ({method}); torch.save writes stored entries")]
+    Compressed { name: String, method: String },
+    #[error("zip entry {0} is too large")]
+    EntryTooLarge(String),
+    #[error("zip entry {0} has no readable data offset")]
+    NoDataOffset(String),
+    #[error("zip entry {0} runs past the end of the file; the file is truncated")]
+    EntryPastEnd(String),
+    #[error("the archive has no entry {0}")]
+    NoEntry(String),
+    #[error("not a PyTorch zip archive (no data.pkl); files from torch < 1.6 (legacy format) are not read, re-save with a recent torch")]
+    NoDataPkl,
+    #[error("the pickle is not a dict of tensors")]
+    NotADict,
+    #[error("a state-dict key is not a string")]
+    KeyNotString,
+    #[error("entry \"{0}\" is not a tensor")]
+    NotATensor(String),
+    #[error("tensor \"{name}\" is not contiguous (strides {strides:?})")]
+    NotContiguous { name: String, strides: Vec<usize> },
+    #[error(
+        "tensor \"{name}\": shape {shape:?} at offset {offset} overflows; the file is corrupt"
+    )]
+    Overflow {
+        name: String,
+        shape: Vec<usize>,
+        offset: usize,
+    },
+    #[error("tensor \"{name}\" needs bytes {start}..{end} of storage {storage} which has {len}; the file is truncated or corrupt")]
+    PastStorage {
+        name: String,
+        start: usize,
+        end: usize,
+        storage: String,
+        len: usize,
+    },
+    #[error("the pickle builds more than {budget} values from {bytes} bytes (a state dict needs far fewer); refusing it")]
+    TooManyValues { budget: usize, bytes: usize },
+    #[error("the pickle nests values deeper than {MAX_DEPTH}; refusing it")]
+    TooDeep,
+    /// A structural fault; the text says which.
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("the pickle references the global {0}, which a tensor file never needs; refusing to load it (only tensors are read, nothing is executed)")]
+    ForbiddenGlobal(String),
+    #[error("pickle opcode 0x{op:02x} at byte {at} is not one torch.save writes for a state dict; refusing to interpret it")]
+    Opcode { op: u8, at: usize },
+    #[error("storage type {0} is not a float type qlora reads")]
+    StorageType(String),
+    #[error("tensor storage offset {0} is negative; the file is corrupt")]
+    NegativeOffset(i64),
+    #[error("cannot call {0}")]
+    CannotCall(String),
+}
+
 /// The tensors of a `torch.save`d state dict.
-pub fn read_torch_file(path: &Path) -> Result<Vec<RawTensor>, String> {
-    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+pub fn read_torch_file(path: &Path) -> Result<Vec<RawTensor>, PickleError> {
+    let data = std::fs::read(path)?;
     let zip = Zip::parse(&data)?;
     let pkl_name = zip
         .names()
         .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
-        .ok_or("not a PyTorch zip archive (no data.pkl); files from torch < 1.6 (legacy format) are not read, re-save with a recent torch")?
+        .ok_or(PickleError::NoDataPkl)?
         .to_string();
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     let pkl = zip.get(&pkl_name)?;
     let root = Unpickler::new(pkl).run()?;
     let Value::Dict(items) = root else {
-        return Err("the pickle is not a dict of tensors".into());
+        return Err(PickleError::NotADict);
     };
     let mut out = Vec::new();
     for (k, v) in items {
         let Value::Str(name) = k else {
-            return Err("a state-dict key is not a string".into());
+            return Err(PickleError::KeyNotString);
         };
         let Value::Tensor(t) = v else {
-            return Err(format!("entry \"{name}\" is not a tensor"));
+            return Err(PickleError::NotATensor(name));
         };
         let storage = zip.get(&format!("{prefix}data/{}", t.storage))?;
         let (dtype, size) = t.dtype;
@@ -37,10 +101,10 @@ pub fn read_torch_file(path: &Path) -> Result<Vec<RawTensor>, String> {
         let mut expect = 1usize;
         for (dim, stride) in t.shape.iter().zip(&t.stride).rev() {
             if *dim > 1 && *stride != expect {
-                return Err(format!(
-                    "tensor \"{name}\" is not contiguous (strides {:?})",
-                    t.stride
-                ));
+                return Err(PickleError::NotContiguous {
+                    name,
+                    strides: t.stride.clone(),
+                });
             }
             expect *= dim;
         }
@@ -52,17 +116,20 @@ pub fn read_torch_file(path: &Path) -> Result<Vec<RawTensor>, String> {
             .and_then(|bytes| t.offset.checked_mul(size).map(|start| (start, bytes)))
             .and_then(|(start, bytes)| start.checked_add(bytes).map(|end| (start, end)));
         let Some((start, end)) = span else {
-            return Err(format!(
-                "tensor \"{name}\": shape {:?} at offset {} overflows; the file is corrupt",
-                t.shape, t.offset
-            ));
+            return Err(PickleError::Overflow {
+                name,
+                shape: t.shape.clone(),
+                offset: t.offset,
+            });
         };
         if end > storage.len() {
-            return Err(format!(
-                "tensor \"{name}\" needs bytes {start}..{end} of storage {} which has {}; the file is truncated or corrupt",
-                t.storage,
-                storage.len()
-            ));
+            return Err(PickleError::PastStorage {
+                name,
+                start,
+                end,
+                storage: t.storage.clone(),
+                len: storage.len(),
+            });
         }
         out.push(RawTensor {
             name,
@@ -82,34 +149,29 @@ struct Zip<'a> {
 impl<'a> Zip<'a> {
     /// The archive's entries as slices of `data` (torch.save stores them uncompressed), read
     /// with the `zip` crate (zip64 included).
-    fn parse(data: &'a [u8]) -> Result<Zip<'a>, String> {
+    fn parse(data: &'a [u8]) -> Result<Zip<'a>, PickleError> {
         if data.len() < 22 || &data[..4] != b"PK\x03\x04" {
-            return Err("not a zip archive (PyTorch ≥ 1.6 saves zip files); the file is truncated, corrupt or from a legacy torch".into());
+            return Err(PickleError::NotZip);
         }
-        let corrupt = |e: zip::result::ZipError| {
-            format!("corrupt zip archive ({e}); the file is truncated or damaged")
-        };
-        let mut z = zip::ZipArchive::new(std::io::Cursor::new(data)).map_err(corrupt)?;
+        let mut z = zip::ZipArchive::new(std::io::Cursor::new(data))?;
         let mut entries = Vec::with_capacity(z.len());
         for i in 0..z.len() {
-            let f = z.by_index_raw(i).map_err(corrupt)?;
-            let name = f.name().map_err(corrupt)?.into_owned();
+            let f = z.by_index_raw(i)?;
+            let name = f.name()?.into_owned();
             if f.compression() != zip::CompressionMethod::Stored {
-                return Err(format!(
-                    "zip entry {name} is compressed ({}); torch.save writes stored entries",
-                    f.compression()
-                ));
+                return Err(PickleError::Compressed {
+                    method: f.compression().to_string(),
+                    name,
+                });
             }
             let size =
-                usize::try_from(f.size()).map_err(|_| format!("zip entry {name} is too large"))?;
+                usize::try_from(f.size()).map_err(|_| PickleError::EntryTooLarge(name.clone()))?;
             let start = f
                 .data_start()
                 .and_then(|s| usize::try_from(s).ok())
-                .ok_or(format!("zip entry {name} has no readable data offset"))?;
+                .ok_or_else(|| PickleError::NoDataOffset(name.clone()))?;
             if start.checked_add(size).is_none_or(|e| e > data.len()) {
-                return Err(format!(
-                    "zip entry {name} runs past the end of the file; the file is truncated"
-                ));
+                return Err(PickleError::EntryPastEnd(name));
             }
             entries.push((name, start, size));
         }
@@ -120,12 +182,12 @@ impl<'a> Zip<'a> {
         self.entries.iter().map(|e| e.0.as_str())
     }
 
-    fn get(&self, name: &str) -> Result<&'a [u8], String> {
+    fn get(&self, name: &str) -> Result<&'a [u8], PickleError> {
         self.entries
             .iter()
             .find(|e| e.0 == name)
             .map(|&(_, s, n)| &self.data[s..s + n])
-            .ok_or(format!("the archive has no entry {name}"))
+            .ok_or_else(|| PickleError::NoEntry(name.to_string()))
     }
 }
 
@@ -204,23 +266,20 @@ impl<'a> Unpickler<'a> {
     }
 
     /// Walks `v` (without recursion), charging its values to the budget; returns its depth.
-    fn charge(&mut self, v: &Value) -> Result<usize, String> {
+    fn charge(&mut self, v: &Value) -> Result<usize, PickleError> {
         let mut todo: Vec<(&Value, usize)> = vec![(v, 1)];
         let mut depth = 0;
         while let Some((v, d)) = todo.pop() {
             self.work += 1;
             depth = depth.max(d);
             if self.work > self.budget {
-                return Err(format!(
-                    "the pickle builds more than {} values from {} bytes (a state dict needs far fewer); refusing it",
-                    self.budget,
-                    self.b.len()
-                ));
+                return Err(PickleError::TooManyValues {
+                    budget: self.budget,
+                    bytes: self.b.len(),
+                });
             }
             if d > MAX_DEPTH {
-                return Err(format!(
-                    "the pickle nests values deeper than {MAX_DEPTH}; refusing it"
-                ));
+                return Err(PickleError::TooDeep);
             }
             match v {
                 Value::Tuple(x) | Value::List(x) => todo.extend(x.iter().map(|c| (c, d + 1))),
@@ -232,77 +291,82 @@ impl<'a> Unpickler<'a> {
     }
 
     /// Charges values about to go one level into a container.
-    fn charge_all<'v>(&mut self, items: impl IntoIterator<Item = &'v Value>) -> Result<(), String> {
+    fn charge_all<'v>(
+        &mut self,
+        items: impl IntoIterator<Item = &'v Value>,
+    ) -> Result<(), PickleError> {
         for v in items {
             if self.charge(v)? + 1 > MAX_DEPTH {
-                return Err(format!(
-                    "the pickle nests values deeper than {MAX_DEPTH}; refusing it"
-                ));
+                return Err(PickleError::TooDeep);
             }
         }
         Ok(())
     }
 
     /// A copy of the stack top for the memo, charged.
-    fn top_for_memo(&mut self) -> Result<Value, String> {
-        let v = self.stack.last().cloned().ok_or("malformed pickle")?;
+    fn top_for_memo(&mut self) -> Result<Value, PickleError> {
+        let v = self
+            .stack
+            .last()
+            .cloned()
+            .ok_or(PickleError::Malformed("malformed pickle"))?;
         self.charge(&v)?;
         Ok(v)
     }
 
     /// A copy of memo entry `i`, charged.
-    fn memo_copy(&mut self, i: usize) -> Result<Value, String> {
+    fn memo_copy(&mut self, i: usize) -> Result<Value, PickleError> {
         let v = self
             .memo
             .get(&i)
             .cloned()
-            .ok_or("malformed pickle (memo)")?;
+            .ok_or(PickleError::Malformed("malformed pickle (memo)"))?;
         self.charge(&v)?;
         Ok(v)
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PickleError> {
         let s = self
             .b
             .get(self.pos..self.pos + n)
-            .ok_or("truncated pickle")?;
+            .ok_or(PickleError::Malformed("truncated pickle"))?;
         self.pos += n;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<usize, String> {
+    fn u8(&mut self) -> Result<usize, PickleError> {
         Ok(self.take(1)?[0] as usize)
     }
-    fn u32(&mut self) -> Result<usize, String> {
+    fn u32(&mut self) -> Result<usize, PickleError> {
         let s = self.take(4)?;
         Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize)
     }
-    fn line(&mut self) -> Result<String, String> {
+    fn line(&mut self) -> Result<String, PickleError> {
         let rest = &self.b[self.pos..];
         let n = rest
             .iter()
             .position(|&c| c == b'\n')
-            .ok_or("truncated pickle")?;
+            .ok_or(PickleError::Malformed("truncated pickle"))?;
         let s = String::from_utf8_lossy(&rest[..n]).into_owned();
         self.pos += n + 1;
         Ok(s)
     }
-    fn pop(&mut self) -> Result<Value, String> {
+    fn pop(&mut self) -> Result<Value, PickleError> {
         self.stack
             .pop()
-            .ok_or_else(|| "malformed pickle (stack underflow)".to_string())
+            .ok_or(PickleError::Malformed("malformed pickle (stack underflow)"))
     }
-    fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
+    fn pop_mark(&mut self) -> Result<Vec<Value>, PickleError> {
         let i = self
             .stack
             .iter()
             .rposition(|v| matches!(v, Value::Mark))
-            .ok_or("malformed pickle (no mark)")?;
+            .ok_or(PickleError::Malformed("malformed pickle (no mark)"))?;
         let items = self.stack.split_off(i + 1);
         self.stack.pop();
         Ok(items)
     }
 
-    fn run(mut self) -> Result<Value, String> {
+    fn run(mut self) -> Result<Value, PickleError> {
         loop {
             let op = self.u8()? as u8;
             match op {
@@ -325,17 +389,20 @@ impl<'a> Unpickler<'a> {
                 }
                 b'M' => {
                     let s = self.take(2)?;
-                    self.stack.push(Value::Int(u16::from_le_bytes([s[0], s[1]]) as i64))
+                    self.stack
+                        .push(Value::Int(u16::from_le_bytes([s[0], s[1]]) as i64))
                 }
                 b'J' => {
                     let s = self.take(4)?;
-                    self.stack.push(Value::Int(i32::from_le_bytes([s[0], s[1], s[2], s[3]]) as i64))
+                    self.stack.push(Value::Int(
+                        i32::from_le_bytes([s[0], s[1], s[2], s[3]]) as i64
+                    ))
                 }
                 0x8a => {
                     let n = self.u8()?;
                     let s = self.take(n)?;
                     if n > 8 {
-                        return Err("integer too large in pickle".into());
+                        return Err(PickleError::Malformed("integer too large in pickle"));
                     }
                     let mut v: i64 = 0;
                     for (i, &byte) in s.iter().enumerate() {
@@ -348,27 +415,32 @@ impl<'a> Unpickler<'a> {
                 }
                 b'G' => {
                     let s = self.take(8)?;
-                    self.stack.push(Value::Float(f64::from_be_bytes(s.try_into().unwrap())))
+                    self.stack
+                        .push(Value::Float(f64::from_be_bytes(s.try_into().unwrap())))
                 }
                 b'X' => {
                     let n = self.u32()?;
                     let s = self.take(n)?;
-                    self.stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()))
+                    self.stack
+                        .push(Value::Str(String::from_utf8_lossy(s).into_owned()))
                 }
                 0x8c => {
                     let n = self.u8()?;
                     let s = self.take(n)?;
-                    self.stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()))
+                    self.stack
+                        .push(Value::Str(String::from_utf8_lossy(s).into_owned()))
                 }
                 b'U' => {
                     let n = self.u8()?;
                     let s = self.take(n)?;
-                    self.stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()))
+                    self.stack
+                        .push(Value::Str(String::from_utf8_lossy(s).into_owned()))
                 }
                 b'T' => {
                     let n = self.u32()?;
                     let s = self.take(n)?;
-                    self.stack.push(Value::Str(String::from_utf8_lossy(s).into_owned()))
+                    self.stack
+                        .push(Value::Str(String::from_utf8_lossy(s).into_owned()))
                 }
                 b'q' => {
                     let i = self.u8()?;
@@ -400,9 +472,7 @@ impl<'a> Unpickler<'a> {
                     let name = self.line()?;
                     let g = format!("{module}.{name}");
                     if !ALLOWED.contains(&g.as_str()) {
-                        return Err(format!(
-                            "the pickle references the global {g}, which a tensor file never needs; refusing to load it (only tensors are read, nothing is executed)"
-                        ));
+                        return Err(PickleError::ForbiddenGlobal(g));
                     }
                     self.stack.push(Value::Global(g))
                 }
@@ -411,13 +481,11 @@ impl<'a> Unpickler<'a> {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     let (Value::Str(m), Value::Str(n)) = (module, name) else {
-                        return Err("malformed pickle (STACK_GLOBAL)".into());
+                        return Err(PickleError::Malformed("malformed pickle (STACK_GLOBAL)"));
                     };
                     let g = format!("{m}.{n}");
                     if !ALLOWED.contains(&g.as_str()) {
-                        return Err(format!(
-                            "the pickle references the global {g}, which a tensor file never needs; refusing to load it (only tensors are read, nothing is executed)"
-                        ));
+                        return Err(PickleError::ForbiddenGlobal(g));
                     }
                     self.stack.push(Value::Global(g))
                 }
@@ -429,7 +497,7 @@ impl<'a> Unpickler<'a> {
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if self.stack.len() < n {
-                        return Err("malformed pickle (stack underflow)".into());
+                        return Err(PickleError::Malformed("malformed pickle (stack underflow)"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
                     self.charge_all(&items)?;
@@ -455,14 +523,14 @@ impl<'a> Unpickler<'a> {
                     self.charge_all([&k, &v])?;
                     match self.stack.last_mut() {
                         Some(Value::Dict(d)) => d.push((k, v)),
-                        _ => return Err("malformed pickle (SETITEM)".into()),
+                        _ => return Err(PickleError::Malformed("malformed pickle (SETITEM)")),
                     }
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
                     self.charge_all(&items)?;
                     let Some(Value::Dict(d)) = self.stack.last_mut() else {
-                        return Err("malformed pickle (SETITEMS)".into());
+                        return Err(PickleError::Malformed("malformed pickle (SETITEMS)"));
                     };
                     let mut it = items.into_iter();
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
@@ -474,7 +542,7 @@ impl<'a> Unpickler<'a> {
                     self.charge_all([&v])?;
                     match self.stack.last_mut() {
                         Some(Value::List(l)) => l.push(v),
-                        _ => return Err("malformed pickle (APPEND)".into()),
+                        _ => return Err(PickleError::Malformed("malformed pickle (APPEND)")),
                     }
                 }
                 b'e' => {
@@ -482,51 +550,56 @@ impl<'a> Unpickler<'a> {
                     self.charge_all(&items)?;
                     match self.stack.last_mut() {
                         Some(Value::List(l)) => l.extend(items),
-                        _ => return Err("malformed pickle (APPENDS)".into()),
+                        _ => return Err(PickleError::Malformed("malformed pickle (APPENDS)")),
                     }
                 }
                 b'.' => return self.pop(),
                 other => {
-                    return Err(format!(
-                        "pickle opcode 0x{other:02x} at byte {} is not one torch.save writes for a state dict; refusing to interpret it",
-                        self.pos - 1
-                    ))
+                    return Err(PickleError::Opcode {
+                        op: other,
+                        at: self.pos - 1,
+                    })
                 }
             }
         }
     }
 
-    fn persistent(pid: Value) -> Result<Value, String> {
+    fn persistent(pid: Value) -> Result<Value, PickleError> {
         let Value::Tuple(t) = pid else {
-            return Err("unexpected persistent id".into());
+            return Err(PickleError::Malformed("unexpected persistent id"));
         };
         match t.as_slice() {
             [Value::Str(kind), Value::Global(g), Value::Str(key), _, _] if kind == "storage" => {
-                let dt = storage_dtype(g)
-                    .ok_or(format!("storage type {g} is not a float type qlora reads"))?;
+                let dt = storage_dtype(g).ok_or_else(|| PickleError::StorageType(g.clone()))?;
                 Ok(Value::Storage(key.clone(), dt))
             }
-            _ => Err("unexpected persistent id (not a torch storage)".into()),
+            _ => Err(PickleError::Malformed(
+                "unexpected persistent id (not a torch storage)",
+            )),
         }
     }
 
-    fn reduce(f: Value, args: Value) -> Result<Value, String> {
+    fn reduce(f: Value, args: Value) -> Result<Value, PickleError> {
         let Value::Global(g) = f else {
-            return Err("malformed pickle (REDUCE of a non-global)".into());
+            return Err(PickleError::Malformed(
+                "malformed pickle (REDUCE of a non-global)",
+            ));
         };
         let Value::Tuple(a) = args else {
-            return Err("malformed pickle (REDUCE arguments)".into());
+            return Err(PickleError::Malformed(
+                "malformed pickle (REDUCE arguments)",
+            ));
         };
-        let ints = |v: &Value| -> Result<Vec<usize>, String> {
+        let ints = |v: &Value| -> Result<Vec<usize>, PickleError> {
             match v {
                 Value::Tuple(x) | Value::List(x) => x
                     .iter()
                     .map(|i| match i {
                         Value::Int(n) if *n >= 0 => Ok(*n as usize),
-                        _ => Err("bad tensor size".to_string()),
+                        _ => Err(PickleError::Malformed("bad tensor size")),
                     })
                     .collect(),
-                _ => Err("bad tensor size".into()),
+                _ => Err(PickleError::Malformed("bad tensor size")),
             }
         };
         match g.as_str() {
@@ -534,7 +607,7 @@ impl<'a> Unpickler<'a> {
             "torch._utils._rebuild_parameter" => a
                 .into_iter()
                 .next()
-                .ok_or_else(|| "malformed parameter".to_string()),
+                .ok_or(PickleError::Malformed("malformed parameter")),
             "torch._utils._rebuild_tensor_v2" => {
                 let (
                     Some(Value::Storage(key, dt)),
@@ -543,11 +616,10 @@ impl<'a> Unpickler<'a> {
                     Some(stride),
                 ) = (a.first(), a.get(1), a.get(2), a.get(3))
                 else {
-                    return Err("malformed tensor in pickle".into());
+                    return Err(PickleError::Malformed("malformed tensor in pickle"));
                 };
-                let offset = usize::try_from(*off).map_err(|_| {
-                    format!("tensor storage offset {off} is negative; the file is corrupt")
-                })?;
+                let offset =
+                    usize::try_from(*off).map_err(|_| PickleError::NegativeOffset(*off))?;
                 Ok(Value::Tensor(TensorRef {
                     storage: key.clone(),
                     dtype: *dt,
@@ -556,7 +628,7 @@ impl<'a> Unpickler<'a> {
                     stride: ints(stride)?,
                 }))
             }
-            other => Err(format!("cannot call {other}")),
+            other => Err(PickleError::CannotCall(other.to_string())),
         }
     }
 }
@@ -575,7 +647,7 @@ mod tests {
         }
         p.push(b'.');
         let t = std::time::Instant::now();
-        let e = Unpickler::new(&p).run().unwrap_err();
+        let e = Unpickler::new(&p).run().unwrap_err().to_string();
         assert!(e.contains("more than") && e.contains("values"), "{e}");
         assert!(t.elapsed().as_secs() < 5);
         // ) then 1,000,000 × TUPLE1: nesting a million deep (a stack overflow when dropped).
@@ -583,7 +655,7 @@ mod tests {
         p.extend(std::iter::repeat_n(0x85, 1_000_000));
         p.push(b'.');
         let e = Unpickler::new(&p).run().unwrap_err();
-        assert!(e.contains("deeper than"), "{e}");
+        assert!(matches!(e, PickleError::TooDeep), "{e}");
         // A tensor at a negative storage offset is refused, not wrapped around.
         let t = Unpickler::reduce(
             Value::Global("torch._utils._rebuild_tensor_v2".into()),
@@ -594,7 +666,7 @@ mod tests {
                 Value::Tuple(vec![Value::Int(1)]),
             ]),
         );
-        assert!(matches!(t, Err(e) if e.contains("negative")));
+        assert!(matches!(t, Err(PickleError::NegativeOffset(-1))));
         // A small legitimate structure still reads.
         let ok = [
             0x80, 2, b'}', b'q', 0, b'X', 1, 0, 0, 0, b'k', b'K', 7, b's', b'.',

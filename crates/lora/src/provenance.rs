@@ -85,15 +85,23 @@ fn default_blocksize() -> usize {
     64
 }
 
+/// Why a provenance file was refused (the caller adds its path).
+#[derive(Debug, thiserror::Error)]
+pub enum ProvenanceError {
+    #[error("{0}")]
+    Read(#[from] std::io::Error),
+    #[error("invalid {FILE}: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
 impl Provenance {
-    pub fn read(dir: &Path) -> Result<Option<Provenance>, String> {
+    pub fn read(dir: &Path) -> Result<Option<Provenance>, ProvenanceError> {
         let p = dir.join(FILE);
         if !p.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&p).map_err(|e| e.to_string())?;
-        let f: ProvenanceFile =
-            serde_json::from_str(&text).map_err(|e| format!("invalid {FILE}: {e}"))?;
+        let text = std::fs::read_to_string(&p)?;
+        let f: ProvenanceFile = serde_json::from_str(&text)?;
         Ok(Some(Provenance {
             qlora_version: f.qlora_version,
             base_fingerprint: f.base.fingerprint,

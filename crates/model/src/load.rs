@@ -321,7 +321,14 @@ impl Loader<'_> {
                 &scales,
                 g_idx.as_deref(),
             )
-            .map_err(|r| self.err(if r.starts_with("g_idx") { &gname } else { &qw }, r))?;
+            .map_err(|r| {
+                let about_g_idx = matches!(
+                    r,
+                    qlora_io::GroupedError::GIdxLen { .. }
+                        | qlora_io::GroupedError::GIdxRange { .. }
+                );
+                self.err(if about_g_idx { &gname } else { &qw }, r)
+            })?;
         Weight::grouped(
             cfg.bits as u8,
             rows,

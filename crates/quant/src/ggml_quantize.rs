@@ -55,16 +55,29 @@ fn trunc_i8(v: f32) -> i32 {
     v as i8 as i32
 }
 
+/// Why `quantize_ggml` refused its input.
+#[derive(Debug, thiserror::Error)]
+pub enum GgmlQuantizeError {
+    #[error("{values} values cannot be split into {ty} blocks of {block}")]
+    Blocks {
+        values: usize,
+        ty: &'static str,
+        block: usize,
+    },
+    #[error("writing {ty} is not supported; qlora writes {supported}")]
+    Unsupported { ty: &'static str, supported: String },
+}
+
 /// Encodes `x` (a whole number of rows; its length a multiple of the block size) as `t`,
 /// appending to `out`. Types outside `QUANTIZABLE` are refused.
-pub fn quantize_ggml(t: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<(), String> {
+pub fn quantize_ggml(t: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<(), GgmlQuantizeError> {
     let (bs, bb) = t.block();
     if !x.len().is_multiple_of(bs) {
-        return Err(format!(
-            "{} values cannot be split into {} blocks of {bs}",
-            x.len(),
-            t.name()
-        ));
+        return Err(GgmlQuantizeError::Blocks {
+            values: x.len(),
+            ty: t.name(),
+            block: bs,
+        });
     }
     out.reserve(x.len() / bs * bb);
     match t {
@@ -117,11 +130,10 @@ pub fn quantize_ggml(t: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<(), St
         GgmlType::Q4K => x.chunks_exact(256).for_each(|b| q4_k_block(b, out)),
         GgmlType::Q6K => x.chunks_exact(256).for_each(|b| q6_k_block(b, out)),
         other => {
-            return Err(format!(
-                "writing {} is not supported; qlora writes {}",
-                other.name(),
-                QUANTIZABLE.map(|t| t.name()).join(", ")
-            ))
+            return Err(GgmlQuantizeError::Unsupported {
+                ty: other.name(),
+                supported: QUANTIZABLE.map(|t| t.name()).join(", "),
+            })
         }
     }
     Ok(())
@@ -513,9 +525,14 @@ mod tests {
     #[test]
     fn unwritten_types_and_bad_lengths_are_refused() {
         let mut b = Vec::new();
-        let e = quantize_ggml(GgmlType::Q5K, &[0.0; 256], &mut b).unwrap_err();
+        let e = quantize_ggml(GgmlType::Q5K, &[0.0; 256], &mut b)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Q5_K") && e.contains("Q8_0"), "{e}");
         let e = quantize_ggml(GgmlType::Q4_0, &[0.0; 33], &mut b).unwrap_err();
-        assert!(e.contains("33"), "{e}");
+        assert!(
+            matches!(e, GgmlQuantizeError::Blocks { values: 33, .. }),
+            "{e}"
+        );
     }
 }

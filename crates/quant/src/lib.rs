@@ -16,7 +16,7 @@ pub use bnb_tensor::{quantize_tensor, QuantizeSpec, Quantized4};
 pub use dot::{block_sums, dot_row, dot_row_scalar, dot_rows, has_fused_dot};
 
 pub use ggml::{dequantize_ggml, GgmlType};
-pub use ggml_quantize::{quantize_ggml, QUANTIZABLE};
+pub use ggml_quantize::{quantize_ggml, GgmlQuantizeError, QUANTIZABLE};
 
 /// Whether the AVX-512 kernels run: the CPU has AVX-512F and `QLORA_NO_AVX512` is not set (it
 /// lets an AVX-512 host measure the AVX2 kernels most machines run).

@@ -213,7 +213,7 @@ async fn load_adapter(
             tokio::task::spawn_blocking(move || (app2.loader.as_ref().expect("checked"))(&path))
                 .await
                 .map_err(|e| ApiError::bad(format!("loading the adapter failed: {e}"), None))?
-                .map_err(|e| ApiError::bad(e, Some("lora_path")))?;
+                .map_err(|e| ApiError::bad(e.to_string(), Some("lora_path")))?;
         let mut reg = app.models_mut();
         if reg.entries.iter().any(|e| e.name == req.lora_name) {
             return Err(conflict(&req.lora_name));

@@ -64,13 +64,27 @@ pub struct StepSeq<'a> {
     pub logits: bool,
 }
 
+/// Why a backend could not open or run one request; its message goes to that request's client.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The model's forward refused the request (a CPU backend).
+    #[error(transparent)]
+    Model(#[from] qlora_model::Error),
+    /// A device backend's failure; its message names the device and what to do.
+    #[error("{0}")]
+    Device(Box<dyn std::error::Error + Send + Sync>),
+    /// Fewer results than sequences came back (a backend bug, reported, not a panic).
+    #[error("the backend returned no result")]
+    NoResult,
+}
+
 /// Where the batched forward runs; the engine thread owns it and calls nothing else.
 pub trait Backend: Send {
     /// Opens a request's state for `model` (`key`: `Job::key`). An error goes to that request.
-    fn open(&mut self, model: &Arc<Model>, key: (usize, usize)) -> Result<Handle, String>;
+    fn open(&mut self, model: &Arc<Model>, key: (usize, usize)) -> Result<Handle, BackendError>;
     /// Runs each sequence's ids at its next positions, batched; one result per sequence: the
     /// last token's logits when it asked (else empty), or the error that concerns it alone.
-    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Vec<Result<Vec<f32>, String>>;
+    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Vec<Result<Vec<f32>, BackendError>>;
     /// Frees a request's state.
     fn close(&mut self, handle: Handle);
 }
@@ -83,7 +97,7 @@ pub struct CpuBackend {
 }
 
 impl Backend for CpuBackend {
-    fn open(&mut self, model: &Arc<Model>, _key: (usize, usize)) -> Result<Handle, String> {
+    fn open(&mut self, model: &Arc<Model>, _key: (usize, usize)) -> Result<Handle, BackendError> {
         let cache = Some(KvCache::new(model));
         Ok(match self.free.pop() {
             Some(h) => {
@@ -97,7 +111,7 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Vec<Result<Vec<f32>, String>> {
+    fn forward(&mut self, batch: &[StepSeq<'_>]) -> Vec<Result<Vec<f32>, BackendError>> {
         let mut results = Vec::with_capacity(batch.len());
         let mut i = 0;
         while i < batch.len() {
@@ -132,7 +146,7 @@ impl Backend for CpuBackend {
                         results.push(
                             Model::forward_batch(&mut [one])
                                 .map(|mut v| v.pop().unwrap_or_default())
-                                .map_err(|e| e.to_string()),
+                                .map_err(BackendError::from),
                         );
                     }
                 }
@@ -198,7 +212,7 @@ pub fn run(
                 Ok(h) => h,
                 Err(e) => {
                     metrics.errors.fetch_add(1, Ordering::Relaxed);
-                    let _ = job.events.send(Event::Error(e));
+                    let _ = job.events.send(Event::Error(e.to_string()));
                     continue;
                 }
             };
@@ -260,10 +274,7 @@ fn step(
         .collect();
     let mut results = backend.forward(&batch);
     drop(batch);
-    results.resize_with(
-        active.len(),
-        || Err("the backend returned no result".into()),
-    );
+    results.resize_with(active.len(), || Err(BackendError::NoResult));
     // Every stream that samples this step does so at once, on the worker threads: a token over
     // a 32k vocabulary costs about 0.5 ms on the host, which one thread paid per stream and
     // step (64 streams: ~30 ms a step, more than the GPU's forward).
@@ -285,7 +296,7 @@ fn step(
         k += 1;
         let more = match r {
             Ok(_) => s.after(id, chunk, stop_ids, m).map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         match more {
             Ok(true) => true,

@@ -12,7 +12,7 @@ mod engine;
 mod metrics;
 
 pub use api::router;
-pub use engine::{Backend, CpuBackend, Handle, StepSeq};
+pub use engine::{Backend, BackendError, CpuBackend, Handle, StepSeq};
 pub use metrics::Metrics;
 
 use qlora_io::TokenizerInfo;
@@ -60,8 +60,12 @@ impl Default for Limits {
 }
 
 /// Builds an adapter's model from its directory at run time (`POST /v1/load_lora_adapter`):
-/// the same checks as at start-up; the error is the message for the client.
-pub type AdapterLoader = Box<dyn Fn(&std::path::Path) -> Result<Model, String> + Send + Sync>;
+/// the same checks as at start-up; the error's message is the client's.
+pub type AdapterLoader = Box<
+    dyn Fn(&std::path::Path) -> Result<Model, Box<dyn std::error::Error + Send + Sync>>
+        + Send
+        + Sync,
+>;
 
 /// What the server needs to run.
 pub struct ServeConfig {

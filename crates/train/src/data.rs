@@ -38,18 +38,51 @@ fn example(ids: Vec<u32>, trained: &[bool]) -> Example {
     Example { ids, labels }
 }
 
-fn fill(template: &str, obj: &serde_json::Map<String, Value>) -> Result<String, String> {
+/// Why one line of a JSONL data file was refused (the caller names the file and line).
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("unclosed '{{' in --template")]
+    UnclosedTemplate,
+    #[error("field \"{0}\" (from --template) is missing")]
+    TemplateField(String),
+    #[error("\"{0}\" is not a string")]
+    NotAString(&'static str),
+    #[error("tokenizing: {0}")]
+    Tokenize(Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "expected \"text\", \"prompt\" + \"completion\", or \"messages\" (or pass --template)"
+    )]
+    NoFormat,
+    #[error("\"messages\" needs a chat template, and the tokenizer has none")]
+    NoChatTemplate,
+    #[error("\"messages\" is not a list")]
+    MessagesNotAList,
+    #[error("a message lacks \"{0}\"")]
+    MessageLacks(&'static str),
+    #[error("{0}")]
+    Render(qlora_model::Error),
+    #[error("the chat template's tokenization is not prefix-stable at message boundaries; use --template instead")]
+    NotPrefixStable,
+    #[error("the chat template's generation prompt renders longer than the assistant turn it starts (message {0}); use --template instead")]
+    GenerationPromptLonger(usize),
+}
+
+fn fill(template: &str, obj: &serde_json::Map<String, Value>) -> Result<String, LineError> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(i) = rest.find('{') {
         out.push_str(&rest[..i]);
         let Some(j) = rest[i..].find('}') else {
-            return Err("unclosed '{' in --template".into());
+            return Err(LineError::UnclosedTemplate);
         };
         let field = &rest[i + 1..i + j];
         let v = obj
             .get(field)
-            .ok_or(format!("field \"{field}\" (from --template) is missing"))?;
+            .ok_or_else(|| LineError::TemplateField(field.to_string()))?;
         match v {
             Value::String(s) => out.push_str(s),
             other => out.push_str(&other.to_string()),
@@ -66,12 +99,12 @@ pub struct Tokenize<'a> {
 }
 
 impl Tokenize<'_> {
-    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, String> {
+    fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, LineError> {
         self.tok
             .tokenizer
             .encode(text, special)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| format!("tokenizing: {e}"))
+            .map_err(LineError::Tokenize)
     }
 
     fn with_eos(&self, mut ids: Vec<u32>) -> Vec<u32> {
@@ -85,23 +118,25 @@ impl Tokenize<'_> {
 
     /// One JSON line → an example.
     /// One parsed line as an example; the error is the reason (the caller adds file and line).
-    pub(crate) fn line(&self, v: &Value, template: Option<&str>) -> Result<Example, String> {
-        let obj = v.as_object().ok_or("not a JSON object")?;
+    pub(crate) fn line(&self, v: &Value, template: Option<&str>) -> Result<Example, LineError> {
+        let obj = v.as_object().ok_or(LineError::NotAnObject)?;
         if let Some(t) = template {
             let ids = self.with_eos(self.encode(&fill(t, obj)?, true)?);
             let n = ids.len();
             return Ok(example(ids, &vec![true; n]));
         }
         if let Some(text) = obj.get("text") {
-            let text = text.as_str().ok_or("\"text\" is not a string")?;
+            let text = text.as_str().ok_or(LineError::NotAString("text"))?;
             let ids = self.with_eos(self.encode(text, true)?);
             let n = ids.len();
             return Ok(example(ids, &vec![true; n]));
         }
         if let (Some(p), Some(c)) = (obj.get("prompt"), obj.get("completion")) {
-            let p = self.encode(p.as_str().ok_or("\"prompt\" is not a string")?, true)?;
-            let c = self
-                .with_eos(self.encode(c.as_str().ok_or("\"completion\" is not a string")?, false)?);
+            let p = self.encode(p.as_str().ok_or(LineError::NotAString("prompt"))?, true)?;
+            let c = self.with_eos(self.encode(
+                c.as_str().ok_or(LineError::NotAString("completion"))?,
+                false,
+            )?);
             let trained: Vec<bool> = p
                 .iter()
                 .map(|_| false)
@@ -112,35 +147,34 @@ impl Tokenize<'_> {
         if let Some(m) = obj.get("messages") {
             return self.messages(m);
         }
-        Err(
-            "expected \"text\", \"prompt\" + \"completion\", or \"messages\" (or pass --template)"
-                .into(),
-        )
+        Err(LineError::NoFormat)
     }
 
     /// A conversation with the chat template; loss on the assistant turns. Each assistant turn's
     /// tokens are those between the rendering of the conversation before it (with the generation
     /// prompt) and the rendering through it.
-    fn messages(&self, m: &Value) -> Result<Example, String> {
+    fn messages(&self, m: &Value) -> Result<Example, LineError> {
         let tmpl = self
             .tok
             .chat_template
             .as_deref()
-            .ok_or("\"messages\" needs a chat template, and the tokenizer has none")?;
+            .ok_or(LineError::NoChatTemplate)?;
         let msgs: Vec<(String, String)> = m
             .as_array()
-            .ok_or("\"messages\" is not a list")?
+            .ok_or(LineError::MessagesNotAList)?
             .iter()
             .map(|x| {
-                let role = x["role"].as_str().ok_or("a message lacks \"role\"")?;
-                let content = x["content"].as_str().ok_or("a message lacks \"content\"")?;
+                let role = x["role"].as_str().ok_or(LineError::MessageLacks("role"))?;
+                let content = x["content"]
+                    .as_str()
+                    .ok_or(LineError::MessageLacks("content"))?;
                 Ok((role.to_string(), content.to_string()))
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, LineError>>()?;
         let refs: Vec<(&str, &str)> = msgs.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
         let (bos, eos) = (self.tok.bos_token.as_deref(), self.tok.eos_token.as_deref());
         let render = |n: usize, gen: bool| {
-            qlora_model::render_messages(tmpl, &refs[..n], gen, bos, eos).map_err(|e| e.to_string())
+            qlora_model::render_messages(tmpl, &refs[..n], gen, bos, eos).map_err(LineError::Render)
         };
         let full = self.encode(&render(refs.len(), false)?, false)?;
         let mut trained = vec![false; full.len()];
@@ -153,13 +187,10 @@ impl Tokenize<'_> {
             if full[..before.len().min(full.len())] != before[..]
                 || full[..through.len().min(full.len())] != through[..]
             {
-                return Err("the chat template's tokenization is not prefix-stable at message boundaries; use --template instead".into());
+                return Err(LineError::NotPrefixStable);
             }
             if before.len() > through.len() {
-                return Err(format!(
-                    "the chat template's generation prompt renders longer than the assistant turn it starts (message {}); use --template instead",
-                    i + 1
-                ));
+                return Err(LineError::GenerationPromptLonger(i + 1));
             }
             trained[before.len()..through.len()]
                 .iter_mut()
@@ -178,10 +209,10 @@ pub fn load_jsonl(
 ) -> crate::Result<(Vec<Example>, DataStats)> {
     use crate::Error;
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-    let at = |n: usize, reason: String| Error::Line {
+    let at = |n: usize, source: LineError| Error::Line {
         path: path.to_path_buf(),
         line: n + 1,
-        reason,
+        source,
     };
     let mut out = Vec::new();
     let mut stats = DataStats::default();
@@ -189,8 +220,7 @@ pub fn load_jsonl(
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| at(n, format!("invalid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(line).map_err(|e| at(n, e.into()))?;
         let mut ex = tk.line(&v, template).map_err(|e| at(n, e))?;
         if ex.ids.len() > max_len {
             ex.ids.truncate(max_len);
@@ -230,8 +260,9 @@ mod tests {
             fill("### A note: {note} ({n})", obj.as_object().unwrap()).unwrap(),
             "### A note: hi (3)"
         );
-        assert!(fill("{missing}", obj.as_object().unwrap())
-            .unwrap_err()
-            .contains("missing"));
+        assert!(matches!(
+            fill("{missing}", obj.as_object().unwrap()),
+            Err(LineError::TemplateField(f)) if f == "missing"
+        ));
     }
 }

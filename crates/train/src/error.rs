@@ -18,11 +18,11 @@ pub enum Error {
     #[error(transparent)]
     Io(#[from] qlora_io::Error),
     /// A line of a JSONL data file.
-    #[error("{}:{line}: {reason}", .path.display())]
+    #[error("{}:{line}: {source}", .path.display())]
     Line {
         path: PathBuf,
         line: usize,
-        reason: String,
+        source: crate::data::LineError,
     },
     /// The loss or the gradient norm stopped being finite at `step` (1-based).
     #[error("step {step}: the loss is {loss} and the gradient norm {grad_norm}; training stopped before applying it{last}. Lower --lr, raise --warmup-steps, or check the data")]
