@@ -107,14 +107,6 @@ def write_adapter(d, seed, layers, shapes, r):
                    "target_modules": list(modules), "lora_dropout": 0.0, "bias": "none"}, f)
 
 
-def rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 tmp = tempfile.mkdtemp(prefix="qlora-load-")
 layers, shapes = shapes_of(args.model)
 for i in range(args.adapters):
