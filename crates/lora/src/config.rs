@@ -1,5 +1,6 @@
-//! `adapter_config.json` (PEFT's LoraConfig), read leniently: every LoRA field PEFT has written
-//! from 0.4 to today, and unknown fields from newer versions kept as warnings, not errors.
+//! `adapter_config.json` (PEFT's LoraConfig), read by serde derives: every LoRA field PEFT has
+//! written from 0.4 to today, each of the JSON type PEFT gives it (a wrong type is an error
+//! naming the field), and unknown fields from newer versions kept as warnings, not errors.
 
 use qlora_io::OrderedMap;
 use serde::de::IgnoredAny;
@@ -94,7 +95,9 @@ const KNOWN_INERT: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid JSON: {0}")]
-    Json(String),
+    Json(serde_json::Error),
+    #[error("not a JSON object ({0})")]
+    NotAnObject(serde_json::Error),
     /// A field of the wrong JSON shape (serde's message, the field's path in the file).
     #[error("\"{field}\": {reason}")]
     Field { field: String, reason: String },
@@ -219,9 +222,9 @@ impl AdapterConfig {
                     reason: inner.to_string(),
                 }
             } else if inner.is_data() {
-                ConfigError::Json(format!("not a JSON object ({inner})"))
+                ConfigError::NotAnObject(inner)
             } else {
-                ConfigError::Json(inner.to_string())
+                ConfigError::Json(inner)
             }
         })?;
         Self::from_raw(raw)
