@@ -65,9 +65,19 @@ impl Sampler {
         if self.params.temperature <= 0.0 {
             return argmax(&l);
         }
-        let cand = ranked(&l, self.params.temperature, self.params.top_k);
+        // The candidate buffers live per thread: a server samples many streams a step on its
+        // worker threads, and fresh vocabulary-sized vectors per token cost time and leave
+        // each thread's allocator holding their pages.
+        SCRATCH.with_borrow_mut(|sc| self.sample_ranked(&l, sc))
+    }
+
+    /// `sample` after the penalty, at temperature > 0.
+    fn sample_ranked(&mut self, l: &[f32], sc: &mut Scratch) -> u32 {
+        ranked_into(l, self.params.temperature, self.params.top_k, sc);
+        let (cand, probs) = (&sc.cand, &mut sc.probs);
         let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        probs.clear();
+        probs.extend(cand.iter().map(|c| ((c.1 - max) as f64).exp()));
         let z: f64 = probs.iter().sum();
         // (A NaN top_p keeps every candidate, as `top_p < 1.0` being false always did.)
         let truncated = self.params.top_p < 1.0;
@@ -116,18 +126,20 @@ impl Sampler {
 /// vocabulary (a comparison sort took about 2 ms a token, which a server pays per stream
 /// and step): each value becomes a u32 key whose unsigned order is the descending total
 /// order, and a stable LSD radix sort over the ids in ascending order keeps ties by id.
-fn ranked(l: &[f32], temp: f32, top_k: usize) -> Vec<(u32, f32)> {
+fn ranked_into(l: &[f32], temp: f32, top_k: usize, sc: &mut Scratch) {
     let desc = |v: f32| {
         let b = v.to_bits();
         // Ascending total order as unsigned: negatives flipped whole, positives' sign set.
         let asc = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
         !asc
     };
-    let mut keys: Vec<(u32, u32)> = l
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| (desc(x / temp), i as u32))
-        .collect();
+    let keys = &mut sc.keys;
+    keys.clear();
+    keys.extend(
+        l.iter()
+            .enumerate()
+            .map(|(i, &x)| (desc(x / temp), i as u32)),
+    );
     if top_k > 0 && top_k < keys.len() {
         // (key, id) pairs are unique, so selecting the first top_k and sorting them is the
         // full sort's prefix.
@@ -135,16 +147,30 @@ fn ranked(l: &[f32], temp: f32, top_k: usize) -> Vec<(u32, f32)> {
         keys.truncate(top_k);
         keys.sort_unstable();
     } else {
-        radix_sort_stable(&mut keys);
+        radix_sort_stable(keys, &mut sc.tmp);
     }
-    keys.into_iter()
-        .map(|(_, i)| (i, l[i as usize] / temp))
-        .collect()
+    sc.cand.clear();
+    sc.cand
+        .extend(keys.iter().map(|&(_, i)| (i, l[i as usize] / temp)));
+}
+
+/// A sampler's vocabulary-sized buffers, reused across tokens (one set per thread).
+#[derive(Default)]
+struct Scratch {
+    keys: Vec<(u32, u32)>,
+    tmp: Vec<(u32, u32)>,
+    cand: Vec<(u32, f32)>,
+    probs: Vec<f64>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// Sorts by `.0` ascending, keeping the input order of equal keys (11-bit digits, 3 passes).
-fn radix_sort_stable(v: &mut Vec<(u32, u32)>) {
-    let mut tmp = vec![(0u32, 0u32); v.len()];
+fn radix_sort_stable(v: &mut Vec<(u32, u32)>, tmp: &mut Vec<(u32, u32)>) {
+    tmp.clear();
+    tmp.resize(v.len(), (0, 0));
     for pass in 0..3 {
         let shift = pass * 11;
         let mut count = [0usize; 2049];
@@ -159,7 +185,7 @@ fn radix_sort_stable(v: &mut Vec<(u32, u32)>) {
             tmp[count[d]] = e;
             count[d] += 1;
         }
-        std::mem::swap(v, &mut tmp);
+        std::mem::swap(v, tmp);
     }
 }
 
@@ -177,6 +203,12 @@ pub fn argmax(l: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ranked(l: &[f32], temp: f32, top_k: usize) -> Vec<(u32, f32)> {
+        let mut sc = Scratch::default();
+        ranked_into(l, temp, top_k, &mut sc);
+        sc.cand
+    }
 
     #[test]
     fn greedy_takes_argmax_and_penalty_demotes_seen() {
