@@ -164,7 +164,8 @@ fn gemv_family() -> &'static str {
 /// Whether the tensor-core `gemv4m`/`gemv4m4` serve `t` tokens in bf16 mode: from 2 tokens by
 /// default (QLORA_GEMV_MMA1=1: at 1 too, where the CUDA-core `gemv4x_t1` is faster: run 21),
 /// never with QLORA_GEMV=cuda (or the older families, =staged and =registers). They are much
-/// faster for decode batches (runs 21-24: batch 8 604 → 1,944 tok/s, batch 32 2,717 → 4,901).
+/// faster for decode batches (run 26, against the CUDA-core kernels: batch 8 604 → 1,485
+/// tok/s, batch 32 2,722 → 4,178).
 /// Each code is two bf16 parts (kernels.cu gm_fill_lut): with one, the code book's rounding
 /// was one relative error per code value, correlated over every weight, and broke the
 /// model-level bf16 budget (2.5e-2 against 1e-2; the example `code_rounding` shows it on the
@@ -182,8 +183,8 @@ fn is_mma_gemv(kernel: &str) -> bool {
     matches!(kernel, "gemv4m" | "gemv4m4")
 }
 
-/// Dynamic shared memory of the tensor-core GEMVs: their two code tables (kernels.cu
-/// gm_fill_lut: 2 parts · 256 bytes · 32 lanes · 4 B).
+/// Dynamic shared memory of the tensor-core GEMVs: their code table (kernels.cu gm_fill_lut:
+/// 256 bytes · 32 lanes · one {hi, lo} entry of 8 B).
 const GM_LUT_BYTES: u32 = 2 * 256 * 32 * 4;
 /// The x-stationary GEMV's limits (kernels.cu GX_MAXT, GX_STAGES, GX_R).
 const GX_MAXT: usize = 512;
