@@ -760,10 +760,10 @@ GEMVX_KERNEL(gemv4x_t2, 2, 1)
 // (hi, then lo, into one accumulator), so the code book is exact to about 2^-17: one bf16 part
 // alone is a relative error per code value that every weight with that code shares, and that
 // correlated error broke the model-level bf16 budget (run 24: 2.5e-2 against 1e-2; examples/
-// code_rounding.rs: 2.46e-2 with one part, 7.2e-6 with two). The parts come from two byte →
-// pair tables in dynamic shared memory (GM_LUT_BYTES, one {hi, lo} entry), one entry per lane (entry byte · 32 +
-// lane: a warp's lookups never share a bank), one lookup per two codes and part; the tensor
-// core does the multiply-adds. Per 64-column chunk (inside one absmax block), lane (g, q) of
+// code_rounding.rs: 2.46e-2 with one part, 7.2e-6 with two). Both parts of two codes come from
+// one byte → {hi pair, lo pair} table in dynamic shared memory (gm_fill_lut, GM_LUT_BYTES),
+// one entry per lane (entry byte · 32 + lane: a warp's lookups never conflict), one 64-bit
+// lookup per byte; the tensor core does the multiply-adds. Per 64-column chunk (inside one absmax block), lane (g, q) of
 // the warp holds bytes 8q … 8q + 7 of the chunk for rows g and g + 8; its byte 2m feeds the k
 // pair (2q, 2q+1) of the chunk's m-th mma and byte 2m + 1 the pair (2q+8, 2q+9), and the B
 // operand takes the same inputs, so every k of the mma is one real input column. The chunk's
