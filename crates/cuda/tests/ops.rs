@@ -19,6 +19,17 @@ const BF16_BUDGET: f64 = 1e-2;
 /// gave 1.0e-3 here (run 25), which this budget rejects.
 const TWO_PART_CODES_BUDGET: f64 = 1e-4;
 
+/// `v` as the precision's activations hold it: as is in f32 mode, rounded to bf16 in bf16 mode.
+fn lp_round(p: Precision, v: &[f32]) -> Vec<f32> {
+    match p {
+        Precision::F32 => v.to_vec(),
+        Precision::Bf16 => v
+            .iter()
+            .map(|x| half::bf16::from_f32(*x).to_f32())
+            .collect(),
+    }
+}
+
 /// The tensor-core GEMVs' budget: in f32 mode they round the input to bf16.
 fn mma_budget(p: Precision) -> f64 {
     match p {
@@ -226,13 +237,7 @@ fn rms_norm_swiglu_add_embed() {
         )
         .unwrap();
         let got = down(&g, &bx, ids.len() * d);
-        let lp_table: Vec<f32> = match g.precision {
-            Precision::F32 => table.clone(),
-            Precision::Bf16 => table
-                .iter()
-                .map(|x| half::bf16::from_f32(*x).to_f32())
-                .collect(),
-        };
+        let lp_table = lp_round(g.precision, &table);
         let want: Vec<f32> = ids
             .iter()
             .flat_map(|&i| lp_table[i as usize * d..(i as usize + 1) * d].to_vec())
@@ -484,13 +489,7 @@ fn rope_and_cache_store() {
         .unwrap();
         let got = down(&g, &bqkv, t * ld);
         // The lp copy of the rotated rows (the cuBLAS prefill attention's input).
-        let want_lp: Vec<f32> = match g.precision {
-            Precision::F32 => got.clone(),
-            Precision::Bf16 => got
-                .iter()
-                .map(|x| half::bf16::from_f32(*x).to_f32())
-                .collect(),
-        };
+        let want_lp = lp_round(g.precision, &got);
         assert_eq!(down_lp(&g, &qlp, t * ld), want_lp, "rope_store's lp copy");
         let mut q: Vec<f32> = (0..t)
             .flat_map(|i| qkv[i * ld..i * ld + heads * hd].to_vec())
@@ -562,13 +561,7 @@ fn dequantization_is_bit_exact() {
         ] {
             let w = bnb4(quant, rows, cols, bs, rows as u64 * 31 + cols as u64);
             let want = w.to_f32();
-            let want_lp: Vec<f32> = match g.precision {
-                Precision::F32 => want.clone(),
-                Precision::Bf16 => want
-                    .iter()
-                    .map(|x| half::bf16::from_f32(*x).to_f32())
-                    .collect(),
-            };
+            let want_lp = lp_round(g.precision, &want);
             let s = w.scales().unwrap();
             let n = rows * cols;
             let (bp, ba, bc) = (
@@ -617,14 +610,7 @@ fn dequantization_is_bit_exact() {
             .collect();
         let scb: Vec<f32> = rand(41, rows).iter().map(|v| v.abs() * 3.0 + 0.1).collect();
         let w = Weight::int8(rows, cols, Arc::new(cb.clone()), scb.clone()).unwrap();
-        let want: Vec<f32> = match g.precision {
-            Precision::F32 => w.to_f32(),
-            Precision::Bf16 => w
-                .to_f32()
-                .iter()
-                .map(|x| half::bf16::from_f32(*x).to_f32())
-                .collect(),
-        };
+        let want = lp_round(g.precision, &w.to_f32());
         let (bcb, bscb, out) = (
             g.upload(&cb).unwrap(),
             up(&g, &scb),
@@ -675,14 +661,7 @@ fn dequantization_is_bit_exact() {
                 qlora_engine::Groups::new(g_idx.clone(), groups, scales.clone(), zeros.clone()),
             )
             .unwrap();
-            let want: Vec<f32> = match g.precision {
-                Precision::F32 => w.to_f32(),
-                Precision::Bf16 => w
-                    .to_f32()
-                    .iter()
-                    .map(|x| half::bf16::from_f32(*x).to_f32())
-                    .collect(),
-            };
+            let want = lp_round(g.precision, &w.to_f32());
             let (bs, bz) = (up(&g, &scales), up(&g, &zeros));
             // Dequantizes codes with their group index (and the permutation back to input
             // order, none: 0) and compares every element's bits with the CPU's.
@@ -754,13 +733,7 @@ fn gemv_case(
     let (rows, cols, bs, t) = shape;
     let w = bnb4(quant, rows, cols, bs, seeds.0 + rows as u64);
     let x = rand(seeds.1, t * cols);
-    let x_lp: Vec<f32> = match g.precision {
-        Precision::F32 => x.clone(),
-        Precision::Bf16 => x
-            .iter()
-            .map(|v| half::bf16::from_f32(*v).to_f32())
-            .collect(),
-    };
+    let x_lp = lp_round(g.precision, &x);
     let mut want = vec![0f32; t * rows];
     ops::linear(&x_lp, t, &w, &mut want);
     let s = w.scales().unwrap();
@@ -916,15 +889,7 @@ fn fused_4bit_gemv_and_cublas_gemm() {
         for (t, n, k) in [(5usize, 33usize, 70usize), (1, 4096, 4096), (300, 96, 576)] {
             let wv = rand(60, n * k);
             let x = rand(61, t * k);
-            let rnd = |v: &[f32]| -> Vec<f32> {
-                match g.precision {
-                    Precision::F32 => v.to_vec(),
-                    Precision::Bf16 => v
-                        .iter()
-                        .map(|a| half::bf16::from_f32(*a).to_f32())
-                        .collect(),
-                }
-            };
+            let rnd = |v: &[f32]| lp_round(g.precision, v);
             let mut want = vec![0f32; t * n];
             ops::linear(&rnd(&x), t, &Weight::from_f32(n, k, &rnd(&wv)), &mut want);
             let ld = n + 3;
