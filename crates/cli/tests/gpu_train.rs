@@ -148,11 +148,19 @@ fn check(tag: &str, m: &Model, ad: &Adapters, b: &Batch, noise: Option<Noise>) {
         cg.a.iter().any(|v| v.iter().any(|x| *x != 0.0)),
         "{tag}: no gradient"
     );
-    for (p, budget, loss_budget) in [
-        (Precision::F32, F32_GRAD, 1e-5),
-        (Precision::Bf16, BF16_GRAD, 1e-2),
+    // The default attention blocks (one a sequence here) and blocks of 8 query rows (several a
+    // sequence, windowed ones starting past the first key).
+    for (p, budget, loss_budget, block) in [
+        (Precision::F32, F32_GRAD, 1e-5, None),
+        (Precision::F32, F32_GRAD, 1e-5, Some(8)),
+        (Precision::Bf16, BF16_GRAD, 1e-2, None),
+        (Precision::Bf16, BF16_GRAD, 1e-2, Some(8)),
     ] {
-        let (gl, gn, gg) = run(&mut trainer(m, ad, p, Recompute::Auto), ad, b, noise);
+        let mut tr = trainer(m, ad, p, Recompute::Auto);
+        if let Some(rows) = block {
+            tr = tr.with_attention_block(rows);
+        }
+        let (gl, gn, gg) = run(&mut tr, ad, b, noise);
         assert_eq!(gn, cn, "{tag}: token count");
         let le = ((gl - cl) / cl).abs();
         let (ge, at) = grad_error(p, &gg, &cg);
@@ -163,12 +171,15 @@ fn check(tag: &str, m: &Model, ad: &Adapters, b: &Batch, noise: Option<Noise>) {
             if at < n { "A" } else { "B" }
         );
         eprintln!(
-            "{tag} {p:?}: loss {gl:.6} vs {cl:.6} ({le:.1e}), gradients {ge:.2e} (worst: {worst})"
+            "{tag} {p:?} block {block:?}: loss {gl:.6} vs {cl:.6} ({le:.1e}), gradients {ge:.2e} (worst: {worst})"
         );
-        assert!(le <= loss_budget, "{tag} {p:?}: loss {gl} vs {cl}");
+        assert!(
+            le <= loss_budget,
+            "{tag} {p:?} block {block:?}: loss {gl} vs {cl}"
+        );
         assert!(
             ge <= budget,
-            "{tag} {p:?}: gradient error {ge:.3e} over {budget:.0e}"
+            "{tag} {p:?} block {block:?}: gradient error {ge:.3e} over {budget:.0e}"
         );
     }
 }

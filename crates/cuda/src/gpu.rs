@@ -57,6 +57,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "cross_entropy",
     "adapter_in",
     "dropout_add",
+    "split_lp",
+    "split_rows_lp",
+    "sum_halves",
+    "add_halves",
+    "zero_cols",
+    "drop_lp",
     "sumsq_f64",
     "adamw",
 ];
@@ -186,6 +192,9 @@ fn is_mma_gemv(kernel: &str) -> bool {
 /// Dynamic shared memory of the tensor-core GEMVs: their code table (kernels.cu gm_fill_lut:
 /// 256 bytes · 32 lanes · one {hi, lo} entry of 8 B).
 const GM_LUT_BYTES: u32 = 2 * 256 * 32 * 4;
+/// Dynamic shared memory the softmax kernels may stage a row in (`softmax_rows`): rows of up
+/// to 24,576 scores forward, 12,288 backward.
+const SOFTMAX_SMEM: u32 = 96 << 10;
 /// The x-stationary GEMV's limits (kernels.cu GX_MAXT, GX_STAGES, GX_R).
 const GX_MAXT: usize = 512;
 const GX_SMEM_PER_THREAD: u32 = 4 * 2 * 20;
@@ -462,6 +471,8 @@ impl Gpu {
                     GM_LUT_BYTES
                 } else if n.starts_with("gemv4x_") {
                     GX_SMEM_PER_THREAD * GX_MAXT as u32
+                } else if n == "softmax_causal" || n == "softmax_bwd" {
+                    SOFTMAX_SMEM
                 } else {
                     0
                 };
@@ -818,6 +829,69 @@ impl Gpu {
 
     pub fn launch_n(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
         self.launch(name, (n.div_ceil(256) as u32, 1), 256, args)
+    }
+
+    /// The causal (windowed) softmax of `heads` blocks of score rows (kernels.cu
+    /// softmax_causal): s [heads, hstride] f32 rows of ld → p likewise in lp; row r is query
+    /// position r + qoff among its ld keys. A row that fits in shared memory is read once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_rows(
+        &self,
+        s: cu::CUdeviceptr,
+        p: cu::CUdeviceptr,
+        (rows, heads): (usize, usize),
+        (ld, hstride): (usize, usize),
+        window: usize,
+        qoff: usize,
+    ) -> Result<()> {
+        let bytes = ld * 4;
+        let staged = bytes <= SOFTMAX_SMEM as usize;
+        self.launch_smem(
+            "softmax_causal",
+            (rows as u32, heads as u32),
+            256,
+            if staged { bytes as u32 } else { 0 },
+            &[
+                Arg::P(s),
+                Arg::I(ld as i32),
+                Arg::L(hstride as i64),
+                Arg::I(window as i32),
+                Arg::P(p),
+                Arg::I(qoff as i32),
+                Arg::I(staged as i32),
+            ],
+        )
+    }
+
+    /// Softmax's backward in place of p (kernels.cu softmax_bwd), the geometry of
+    /// `softmax_rows`; lo (0: none) gets the lp rounding's remainder.
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_rows_bwd(
+        &self,
+        p: cu::CUdeviceptr,
+        dp: cu::CUdeviceptr,
+        lo: cu::CUdeviceptr,
+        (rows, heads): (usize, usize),
+        (ld, hstride): (usize, usize),
+        qoff: usize,
+    ) -> Result<()> {
+        let bytes = 2 * ld * 4;
+        let staged = bytes <= SOFTMAX_SMEM as usize;
+        self.launch_smem(
+            "softmax_bwd",
+            (rows as u32, heads as u32),
+            256,
+            if staged { bytes as u32 } else { 0 },
+            &[
+                Arg::P(p),
+                Arg::P(dp),
+                Arg::I(ld as i32),
+                Arg::L(hstride as i64),
+                Arg::P(lo),
+                Arg::I(qoff as i32),
+                Arg::I(staged as i32),
+            ],
+        )
     }
 
     /// y[t, ldy] (columns from y's address) = alpha · x[t, k] · W[n, k]ᵀ + beta · y, row-major,

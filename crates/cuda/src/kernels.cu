@@ -178,18 +178,27 @@ extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads
     }
 }
 
-// Causal (and windowed) softmax of prefill scores, one block per (row i, head h):
-// P[h, i, j] = exp(S[h, i, j] − max) / Σ for window-visible j ≤ i, else 0.
-// S [heads, stride, t] f32 (row length t, head stride `hstride` elements), P likewise in lp.
-extern "C" __global__ void softmax_causal(const float* __restrict__ S, int t, long hstride, int window,
-                                          lp_t* __restrict__ P) {
+// Causal (and windowed) softmax of scores, one block per (row r, head h): row r is query
+// position r + qoff among the row's keys (qoff > 0 for a block of query rows whose keys start
+// before them), P[h, r, j] = exp(S[h, r, j] − max) / Σ for window-visible j ≤ r + qoff, else
+// 0. S [heads, hstride] f32 rows of ld, P likewise in lp. With `staged`, the visible scores
+// are read once into dynamic shared memory (ld floats) and exponentiated once; otherwise each
+// pass reads them again. Both give the same bits.
+extern "C" __global__ void softmax_causal(const float* __restrict__ S, int ld, long hstride, int window,
+                                          lp_t* __restrict__ P, int qoff, int staged) {
+    extern __shared__ float sm_row[];
     __shared__ float shm[32];
-    int i = blockIdx.x, h = blockIdx.y;
-    const float* sr = S + h * hstride + (long)i * t;
-    lp_t* pr = P + h * hstride + (long)i * t;
+    int r = blockIdx.x, h = blockIdx.y, i = r + qoff;
+    const float* sr = S + h * hstride + (long)r * ld;
+    lp_t* pr = P + h * hstride + (long)r * ld;
+    int hi = min(i, ld - 1);
     int lo = window > 0 ? max(0, i + 1 - window) : 0;
     float m = -INFINITY;
-    for (int j = lo + threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, sr[j]);
+    for (int j = lo + threadIdx.x; j <= hi; j += blockDim.x) {
+        float v = sr[j];
+        if (staged) sm_row[j] = v;
+        m = fmaxf(m, v);
+    }
     // block max in a fixed order
     m = warp_max(m);
     __syncthreads();
@@ -199,11 +208,15 @@ extern "C" __global__ void softmax_causal(const float* __restrict__ S, int t, lo
     for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++) mm = fmaxf(mm, shm[w]);
     __syncthreads();
     float sum = 0.f;
-    for (int j = lo + threadIdx.x; j <= i; j += blockDim.x) sum += expf(sr[j] - mm);
+    for (int j = lo + threadIdx.x; j <= hi; j += blockDim.x) {
+        float e = expf((staged ? sm_row[j] : sr[j]) - mm);
+        if (staged) sm_row[j] = e;
+        sum += e;
+    }
     sum = block_sum(sum, shm);
     float inv = 1.0f / sum;
-    for (int j = threadIdx.x; j < t; j += blockDim.x)
-        pr[j] = f_to_lp((j >= lo && j <= i) ? expf(sr[j] - mm) * inv : 0.f);
+    for (int j = threadIdx.x; j < ld; j += blockDim.x)
+        pr[j] = f_to_lp((j >= lo && j <= hi) ? (staged ? sm_row[j] : expf(sr[j] - mm)) * inv : 0.f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1223,27 +1236,40 @@ extern "C" __global__ void swiglu_bwd(const float* __restrict__ gu, int f, const
 }
 
 // Softmax's backward in place: dS = P ⊙ (dP − Σ_j P·dP) over each row's visible keys (P is 0
-// elsewhere, and so stays dS). P [heads, hstride] lp rows of t, dP likewise f32. lo (may be
-// null) gets what the lp rounding of dS left out (dS ≈ hi + lo to about 16 bits in bf16: a row
-// of dS sums to zero, so the products with it cancel and need the extra bits). Grid (t, heads).
-extern "C" __global__ void softmax_bwd(lp_t* __restrict__ P, const float* __restrict__ dP, int t, long hstride,
-                                       lp_t* __restrict__ lo) {
+// elsewhere, and so stays dS). P [heads, hstride] lp rows of ld, dP likewise f32; row r is
+// query position r + qoff among its keys (as softmax_causal). lo (may be null) gets what the
+// lp rounding of dS left out (dS ≈ hi + lo to about 16 bits in bf16: a row of dS sums to zero,
+// so the products with it cancel and need the extra bits). With `staged`, P and dP of the
+// visible keys are read once into dynamic shared memory (2·ld floats). Grid (rows, heads).
+extern "C" __global__ void softmax_bwd(lp_t* __restrict__ P, const float* __restrict__ dP, int ld, long hstride,
+                                       lp_t* __restrict__ lo, int qoff, int staged) {
+    extern __shared__ float sm_pd[];
     __shared__ float shm[32];
-    int i = blockIdx.x, h = blockIdx.y;
-    lp_t* pr = P + h * hstride + (long)i * t;
-    const float* dr = dP + h * hstride + (long)i * t;
+    int r = blockIdx.x, h = blockIdx.y;
+    int hi = min(r + qoff, ld - 1);
+    lp_t* pr = P + h * hstride + (long)r * ld;
+    const float* dr = dP + h * hstride + (long)r * ld;
+    float* sp = sm_pd;
+    float* sd = sm_pd + ld;
     float s = 0.f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) s = fmaf(lp_to_f(pr[j]), dr[j], s);
+    for (int j = threadIdx.x; j <= hi; j += blockDim.x) {
+        float pv = lp_to_f(pr[j]), dv = dr[j];
+        if (staged) {
+            sp[j] = pv;
+            sd[j] = dv;
+        }
+        s = fmaf(pv, dv, s);
+    }
     s = block_sum(s, shm);
-    lp_t* lr = lo ? lo + h * hstride + (long)i * t : 0;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-        float v = lp_to_f(pr[j]) * (dr[j] - s);
-        lp_t hi = f_to_lp(v);
-        pr[j] = hi;
-        if (lr) lr[j] = f_to_lp(v - lp_to_f(hi));
+    lp_t* lr = lo ? lo + h * hstride + (long)r * ld : 0;
+    for (int j = threadIdx.x; j <= hi; j += blockDim.x) {
+        float v = staged ? sp[j] * (sd[j] - s) : lp_to_f(pr[j]) * (dr[j] - s);
+        lp_t vh = f_to_lp(v);
+        pr[j] = vh;
+        if (lr) lr[j] = f_to_lp(v - lp_to_f(vh));
     }
     if (lr)  // the rest of the row (no visible keys): zero, as in P
-        for (int j = i + 1 + threadIdx.x; j < t; j += blockDim.x) lr[j] = f_to_lp(0.f);
+        for (int j = hi + 1 + threadIdx.x; j < ld; j += blockDim.x) lr[j] = f_to_lp(0.f);
 }
 
 // Cross-entropy of each row against its label (−1: none), in place: z [rows, v] f32 becomes
@@ -1282,6 +1308,59 @@ __device__ __forceinline__ float hash_uniform(unsigned long long ms, unsigned lo
     h *= 0x94D049BB133111EBull;
     h ^= h >> 29;
     return (float)(h >> 40) / 16777216.0f;
+}
+
+// The bf16 path of an adapter, which reads the lp input itself: A [r, d_in] f32 as its high
+// and low lp parts, hi [n] = lp(x) and lo [n] = lp(x − hi), so that x·Aᵀ = x·hiᵀ + x·loᵀ to
+// about 16 bits.
+extern "C" __global__ void split_lp(const float* __restrict__ x, lp_t* __restrict__ hi, lp_t* __restrict__ lo,
+                                    long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    lp_t h = f_to_lp(x[i]);
+    hi[i] = h;
+    lo[i] = f_to_lp(x[i] - lp_to_f(h));
+}
+
+// The same split row by row: x [rows, r] f32 → out [rows, 2r] lp, each row its r high parts
+// then its r low parts. n = rows · r.
+extern "C" __global__ void split_rows_lp(const float* __restrict__ x, int r, lp_t* __restrict__ out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long row = i / r, j = i % r;
+    lp_t h = f_to_lp(x[i]);
+    out[row * 2 * r + j] = h;
+    out[row * 2 * r + r + j] = f_to_lp(x[i] - lp_to_f(h));
+}
+
+// h [rows, r] = h2[:, :r] + h2[:, r:]   (h2 [rows, 2r] f32: the products with the high and low
+// parts). n = rows · r.
+extern "C" __global__ void sum_halves(const float* __restrict__ h2, int r, float* __restrict__ h, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long row = i / r, j = i % r;
+    h[i] = h2[row * 2 * r + j] + h2[row * 2 * r + r + j];
+}
+
+// g [n] += g2[0 .. n) + g2[n .. 2n)   (a gradient from the products with the high and low parts)
+extern "C" __global__ void add_halves(float* __restrict__ g, const float* __restrict__ g2, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) g[i] += g2[i] + g2[n + i];
+}
+
+// Zeroes columns [c0, c0 + nc) of rows x [rows, ld] f32. n = rows · nc.
+extern "C" __global__ void zero_cols(float* __restrict__ x, int ld, int c0, int nc, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[(i / nc) * ld + c0 + i % nc] = 0.f;
+}
+
+// The bf16 path's dropout: out = x where the hash keeps the element, else 0 (the 1/(1 − p) goes
+// into the products' alpha, so out stays exact in lp). Same mask as adapter_in.
+extern "C" __global__ void drop_lp(const lp_t* __restrict__ x, lp_t* __restrict__ out, long n,
+                                   unsigned long long seed, long i0, float p) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = hash_uniform(seed, (unsigned long long)(i0 + i)) >= p ? x[i] : f_to_lp(0.f);
 }
 
 // An adapter's input: x widened to f32, and with p > 0 dropped out (kept elements times

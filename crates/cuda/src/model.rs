@@ -1558,17 +1558,13 @@ impl CudaModel {
             Dt::F32,
             heads,
         )?;
-        g.launch(
-            "softmax_causal",
-            (t as u32, heads as u32),
-            256,
-            &[
-                Arg::P(p.s.ptr()),
-                Arg::I(t as i32),
-                Arg::L((tt * tt) as i64),
-                Arg::I(self.window as i32),
-                Arg::P(p.p.ptr()),
-            ],
+        g.softmax_rows(
+            p.s.ptr(),
+            p.p.ptr(),
+            (t, heads),
+            (t, tt * tt),
+            self.window,
+            0,
         )?;
         // O_hᵀ [hd, t] = V_g as [hd, t_keys] · P_hᵀ as [t_keys, t].
         g.gemm_batched(

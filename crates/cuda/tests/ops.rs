@@ -385,62 +385,193 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
     }
 }
 
+/// Visible keys [lo, hi] of score row r in a block of `ld` keys whose rows start `qoff` keys in
+/// (the kernels' geometry: row r is query position r + qoff among the block's keys).
+fn visible(r: usize, qoff: usize, window: usize) -> (usize, usize) {
+    let i = r + qoff;
+    let lo = if window > 0 {
+        (i + 1).saturating_sub(window)
+    } else {
+        0
+    };
+    (lo, i)
+}
+
+/// (rows, keys per row, window): whole sequences (rows = keys) and blocks of query rows whose
+/// keys start before them (rows < keys), with and without a window.
+const SOFTMAX_CASES: [(usize, usize, usize); 6] = [
+    (37, 37, 0),
+    (64, 64, 9),
+    (1, 1, 0),
+    (5, 21, 0),
+    (8, 13, 6),
+    (16, 70, 0),
+];
+
 #[test]
 fn causal_softmax_with_window() {
     for g in gpus() {
-        for (t, heads, window) in [(37usize, 3usize, 0usize), (64, 2, 9), (1, 1, 0)] {
+        for (rows, ld, window) in SOFTMAX_CASES {
+            let heads = 3;
+            let qoff = ld - rows;
             let stride = 70 * 70; // the head stride of a buffer sized for 70 tokens
             let sv: Vec<f32> = rand(90, heads * stride).iter().map(|v| v * 8.0).collect();
-            let (bs, bp) = (up(&g, &sv), poison_lp(&g, heads * stride));
-            g.launch(
-                "softmax_causal",
-                (t as u32, heads as u32),
-                256,
-                &[
-                    P(bs.ptr()),
-                    I(t as i32),
-                    L(stride as i64),
-                    I(window as i32),
-                    P(bp.ptr()),
-                ],
-            )
-            .unwrap();
-            let all = down_lp(&g, &bp, heads * stride);
-            let (mut got, mut want) = (Vec::new(), Vec::new());
+            let mut want = Vec::new();
             for h in 0..heads {
-                for i in 0..t {
-                    let row = &sv[h * stride + i * t..h * stride + (i + 1) * t];
-                    let lo = if window > 0 {
-                        (i + 1).saturating_sub(window)
-                    } else {
-                        0
-                    };
-                    let m = row[lo..=i]
+                for r in 0..rows {
+                    let row = &sv[h * stride + r * ld..h * stride + (r + 1) * ld];
+                    let (lo, hi) = visible(r, qoff, window);
+                    let m = row[lo..=hi]
                         .iter()
                         .cloned()
                         .fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row[lo..=i].iter().map(|x| (x - m).exp()).sum();
+                    let sum: f32 = row[lo..=hi].iter().map(|x| (x - m).exp()).sum();
                     for (j, &x) in row.iter().enumerate() {
-                        want.push(if j >= lo && j <= i {
+                        want.push(if j >= lo && j <= hi {
                             (x - m).exp() / sum
                         } else {
                             0.0
                         });
                     }
-                    got.extend_from_slice(&all[h * stride + i * t..h * stride + (i + 1) * t]);
                 }
             }
-            within(
-                &g,
-                &format!("softmax_causal t {t} window {window}"),
-                &got,
-                &want,
-            );
+            let mut by_mode = Vec::new();
+            // The row read once through shared memory, and read again each pass: same bits.
+            for staged in [true, false] {
+                let (bs, bp) = (up(&g, &sv), poison_lp(&g, heads * stride));
+                g.launch_smem(
+                    "softmax_causal",
+                    (rows as u32, heads as u32),
+                    256,
+                    if staged { (ld * 4) as u32 } else { 0 },
+                    &[
+                        P(bs.ptr()),
+                        I(ld as i32),
+                        L(stride as i64),
+                        I(window as i32),
+                        P(bp.ptr()),
+                        I(qoff as i32),
+                        I(staged as i32),
+                    ],
+                )
+                .unwrap();
+                let all = down_lp(&g, &bp, heads * stride);
+                let got: Vec<f32> = (0..heads)
+                    .flat_map(|h| all[h * stride..h * stride + rows * ld].to_vec())
+                    .collect();
+                within(
+                    &g,
+                    &format!(
+                        "softmax_causal rows {rows} keys {ld} window {window} staged {staged}"
+                    ),
+                    &got,
+                    &want,
+                );
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| (*b == 0.0) == (*a == 0.0)),
+                    "masked entries are exactly 0"
+                );
+                by_mode.push(got);
+            }
             assert!(
-                got.iter()
-                    .zip(&want)
-                    .all(|(a, b)| (*b == 0.0) == (*a == 0.0)),
-                "masked entries are exactly 0"
+                by_mode[0]
+                    .iter()
+                    .zip(&by_mode[1])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "softmax_causal rows {rows} keys {ld}: staged and unstaged differ"
+            );
+        }
+    }
+}
+
+#[test]
+fn causal_softmax_backward() {
+    for g in gpus() {
+        for (rows, ld, window) in SOFTMAX_CASES {
+            let heads = 2;
+            let qoff = ld - rows;
+            let stride = 70 * 70;
+            // P: a masked softmax of random scores (as the forward leaves it), dP random.
+            let mut pv = vec![0f32; heads * stride];
+            let sc = rand(91, heads * stride);
+            for h in 0..heads {
+                for r in 0..rows {
+                    let (lo, hi) = visible(r, qoff, window);
+                    let row = &sc[h * stride + r * ld..];
+                    let sum: f32 = (lo..=hi).map(|j| (row[j] * 4.0).exp()).sum();
+                    for j in lo..=hi {
+                        pv[h * stride + r * ld + j] = (row[j] * 4.0).exp() / sum;
+                    }
+                }
+            }
+            let pl = lp_round(g.precision, &pv);
+            let dp: Vec<f32> = rand(92, heads * stride).iter().map(|v| v * 3.0).collect();
+            let mut want = Vec::new();
+            for h in 0..heads {
+                for r in 0..rows {
+                    let o = h * stride + r * ld;
+                    let (_, hi) = visible(r, qoff, window);
+                    let s: f32 = (0..=hi).map(|j| pl[o + j] * dp[o + j]).sum();
+                    for j in 0..ld {
+                        want.push(if j <= hi {
+                            pl[o + j] * (dp[o + j] - s)
+                        } else {
+                            0.0
+                        });
+                    }
+                }
+            }
+            let mut by_mode = Vec::new();
+            for staged in [true, false] {
+                let (bp, bd) = (up_lp(&g, &pv), up(&g, &dp));
+                let two_part = g.precision == Precision::Bf16;
+                let lo = poison_lp(&g, heads * stride);
+                g.launch_smem(
+                    "softmax_bwd",
+                    (rows as u32, heads as u32),
+                    256,
+                    if staged { (2 * ld * 4) as u32 } else { 0 },
+                    &[
+                        P(bp.ptr()),
+                        P(bd.ptr()),
+                        I(ld as i32),
+                        L(stride as i64),
+                        P(if two_part { lo.ptr() } else { 0 }),
+                        I(qoff as i32),
+                        I(staged as i32),
+                    ],
+                )
+                .unwrap();
+                let hi_all = down_lp(&g, &bp, heads * stride);
+                let lo_all = if two_part {
+                    down_lp(&g, &lo, heads * stride)
+                } else {
+                    vec![0.0; heads * stride]
+                };
+                let got: Vec<f32> = (0..heads)
+                    .flat_map(|h| {
+                        (h * stride..h * stride + rows * ld)
+                            .map(|i| hi_all[i] + lo_all[i])
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                // hi + lo carries about 16 bits: hold it to f32's budget in both modes.
+                let e = rel("softmax_bwd", &got, &want);
+                assert!(
+                    e <= 1e-5,
+                    "softmax_bwd rows {rows} keys {ld} window {window} staged {staged} ({:?}): {e:.3e}",
+                    g.precision
+                );
+                by_mode.push(got);
+            }
+            assert!(
+                by_mode[0]
+                    .iter()
+                    .zip(&by_mode[1])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "softmax_bwd rows {rows} keys {ld}: staged and unstaged differ"
             );
         }
     }

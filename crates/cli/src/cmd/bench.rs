@@ -61,6 +61,10 @@ pub struct Args {
     /// With --train on a GPU: auto, always or never (see `qlora train --recompute`).
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     recompute: String,
+    /// With --train: the adapters' dropout probability. The default, 0, is the GPU peer's
+    /// (`h200_peer.py --train`); `qlora train` defaults to 0.05.
+    #[arg(long, default_value_t = 0.0, requires = "train")]
+    dropout: f32,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -214,6 +218,9 @@ fn train_bench(
 ) -> Result<()> {
     use qlora_train::run::{init_adapters, TrainOptions};
     use qlora_train::{AdamW, CpuBackend, LossBackend, Schedule};
+    if !(0.0..1.0).contains(&a.dropout) {
+        bail!("--dropout must be in [0, 1), got {}", a.dropout);
+    }
     let batch = a.batch[0].max(1);
     let seq = a.prompt_tokens;
     let rank = a.adapter_rank.unwrap_or(16);
@@ -226,7 +233,7 @@ fn train_bench(
     let o = TrainOptions {
         rank,
         alpha: 2.0 * rank as f32,
-        dropout: 0.05,
+        dropout: a.dropout,
         rslora: false,
         dora: false,
         lr: 1e-4,
@@ -340,8 +347,9 @@ fn train_bench(
     println!("model            {}", name.display());
     println!("device           {device:?}");
     println!(
-        "train            batch {batch} × {seq} tokens, LoRA r={rank} on all seven projections ({} parameters), dropout 0.05",
-        ad.params.iter().map(|p| p.a.len() + p.b.len()).sum::<usize>()
+        "train            batch {batch} × {seq} tokens, LoRA r={rank} on all seven projections ({} parameters), dropout {}",
+        ad.params.iter().map(|p| p.a.len() + p.b.len()).sum::<usize>(),
+        a.dropout
     );
     println!(
         "step             {:.1} ms ({:.0} tok/s, median of {})",

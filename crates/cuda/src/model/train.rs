@@ -1,14 +1,20 @@
 //! Training on the GPU: the loss and adapter gradients of a packed micro-batch, the CPU
 //! trainer's arithmetic (`qlora_train::grad`) on the device. The frozen base is the inference
 //! model's upload (packed NF4/FP4/int8 or dense, dequantized a matrix at a time into scratch for
-//! the products); the adapters are f32 with f32 products, as on the CPU; the products with the
-//! base run in the precision's lp type with f32 accumulation.
+//! the products); the adapters are f32, as on the CPU. The products with the base run in the
+//! precision's lp type with f32 accumulation. In f32 mode the adapters' products are f32; in
+//! bf16 mode those that read a layer's lp input take it as it is, on tensor cores, with the f32
+//! operand (A, or the shrink's gradient) as its high and low bf16 parts (two products in one,
+//! exact to about 16 bits), so no f32 copy of the input is made.
 //!
 //! Memory policy: every layer's intermediates are kept from the forward for the backward when
 //! they fit (`Recompute::Never`, or `Auto` and they fit in the free memory), else each layer's
 //! input only, and the layer is recomputed from it before its backward (the same launches, so
-//! the same bits). Attention runs per packed sequence as batched products over the heads around
-//! a masked softmax, so no [t, t] matrix spans two sequences; the logits are made, turned into
+//! the same bits). Attention runs per packed sequence and per block of query rows as batched
+//! products over the heads around a masked softmax, each block's keys ending at its last row
+//! (so the products skip most of the causal mask's zeros, and the scores take
+//! [heads, block, keys] instead of [heads, t, t]); no score matrix spans two sequences; the
+//! logits are made, turned into
 //! their gradient and consumed a chunk of rows at a time, never [t, vocab] at once.
 //!
 //! Every reduction has a fixed order (no atomics), so a run repeats bit for bit on one GPU.
@@ -74,6 +80,9 @@ struct DevParam {
     /// micro-batches when resident).
     da: DevBuf,
     db: DevBuf,
+    /// bf16 mode: lp [2r, d_in] A's high parts, then its low parts (`split_lp`), made from
+    /// `a` before a pass whenever `a` changed.
+    a2: Option<DevBuf>,
     /// AdamW's moments of A and B (resident training only; allocated by `resident_load`).
     moments: Option<[DevBuf; 4]>,
 }
@@ -108,11 +117,17 @@ struct Work {
     attn32: DevBuf,
     /// lp [T, max(d, q + 2 kv, 2 f)] gradients as product inputs
     lp: DevBuf,
-    /// f32 [T, max d_in] an adapter's (dropped-out) input, and its gradient
-    xd: DevBuf,
-    dxd: DevBuf,
+    /// [T, max d_in] an adapter's dropped-out input (f32; lp in bf16 mode), and its
+    /// gradient (f32); only while the adapters have dropout
+    xd: Option<DevBuf>,
+    dxd: Option<DevBuf>,
     /// f32 [T, max r]
     dr: DevBuf,
+    /// bf16 mode: f32 [T, 2 max r] a shrink's products with A's two parts; lp [T, 2 max r]
+    /// the shrink's gradient as its two parts; f32 [2 max r, max d_in] dA's two products
+    h2: Option<DevBuf>,
+    dr2: Option<DevBuf>,
+    da2: Option<DevBuf>,
     /// f32 [T, d] the residual stream's gradient
     dx: DevBuf,
     /// f32 [T, max(d, q, f)] a linear's input gradient (and the recompute's output)
@@ -125,8 +140,9 @@ struct Work {
     hn: DevBuf,
     /// f32 [T, d]
     dhn: DevBuf,
-    /// f32 [heads, L, L] scores (and their gradients); lp [heads, L, L] probabilities (and
-    /// the scores' gradients); bf16 only: lp [heads, L, L] the gradients' low parts
+    /// f32 [heads, B, L] a block of B query rows' scores (and their gradients); lp
+    /// [heads, B, L] probabilities (and the scores' gradients); bf16 only: lp [heads, B, L]
+    /// the gradients' low parts (B = min(attention block, L))
     sc: DevBuf,
     p: DevBuf,
     plo: DevBuf,
@@ -170,7 +186,15 @@ pub struct CudaTrainer {
     dropout: f32,
     /// f64 [blocks · 2 · params] partial sums of squares (the gradient norm).
     norm_parts: Option<DevBuf>,
+    /// Whether every `DevParam::a2` holds the current A.
+    a2_fresh: bool,
+    /// Query rows per attention block.
+    attn_rows: usize,
 }
+
+/// Query rows per attention block by default: large enough that each block's products fill the
+/// GPU, small enough to skip most of the causal zeros (5/8 of the full products at 2,048).
+pub const ATTENTION_BLOCK_ROWS: usize = 512;
 
 /// Blocks of the fixed-order sum of squares (`sumsq_f64`).
 const SUMSQ_BLOCKS: usize = 128;
@@ -284,6 +308,11 @@ impl CudaTrainer {
                 b: g.alloc(p.b.len() * 4)?,
                 da: g.alloc(p.a.len() * 4)?,
                 db: g.alloc(p.b.len() * 4)?,
+                a2: if g.lp() == Dt::F32 {
+                    None
+                } else {
+                    Some(g.alloc(2 * p.a.len() * g.lp().size())?)
+                },
                 moments: None,
             });
         }
@@ -309,7 +338,18 @@ impl CudaTrainer {
             kept: false,
             dropout: ad.dropout,
             norm_parts: None,
+            a2_fresh: false,
+            attn_rows: ATTENTION_BLOCK_ROWS,
         })
+    }
+
+    /// Query rows per attention block (a multiple of 8; tests use small blocks to cover the
+    /// blocking on short sequences). The gradients do not depend on it beyond rounding.
+    pub fn with_attention_block(mut self, rows: usize) -> Self {
+        self.attn_rows = rows.max(8).next_multiple_of(8);
+        self.w = None;
+        self.saved.clear();
+        self
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -365,6 +405,8 @@ impl CudaTrainer {
             let qkv = self.qkv_ld();
             let c = t.min(((256usize << 20) / (v * 4)).max(1));
             let half = m.hd / 2;
+            let two_part = g.lp() != Dt::F32;
+            let rows = self.attn_rows.min(l);
             let table = qlora_engine::ops::RopeTable {
                 inv_freq: self.inv_freq.clone(),
             };
@@ -374,22 +416,27 @@ impl CudaTrainer {
                 qkv32: g.alloc(t * qkv * 4)?,
                 attn32: g.alloc(t * q * 4)?,
                 lp: g.alloc(t * d.max(qkv).max(2 * f) * lp)?,
-                xd: g.alloc(t * self.max_d_in * 4)?,
-                dxd: g.alloc(t * self.max_d_in * 4)?,
+                xd: None,
+                dxd: None,
                 dr: g.alloc(t * self.max_r * 4)?,
+                h2: two_part
+                    .then(|| g.alloc(t * 2 * self.max_r * 4))
+                    .transpose()?,
+                dr2: two_part
+                    .then(|| g.alloc(t * 2 * self.max_r * lp))
+                    .transpose()?,
+                da2: two_part
+                    .then(|| g.alloc(2 * self.max_r * self.max_d_in * 4))
+                    .transpose()?,
                 dx: g.alloc(t * d * 4)?,
                 dh: g.alloc(t * d.max(q).max(f) * 4)?,
                 dgu: g.alloc(t * 2 * f * 4)?,
                 dqkv: g.alloc(t * qkv * 4)?,
                 hn: g.alloc(t * d * lp)?,
                 dhn: g.alloc(t * d * 4)?,
-                sc: g.alloc(m.heads * l * l * 4)?,
-                p: g.alloc(m.heads * l * l * lp)?,
-                plo: g.alloc(if g.lp() == Dt::F32 {
-                    0
-                } else {
-                    m.heads * l * l * lp
-                })?,
+                sc: g.alloc(m.heads * rows * l * 4)?,
+                p: g.alloc(m.heads * rows * l * lp)?,
+                plo: g.alloc(if two_part { m.heads * rows * l * lp } else { 0 })?,
                 logits: g.alloc(c * v * 4)?,
                 dlogits: g.alloc(c * v * lp)?,
                 loss: g.alloc(t * 4)?,
@@ -406,6 +453,15 @@ impl CudaTrainer {
             }
         }
         let cap = self.w.as_ref().map_or(0, |w| w.t);
+        if self.dropout > 0.0 {
+            let g = self.m.gpu.clone();
+            let xd_bytes = cap * self.max_d_in * g.lp().size();
+            let w = self.w.as_mut().expect("allocated above");
+            if w.xd.is_none() {
+                w.xd = Some(g.alloc(xd_bytes)?);
+                w.dxd = Some(g.alloc(cap * self.max_d_in * 4)?);
+            }
+        }
         let n_layers = self.m.layers.len();
         if !with_grads {
             // A forward alone (evaluation) runs through the first set, whatever is allocated.
@@ -442,28 +498,82 @@ impl CudaTrainer {
     }
 
     /// An adapter's input for `n` elements of x (lp) starting at element `i0` of the pass's
-    /// input: x itself in f32 without dropout, else widened (and dropped out) into `xd`.
-    fn adapter_input(&self, x: u64, n: usize, i0: usize, drop: Option<(u64, f32)>) -> Result<u64> {
+    /// input, and the factor its products take. f32 mode: x itself, or dropped out into `xd`
+    /// (kept elements times 1/(1 − p)), factor 1. bf16 mode: x itself, or dropped out into
+    /// `xd` (kept elements as they are, so still exact in lp), factor 1/(1 − p).
+    fn adapter_input(
+        &self,
+        x: u64,
+        n: usize,
+        i0: usize,
+        drop: Option<(u64, f32)>,
+    ) -> Result<(u64, f32)> {
         let g = &self.m.gpu;
-        if drop.is_none() && g.lp() == Dt::F32 {
-            return Ok(x);
+        let Some((seed, p)) = drop else {
+            return Ok((x, 1.0));
+        };
+        let out = self
+            .work()
+            .xd
+            .as_ref()
+            .expect("ensure() allocates xd while the adapters have dropout")
+            .ptr();
+        let scale = 1.0 / (1.0 - p);
+        if g.lp() == Dt::F32 {
+            g.launch_n(
+                "adapter_in",
+                n,
+                &[
+                    Arg::P(x),
+                    Arg::P(out),
+                    Arg::L(n as i64),
+                    Arg::L(seed as i64),
+                    Arg::L(i0 as i64),
+                    Arg::F(p),
+                    Arg::F(scale),
+                ],
+            )?;
+            Ok((out, 1.0))
+        } else {
+            g.launch_n(
+                "drop_lp",
+                n,
+                &[
+                    Arg::P(x),
+                    Arg::P(out),
+                    Arg::L(n as i64),
+                    Arg::L(seed as i64),
+                    Arg::L(i0 as i64),
+                    Arg::F(p),
+                ],
+            )?;
+            Ok((out, scale))
         }
-        let (seed, p) = drop.unwrap_or((0, 0.0));
-        let out = self.work().xd.ptr();
-        g.launch_n(
-            "adapter_in",
-            n,
-            &[
-                Arg::P(x),
-                Arg::P(out),
-                Arg::L(n as i64),
-                Arg::L(seed as i64),
-                Arg::L(i0 as i64),
-                Arg::F(p),
-                Arg::F(1.0 / (1.0 - p)),
-            ],
-        )?;
-        Ok(out)
+    }
+
+    /// Makes every adapter's `a2` (bf16 mode) from its current A.
+    fn refresh_a2(&mut self) -> Result<()> {
+        if self.a2_fresh {
+            return Ok(());
+        }
+        let g = &self.m.gpu;
+        for p in &self.params {
+            if let Some(a2) = &p.a2 {
+                let n = p.r * p.d_in;
+                g.launch_n(
+                    "split_lp",
+                    n,
+                    &[
+                        Arg::P(p.a.ptr()),
+                        Arg::P(a2.ptr()),
+                        Arg::P(a2.at(n * g.lp().size())),
+                        Arg::L(n as i64),
+                    ],
+                )?;
+            }
+        }
+        self.a2_fresh = true;
+        Ok(())
     }
 
     /// y[:, col0 ..] += s · (xd Aᵀ) Bᵀ for rows [r0, r0 + t) of the pass; h [t, r] gets xd Aᵀ.
@@ -480,19 +590,45 @@ impl CudaTrainer {
         drop: Option<(u64, f32)>,
     ) -> Result<()> {
         let g = &self.m.gpu;
-        let xd = self.adapter_input(x, t * p.d_in, r0 * p.d_in, drop)?;
+        let (xd, c) = self.adapter_input(x, t * p.d_in, r0 * p.d_in, drop)?;
         let f = (Dt::F32, Dt::F32);
-        g.gemm_rm(
-            (false, true),
-            (t, p.r, p.d_in),
-            1.0,
-            (xd, p.d_in, 0),
-            (p.a.ptr(), p.d_in, 0),
-            0.0,
-            (h, p.r, 0),
-            f,
-            1,
-        )?;
+        if let Some(a2) = &p.a2 {
+            // [t, 2r] = xd · [A_hi; A_lo]ᵀ, then h = the two halves' sum.
+            let h2 = self.work().h2.as_ref().expect("bf16 mode").ptr();
+            g.gemm_rm(
+                (false, true),
+                (t, 2 * p.r, p.d_in),
+                c,
+                (xd, p.d_in, 0),
+                (a2.ptr(), p.d_in, 0),
+                0.0,
+                (h2, 2 * p.r, 0),
+                (g.lp(), Dt::F32),
+                1,
+            )?;
+            g.launch_n(
+                "sum_halves",
+                t * p.r,
+                &[
+                    Arg::P(h2),
+                    Arg::I(p.r as i32),
+                    Arg::P(h),
+                    Arg::L((t * p.r) as i64),
+                ],
+            )?;
+        } else {
+            g.gemm_rm(
+                (false, true),
+                (t, p.r, p.d_in),
+                c,
+                (xd, p.d_in, 0),
+                (p.a.ptr(), p.d_in, 0),
+                0.0,
+                (h, p.r, 0),
+                f,
+                1,
+            )?;
+        }
         g.gemm_rm(
             (false, true),
             (t, p.d_out, p.r),
@@ -526,7 +662,7 @@ impl CudaTrainer {
         let w = self.work();
         let f = (Dt::F32, Dt::F32);
         let dy = dy + (p.col0 * 4) as u64;
-        let xd = self.adapter_input(x, t * p.d_in, r0 * p.d_in, drop)?;
+        let (xd, c) = self.adapter_input(x, t * p.d_in, r0 * p.d_in, drop)?;
         g.gemm_rm(
             (true, false),
             (p.d_out, p.r, t),
@@ -550,17 +686,55 @@ impl CudaTrainer {
             f,
             1,
         )?;
-        g.gemm_rm(
-            (true, false),
-            (p.r, p.d_in, t),
-            1.0,
-            (dh, p.r, 0),
-            (xd, p.d_in, 0),
-            1.0,
-            (p.da.ptr(), p.d_in, 0),
-            f,
-            1,
-        )?;
+        if p.a2.is_some() {
+            // dA += [dh_hi | dh_lo]ᵀ xd, its two halves summed.
+            let (dr2, da2) = (
+                w.dr2.as_ref().expect("bf16 mode").ptr(),
+                w.da2.as_ref().expect("bf16 mode").ptr(),
+            );
+            g.launch_n(
+                "split_rows_lp",
+                t * p.r,
+                &[
+                    Arg::P(dh),
+                    Arg::I(p.r as i32),
+                    Arg::P(dr2),
+                    Arg::L((t * p.r) as i64),
+                ],
+            )?;
+            g.gemm_rm(
+                (true, false),
+                (2 * p.r, p.d_in, t),
+                c,
+                (dr2, 2 * p.r, 0),
+                (xd, p.d_in, 0),
+                0.0,
+                (da2, p.d_in, 0),
+                (g.lp(), Dt::F32),
+                1,
+            )?;
+            g.launch_n(
+                "add_halves",
+                p.r * p.d_in,
+                &[
+                    Arg::P(p.da.ptr()),
+                    Arg::P(da2),
+                    Arg::L((p.r * p.d_in) as i64),
+                ],
+            )?;
+        } else {
+            g.gemm_rm(
+                (true, false),
+                (p.r, p.d_in, t),
+                c,
+                (dh, p.r, 0),
+                (xd, p.d_in, 0),
+                1.0,
+                (p.da.ptr(), p.d_in, 0),
+                f,
+                1,
+            )?;
+        }
         match drop {
             None => g.gemm_rm(
                 (false, false),
@@ -574,6 +748,7 @@ impl CudaTrainer {
                 1,
             ),
             Some((seed, pr)) => {
+                let dxd = w.dxd.as_ref().expect("allocated with xd").ptr();
                 g.gemm_rm(
                     (false, false),
                     (t, p.d_in, p.r),
@@ -581,7 +756,7 @@ impl CudaTrainer {
                     (dh, p.r, 0),
                     (p.a.ptr(), p.d_in, 0),
                     0.0,
-                    (w.dxd.ptr(), p.d_in, 0),
+                    (dxd, p.d_in, 0),
                     f,
                     1,
                 )?;
@@ -591,7 +766,7 @@ impl CudaTrainer {
                     n,
                     &[
                         Arg::P(dx),
-                        Arg::P(w.dxd.ptr()),
+                        Arg::P(dxd),
                         Arg::L(n as i64),
                         Arg::L(seed as i64),
                         Arg::L((r0 * p.d_in) as i64),
@@ -645,40 +820,57 @@ impl CudaTrainer {
         w.meta.at(k * w.t * 4)
     }
 
-    /// Scores and probabilities of one sequence's rows [s0, s0 + n) (rotated lp q/k/v in
-    /// `qkv`, row stride ld): sc [heads, n, n] = scale · Q Kᵀ, p = masked softmax.
-    fn attn_probs(&self, qkv: u64, s0: usize, n: usize) -> Result<()> {
+    /// A sequence of n tokens as blocks of query rows (i0, i1, k0): rows [i0, i1) attend to
+    /// keys [k0, i1), k0 the block's first window-visible key rounded down to a multiple of 8.
+    fn attn_blocks(&self, n: usize) -> Vec<(usize, usize, usize)> {
+        let (rows, window) = (self.attn_rows, self.m.window);
+        (0..n)
+            .step_by(rows)
+            .map(|i0| {
+                let k0 = if window > 0 {
+                    (i0 + 1).saturating_sub(window) / 8 * 8
+                } else {
+                    0
+                };
+                (i0, (i0 + rows).min(n), k0)
+            })
+            .collect()
+    }
+
+    /// Scores and probabilities of one block of a sequence starting at row s0 (rotated lp
+    /// q/k/v in `qkv`, row stride ld): sc [heads, nq, nk] = scale · Q Kᵀ, p = masked softmax,
+    /// nq = i1 − i0 query rows against nk = i1 − k0 keys.
+    fn attn_probs(&self, qkv: u64, s0: usize, (i0, i1, k0): (usize, usize, usize)) -> Result<()> {
         let (g, m, w) = (&self.m.gpu, &self.m, self.work());
         let (heads, kvh, hd) = (m.heads, m.kvh, m.hd);
         let group = heads / kvh;
-        let (lp, ld, nn) = (g.lp(), self.qkv_ld(), n * n);
+        let (lp, ld) = (g.lp(), self.qkv_ld());
+        let (nq, nk) = (i1 - i0, i1 - k0);
+        let hs = nq * nk;
         let ls = lp.size() as u64;
-        let row = qkv + (s0 * ld) as u64 * ls;
+        let qrow = qkv + ((s0 + i0) * ld) as u64 * ls;
+        let krow = qkv + ((s0 + k0) * ld + heads * hd) as u64 * ls;
         let scale = 1.0 / (hd as f32).sqrt();
         for gi in 0..group {
             g.gemm_rm(
                 (false, true),
-                (n, n, hd),
+                (nq, nk, hd),
                 scale,
-                (row + (gi * hd) as u64 * ls, ld, group * hd),
-                (row + (heads * hd) as u64 * ls, ld, hd),
+                (qrow + (gi * hd) as u64 * ls, ld, group * hd),
+                (krow, ld, hd),
                 0.0,
-                (w.sc.ptr() + (gi * nn * 4) as u64, n, group * nn),
+                (w.sc.ptr() + (gi * hs * 4) as u64, nk, group * hs),
                 (lp, Dt::F32),
                 kvh,
             )?;
         }
-        g.launch(
-            "softmax_causal",
-            (n as u32, heads as u32),
-            256,
-            &[
-                Arg::P(w.sc.ptr()),
-                Arg::I(n as i32),
-                Arg::L(nn as i64),
-                Arg::I(m.window as i32),
-                Arg::P(w.p.ptr()),
-            ],
+        g.softmax_rows(
+            w.sc.ptr(),
+            w.p.ptr(),
+            (nq, heads),
+            (nk, hs),
+            m.window,
+            i0 - k0,
         )
     }
 
@@ -690,28 +882,32 @@ impl CudaTrainer {
         let (lp, ld, q) = (g.lp(), self.qkv_ld(), heads * hd);
         let ls = lp.size() as u64;
         for &(s0, n) in segs {
-            self.attn_probs(sv.qkv.ptr(), s0, n)?;
-            let nn = n * n;
-            let row = sv.qkv.ptr() + (s0 * ld) as u64 * ls;
-            for gi in 0..group {
-                g.gemm_rm(
-                    (false, false),
-                    (n, hd, n),
-                    1.0,
-                    (w.p.ptr() + (gi * nn) as u64 * ls, n, group * nn),
-                    (row + ((heads + kvh) * hd) as u64 * ls, ld, hd),
-                    0.0,
-                    (w.attn32.at((s0 * q + gi * hd) * 4), q, group * hd),
-                    (lp, Dt::F32),
-                    kvh,
-                )?;
+            for blk in self.attn_blocks(n) {
+                let (i0, i1, k0) = blk;
+                let (nq, nk) = (i1 - i0, i1 - k0);
+                let hs = nq * nk;
+                self.attn_probs(sv.qkv.ptr(), s0, blk)?;
+                let vrow = sv.qkv.ptr() + ((s0 + k0) * ld + (heads + kvh) * hd) as u64 * ls;
+                for gi in 0..group {
+                    g.gemm_rm(
+                        (false, false),
+                        (nq, hd, nk),
+                        1.0,
+                        (w.p.ptr() + (gi * hs) as u64 * ls, nk, group * hs),
+                        (vrow, ld, hd),
+                        0.0,
+                        (w.attn32.at(((s0 + i0) * q + gi * hd) * 4), q, group * hd),
+                        (lp, Dt::F32),
+                        kvh,
+                    )?;
+                }
             }
         }
         Ok(())
     }
 
     /// Attention's backward: dqkv [t, q + 2 kv] f32 (dq, dk, dv before RoPE's backward) from
-    /// dO (lp [t, q], in `lp`).
+    /// dO (lp [t, q], in `lp`). dK and dV add up over the blocks in order.
     fn attention_bwd(&self, sv: &Saved, segs: &[(usize, usize)], d_o: u64) -> Result<()> {
         let (g, m, w) = (&self.m.gpu, &self.m, self.work());
         let (heads, kvh, hd) = (m.heads, m.kvh, m.hd);
@@ -721,96 +917,108 @@ impl CudaTrainer {
         let scale = 1.0 / (hd as f32).sqrt();
         let types = (lp, Dt::F32);
         for &(s0, n) in segs {
-            self.attn_probs(sv.qkv.ptr(), s0, n)?;
-            let nn = n * n;
-            let row = sv.qkv.ptr() + (s0 * ld) as u64 * ls;
-            let (qp, kp, vp) = (
-                row,
-                row + (heads * hd) as u64 * ls,
-                row + ((heads + kvh) * hd) as u64 * ls,
-            );
-            let dor = d_o + (s0 * q) as u64 * ls;
-            let drow = w.dqkv.at(s0 * ld * 4);
-            let (dq, dk, dv) = (
-                drow,
-                drow + (heads * hd * 4) as u64,
-                drow + ((heads + kvh) * hd * 4) as u64,
-            );
-            let ph = |gi: usize| (w.p.ptr() + (gi * nn) as u64 * ls, n, group * nn);
-            // dV_j = Σ_g P_hᵀ dO_h (the group's heads in order).
-            for gi in 0..group {
-                g.gemm_rm(
-                    (true, false),
-                    (n, hd, n),
-                    1.0,
-                    ph(gi),
-                    (dor + (gi * hd) as u64 * ls, q, group * hd),
-                    if gi == 0 { 0.0 } else { 1.0 },
-                    (dv, ld, hd),
-                    types,
-                    kvh,
-                )?;
-            }
-            // dP_h = dO_h V_jᵀ into the scores' buffer.
-            for gi in 0..group {
-                g.gemm_rm(
-                    (false, true),
-                    (n, n, hd),
-                    1.0,
-                    (dor + (gi * hd) as u64 * ls, q, group * hd),
-                    (vp, ld, hd),
-                    0.0,
-                    (w.sc.ptr() + (gi * nn * 4) as u64, n, group * nn),
-                    types,
-                    kvh,
-                )?;
-            }
-            // dS = P ⊙ (dP − Σ P dP), in place of P.
-            g.launch(
-                "softmax_bwd",
-                (n as u32, heads as u32),
-                256,
+            let nkv = 2 * kvh * hd;
+            g.launch_n(
+                "zero_cols",
+                n * nkv,
                 &[
-                    Arg::P(w.p.ptr()),
-                    Arg::P(w.sc.ptr()),
-                    Arg::I(n as i32),
-                    Arg::L(nn as i64),
-                    Arg::P(w.plo.ptr()),
+                    Arg::P(w.dqkv.at(s0 * ld * 4)),
+                    Arg::I(ld as i32),
+                    Arg::I((heads * hd) as i32),
+                    Arg::I(nkv as i32),
+                    Arg::L((n * nkv) as i64),
                 ],
             )?;
-            // dQ_h = scale · dS_h K_j ; dK_j = Σ_g scale · dS_hᵀ Q_h; in bf16 with dS as its
-            // high and low parts, each a product.
-            let mut parts = vec![w.p.ptr()];
-            if lp != Dt::F32 {
-                parts.push(w.plo.ptr());
-            }
-            for (k, &ds) in parts.iter().enumerate() {
-                let dsh = |gi: usize| (ds + (gi * nn) as u64 * ls, n, group * nn);
+            for blk in self.attn_blocks(n) {
+                let (i0, i1, k0) = blk;
+                let (nq, nk) = (i1 - i0, i1 - k0);
+                let hs = nq * nk;
+                self.attn_probs(sv.qkv.ptr(), s0, blk)?;
+                let qp = sv.qkv.ptr() + ((s0 + i0) * ld) as u64 * ls;
+                let krow = sv.qkv.ptr() + ((s0 + k0) * ld) as u64 * ls;
+                let (kp, vp) = (
+                    krow + (heads * hd) as u64 * ls,
+                    krow + ((heads + kvh) * hd) as u64 * ls,
+                );
+                let dor = d_o + ((s0 + i0) * q) as u64 * ls;
+                let dq = w.dqkv.at((s0 + i0) * ld * 4);
+                let dkrow = w.dqkv.at((s0 + k0) * ld * 4);
+                let (dk, dv) = (
+                    dkrow + (heads * hd * 4) as u64,
+                    dkrow + ((heads + kvh) * hd * 4) as u64,
+                );
+                let ph = |gi: usize| (w.p.ptr() + (gi * hs) as u64 * ls, nk, group * hs);
+                // dV_j += Σ_g P_hᵀ dO_h (the group's heads in order).
                 for gi in 0..group {
                     g.gemm_rm(
-                        (false, false),
-                        (n, hd, n),
-                        scale,
-                        dsh(gi),
-                        (kp, ld, hd),
-                        if k == 0 { 0.0 } else { 1.0 },
-                        (dq + (gi * hd * 4) as u64, ld, group * hd),
+                        (true, false),
+                        (nk, hd, nq),
+                        1.0,
+                        ph(gi),
+                        (dor + (gi * hd) as u64 * ls, q, group * hd),
+                        1.0,
+                        (dv, ld, hd),
                         types,
                         kvh,
                     )?;
                 }
+                // dP_h = dO_h V_jᵀ into the scores' buffer.
                 for gi in 0..group {
                     g.gemm_rm(
-                        (true, false),
-                        (n, hd, n),
-                        scale,
-                        dsh(gi),
-                        (qp + (gi * hd) as u64 * ls, ld, group * hd),
-                        if gi == 0 && k == 0 { 0.0 } else { 1.0 },
-                        (dk, ld, hd),
+                        (false, true),
+                        (nq, nk, hd),
+                        1.0,
+                        (dor + (gi * hd) as u64 * ls, q, group * hd),
+                        (vp, ld, hd),
+                        0.0,
+                        (w.sc.ptr() + (gi * hs * 4) as u64, nk, group * hs),
                         types,
                         kvh,
                     )?;
+                }
+                // dS = P ⊙ (dP − Σ P dP), in place of P.
+                g.softmax_rows_bwd(
+                    w.p.ptr(),
+                    w.sc.ptr(),
+                    w.plo.ptr(),
+                    (nq, heads),
+                    (nk, hs),
+                    i0 - k0,
+                )?;
+                // dQ_h = scale · dS_h K_j ; dK_j += Σ_g scale · dS_hᵀ Q_h; in bf16 with dS as
+                // its high and low parts, each a product.
+                let mut parts = vec![w.p.ptr()];
+                if lp != Dt::F32 {
+                    parts.push(w.plo.ptr());
+                }
+                for (k, &ds) in parts.iter().enumerate() {
+                    let dsh = |gi: usize| (ds + (gi * hs) as u64 * ls, nk, group * hs);
+                    for gi in 0..group {
+                        g.gemm_rm(
+                            (false, false),
+                            (nq, hd, nk),
+                            scale,
+                            dsh(gi),
+                            (kp, ld, hd),
+                            if k == 0 { 0.0 } else { 1.0 },
+                            (dq + (gi * hd * 4) as u64, ld, group * hd),
+                            types,
+                            kvh,
+                        )?;
+                    }
+                    for gi in 0..group {
+                        g.gemm_rm(
+                            (true, false),
+                            (nk, hd, nq),
+                            scale,
+                            dsh(gi),
+                            (qp + (gi * hd) as u64 * ls, ld, group * hd),
+                            1.0,
+                            (dk, ld, hd),
+                            types,
+                            kvh,
+                        )?;
+                    }
                 }
             }
         }
@@ -1037,6 +1245,7 @@ impl CudaTrainer {
             g.write(&p.a, 0, &src.a)?;
             g.write(&p.b, 0, &src.b)?;
         }
+        self.a2_fresh = false;
         self.dropout = ad.dropout;
         Ok(())
     }
@@ -1119,6 +1328,7 @@ impl CudaTrainer {
         }
         let l = segs.iter().map(|s| s.1).max().unwrap_or(1);
         self.ensure(t, l, with_grads)?;
+        self.refresh_a2()?;
         let g = self.m.gpu.clone();
         let cap = self.work().t;
         let (d, lp) = (self.m.d, g.lp().size());
@@ -1229,6 +1439,7 @@ impl CudaTrainer {
     /// Global-norm clipping and AdamW on the device (`resident_update`).
     fn update(&mut self, opt: &mut AdamW, lr: f32, max_norm: Option<f32>) -> Result<f32> {
         let g = self.m.gpu.clone();
+        self.a2_fresh = false;
         let tensors = 2 * self.params.len();
         if self.norm_parts.is_none() {
             self.norm_parts = Some(g.alloc(tensors * SUMSQ_BLOCKS * 8)?);
