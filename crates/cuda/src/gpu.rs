@@ -43,6 +43,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4x_t1",
     "gemv4x_t2",
     "softmax_causal",
+    "softmax_causal_warp",
     "lora_apply",
     "bgmv_shrink",
     "bgmv_expand",
@@ -54,6 +55,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rms_norm_bwd",
     "swiglu_bwd",
     "softmax_bwd",
+    "softmax_bwd_warp",
     "cross_entropy",
     "adapter_in",
     "dropout_add",
@@ -195,6 +197,8 @@ const GM_LUT_BYTES: u32 = 2 * 256 * 32 * 4;
 /// Dynamic shared memory the softmax kernels may stage a row in (`softmax_rows`): rows of up
 /// to 24,576 scores forward, 12,288 backward.
 const SOFTMAX_SMEM: u32 = 96 << 10;
+/// The longest row the warp-a-row softmax kernels take (kernels.cu SMW_MAX).
+pub const SOFTMAX_WARP_MAX: usize = 2048;
 /// The x-stationary GEMV's limits (kernels.cu GX_MAXT, GX_STAGES, GX_R).
 const GX_MAXT: usize = 512;
 const GX_SMEM_PER_THREAD: u32 = 4 * 2 * 20;
@@ -833,7 +837,8 @@ impl Gpu {
 
     /// The causal (windowed) softmax of `heads` blocks of score rows (kernels.cu
     /// softmax_causal): s [heads, hstride] f32 rows of ld → p likewise in lp; row r is query
-    /// position r + qoff among its ld keys. A row that fits in shared memory is read once.
+    /// position r + qoff among its ld keys. Rows of up to SOFTMAX_WARP_MAX keys take a warp
+    /// each (softmax_causal_warp); a longer row that fits in shared memory is read once.
     #[allow(clippy::too_many_arguments)]
     pub fn softmax_rows(
         &self,
@@ -844,6 +849,22 @@ impl Gpu {
         window: usize,
         qoff: usize,
     ) -> Result<()> {
+        if ld <= SOFTMAX_WARP_MAX {
+            return self.launch(
+                "softmax_causal_warp",
+                (rows.div_ceil(8) as u32, heads as u32),
+                256,
+                &[
+                    Arg::P(s),
+                    Arg::I(ld as i32),
+                    Arg::L(hstride as i64),
+                    Arg::I(window as i32),
+                    Arg::P(p),
+                    Arg::I(qoff as i32),
+                    Arg::I(rows as i32),
+                ],
+            );
+        }
         let bytes = ld * 4;
         let staged = bytes <= SOFTMAX_SMEM as usize;
         self.launch_smem(
@@ -875,6 +896,22 @@ impl Gpu {
         (ld, hstride): (usize, usize),
         qoff: usize,
     ) -> Result<()> {
+        if ld <= SOFTMAX_WARP_MAX {
+            return self.launch(
+                "softmax_bwd_warp",
+                (rows.div_ceil(8) as u32, heads as u32),
+                256,
+                &[
+                    Arg::P(p),
+                    Arg::P(dp),
+                    Arg::I(ld as i32),
+                    Arg::L(hstride as i64),
+                    Arg::P(lo),
+                    Arg::I(qoff as i32),
+                    Arg::I(rows as i32),
+                ],
+            );
+        }
         let bytes = 2 * ld * 4;
         let staged = bytes <= SOFTMAX_SMEM as usize;
         self.launch_smem(

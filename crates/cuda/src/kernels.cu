@@ -131,11 +131,25 @@ extern "C" __global__ void lp_to_f32(const lp_t* __restrict__ x, float* __restri
 
 // out[i, j] = silu(gu[i, j]) * gu[i, f + j]   gu [t, 2f] f32 (gate | up), out [t, f] lp
 // out32 (may be null) [t, f] gets out widened to f32 (the adapters' input).
+// Row and column of element i of a [rows, f] matrix: 32-bit division where it fits (a 64-bit
+// one is a long subroutine).
+__device__ __forceinline__ void row_col(long i, int f, long* row, long* col) {
+    if (i < 0xffffffffL) {
+        unsigned q = (unsigned)i / (unsigned)f;
+        *row = q;
+        *col = (unsigned)i - q * (unsigned)f;
+    } else {
+        *row = i / f;
+        *col = i % f;
+    }
+}
+
 extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __restrict__ out, long n,
                                   float* __restrict__ out32) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    long tok = i / f, j = i % f;
+    long tok, j;
+    row_col(i, f, &tok, &j);
     float g = gu[tok * 2 * f + j], u = gu[tok * 2 * f + f + j];
     lp_t o = f_to_lp(g / (1.0f + expf(-g)) * u);
     out[i] = o;
@@ -1223,16 +1237,92 @@ extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float
 }
 
 // SwiGLU's backward: a = silu(g)·u gives dg = da·u·σ(g)(1 + g(1 − σ(g))), du = da·g·σ(g).
-// gu [t, 2f] f32 (gate | up, the forward's), da [t, f], dgu [t, 2f] (dgate | dup).
-extern "C" __global__ void swiglu_bwd(const float* __restrict__ gu, int f, const float* __restrict__ da,
-                                      float* __restrict__ dgu, long n) {
+// gu [t, 2f] f32 (gate | up, the forward's), da [t, f], dgu [t, 2f] (dgate | dup; may be gu
+// itself: each thread reads its two elements before writing them), dgu_lp (may be null) the
+// same in lp.
+extern "C" __global__ void swiglu_bwd(const float* gu, int f, const float* __restrict__ da, float* dgu, long n,
+                                      lp_t* __restrict__ dgu_lp) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    long tok = i / f, j = i % f, o = tok * 2 * f + j;
+    long tok, j;
+    row_col(i, f, &tok, &j);
+    long o = tok * 2 * f + j;
     float g = gu[o], u = gu[o + f], d = da[i];
     float s = 1.0f / (1.0f + expf(-g));
-    dgu[o] = d * u * s * (1.0f + g * (1.0f - s));
-    dgu[o + f] = d * g * s;
+    float dg = d * u * s * (1.0f + g * (1.0f - s)), du = d * g * s;
+    dgu[o] = dg;
+    dgu[o + f] = du;
+    if (dgu_lp) {
+        dgu_lp[o] = f_to_lp(dg);
+        dgu_lp[o + f] = f_to_lp(du);
+    }
+}
+
+// The same softmax with a warp a row (8 rows a block, grid (rows / 8, heads)) for rows of up
+// to SMW_MAX keys, each lane's scores in registers: no block barriers, and 8 rows in flight a
+// block. The warp's sums have their own fixed order (so its bits are its own, not
+// softmax_causal's).
+#define SMW_PER 64
+#define SMW_MAX (32 * SMW_PER)
+extern "C" __global__ void __launch_bounds__(256)
+softmax_causal_warp(const float* __restrict__ S, int ld, long hstride, int window, lp_t* __restrict__ P,
+                    int qoff, int rows) {
+    int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), h = blockIdx.y;
+    if (r >= rows) return;
+    int i = r + qoff;
+    const float* sr = S + h * hstride + (long)r * ld;
+    lp_t* pr = P + h * hstride + (long)r * ld;
+    int hi = min(i, ld - 1);
+    int lo = window > 0 ? max(0, i + 1 - window) : 0;
+    float v[SMW_PER];
+    float m = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < SMW_PER; k++) {
+        int j = lane + 32 * k;
+        v[k] = -INFINITY;
+        if (k * 32 < ld && j >= lo && j <= hi) v[k] = sr[j];
+        m = fmaxf(m, v[k]);
+    }
+    m = warp_max(m);
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < SMW_PER; k++) {
+        int j = lane + 32 * k;
+        float e = 0.f;
+        if (k * 32 < ld && j >= lo && j <= hi) e = expf(v[k] - m);
+        v[k] = e;
+        sum += e;
+    }
+    float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+    for (int k = 0; k < SMW_PER; k++) {
+        int j = lane + 32 * k;
+        if (k * 32 < ld && j < ld) pr[j] = f_to_lp(v[k] * inv);
+    }
+}
+
+// Softmax's backward with a warp a row (as softmax_causal_warp; its own sum order): the row is
+// read twice (the second time from cache) rather than held.
+extern "C" __global__ void __launch_bounds__(256)
+softmax_bwd_warp(lp_t* __restrict__ P, const float* __restrict__ dP, int ld, long hstride, lp_t* __restrict__ lo,
+                 int qoff, int rows) {
+    int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), h = blockIdx.y;
+    if (r >= rows) return;
+    int hi = min(r + qoff, ld - 1);
+    lp_t* pr = P + h * hstride + (long)r * ld;
+    const float* dr = dP + h * hstride + (long)r * ld;
+    float s = 0.f;
+    for (int j = lane; j <= hi; j += 32) s = fmaf(lp_to_f(pr[j]), dr[j], s);
+    s = warp_sum(s);
+    lp_t* lr = lo ? lo + h * hstride + (long)r * ld : 0;
+    for (int j = lane; j <= hi; j += 32) {
+        float v = lp_to_f(pr[j]) * (dr[j] - s);
+        lp_t vh = f_to_lp(v);
+        pr[j] = vh;
+        if (lr) lr[j] = f_to_lp(v - lp_to_f(vh));
+    }
+    if (lr)
+        for (int j = hi + 1 + lane; j < ld; j += 32) lr[j] = f_to_lp(0.f);
 }
 
 // Softmax's backward in place: dS = P ⊙ (dP − Σ_j P·dP) over each row's visible keys (P is 0

@@ -482,6 +482,33 @@ fn causal_softmax_with_window() {
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "softmax_causal rows {rows} keys {ld}: staged and unstaged differ"
             );
+            // A warp a row (what `softmax_rows` takes for rows of up to 2,048 keys).
+            let (bs, bp) = (up(&g, &sv), poison_lp(&g, heads * stride));
+            g.softmax_rows(
+                bs.ptr(),
+                bp.ptr(),
+                (rows, heads),
+                (ld, stride),
+                window,
+                qoff,
+            )
+            .unwrap();
+            let all = down_lp(&g, &bp, heads * stride);
+            let got: Vec<f32> = (0..heads)
+                .flat_map(|h| all[h * stride..h * stride + rows * ld].to_vec())
+                .collect();
+            within(
+                &g,
+                &format!("softmax_causal_warp rows {rows} keys {ld} window {window}"),
+                &got,
+                &want,
+            );
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| (*b == 0.0) == (*a == 0.0)),
+                "softmax_causal_warp: masked entries are exactly 0"
+            );
         }
     }
 }
@@ -524,26 +551,41 @@ fn causal_softmax_backward() {
                 }
             }
             let mut by_mode = Vec::new();
-            for staged in [true, false] {
+            // Block kernel staged, unstaged, then the warp kernel (`softmax_rows_bwd`).
+            for mode in 0..3 {
+                let staged = mode == 0;
                 let (bp, bd) = (up_lp(&g, &pv), up(&g, &dp));
                 let two_part = g.precision == Precision::Bf16;
                 let lo = poison_lp(&g, heads * stride);
-                g.launch_smem(
-                    "softmax_bwd",
-                    (rows as u32, heads as u32),
-                    256,
-                    if staged { (2 * ld * 4) as u32 } else { 0 },
-                    &[
-                        P(bp.ptr()),
-                        P(bd.ptr()),
-                        I(ld as i32),
-                        L(stride as i64),
-                        P(if two_part { lo.ptr() } else { 0 }),
-                        I(qoff as i32),
-                        I(staged as i32),
-                    ],
-                )
-                .unwrap();
+                let lo_ptr = if two_part { lo.ptr() } else { 0 };
+                if mode == 2 {
+                    g.softmax_rows_bwd(
+                        bp.ptr(),
+                        bd.ptr(),
+                        lo_ptr,
+                        (rows, heads),
+                        (ld, stride),
+                        qoff,
+                    )
+                    .unwrap();
+                } else {
+                    g.launch_smem(
+                        "softmax_bwd",
+                        (rows as u32, heads as u32),
+                        256,
+                        if staged { (2 * ld * 4) as u32 } else { 0 },
+                        &[
+                            P(bp.ptr()),
+                            P(bd.ptr()),
+                            I(ld as i32),
+                            L(stride as i64),
+                            P(lo_ptr),
+                            I(qoff as i32),
+                            I(staged as i32),
+                        ],
+                    )
+                    .unwrap();
+                }
                 let hi_all = down_lp(&g, &bp, heads * stride);
                 let lo_all = if two_part {
                     down_lp(&g, &lo, heads * stride)
@@ -561,7 +603,7 @@ fn causal_softmax_backward() {
                 let e = rel("softmax_bwd", &got, &want);
                 assert!(
                     e <= 1e-5,
-                    "softmax_bwd rows {rows} keys {ld} window {window} staged {staged} ({:?}): {e:.3e}",
+                    "softmax_bwd rows {rows} keys {ld} window {window} mode {mode} ({:?}): {e:.3e}",
                     g.precision
                 );
                 by_mode.push(got);

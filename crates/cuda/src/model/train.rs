@@ -99,7 +99,7 @@ struct Saved {
     x2: DevBuf,
     /// lp [T, d] post-attention norm's output
     h2: DevBuf,
-    /// f32 [T, 2 f] gate | up
+    /// f32 [T, 2 f] gate | up (the backward turns it into their gradient, in place)
     gu: DevBuf,
     /// lp [T, f] SwiGLU output
     act: DevBuf,
@@ -111,7 +111,8 @@ struct Saved {
 struct Work {
     /// f32 [layers + 1, T, d] each layer's input, then the final norm's input
     xs: DevBuf,
-    /// f32 [T, q + 2 kv]
+    /// f32 [T, q + 2 kv] q, k, v before RoPE and the lp rounding; in the backward, their
+    /// gradients (the forward's values are dead by then)
     qkv32: DevBuf,
     /// f32 [T, q]
     attn32: DevBuf,
@@ -130,12 +131,8 @@ struct Work {
     da2: Option<DevBuf>,
     /// f32 [T, d] the residual stream's gradient
     dx: DevBuf,
-    /// f32 [T, max(d, q, f)] a linear's input gradient (and the recompute's output)
+    /// f32 [T, max(d, q, f)] a linear's input gradient
     dh: DevBuf,
-    /// f32 [T, 2 f]
-    dgu: DevBuf,
-    /// f32 [T, q + 2 kv]
-    dqkv: DevBuf,
     /// lp [T, d] the final norm's output
     hn: DevBuf,
     /// f32 [T, d]
@@ -403,7 +400,7 @@ impl CudaTrainer {
             let (d, f, q, v) = (m.d, m.f, m.heads * m.hd, m.vocab);
             let lp = g.lp().size();
             let qkv = self.qkv_ld();
-            let c = t.min(((256usize << 20) / (v * 4)).max(1));
+            let c = t.min(((128usize << 20) / (v * 4)).max(1));
             let half = m.hd / 2;
             let two_part = g.lp() != Dt::F32;
             let rows = self.attn_rows.min(l);
@@ -430,8 +427,6 @@ impl CudaTrainer {
                     .transpose()?,
                 dx: g.alloc(t * d * 4)?,
                 dh: g.alloc(t * d.max(q).max(f) * 4)?,
-                dgu: g.alloc(t * 2 * f * 4)?,
-                dqkv: g.alloc(t * qkv * 4)?,
                 hn: g.alloc(t * d * lp)?,
                 dhn: g.alloc(t * d * 4)?,
                 sc: g.alloc(m.heads * rows * l * 4)?,
@@ -589,9 +584,32 @@ impl CudaTrainer {
         h: u64,
         drop: Option<(u64, f32)>,
     ) -> Result<()> {
+        self.lora_shrink(p, x, t, r0, h, drop)?;
+        self.m.gpu.gemm_rm(
+            (false, true),
+            (t, p.d_out, p.r),
+            p.s,
+            (h, p.r, 0),
+            (p.b.ptr(), p.r, 0),
+            1.0,
+            (y + (p.col0 * 4) as u64, ldy, 0),
+            (Dt::F32, Dt::F32),
+            1,
+        )
+    }
+
+    /// h [t, r] = xd Aᵀ for rows [r0, r0 + t) of the pass (`lora_fwd`'s first half).
+    fn lora_shrink(
+        &self,
+        p: &DevParam,
+        x: u64,
+        t: usize,
+        r0: usize,
+        h: u64,
+        drop: Option<(u64, f32)>,
+    ) -> Result<()> {
         let g = &self.m.gpu;
         let (xd, c) = self.adapter_input(x, t * p.d_in, r0 * p.d_in, drop)?;
-        let f = (Dt::F32, Dt::F32);
         if let Some(a2) = &p.a2 {
             // [t, 2r] = xd · [A_hi; A_lo]ᵀ, then h = the two halves' sum.
             let h2 = self.work().h2.as_ref().expect("bf16 mode").ptr();
@@ -616,6 +634,7 @@ impl CudaTrainer {
                     Arg::L((t * p.r) as i64),
                 ],
             )?;
+            Ok(())
         } else {
             g.gemm_rm(
                 (false, true),
@@ -625,21 +644,10 @@ impl CudaTrainer {
                 (p.a.ptr(), p.d_in, 0),
                 0.0,
                 (h, p.r, 0),
-                f,
+                (Dt::F32, Dt::F32),
                 1,
-            )?;
+            )
         }
-        g.gemm_rm(
-            (false, true),
-            (t, p.d_out, p.r),
-            p.s,
-            (h, p.r, 0),
-            (p.b.ptr(), p.r, 0),
-            1.0,
-            (y + (p.col0 * 4) as u64, ldy, 0),
-            f,
-            1,
-        )
     }
 
     /// The adapter's backward for rows [r0, r0 + t): dB += s·dyᵀh, dA += (s·dy B)ᵀ xd, and
@@ -906,7 +914,7 @@ impl CudaTrainer {
         Ok(())
     }
 
-    /// Attention's backward: dqkv [t, q + 2 kv] f32 (dq, dk, dv before RoPE's backward) from
+    /// Attention's backward: qkv32 [t, q + 2 kv] f32 gets (dq, dk, dv before RoPE's backward) from
     /// dO (lp [t, q], in `lp`). dK and dV add up over the blocks in order.
     fn attention_bwd(&self, sv: &Saved, segs: &[(usize, usize)], d_o: u64) -> Result<()> {
         let (g, m, w) = (&self.m.gpu, &self.m, self.work());
@@ -922,7 +930,7 @@ impl CudaTrainer {
                 "zero_cols",
                 n * nkv,
                 &[
-                    Arg::P(w.dqkv.at(s0 * ld * 4)),
+                    Arg::P(w.qkv32.at(s0 * ld * 4)),
                     Arg::I(ld as i32),
                     Arg::I((heads * hd) as i32),
                     Arg::I(nkv as i32),
@@ -941,8 +949,8 @@ impl CudaTrainer {
                     krow + ((heads + kvh) * hd) as u64 * ls,
                 );
                 let dor = d_o + ((s0 + i0) * q) as u64 * ls;
-                let dq = w.dqkv.at((s0 + i0) * ld * 4);
-                let dkrow = w.dqkv.at((s0 + k0) * ld * 4);
+                let dq = w.qkv32.at((s0 + i0) * ld * 4);
+                let dkrow = w.qkv32.at((s0 + k0) * ld * 4);
                 let (dk, dv) = (
                     dkrow + (heads * hd * 4) as u64,
                     dkrow + ((heads + kvh) * hd * 4) as u64,
@@ -1076,6 +1084,8 @@ impl CudaTrainer {
     }
 
     /// One layer's forward over t tokens: xin → xout (f32 [t, d]), intermediates into `sv`.
+    /// Without `xout` (the recompute before the layer's backward), the output is not made: of
+    /// the down projection only its adapters' shrink outputs, which the backward reads.
     #[allow(clippy::too_many_arguments)]
     fn layer_fwd(
         &self,
@@ -1084,7 +1094,7 @@ impl CudaTrainer {
         segs: &[(usize, usize)],
         sv: &Saved,
         xin: u64,
-        xout: u64,
+        xout: Option<u64>,
         drops: &[Option<(u64, f32)>],
     ) -> Result<()> {
         let (g, m, w) = (&self.m.gpu, &self.m, self.work());
@@ -1115,6 +1125,12 @@ impl CudaTrainer {
                 Arg::P(0),
             ],
         )?;
+        let Some(xout) = xout else {
+            for p in self.layer_params(li, Lin::Down) {
+                self.lora_shrink(p, sv.act.ptr(), t, 0, self.lh(sv, p), drops[p.index])?;
+            }
+            return Ok(());
+        };
         g.copy(xout, sv.x2.ptr(), t * d * 4)?;
         m.linear(&l.down, sv.act.ptr(), None, t, xout, d, true, &[])?;
         self.adapters_fwd(li, Lin::Down, sv, sv.act.ptr(), t, xout, d, drops)?;
@@ -1140,6 +1156,8 @@ impl CudaTrainer {
         self.to_lp(dx, lpb, t * d)?;
         self.base_bwd(&l.down, lpb, d, t, dh, false)?;
         self.adapters_bwd(li, Lin::Down, sv, sv.act.ptr(), t, dx, d, dh, drops)?;
+        // d(gate | up) in place of gate | up, and in lp for the base's product.
+        let dgu = sv.gu.ptr();
         g.launch_n(
             "swiglu_bwd",
             t * f,
@@ -1147,23 +1165,13 @@ impl CudaTrainer {
                 Arg::P(sv.gu.ptr()),
                 Arg::I(f as i32),
                 Arg::P(dh),
-                Arg::P(w.dgu.ptr()),
+                Arg::P(dgu),
                 Arg::L((t * f) as i64),
+                Arg::P(lpb),
             ],
         )?;
-        self.to_lp(w.dgu.ptr(), lpb, t * 2 * f)?;
         self.base_bwd(&l.gu, lpb, 2 * f, t, dh, false)?;
-        self.adapters_bwd(
-            li,
-            Lin::Gu,
-            sv,
-            sv.h2.ptr(),
-            t,
-            w.dgu.ptr(),
-            2 * f,
-            dh,
-            drops,
-        )?;
+        self.adapters_bwd(li, Lin::Gu, sv, sv.h2.ptr(), t, dgu, 2 * f, dh, drops)?;
         self.rms_norm_bwd(sv.x2.ptr(), &l.ln2, t, dh, dx)?;
         // o: x2 = x + o(attn)
         self.to_lp(dx, lpb, t * d)?;
@@ -1171,8 +1179,8 @@ impl CudaTrainer {
         self.adapters_bwd(li, Lin::O, sv, sv.attn.ptr(), t, dx, d, dh, drops)?;
         self.to_lp(dh, lpb, t * q)?;
         self.attention_bwd(sv, segs, lpb)?;
-        self.rope(w.dqkv.ptr(), t, -1.0)?;
-        self.to_lp(w.dqkv.ptr(), lpb, t * ld)?;
+        self.rope(w.qkv32.ptr(), t, -1.0)?;
+        self.to_lp(w.qkv32.ptr(), lpb, t * ld)?;
         self.base_bwd(&l.qkv, lpb, ld, t, dh, false)?;
         self.adapters_bwd(
             li,
@@ -1180,7 +1188,7 @@ impl CudaTrainer {
             sv,
             sv.h1.ptr(),
             t,
-            w.dqkv.ptr(),
+            w.qkv32.ptr(),
             ld,
             dh,
             drops,
@@ -1365,7 +1373,7 @@ impl CudaTrainer {
             )?;
             for li in 0..n_layers {
                 let sv = &self.saved[if self.kept { li } else { 0 }];
-                self.layer_fwd(li, t, &segs, sv, xs(li, w), xs(li + 1, w), &drops)?;
+                self.layer_fwd(li, t, &segs, sv, xs(li, w), Some(xs(li + 1, w)), &drops)?;
             }
             self.m
                 .rms_norm(xs(n_layers, w), &self.m.norm, t, w.hn.ptr(), 0)?;
@@ -1426,9 +1434,9 @@ impl CudaTrainer {
             let sv = if self.kept {
                 &self.saved[li]
             } else {
-                // Recompute the layer from its input; its output goes to scratch.
+                // Recompute the layer's intermediates from its input (not its output).
                 let sv = &self.saved[0];
-                self.layer_fwd(li, t, &segs, sv, xs(li, w), w.dh.ptr(), &drops)?;
+                self.layer_fwd(li, t, &segs, sv, xs(li, w), None, &drops)?;
                 sv
             };
             self.layer_bwd(li, t, &segs, sv, xs(li, w), &drops)?;
