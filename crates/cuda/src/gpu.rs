@@ -55,7 +55,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rms_norm_bwd",
     "swiglu_bwd",
     "softmax_bwd",
-    "softmax_bwd_warp",
     "cross_entropy",
     "adapter_in",
     "dropout_add",
@@ -896,22 +895,6 @@ impl Gpu {
         (ld, hstride): (usize, usize),
         qoff: usize,
     ) -> Result<()> {
-        if ld <= SOFTMAX_WARP_MAX {
-            return self.launch(
-                "softmax_bwd_warp",
-                (rows.div_ceil(8) as u32, heads as u32),
-                256,
-                &[
-                    Arg::P(p),
-                    Arg::P(dp),
-                    Arg::I(ld as i32),
-                    Arg::L(hstride as i64),
-                    Arg::P(lo),
-                    Arg::I(qoff as i32),
-                    Arg::I(rows as i32),
-                ],
-            );
-        }
         let bytes = 2 * ld * 4;
         let staged = bytes <= SOFTMAX_SMEM as usize;
         self.launch_smem(

@@ -1238,10 +1238,10 @@ extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float
 
 // SwiGLU's backward: a = silu(g)·u gives dg = da·u·σ(g)(1 + g(1 − σ(g))), du = da·g·σ(g).
 // gu [t, 2f] f32 (gate | up, the forward's), da [t, f], dgu [t, 2f] (dgate | dup; may be gu
-// itself: each thread reads its two elements before writing them), dgu_lp (may be null) the
-// same in lp.
+// itself: each thread reads its two elements before writing them), dg_lp and du_lp (may be
+// null) [t, f] each the same in lp.
 extern "C" __global__ void swiglu_bwd(const float* gu, int f, const float* __restrict__ da, float* dgu, long n,
-                                      lp_t* __restrict__ dgu_lp) {
+                                      lp_t* __restrict__ dg_lp, lp_t* __restrict__ du_lp) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long tok, j;
@@ -1252,10 +1252,8 @@ extern "C" __global__ void swiglu_bwd(const float* gu, int f, const float* __res
     float dg = d * u * s * (1.0f + g * (1.0f - s)), du = d * g * s;
     dgu[o] = dg;
     dgu[o + f] = du;
-    if (dgu_lp) {
-        dgu_lp[o] = f_to_lp(dg);
-        dgu_lp[o + f] = f_to_lp(du);
-    }
+    if (dg_lp) dg_lp[i] = f_to_lp(dg);
+    if (du_lp) du_lp[i] = f_to_lp(du);
 }
 
 // The same softmax with a warp a row (8 rows a block, grid (rows / 8, heads)) for rows of up
@@ -1299,30 +1297,6 @@ softmax_causal_warp(const float* __restrict__ S, int ld, long hstride, int windo
         int j = lane + 32 * k;
         if (k * 32 < ld && j < ld) pr[j] = f_to_lp(v[k] * inv);
     }
-}
-
-// Softmax's backward with a warp a row (as softmax_causal_warp; its own sum order): the row is
-// read twice (the second time from cache) rather than held.
-extern "C" __global__ void __launch_bounds__(256)
-softmax_bwd_warp(lp_t* __restrict__ P, const float* __restrict__ dP, int ld, long hstride, lp_t* __restrict__ lo,
-                 int qoff, int rows) {
-    int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), h = blockIdx.y;
-    if (r >= rows) return;
-    int hi = min(r + qoff, ld - 1);
-    lp_t* pr = P + h * hstride + (long)r * ld;
-    const float* dr = dP + h * hstride + (long)r * ld;
-    float s = 0.f;
-    for (int j = lane; j <= hi; j += 32) s = fmaf(lp_to_f(pr[j]), dr[j], s);
-    s = warp_sum(s);
-    lp_t* lr = lo ? lo + h * hstride + (long)r * ld : 0;
-    for (int j = lane; j <= hi; j += 32) {
-        float v = lp_to_f(pr[j]) * (dr[j] - s);
-        lp_t vh = f_to_lp(v);
-        pr[j] = vh;
-        if (lr) lr[j] = f_to_lp(v - lp_to_f(vh));
-    }
-    if (lr)
-        for (int j = hi + 1 + lane; j < ld; j += 32) lr[j] = f_to_lp(0.f);
 }
 
 // Softmax's backward in place: dS = P ⊙ (dP − Σ_j P·dP) over each row's visible keys (P is 0

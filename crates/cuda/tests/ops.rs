@@ -551,7 +551,7 @@ fn causal_softmax_backward() {
                 }
             }
             let mut by_mode = Vec::new();
-            // Block kernel staged, unstaged, then the warp kernel (`softmax_rows_bwd`).
+            // Staged and unstaged, then as `softmax_rows_bwd` picks.
             for mode in 0..3 {
                 let staged = mode == 0;
                 let (bp, bd) = (up_lp(&g, &pv), up(&g, &dp));

@@ -112,11 +112,15 @@ struct Work {
     /// f32 [layers + 1, T, d] each layer's input, then the final norm's input
     xs: DevBuf,
     /// f32 [T, q + 2 kv] q, k, v before RoPE and the lp rounding; in the backward, their
-    /// gradients (the forward's values are dead by then)
-    qkv32: DevBuf,
-    /// f32 [T, q]
-    attn32: DevBuf,
-    /// lp [T, max(d, q + 2 kv, 2 f)] gradients as product inputs
+    /// gradients (the forward's values are dead by then). None: in the layer's `Saved::gu`
+    /// (`qkv32()`), which is not yet written when the forward needs them and dead when the
+    /// backward does
+    qkv32: Option<DevBuf>,
+    /// f32 [T, q] the attention's output before the lp rounding. None: in `Saved::gu` too
+    /// (`attn32()`; q, k and v are dead by then)
+    attn32: Option<DevBuf>,
+    /// lp [T, max(d, q + 2 kv, f)] gradients as product inputs (the up projection's; the
+    /// gate's go to `Saved::act`, dead by then)
     lp: DevBuf,
     /// [T, max d_in] an adapter's dropped-out input (f32; lp in bf16 mode), and its
     /// gradient (f32); only while the adapters have dropout
@@ -131,12 +135,10 @@ struct Work {
     da2: Option<DevBuf>,
     /// f32 [T, d] the residual stream's gradient
     dx: DevBuf,
-    /// f32 [T, max(d, q, f)] a linear's input gradient
+    /// f32 [T, max(d, q, f)] a linear's input gradient; first, the final norm's output's
     dh: DevBuf,
     /// lp [T, d] the final norm's output
     hn: DevBuf,
-    /// f32 [T, d]
-    dhn: DevBuf,
     /// f32 [heads, B, L] a block of B query rows' scores (and their gradients); lp
     /// [heads, B, L] probabilities (and the scores' gradients); bf16 only: lp [heads, B, L]
     /// the gradients' low parts (B = min(attention block, L))
@@ -400,7 +402,7 @@ impl CudaTrainer {
             let (d, f, q, v) = (m.d, m.f, m.heads * m.hd, m.vocab);
             let lp = g.lp().size();
             let qkv = self.qkv_ld();
-            let c = t.min(((128usize << 20) / (v * 4)).max(1));
+            let c = t.min(((64usize << 20) / (v * 4)).max(1));
             let half = m.hd / 2;
             let two_part = g.lp() != Dt::F32;
             let rows = self.attn_rows.min(l);
@@ -410,9 +412,9 @@ impl CudaTrainer {
             let (cos, sin) = table.cos_sin(0..l);
             self.w = Some(Work {
                 xs: g.alloc((m.layers.len() + 1) * t * d * 4)?,
-                qkv32: g.alloc(t * qkv * 4)?,
-                attn32: g.alloc(t * q * 4)?,
-                lp: g.alloc(t * d.max(qkv).max(2 * f) * lp)?,
+                qkv32: (qkv > 2 * f).then(|| g.alloc(t * qkv * 4)).transpose()?,
+                attn32: (q > 2 * f).then(|| g.alloc(t * q * 4)).transpose()?,
+                lp: g.alloc(t * d.max(qkv).max(f) * lp)?,
                 xd: None,
                 dxd: None,
                 dr: g.alloc(t * self.max_r * 4)?,
@@ -428,7 +430,6 @@ impl CudaTrainer {
                 dx: g.alloc(t * d * 4)?,
                 dh: g.alloc(t * d.max(q).max(f) * 4)?,
                 hn: g.alloc(t * d * lp)?,
-                dhn: g.alloc(t * d * 4)?,
                 sc: g.alloc(m.heads * rows * l * 4)?,
                 p: g.alloc(m.heads * rows * l * lp)?,
                 plo: g.alloc(if two_part { m.heads * rows * l * lp } else { 0 })?,
@@ -816,6 +817,46 @@ impl CudaTrainer {
         Ok(())
     }
 
+    /// dx [t, d_in] = dy · W for the frozen base of `lin`, dy in column ranges held apart:
+    /// `parts` (first output column, lp [t, n] at its address, n), covering the outputs.
+    fn base_bwd_parts(
+        &self,
+        lin: &DevLinear,
+        parts: &[(usize, u64, usize)],
+        t: usize,
+        dx: u64,
+    ) -> Result<()> {
+        let g = &self.m.gpu;
+        let lp = g.lp();
+        let mut first = true;
+        for mat in &lin.mats {
+            let w = self.m.dequantized(mat)?;
+            for &(c0, dy, n) in parts {
+                let (a, b) = (c0.max(mat.col0), (c0 + n).min(mat.col0 + mat.rows));
+                if a >= b {
+                    continue;
+                }
+                g.gemm_rm(
+                    (false, false),
+                    (t, mat.cols, b - a),
+                    1.0,
+                    (dy + ((a - c0) * lp.size()) as u64, n, 0),
+                    (
+                        w + ((a - mat.col0) * mat.cols * lp.size()) as u64,
+                        mat.cols,
+                        0,
+                    ),
+                    if first { 0.0 } else { 1.0 },
+                    (dx, mat.cols, 0),
+                    (lp, Dt::F32),
+                    1,
+                )?;
+                first = false;
+            }
+        }
+        Ok(())
+    }
+
     /// out (lp) = x (f32), n elements.
     fn to_lp(&self, x: u64, out: u64, n: usize) -> Result<()> {
         self.m
@@ -889,6 +930,7 @@ impl CudaTrainer {
         let group = heads / kvh;
         let (lp, ld, q) = (g.lp(), self.qkv_ld(), heads * hd);
         let ls = lp.size() as u64;
+        let attn32 = self.attn32(sv);
         for &(s0, n) in segs {
             for blk in self.attn_blocks(n) {
                 let (i0, i1, k0) = blk;
@@ -904,7 +946,11 @@ impl CudaTrainer {
                         (w.p.ptr() + (gi * hs) as u64 * ls, nk, group * hs),
                         (vrow, ld, hd),
                         0.0,
-                        (w.attn32.at(((s0 + i0) * q + gi * hd) * 4), q, group * hd),
+                        (
+                            attn32 + (((s0 + i0) * q + gi * hd) * 4) as u64,
+                            q,
+                            group * hd,
+                        ),
                         (lp, Dt::F32),
                         kvh,
                     )?;
@@ -924,13 +970,15 @@ impl CudaTrainer {
         let ls = lp.size() as u64;
         let scale = 1.0 / (hd as f32).sqrt();
         let types = (lp, Dt::F32);
+        let dqkv = self.qkv32(sv);
+        let at = |e: usize| dqkv + (e * 4) as u64;
         for &(s0, n) in segs {
             let nkv = 2 * kvh * hd;
             g.launch_n(
                 "zero_cols",
                 n * nkv,
                 &[
-                    Arg::P(w.qkv32.at(s0 * ld * 4)),
+                    Arg::P(at(s0 * ld * 4)),
                     Arg::I(ld as i32),
                     Arg::I((heads * hd) as i32),
                     Arg::I(nkv as i32),
@@ -949,8 +997,8 @@ impl CudaTrainer {
                     krow + ((heads + kvh) * hd) as u64 * ls,
                 );
                 let dor = d_o + ((s0 + i0) * q) as u64 * ls;
-                let dq = w.qkv32.at((s0 + i0) * ld * 4);
-                let dkrow = w.qkv32.at((s0 + k0) * ld * 4);
+                let dq = at((s0 + i0) * ld * 4);
+                let dkrow = at((s0 + k0) * ld * 4);
                 let (dk, dv) = (
                     dkrow + (heads * hd * 4) as u64,
                     dkrow + ((heads + kvh) * hd * 4) as u64,
@@ -1033,6 +1081,16 @@ impl CudaTrainer {
         Ok(())
     }
 
+    /// f32 [t, q + 2 kv]: the forward's q/k/v before rounding, the backward's gradients.
+    fn qkv32(&self, sv: &Saved) -> u64 {
+        self.work().qkv32.as_ref().map_or(sv.gu.ptr(), |b| b.ptr())
+    }
+
+    /// f32 [t, q]: the attention's output before rounding.
+    fn attn32(&self, sv: &Saved) -> u64 {
+        self.work().attn32.as_ref().map_or(sv.gu.ptr(), |b| b.ptr())
+    }
+
     fn lh(&self, sv: &Saved, p: &DevParam) -> u64 {
         sv.lh.at(self.work().t * p.roff * 4)
     }
@@ -1097,17 +1155,18 @@ impl CudaTrainer {
         xout: Option<u64>,
         drops: &[Option<(u64, f32)>],
     ) -> Result<()> {
-        let (g, m, w) = (&self.m.gpu, &self.m, self.work());
+        let (g, m) = (&self.m.gpu, &self.m);
         let l = &m.layers[li];
         let (d, f, q) = (m.d, m.f, m.heads * m.hd);
         let ld = self.qkv_ld();
         m.rms_norm(xin, &l.ln1, t, sv.h1.ptr(), 0)?;
-        m.linear(&l.qkv, sv.h1.ptr(), None, t, w.qkv32.ptr(), ld, false, &[])?;
-        self.adapters_fwd(li, Lin::Qkv, sv, sv.h1.ptr(), t, w.qkv32.ptr(), ld, drops)?;
-        self.rope(w.qkv32.ptr(), t, 1.0)?;
-        self.to_lp(w.qkv32.ptr(), sv.qkv.ptr(), t * ld)?;
+        let qkv32 = self.qkv32(sv);
+        m.linear(&l.qkv, sv.h1.ptr(), None, t, qkv32, ld, false, &[])?;
+        self.adapters_fwd(li, Lin::Qkv, sv, sv.h1.ptr(), t, qkv32, ld, drops)?;
+        self.rope(qkv32, t, 1.0)?;
+        self.to_lp(qkv32, sv.qkv.ptr(), t * ld)?;
         self.attention(sv, segs)?;
-        self.to_lp(w.attn32.ptr(), sv.attn.ptr(), t * q)?;
+        self.to_lp(self.attn32(sv), sv.attn.ptr(), t * q)?;
         g.copy(sv.x2.ptr(), xin, t * d * 4)?;
         m.linear(&l.o, sv.attn.ptr(), None, t, sv.x2.ptr(), d, true, &[])?;
         self.adapters_fwd(li, Lin::O, sv, sv.attn.ptr(), t, sv.x2.ptr(), d, drops)?;
@@ -1156,7 +1215,8 @@ impl CudaTrainer {
         self.to_lp(dx, lpb, t * d)?;
         self.base_bwd(&l.down, lpb, d, t, dh, false)?;
         self.adapters_bwd(li, Lin::Down, sv, sv.act.ptr(), t, dx, d, dh, drops)?;
-        // d(gate | up) in place of gate | up, and in lp for the base's product.
+        // d(gate | up) in place of gate | up, and in lp for the base's product: the gate's
+        // in `act` (read for the last time above), the up projection's in `lp`.
         let dgu = sv.gu.ptr();
         g.launch_n(
             "swiglu_bwd",
@@ -1167,10 +1227,11 @@ impl CudaTrainer {
                 Arg::P(dh),
                 Arg::P(dgu),
                 Arg::L((t * f) as i64),
+                Arg::P(sv.act.ptr()),
                 Arg::P(lpb),
             ],
         )?;
-        self.base_bwd(&l.gu, lpb, 2 * f, t, dh, false)?;
+        self.base_bwd_parts(&l.gu, &[(0, sv.act.ptr(), f), (f, lpb, f)], t, dh)?;
         self.adapters_bwd(li, Lin::Gu, sv, sv.h2.ptr(), t, dgu, 2 * f, dh, drops)?;
         self.rms_norm_bwd(sv.x2.ptr(), &l.ln2, t, dh, dx)?;
         // o: x2 = x + o(attn)
@@ -1179,20 +1240,11 @@ impl CudaTrainer {
         self.adapters_bwd(li, Lin::O, sv, sv.attn.ptr(), t, dx, d, dh, drops)?;
         self.to_lp(dh, lpb, t * q)?;
         self.attention_bwd(sv, segs, lpb)?;
-        self.rope(w.qkv32.ptr(), t, -1.0)?;
-        self.to_lp(w.qkv32.ptr(), lpb, t * ld)?;
+        let dqkv = self.qkv32(sv);
+        self.rope(dqkv, t, -1.0)?;
+        self.to_lp(dqkv, lpb, t * ld)?;
         self.base_bwd(&l.qkv, lpb, ld, t, dh, false)?;
-        self.adapters_bwd(
-            li,
-            Lin::Qkv,
-            sv,
-            sv.h1.ptr(),
-            t,
-            w.qkv32.ptr(),
-            ld,
-            dh,
-            drops,
-        )?;
+        self.adapters_bwd(li, Lin::Qkv, sv, sv.h1.ptr(), t, dqkv, ld, dh, drops)?;
         self.rms_norm_bwd(xin, &l.ln1, t, dh, dx)
     }
 
@@ -1406,7 +1458,7 @@ impl CudaTrainer {
                 ],
             )?;
             if with_grads {
-                let dhn = w.dhn.at(r0 * d * 4);
+                let dhn = w.dh.at(r0 * d * 4);
                 self.to_lp(w.logits.ptr(), w.dlogits.ptr(), n * vocab)?;
                 self.base_bwd(&self.m.head, w.dlogits.ptr(), vocab, n, dhn, false)?;
                 for p in &head_params {
@@ -1429,7 +1481,7 @@ impl CudaTrainer {
             return Ok((loss, count));
         }
         g.zero(w.dx.ptr(), t * d * 4)?;
-        self.rms_norm_bwd(xs(n_layers, w), &self.m.norm, t, w.dhn.ptr(), w.dx.ptr())?;
+        self.rms_norm_bwd(xs(n_layers, w), &self.m.norm, t, w.dh.ptr(), w.dx.ptr())?;
         for li in (0..n_layers).rev() {
             let sv = if self.kept {
                 &self.saved[li]
