@@ -971,7 +971,7 @@ impl CudaTrainer {
         let scale = 1.0 / (hd as f32).sqrt();
         let types = (lp, Dt::F32);
         let dqkv = self.qkv32(sv);
-        let at = |e: usize| dqkv + (e * 4) as u64;
+        let at = |bytes: usize| dqkv + bytes as u64;
         for &(s0, n) in segs {
             let nkv = 2 * kvh * hd;
             g.launch_n(
