@@ -55,6 +55,24 @@ __device__ float block_sum(float v, float* shm) {
     return shm[0];
 }
 
+// Row and column of element i of a [rows, f] matrix: 32-bit division where it fits (a 64-bit
+// one is a long subroutine).
+__device__ __forceinline__ void row_col(long i, int f, long* row, long* col) {
+    if (i < 0xffffffffL) {
+        unsigned q = (unsigned)i / (unsigned)f;
+        *row = q;
+        *col = (unsigned)i - q * (unsigned)f;
+    } else {
+        *row = i / f;
+        *col = i % f;
+    }
+}
+
+// i / d for a positive divisor that is usually a power of two (block sizes): a shift then,
+// else the division. `shift` = block_shift(d).
+__device__ __forceinline__ int block_shift(int d) { return (d & (d - 1)) == 0 ? __ffs(d) - 1 : -1; }
+__device__ __forceinline__ long div_block(long i, int d, int shift) { return shift >= 0 ? i >> shift : i / d; }
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise and row ops
 
@@ -131,19 +149,6 @@ extern "C" __global__ void lp_to_f32(const lp_t* __restrict__ x, float* __restri
 
 // out[i, j] = silu(gu[i, j]) * gu[i, f + j]   gu [t, 2f] f32 (gate | up), out [t, f] lp
 // out32 (may be null) [t, f] gets out widened to f32 (the adapters' input).
-// Row and column of element i of a [rows, f] matrix: 32-bit division where it fits (a 64-bit
-// one is a long subroutine).
-__device__ __forceinline__ void row_col(long i, int f, long* row, long* col) {
-    if (i < 0xffffffffL) {
-        unsigned q = (unsigned)i / (unsigned)f;
-        *row = q;
-        *col = (unsigned)i - q * (unsigned)f;
-    } else {
-        *row = i / f;
-        *col = i % f;
-    }
-}
-
 extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __restrict__ out, long n,
                                   float* __restrict__ out32) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -345,9 +350,10 @@ extern "C" __global__ void dequant4(const u8* __restrict__ packed, const float* 
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     long i = 2 * b;
     if (i >= n) return;
+    const int sh = block_shift(blocksize);
     u8 v = packed[b];
-    out[i] = f_to_lp(__fmul_rn(cs[v >> 4], absmax[i / blocksize]));
-    if (i + 1 < n) out[i + 1] = f_to_lp(__fmul_rn(cs[v & 15], absmax[(i + 1) / blocksize]));
+    out[i] = f_to_lp(__fmul_rn(cs[v >> 4], absmax[div_block(i, blocksize, sh)]));
+    if (i + 1 < n) out[i + 1] = f_to_lp(__fmul_rn(cs[v & 15], absmax[div_block(i + 1, blocksize, sh)]));
 }
 
 // The same, coalesced: a warp covers 512 bytes (1024 elements); each lane dequantizes 4 words
@@ -363,13 +369,14 @@ extern "C" __global__ void dequant4_x32(const unsigned* __restrict__ packed, con
     long warp = gtid >> 5;
     int lane = threadIdx.x & 31;
     long words = 4 * n32;
+    const int sh = block_shift(blocksize);
     unsigned w[4];
     float s[4];
 #pragma unroll
     for (int k = 0; k < 4; k++) {
         long wi = warp * 128 + lane + 32 * k;
         w[k] = wi < words ? __ldg(packed + wi) : 0u;
-        s[k] = wi < words ? __ldg(absmax + (wi * 8) / blocksize) : 0.f;
+        s[k] = wi < words ? __ldg(absmax + div_block(wi * 8, blocksize, sh)) : 0.f;
     }
 #pragma unroll
     for (int k = 0; k < 4; k++) {
@@ -416,8 +423,8 @@ extern "C" __global__ void dequant_grouped(const unsigned char* __restrict__ cod
                                            int bits, long n, lp_t* __restrict__ out) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    long r = i / cols;
-    int c = (int)(i - r * cols);
+    long r, c;
+    row_col(i, cols, &r, &c);
     int q = bits == 8 ? codes[i] : (codes[i >> 1] >> ((~i & 1) * 4)) & 15;
     long k = r * groups + g_idx[c];
     out[r * cols + (perm ? perm[c] : c)] = f_to_lp(__fmul_rn(scales[k], (float)q - zeros[k]));
@@ -1391,7 +1398,8 @@ extern "C" __global__ void split_lp(const float* __restrict__ x, lp_t* __restric
 extern "C" __global__ void split_rows_lp(const float* __restrict__ x, int r, lp_t* __restrict__ out, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    long row = i / r, j = i % r;
+    long row, j;
+    row_col(i, r, &row, &j);
     lp_t h = f_to_lp(x[i]);
     out[row * 2 * r + j] = h;
     out[row * 2 * r + r + j] = f_to_lp(x[i] - lp_to_f(h));
@@ -1402,7 +1410,8 @@ extern "C" __global__ void split_rows_lp(const float* __restrict__ x, int r, lp_
 extern "C" __global__ void sum_halves(const float* __restrict__ h2, int r, float* __restrict__ h, long n) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    long row = i / r, j = i % r;
+    long row, j;
+    row_col(i, r, &row, &j);
     h[i] = h2[row * 2 * r + j] + h2[row * 2 * r + r + j];
 }
 
