@@ -166,23 +166,33 @@ fn gptq_and_awq_bases_with_and_without_adapters_match_the_cpu() {
             ];
             base.extend(extra.iter().cloned());
             let cpu = logits(&base, "gptq-cpu");
-            for (prec, budget) in [("f32", F32_LOGITS), ("bf16", BF16_LOGITS)] {
-                let mut a = base.clone();
-                a.extend([
-                    "--device".into(),
-                    "cuda".into(),
-                    "--precision".into(),
-                    prec.into(),
-                ]);
-                let g = logits(&a, prec);
-                let e = err(prec, &g, &cpu);
-                let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-                report.push(format!("{name} {} {prec}: {e:.2e}", extra.len() / 2));
-                assert!(
-                    e <= budget,
-                    "{name} adapters {} {prec}: {e:.3e} over {budget:.0e}",
-                    extra.len() / 2
-                );
+            // The whole prompt at once (dequantized per matrix), and in chunks of 1 and 5
+            // tokens (the fused GPTQ/AWQ GEMV where the groups allow it).
+            for chunk in [None, Some("1"), Some("5")] {
+                for (prec, budget) in [("f32", F32_LOGITS), ("bf16", BF16_LOGITS)] {
+                    let mut a = base.clone();
+                    a.extend([
+                        "--device".into(),
+                        "cuda".into(),
+                        "--precision".into(),
+                        prec.into(),
+                    ]);
+                    if let Some(c) = chunk {
+                        a.extend(["--chunk".into(), c.into()]);
+                    }
+                    let g = logits(&a, prec);
+                    let e = err(prec, &g, &cpu);
+                    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+                    report.push(format!(
+                        "{name} {} {prec} chunk {chunk:?}: {e:.2e}",
+                        extra.len() / 2
+                    ));
+                    assert!(
+                        e <= budget,
+                        "{name} adapters {} {prec} chunk {chunk:?}: {e:.3e} over {budget:.0e}",
+                        extra.len() / 2
+                    );
+                }
             }
         }
     }

@@ -2,7 +2,7 @@
 //! the fused NF4 GEMV at Mistral-7B's shapes. Event-timed, medians of several runs, inputs
 //! rotated over several buffers larger than L2 together.
 
-use crate::gpu::{check, Arg, DevBuf, Gemv4, Gpu};
+use crate::gpu::{check, Arg, DevBuf, Gemv4, Gemvq, Gpu};
 use crate::Result;
 
 pub struct KernelRow {
@@ -150,6 +150,41 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
             let bytes = el / 2 + el / 64 * 4;
             rows.push(KernelRow {
                 name: format!("{kernel} t={t} {name} [{r}, {c}]"),
+                ms,
+                gbps: bytes as f64 / ms / 1e6,
+            });
+        }
+        // GPTQ 4-bit in groups of 128 (the common checkpoint), the same codes' bytes.
+        let groups = c / 128;
+        // Scales and zeros per copy too, so that they are read from DRAM as well.
+        let scales: Vec<DevBuf> = (0..sets)
+            .map(|_| gpu.upload(&vec![0.01f32; r * groups]))
+            .collect::<Result<_>>()?;
+        let zeros: Vec<DevBuf> = (0..sets)
+            .map(|_| gpu.upload(&vec![8.0f32; r * groups]))
+            .collect::<Result<_>>()?;
+        for t in [1usize, 8] {
+            let ms = time(gpu, reps, sets, |i| {
+                gpu.gemvq(&Gemvq {
+                    codes: packed[i].ptr(),
+                    scales: scales[i].ptr(),
+                    zeros: zeros[i].ptr(),
+                    perm: 0,
+                    bits: 4,
+                    group_size: 128,
+                    groups,
+                    rows: r,
+                    cols: c,
+                    x: x.ptr(),
+                    t,
+                    y: y.ptr(),
+                    ld: r,
+                    accumulate: false,
+                })
+            })?;
+            let bytes = el / 2 + 2 * r * groups * 4;
+            rows.push(KernelRow {
+                name: format!("gemvq4 g128 t={t} {name} [{r}, {c}]"),
                 ms,
                 gbps: bytes as f64 / ms / 1e6,
             });

@@ -42,6 +42,14 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4s_t8",
     "gemv4x_t1",
     "gemv4x_t2",
+    "gemvq4_t1",
+    "gemvq4_t2",
+    "gemvq4_t4",
+    "gemvq4_t8",
+    "gemvq8_t1",
+    "gemvq8_t2",
+    "gemvq8_t4",
+    "gemvq8_t8",
     "softmax_causal",
     "softmax_causal_warp",
     "lora_apply",
@@ -198,6 +206,38 @@ const GM_LUT_BYTES: u32 = 2 * 256 * 32 * 4;
 const SOFTMAX_SMEM: u32 = 96 << 10;
 /// The longest row the warp-a-row softmax kernels take (kernels.cu SMW_MAX).
 pub const SOFTMAX_WARP_MAX: usize = 2048;
+/// The fused GPTQ/AWQ GEMV: warps a block (kernels.cu GQ_WARPS) and the most tokens.
+const GQ_WARPS: usize = 8;
+pub const GEMVQ_MAX_T: usize = 8;
+
+/// Whether the fused GPTQ/AWQ GEMV takes a matrix: 4- or 8-bit codes, rows of whole 32-column
+/// chunks, groups (contiguous in stored order) of whole chunks.
+pub fn gemvq_fits(bits: u8, cols: usize, group_size: usize) -> bool {
+    matches!(bits, 4 | 8)
+        && cols.is_multiple_of(32)
+        && group_size.is_multiple_of(32)
+        && group_size > 0
+}
+
+/// One fused GPTQ/AWQ GEMV: y[t, ld] (+)= x[t, cols] · W[rows, cols]ᵀ, W from `bits`-bit codes
+/// with per-group scales and zeros (`MatKind::Grouped`), x permuted by `perm` (0: none).
+pub struct Gemvq {
+    pub codes: cu::CUdeviceptr,
+    pub scales: cu::CUdeviceptr,
+    pub zeros: cu::CUdeviceptr,
+    pub perm: cu::CUdeviceptr,
+    pub bits: u8,
+    pub group_size: usize,
+    pub groups: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub x: cu::CUdeviceptr,
+    pub t: usize,
+    pub y: cu::CUdeviceptr,
+    pub ld: usize,
+    pub accumulate: bool,
+}
+
 /// The x-stationary GEMV's limits (kernels.cu GX_MAXT, GX_STAGES, GX_R).
 const GX_MAXT: usize = 512;
 const GX_SMEM_PER_THREAD: u32 = 4 * 2 * 20;
@@ -832,6 +872,42 @@ impl Gpu {
 
     pub fn launch_n(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
         self.launch(name, (n.div_ceil(256) as u32, 1), 256, args)
+    }
+
+    /// The fused GPTQ/AWQ GEMV (kernels.cu gemvq_body) for 1-8 tokens over groups that are
+    /// contiguous in stored order (`gemvq_fits`).
+    pub fn gemvq(&self, q: &Gemvq) -> Result<()> {
+        use Arg::*;
+        if q.t == 0 || q.t > GEMVQ_MAX_T || !gemvq_fits(q.bits, q.cols, q.group_size) {
+            return Err(Error::Invalid(format!(
+                "fused GPTQ/AWQ GEMV: {} tokens over [{}, {}] of {} bits in groups of {} do not fit the kernels",
+                q.t, q.rows, q.cols, q.bits, q.group_size
+            )));
+        }
+        let tk = q.t.next_power_of_two();
+        let kernel = format!("gemvq{}_t{tk}", q.bits);
+        // Enough warps to cover the rows, at most a few blocks an SM.
+        let blocks = q.rows.div_ceil(GQ_WARPS).min(self.sms as usize * 8).max(1);
+        self.launch(
+            &kernel,
+            (blocks as u32, 1),
+            (GQ_WARPS * 32) as u32,
+            &[
+                P(q.codes),
+                P(q.scales),
+                P(q.zeros),
+                P(q.perm),
+                I(q.group_size as i32),
+                I(q.groups as i32),
+                I(q.rows as i32),
+                I(q.cols as i32),
+                P(q.x),
+                I(q.t as i32),
+                P(q.y),
+                I(q.ld as i32),
+                I(q.accumulate as i32),
+            ],
+        )
     }
 
     /// The causal (windowed) softmax of `heads` blocks of score rows (kernels.cu

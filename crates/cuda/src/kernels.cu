@@ -787,6 +787,106 @@ __device__ __forceinline__ void gemv4x_body(const u8* __restrict__ packed, const
 GEMVX_KERNEL(gemv4x_t1, 1, 2)
 GEMVX_KERNEL(gemv4x_t2, 2, 1)
 
+// The fused GPTQ/AWQ GEMV for 1-8 tokens: y[k, row] (+)= Σ_c s[row, g(c)] · (q[row, c] − z[row,
+// g(c)]) · x[k, perm(c)], for groups contiguous in stored order (column c in group c / gs,
+// gs % 32 == 0; act-order checkpoints store their columns sorted by group and permute the
+// input: perm, may be null). codes [rows, cols] of BITS bits (4: two a byte, the even column in
+// the high nibble; 8: one a byte), scales and zeros f32 [rows, groups], x [t, cols] lp, y [t, ld]
+// f32. A warp a row at a time (rows strided over the grid's warps); each lane takes 32-column
+// chunks (16 bytes of 4-bit codes, two 16-byte loads of 8-bit ones) strided by the warp, so a
+// warp reads 512 contiguous bytes a step. A code becomes q − z exactly with the float trick
+// (2^23 + q as bits, minus 2^23 + z), the chunk's products are f32 FMAs, the chunk's sum is
+// scaled by its group's s; lanes add in a fixed order (warp_sum). No shared memory.
+#define GQ_WARPS 8
+template <int BITS, int T>
+__device__ __forceinline__ void gemvq_body(const u8* __restrict__ codes, const float* __restrict__ scales,
+                                           const float* __restrict__ zeros, const unsigned* __restrict__ perm,
+                                           int gs, int groups, int rows, int cols, const lp_t* __restrict__ x,
+                                           int t, float* __restrict__ y, int ld, int accumulate) {
+    const int lane = threadIdx.x & 31;
+    const int gw = blockIdx.x * GQ_WARPS + (threadIdx.x >> 5), nw = gridDim.x * GQ_WARPS;
+    const int chunks = cols / 32;
+    const long row_bytes = (long)cols * BITS / 8;
+    for (int row = gw; row < rows; row += nw) {
+        float acc[T];
+#pragma unroll
+        for (int k = 0; k < T; k++) acc[k] = 0.f;
+        const u8* rc = codes + (long)row * row_bytes;
+        const float* rs = scales + (long)row * groups;
+        const float* rz = zeros + (long)row * groups;
+#pragma unroll 2
+        for (int ch = lane; ch < chunks; ch += 32) {
+            float qz[32];
+            const int g = (ch * 32) / gs;
+            const float s = __ldg(rs + g);
+            const float off = 8388608.0f + __ldg(rz + g);
+            if (BITS == 4) {
+                uint4 u = __ldg((const uint4*)(rc + (long)ch * 16));
+                unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+#pragma unroll
+                    for (int b = 0; b < 4; b++) {
+                        unsigned byte = (w[e] >> (8 * b)) & 0xffu;
+                        qz[e * 8 + 2 * b] = __int_as_float(0x4B000000 | (byte >> 4)) - off;
+                        qz[e * 8 + 2 * b + 1] = __int_as_float(0x4B000000 | (byte & 15u)) - off;
+                    }
+            } else {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    uint4 u = __ldg((const uint4*)(rc + (long)ch * 32 + h * 16));
+                    unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+#pragma unroll
+                        for (int b = 0; b < 4; b++)
+                            qz[h * 16 + e * 4 + b] = __int_as_float(0x4B000000 | ((w[e] >> (8 * b)) & 0xffu)) - off;
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < T; k++) {
+                if (k >= t) break;
+                float xv[32];
+                if (perm) {
+#pragma unroll
+                    for (int e = 0; e < 32; e++) xv[e] = lp_to_f(x[(long)k * cols + __ldg(perm + ch * 32 + e)]);
+                } else {
+                    load_x32(x + (long)k * cols + ch * 32, xv);
+                }
+                float d = 0.f;
+#pragma unroll
+                for (int e = 0; e < 32; e++) d = fmaf(qz[e], xv[e], d);
+                acc[k] = fmaf(d, s, acc[k]);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < T; k++) {
+            if (k >= t) break;
+            float v = warp_sum(acc[k]);
+            if (lane == 0) {
+                float* o = y + (long)k * ld + row;
+                *o = accumulate ? *o + v : v;
+            }
+        }
+    }
+}
+
+#define GEMVQ_KERNEL(NAME, BITS, T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(GQ_WARPS * 32)                                           \
+    NAME(const u8* __restrict__ codes, const float* __restrict__ scales, const float* __restrict__ zeros,  \
+         const unsigned* __restrict__ perm, int gs, int groups, int rows, int cols,                        \
+         const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld, int accumulate) {               \
+        gemvq_body<BITS, T>(codes, scales, zeros, perm, gs, groups, rows, cols, x, t, y, ld, accumulate); \
+    }
+GEMVQ_KERNEL(gemvq4_t1, 4, 1)
+GEMVQ_KERNEL(gemvq4_t2, 4, 2)
+GEMVQ_KERNEL(gemvq4_t4, 4, 4)
+GEMVQ_KERNEL(gemvq4_t8, 4, 8)
+GEMVQ_KERNEL(gemvq8_t1, 8, 1)
+GEMVQ_KERNEL(gemvq8_t2, 8, 2)
+GEMVQ_KERNEL(gemvq8_t4, 8, 4)
+GEMVQ_KERNEL(gemvq8_t8, 8, 8)
+
 // The tensor-core 4-bit GEMV (gemv4m, bf16 mode, 1 ≤ t ≤ 8 tokens at the cost of one): each
 // warp computes a 16-row × 8-token tile with mma.m16n8k16 (bf16 in, f32 accumulate), the
 // weights as the A operand and the tokens' activations as B (columns past t are zero). Each

@@ -12,8 +12,9 @@ mod gpu;
 mod model;
 
 pub use gpu::{
-    compile, compile_source, device_count, gemv4_fits, gemv4_kernel, gemv4m_fits, nvrtc_present,
-    Arg, DevBuf, Dt, Gemv4, Gpu, Graph, GEMV_MAX_T, KERNELS, KERNEL_NAMES,
+    compile, compile_source, device_count, gemv4_fits, gemv4_kernel, gemv4m_fits, gemvq_fits,
+    nvrtc_present, Arg, DevBuf, Dt, Gemv4, Gemvq, Gpu, Graph, GEMVQ_MAX_T, GEMV_MAX_T, KERNELS,
+    KERNEL_NAMES,
 };
 pub use model::train::{CudaTrainer, Recompute};
 pub use model::{CudaDecoder, CudaModel, CudaOptions, Seq, KV_BLOCK};

@@ -9,7 +9,7 @@ use qlora_quant::GgmlType;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::gpu::Gemv4;
+use crate::gpu::{gemvq_fits, Gemv4, Gemvq, GEMVQ_MAX_T};
 
 pub mod train;
 
@@ -124,7 +124,8 @@ enum MatKind {
     /// cb int8 [rows, cols], scb f32 [rows]
     Int8 { cb: DevBuf, scb: DevBuf },
     /// GPTQ/AWQ: codes [rows, cols] of `bits` bits, g_idx u32 [cols], perm u32 [cols] (act
-    /// order), scales and zeros f32 [rows, groups] (`qlora_engine::Groups`)
+    /// order), scales and zeros f32 [rows, groups] (`qlora_engine::Groups`); `contiguous`: the
+    /// group size when stored column c is in group c / size
     Grouped {
         codes: DevBuf,
         g_idx: DevBuf,
@@ -133,6 +134,7 @@ enum MatKind {
         zeros: DevBuf,
         groups: usize,
         bits: u8,
+        contiguous: Option<usize>,
     },
 }
 
@@ -490,6 +492,7 @@ fn upload_mat(gpu: &Gpu, ws: &[&Weight], col0: usize) -> Result<DevMat> {
                 zeros: upload_stacked(gpu, ws, |w| gr(w).zeros.as_slice())?,
                 groups: gr(ws[0]).groups,
                 bits,
+                contiguous: gr(ws[0]).contiguous,
             }
         }
         WeightFormat::Ggml(_) => {
@@ -1633,6 +1636,34 @@ impl CudaModel {
                     }
                     self.dequantized(mat)?
                 }
+                MatKind::Grouped {
+                    codes,
+                    perm,
+                    scales,
+                    zeros,
+                    groups,
+                    bits,
+                    contiguous: Some(gs),
+                    ..
+                } if t <= GEMVQ_MAX_T && gemvq_fits(*bits, mat.cols, *gs) => {
+                    g.gemvq(&Gemvq {
+                        codes: codes.ptr(),
+                        scales: scales.ptr(),
+                        zeros: zeros.ptr(),
+                        perm: perm.as_ref().map_or(0, |p| p.ptr()),
+                        bits: *bits,
+                        group_size: *gs,
+                        groups: *groups,
+                        rows: mat.rows,
+                        cols: mat.cols,
+                        x,
+                        t,
+                        y: yc,
+                        ld: ldy,
+                        accumulate,
+                    })?;
+                    continue;
+                }
                 MatKind::Int8 { .. } | MatKind::Grouped { .. } => self.dequantized(mat)?,
                 MatKind::Dense(w) => w.ptr(),
             };
@@ -1840,6 +1871,7 @@ impl CudaModel {
                 zeros,
                 groups,
                 bits,
+                ..
             } => {
                 g.launch_n(
                     "dequant_grouped",

@@ -883,6 +883,125 @@ fn dequantization_is_bit_exact() {
     }
 }
 
+/// The fused GPTQ/AWQ GEMV against the CPU's product on the lp-rounded input: 4- and 8-bit
+/// codes, groups of 32 to a whole row, act-order (columns sorted by group, the input permuted),
+/// odd row counts, 1-8 tokens, writing and accumulating into a wider output. The weights are
+/// exact in both precisions, so both are held to 1e-5.
+#[test]
+fn fused_grouped_gemv() {
+    for g in gpus() {
+        for bits in [4u8, 8] {
+            for (rows, cols, groups, act_order) in [
+                (37usize, 256usize, 8usize, false),
+                (64, 1024, 8, false),
+                (19, 512, 1, false),
+                (40, 256, 4, true),
+                (33, 1024, 16, true),
+            ] {
+                let n = rows * cols;
+                let seed = 60 + bits as u64 + rows as u64;
+                let codes: Vec<u8> = rand(seed, if bits == 8 { n } else { n / 2 })
+                    .iter()
+                    .map(|v| ((v + 1.0) * 127.9) as u8)
+                    .collect();
+                let gs = cols / groups;
+                let g_idx: Vec<u32> = if act_order {
+                    // Coprime with the group count: every group gets cols / groups columns.
+                    (0..cols).map(|c| ((c * 7 + 3) % groups) as u32).collect()
+                } else {
+                    (0..cols).map(|c| (c / gs) as u32).collect()
+                };
+                let scales: Vec<f32> = rand(seed + 1, rows * groups)
+                    .iter()
+                    .map(|v| half::f16::from_f32(v * 0.05).to_f32())
+                    .collect();
+                let zmax = if bits == 8 { 256.0 } else { 16.0 };
+                let zeros: Vec<f32> = rand(seed + 2, rows * groups)
+                    .iter()
+                    .map(|v| ((v + 1.0) * 0.5 * zmax).floor())
+                    .collect();
+                let w = Weight::grouped(
+                    bits,
+                    rows,
+                    cols,
+                    Arc::new(codes),
+                    qlora_engine::Groups::new(g_idx, groups, scales.clone(), zeros.clone()),
+                )
+                .unwrap();
+                let gr = w.groups().unwrap();
+                let size = gr.contiguous.expect("groups contiguous in stored order");
+                assert_eq!(gr.perm.is_some(), act_order);
+                assert!(qlora_cuda::gemvq_fits(bits, cols, size));
+                let (bc, bs, bz) = (
+                    g.upload(w.bytes()).unwrap(),
+                    up(&g, &gr.scales),
+                    up(&g, &gr.zeros),
+                );
+                let bp = gr.perm.as_ref().map(|p| g.upload(p).unwrap());
+                for t in [1usize, 2, 3, 5, 8] {
+                    let x = rand(seed + 3 + t as u64, t * cols);
+                    let x_lp = lp_round(g.precision, &x);
+                    let mut want = vec![0f32; t * rows];
+                    ops::linear(&x_lp, t, &w, &mut want);
+                    let bx = up_lp(&g, &x);
+                    let ld = rows + 3;
+                    for accumulate in [false, true] {
+                        let base = rand(seed + 9, t * ld);
+                        let by = if accumulate {
+                            up(&g, &base)
+                        } else {
+                            poison(&g, t * ld)
+                        };
+                        g.gemvq(&qlora_cuda::Gemvq {
+                            codes: bc.ptr(),
+                            scales: bs.ptr(),
+                            zeros: bz.ptr(),
+                            perm: bp.as_ref().map_or(0, |b| b.ptr()),
+                            bits,
+                            group_size: size,
+                            groups,
+                            rows,
+                            cols,
+                            x: bx.ptr(),
+                            t,
+                            y: by.ptr(),
+                            ld,
+                            accumulate,
+                        })
+                        .unwrap();
+                        let all = down(&g, &by, t * ld);
+                        let (mut got, mut exp) = (Vec::new(), Vec::new());
+                        for k in 0..t {
+                            for r in 0..rows {
+                                got.push(all[k * ld + r]);
+                                exp.push(
+                                    want[k * rows + r]
+                                        + if accumulate { base[k * ld + r] } else { 0.0 },
+                                );
+                            }
+                            // The columns past the rows stay untouched.
+                            for r in rows..ld {
+                                let v = all[k * ld + r];
+                                if accumulate {
+                                    assert_eq!(v.to_bits(), base[k * ld + r].to_bits());
+                                } else {
+                                    assert!(v.is_nan(), "gemvq wrote past its rows");
+                                }
+                            }
+                        }
+                        let e = rel("gemvq", &got, &exp);
+                        assert!(
+                            e <= 1e-5,
+                            "gemvq {bits}-bit [{rows}, {cols}] groups {groups} act-order {act_order} t {t} accumulate {accumulate} ({:?}): {e:.3e}",
+                            g.precision
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A random 4-bit matrix and input on the device, and the CPU op's output on the lp-rounded
 /// input (the GPU reads lp activations).
 struct GemvCase {
