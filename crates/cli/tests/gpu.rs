@@ -166,9 +166,9 @@ fn gptq_and_awq_bases_with_and_without_adapters_match_the_cpu() {
             ];
             base.extend(extra.iter().cloned());
             let cpu = logits(&base, "gptq-cpu");
-            // The whole prompt at once (dequantized per matrix), and in chunks of 1 and 5
+            // The whole prompt at once (dequantized per matrix), and in chunks of 1 and 2
             // tokens (the fused GPTQ/AWQ GEMV where the groups allow it).
-            for chunk in [None, Some("1"), Some("5")] {
+            for chunk in [None, Some("1"), Some("2")] {
                 for (prec, budget) in [("f32", F32_LOGITS), ("bf16", BF16_LOGITS)] {
                     let mut a = base.clone();
                     a.extend([

@@ -209,6 +209,10 @@ pub const SOFTMAX_WARP_MAX: usize = 2048;
 /// The fused GPTQ/AWQ GEMV: warps a block (kernels.cu GQ_WARPS) and the most tokens.
 const GQ_WARPS: usize = 8;
 pub const GEMVQ_MAX_T: usize = 8;
+/// The most tokens a linear sends to the fused GPTQ/AWQ GEMV rather than dequantizing and
+/// multiplying: the kernel re-reads its input for each token, so by 8 tokens it was 1.8× slower
+/// than dequantize + cuBLAS (run 35: gate+up 44.9 µs at 1 token, 268.7 at 8, against ≈ 150).
+pub const GEMVQ_DISPATCH_MAX_T: usize = 2;
 
 /// Whether the fused GPTQ/AWQ GEMV takes a matrix: 4- or 8-bit codes, rows of whole 32-column
 /// chunks, groups (contiguous in stored order) of whole chunks.

@@ -9,7 +9,7 @@ use qlora_quant::GgmlType;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::gpu::{gemvq_fits, Gemv4, Gemvq, GEMVQ_MAX_T};
+use crate::gpu::{gemvq_fits, Gemv4, Gemvq, GEMVQ_DISPATCH_MAX_T};
 
 pub mod train;
 
@@ -1645,7 +1645,7 @@ impl CudaModel {
                     bits,
                     contiguous: Some(gs),
                     ..
-                } if t <= GEMVQ_MAX_T && gemvq_fits(*bits, mat.cols, *gs) => {
+                } if t <= GEMVQ_DISPATCH_MAX_T && gemvq_fits(*bits, mat.cols, *gs) => {
                     g.gemvq(&Gemvq {
                         codes: codes.ptr(),
                         scales: scales.ptr(),
