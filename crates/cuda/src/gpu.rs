@@ -430,6 +430,10 @@ pub struct Gpu {
     _module: cu::CUmodule,
     funcs: HashMap<&'static str, cu::CUfunction>,
     pub compile_s: f64,
+    /// Whether kernels launch with programmatic stream serialization (sm_90+, unless
+    /// QLORA_PDL=0): each may start while the one before it finishes, and waits in
+    /// `qlora_grid_wait` (kernels.cu) before touching memory.
+    pub pdl: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -579,6 +583,7 @@ impl Gpu {
                 _module: module,
                 funcs,
                 compile_s,
+                pdl: arch.0 >= 9 && std::env::var_os("QLORA_PDL").is_none_or(|v| v != "0"),
             }))
         }
     }
@@ -710,6 +715,33 @@ impl Gpu {
             .iter_mut()
             .map(|v| v.as_mut_ptr() as *mut c_void)
             .collect();
+        if self.pdl {
+            let mut attr = cu::CUlaunchAttribute {
+                id: cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: cu::CUlaunchAttributeValue {
+                    programmaticStreamSerializationAllowed: 1,
+                },
+            };
+            let config = cu::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: 1,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: self.stream,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            return unsafe {
+                check(
+                    cu::cuLaunchKernelEx(&config, f, ptrs.as_mut_ptr(), std::ptr::null_mut()),
+                    name,
+                )
+            };
+        }
         unsafe {
             check(
                 cu::cuLaunchKernel(

@@ -30,6 +30,16 @@ __device__ __forceinline__ float lp_to_f(lp_t v) { return v; }
 __device__ __forceinline__ lp_t f_to_lp(float v) { return v; }
 #endif
 
+// Programmatic dependent launch (sm_90+): the host may let a kernel start while the one
+// before it on the stream finishes (its blocks are scheduled and run up to here); every kernel
+// waits here, before its first memory access, until the previous grid has completed and its
+// writes are visible. Without that launch attribute (and before sm_90) it does nothing.
+__device__ __forceinline__ void qlora_grid_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -79,6 +89,7 @@ __device__ __forceinline__ long div_block(long i, int d, int shift) { return shi
 // x[i, :] = table[ids[i], :]   ids [t], table [v, d] lp, x [t, d] f32
 extern "C" __global__ void embed(const lp_t* __restrict__ table, const int* __restrict__ ids,
                                  float* __restrict__ x, int d) {
+    qlora_grid_wait();
     const lp_t* row = table + (long)ids[blockIdx.x] * d;
     float* out = x + (long)blockIdx.x * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = lp_to_f(row[j]);
@@ -91,6 +102,7 @@ extern "C" __global__ void embed(const lp_t* __restrict__ table, const int* __re
 #define RMS_PER 8
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ g,
                                     float eps, int d, lp_t* __restrict__ y, float* __restrict__ y32) {
+    qlora_grid_wait();
     __shared__ float shm[32];
     const float* xr = x + (long)blockIdx.x * d;
     const int bd = blockDim.x, tid = threadIdx.x;
@@ -126,6 +138,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 
 // a += b   (n elements)
 extern "C" __global__ void add_f32(float* __restrict__ a, const float* __restrict__ b, long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) a[i] += b[i];
 }
@@ -133,16 +146,19 @@ extern "C" __global__ void add_f32(float* __restrict__ a, const float* __restric
 // y[i, :] += bias   y [t, ld] (the first n columns from col0)
 extern "C" __global__ void add_bias(float* __restrict__ y, int ld, int col0,
                                     const float* __restrict__ bias, int n) {
+    qlora_grid_wait();
     float* yr = y + (long)blockIdx.x * ld + col0;
     for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] += bias[j];
 }
 
 // out = lp(x)  /  out = f32(x)
 extern "C" __global__ void f32_to_lp(const float* __restrict__ x, lp_t* __restrict__ out, long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f_to_lp(x[i]);
 }
 extern "C" __global__ void lp_to_f32(const lp_t* __restrict__ x, float* __restrict__ out, long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = lp_to_f(x[i]);
 }
@@ -151,6 +167,7 @@ extern "C" __global__ void lp_to_f32(const lp_t* __restrict__ x, float* __restri
 // out32 (may be null) [t, f] gets out widened to f32 (the adapters' input).
 extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __restrict__ out, long n,
                                   float* __restrict__ out32) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long tok, j;
@@ -171,6 +188,7 @@ extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads
                                       const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                       const int* __restrict__ pos, const int* __restrict__ slot,
                                       lp_t* __restrict__ kc, lp_t* __restrict__ vc, lp_t* __restrict__ qkv_lp) {
+    qlora_grid_wait();
     int tok = blockIdx.x, head = blockIdx.y, half = hd / 2, j = threadIdx.x;
     if (j >= half) return;
     float* hp = qkv + (long)tok * ld + (long)head * hd;  // k heads follow q heads, v follow k
@@ -205,6 +223,7 @@ extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads
 // pass reads them again. Both give the same bits.
 extern "C" __global__ void softmax_causal(const float* __restrict__ S, int ld, long hstride, int window,
                                           lp_t* __restrict__ P, int qoff, int staged) {
+    qlora_grid_wait();
     extern __shared__ float sm_row[];
     __shared__ float shm[32];
     int r = blockIdx.x, h = blockIdx.y, i = r + qoff;
@@ -256,6 +275,7 @@ attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, co
           const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,
           int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale,
           lp_t* __restrict__ out, float* __restrict__ out32) {
+    qlora_grid_wait();
     __shared__ float qs[256];
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wacc[ATT_WARPS][256];
@@ -344,6 +364,7 @@ attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, co
 extern "C" __global__ void dequant4(const u8* __restrict__ packed, const float* __restrict__ absmax,
                                     const float* __restrict__ code, int blocksize, long n,
                                     lp_t* __restrict__ out) {
+    qlora_grid_wait();
     __shared__ float cs[16];
     if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
@@ -362,6 +383,7 @@ extern "C" __global__ void dequant4(const u8* __restrict__ packed, const float* 
 extern "C" __global__ void dequant4_x32(const unsigned* __restrict__ packed, const float* __restrict__ absmax,
                                         const float* __restrict__ code, int blocksize, long n32,
                                         lp_t* __restrict__ out) {
+    qlora_grid_wait();
     __shared__ float cs[16];
     if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
     __syncthreads();
@@ -405,6 +427,7 @@ extern "C" __global__ void dequant4_x32(const unsigned* __restrict__ packed, con
 // LLM.int8: element (r, j) = (q * SCB[r]) * (1/127).   cb [rows, cols] int8, out lp
 extern "C" __global__ void dequant_int8(const signed char* __restrict__ cb, const float* __restrict__ scb,
                                         int cols, long n, lp_t* __restrict__ out) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     out[i] = f_to_lp(__fmul_rn(__fmul_rn((float)cb[i], scb[i / cols]), 7.874016e-3f));
@@ -421,6 +444,7 @@ extern "C" __global__ void dequant_grouped(const unsigned char* __restrict__ cod
                                            const float* __restrict__ scales,
                                            const float* __restrict__ zeros, int cols, int groups,
                                            int bits, long n, lp_t* __restrict__ out) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long r, c;
@@ -578,6 +602,7 @@ __device__ __forceinline__ void gemv4_body(const u8* __restrict__ packed, const 
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
+        qlora_grid_wait();                                                                                \
         gemv4_body<T, PIPE>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);      \
     }
 GEMV_KERNEL(gemv4_t1, 1, true)
@@ -679,6 +704,7 @@ __device__ __forceinline__ void gemv4s_body(const u8* __restrict__ packed, const
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
+        qlora_grid_wait();                                                                                \
         gemv4s_body<T>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);           \
     }
 GEMVS_KERNEL(gemv4s_t1, 1)
@@ -782,6 +808,7 @@ __device__ __forceinline__ void gemv4x_body(const u8* __restrict__ packed, const
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
+        qlora_grid_wait();                                                                                \
         gemv4x_body<T>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);           \
     }
 GEMVX_KERNEL(gemv4x_t1, 1, 2)
@@ -876,6 +903,7 @@ __device__ __forceinline__ void gemvq_body(const u8* __restrict__ codes, const f
     NAME(const u8* __restrict__ codes, const float* __restrict__ scales, const float* __restrict__ zeros,  \
          const unsigned* __restrict__ perm, int gs, int groups, int rows, int cols,                        \
          const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld, int accumulate) {               \
+        qlora_grid_wait();                                                                                 \
         gemvq_body<BITS, T>(codes, scales, zeros, perm, gs, groups, rows, cols, x, t, y, ld, accumulate); \
     }
 GEMVQ_KERNEL(gemvq4_t1, 4, 1)
@@ -965,6 +993,7 @@ extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 2)
 gemv4m4(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
         int accumulate) {
+    qlora_grid_wait();
     extern __shared__ uint2 lut[];  // GM_LUT_BYTES: gm_fill_lut's table
     __shared__ float red[GM_WARPS][16][8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1053,6 +1082,7 @@ extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 3)
 gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
        int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
        int accumulate) {
+    qlora_grid_wait();
     extern __shared__ uint2 lut[];  // GM_LUT_BYTES: gm_fill_lut's table
     __shared__ float red[GM_WARPS][16][8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1146,6 +1176,7 @@ gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
 extern "C" __global__ void lora_apply(float* __restrict__ y, int ld, int col0, const float* __restrict__ d,
                                       int n, const float* __restrict__ bb, const float* __restrict__ f,
                                       const float* __restrict__ bias, float s) {
+    qlora_grid_wait();
     float* yr = y + (long)blockIdx.x * ld + col0;
     const float* dr = d + (long)blockIdx.x * n;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
@@ -1170,6 +1201,7 @@ extern "C" __global__ void lora_apply(float* __restrict__ y, int ld, int col0, c
 extern "C" __global__ void bgmv_shrink(const float* __restrict__ x, int d_in, int t, const int* __restrict__ row_set,
                                        const unsigned long long* __restrict__ table, float* __restrict__ h,
                                        int ldh) {
+    qlora_grid_wait();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int i0 = blockIdx.x * BG_ROWS, j = blockIdx.y * 8 + warp;
     const float* a[BG_ROWS];
@@ -1217,6 +1249,7 @@ extern "C" __global__ void bgmv_shrink(const float* __restrict__ x, int d_in, in
 extern "C" __global__ void bgmv_expand(const float* __restrict__ h, int ldh, int t, const int* __restrict__ row_set,
                                        const unsigned long long* __restrict__ table, float* __restrict__ y,
                                        int ldy) {
+    qlora_grid_wait();
     __shared__ float sh[BG_EROWS][BG_MAXR];
     const int i0 = blockIdx.y * BG_EROWS, c = blockIdx.x * blockDim.x + threadIdx.x;
     const int rows = min(BG_EROWS, t - i0);
@@ -1242,12 +1275,14 @@ extern "C" __global__ void bgmv_expand(const float* __restrict__ h, int ldh, int
 // Embedding adapters: h[i, :] = a_t[ids[i], :]   a_t [vocab, r] f32, h [t, r]
 extern "C" __global__ void gather_rows(const float* __restrict__ a_t, const int* __restrict__ ids, int r,
                                        float* __restrict__ h) {
+    qlora_grid_wait();
     for (int j = threadIdx.x; j < r; j += blockDim.x) h[(long)blockIdx.x * r + j] = a_t[(long)ids[blockIdx.x] * r + j];
 }
 
 // x += s·d, or DoRA's x = x·f + f·(d·s).   x, d [t, dim]
 extern "C" __global__ void embed_lora_apply(float* __restrict__ x, const float* __restrict__ d, int dim,
                                             const float* __restrict__ f, float s) {
+    qlora_grid_wait();
     float* xr = x + (long)blockIdx.x * dim;
     const float* dr = d + (long)blockIdx.x * dim;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
@@ -1259,6 +1294,7 @@ extern "C" __global__ void embed_lora_apply(float* __restrict__ x, const float* 
 // ---------------------------------------------------------------------------------------------
 // Sampling: greedy argmax on the device (first index of the maximum, as the CPU's).
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int v, int* __restrict__ out) {
+    qlora_grid_wait();
     __shared__ float bv[1024];
     __shared__ int bi[1024];
     const float* row = logits + (long)blockIdx.x * v;
@@ -1287,6 +1323,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int v, 
 
 // Fill with a value (poisoning outputs in tests, clearing buffers).
 extern "C" __global__ void fill_f32(float* __restrict__ a, float v, long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) a[i] = v;
 }
@@ -1314,6 +1351,7 @@ __device__ float block_max(float v, float* shm) {
 // Grid (t, heads), block ≥ hd/2 threads.
 extern "C" __global__ void rope_rows(float* __restrict__ x, int ld, int hd, const float* __restrict__ cos_t,
                                      const float* __restrict__ sin_t, const int* __restrict__ pos, float sign) {
+    qlora_grid_wait();
     int tok = blockIdx.x, half = hd / 2, j = threadIdx.x;
     if (j >= half) return;
     float* hp = x + (long)tok * ld + (long)blockIdx.y * hd;
@@ -1328,6 +1366,7 @@ extern "C" __global__ void rope_rows(float* __restrict__ x, int ld, int hd, cons
 // (the residual's gradient and the norm's, summed in place). x, dy, dx [t, d] f32; a block a row.
 extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float* __restrict__ g, float eps,
                                         int d, const float* __restrict__ dy, float* __restrict__ dx) {
+    qlora_grid_wait();
     __shared__ float shm[32];
     long o = (long)blockIdx.x * d;
     float ss = 0.f, dot = 0.f;
@@ -1349,6 +1388,7 @@ extern "C" __global__ void rms_norm_bwd(const float* __restrict__ x, const float
 // null) [t, f] each the same in lp.
 extern "C" __global__ void swiglu_bwd(const float* gu, int f, const float* __restrict__ da, float* dgu, long n,
                                       lp_t* __restrict__ dg_lp, lp_t* __restrict__ du_lp) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long tok, j;
@@ -1372,6 +1412,7 @@ extern "C" __global__ void swiglu_bwd(const float* gu, int f, const float* __res
 extern "C" __global__ void __launch_bounds__(256)
 softmax_causal_warp(const float* __restrict__ S, int ld, long hstride, int window, lp_t* __restrict__ P,
                     int qoff, int rows) {
+    qlora_grid_wait();
     int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), h = blockIdx.y;
     if (r >= rows) return;
     int i = r + qoff;
@@ -1414,6 +1455,7 @@ softmax_causal_warp(const float* __restrict__ S, int ld, long hstride, int windo
 // visible keys are read once into dynamic shared memory (2·ld floats). Grid (rows, heads).
 extern "C" __global__ void softmax_bwd(lp_t* __restrict__ P, const float* __restrict__ dP, int ld, long hstride,
                                        lp_t* __restrict__ lo, int qoff, int staged) {
+    qlora_grid_wait();
     extern __shared__ float sm_pd[];
     __shared__ float shm[32];
     int r = blockIdx.x, h = blockIdx.y;
@@ -1448,6 +1490,7 @@ extern "C" __global__ void softmax_bwd(lp_t* __restrict__ P, const float* __rest
 // logsumexp(z) − z[label] (0 without a label). A block a row.
 extern "C" __global__ void cross_entropy(float* __restrict__ z, int v, const int* __restrict__ labels,
                                          float scale, float* __restrict__ loss) {
+    qlora_grid_wait();
     __shared__ float shm[32];
     float* zr = z + (long)blockIdx.x * v;
     int y = labels[blockIdx.x];
@@ -1486,6 +1529,7 @@ __device__ __forceinline__ float hash_uniform(unsigned long long ms, unsigned lo
 // about 16 bits.
 extern "C" __global__ void split_lp(const float* __restrict__ x, lp_t* __restrict__ hi, lp_t* __restrict__ lo,
                                     long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     lp_t h = f_to_lp(x[i]);
@@ -1496,6 +1540,7 @@ extern "C" __global__ void split_lp(const float* __restrict__ x, lp_t* __restric
 // The same split row by row: x [rows, r] f32 → out [rows, 2r] lp, each row its r high parts
 // then its r low parts. n = rows · r.
 extern "C" __global__ void split_rows_lp(const float* __restrict__ x, int r, lp_t* __restrict__ out, long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long row, j;
@@ -1508,6 +1553,7 @@ extern "C" __global__ void split_rows_lp(const float* __restrict__ x, int r, lp_
 // h [rows, r] = h2[:, :r] + h2[:, r:]   (h2 [rows, 2r] f32: the products with the high and low
 // parts). n = rows · r.
 extern "C" __global__ void sum_halves(const float* __restrict__ h2, int r, float* __restrict__ h, long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long row, j;
@@ -1517,12 +1563,14 @@ extern "C" __global__ void sum_halves(const float* __restrict__ h2, int r, float
 
 // g [n] += g2[0 .. n) + g2[n .. 2n)   (a gradient from the products with the high and low parts)
 extern "C" __global__ void add_halves(float* __restrict__ g, const float* __restrict__ g2, long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) g[i] += g2[i] + g2[n + i];
 }
 
 // Zeroes columns [c0, c0 + nc) of rows x [rows, ld] f32. n = rows · nc.
 extern "C" __global__ void zero_cols(float* __restrict__ x, int ld, int c0, int nc, long n) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[(i / nc) * ld + c0 + i % nc] = 0.f;
 }
@@ -1531,6 +1579,7 @@ extern "C" __global__ void zero_cols(float* __restrict__ x, int ld, int c0, int 
 // into the products' alpha, so out stays exact in lp). Same mask as adapter_in.
 extern "C" __global__ void drop_lp(const lp_t* __restrict__ x, lp_t* __restrict__ out, long n,
                                    unsigned long long seed, long i0, float p) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     out[i] = hash_uniform(seed, (unsigned long long)(i0 + i)) >= p ? x[i] : f_to_lp(0.f);
@@ -1541,6 +1590,7 @@ extern "C" __global__ void drop_lp(const lp_t* __restrict__ x, lp_t* __restrict_
 // one (i0: the first element's index in the whole input, for row chunks). x, out [n].
 extern "C" __global__ void adapter_in(const lp_t* __restrict__ x, float* __restrict__ out, long n,
                                       unsigned long long seed, long i0, float p, float scale) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float v = lp_to_f(x[i]);
@@ -1551,6 +1601,7 @@ extern "C" __global__ void adapter_in(const lp_t* __restrict__ x, float* __restr
 // dx += the gradient of the dropped-out input back through the same mask.   dx, dxd [n]
 extern "C" __global__ void dropout_add(float* __restrict__ dx, const float* __restrict__ dxd, long n,
                                        unsigned long long seed, long i0, float p, float scale) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     if (hash_uniform(seed, (unsigned long long)(i0 + i)) >= p) dx[i] += dxd[i] * scale;
@@ -1559,6 +1610,7 @@ extern "C" __global__ void dropout_add(float* __restrict__ dx, const float* __re
 // Σ x² of n elements in f64, in a fixed order: block b sums elements b, b + grid, … (a
 // thread's share in order, then the block's tree) into out[b]; the host adds the blocks.
 extern "C" __global__ void sumsq_f64(const float* __restrict__ x, long n, double* __restrict__ out) {
+    qlora_grid_wait();
     __shared__ double shm[256];
     double s = 0.0;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
@@ -1578,6 +1630,7 @@ extern "C" __global__ void sumsq_f64(const float* __restrict__ x, long n, double
 extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                                  float* __restrict__ v, long n, float coef, float decay, float b1, float b2,
                                  float eps, float step_size, float bc2_sqrt) {
+    qlora_grid_wait();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float gr = coef < 1.0f ? g[i] * coef : g[i];
