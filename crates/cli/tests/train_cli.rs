@@ -503,3 +503,173 @@ fn a_generation_prompt_longer_than_the_assistant_turn_is_an_error() {
         "{err}"
     );
 }
+
+/// `qlora train` as one rank of a data-parallel group, in the background.
+fn spawn_rank(
+    base: &Path,
+    data: &Path,
+    out: &Path,
+    addr: &str,
+    rank: usize,
+    extra: &[&str],
+) -> std::process::Child {
+    let mut args: Vec<String> = vec![
+        "train",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "--lr",
+        "5e-3",
+        "--steps",
+        "4",
+        "--batch-size",
+        "1",
+        "--seed",
+        "3",
+        "--dropout",
+        "0.1",
+        "--dist-addr",
+        addr,
+        "--dist-world",
+        "2",
+        "--dist-timeout",
+        "60",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    args.extend(["--dist-rank".into(), rank.to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    std::process::Command::new(qlora_bin())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Two ranks (processes) of one step's micro-batches against one process that takes both:
+/// the same adapter within f32 rounding (more micro-batches a rank sum in another order than
+/// one process; with one each, as here, the order is the same and so are the bits), two
+/// two-rank runs byte-identical, and only rank 0 writing its run directory.
+#[test]
+fn data_parallel_ranks_train_the_adapter_one_process_trains() {
+    let base = tiny_with_tokenizer("train-dp");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    let one = tmp.join("dp-one");
+    let o = train(
+        &base,
+        &data,
+        &one,
+        &["--batch-size", "1", "--grad-accum", "2"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut finals = Vec::new();
+    for run in ["dp-a", "dp-b"] {
+        let (out0, out1) = (tmp.join(run), tmp.join(format!("{run}-rank1")));
+        let addr = free_addr();
+        let r0 = spawn_rank(&base, &data, &out0, &addr, 0, &[]);
+        let r1 = spawn_rank(&base, &data, &out1, &addr, 1, &[]);
+        let (o0, o1) = (
+            r0.wait_with_output().unwrap(),
+            r1.wait_with_output().unwrap(),
+        );
+        assert!(o0.status.success(), "rank 0: {}", stderr(&o0));
+        assert!(o1.status.success(), "rank 1: {}", stderr(&o1));
+        assert!(
+            stderr(&o0).contains("over 2 data-parallel ranks"),
+            "{}",
+            stderr(&o0)
+        );
+        assert!(!out1.exists(), "rank 1 wrote its --out");
+        assert!(stderr(&o1).is_empty(), "rank 1 said: {}", stderr(&o1));
+        finals.push(std::fs::read(out0.join("final/adapter_model.safetensors")).unwrap());
+        assert!(out0.join("checkpoint-4/optimizer.safetensors").exists());
+    }
+    assert_eq!(finals[0], finals[1], "two two-rank runs differ");
+    let f = qlora_io::SafetensorsFile::open(&tmp.join("dp-one/final/adapter_model.safetensors"))
+        .unwrap();
+    let mut worst = 0f32;
+    for t in &f.tensors {
+        let (_, want) = read_f32(&one.join("final/adapter_model.safetensors"), &t.name);
+        let (_, got) = read_f32(&tmp.join("dp-a/final/adapter_model.safetensors"), &t.name);
+        let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let d = want
+            .iter()
+            .zip(&got)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst = worst.max(d / scale);
+    }
+    assert!(worst <= 1e-4, "two ranks vs one process: {worst:.3e}");
+    eprintln!("two ranks vs one process, 4 AdamW steps: max relative {worst:.2e}");
+}
+
+#[test]
+fn data_parallel_failures_are_clear_and_bounded() {
+    let base = tiny_with_tokenizer("train-dp-fail");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    // A rank whose partner never comes stops after --dist-timeout, naming the missing rank.
+    let t0 = std::time::Instant::now();
+    let addr = free_addr();
+    let r0 = spawn_rank(
+        &base,
+        &data,
+        &tmp.join("dp-alone"),
+        &addr,
+        0,
+        &["--dist-timeout", "2"],
+    );
+    let o = r0.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("rank(s) 1 did not join within 2 s"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60));
+    // Ranks of different jobs (other targets: other gradient sizes) refuse each other.
+    let addr = free_addr();
+    let r0 = spawn_rank(&base, &data, &tmp.join("dp-mis0"), &addr, 0, &[]);
+    let r1 = spawn_rank(
+        &base,
+        &data,
+        &tmp.join("dp-mis1"),
+        &addr,
+        1,
+        &["--targets", "q_proj"],
+    );
+    let (o0, o1) = (
+        r0.wait_with_output().unwrap(),
+        r1.wait_with_output().unwrap(),
+    );
+    assert!(!o0.status.success() && !o1.status.success());
+    assert!(
+        stderr(&o0).contains("not running the same job"),
+        "{}",
+        stderr(&o0)
+    );
+    // --gpus is for GPUs.
+    let o = train(&base, &data, &tmp.join("dp-gpus"), &["--gpus", "0,1"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("use it with --device cuda"),
+        "{}",
+        stderr(&o)
+    );
+}

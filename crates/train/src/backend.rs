@@ -66,6 +66,19 @@ pub trait LossBackend {
             "this backend does not keep the adapters on its device".into(),
         ))
     }
+    /// The accumulated gradients as one vector (every A in the adapters' order, then every B),
+    /// for a data-parallel sum across ranks.
+    fn resident_grads(&mut self, _out: &mut Vec<f32>) -> Result<()> {
+        Err(crate::Error::Backend(
+            "this backend does not keep the adapters on its device".into(),
+        ))
+    }
+    /// Replaces the accumulated gradients by `v` (the layout of `resident_grads`).
+    fn resident_set_grads(&mut self, _v: &[f32]) -> Result<()> {
+        Err(crate::Error::Backend(
+            "this backend does not keep the adapters on its device".into(),
+        ))
+    }
     /// Copies the adapters and the optimizer's moments back to the host (checkpoints, the end).
     fn resident_store(&mut self, _ad: &mut Adapters, _opt: &mut AdamW) -> Result<()> {
         Err(crate::Error::Backend(

@@ -2,10 +2,12 @@
 //! adapter gradients with per-layer recomputation and packed sequences; `backend`: the device
 //! seam the loop computes them through (CPU here, CUDA in qlora-cuda); `optim`: AdamW as
 //! PyTorch's, schedules, clipping; `data`: JSONL training formats; `run`: the loop, checkpoints,
-//! metrics and the loss plot.
+//! metrics and the loss plot; `dist`: data-parallel ranks (a TCP group summing gradients in
+//! rank order).
 
 pub mod backend;
 pub mod data;
+pub mod dist;
 mod error;
 pub mod grad;
 pub mod optim;

@@ -4,7 +4,8 @@
 
 use crate::backend::{CpuBackend, LossBackend};
 use crate::data::Example;
-use crate::grad::{Adapters, LoraParam, Noise};
+use crate::dist::Collective;
+use crate::grad::{Adapters, Grads, LoraParam, Noise};
 use crate::optim::{clip_grad_norm, AdamW, Schedule};
 use crate::{Error, Result};
 use qlora_io::{write_peft_adapter, write_safetensors, ElementType, PeftLoraConfig, WriteTensor};
@@ -404,6 +405,59 @@ pub fn train_on(
     start_step: usize,
     on_progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
+    train_ranks(
+        backend,
+        None,
+        model,
+        ad,
+        opt,
+        data,
+        eval,
+        o,
+        out,
+        start_step,
+        on_progress,
+    )
+}
+
+/// The adapters' gradients as one vector (every A in the adapters' order, then every B).
+fn flatten(g: &Grads) -> Vec<f32> {
+    g.a.iter().chain(&g.b).flatten().copied().collect()
+}
+
+fn unflatten(v: &[f32], g: &mut Grads) {
+    let mut at = 0;
+    for t in g.a.iter_mut().chain(g.b.iter_mut()) {
+        let n = t.len();
+        t.copy_from_slice(&v[at..at + n]);
+        at += n;
+    }
+}
+
+/// `train_on` as one rank of a data-parallel run (`dist`: the ranks' group; None: alone).
+/// A step takes `batch_size · grad_accum · world` examples, the same as one process with
+/// `grad_accum · world` micro-batches: rank r computes micro-batches r, r + world, …, the
+/// ranks' gradients and losses are summed (in rank order, `dist::Collective`), and every rank
+/// applies the same update to identical adapters. Only rank 0 writes the run directory and
+/// reports progress; every rank must be given the same options, data and start.
+#[allow(clippy::too_many_arguments)]
+pub fn train_ranks<'d>(
+    backend: &mut dyn LossBackend,
+    mut dist: Option<&mut (dyn Collective + 'd)>,
+    model: &Model,
+    ad: &mut Adapters,
+    opt: &mut AdamW,
+    data: &[Example],
+    eval: &[Example],
+    o: &TrainOptions,
+    out: &Path,
+    start_step: usize,
+    on_progress: &mut dyn FnMut(Progress),
+) -> Result<()> {
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+    if rank > 0 {
+        return follow(backend, dist, ad, opt, data, o, start_step);
+    }
     let metrics_path = out.join("metrics.jsonl");
     if start_step == 0 && out.is_dir() {
         let taken = std::fs::read_dir(out)
@@ -448,7 +502,7 @@ pub fn train_on(
             .collect();
         std::fs::write(&metrics_path, kept).map_err(|e| Error::file(&metrics_path, e))?;
     }
-    let per_step = o.batch_size * o.grad_accum;
+    let per_step = o.batch_size * o.grad_accum * world;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -491,26 +545,7 @@ pub fn train_on(
             .map(|k| &data[example_at(data.len(), o.seed, step * per_step + k)])
             .collect();
         let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
-        let mut g = if resident {
-            backend.resident_zero_grads()?;
-            None
-        } else {
-            Some(ad.zero_grads())
-        };
-        let mut total = 0.0;
-        // Each micro-batch of `batch_size` sequences is packed into one pass.
-        for (k, micro) in batch.chunks(o.batch_size).enumerate() {
-            let noise = Noise {
-                seed: o.seed ^ ((step as u64) << 20) ^ k as u64,
-            };
-            let seqs: Vec<(&[u32], &[Option<u32>])> =
-                micro.iter().map(|e| (&e.ids[..], &e.labels[..])).collect();
-            total += match g.as_mut() {
-                Some(g) => backend.packed_loss(ad, Some(noise), &seqs, n_tok as f32, Some(g))?,
-                None => backend.resident_loss(Some(noise), &seqs, n_tok as f32, true)?,
-            }
-            .0;
-        }
+        let (total, mut g) = rank_gradients(backend, dist.as_deref_mut(), ad, &batch, o, step)?;
         let loss = total / n_tok as f64;
         let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
         // On the device the update happens here, unless the norm is not finite.
@@ -601,6 +636,110 @@ pub fn train_on(
         tokens_per_s: tokens_done as f64 / secs.max(1e-9),
         adapter: out.join("final"),
     });
+    Ok(())
+}
+
+/// This rank's share of a step's micro-batches (`train_ranks`): the summed loss over all
+/// ranks, and the summed gradients (in `Grads` off the device; None when the backend keeps
+/// them resident, where they are summed in place).
+fn rank_gradients<'d>(
+    backend: &mut dyn LossBackend,
+    dist: Option<&mut (dyn Collective + 'd)>,
+    ad: &Adapters,
+    batch: &[&Example],
+    o: &TrainOptions,
+    step: usize,
+) -> Result<(f64, Option<Grads>)> {
+    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+    let resident = backend.resident();
+    let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
+    let mut g = if resident {
+        backend.resident_zero_grads()?;
+        None
+    } else {
+        Some(ad.zero_grads())
+    };
+    let mut total = 0.0;
+    // Each micro-batch of `batch_size` sequences is packed into one pass; rank r takes
+    // micro-batches r, r + world, … (the noise seed is the micro-batch's index in the step).
+    for (k, micro) in batch.chunks(o.batch_size).enumerate() {
+        if k % world != rank {
+            continue;
+        }
+        let noise = Noise {
+            seed: o.seed ^ ((step as u64) << 20) ^ k as u64,
+        };
+        let seqs: Vec<(&[u32], &[Option<u32>])> =
+            micro.iter().map(|e| (&e.ids[..], &e.labels[..])).collect();
+        total += match g.as_mut() {
+            Some(g) => backend.packed_loss(ad, Some(noise), &seqs, n_tok as f32, Some(g))?,
+            None => backend.resident_loss(Some(noise), &seqs, n_tok as f32, true)?,
+        }
+        .0;
+    }
+    if let Some(d) = dist {
+        let mut t = [total];
+        d.all_reduce_sum_f64(&mut t)?;
+        total = t[0];
+        match g.as_mut() {
+            Some(g) => {
+                let mut flat = flatten(g);
+                d.all_reduce_sum(&mut flat)?;
+                unflatten(&flat, g);
+            }
+            None => {
+                let mut flat = Vec::new();
+                backend.resident_grads(&mut flat)?;
+                d.all_reduce_sum(&mut flat)?;
+                backend.resident_set_grads(&flat)?;
+            }
+        }
+    }
+    Ok((total, g))
+}
+
+/// A rank above 0 of `train_ranks`: the same steps and updates as rank 0, writing nothing.
+fn follow<'d>(
+    backend: &mut dyn LossBackend,
+    mut dist: Option<&mut (dyn Collective + 'd)>,
+    ad: &mut Adapters,
+    opt: &mut AdamW,
+    data: &[Example],
+    o: &TrainOptions,
+    start_step: usize,
+) -> Result<()> {
+    let world = dist.as_ref().map_or(1, |d| d.world());
+    let per_step = o.batch_size * o.grad_accum * world;
+    let resident = backend.resident();
+    if resident {
+        backend.resident_load(ad, opt)?;
+    }
+    for step in start_step..o.steps {
+        let batch: Vec<&Example> = (0..per_step)
+            .map(|k| &data[example_at(data.len(), o.seed, step * per_step + k)])
+            .collect();
+        let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
+        let (total, mut g) = rank_gradients(backend, dist.as_deref_mut(), ad, &batch, o, step)?;
+        let loss = total / n_tok as f64;
+        let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
+        let grad_norm = match g.as_mut() {
+            Some(g) => clip_grad_norm(g, o.max_grad_norm),
+            None if loss.is_finite() => backend.resident_update(opt, lr, o.max_grad_norm)?,
+            None => f32::NAN,
+        };
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            // Rank 0 sees the same sums and reports it.
+            return Err(Error::NonFinite {
+                step: step + 1,
+                loss,
+                grad_norm,
+                last: String::new(),
+            });
+        }
+        if let Some(g) = &g {
+            opt.update(ad, g, lr);
+        }
+    }
     Ok(())
 }
 

@@ -114,9 +114,33 @@ pub struct Args {
     /// --keep-activations-mb instead.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
     recompute: String,
+    /// Data-parallel training on several GPUs of this host, e.g. 0,1: one process per GPU,
+    /// each with the frozen base and a replica of the adapters; each step's micro-batches are
+    /// split over them (--grad-accum counts per GPU, so a step takes batch-size · grad-accum ·
+    /// GPUs sequences) and their gradients summed in rank order. With --device cuda.
+    #[arg(long, value_delimiter = ',', conflicts_with = "dist_addr")]
+    gpus: Vec<usize>,
+    /// One rank of a data-parallel run over several processes or hosts (what --gpus starts on
+    /// one host): rank 0 listens at HOST:PORT and the other ranks connect to it. Every rank
+    /// runs the same command but for --dist-rank and its --device; only rank 0 writes --out.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["dist_rank", "dist_world"])]
+    dist_addr: Option<String>,
+    /// This process's rank (0 … --dist-world − 1).
+    #[arg(long, requires = "dist_addr")]
+    dist_rank: Option<usize>,
+    /// The number of ranks.
+    #[arg(long, requires = "dist_addr")]
+    dist_world: Option<usize>,
+    /// Seconds a rank waits for the others (to join, and at each gradient sum) before it
+    /// stops with an error naming the rank it waited for.
+    #[arg(long, default_value_t = 600)]
+    dist_timeout: u64,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if !a.gpus.is_empty() {
+        return spawn_ranks(&a);
+    }
     if a.rank == 0 || a.batch_size == 0 || a.grad_accum == 0 || a.max_len < 2 {
         bail!("--rank, --batch-size and --grad-accum must be positive and --max-len at least 2");
     }
@@ -136,6 +160,18 @@ pub fn run(a: Args) -> Result<()> {
     if a.save_every == Some(0) || a.eval_every == Some(0) {
         bail!("--save-every and --eval-every count steps and must be at least 1");
     }
+    let world = a.dist_world.unwrap_or(1);
+    let dist_rank = a.dist_rank.unwrap_or(0);
+    if world == 0 || dist_rank >= world {
+        bail!("--dist-rank {dist_rank} must be below --dist-world {world}");
+    }
+    // Ranks above 0 say only what goes wrong.
+    let quiet = dist_rank > 0;
+    let say = |s: String| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    };
     let loaded = load(&a.model, a.quantize)?;
     let model = &loaded.model;
     let tok = loaded.tokenizer(&a.model)?;
@@ -143,7 +179,7 @@ pub fn run(a: Args) -> Result<()> {
     let tk = Tokenize { tok, eos_id };
     let (data, stats) =
         load_jsonl(&a.data, &tk, a.template.as_deref(), a.max_len).map_err(anyhow::Error::msg)?;
-    eprintln!(
+    say(format!(
         "data: {} examples, {} tokens ({} trained){}",
         stats.examples,
         stats.tokens,
@@ -153,7 +189,7 @@ pub fn run(a: Args) -> Result<()> {
         } else {
             String::new()
         }
-    );
+    ));
     let eval = match &a.eval_data {
         Some(p) => {
             load_jsonl(p, &tk, a.template.as_deref(), a.max_len)
@@ -193,7 +229,7 @@ pub fn run(a: Args) -> Result<()> {
             "--targets includes lm_head, but this model ties it to embed_tokens; not supported yet"
         );
     }
-    let per_step = a.batch_size * a.grad_accum;
+    let per_step = a.batch_size * a.grad_accum * world;
     let steps = a
         .steps
         .unwrap_or_else(|| a.epochs.unwrap_or(1) * data.len().div_ceil(per_step));
@@ -252,20 +288,25 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let trainable: usize = ad.params.iter().map(|p| p.a.len() + p.b.len()).sum();
-    eprintln!(
-        "training {} adapters ({} parameters, rank {}) on {} for {} steps of {} sequences{}",
+    say(format!(
+        "training {} adapters ({} parameters, rank {}) on {} for {} steps of {} sequences{}{}",
         ad.params.len(),
         trainable,
         a.rank,
         qlora_train::run::describe_base(&a.model, model.quantization.as_ref()),
         steps,
         per_step,
+        if world > 1 {
+            format!(" over {world} data-parallel ranks")
+        } else {
+            String::new()
+        },
         if start > 0 {
             format!(", resuming at step {start}")
         } else {
             String::new()
         }
-    );
+    ));
     let dev = crate::device::DeviceArgs {
         device: a.device,
         precision: a.precision.clone(),
@@ -284,7 +325,7 @@ pub fn run(a: Args) -> Result<()> {
             let t0 = std::time::Instant::now();
             let gt = qlora_cuda::CudaTrainer::new(gpu.clone(), model, &ad, policy)
                 .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
-            eprintln!(
+            say(format!(
                 "cuda:{n}: {} (sm_{}{}), {:?}, kernels compiled in {:.2} s, base uploaded in {:.2} s",
                 gpu.name,
                 gpu.arch.0,
@@ -292,7 +333,7 @@ pub fn run(a: Args) -> Result<()> {
                 gpu.precision,
                 gpu.compile_s,
                 t0.elapsed().as_secs_f64()
-            );
+            ));
             Box::new(gt)
         }
         #[cfg(not(feature = "cuda"))]
@@ -300,9 +341,24 @@ pub fn run(a: Args) -> Result<()> {
             bail!("this qlora was built without the `cuda` feature; rebuild with `cargo build --release --features cuda` or use --device cpu")
         }
     };
+    let mut group = match &a.dist_addr {
+        Some(addr) => Some(
+            qlora_train::dist::TcpGroup::join(
+                addr,
+                dist_rank,
+                world,
+                std::time::Duration::from_secs(a.dist_timeout.max(1)),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let mut view = ProgressView::new(start, steps);
-    let r = qlora_train::run::train_on(
+    let r = qlora_train::run::train_ranks(
         backend.as_mut(),
+        group
+            .as_mut()
+            .map(|g| g as &mut dyn qlora_train::dist::Collective),
         model,
         &mut ad,
         &mut opt,
@@ -315,6 +371,81 @@ pub fn run(a: Args) -> Result<()> {
     );
     view.bar.finish_and_clear();
     r.map_err(anyhow::Error::msg)
+}
+
+/// `--gpus`: this command again once per GPU, as the ranks of a data-parallel group meeting on
+/// a free local port; waits for them, and when one fails stops the others and says which.
+fn spawn_ranks(a: &Args) -> Result<()> {
+    match a.device {
+        qlora_engine::DeviceRequest::Exactly(qlora_engine::Device::Cuda(_)) => {}
+        _ => bail!("--gpus lists GPUs for data-parallel training: use it with --device cuda"),
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(g) = a.gpus.iter().find(|g| !seen.insert(**g)) {
+        bail!("--gpus lists GPU {g} twice: one process per GPU");
+    }
+    // A free port for the ranks' group (bound, then released for rank 0 to bind).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free local port for the ranks")?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // The command line again without --gpus and --device.
+    let mut base: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(x) = args.next() {
+        if x == "--gpus" || x == "--device" {
+            args.next();
+        } else if !(x.starts_with("--gpus=") || x.starts_with("--device=")) {
+            base.push(x);
+        }
+    }
+    let exe = std::env::current_exe().context("finding the qlora binary to start the ranks")?;
+    let world = a.gpus.len();
+    let mut children = Vec::new();
+    for (r, g) in a.gpus.iter().enumerate() {
+        let child = std::process::Command::new(&exe)
+            .args(&base)
+            .args(["--device", &format!("cuda:{g}")])
+            .args(["--dist-addr", &addr])
+            .args([
+                "--dist-rank",
+                &r.to_string(),
+                "--dist-world",
+                &world.to_string(),
+            ])
+            .spawn()
+            .with_context(|| format!("starting rank {r} (cuda:{g})"))?;
+        children.push((r, *g, child));
+    }
+    let mut failed: Option<String> = None;
+    while !children.is_empty() {
+        let mut i = 0;
+        while i < children.len() {
+            let (r, g, c) = &mut children[i];
+            match c.try_wait()? {
+                Some(status) => {
+                    if !status.success() && failed.is_none() {
+                        failed = Some(format!("rank {r} (cuda:{g}) failed ({status})"));
+                    }
+                    children.swap_remove(i);
+                }
+                None => i += 1,
+            }
+        }
+        if failed.is_some() {
+            for (_, _, c) in children.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            children.clear();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match failed {
+        Some(f) => bail!("{f}; the other ranks were stopped (its error is above)"),
+        None => Ok(()),
+    }
 }
 
 /// `train`'s progress on stderr: an indicatif bar redrawn in place on a terminal (eval results

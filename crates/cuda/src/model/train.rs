@@ -1607,6 +1607,57 @@ impl CudaTrainer {
         Ok(())
     }
 
+    /// Where each adapter's A and B gradients sit in the flat layout of
+    /// `LossBackend::resident_grads` (every A in the adapters' order, then every B), by
+    /// `DevParam::index`, and the total length.
+    fn flat_offsets(&self) -> (Vec<(usize, usize)>, usize) {
+        let mut lens = vec![(0usize, 0usize); self.modules.len()];
+        for p in &self.params {
+            lens[p.index] = (p.r * p.d_in, p.d_out * p.r);
+        }
+        let mut offs = vec![(0usize, 0usize); lens.len()];
+        let mut at = 0;
+        for (o, l) in offs.iter_mut().zip(&lens) {
+            o.0 = at;
+            at += l.0;
+        }
+        for (o, l) in offs.iter_mut().zip(&lens) {
+            o.1 = at;
+            at += l.1;
+        }
+        (offs, at)
+    }
+
+    fn grads_to_host(&self, out: &mut Vec<f32>) -> Result<()> {
+        let (offs, total) = self.flat_offsets();
+        out.clear();
+        out.resize(total, 0.0);
+        let g = &self.m.gpu;
+        for p in &self.params {
+            let (a, b) = offs[p.index];
+            g.read(p.da.ptr(), &mut out[a..a + p.r * p.d_in])?;
+            g.read(p.db.ptr(), &mut out[b..b + p.d_out * p.r])?;
+        }
+        Ok(())
+    }
+
+    fn grads_from_host(&self, v: &[f32]) -> Result<()> {
+        let (offs, total) = self.flat_offsets();
+        if v.len() != total {
+            return Err(Error::Invalid(format!(
+                "{} gradient values for adapters of {total}",
+                v.len()
+            )));
+        }
+        let g = &self.m.gpu;
+        for p in &self.params {
+            let (a, b) = offs[p.index];
+            g.write(&p.da, 0, &v[a..a + p.r * p.d_in])?;
+            g.write(&p.db, 0, &v[b..b + p.d_out * p.r])?;
+        }
+        Ok(())
+    }
+
     fn err(&self, e: Error) -> qlora_train::Error {
         qlora_train::Error::Backend(format!("cuda:{}: {e}", self.m.gpu.ordinal))
     }
@@ -1665,6 +1716,14 @@ impl LossBackend for CudaTrainer {
         max_norm: Option<f32>,
     ) -> qlora_train::Result<f32> {
         self.update(opt, lr, max_norm).map_err(|e| self.err(e))
+    }
+
+    fn resident_grads(&mut self, out: &mut Vec<f32>) -> qlora_train::Result<()> {
+        self.grads_to_host(out).map_err(|e| self.err(e))
+    }
+
+    fn resident_set_grads(&mut self, v: &[f32]) -> qlora_train::Result<()> {
+        self.grads_from_host(v).map_err(|e| self.err(e))
     }
 
     fn resident_store(&mut self, ad: &mut Adapters, opt: &mut AdamW) -> qlora_train::Result<()> {
