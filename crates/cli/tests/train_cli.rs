@@ -6,8 +6,10 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-fn train(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
+/// The options every run of these tests shares (four steps of rank-4 adapters on three
+/// projections, dropout on, checkpoints every two steps).
+fn train_args(base: &Path, data: &Path, out: &Path) -> Vec<String> {
+    [
         "train",
         "--model",
         base.to_str().unwrap(),
@@ -33,8 +35,16 @@ fn train(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::
         "3",
         "--dropout",
         "0.1",
-    ];
-    args.extend(extra);
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+fn train(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = train_args(base, data, out);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     qlora(&args)
 }
 
@@ -513,40 +523,20 @@ fn spawn_rank(
     rank: usize,
     extra: &[&str],
 ) -> std::process::Child {
-    let mut args: Vec<String> = vec![
-        "train",
-        "--model",
-        base.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--rank",
-        "4",
-        "--alpha",
-        "8",
-        "--targets",
-        "q_proj,v_proj,down_proj",
-        "--lr",
-        "5e-3",
-        "--steps",
-        "4",
-        "--batch-size",
-        "1",
-        "--seed",
-        "3",
-        "--dropout",
-        "0.1",
-        "--dist-addr",
-        addr,
-        "--dist-world",
-        "2",
-        "--dist-timeout",
-        "60",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect();
+    let mut args = train_args(base, data, out);
+    args.extend(
+        [
+            "--batch-size",
+            "1",
+            "--dist-addr",
+            addr,
+            "--dist-world",
+            "2",
+            "--dist-timeout",
+            "60",
+        ]
+        .map(String::from),
+    );
     args.extend(["--dist-rank".into(), rank.to_string()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     std::process::Command::new(qlora_bin())

@@ -281,6 +281,16 @@ mod tests {
         l.local_addr().unwrap().to_string()
     }
 
+    /// Rank 0 of two, in a thread, summing four ones once.
+    fn root_of_two(addr: &str) -> std::thread::JoinHandle<Result<()>> {
+        let a = addr.to_string();
+        std::thread::spawn(move || {
+            let mut g = TcpGroup::join(&a, 0, 2, Duration::from_secs(20)).unwrap();
+            let mut v = vec![1.0f32; 4];
+            g.all_reduce_sum(&mut v)
+        })
+    }
+
     #[test]
     fn sums_in_rank_order_on_every_rank_and_broadcasts() {
         let addr = free_addr();
@@ -326,12 +336,7 @@ mod tests {
     #[test]
     fn a_rank_that_dies_makes_the_others_fail_not_hang() {
         let addr = free_addr();
-        let a = addr.clone();
-        let root = std::thread::spawn(move || {
-            let mut g = TcpGroup::join(&a, 0, 2, Duration::from_secs(20)).unwrap();
-            let mut v = vec![1.0f32; 4];
-            g.all_reduce_sum(&mut v)
-        });
+        let root = root_of_two(&addr);
         {
             // Rank 1 joins, then exits before its part of the reduction.
             let _g = TcpGroup::join(&addr, 1, 2, Duration::from_secs(20)).unwrap();
@@ -360,12 +365,7 @@ mod tests {
     #[test]
     fn mismatched_jobs_are_refused() {
         let addr = free_addr();
-        let a = addr.clone();
-        let root = std::thread::spawn(move || {
-            let mut g = TcpGroup::join(&a, 0, 2, Duration::from_secs(20)).unwrap();
-            let mut v = vec![1.0f32; 4];
-            g.all_reduce_sum(&mut v)
-        });
+        let root = root_of_two(&addr);
         let mut g = TcpGroup::join(&addr, 1, 2, Duration::from_secs(20)).unwrap();
         let mut v = vec![1.0f32; 5];
         let _ = g.all_reduce_sum(&mut v);

@@ -454,7 +454,7 @@ pub fn train_ranks<'d>(
     start_step: usize,
     on_progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
-    let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+    let rank = dist.as_ref().map_or(0, |d| d.rank());
     if rank > 0 {
         return follow(backend, dist, ad, opt, data, o, start_step);
     }
@@ -502,7 +502,6 @@ pub fn train_ranks<'d>(
             .collect();
         std::fs::write(&metrics_path, kept).map_err(|e| Error::file(&metrics_path, e))?;
     }
-    let per_step = o.batch_size * o.grad_accum * world;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -541,19 +540,12 @@ pub fn train_ranks<'d>(
     let mut tokens_done = 0usize;
     for step in start_step..o.steps {
         let t0 = Instant::now();
-        let batch: Vec<&Example> = (0..per_step)
-            .map(|k| &data[example_at(data.len(), o.seed, step * per_step + k)])
-            .collect();
-        let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
-        let (total, mut g) = rank_gradients(backend, dist.as_deref_mut(), ad, &batch, o, step)?;
-        let loss = total / n_tok as f64;
-        let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
-        // On the device the update happens here, unless the norm is not finite.
-        let grad_norm = match g.as_mut() {
-            Some(g) => clip_grad_norm(g, o.max_grad_norm),
-            None if loss.is_finite() => backend.resident_update(opt, lr, o.max_grad_norm)?,
-            None => f32::NAN,
-        };
+        let StepDone {
+            batch,
+            loss,
+            lr,
+            grad_norm,
+        } = ranks_step(backend, dist.as_deref_mut(), ad, opt, data, o, step)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             // Stop before the update: the adapter and the checkpoints on disk stay as they were.
             let last = (1..=step)
@@ -575,9 +567,6 @@ pub fn train_ranks<'d>(
                 grad_norm,
                 last,
             });
-        }
-        if let Some(g) = &g {
-            opt.update(ad, g, lr);
         }
         let seq_tokens: usize = batch.iter().map(|e| e.ids.len()).sum();
         tokens_done += seq_tokens;
@@ -698,6 +687,57 @@ fn rank_gradients<'d>(
     Ok((total, g))
 }
 
+/// What one step of `train_ranks` did.
+struct StepDone<'a> {
+    /// The step's examples (every rank's).
+    batch: Vec<&'a Example>,
+    /// The mean loss over the step's trained tokens, the learning rate, the gradient norm
+    /// before clipping.
+    loss: f64,
+    lr: f32,
+    grad_norm: f32,
+}
+
+/// One optimizer step on every rank alike: this rank's micro-batches, the sums over the ranks,
+/// then clipping and AdamW, unless the loss or the gradient norm is not finite (then nothing
+/// is updated and the caller stops).
+fn ranks_step<'a, 'd>(
+    backend: &mut dyn LossBackend,
+    dist: Option<&mut (dyn Collective + 'd)>,
+    ad: &mut Adapters,
+    opt: &mut AdamW,
+    data: &'a [Example],
+    o: &TrainOptions,
+    step: usize,
+) -> Result<StepDone<'a>> {
+    let world = dist.as_ref().map_or(1, |d| d.world());
+    let per_step = o.batch_size * o.grad_accum * world;
+    let batch: Vec<&Example> = (0..per_step)
+        .map(|k| &data[example_at(data.len(), o.seed, step * per_step + k)])
+        .collect();
+    let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
+    let (total, mut g) = rank_gradients(backend, dist, ad, &batch, o, step)?;
+    let loss = total / n_tok as f64;
+    let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
+    // On the device the update happens here, unless the norm is not finite.
+    let grad_norm = match g.as_mut() {
+        Some(g) => clip_grad_norm(g, o.max_grad_norm),
+        None if loss.is_finite() => backend.resident_update(opt, lr, o.max_grad_norm)?,
+        None => f32::NAN,
+    };
+    if loss.is_finite() && grad_norm.is_finite() {
+        if let Some(g) = &g {
+            opt.update(ad, g, lr);
+        }
+    }
+    Ok(StepDone {
+        batch,
+        loss,
+        lr,
+        grad_norm,
+    })
+}
+
 /// A rank above 0 of `train_ranks`: the same steps and updates as rank 0, writing nothing.
 fn follow<'d>(
     backend: &mut dyn LossBackend,
@@ -708,36 +748,19 @@ fn follow<'d>(
     o: &TrainOptions,
     start_step: usize,
 ) -> Result<()> {
-    let world = dist.as_ref().map_or(1, |d| d.world());
-    let per_step = o.batch_size * o.grad_accum * world;
-    let resident = backend.resident();
-    if resident {
+    if backend.resident() {
         backend.resident_load(ad, opt)?;
     }
     for step in start_step..o.steps {
-        let batch: Vec<&Example> = (0..per_step)
-            .map(|k| &data[example_at(data.len(), o.seed, step * per_step + k)])
-            .collect();
-        let n_tok: usize = batch.iter().map(|e| e.trained_tokens()).sum();
-        let (total, mut g) = rank_gradients(backend, dist.as_deref_mut(), ad, &batch, o, step)?;
-        let loss = total / n_tok as f64;
-        let lr = o.lr * o.schedule.factor(step, o.warmup_steps, o.steps) as f32;
-        let grad_norm = match g.as_mut() {
-            Some(g) => clip_grad_norm(g, o.max_grad_norm),
-            None if loss.is_finite() => backend.resident_update(opt, lr, o.max_grad_norm)?,
-            None => f32::NAN,
-        };
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            // Rank 0 sees the same sums and reports it.
+        let s = ranks_step(backend, dist.as_deref_mut(), ad, opt, data, o, step)?;
+        if !s.loss.is_finite() || !s.grad_norm.is_finite() {
+            // Rank 0 sees the same sums and reports it with its last checkpoint.
             return Err(Error::NonFinite {
                 step: step + 1,
-                loss,
-                grad_norm,
+                loss: s.loss,
+                grad_norm: s.grad_norm,
                 last: String::new(),
             });
-        }
-        if let Some(g) = &g {
-            opt.update(ad, g, lr);
         }
     }
     Ok(())
