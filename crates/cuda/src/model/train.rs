@@ -515,36 +515,23 @@ impl CudaTrainer {
             .expect("ensure() allocates xd while the adapters have dropout")
             .ptr();
         let scale = 1.0 / (1.0 - p);
-        if g.lp() == Dt::F32 {
-            g.launch_n(
-                "adapter_in",
-                n,
-                &[
-                    Arg::P(x),
-                    Arg::P(out),
-                    Arg::L(n as i64),
-                    Arg::L(seed as i64),
-                    Arg::L(i0 as i64),
-                    Arg::F(p),
-                    Arg::F(scale),
-                ],
-            )?;
-            Ok((out, 1.0))
+        let mut args = vec![
+            Arg::P(x),
+            Arg::P(out),
+            Arg::L(n as i64),
+            Arg::L(seed as i64),
+            Arg::L(i0 as i64),
+            Arg::F(p),
+        ];
+        // f32: the scaled input itself; bf16: kept elements unscaled, the scale in alpha.
+        let (kernel, factor) = if g.lp() == Dt::F32 {
+            args.push(Arg::F(scale));
+            ("adapter_in", 1.0)
         } else {
-            g.launch_n(
-                "drop_lp",
-                n,
-                &[
-                    Arg::P(x),
-                    Arg::P(out),
-                    Arg::L(n as i64),
-                    Arg::L(seed as i64),
-                    Arg::L(i0 as i64),
-                    Arg::F(p),
-                ],
-            )?;
-            Ok((out, scale))
-        }
+            ("drop_lp", scale)
+        };
+        g.launch_n(kernel, n, &args)?;
+        Ok((out, factor))
     }
 
     /// Makes every adapter's `a2` (bf16 mode) from its current A.
