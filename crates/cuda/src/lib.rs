@@ -10,6 +10,7 @@
 pub mod bench;
 mod gpu;
 mod model;
+mod nccl;
 
 pub use gpu::{
     compile, compile_source, device_count, gemv4_fits, gemv4_kernel, gemv4m_fits, gemvq_fits,
@@ -18,6 +19,7 @@ pub use gpu::{
 };
 pub use model::train::{CudaTrainer, Recompute};
 pub use model::{CudaDecoder, CudaModel, CudaOptions, Seq, KV_BLOCK};
+pub use nccl::{nccl_present, unique_id as nccl_unique_id, NcclComm};
 
 /// The numeric mode of the GPU path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

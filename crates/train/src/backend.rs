@@ -66,6 +66,12 @@ pub trait LossBackend {
             "this backend does not keep the adapters on its device".into(),
         ))
     }
+    /// Sums the accumulated gradients over the data-parallel ranks on the device, when the
+    /// backend has a device communicator; false: it has none (the loop sums through the host
+    /// with `resident_grads` / `resident_set_grads`).
+    fn resident_all_reduce(&mut self) -> Result<bool> {
+        Ok(false)
+    }
     /// The accumulated gradients as one vector (every A in the adapters' order, then every B),
     /// for a data-parallel sum across ranks.
     fn resident_grads(&mut self, _out: &mut Vec<f32>) -> Result<()> {

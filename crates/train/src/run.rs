@@ -676,6 +676,7 @@ fn rank_gradients<'d>(
                 d.all_reduce_sum(&mut flat)?;
                 unflatten(&flat, g);
             }
+            None if d.world() == 1 || backend.resident_all_reduce()? => {}
             None => {
                 let mut flat = Vec::new();
                 backend.resident_grads(&mut flat)?;

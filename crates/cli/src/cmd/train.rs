@@ -307,6 +307,18 @@ pub fn run(a: Args) -> Result<()> {
             String::new()
         }
     ));
+    let mut group = match &a.dist_addr {
+        Some(addr) => Some(
+            qlora_train::dist::TcpGroup::join(
+                addr,
+                dist_rank,
+                world,
+                std::time::Duration::from_secs(a.dist_timeout.max(1)),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
     let dev = crate::device::DeviceArgs {
         device: a.device,
         precision: a.precision.clone(),
@@ -323,8 +335,35 @@ pub fn run(a: Args) -> Result<()> {
             let gpu = dev.open_gpu(n)?;
             let policy: qlora_cuda::Recompute = a.recompute.parse().map_err(anyhow::Error::msg)?;
             let t0 = std::time::Instant::now();
-            let gt = qlora_cuda::CudaTrainer::new(gpu.clone(), model, &ad, policy)
+            let mut gt = qlora_cuda::CudaTrainer::new(gpu.clone(), model, &ad, policy)
                 .map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
+            if let Some(grp) = group.as_mut().filter(|_| world > 1) {
+                // Rank 0 decides (NCCL found and not turned off) and gives the others the
+                // communicator's id, or nothing: then every rank sums through the host.
+                use qlora_train::dist::Collective;
+                let mut id = Vec::new();
+                if dist_rank == 0
+                    && qlora_cuda::nccl_present()
+                    && std::env::var_os("QLORA_NCCL").is_none_or(|v| v != "0")
+                {
+                    id = qlora_cuda::nccl_unique_id()
+                        .map_err(|e| anyhow::anyhow!("{e}"))?
+                        .to_vec();
+                }
+                grp.broadcast(&mut id).map_err(anyhow::Error::msg)?;
+                if let Ok(id) = <[u8; 128]>::try_from(id.as_slice()) {
+                    let comm = qlora_cuda::NcclComm::new(gpu.clone(), id, dist_rank, world)
+                        .map_err(|e| anyhow::anyhow!("rank {dist_rank}, cuda:{n}: {e}"))?;
+                    gt.set_comm(comm);
+                    say(format!(
+                        "{world} ranks: gradients summed by NCCL on the GPUs"
+                    ));
+                } else {
+                    say(format!(
+                        "{world} ranks: gradients summed through the host (NCCL not found or QLORA_NCCL=0)"
+                    ));
+                }
+            }
             say(format!(
                 "cuda:{n}: {} (sm_{}{}), {:?}, kernels compiled in {:.2} s, base uploaded in {:.2} s",
                 gpu.name,
@@ -340,18 +379,6 @@ pub fn run(a: Args) -> Result<()> {
         qlora_engine::Device::Cuda(_) => {
             bail!("this qlora was built without the `cuda` feature; rebuild with `cargo build --release --features cuda` or use --device cpu")
         }
-    };
-    let mut group = match &a.dist_addr {
-        Some(addr) => Some(
-            qlora_train::dist::TcpGroup::join(
-                addr,
-                dist_rank,
-                world,
-                std::time::Duration::from_secs(a.dist_timeout.max(1)),
-            )
-            .map_err(anyhow::Error::msg)?,
-        ),
-        None => None,
     };
     let mut view = ProgressView::new(start, steps);
     let r = qlora_train::run::train_ranks(

@@ -189,6 +189,9 @@ pub struct CudaTrainer {
     a2_fresh: bool,
     /// Query rows per attention block.
     attn_rows: usize,
+    /// Data parallel: the ranks' NCCL communicator (`set_comm`), which sums the gradients on
+    /// the device.
+    comm: Option<crate::NcclComm>,
 }
 
 /// Query rows per attention block by default: large enough that each block's products fill the
@@ -339,7 +342,14 @@ impl CudaTrainer {
             norm_parts: None,
             a2_fresh: false,
             attn_rows: ATTENTION_BLOCK_ROWS,
+            comm: None,
         })
+    }
+
+    /// Sums the gradients of data-parallel ranks with `comm` (on the device) instead of
+    /// through the host.
+    pub fn set_comm(&mut self, comm: crate::NcclComm) {
+        self.comm = Some(comm);
     }
 
     /// Query rows per attention block (a multiple of 8; tests use small blocks to cover the
@@ -1703,6 +1713,20 @@ impl LossBackend for CudaTrainer {
         max_norm: Option<f32>,
     ) -> qlora_train::Result<f32> {
         self.update(opt, lr, max_norm).map_err(|e| self.err(e))
+    }
+
+    fn resident_all_reduce(&mut self) -> qlora_train::Result<bool> {
+        let Some(comm) = &self.comm else {
+            return Ok(false);
+        };
+        // Every rank lists its buffers in the model's order (`params` is sorted so).
+        let bufs: Vec<(u64, usize)> = self
+            .params
+            .iter()
+            .flat_map(|p| [(p.da.ptr(), p.r * p.d_in), (p.db.ptr(), p.d_out * p.r)])
+            .collect();
+        comm.all_reduce_sum(&bufs).map_err(|e| self.err(e))?;
+        Ok(true)
     }
 
     fn resident_grads(&mut self, out: &mut Vec<f32>) -> qlora_train::Result<()> {
