@@ -476,3 +476,85 @@ fn qlora_train_on_the_gpu_is_deterministic_resumes_exactly_and_follows_the_cpu()
     let scale = on_cpu.iter().fold(0f32, |m, x| m.max(x.abs()));
     assert!(max_abs_diff(&on_cpu, &on_gpu) <= 1e-4 * scale);
 }
+
+/// Data-parallel ranks on the GPU's resident path: two ranks sharing GPU 0 (the host sum,
+/// QLORA_NCCL=0, since NCCL takes one GPU a rank), each with one micro-batch a step, against
+/// one process with both: the same adapter bytes (the same sums in the same order), in f32
+/// and in bf16 mode.
+#[test]
+fn data_parallel_ranks_on_one_gpu_train_what_one_process_does() {
+    if !have_gpu() {
+        return;
+    }
+    let base = tiny_with_tokenizer("gpu-train-dp");
+    let tmp = base.parent().unwrap().to_path_buf();
+    let data = write_data(&tmp);
+    for prec in ["f32", "bf16"] {
+        let one = tmp.join(format!("dp-one-{prec}"));
+        let dev = ["--device", "cuda:0", "--precision", prec];
+        let o = cli_train(&base, &data, &one, &dev);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let out = tmp.join(format!("dp-{prec}-{r}"));
+                let mut args: Vec<String> = [
+                    "train",
+                    "--model",
+                    base.to_str().unwrap(),
+                    "--data",
+                    data.to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--rank",
+                    "4",
+                    "--alpha",
+                    "8",
+                    "--lr",
+                    "5e-3",
+                    "--steps",
+                    "4",
+                    "--batch-size",
+                    "2",
+                    "--grad-accum",
+                    "1",
+                    "--save-every",
+                    "2",
+                    "--seed",
+                    "3",
+                    "--dropout",
+                    "0.1",
+                    "--dist-addr",
+                    &addr,
+                    "--dist-world",
+                    "2",
+                ]
+                .into_iter()
+                .map(String::from)
+                .collect();
+                args.extend(dev.iter().map(|s| s.to_string()));
+                args.extend(["--dist-rank".to_string(), r.to_string()]);
+                std::process::Command::new(qlora_bin())
+                    .args(&args)
+                    .env("QLORA_NCCL", "0")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for (r, c) in ranks.into_iter().enumerate() {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "{prec} rank {r}: {}", stderr(&o));
+        }
+        assert_eq!(
+            std::fs::read(one.join("final/adapter_model.safetensors")).unwrap(),
+            std::fs::read(tmp.join(format!("dp-{prec}-0/final/adapter_model.safetensors")))
+                .unwrap(),
+            "{prec}: two ranks on one GPU differ from one process"
+        );
+    }
+}
