@@ -78,16 +78,14 @@ impl TcpGroup {
                     Ok((mut s, _)) => {
                         s.set_nonblocking(false)
                             .map_err(|e| dist_err(addr, e.to_string()))?;
-                        configure(&s, timeout, addr)?;
+                        // A greeting within a few seconds; a connection that is not a qlora
+                        // rank (a port scan, a health check) is dropped, not fatal.
+                        configure(&s, Duration::from_secs(5).min(timeout), addr)?;
                         let mut hello = [0u8; 24];
-                        s.read_exact(&mut hello)
-                            .map_err(|e| dist_err(addr, format!("a rank's greeting: {e}")))?;
-                        if &hello[..8] != HELLO {
-                            return Err(dist_err(
-                                addr,
-                                "something that is not a qlora rank connected".into(),
-                            ));
+                        if s.read_exact(&mut hello).is_err() || &hello[..8] != HELLO {
+                            continue;
                         }
+                        configure(&s, timeout, addr)?;
                         let r = u64::from_le_bytes(hello[8..16].try_into().expect("8 bytes"));
                         let w = u64::from_le_bytes(hello[16..24].try_into().expect("8 bytes"));
                         if w as usize != world || r == 0 || r as usize >= world {
@@ -360,6 +358,23 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("must be below"), "{e}");
+    }
+
+    #[test]
+    fn a_stray_connection_does_not_stop_rank_0() {
+        let addr = free_addr();
+        let root = root_of_two(&addr);
+        // Something else connects first and says nothing useful.
+        std::thread::sleep(Duration::from_millis(100));
+        {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n.....");
+        }
+        let mut g = TcpGroup::join(&addr, 1, 2, Duration::from_secs(20)).unwrap();
+        let mut v = vec![2.0f32; 4];
+        g.all_reduce_sum(&mut v).unwrap();
+        assert_eq!(v, vec![3.0; 4]);
+        root.join().unwrap().unwrap();
     }
 
     #[test]
