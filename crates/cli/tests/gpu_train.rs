@@ -347,8 +347,10 @@ fn dora_and_mismatched_adapters_are_refused_with_a_clear_line() {
     assert!(e.to_string().contains("does not fit"), "{e}");
 }
 
-fn cli_train(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
+/// The options every CLI run of these tests shares (four steps of rank-4 adapters, two
+/// micro-batches of two sequences a step, dropout on, checkpoints every two steps).
+fn train_args(base: &Path, data: &Path, out: &Path) -> Vec<String> {
+    [
         "train",
         "--model",
         base.to_str().unwrap(),
@@ -374,8 +376,16 @@ fn cli_train(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::proce
         "3",
         "--dropout",
         "0.1",
-    ];
-    args.extend(extra);
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}
+
+fn cli_train(base: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = train_args(base, data, out);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     qlora(&args)
 }
 
@@ -501,40 +511,19 @@ fn data_parallel_ranks_on_one_gpu_train_what_one_process_does() {
         let ranks: Vec<_> = (0..2)
             .map(|r| {
                 let out = tmp.join(format!("dp-{prec}-{r}"));
-                let mut args: Vec<String> = [
-                    "train",
-                    "--model",
-                    base.to_str().unwrap(),
-                    "--data",
-                    data.to_str().unwrap(),
-                    "--out",
-                    out.to_str().unwrap(),
-                    "--rank",
-                    "4",
-                    "--alpha",
-                    "8",
-                    "--lr",
-                    "5e-3",
-                    "--steps",
-                    "4",
-                    "--batch-size",
-                    "2",
-                    "--grad-accum",
-                    "1",
-                    "--save-every",
-                    "2",
-                    "--seed",
-                    "3",
-                    "--dropout",
-                    "0.1",
-                    "--dist-addr",
-                    &addr,
-                    "--dist-world",
-                    "2",
-                ]
-                .into_iter()
-                .map(String::from)
-                .collect();
+                // One micro-batch a rank: the one process's two, split over two ranks.
+                let mut args = train_args(&base, &data, &out);
+                args.extend(
+                    [
+                        "--grad-accum",
+                        "1",
+                        "--dist-addr",
+                        &addr,
+                        "--dist-world",
+                        "2",
+                    ]
+                    .map(String::from),
+                );
                 args.extend(dev.iter().map(|s| s.to_string()));
                 args.extend(["--dist-rank".to_string(), r.to_string()]);
                 std::process::Command::new(qlora_bin())

@@ -920,12 +920,20 @@ impl Gpu {
                 q.t, q.rows, q.cols, q.bits, q.group_size
             )));
         }
-        let tk = q.t.next_power_of_two();
-        let kernel = format!("gemvq{}_t{tk}", q.bits);
+        let kernel = match (q.bits, q.t.next_power_of_two()) {
+            (4, 1) => "gemvq4_t1",
+            (4, 2) => "gemvq4_t2",
+            (4, 4) => "gemvq4_t4",
+            (4, _) => "gemvq4_t8",
+            (_, 1) => "gemvq8_t1",
+            (_, 2) => "gemvq8_t2",
+            (_, 4) => "gemvq8_t4",
+            _ => "gemvq8_t8",
+        };
         // Enough warps to cover the rows, at most a few blocks an SM.
         let blocks = q.rows.div_ceil(GQ_WARPS).min(self.sms as usize * 8).max(1);
         self.launch(
-            &kernel,
+            kernel,
             (blocks as u32, 1),
             (GQ_WARPS * 32) as u32,
             &[
@@ -960,29 +968,25 @@ impl Gpu {
         window: usize,
         qoff: usize,
     ) -> Result<()> {
-        if ld <= SOFTMAX_WARP_MAX {
-            return self.launch(
-                "softmax_causal_warp",
-                (rows.div_ceil(8) as u32, heads as u32),
-                256,
-                &[
-                    Arg::P(s),
-                    Arg::I(ld as i32),
-                    Arg::L(hstride as i64),
-                    Arg::I(window as i32),
-                    Arg::P(p),
-                    Arg::I(qoff as i32),
-                    Arg::I(rows as i32),
-                ],
-            );
-        }
+        // The warp kernel's last argument is the row count, the block kernel's the staging.
+        let warp = ld <= SOFTMAX_WARP_MAX;
         let bytes = ld * 4;
-        let staged = bytes <= SOFTMAX_SMEM as usize;
+        let staged = !warp && bytes <= SOFTMAX_SMEM as usize;
+        let (kernel, grid, smem, last) = if warp {
+            ("softmax_causal_warp", rows.div_ceil(8), 0, rows as i32)
+        } else {
+            (
+                "softmax_causal",
+                rows,
+                if staged { bytes as u32 } else { 0 },
+                staged as i32,
+            )
+        };
         self.launch_smem(
-            "softmax_causal",
-            (rows as u32, heads as u32),
+            kernel,
+            (grid as u32, heads as u32),
             256,
-            if staged { bytes as u32 } else { 0 },
+            smem,
             &[
                 Arg::P(s),
                 Arg::I(ld as i32),
@@ -990,7 +994,7 @@ impl Gpu {
                 Arg::I(window as i32),
                 Arg::P(p),
                 Arg::I(qoff as i32),
-                Arg::I(staged as i32),
+                Arg::I(last),
             ],
         )
     }

@@ -415,8 +415,9 @@ impl<'a> Unpickler<'a> {
                 }
                 b'G' => {
                     let s = self.take(8)?;
-                    self.stack
-                        .push(Value::Float(f64::from_be_bytes(s.try_into().unwrap())))
+                    self.stack.push(Value::Float(f64::from_be_bytes(
+                        s.try_into().expect("take(8) gives 8 bytes"),
+                    )))
                 }
                 b'X' => {
                     let n = self.u32()?;
