@@ -3,7 +3,9 @@
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
 # QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
-# time over two decode steps), peer (HF + PEFT +
+# time over two decode steps), attn (the decode attention and GEMV kernels' durations at batch 1
+# and 64, short and long contexts), models (test-gpu alone), gemvcap (decode with the tensor-core
+# GEMVs off, A/B), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
 # train (qlora bench --train on a synthetic Mistral-7B), gputrain (the GPU training tests alone),
 # peertrain (h200_peer.py --train), mma (the default tensor-core GEMV against QLORA_GEMV=cuda), sets (many
@@ -136,6 +138,32 @@ for stage in "$@"; do
         --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-step.csv" 2>"$OUT/ncu-step.err"
       ncu_summary "$OUT/ncu-step.csv"
       ;;
+    models)
+      echo "== .gpu/bin/test-gpu"; .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|over|differ|synthetic" ;;
+    gemvcap)
+      # Decode at batch 1-64 with every batch of 2 or more tokens dequantized for cuBLAS
+      # (QLORA_GEMV_MAX_T=1) instead of the tensor-core GEMVs, against the default.
+      for cap in - 1; do
+        echo "== decode, QLORA_GEMV_MAX_T=$cap" | tee -a "$OUT/bench.log"
+        env $( [ "$cap" != - ] && echo QLORA_GEMV_MAX_T=$cap ) \
+          $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+          --prompt-tokens 16 --gen-tokens 64 --batch 1,8,32,64 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
+      done ;;
+    attn)
+      # The decode kernels' durations (attention and the GEMVs, the only decode-only kernels)
+      # at batch 1 with 16 and 2,048 tokens of context and at batch 64 with 2,048, caches as
+      # the steps leave them; the step time itself from the bench line.
+      for cfg in "1 16" "1 2048" "64 2048"; do
+        read -r b ctx <<< "$cfg"
+        echo "== ncu: decode kernels, batch $b, prompt $ctx"
+        ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+          --kernel-name regex:'^(attention|gemv)' --launch-skip 64 --launch-count 320 \
+          $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+          --prompt-tokens $ctx --gen-tokens 8 --batch $b --repeats 1 > "$OUT/ncu-attn-$b-$ctx.csv" 2>"$OUT/ncu-attn-$b-$ctx.err"
+        ncu_summary "$OUT/ncu-attn-$b-$ctx.csv" | tee -a "$OUT/attn.log"
+        $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+          --prompt-tokens $ctx --gen-tokens 64 --batch $b --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/attn.log"
+      done ;;
     train)
       # QLoRA training on a synthetic Mistral-7B (NF4 base, LoRA r=16 on all seven projections,
       # seq 2048), batch 1 and 4, recomputing and keeping the activations.

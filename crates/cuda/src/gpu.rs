@@ -23,7 +23,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "lp_to_f32",
     "swiglu",
     "rope_store",
-    "attention",
+    "attention_v",
+    "attention_s",
+    "attention_merge",
     "dequant4",
     "dequant4_x32",
     "dequant_int8",
@@ -129,6 +131,80 @@ fn mma_max_t() -> usize {
     } else {
         GEMV_MMA_DEFAULT_MAX_T
     }
+}
+
+/// Attention of `t` tokens over the paged KV cache (kernels.cu `attention_body`): each token's
+/// q rows in `qkv` ([t, ld] f32), its sequence and position in `seq`/`pos` ([t] i32), block
+/// tables [batch, max_blocks]; the output `out` [t, heads · hd] lp and, when non-zero, `out32`
+/// the same in f32. `part` is scratch of at least `attention_part_bytes` for the split keys.
+#[derive(Clone, Copy, Debug)]
+pub struct Attention {
+    pub qkv: u64,
+    pub ld: usize,
+    pub k: u64,
+    pub v: u64,
+    pub seq: u64,
+    pub pos: u64,
+    pub tables: u64,
+    pub max_blocks: usize,
+    pub block_size: usize,
+    pub heads: usize,
+    pub kvh: usize,
+    pub hd: usize,
+    pub window: usize,
+    pub scale: f32,
+    pub t: usize,
+    pub out: u64,
+    pub out32: u64,
+    pub part: u64,
+    /// The parts each token's keys are split into; None: `attention_splits`.
+    pub splits: Option<usize>,
+}
+
+/// Query heads one attention block takes (kernels.cu ATT_HEADS).
+const ATT_HEADS: usize = 4;
+/// Most parts a token's keys are split into.
+pub const ATT_MAX_SPLITS: usize = 16;
+/// Fewest keys of a token's whole cache a part gets.
+const ATT_MIN_KEYS_PER_SPLIT: usize = 64;
+
+/// (blocks per kv head, query heads per block) of the attention kernel.
+fn attention_head_blocks(heads: usize, kvh: usize) -> (usize, usize) {
+    let group = heads / kvh;
+    let hgroups = group.div_ceil(ATT_HEADS);
+    (hgroups, group.div_ceil(hgroups))
+}
+
+/// How many parts a token's keys are split into: enough blocks for two per SM, each part at
+/// least ATT_MIN_KEYS_PER_SPLIT keys of a full cache (`capacity` keys), at most ATT_MAX_SPLITS.
+/// It depends on the batch's shape only, never on the positions, so a captured graph stays valid
+/// as the context grows.
+pub fn attention_splits(t: usize, heads: usize, kvh: usize, capacity: usize, sms: usize) -> usize {
+    let blocks = t * kvh * attention_head_blocks(heads, kvh).0;
+    (2 * sms)
+        .div_ceil(blocks.max(1))
+        .min(capacity.div_ceil(ATT_MIN_KEYS_PER_SPLIT))
+        .clamp(1, ATT_MAX_SPLITS)
+}
+
+/// Bytes of the attention's split scratch for batches of up to `t_max` tokens split as
+/// `attention_splits` does (0 when no batch is split).
+pub fn attention_part_bytes(
+    t_max: usize,
+    heads: usize,
+    kvh: usize,
+    hd: usize,
+    capacity: usize,
+    sms: usize,
+) -> usize {
+    let most = (1..=t_max)
+        .map(|t| match attention_splits(t, heads, kvh, capacity, sms) {
+            1 => 0,
+            s => t * s,
+        })
+        .max()
+        .unwrap_or(0);
+    most * heads * (hd + 2) * 4
 }
 
 /// Whether a matrix's layout suits the fused GEMV kernels.
@@ -762,7 +838,6 @@ impl Gpu {
         }
     }
 
-    /// Launches an elementwise kernel over `n` elements (256 threads a block).
     /// The fused 4-bit GEMV: the CUDA-core kernel `gemv4_kernel` picks (1-8 tokens), or, where
     /// in bf16 mode (`gemv4m_serves`), the tensor-core `gemv4m` (2-8 tokens) and `gemv4m4`
     /// (9-32; with QLORA_GEMV=mma up to 64, in passes of 32).
@@ -795,14 +870,23 @@ impl Gpu {
     }
 
     /// Most tokens `gemv4` takes over a 4-bit matrix of this layout (0: none).
+    /// QLORA_GEMV_MAX_T=N (benchmarks) lowers it to N: more tokens than that dequantize.
     pub fn gemv4_max_t(&self, cols: usize, blocksize: usize) -> usize {
-        if !gemv4_fits(cols, blocksize) {
+        static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cap = *CAP.get_or_init(|| {
+            std::env::var("QLORA_GEMV_MAX_T")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(usize::MAX)
+        });
+        let most = if !gemv4_fits(cols, blocksize) {
             0
         } else if self.mma_gemv(mma_max_t(), cols, blocksize) {
             mma_max_t()
         } else {
             GEMV_MAX_T
-        }
+        };
+        most.min(cap)
     }
 
     /// The fused 4-bit GEMV with a named kernel of one of the three families (benchmarks).
@@ -906,6 +990,83 @@ impl Gpu {
         )
     }
 
+    /// Attention over the paged cache: `attention_v` (16-byte key loads) where the head dim
+    /// allows, else `attention_s`; with the keys split, `attention_merge` after.
+    pub fn attention(&self, a: &Attention) -> Result<()> {
+        use Arg::*;
+        let lp = self.lp().size();
+        let (hgroups, hpb) = attention_head_blocks(a.heads, a.kvh);
+        let splits = a
+            .splits
+            .unwrap_or_else(|| {
+                attention_splits(
+                    a.t,
+                    a.heads,
+                    a.kvh,
+                    a.max_blocks * a.block_size,
+                    self.sms as usize,
+                )
+            })
+            .clamp(1, ATT_MAX_SPLITS);
+        let kernel = if (a.hd * lp).is_multiple_of(16) {
+            "attention_v"
+        } else {
+            "attention_s"
+        };
+        if splits > 1 && a.part == 0 {
+            return Err(Error::Invalid(
+                "attention: split keys need the part scratch".into(),
+            ));
+        }
+        let part_ml = a.part;
+        let part_acc = a.part + (a.t * a.heads * splits * 2 * 4) as u64;
+        self.launch(
+            kernel,
+            ((a.kvh * hgroups * splits) as u32, a.t as u32),
+            128,
+            &[
+                P(a.qkv),
+                I(a.ld as i32),
+                P(a.k),
+                P(a.v),
+                P(a.seq),
+                P(a.pos),
+                P(a.tables),
+                I(a.max_blocks as i32),
+                I(a.block_size as i32),
+                I(a.heads as i32),
+                I(a.kvh as i32),
+                I(a.hd as i32),
+                I(a.window as i32),
+                F(a.scale),
+                I(hpb as i32),
+                I(splits as i32),
+                P(a.out),
+                P(a.out32),
+                P(part_ml),
+                P(part_acc),
+            ],
+        )?;
+        if splits > 1 {
+            self.launch(
+                "attention_merge",
+                (a.heads as u32, a.t as u32),
+                128,
+                &[
+                    P(part_ml),
+                    P(part_acc),
+                    I(a.heads as i32),
+                    I(a.hd as i32),
+                    I(splits as i32),
+                    P(a.out),
+                    P(a.out32),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Launches an elementwise kernel over `n` elements (256 threads a block).
     pub fn launch_n(&self, name: &str, n: usize, args: &[Arg]) -> Result<()> {
         self.launch(name, (n.div_ceil(256) as u32, 1), 256, args)
     }

@@ -258,101 +258,255 @@ extern "C" __global__ void softmax_causal(const float* __restrict__ S, int ld, l
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention over the paged cache: one block per (head, token). Each warp takes rounds of 8
-// keys, a key to each group of 4 lanes: each lane the q·k of a quarter of the head (loads
-// unrolled, q broadcast from shared memory), summed in the group; then the round's
-// online-softmax update and the 8 value rows accumulated with the output dimensions across
-// lanes, their loads unrolled. So a round costs a few round trips to memory whatever the
-// head size, instead of one per key. The warps' partial results are merged in order.
-// q rows in qkv [t, ld]; seq [t] (the token's sequence in the batch), pos [t];
-// tables [batch, max_blocks]; out [t, h·hd] lp, out32 (may be null) the same widened to f32.
-// window 0 = none. hd ≤ 256, even.
-#define ATT_WARPS 8
-#define ATT_MAX_PER_LANE 8
+// Attention over the paged cache (decode and cached chunks). A block takes one token, up to
+// ATT_HEADS query heads of one kv head (GQA: they share every key and value row it loads) and
+// one of `splits` equal parts of the token's keys (flash-decoding: with few tokens, the parts
+// fill the GPU, and `attention_merge` combines them in order). Each warp takes rounds of 8
+// keys, a key to each group of 4 lanes: a lane loads every fourth V-element chunk of the key
+// (16 bytes when the head dim allows) and makes its partial dots with each head's q from shared
+// memory; the group sums them in a fixed order; then the round's online-softmax update, and the
+// 8 value rows accumulated with the output dimensions across lanes (U at a time). Lanes whose
+// key is past the end load the round's first key and weigh it 0, so every load is issued
+// without a branch. The warps' partials are merged in warp order: no atomics.
+// q rows in qkv [t, ld]; seq [t] (the token's sequence in the batch), pos [t]; tables
+// [batch, max_blocks]; window 0 = none; hd ≤ 256, even. Grid (kvh · hgroups · splits, t):
+// hgroups blocks of ≤ hpb heads per kv head. splits = 1: out [t, h·hd] lp and out32 (may be
+// null) the same widened to f32. splits > 1: part_ml [t, heads, splits] (max, sum) and
+// part_acc [t, heads, splits, hd] (unnormalized, relative to that max) for attention_merge.
+#define ATT_WARPS 4
+#define ATT_HEADS 4
 #define ATT_KEYS 8  // keys a warp takes per round (32 lanes / 4)
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, const lp_t* __restrict__ vc,
-          const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,
-          int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale,
-          lp_t* __restrict__ out, float* __restrict__ out32) {
-    qlora_grid_wait();
-    __shared__ float qs[256];
-    __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
-    __shared__ float wacc[ATT_WARPS][256];
-    int head = blockIdx.x, tok = blockIdx.y;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, key = lane >> 2, part = lane & 3;
-    int kvhead = head / (heads / kvh);
-    const float* q = qkv + (long)tok * ld + head * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i];
-    __syncthreads();
-    int p = pos[tok];
-    int lo = window > 0 ? max(0, p + 1 - window) : 0;
+#define ATT_MAX_HD 256
+
+template <int V> struct KvChunk;  // V elements of lp_t: float[V] from one load
+#ifdef QLORA_BF16
+template <> struct KvChunk<8> {
+    static __device__ __forceinline__ void load(const lp_t* p, float* o) {
+        uint4 u = *reinterpret_cast<const uint4*>(p);
+        unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) { o[2 * i] = __uint_as_float(w[i] << 16); o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
+    }
+};
+template <> struct KvChunk<4> {
+    static __device__ __forceinline__ void load(const lp_t* p, float* o) {
+        uint2 u = *reinterpret_cast<const uint2*>(p);
+        o[0] = __uint_as_float(u.x << 16); o[1] = __uint_as_float(u.x & 0xffff0000u);
+        o[2] = __uint_as_float(u.y << 16); o[3] = __uint_as_float(u.y & 0xffff0000u);
+    }
+};
+template <> struct KvChunk<2> {
+    static __device__ __forceinline__ void load(const lp_t* p, float* o) {
+        unsigned u = *reinterpret_cast<const unsigned*>(p);
+        o[0] = __uint_as_float(u << 16); o[1] = __uint_as_float(u & 0xffff0000u);
+    }
+};
+#else
+template <> struct KvChunk<4> {
+    static __device__ __forceinline__ void load(const lp_t* p, float* o) {
+        float4 u = *reinterpret_cast<const float4*>(p);
+        o[0] = u.x; o[1] = u.y; o[2] = u.z; o[3] = u.w;
+    }
+};
+template <> struct KvChunk<2> {
+    static __device__ __forceinline__ void load(const lp_t* p, float* o) {
+        float2 u = *reinterpret_cast<const float2*>(p);
+        o[0] = u.x; o[1] = u.y;
+    }
+};
+#endif
+
+// V: elements of a key chunk; U: output dims a lane accumulates per pass over the value row.
+template <int V, int U>
+__device__ __forceinline__ void attention_body(
+    const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, const lp_t* __restrict__ vc,
+    const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,
+    int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale, int hpb,
+    int splits, lp_t* __restrict__ out, float* __restrict__ out32, float* __restrict__ part_ml,
+    float* __restrict__ part_acc) {
+    constexpr int E = ATT_MAX_HD / (32 * U);  // value passes a lane may need
+    __shared__ float qs[ATT_HEADS][ATT_MAX_HD];
+    __shared__ float wm[ATT_WARPS][ATT_HEADS], wl[ATT_WARPS][ATT_HEADS], wf[ATT_WARPS][ATT_HEADS];
+    __shared__ float gls[ATT_HEADS], gms[ATT_HEADS];
+    __shared__ float wacc[ATT_WARPS][ATT_HEADS][ATT_MAX_HD];
+    const int group = heads / kvh, hgroups = (group + hpb - 1) / hpb;
+    const int split = blockIdx.x % splits, hb = blockIdx.x / splits;
+    const int kvhead = hb / hgroups, head0 = kvhead * group + (hb % hgroups) * hpb;
+    const int nh = min(hpb, kvhead * group + group - head0);
+    const int tok = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, key = lane >> 2, part = lane & 3;
+    const float* q = qkv + (long)tok * ld + (long)head0 * hd;
+    for (int i = threadIdx.x; i < nh * hd; i += blockDim.x) qs[i / hd][i % hd] = q[i];
+    const int p = pos[tok];
+    const int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    const int per = (p + 1 - lo + splits - 1) / splits;
+    const int a = lo + split * per, b = min(p + 1, a + per);
     const int* table = tables + (long)seq[tok] * max_blocks;
     const long row = (long)kvh * hd;
-    // This lane's quarter of a key: dims [d0, d1).
-    const int quarter = (hd + 3) / 4, d0 = part * quarter, d1 = min(hd, d0 + quarter);
-    float m = -INFINITY, l = 0.f;
-    float acc[ATT_MAX_PER_LANE];
+    const int nchunks = hd / V;
+    float m[ATT_HEADS], l[ATT_HEADS], acc[ATT_HEADS][E][U];
 #pragma unroll
-    for (int e = 0; e < ATT_MAX_PER_LANE; e++) acc[e] = 0.f;
-    for (int j0 = lo + warp * ATT_KEYS; j0 <= p; j0 += ATT_WARPS * ATT_KEYS) {
-        int j = j0 + key;
-        bool valid = j <= p;
-        long base = 0;
-        float sc = -INFINITY;
-        if (valid) {
-            base = ((long)table[j / block_size] * block_size + j % block_size) * row + (long)kvhead * hd;
-            const lp_t* k = kc + base;
-            float d = 0.f;
-#pragma unroll 16
-            for (int i = d0; i < d1; i++) d = fmaf(qs[i], lp_to_f(k[i]), d);
-            sc = d;
-        }
-        // The group's four partial dots, in a fixed order (0+1, 2+3, then the pair sums).
-        float o1 = __shfl_xor_sync(0xffffffffu, sc, 1);
-        sc = (part & 1) ? o1 + sc : sc + o1;
-        float o2 = __shfl_xor_sync(0xffffffffu, sc, 2);
-        sc = (part & 2) ? o2 + sc : sc + o2;
-        sc = valid ? sc * scale : -INFINITY;
-        float mn = fmaxf(m, warp_max(sc));  // finite: the round's first key is valid
-        float corr = expf(m - mn);          // 0 when m = -inf
-        float w = valid ? expf(sc - mn) : 0.f;
-        l = l * corr + warp_sum(part == 0 ? w : 0.f);
+    for (int h = 0; h < ATT_HEADS; h++) {
+        m[h] = -INFINITY; l[h] = 0.f;
 #pragma unroll
-        for (int e = 0; e < ATT_MAX_PER_LANE; e++) acc[e] *= corr;
+        for (int e = 0; e < E; e++)
 #pragma unroll
-        for (int jj = 0; jj < ATT_KEYS; jj++) {
-            float wj = __shfl_sync(0xffffffffu, w, jj * 4);
-            long bj = __shfl_sync(0xffffffffu, base, jj * 4);
-            if (j0 + jj <= p) {
-                const lp_t* v = vc + bj;
+            for (int u = 0; u < U; u++) acc[h][e][u] = 0.f;
+    }
+    __syncthreads();
+    for (int j0 = a + warp * ATT_KEYS; j0 < b; j0 += ATT_WARPS * ATT_KEYS) {
+        const int j = j0 + key;
+        const bool valid = j < b;
+        const int jl = valid ? j : j0;  // past the end: the round's first key, weighed 0
+        const long base = ((long)table[jl / block_size] * block_size + jl % block_size) * row + (long)kvhead * hd;
+        float sc[ATT_HEADS];
 #pragma unroll
-                for (int e = 0; e < ATT_MAX_PER_LANE; e++) {
-                    int i = lane + 32 * e;
-                    if (i < hd) acc[e] = fmaf(wj, lp_to_f(v[i]), acc[e]);
+        for (int h = 0; h < ATT_HEADS; h++) sc[h] = 0.f;
+#pragma unroll 4
+        for (int c = part; c < nchunks; c += 4) {
+            float kv[V];
+            KvChunk<V>::load(kc + base + c * V, kv);
+#pragma unroll
+            for (int h = 0; h < ATT_HEADS; h++) {
+                if (h < nh) {
+#pragma unroll
+                    for (int e = 0; e < V; e++) sc[h] = fmaf(qs[h][c * V + e], kv[e], sc[h]);
                 }
             }
         }
-        m = mn;
-    }
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+        float w[ATT_HEADS];
 #pragma unroll
-    for (int e = 0; e < ATT_MAX_PER_LANE; e++) {
-        int i = lane + 32 * e;
-        if (i < hd) wacc[warp][i] = acc[e];
+        for (int h = 0; h < ATT_HEADS; h++) {
+            w[h] = 0.f;
+            if (h >= nh) continue;  // uniform over the block
+            // The group's four partial dots, in a fixed order (0+1, 2+3, then the pair sums).
+            float s = sc[h];
+            float o1 = __shfl_xor_sync(0xffffffffu, s, 1);
+            s = (part & 1) ? o1 + s : s + o1;
+            float o2 = __shfl_xor_sync(0xffffffffu, s, 2);
+            s = (part & 2) ? o2 + s : s + o2;
+            s = valid ? s * scale : -INFINITY;
+            float mn = fmaxf(m[h], warp_max(s));  // finite: the round's first key is valid
+            float corr = expf(m[h] - mn);         // 0 when m = -inf
+            w[h] = valid ? expf(s - mn) : 0.f;
+            l[h] = l[h] * corr + warp_sum(part == 0 ? w[h] : 0.f);
+            m[h] = mn;
+#pragma unroll
+            for (int e = 0; e < E; e++)
+#pragma unroll
+                for (int u = 0; u < U; u++) acc[h][e][u] *= corr;
+        }
+#pragma unroll
+        for (int jj = 0; jj < ATT_KEYS; jj++) {
+            const long bj = __shfl_sync(0xffffffffu, base, jj * 4);
+            float wj[ATT_HEADS];
+#pragma unroll
+            for (int h = 0; h < ATT_HEADS; h++) wj[h] = __shfl_sync(0xffffffffu, w[h], jj * 4);
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                const int d = (lane + 32 * e) * U;
+                if (d < hd) {
+                    float vv[U];
+                    KvChunk<U>::load(vc + bj + d, vv);
+#pragma unroll
+                    for (int h = 0; h < ATT_HEADS; h++)
+#pragma unroll
+                        for (int u = 0; u < U; u++) acc[h][e][u] = fmaf(wj[h], vv[u], acc[h][e][u]);
+                }
+            }
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int h = 0; h < ATT_HEADS; h++) { wm[warp][h] = m[h]; wl[warp][h] = l[h]; }
+    }
+#pragma unroll
+    for (int h = 0; h < ATT_HEADS; h++)
+#pragma unroll
+        for (int e = 0; e < E; e++)
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int d = (lane + 32 * e) * U + u;
+                if (h < nh && d < hd) wacc[warp][h][d] = acc[h][e][u];
+            }
+    __syncthreads();
+    // The warps' weights, once per (warp, head).
+    if (threadIdx.x < nh) {
+        const int h = threadIdx.x;
+        float gm = -INFINITY;
+        for (int w = 0; w < ATT_WARPS; w++) gm = fmaxf(gm, wm[w][h]);
+        float gl = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            float f = wl[w][h] > 0.f ? expf(wm[w][h] - gm) : 0.f;
+            wf[w][h] = f;
+            gl += wl[w][h] * f;
+        }
+        gms[h] = gm; gls[h] = gl;
     }
     __syncthreads();
-    float gm = -INFINITY;
-    for (int w = 0; w < ATT_WARPS; w++) gm = fmaxf(gm, wm[w]);
-    float gl = 0.f;
-    for (int w = 0; w < ATT_WARPS; w++) if (wl[w] > 0.f) gl += wl[w] * expf(wm[w] - gm);
-    lp_t* o = out + (long)tok * heads * hd + head * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+    for (int i = threadIdx.x; i < nh * hd; i += blockDim.x) {
+        const int h = i / hd, d = i % hd;
+        float acc_ = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) if (wf[w][h] > 0.f) acc_ += wacc[w][h][d] * wf[w][h];
+        const long oh = (long)tok * heads + head0 + h;
+        if (splits == 1) {
+            lp_t v = f_to_lp(acc_ / gls[h]);
+            out[oh * hd + d] = v;
+            if (out32) out32[oh * hd + d] = lp_to_f(v);
+        } else {
+            part_acc[(oh * splits + split) * hd + d] = acc_;
+            if (d == 0) { part_ml[2 * (oh * splits + split)] = gms[h]; part_ml[2 * (oh * splits + split) + 1] = gls[h]; }
+        }
+    }
+}
+
+#define ATTENTION_KERNEL(NAME, V, U)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                         \
+    NAME(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, const lp_t* __restrict__ vc, \
+         const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,         \
+         int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale, int hpb,     \
+         int splits, lp_t* __restrict__ out, float* __restrict__ out32, float* __restrict__ part_ml,       \
+         float* __restrict__ part_acc) {                                                                   \
+        qlora_grid_wait();                                                                                 \
+        attention_body<V, U>(qkv, ld, kc, vc, seq, pos, tables, max_blocks, block_size, heads, kvh, hd,    \
+                             window, scale, hpb, splits, out, out32, part_ml, part_acc);                  \
+    }
+// attention_v: hd a multiple of 16 bytes' worth of elements; attention_s: any even hd.
+#ifdef QLORA_BF16
+ATTENTION_KERNEL(attention_v, 8, 4)
+#else
+ATTENTION_KERNEL(attention_v, 4, 4)
+#endif
+ATTENTION_KERNEL(attention_s, 2, 2)
+
+// The splits of `attention` combined in split order: out [t, heads · hd] (lp) and out32.
+// Grid (heads, t); part_ml and part_acc as attention writes them.
+extern "C" __global__ void attention_merge(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
+                                           int heads, int hd, int splits, lp_t* __restrict__ out,
+                                           float* __restrict__ out32) {
+    qlora_grid_wait();
+    __shared__ float f[32];
+    __shared__ float gl;
+    const long oh = (long)blockIdx.y * heads + blockIdx.x;
+    const float* ml = part_ml + 2 * oh * splits;
+    if (threadIdx.x == 0) {
+        float gm = -INFINITY;
+        for (int s = 0; s < splits; s++) if (ml[2 * s + 1] > 0.f) gm = fmaxf(gm, ml[2 * s]);
+        float l = 0.f;
+        for (int s = 0; s < splits; s++) {
+            float w = ml[2 * s + 1] > 0.f ? expf(ml[2 * s] - gm) : 0.f;
+            f[s] = w;
+            l += ml[2 * s + 1] * w;
+        }
+        gl = l;
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) if (wl[w] > 0.f) a += wacc[w][i] * expf(wm[w] - gm);
+        for (int s = 0; s < splits; s++) if (f[s] > 0.f) a += part_acc[(oh * splits + s) * hd + d] * f[s];
         lp_t v = f_to_lp(a / gl);
-        o[i] = v;
-        if (out32) out32[(long)tok * heads * hd + head * hd + i] = lp_to_f(v);
+        out[oh * hd + d] = v;
+        if (out32) out32[oh * hd + d] = lp_to_f(v);
     }
 }
 

@@ -263,6 +263,8 @@ struct Scratch {
     qkv: DevBuf,
     /// lp [T, heads · hd]
     attn: DevBuf,
+    /// f32: the attention's split keys (`attention_part_bytes`)
+    att_part: DevBuf,
     /// f32 [T, d] o/down outputs, head rows
     o: DevBuf,
     /// f32 [T, 2 f] gate | up
@@ -797,6 +799,14 @@ impl CudaModel {
             })?,
             qkv: gpu.alloc(t * qkv_cols * 4)?,
             attn: gpu.alloc(t * heads * hd * lp)?,
+            att_part: gpu.alloc(crate::gpu::attention_part_bytes(
+                t,
+                heads,
+                kvh,
+                hd,
+                max_blocks * KV_BLOCK,
+                gpu.sms as usize,
+            ))?,
             o: gpu.alloc(t * d * 4)?,
             gu: gpu.alloc(t * 2 * f * 4)?,
             w: gpu.alloc(max_w * lp)?,
@@ -1410,29 +1420,27 @@ impl CudaModel {
             )?;
             match pa {
                 Some(p) => self.prefill_attention(p, t, qkv_ld, scale)?,
-                None => g.launch(
-                    "attention",
-                    (self.heads as u32, t as u32),
-                    256,
-                    &[
-                        P(s.qkv.ptr()),
-                        I(qkv_ld as i32),
-                        P(l.k.ptr()),
-                        P(l.v.ptr()),
-                        P(self.mptr(m.seq)),
-                        P(self.mptr(m.pos)),
-                        P(self.mptr(m.tables)),
-                        I(self.max_blocks as i32),
-                        I(KV_BLOCK as i32),
-                        I(self.heads as i32),
-                        I(self.kvh as i32),
-                        I(self.hd as i32),
-                        I(self.window as i32),
-                        F(scale),
-                        P(s.attn.ptr()),
-                        P(c),
-                    ],
-                )?,
+                None => g.attention(&crate::gpu::Attention {
+                    qkv: s.qkv.ptr(),
+                    ld: qkv_ld,
+                    k: l.k.ptr(),
+                    v: l.v.ptr(),
+                    seq: self.mptr(m.seq),
+                    pos: self.mptr(m.pos),
+                    tables: self.mptr(m.tables),
+                    max_blocks: self.max_blocks,
+                    block_size: KV_BLOCK,
+                    heads: self.heads,
+                    kvh: self.kvh,
+                    hd: self.hd,
+                    window: self.window,
+                    scale,
+                    t,
+                    out: s.attn.ptr(),
+                    out32: c,
+                    part: s.att_part.ptr(),
+                    splits: None,
+                })?,
             }
             self.residual(
                 &l.o,

@@ -261,8 +261,9 @@ fn block_table(n: usize, first_block: usize) -> Vec<i32> {
 fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
     for g in gpus() {
         // (heads, kv heads, head dim, window, cached keys of sequence A): head dims that
-        // take the 16-byte and the scalar key loads, and contexts longer than one round of
-        // the block's warps (8 × 32 keys).
+        // take the 16-byte and the 2-element key loads (38), GQA groups of 1-8 heads (6: two
+        // blocks of 3 per kv head), contexts longer than one round of the block's warps (4 × 8
+        // keys) and windows that start past key 0; each with the keys whole and split.
         for (heads, kvh, hd, window, pa) in [
             (6usize, 2usize, 40usize, 0usize, 37usize),
             (4, 4, 64, 9, 37),
@@ -270,6 +271,8 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
             (2, 1, 256, 5, 37),
             (8, 2, 128, 0, 600),
             (4, 2, 64, 300, 700),
+            (12, 2, 38, 0, 70),
+            (3, 3, 16, 7, 90),
         ] {
             let kvd = kvh * hd;
             let ld = (heads + 2 * kvh) * hd;
@@ -314,41 +317,46 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                 .map(|i| (pa + i) as i32)
                 .chain((0..tb).map(|i| (pb + i) as i32))
                 .collect();
-            let out = poison_lp(&g, t * heads * hd);
-            let o32 = poison(&g, t * heads * hd);
             let (bq, bs, bp, bt) = (
                 up(&g, &qkv),
                 up_i(&g, &seq),
                 up_i(&g, &pos),
                 up_i(&g, &tables),
             );
+            let part = g
+                .alloc(t * heads * qlora_cuda::ATT_MAX_SPLITS * (hd + 2) * 4)
+                .unwrap();
             let scale = 1.0 / (hd as f32).sqrt();
-            g.launch(
-                "attention",
-                (heads as u32, t as u32),
-                256,
-                &[
-                    P(bq.ptr()),
-                    I(ld as i32),
-                    P(bk.ptr()),
-                    P(bv.ptr()),
-                    P(bs.ptr()),
-                    P(bp.ptr()),
-                    P(bt.ptr()),
-                    I(max_blocks as i32),
-                    I(BS as i32),
-                    I(heads as i32),
-                    I(kvh as i32),
-                    I(hd as i32),
-                    I(window as i32),
-                    F(scale),
-                    P(out.ptr()),
-                    P(o32.ptr()),
-                ],
-            )
-            .unwrap();
-            let got = down_lp(&g, &out, t * heads * hd);
-            assert_eq!(down(&g, &o32, t * heads * hd), got, "attention's f32 copy");
+            let mut runs = Vec::new();
+            for splits in [None, Some(1), Some(3), Some(qlora_cuda::ATT_MAX_SPLITS)] {
+                let out = poison_lp(&g, t * heads * hd);
+                let o32 = poison(&g, t * heads * hd);
+                g.attention(&qlora_cuda::Attention {
+                    qkv: bq.ptr(),
+                    ld,
+                    k: bk.ptr(),
+                    v: bv.ptr(),
+                    seq: bs.ptr(),
+                    pos: bp.ptr(),
+                    tables: bt.ptr(),
+                    max_blocks,
+                    block_size: BS,
+                    heads,
+                    kvh,
+                    hd,
+                    window,
+                    scale,
+                    t,
+                    out: out.ptr(),
+                    out32: o32.ptr(),
+                    part: part.ptr(),
+                    splits,
+                })
+                .unwrap();
+                let got = down_lp(&g, &out, t * heads * hd);
+                assert_eq!(down(&g, &o32, t * heads * hd), got, "attention's f32 copy");
+                runs.push((splits, got));
+            }
             let w = (window > 0).then_some(window);
             let mut want = vec![0f32; t * heads * hd];
             ops::attention(
@@ -375,12 +383,14 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                 w,
                 &mut want[ta * heads * hd..],
             );
-            within(
-                &g,
-                &format!("attention h{heads} kv{kvh} hd{hd} window {window}"),
-                &got,
-                &want,
-            );
+            for (splits, got) in &runs {
+                within(
+                    &g,
+                    &format!("attention h{heads} kv{kvh} hd{hd} window {window} splits {splits:?}"),
+                    got,
+                    &want,
+                );
+            }
         }
     }
 }
