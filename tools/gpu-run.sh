@@ -80,6 +80,7 @@ for stage in "$@"; do
       # Mistral-7B (tools/make-random-mistral.py, as the peer's) quantized to NF4 + double
       # quant at load, 8 random r=16 all-linear adapters, 8/32/64 concurrent streams to the
       # base, to one adapter, and mixed over all.
+      echo "== .gpu/bin/test-serve"; .gpu/bin/test-serve --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test .*gpu|test result|panicked"
       python3 tools/make-random-mistral.py /tmp/m7b 2>&1 | tail -1 | tee "$OUT/serve7b.log"
       python3 tools/serve-load-test.py --qlora "$Q" --model /tmp/m7b --adapters 8 --adapter-modules all \
         --adapter-rank 16 --clients 8,32,64 --routes base,one,mixed --requests-per-client 3 --max-tokens 64 \

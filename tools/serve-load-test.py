@@ -204,6 +204,36 @@ def pct(v, p):
     return v[min(len(v) - 1, int(p / 100 * len(v)))] if v else float("nan")
 
 
+def engine_counters():
+    """The engine's step count, mean-batch inputs and per-phase seconds from GET /metrics."""
+    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        k, v = line.rsplit(" ", 1)
+        if k in ("qlora_engine_steps_total", "qlora_batch_size_sum", "qlora_batch_size_count") \
+                or k.startswith("qlora_engine_seconds_total"):
+            out[k] = float(v)
+    return out
+
+
+def engine_report(before, after):
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps = d.get("qlora_engine_steps_total", 0.0)
+    r = {"engine_steps": int(steps)}
+    if d.get("qlora_batch_size_count"):
+        r["mean_batch"] = round(d["qlora_batch_size_sum"] / d["qlora_batch_size_count"], 1)
+    for ph in ("forward", "sample", "emit"):
+        v = d.get(f'qlora_engine_seconds_total{{phase="{ph}"}}')
+        if v is not None and steps:
+            r[f"{ph}_ms_per_step"] = round(1e3 * v / steps, 2)
+    return r
+
+
 def phase(clients, route):
     names = {"base": [base], "one": adapters[:1] or [base], "mixed": [base] + adapters}[route]
     total = args.requests_per_client * clients if args.requests_per_client else args.requests
@@ -227,11 +257,13 @@ def phase(clients, route):
             rss.append(rss_kb(srv.pid))
 
     threading.Thread(target=sample, daemon=True).start()
+    before = engine_counters()
     t0 = time.perf_counter()
     ts = [threading.Thread(target=client) for _ in range(clients)]
     [t.start() for t in ts]
     [t.join() for t in ts]
     wall = time.perf_counter() - t0
+    engine = engine_report(before, engine_counters())
     stop.set()
     rss.append(rss_kb(srv.pid))
     q = len(rss) // 4 or 1
@@ -246,6 +278,7 @@ def phase(clients, route):
         "per_token_p99_ms": round(1e3 * pct(st["per_token"], 99), 1),
         "rss_mb_first_quarter_max": round(max(rss[:q]) / 1024, 1),
         "rss_mb_last_quarter_max": round(max(rss[-q:]) / 1024, 1),
+        **engine,
     }
 
 

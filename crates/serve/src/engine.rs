@@ -272,7 +272,9 @@ fn step(
             logits: s.wants_logits(),
         })
         .collect();
+    let t0 = Instant::now();
     let mut results = backend.forward(&batch);
+    let t1 = Instant::now();
     drop(batch);
     results.resize_with(active.len(), || Err(BackendError::NoResult));
     // Every stream that samples this step does so at once, on the worker threads: a token over
@@ -289,6 +291,7 @@ fn step(
             _ => None,
         })
         .collect();
+    let t2 = Instant::now();
     let mut k = 0;
     active.retain_mut(|s| {
         let r = std::mem::replace(&mut results[k], Ok(Vec::new()));
@@ -312,6 +315,11 @@ fn step(
             }
         }
     });
+    let ns = |a: Instant, b: Instant| (b - a).as_nanos() as u64;
+    m.steps.fetch_add(1, Ordering::Relaxed);
+    m.forward_ns.fetch_add(ns(t0, t1), Ordering::Relaxed);
+    m.sample_ns.fetch_add(ns(t1, t2), Ordering::Relaxed);
+    m.emit_ns.fetch_add(ns(t2, Instant::now()), Ordering::Relaxed);
 }
 
 /// One running request.

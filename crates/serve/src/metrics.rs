@@ -68,6 +68,12 @@ pub struct Metrics {
     pub queue_time: Histogram,
     pub e2e: Histogram,
     pub batch_size: Histogram,
+    /// Engine steps run, and the time they spent in each phase (nanoseconds): the batched
+    /// forward (the backend, with its copies), sampling, and streaming the results.
+    pub steps: AtomicU64,
+    pub forward_ns: AtomicU64,
+    pub sample_ns: AtomicU64,
+    pub emit_ns: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -85,6 +91,10 @@ impl Default for Metrics {
             queue_time: Histogram::new(LATENCY_BUCKETS),
             e2e: Histogram::new(LATENCY_BUCKETS),
             batch_size: Histogram::new(BATCH_BUCKETS),
+            steps: AtomicU64::new(0),
+            forward_ns: AtomicU64::new(0),
+            sample_ns: AtomicU64::new(0),
+            emit_ns: AtomicU64::new(0),
         }
     }
 }
@@ -141,6 +151,12 @@ impl Metrics {
                 "counter",
             ),
             (
+                "qlora_engine_steps_total",
+                "Engine steps (one batched forward each).",
+                &self.steps,
+                "counter",
+            ),
+            (
                 "qlora_queue_depth",
                 "Requests waiting for a slot.",
                 &self.queued,
@@ -158,6 +174,21 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
                 v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP qlora_engine_seconds_total Engine time by step phase: the batched forward, sampling, streaming.\n# TYPE qlora_engine_seconds_total counter"
+        );
+        for (phase, ns) in [
+            ("forward", &self.forward_ns),
+            ("sample", &self.sample_ns),
+            ("emit", &self.emit_ns),
+        ] {
+            let _ = writeln!(
+                out,
+                "qlora_engine_seconds_total{{phase=\"{phase}\"}} {}",
+                ns.load(Ordering::Relaxed) as f64 * 1e-9
             );
         }
         self.ttft.write(
