@@ -319,7 +319,8 @@ fn step(
     m.steps.fetch_add(1, Ordering::Relaxed);
     m.forward_ns.fetch_add(ns(t0, t1), Ordering::Relaxed);
     m.sample_ns.fetch_add(ns(t1, t2), Ordering::Relaxed);
-    m.emit_ns.fetch_add(ns(t2, Instant::now()), Ordering::Relaxed);
+    m.emit_ns
+        .fetch_add(ns(t2, Instant::now()), Ordering::Relaxed);
 }
 
 /// One running request.
