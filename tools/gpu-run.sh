@@ -94,9 +94,11 @@ for stage in "$@"; do
       echo "== adapter sets"; .gpu/bin/test-gpu adapter_sets --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|off the"
       echo "== serve on the GPU"; .gpu/bin/test-serve serve_on_the_gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked"
       echo "== adapter sets, QLORA_BGMV=always"; QLORA_BGMV=always .gpu/bin/test-gpu adapter_sets --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|off the"
-      for ad in "" "--adapter-rank 16" "--mixed-adapters 8 --adapter-rank 16"; do
-        echo "== decode, NF4+DQ base ${ad:-(no adapter)}"
-        $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
+      echo "== adapter sets, QLORA_SET_STACK=0"; QLORA_SET_STACK=0 .gpu/bin/test-gpu adapter_sets --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|off the"
+      for ad in "" "--adapter-rank 16" "--mixed-adapters 8 --adapter-rank 16" "stack0 --mixed-adapters 8 --adapter-rank 16"; do
+        pre=""; case "$ad" in stack0*) pre="QLORA_SET_STACK=0"; ad="${ad#stack0 }";; esac
+        echo "== decode, NF4+DQ base ${ad:-(no adapter)} $pre" | tee -a "$OUT/bench.log"
+        env $pre $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
           --prompt-tokens 16 --gen-tokens 64 --batch 1,8,16,32,64 --repeats 3 2>&1 | grep -E "adapters|decode|prefill" | tee -a "$OUT/bench.log"
       done ;;
     kernels)

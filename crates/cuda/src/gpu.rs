@@ -58,6 +58,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "bgmv_shrink",
     "bgmv_expand",
     "gather_rows",
+    "place_cols",
+    "mask_sets",
     "embed_lora_apply",
     "argmax_rows",
     "fill_f32",

@@ -1427,6 +1427,28 @@ extern "C" __global__ void bgmv_expand(const float* __restrict__ h, int ldh, int
 }
 
 // Embedding adapters: h[i, :] = a_t[ids[i], :]   a_t [vocab, r] f32, h [t, r]
+// dst [n, ld] columns [c0, c0 + r) = src [n, r] (the set stacks' B side by side). total = n · r.
+extern "C" __global__ void place_cols(const float* __restrict__ src, int r, float* __restrict__ dst, int ld,
+                                      int c0, long total) {
+    qlora_grid_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    long row = i / r;
+    int col = (int)(i - row * r);
+    dst[row * ld + c0 + col] = src[i];
+}
+
+// h [t, r]: entries whose rank column belongs to another set than the row's zeroed.
+// row_set [t], col_set [r]; total = t · r.
+extern "C" __global__ void mask_sets(float* __restrict__ h, int r, const int* __restrict__ row_set,
+                                     const int* __restrict__ col_set, long total) {
+    qlora_grid_wait();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    long row = i / r;
+    if (row_set[row] != col_set[i - row * r]) h[i] = 0.f;
+}
+
 extern "C" __global__ void gather_rows(const float* __restrict__ a_t, const int* __restrict__ ids, int r,
                                        float* __restrict__ h) {
     qlora_grid_wait();

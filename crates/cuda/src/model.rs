@@ -213,6 +213,42 @@ struct DevLinear {
     sets: Vec<LinLora>,
     /// u64 [capacity, 4]: each set's stacked LoRA for `bgmv_*` (A, s·B, r, n; zeros for none).
     table: DevBuf,
+    /// Every set's fused LoRA side by side, when 2 to STACK_MAX_SETS sets have one.
+    stack: Option<SetStack>,
+}
+
+/// Most adapter sets one linear stacks (`SetStack`).
+const STACK_MAX_SETS: usize = 16;
+/// Most tokens a product takes through the stack: each token row meets every stacked set's
+/// adapters, so the products grow with t · sets.
+const STACK_MAX_T: usize = 64;
+
+/// Whether mixed batches use the set stacks (QLORA_SET_STACK=0 turns them off: benchmarks).
+fn set_stacks_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("QLORA_SET_STACK").is_none_or(|v| v != "0"))
+}
+
+/// The fused LoRA of several adapter sets of one linear as one shrink and one expand product
+/// for a batch that mixes them: h = x · Aᵀ against every set's A, the entries of other sets
+/// than a row's own zeroed (`mask_sets`), then y += h · Bᵀ. Two products and a mask a linear
+/// whatever the number of sets, instead of two products per set (Punica's SGMV, done with
+/// cuBLAS: at decode sizes the wasted products cost less than the launches they save).
+struct SetStack {
+    /// The sets stacked, in order; `offsets[i]` is set `sets[i]`'s first rank column.
+    sets: Vec<usize>,
+    /// f32 [r, d_in]: the sets' fused A one under another.
+    a: DevBuf,
+    /// f32 [n, r]: the sets' fused s·B side by side (set i in columns [offsets[i], + r_i)).
+    b: DevBuf,
+    /// i32 [r]: each rank column's set.
+    col_set: DevBuf,
+    /// f32 [STACK_MAX_T, r]: the shrink's output.
+    h: DevBuf,
+    /// Σ ranks.
+    r: usize,
+    /// The linear's output columns.
+    n: usize,
 }
 
 /// Plain LoRA adapters of a linear's projections stacked: the A matrices one under another,
@@ -609,12 +645,64 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
         d_in,
         sets: vec![set0],
         table: gpu.alloc(TABLE_SETS * 4 * 8)?,
+        stack: None,
     };
     lin.write_table(gpu)?;
     Ok(lin)
 }
 
 impl DevLinear {
+    /// Rebuilds `stack` from the sets' fused LoRA (after sets were added or removed).
+    fn rebuild_stack(&mut self, gpu: &Gpu) -> Result<()> {
+        self.stack = None;
+        let fused: Vec<(usize, &FusedLora)> = self
+            .sets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.fused.as_ref().map(|f| (i, f)))
+            .collect();
+        if fused.len() < 2 || fused.len() > STACK_MAX_SETS {
+            return Ok(());
+        }
+        let n = fused[0].1.n;
+        if fused.iter().any(|(_, f)| f.n != n) {
+            return Ok(());
+        }
+        let r: usize = fused.iter().map(|(_, f)| f.r).sum();
+        let a = gpu.alloc(r * self.d_in * 4)?;
+        let b = gpu.alloc(n * r * 4)?;
+        gpu.zero(b.ptr(), n * r * 4)?;
+        let mut col_set = Vec::with_capacity(r);
+        let mut r0 = 0;
+        for &(set, f) in &fused {
+            gpu.copy(a.at(r0 * self.d_in * 4), f.a.ptr(), f.r * self.d_in * 4)?;
+            gpu.launch_n(
+                "place_cols",
+                n * f.r,
+                &[
+                    Arg::P(f.b.ptr()),
+                    Arg::I(f.r as i32),
+                    Arg::P(b.ptr()),
+                    Arg::I(r as i32),
+                    Arg::I(r0 as i32),
+                    Arg::L((n * f.r) as i64),
+                ],
+            )?;
+            col_set.extend(std::iter::repeat_n(set as i32, f.r));
+            r0 += f.r;
+        }
+        self.stack = Some(SetStack {
+            sets: fused.iter().map(|&(s, _)| s).collect(),
+            a,
+            b,
+            col_set: gpu.upload(&col_set)?,
+            h: gpu.alloc(STACK_MAX_T * r * 4)?,
+            r,
+            n,
+        });
+        Ok(())
+    }
+
     fn weight_bytes(&self) -> usize {
         self.mats
             .iter()
@@ -1019,16 +1107,23 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Rewrites every linear's `bgmv_*` table; drops the captured graphs when one moved.
+    /// Rewrites every linear's `bgmv_*` table and set stack (after sets were added or removed);
+    /// drops the captured graphs when a table moved or a stack changed.
     fn write_tables(&mut self) -> Result<()> {
         let g = self.gpu.clone();
         let mut moved = false;
         for l in &mut self.layers {
             for lin in [&mut l.qkv, &mut l.o, &mut l.gu, &mut l.down] {
                 moved |= !lin.write_table(&g)?;
+                moved |= lin.stack.is_some();
+                lin.rebuild_stack(&g)?;
+                moved |= lin.stack.is_some();
             }
         }
         moved |= !self.head.write_table(&g)?;
+        moved |= self.head.stack.is_some();
+        self.head.rebuild_stack(&g)?;
+        moved |= self.head.stack.is_some();
         if moved {
             self.graphs.clear();
         }
@@ -1749,11 +1844,66 @@ impl CudaModel {
                 ],
             )?;
         }
+        // Several stacked sets in a small batch: their fused LoRA as one masked pair of products.
+        let stack = lin.stack.as_ref().filter(|st| {
+            if bgmv.is_some() || t > STACK_MAX_T || !set_stacks_on() {
+                return false;
+            }
+            let mut present: Vec<usize> = groups
+                .iter()
+                .filter(|g| g.rows > 0 && st.sets.contains(&g.set))
+                .map(|g| g.set)
+                .collect();
+            present.sort_unstable();
+            present.dedup();
+            present.len() >= 2 && 2 * present.len() >= st.sets.len()
+        });
+        if let Some(st) = stack {
+            let xf = self.adapter_input(x, &mut x32, t, lin.d_in)?;
+            g.gemm(
+                Dt::F32,
+                t,
+                st.r,
+                lin.d_in,
+                xf,
+                lin.d_in,
+                st.a.ptr(),
+                st.h.ptr(),
+                st.r,
+                1.0,
+                0.0,
+            )?;
+            g.launch_n(
+                "mask_sets",
+                t * st.r,
+                &[
+                    P(st.h.ptr()),
+                    I(st.r as i32),
+                    P(row_set),
+                    P(st.col_set.ptr()),
+                    L((t * st.r) as i64),
+                ],
+            )?;
+            g.gemm(
+                Dt::F32,
+                t,
+                st.n,
+                st.r,
+                st.h.ptr(),
+                st.r,
+                st.b.ptr(),
+                y,
+                ldy,
+                1.0,
+                1.0,
+            )?;
+        }
         for gr in groups {
+            let stacked = stack.is_some_and(|st| st.sets.contains(&gr.set));
             let Some(set) = lin
                 .sets
                 .get(gr.set)
-                .filter(|s| !(s.is_empty() || bgmv.is_some() && s.fused.is_some()))
+                .filter(|s| !(s.is_empty() || (bgmv.is_some() || stacked) && s.fused.is_some()))
             else {
                 continue;
             };
@@ -1815,7 +1965,7 @@ impl CudaModel {
                     }
                 }
             }
-            if let Some(f) = &set.fused {
+            if let Some(f) = set.fused.as_ref().filter(|_| !stacked) {
                 self.shrink(xf, n_rows, f.r, lin.d_in, &f.a)?;
                 g.gemm(
                     Dt::F32,
