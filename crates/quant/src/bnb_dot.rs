@@ -3,19 +3,35 @@
 //! decode (GEMV) hot path for NF4/FP4 weights. The scalar twin defines the algebra:
 //! Σ_blocks absmax_b · Σ_j code[c_j]·x_j.
 
-/// The activation vector in the order the AVX-512 kernels consume it: each run of 32 elements
+/// The activation vector in the order the SIMD kernels consume it: each run of 32 elements
 /// as its 16 even-index elements then its 16 odd-index ones (the high and low nibbles of 16
 /// packed 4-bit bytes; the low and high halves of 16 bf16 pairs). Computed once per token and
 /// shared by every row. Requires `x.len()` to be a multiple of 32.
 pub struct Bnb4Activation {
     x: Vec<f32>,
     split: Vec<f32>,
+    /// Which kernels read `split`: AVX-512 (4-bit and bf16 rows) or AVX2 (4-bit rows).
+    simd: Simd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    None,
+    Avx2,
+    Avx512,
 }
 
 impl Bnb4Activation {
     pub fn new(x: &[f32]) -> Self {
         debug_assert!(x.len().is_multiple_of(32));
-        let split = if use_avx512() {
+        let simd = if use_avx512() {
+            Simd::Avx512
+        } else if has_avx2_fma() {
+            Simd::Avx2
+        } else {
+            Simd::None
+        };
+        let split = if simd != Simd::None {
             x.chunks_exact(32)
                 .flat_map(|c| {
                     (0..16)
@@ -29,11 +45,23 @@ impl Bnb4Activation {
         Bnb4Activation {
             x: x.to_vec(),
             split,
+            simd,
         }
     }
 }
 
 use crate::use_avx512;
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// Σ W[row]·x for a row of `x.len()` elements stored as `packed` (x.len() / 2 bytes) with one
 /// absmax per `blocksize` elements. Requires `blocksize` to be a multiple of 32 and to divide
@@ -68,15 +96,15 @@ pub fn bnb4_dot_rows(
     let (pb, pa) = (cols / 2, cols / blocksize);
     assert!(packed.len() >= out.len() * pb && absmax.len() >= out.len() * pa);
     #[cfg(target_arch = "x86_64")]
-    {
-        if !x.split.is_empty() {
-            // SAFETY: `split` is only filled when AVX-512F was detected; lengths as asserted.
-            return unsafe { avx512::dot_rows(packed, absmax, code, blocksize, &x.split, out) };
+    match x.simd {
+        // SAFETY: `simd` names the features `Bnb4Activation::new` detected; lengths as asserted.
+        Simd::Avx512 => {
+            return unsafe { avx512::dot_rows(packed, absmax, code, blocksize, &x.split, out) }
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were detected just above; lengths as asserted.
-            return unsafe { avx2::dot_rows(packed, absmax, code, blocksize, &x.x, out) };
+        Simd::Avx2 => {
+            return unsafe { avx2::dot_rows(packed, absmax, code, blocksize, &x.split, out) }
         }
+        Simd::None => {}
     }
     for (r, o) in out.iter_mut().enumerate() {
         *o = bnb4_dot_row_scalar(
@@ -94,8 +122,8 @@ pub fn bf16_dot_rows(rows: &[u8], x: &Bnb4Activation, out: &mut [f32]) {
     let rb = 2 * x.x.len();
     assert!(rows.len() >= out.len() * rb);
     #[cfg(target_arch = "x86_64")]
-    if !x.split.is_empty() {
-        // SAFETY: `split` is only filled when AVX-512F was detected; lengths as asserted.
+    if x.simd == Simd::Avx512 {
+        // SAFETY: AVX-512F was detected (`Bnb4Activation::new`); lengths as asserted.
         return unsafe { avx512::dot_bf16_rows(rows, &x.split, out) };
     }
     crate::dot_rows(crate::GgmlType::BF16, rows, &x.x, &[], out)
@@ -220,33 +248,36 @@ mod avx512 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Eight codes (bytes of `c`'s low half) to their code-book values: the low three bits pick
-    /// within each half of the table, bit 3 picks the half.
+    /// The code-book values of eight codes, one per 32-bit lane of `idx` (the low three bits
+    /// pick within each half of the table, `sel`'s sign bit picks the half).
     #[inline(always)]
-    unsafe fn lookup(c: __m128i, lo: __m256, hi: __m256) -> __m256 {
-        let idx = _mm256_cvtepu8_epi32(c);
+    unsafe fn lookup(idx: __m256i, sel: __m256i, lo: __m256, hi: __m256) -> __m256 {
         let a = _mm256_permutevar8x32_ps(lo, idx);
         let b = _mm256_permutevar8x32_ps(hi, idx);
-        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(sel))
     }
 
+    /// `xs` in `Bnb4Activation`'s split order (as the AVX-512 kernel's): eight bytes widen to
+    /// eight lanes, whose high nibbles (shifted down) and low nibbles (the permute reads the low
+    /// three bits in place) index the table with no unpacking; they meet the 8 even and the 8
+    /// odd elements of those bytes.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_rows(
         packed: &[u8],
         absmax: &[f32],
         code: &[f32; 16],
         blocksize: usize,
-        x: &[f32],
+        xs: &[f32],
         out: &mut [f32],
     ) {
-        let (pb, pa) = (x.len() / 2, x.len() / blocksize);
+        let (pb, pa) = (xs.len() / 2, xs.len() / blocksize);
         for (r, o) in out.iter_mut().enumerate() {
             *o = dot(
                 packed.get_unchecked(r * pb..(r + 1) * pb),
                 absmax.get_unchecked(r * pa..(r + 1) * pa),
                 code,
                 blocksize,
-                x,
+                xs,
             );
         }
     }
@@ -258,40 +289,36 @@ mod avx2 {
         absmax: &[f32],
         code: &[f32; 16],
         blocksize: usize,
-        x: &[f32],
+        xs: &[f32],
     ) -> f32 {
         let lo = _mm256_loadu_ps(code.as_ptr());
         let hi = _mm256_loadu_ps(code.as_ptr().add(8));
-        let mask = _mm_set1_epi8(0x0F);
         let mut total = _mm256_setzero_ps();
         let mut p = packed.as_ptr();
-        let mut xp = x.as_ptr();
+        let mut xp = xs.as_ptr();
         for &s in absmax {
             let mut acc0 = _mm256_setzero_ps();
             let mut acc1 = _mm256_setzero_ps();
+            let mut acc2 = _mm256_setzero_ps();
+            let mut acc3 = _mm256_setzero_ps();
             for _ in 0..blocksize / 32 {
-                let bytes = _mm_loadu_si128(p as *const __m128i);
-                let h = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                let l = _mm_and_si128(bytes, mask);
-                // Element order: high nibble of byte j, then its low nibble.
-                let e0 = _mm_unpacklo_epi8(h, l);
-                let e1 = _mm_unpackhi_epi8(h, l);
-                acc0 = _mm256_fmadd_ps(lookup(e0, lo, hi), _mm256_loadu_ps(xp), acc0);
-                acc1 = _mm256_fmadd_ps(
-                    lookup(_mm_srli_si128(e0, 8), lo, hi),
-                    _mm256_loadu_ps(xp.add(8)),
-                    acc1,
-                );
-                acc0 = _mm256_fmadd_ps(lookup(e1, lo, hi), _mm256_loadu_ps(xp.add(16)), acc0);
-                acc1 = _mm256_fmadd_ps(
-                    lookup(_mm_srli_si128(e1, 8), lo, hi),
-                    _mm256_loadu_ps(xp.add(24)),
-                    acc1,
-                );
+                // Bytes 0-7 and 8-15 of the run: high nibbles are elements 2j (split[j]), low
+                // nibbles 2j + 1 (split[16 + j]).
+                let v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+                let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
+                let h0 = lookup(_mm256_srli_epi32(v0, 4), _mm256_slli_epi32(v0, 24), lo, hi);
+                let l0 = lookup(v0, _mm256_slli_epi32(v0, 28), lo, hi);
+                let h1 = lookup(_mm256_srli_epi32(v1, 4), _mm256_slli_epi32(v1, 24), lo, hi);
+                let l1 = lookup(v1, _mm256_slli_epi32(v1, 28), lo, hi);
+                acc0 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(xp), acc0);
+                acc1 = _mm256_fmadd_ps(h1, _mm256_loadu_ps(xp.add(8)), acc1);
+                acc2 = _mm256_fmadd_ps(l0, _mm256_loadu_ps(xp.add(16)), acc2);
+                acc3 = _mm256_fmadd_ps(l1, _mm256_loadu_ps(xp.add(24)), acc3);
                 p = p.add(16);
                 xp = xp.add(32);
             }
-            total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(s), total);
+            let acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(s), total);
         }
         let q = _mm_add_ps(
             _mm256_castps256_ps128(total),
@@ -345,6 +372,54 @@ mod tests {
                 assert!(
                     (got as f64 - want).abs() < 1e-4,
                     "{quant:?}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// The AVX2 kernel (which an AVX-512 host does not dispatch to) against the scalar twin,
+    /// on the split activation it reads, for NF4 and FP4 at several block sizes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_matches_the_scalar_one() {
+        if !has_avx2_fma() {
+            return;
+        }
+        for (quant, bs, cols, rows) in [
+            (Quant4::Nf4, 64, 256, 5),
+            (Quant4::Fp4, 32, 96, 3),
+            (Quant4::Nf4, 128, 384, 2),
+            (Quant4::Nf4, 32, 32, 1),
+        ] {
+            let w: Vec<f32> = (0..cols * rows)
+                .map(|i| ((i * 7919) % 101) as f32 / 101.0 - 0.5)
+                .collect();
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let split: Vec<f32> = x
+                .chunks_exact(32)
+                .flat_map(|c| {
+                    (0..16)
+                        .map(move |j| c[2 * j])
+                        .chain((0..16).map(move |j| c[2 * j + 1]))
+                })
+                .collect();
+            let (packed, absmax) = quantize_4bit(&w, bs, quant);
+            let code = quant.code();
+            let mut out = vec![0f32; rows];
+            // SAFETY: AVX2 and FMA were detected above; the lengths are whole rows.
+            unsafe { avx2::dot_rows(&packed, &absmax, &code, bs, &split, &mut out) };
+            let (pb, pa) = (cols / 2, cols / bs);
+            for (r, got) in out.iter().enumerate() {
+                let want = bnb4_dot_row_scalar(
+                    &packed[r * pb..(r + 1) * pb],
+                    &absmax[r * pa..(r + 1) * pa],
+                    &code,
+                    bs,
+                    &x,
+                );
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{quant:?} bs {bs} row {r}: {got} vs {want}"
                 );
             }
         }
