@@ -32,13 +32,7 @@ impl Bnb4Activation {
             Simd::None
         };
         let split = if simd != Simd::None {
-            x.chunks_exact(32)
-                .flat_map(|c| {
-                    (0..16)
-                        .map(move |j| c[2 * j])
-                        .chain((0..16).map(move |j| c[2 * j + 1]))
-                })
-                .collect()
+            split_order(x)
         } else {
             Vec::new()
         };
@@ -51,6 +45,18 @@ impl Bnb4Activation {
 }
 
 use crate::use_avx512;
+
+/// `x` in `Bnb4Activation`'s split order: each run of 32 as its 16 even-index elements, then
+/// its 16 odd-index ones.
+fn split_order(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(32)
+        .flat_map(|c| {
+            (0..16)
+                .map(move |j| c[2 * j])
+                .chain((0..16).map(move |j| c[2 * j + 1]))
+        })
+        .collect()
+}
 
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -395,34 +401,42 @@ mod tests {
                 .map(|i| ((i * 7919) % 101) as f32 / 101.0 - 0.5)
                 .collect();
             let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
-            let split: Vec<f32> = x
-                .chunks_exact(32)
-                .flat_map(|c| {
-                    (0..16)
-                        .map(move |j| c[2 * j])
-                        .chain((0..16).map(move |j| c[2 * j + 1]))
-                })
-                .collect();
             let (packed, absmax) = quantize_4bit(&w, bs, quant);
             let code = quant.code();
             let mut out = vec![0f32; rows];
             // SAFETY: AVX2 and FMA were detected above; the lengths are whole rows.
-            unsafe { avx2::dot_rows(&packed, &absmax, &code, bs, &split, &mut out) };
-            let (pb, pa) = (cols / 2, cols / bs);
-            for (r, got) in out.iter().enumerate() {
-                let want = bnb4_dot_row_scalar(
-                    &packed[r * pb..(r + 1) * pb],
-                    &absmax[r * pa..(r + 1) * pa],
-                    &code,
-                    bs,
-                    &x,
-                );
+            unsafe { avx2::dot_rows(&packed, &absmax, &code, bs, &split_order(&x), &mut out) };
+            let want = scalar_rows(&packed, &absmax, &code, bs, &x, rows);
+            for (r, (got, want)) in out.iter().zip(&want).enumerate() {
                 assert!(
                     (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
                     "{quant:?} bs {bs} row {r}: {got} vs {want}"
                 );
             }
         }
+    }
+
+    /// Each of `rows` consecutive rows' dot product by the scalar kernel.
+    fn scalar_rows(
+        packed: &[u8],
+        absmax: &[f32],
+        code: &[f32; 16],
+        bs: usize,
+        x: &[f32],
+        rows: usize,
+    ) -> Vec<f32> {
+        let (pb, pa) = (x.len() / 2, x.len() / bs);
+        (0..rows)
+            .map(|r| {
+                bnb4_dot_row_scalar(
+                    &packed[r * pb..(r + 1) * pb],
+                    &absmax[r * pa..(r + 1) * pa],
+                    code,
+                    bs,
+                    x,
+                )
+            })
+            .collect()
     }
 
     /// The several-rows entries give each row's dot product (NF4 rows against the scalar kernel,
@@ -439,15 +453,8 @@ mod tests {
         let code = Quant4::Nf4.code();
         let mut out = vec![0f32; n];
         bnb4_dot_rows(&packed, &absmax, &code, bs, &act, &mut out);
-        let (pb, pa) = (cols / 2, cols / bs);
-        for (r, got) in out.iter().enumerate() {
-            let want = bnb4_dot_row_scalar(
-                &packed[r * pb..(r + 1) * pb],
-                &absmax[r * pa..(r + 1) * pa],
-                &code,
-                bs,
-                &x,
-            );
+        let want = scalar_rows(&packed, &absmax, &code, bs, &x, n);
+        for (r, (got, want)) in out.iter().zip(&want).enumerate() {
             assert!((got - want).abs() < 1e-4, "nf4 row {r}: {got} vs {want}");
         }
         let bf: Vec<u8> = w
