@@ -234,12 +234,13 @@ fn set_stacks_on() -> bool {
 /// than a row's own zeroed (`mask_sets`), then y += h · Bᵀ. Two products and a mask a linear
 /// whatever the number of sets, instead of two products per set (Punica's SGMV, done with
 /// cuBLAS: at decode sizes the wasted products cost less than the launches they save).
+/// A second copy of the sets' fused LoRA, so it costs their size again in device memory.
 struct SetStack {
-    /// The sets stacked, in order; `offsets[i]` is set `sets[i]`'s first rank column.
+    /// The sets stacked, in order (each set's rank columns follow the previous set's).
     sets: Vec<usize>,
     /// f32 [r, d_in]: the sets' fused A one under another.
     a: DevBuf,
-    /// f32 [n, r]: the sets' fused s·B side by side (set i in columns [offsets[i], + r_i)).
+    /// f32 [n, r]: the sets' fused s·B side by side.
     b: DevBuf,
     /// i32 [r]: each rank column's set.
     col_set: DevBuf,
@@ -652,6 +653,17 @@ fn upload_linear(gpu: &Gpu, ps: &[&Projection]) -> Result<DevLinear> {
 }
 
 impl DevLinear {
+    /// `rebuild_stack`; true when a stack was or is there (captured graphs may point at it).
+    /// The stack only speeds mixed batches up, so a failure to build it (out of device
+    /// memory) leaves none and the per-set products serve.
+    fn restack(&mut self, gpu: &Gpu) -> bool {
+        let had = self.stack.is_some();
+        if self.rebuild_stack(gpu).is_err() {
+            self.stack = None;
+        }
+        had || self.stack.is_some()
+    }
+
     /// Rebuilds `stack` from the sets' fused LoRA (after sets were added or removed).
     fn rebuild_stack(&mut self, gpu: &Gpu) -> Result<()> {
         self.stack = None;
@@ -1115,15 +1127,11 @@ impl CudaModel {
         for l in &mut self.layers {
             for lin in [&mut l.qkv, &mut l.o, &mut l.gu, &mut l.down] {
                 moved |= !lin.write_table(&g)?;
-                moved |= lin.stack.is_some();
-                lin.rebuild_stack(&g)?;
-                moved |= lin.stack.is_some();
+                moved |= lin.restack(&g);
             }
         }
         moved |= !self.head.write_table(&g)?;
-        moved |= self.head.stack.is_some();
-        self.head.rebuild_stack(&g)?;
-        moved |= self.head.stack.is_some();
+        moved |= self.head.restack(&g);
         if moved {
             self.graphs.clear();
         }
