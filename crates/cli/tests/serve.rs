@@ -436,6 +436,18 @@ fn serve_answers_the_openai_api_for_a_base_and_its_adapters() {
         assert!(text.contains(name), "{name} not in /metrics:\n{text}");
     }
     assert!(metric(&s.url, "qlora_generation_tokens_total") >= (6 * 5) as f64);
+    // The engine's steps and their time by phase: every generated token took a step, and
+    // the steps' forwards took time.
+    let steps = metric(&s.url, "qlora_engine_steps_total");
+    assert!(steps >= 5.0, "{steps} engine steps for 6 × 5 tokens");
+    assert!(metric(&s.url, "qlora_engine_seconds_total{phase=\"forward\"}") > 0.0);
+    for phase in ["sample", "emit"] {
+        let v = metric(
+            &s.url,
+            &format!("qlora_engine_seconds_total{{phase=\"{phase}\"}}"),
+        );
+        assert!(v >= 0.0, "{phase}: {v}");
+    }
 
     // SIGTERM: the server stops accepting and exits cleanly.
     let mut s = s;
