@@ -1868,19 +1868,7 @@ impl CudaModel {
         });
         if let Some(st) = stack {
             let xf = self.adapter_input(x, &mut x32, t, lin.d_in)?;
-            g.gemm(
-                Dt::F32,
-                t,
-                st.r,
-                lin.d_in,
-                xf,
-                lin.d_in,
-                st.a.ptr(),
-                st.h.ptr(),
-                st.r,
-                1.0,
-                0.0,
-            )?;
+            self.shrink_into(xf, t, st.r, lin.d_in, &st.a, st.h.ptr())?;
             g.launch_n(
                 "mask_sets",
                 t * st.r,
@@ -2095,19 +2083,21 @@ impl CudaModel {
 
     /// lh [t, r] = xf [t, d_in] · Aᵀ, f32.
     fn shrink(&self, xf: u64, t: usize, r: usize, d_in: usize, a: &DevBuf) -> Result<()> {
-        self.gpu.gemm(
-            Dt::F32,
-            t,
-            r,
-            d_in,
-            xf,
-            d_in,
-            a.ptr(),
-            self.s.lh.ptr(),
-            r,
-            1.0,
-            0.0,
-        )
+        self.shrink_into(xf, t, r, d_in, a, self.s.lh.ptr())
+    }
+
+    /// h [t, r] = xf [t, d_in] · Aᵀ, f32.
+    fn shrink_into(
+        &self,
+        xf: u64,
+        t: usize,
+        r: usize,
+        d_in: usize,
+        a: &DevBuf,
+        h: u64,
+    ) -> Result<()> {
+        self.gpu
+            .gemm(Dt::F32, t, r, d_in, xf, d_in, a.ptr(), h, r, 1.0, 0.0)
     }
 
     /// Whether any adapter is on the model.
