@@ -10,7 +10,8 @@
 # train (qlora bench --train on a synthetic Mistral-7B), gputrain (the GPU training tests alone),
 # peertrain (h200_peer.py --train), mma (the default tensor-core GEMV against QLORA_GEMV=cuda), sets (many
 # adapters at once: the adapter-set and GPU-serve tests, mixed-adapter decode), ncumma (Nsight Compute on the tensor-core
-# GEMVs: gemv4m in batch-8 decode, gemv4m4 in a 16-token prefill), serve7b (the HTTP load test of the GPU server at Mistral-7B size).
+# GEMVs: gemv4m in batch-8 decode, gemv4m4 in a 16-token prefill), f16 (the f16 tensor-core GEMV
+# against the kernels before it, decode at batch 1 and 8), serve7b (the HTTP load test of the GPU server at Mistral-7B size).
 # Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -100,6 +101,18 @@ for stage in "$@"; do
         echo "== decode, NF4+DQ base ${ad:-(no adapter)} $pre" | tee -a "$OUT/bench.log"
         env $pre $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
           --prompt-tokens 16 --gen-tokens 64 --batch 1,8,16,32,64 --repeats 3 2>&1 | grep -E "adapters|decode|prefill" | tee -a "$OUT/bench.log"
+      done ;;
+    f16)
+      # The f16 tensor-core GEMV (gemv4h, the bf16 default for 2-8 tokens; QLORA_GEMV_F16=1
+      # at one token too) against the kernels before it (QLORA_GEMV_F16=0: gemv4m at 2-8),
+      # decode at batch 1 and 8, with and without an adapter.
+      for f in default 0 1 default 0 1; do
+        for ad in "" "--adapter-rank 16"; do
+          echo "== decode, QLORA_GEMV_F16=$f ${ad:-(no adapter)}" | tee -a "$OUT/bench.log"
+          if [ "$f" = default ]; then pre=""; else pre="QLORA_GEMV_F16=$f"; fi
+          env $pre $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
+            --prompt-tokens 16 --gen-tokens 64 --batch 1,8 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
+        done
       done ;;
     kernels)
       echo "== kernels (bf16)"; $Q bench --kernels --device cuda --precision bf16 2>&1 | tee -a "$OUT/bench.log" ;;

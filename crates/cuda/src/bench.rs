@@ -122,13 +122,18 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
         let y = gpu.alloc(8 * r * 4)?;
         // One token through every family; 8 (a decode batch) through the tensor-core ones.
         for (kernel, t) in [
+            ("gemv4h", 1),
             ("gemv4m", 1),
             ("gemv4x_t1", 1),
             ("gemv4s_t1", 1),
             ("gemv4_t1", 1),
+            ("gemv4h", 8),
             ("gemv4m", 8),
             ("gemv4s_t8", 8),
         ] {
+            if kernel == "gemv4h" && !gpu.gemv4h_fits(t, c, 64) {
+                continue;
+            }
             let ms = time(gpu, reps, sets, |i| {
                 gpu.gemv4_with(
                     kernel,

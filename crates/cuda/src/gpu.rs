@@ -32,6 +32,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "dequant_grouped",
     "gemv4m",
     "gemv4m4",
+    "gemv4h",
     "gemv4_t1",
     "gemv4_t2",
     "gemv4_t4",
@@ -279,6 +280,21 @@ fn is_mma_gemv(kernel: &str) -> bool {
 /// Dynamic shared memory of the tensor-core GEMVs: their code table (kernels.cu gm_fill_lut:
 /// 256 bytes · 32 lanes · one {hi, lo} entry of 8 B).
 const GM_LUT_BYTES: u32 = 2 * 256 * 32 * 4;
+/// The f16 tensor-core GEMV (kernels.cu gemv4h): its code table (256 entries 256 bytes apart,
+/// GH_LUT_BYTES), then the tokens' activations as f16 rows of cols + 8; its static shared
+/// memory (the warps' sums and the tokens' scales, rounded up); and the most dynamic shared
+/// memory it is given (two blocks an SM up to about 100 KB each).
+const GH_LUT_BYTES: u32 = 256 * 256;
+const GH_STATIC_SMEM: u32 = 8 << 10;
+const GH_SMEM_CAP: u32 = 160 << 10;
+/// Most tokens one `gemv4h` launch takes (kernels.cu GH_MAXT).
+pub const GEMV4H_MAX_T: usize = 8;
+
+/// Dynamic shared memory `gemv4h` needs for `t` tokens of `cols` inputs.
+pub fn gemv4h_smem(t: usize, cols: usize) -> usize {
+    GH_LUT_BYTES as usize + t * (cols + 8) * 2
+}
+
 /// Dynamic shared memory the softmax kernels may stage a row in (`softmax_rows`): rows of up
 /// to 24,576 scores forward, 12,288 backward.
 const SOFTMAX_SMEM: u32 = 96 << 10;
@@ -512,6 +528,9 @@ pub struct Gpu {
     /// QLORA_PDL=0): each may start while the one before it finishes, and waits in
     /// `qlora_grid_wait` (kernels.cu) before touching memory.
     pub pdl: bool,
+    /// The most dynamic shared memory a block of `gemv4h` may have here (the device's opt-in
+    /// limit, at most GH_SMEM_CAP): its x staging bounds tokens · columns.
+    gh_smem_max: u32,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -573,6 +592,9 @@ impl Gpu {
                 attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             );
             let sms = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+            let gh_smem_max = (attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32)
+                .saturating_sub(GH_STATIC_SMEM)
+                .min(GH_SMEM_CAP);
             let mut name_buf = [0 as std::ffi::c_char; 256];
             check(
                 cu::cuDeviceGetName(name_buf.as_mut_ptr(), 256, dev),
@@ -596,6 +618,8 @@ impl Gpu {
                 check(cu::cuModuleGetFunction(&mut f, module, cn.as_ptr()), n)?;
                 let smem = if n.starts_with("gemv4s_") {
                     GEMV_STAGED_SMEM
+                } else if n == "gemv4h" {
+                    gh_smem_max
                 } else if is_mma_gemv(n) {
                     GM_LUT_BYTES
                 } else if n.starts_with("gemv4x_") {
@@ -662,6 +686,7 @@ impl Gpu {
                 funcs,
                 compile_s,
                 pdl: arch.0 >= 9 && std::env::var_os("QLORA_PDL").is_none_or(|v| v != "0"),
+                gh_smem_max,
             }))
         }
     }
@@ -841,9 +866,13 @@ impl Gpu {
     }
 
     /// The fused 4-bit GEMV: the CUDA-core kernel `gemv4_kernel` picks (1-8 tokens), or, where
-    /// in bf16 mode (`gemv4m_serves`), the tensor-core `gemv4m` (2-8 tokens) and `gemv4m4`
+    /// in bf16 mode, the f16 tensor-core `gemv4h` (2-8 tokens, `f16_gemv`), the tensor-core
+    /// `gemv4m` (2-8 tokens where gemv4h's staging does not fit, `gemv4m_serves`) and `gemv4m4`
     /// (9-32; with QLORA_GEMV=mma up to 64, in passes of 32).
     pub fn gemv4(&self, g: &Gemv4) -> Result<()> {
+        if self.f16_gemv(g.t, g.cols, g.blocksize) {
+            return self.gemv4_with("gemv4h", g);
+        }
         if self.mma_gemv(g.t, g.cols, g.blocksize) {
             if g.t <= GEMV_MAX_T {
                 return self.gemv4_with("gemv4m", g);
@@ -863,12 +892,61 @@ impl Gpu {
         self.gemv4_with(gemv4_kernel(g.t, g.cols), g)
     }
 
+    /// Whether `gemv4h` can take `t` tokens over a matrix of this layout on this GPU (in either
+    /// precision: the dispatch uses it in bf16 mode only).
+    pub fn gemv4h_fits(&self, t: usize, cols: usize, blocksize: usize) -> bool {
+        (1..=GEMV4H_MAX_T).contains(&t)
+            && gemv4m_fits(cols, blocksize)
+            && gemv4h_smem(t, cols) <= self.gh_smem_max as usize
+    }
+
+    /// Whether the f16 tensor-core GEMV takes `t` tokens over a matrix of `cols` columns: bf16
+    /// mode, 2-8 tokens whose f16 copy fits its shared memory, unless QLORA_GEMV_F16=0 (or
+    /// QLORA_GEMV names another family); QLORA_GEMV_F16=1 takes one token too. Against gemv4m
+    /// at batch-8 decode 1,491 → 1,614 tok/s; at one token 333 → 303 against the CUDA-core
+    /// `gemv4x_t1`, which stays there (run 42; GPU-NOTES.md).
+    fn f16_gemv(&self, t: usize, cols: usize, blocksize: usize) -> bool {
+        static MODE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let mode = MODE.get_or_init(|| std::env::var("QLORA_GEMV_F16").ok());
+        let from = match mode.as_deref() {
+            Some("0") => return false,
+            Some("1") => 1,
+            _ => 2,
+        };
+        t >= from
+            && self.precision == Precision::Bf16
+            && matches!(gemv_family(), "" | "mma")
+            && self.gemv4h_fits(t, cols, blocksize)
+    }
+
     /// Whether the tensor-core GEMVs take `t` tokens over a matrix of `cols` columns.
     fn mma_gemv(&self, t: usize, cols: usize, blocksize: usize) -> bool {
         self.precision == Precision::Bf16
             && gemv4m_serves(t)
             && t <= mma_max_t()
             && gemv4m_fits(cols, blocksize)
+    }
+
+    /// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that the GPU keeps
+    /// resident at once (at least one an SM): a persistent kernel's grid.
+    fn resident_blocks(&self, kernel: &str, threads: u32, smem: usize) -> Result<usize> {
+        let f = *self
+            .funcs
+            .get(kernel)
+            .ok_or_else(|| Error::Invalid(format!("no kernel {kernel}")))?;
+        let mut per_sm = 0;
+        unsafe {
+            check(
+                cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                    &mut per_sm,
+                    f,
+                    threads as i32,
+                    smem,
+                ),
+                "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+            )?;
+        }
+        Ok(self.sms as usize * per_sm.max(1) as usize)
     }
 
     /// Most tokens `gemv4` takes over a 4-bit matrix of this layout (0: none).
@@ -918,6 +996,21 @@ impl Gpu {
             I(g.ld as i32),
             I(g.accumulate as i32),
         ];
+        if kernel == "gemv4h" {
+            let smem = gemv4h_smem(g.t, g.cols);
+            if !self.gemv4h_fits(g.t, g.cols, g.blocksize) {
+                return Err(Error::Invalid(format!(
+                    "gemv4h: {} tokens over [{}, {}] with blocksize {} need 64-column chunks and \
+                     {smem} bytes of shared memory (at most {} here)",
+                    g.t, g.rows, g.cols, g.blocksize, self.gh_smem_max
+                )));
+            }
+            let grid = g
+                .rows
+                .div_ceil(16)
+                .min(self.resident_blocks(kernel, 256, smem)?);
+            return self.launch_smem(kernel, (grid as u32, 1), 256, smem as u32, &args);
+        }
         if is_mma_gemv(kernel) {
             if !gemv4m_fits(g.cols, g.blocksize) {
                 return Err(Error::Invalid(format!(
@@ -925,26 +1018,11 @@ impl Gpu {
                     g.rows, g.cols, g.blocksize
                 )));
             }
-            let f = *self
-                .funcs
-                .get(kernel)
-                .ok_or_else(|| Error::Invalid(format!("no kernel {kernel}")))?;
-            let mut per_sm = 0;
-            unsafe {
-                check(
-                    cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                        &mut per_sm,
-                        f,
-                        256,
-                        GM_LUT_BYTES as usize,
-                    ),
-                    "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-                )?;
-            }
-            let grid = g
-                .rows
-                .div_ceil(16)
-                .min(self.sms as usize * per_sm.max(1) as usize);
+            let grid = g.rows.div_ceil(16).min(self.resident_blocks(
+                kernel,
+                256,
+                GM_LUT_BYTES as usize,
+            )?);
             return self.launch_smem(kernel, (grid as u32, 1), 256, GM_LUT_BYTES, &args);
         }
         if kernel.starts_with("gemv4x_") {
@@ -959,23 +1037,7 @@ impl Gpu {
             let nt = kt * (GX_MAXT / kt).max(1);
             let smem = GX_SMEM_PER_THREAD * nt as u32;
             let passes = g.rows.div_ceil(nt / kt * 2);
-            let f = *self
-                .funcs
-                .get(kernel)
-                .ok_or_else(|| Error::Invalid(format!("no kernel {kernel}")))?;
-            let mut per_sm = 0;
-            unsafe {
-                check(
-                    cu::cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                        &mut per_sm,
-                        f,
-                        nt as i32,
-                        smem as usize,
-                    ),
-                    "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-                )?;
-            }
-            let grid = passes.min(self.sms as usize * per_sm.max(1) as usize);
+            let grid = passes.min(self.resident_blocks(kernel, nt as u32, smem as usize)?);
             return self.launch_smem(kernel, (grid as u32, 1), nt as u32, smem, &args);
         }
         let smem = if kernel.starts_with("gemv4s_") {

@@ -1321,6 +1321,188 @@ gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
     }
 }
 
+// The f16 tensor-core GEMV (gemv4h, bf16 mode, 1 ≤ t ≤ 8 tokens at the cost of one): gemv4m's
+// 16-row × 8-token tiles, fragment layout and fixed-order sums, with each code one f16 instead
+// of two bf16 parts. f16 holds a code to 2^-12 relative, eight times finer than bf16: at the
+// model level examples/code_rounding.rs gives 1.4e-3 for f16 codes, against 2.46e-2 for bf16
+// codes and 4.4e-3 for the bf16 weights of the dequantize + cuBLAS path. So a product is one
+// mma (m16n8k16, f16 in, f32 accumulate) and a byte's two codes one 32-bit lookup. The table
+// keeps byte b's entry for lane l at b · 256 + 4l (a warp's lookups never share a bank), so
+// one PRMT of the packed word and the lane's offset is the lookup's address. The activations
+// are staged once per block as f16 in shared memory, each token scaled by a power of two 2^s
+// that puts its largest magnitude in [2^14, 2^15): no bf16 input overflows f16, none of the
+// large ones loses bits to f16's subnormals, and the sums are scaled back by 2^-s exactly at
+// the store. The table fill reads only the code book, a constant of the weights, so it runs
+// before the grid wait. Needs cols % 64 == 0, blocksize = 64 · 2^k, cols % blocksize == 0.
+// Dynamic shared memory: GH_LUT_BYTES + t · (cols + 8) · 2 bytes (gemv4h_smem in gpu.rs).
+#define GH_WARPS 8
+#define GH_U 4
+#define GH_LUT_BYTES (256 * 256)
+#define GH_MAXT 8
+__device__ __forceinline__ void mma_f16_16816(float* d, const unsigned* a, unsigned b0, unsigned b1,
+                                              const float* c) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+}
+// Two f32 as an f16 pair (round to nearest even), lo in the low half.
+__device__ __forceinline__ unsigned f2_to_h2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// 8 consecutive activations (one 16-byte load in bf16 mode) widened to f32.
+__device__ __forceinline__ void load_x8(const lp_t* __restrict__ p, float* v) {
+#ifdef QLORA_BF16
+    const uint4 u = *(const uint4*)p;
+    const unsigned uu[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int f = 0; f < 4; f++) {
+        v[2 * f] = __uint_as_float(uu[f] << 16);
+        v[2 * f + 1] = __uint_as_float(uu[f] & 0xffff0000u);
+    }
+#else
+    const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+#endif
+}
+// Byte k (0-3) of w as the address of its entry for this lane: b · 256 + lane4.
+#define GH_ADDR(w, lane4, k) __byte_perm((w), (lane4), 0x5504u + ((k) << 4))
+extern "C" __global__ void __launch_bounds__(GH_WARPS * 32, 2)
+gemv4h(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
+       int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
+       int accumulate) {
+    extern __shared__ uint4 gh_dyn[];
+    const char* lut = (const char*)gh_dyn;
+    unsigned short* xs = (unsigned short*)((char*)gh_dyn + GH_LUT_BYTES);  // [t][cols + 8] f16
+    __shared__ float red[GH_WARPS][16][8];
+    __shared__ float tmax[GH_WARPS][GH_MAXT];
+    __shared__ float tscale[GH_MAXT], tinv[GH_MAXT];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    for (int e = tid; e < 256 * 32; e += blockDim.x) {
+        const int b = e >> 5;
+        ((unsigned*)gh_dyn)[b * 64 + (e & 31)] = f2_to_h2(code[b >> 4], code[b & 15]);
+    }
+    qlora_grid_wait();
+    // Each token's scale from its largest magnitude (fmaxf drops NaNs, which f16 keeps).
+    const int pitch = cols + 8;
+    for (int k = 0; k < t; k++) {
+        float m = 0.f;
+        for (int i = tid * 8; i < cols; i += blockDim.x * 8) {
+            float v[8];
+            load_x8(x + (long)k * cols + i, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) m = fmaxf(m, fabsf(v[e]));
+        }
+        m = warp_max(m);
+        if (lane == 0) tmax[warp][k] = m;
+    }
+    __syncthreads();
+    if (tid < t) {
+        float m = 0.f;
+        for (int w = 0; w < GH_WARPS; w++) m = fmaxf(m, tmax[w][tid]);
+        int s = 0;
+        if (m > 0.f) s = min(max(14 - ((int)((__float_as_uint(m) >> 23) & 255u) - 127), -120), 100);
+        tscale[tid] = __uint_as_float((unsigned)(127 + s) << 23);
+        tinv[tid] = __uint_as_float((unsigned)(127 - s) << 23);
+    }
+    __syncthreads();
+    for (int k = 0; k < t; k++) {
+        const float sc = tscale[k];
+        for (int i = tid * 8; i < cols; i += blockDim.x * 8) {
+            float v[8];
+            load_x8(x + (long)k * cols + i, v);
+            *(uint4*)(xs + k * pitch + i) = make_uint4(f2_to_h2(v[0] * sc, v[1] * sc), f2_to_h2(v[2] * sc, v[3] * sc),
+                                                       f2_to_h2(v[4] * sc, v[5] * sc), f2_to_h2(v[6] * sc, v[7] * sc));
+        }
+    }
+    __syncthreads();
+    const unsigned lane4 = (unsigned)lane * 4u;
+    const int chunks = cols / 64, pb_shift = __ffs(blocksize / 64) - 1, row_scales = cols / blocksize;
+    const long row_bytes = cols / 2;
+    const int tiles = (rows + 15) / 16;
+    const bool has_x = g < t;
+    const unsigned short* xg = xs + (has_x ? g : 0) * pitch + q * 16;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int r0 = min(tile * 16 + g, rows - 1), r1 = min(tile * 16 + g + 8, rows - 1);
+        const u8* p0 = packed + (long)r0 * row_bytes + q * 8;
+        const u8* p1 = packed + (long)r1 * row_bytes + q * 8;
+        const float* am0 = absmax + (long)r0 * row_scales;
+        const float* am1 = absmax + (long)r1 * row_scales;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int c0 = warp; c0 < chunks; c0 += GH_WARPS * GH_U) {
+            // Lane q loads the scales of the pass's chunk u = q (GH_U is the group's 4 lanes);
+            // the others take them by shuffle.
+            const int cq = min(c0 + q * GH_WARPS, chunks - 1);
+            const float sq0 = am0[cq >> pb_shift], sq1 = am1[cq >> pb_shift];
+            uint2 w0[GH_U], w1[GH_U];
+#pragma unroll
+            for (int u = 0; u < GH_U; u++) {
+                const int c = c0 + u * GH_WARPS;
+                if (c < chunks) {
+                    w0[u] = *(const uint2*)(p0 + (long)c * 32);
+                    w1[u] = *(const uint2*)(p1 + (long)c * 32);
+                } else {
+                    w0[u] = w1[u] = make_uint2(0u, 0u);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GH_U; u++) {
+                const int c = c0 + u * GH_WARPS;
+                const float s0 = __shfl_sync(0xffffffffu, sq0, (lane & ~3) | u);
+                const float s1 = __shfl_sync(0xffffffffu, sq1, (lane & ~3) | u);
+                if (c < chunks) {  // the same for the whole warp
+                    uint4 xa = make_uint4(0u, 0u, 0u, 0u), xb = xa;
+                    if (has_x) {
+                        xa = *(const uint4*)(xg + c * 64);
+                        xb = *(const uint4*)(xg + c * 64 + 8);
+                    }
+                    const unsigned xr[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+                    const unsigned wa[2] = {w0[u].x, w0[u].y}, wb[2] = {w1[u].x, w1[u].y};
+                    const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+                    float d[4];
+#pragma unroll
+                    for (int m = 0; m < 4; m++) {
+                        const unsigned ra = wa[m >> 1], rb = wb[m >> 1];
+                        const int k = 2 * (m & 1);
+                        const unsigned a[4] = {*(const unsigned*)(lut + GH_ADDR(ra, lane4, k)),
+                                               *(const unsigned*)(lut + GH_ADDR(rb, lane4, k)),
+                                               *(const unsigned*)(lut + GH_ADDR(ra, lane4, k + 1)),
+                                               *(const unsigned*)(lut + GH_ADDR(rb, lane4, k + 1))};
+                        mma_f16_16816(d, a, xr[2 * m], xr[2 * m + 1], m == 0 ? zero : d);
+                    }
+                    acc[0] = fmaf(d[0], s0, acc[0]);
+                    acc[1] = fmaf(d[1], s0, acc[1]);
+                    acc[2] = fmaf(d[2], s1, acc[2]);
+                    acc[3] = fmaf(d[3], s1, acc[3]);
+                }
+            }
+        }
+        red[warp][g][2 * q] = acc[0];
+        red[warp][g][2 * q + 1] = acc[1];
+        red[warp][g + 8][2 * q] = acc[2];
+        red[warp][g + 8][2 * q + 1] = acc[3];
+        __syncthreads();
+        if (tid < 128) {
+            const int row_in = tid >> 3, k = tid & 7, row = tile * 16 + row_in;
+            if (k < t && row < rows) {
+                float v = 0.f;
+#pragma unroll
+                for (int w = 0; w < GH_WARPS; w++) v += red[w][row_in][k];
+                v *= tinv[k];
+                float* o = y + (long)k * ld + row;
+                *o = accumulate ? *o + v : v;
+            }
+        }
+        __syncthreads();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Adapters
 

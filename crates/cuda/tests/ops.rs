@@ -19,6 +19,11 @@ const BF16_BUDGET: f64 = 1e-2;
 /// gave 1.0e-3 here (run 25), which this budget rejects.
 const TWO_PART_CODES_BUDGET: f64 = 1e-4;
 
+/// The f16 tensor-core GEMV (`gemv4h`), whose codes are one f16 each (2^-12 relative, about
+/// 1.5e-4 over random NF4 weights; in f32 mode its input is rounded to f16 as well): bf16
+/// codes gave 1.0e-3 (run 25), which this budget rejects.
+const F16_CODES_BUDGET: f64 = 4e-4;
+
 /// `v` as the precision's activations hold it: as is in f32 mode, rounded to bf16 in bf16 mode.
 fn lp_round(p: Precision, v: &[f32]) -> Vec<f32> {
     match p {
@@ -1031,16 +1036,23 @@ fn gemv_case(
     quant: Quant4,
     shape: (usize, usize, usize, usize),
     seeds: (u64, u64),
+    x_scale: f32,
 ) -> GemvCase {
     let (rows, cols, bs, t) = shape;
     let w = bnb4(quant, rows, cols, bs, seeds.0 + rows as u64);
-    let x = rand(seeds.1, t * cols);
+    let x: Vec<f32> = rand(seeds.1, t * cols)
+        .into_iter()
+        .map(|v| v * x_scale)
+        .collect();
     let x_lp = lp_round(g.precision, &x);
     let mut want = vec![0f32; t * rows];
     ops::linear(&x_lp, t, &w, &mut want);
     let s = w.scales().unwrap();
     GemvCase {
-        label: format!("{quant:?} [{rows}, {cols}] t {t} ({:?})", g.precision),
+        label: format!(
+            "{quant:?} [{rows}, {cols}] t {t} x·{x_scale:e} ({:?})",
+            g.precision
+        ),
         want,
         bufs: [
             g.upload(w.bytes()).unwrap(),
@@ -1107,19 +1119,27 @@ impl GemvCase {
 #[test]
 fn fused_4bit_gemv_and_cublas_gemm() {
     for g in gpus() {
-        for (quant, rows, cols, bs, t) in [
-            (Quant4::Nf4, 72usize, 192usize, 64usize, 1usize),
-            (Quant4::Fp4, 13, 64, 32, 3),
-            (Quant4::Nf4, 1024, 4096, 64, 8),
-            (Quant4::Nf4, 4096, 14336, 64, 2),
+        for (quant, rows, cols, bs, t, x_scale) in [
+            (Quant4::Nf4, 72usize, 192usize, 64usize, 1usize, 1f32),
+            (Quant4::Fp4, 13, 64, 32, 3, 1.0),
+            (Quant4::Nf4, 1024, 4096, 64, 8, 1.0),
+            (Quant4::Nf4, 4096, 14336, 64, 2, 1.0),
             // Odd shapes for the x-stationary kernel: fewer rows than one pass, pieces not a
             // multiple of 32 (SmolLM2's 576 and 1536 inputs), many passes per block.
-            (Quant4::Nf4, 13, 576, 64, 1),
-            (Quant4::Fp4, 37, 1536, 64, 2),
-            (Quant4::Nf4, 28672, 4096, 64, 1),
-            (Quant4::Nf4, 333, 4096, 128, 2),
+            (Quant4::Nf4, 13, 576, 64, 1, 1.0),
+            (Quant4::Fp4, 37, 1536, 64, 2, 1.0),
+            (Quant4::Nf4, 28672, 4096, 64, 1, 1.0),
+            (Quant4::Nf4, 333, 4096, 128, 2, 1.0),
+            // gemv4h: one chunk for eight warps, every token count to 8, a block of 256, and
+            // inputs past f16's range and deep in its subnormals (its per-token scale).
+            (Quant4::Nf4, 16, 64, 64, 7, 1.0),
+            (Quant4::Fp4, 29, 640, 128, 5, 1.0),
+            (Quant4::Nf4, 100, 14336, 256, 3, 1.0),
+            (Quant4::Nf4, 96, 1024, 64, 4, 3e5),
+            (Quant4::Fp4, 40, 2048, 64, 6, 1e-7),
+            (Quant4::Nf4, 64, 4096, 64, 1, 3e5),
         ] {
-            let case = gemv_case(&g, quant, (rows, cols, bs, t), (7, 50));
+            let case = gemv_case(&g, quant, (rows, cols, bs, t), (7, 50), x_scale);
             // Every GEMV family for t: the default, the x-stationary, the staged, the register
             // family and its t = 1 alternatives.
             let mut variants = vec![gemv4_kernel(t, cols)];
@@ -1139,6 +1159,9 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             if gemv4m_fits(cols, bs) {
                 names.push("gemv4m".to_string());
             }
+            if g.gemv4h_fits(t, cols, bs) {
+                names.push("gemv4h".to_string());
+            }
             for n in names {
                 let n: &'static str = qlora_cuda::KERNEL_NAMES
                     .iter()
@@ -1152,13 +1175,22 @@ fn fused_4bit_gemv_and_cublas_gemm() {
                 // The weights are exact in both modes and the input is the same: f32 budget;
                 // the tensor-core kernel's codes are two bf16 parts (and, in f32 mode, it
                 // rounds the input to bf16): `mma_budget`.
-                let b = if kernel.starts_with("gemv4m") {
+                let b = if kernel == "gemv4h" {
+                    F16_CODES_BUDGET
+                } else if kernel.starts_with("gemv4m") {
                     mma_budget(g.precision)
                 } else {
                     F32_BUDGET
                 };
                 case.check(&g, kernel, b, |a| g.gemv4_with(kernel, a).unwrap());
             }
+            // What the model calls: in bf16 mode gemv4h where it fits, else gemv4m or the
+            // CUDA-core kernels; in f32 mode the CUDA-core ones.
+            let b = match g.precision {
+                Precision::Bf16 => F16_CODES_BUDGET,
+                Precision::F32 => F32_BUDGET,
+            };
+            case.check(&g, "dispatch", b, |a| g.gemv4(a).unwrap());
         }
         // The tensor-core GEMV past 8 tokens (decode batches): gemv4m4 alone up to 32, and
         // the bf16 dispatch (`Gpu::gemv4`, passes of 32) up to 64; `mma_budget`.
@@ -1169,7 +1201,7 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             (Quant4::Nf4, 4096, 14336, 64, 33),
             (Quant4::Nf4, 72, 192, 64, 64),
         ] {
-            let case = gemv_case(&g, quant, (rows, cols, bs, t), (11, 52));
+            let case = gemv_case(&g, quant, (rows, cols, bs, t), (11, 52), 1.0);
             if t <= 32 {
                 case.check(&g, "gemv4m4", mma_budget(g.precision), |a| {
                     g.gemv4_with("gemv4m4", a).unwrap()
