@@ -1089,15 +1089,18 @@ GEMVQ_KERNEL(gemvq8_t8, 8, 8)
 // cols % 64 == 0, blocksize = 64 · 2^k, cols % blocksize == 0.
 #define GM_WARPS 8
 #define GM_U 2
-__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, unsigned b0, unsigned b1,
-                                               const float* c) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%11,%12,%13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
-}
+// d = a · b + c on the tensor cores (m16n8k16, f32 accumulate) for operands of type TY.
+#define MMA_16816(NAME, TY)                                                                              \
+    __device__ __forceinline__ void NAME(float* d, const unsigned* a, unsigned b0, unsigned b1,          \
+                                         const float* c) {                                               \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                                  \
+                     ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"                 \
+                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                    \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), \
+                       "f"(c[2]), "f"(c[3]));                                                            \
+    }
+MMA_16816(mma_bf16_16816, "bf16")
+MMA_16816(mma_f16_16816, "f16")
 // 16 consecutive activations of one token as 8 bf16 pairs.
 __device__ __forceinline__ void load_x16_bf16(const lp_t* __restrict__ p, unsigned* v) {
 #ifdef QLORA_BF16
@@ -1339,15 +1342,6 @@ gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
 #define GH_U 4
 #define GH_LUT_BYTES (256 * 256)
 #define GH_MAXT 8
-__device__ __forceinline__ void mma_f16_16816(float* d, const unsigned* a, unsigned b0, unsigned b1,
-                                              const float* c) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%11,%12,%13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
-}
 // Two f32 as an f16 pair (round to nearest even), lo in the low half.
 __device__ __forceinline__ unsigned f2_to_h2(float lo, float hi) {
     unsigned r;
