@@ -114,6 +114,26 @@ for stage in "$@"; do
             --prompt-tokens 16 --gen-tokens 64 --batch 1,8 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
         done
       done ;;
+    t1h)
+      # The one-token GEMV with f16 products (gemv4xh_t1, the bf16 default at one token;
+      # QLORA_GEMV_T1H=4: 4 rows a thread and pass) against the f32 gemv4x_t1
+      # (QLORA_GEMV_T1H=0), decode at batch 1 and 8, with and without an adapter.
+      for f in default 0 4 default 0 4; do
+        for ad in "" "--adapter-rank 16"; do
+          echo "== decode, QLORA_GEMV_T1H=$f ${ad:-(no adapter)}" | tee -a "$OUT/bench.log"
+          if [ "$f" = default ]; then pre=""; else pre="QLORA_GEMV_T1H=$f"; fi
+          env $pre $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
+            --prompt-tokens 16 --gen-tokens 64 --batch 1 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
+        done
+      done ;;
+    ncuxh)
+      # Nsight Compute on one layer's batch-1 decode GEMVs (gemv4xh_t1 by default).
+      ncu --clock-control none -k regex:gemv4 --launch-skip 300 --launch-count 4 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --metrics dram__bytes_read.sum,smsp__inst_executed.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum \
+        $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+        --prompt-tokens 16 --gen-tokens 8 --batch 1 --repeats 1 > "$OUT/ncu-xh.txt" 2>&1
+      grep -E "gemv4|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issued Ipc|No Eligible|Stall|bytes_read|inst_executed|bank|wavefronts" "$OUT/ncu-xh.txt" | head -80 ;;
     kernels)
       echo "== kernels (bf16)"; $Q bench --kernels --device cuda --precision bf16 2>&1 | tee -a "$OUT/bench.log" ;;
     ncumma)

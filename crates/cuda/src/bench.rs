@@ -124,6 +124,8 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
         for (kernel, t) in [
             ("gemv4h", 1),
             ("gemv4m", 1),
+            ("gemv4xh_t1", 1),
+            ("gemv4xh4_t1", 1),
             ("gemv4x_t1", 1),
             ("gemv4s_t1", 1),
             ("gemv4_t1", 1),

@@ -45,6 +45,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4s_t8",
     "gemv4x_t1",
     "gemv4x_t2",
+    "gemv4xh_t1",
+    "gemv4xh4_t1",
     "gemvq4_t1",
     "gemvq4_t2",
     "gemvq4_t4",
@@ -620,6 +622,8 @@ impl Gpu {
                     GEMV_STAGED_SMEM
                 } else if n == "gemv4h" {
                     gh_smem_max
+                } else if n.starts_with("gemv4xh") {
+                    GH_LUT_BYTES
                 } else if is_mma_gemv(n) {
                     GM_LUT_BYTES
                 } else if n.starts_with("gemv4x_") {
@@ -870,6 +874,9 @@ impl Gpu {
     /// `gemv4m` (2-8 tokens where gemv4h's staging does not fit, `gemv4m_serves`) and `gemv4m4`
     /// (9-32; with QLORA_GEMV=mma up to 64, in passes of 32).
     pub fn gemv4(&self, g: &Gemv4) -> Result<()> {
+        if let Some(k) = self.f16_gemv_t1(g.t, g.cols, g.blocksize) {
+            return self.gemv4_with(k, g);
+        }
         if self.f16_gemv(g.t, g.cols, g.blocksize) {
             return self.gemv4_with("gemv4h", g);
         }
@@ -917,6 +924,28 @@ impl Gpu {
             && self.precision == Precision::Bf16
             && matches!(gemv_family(), "" | "mma")
             && self.gemv4h_fits(t, cols, blocksize)
+    }
+
+    /// The one-token GEMV with f16 products (`gemv4xh_t1`, 2 rows a thread and pass, or
+    /// `gemv4xh4_t1` with 4 and QLORA_GEMV_T1H=4) for a matrix of `cols` columns: bf16 mode, one
+    /// token, a layout the x-stationary kernels take; QLORA_GEMV_T1H=0 (or QLORA_GEMV naming
+    /// another family) keeps the f32 `gemv4x_t1`.
+    fn f16_gemv_t1(&self, t: usize, cols: usize, blocksize: usize) -> Option<&'static str> {
+        static MODE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let kernel = match MODE
+            .get_or_init(|| std::env::var("QLORA_GEMV_T1H").ok())
+            .as_deref()
+        {
+            Some("0") => return None,
+            Some("4") => "gemv4xh4_t1",
+            _ => "gemv4xh_t1",
+        };
+        (t == 1
+            && self.precision == Precision::Bf16
+            && matches!(gemv_family(), "" | "mma")
+            && gemv4_fits(cols, blocksize)
+            && cols / 32 <= GX_MAXT)
+            .then_some(kernel)
     }
 
     /// Whether the tensor-core GEMVs take `t` tokens over a matrix of `cols` columns.
@@ -1024,6 +1053,26 @@ impl Gpu {
                 GM_LUT_BYTES as usize,
             )?);
             return self.launch_smem(kernel, (grid as u32, 1), 256, GM_LUT_BYTES, &args);
+        }
+        if let Some(rows_per) = match kernel {
+            "gemv4xh_t1" => Some(2),
+            "gemv4xh4_t1" => Some(4),
+            _ => None,
+        } {
+            let kt = (g.cols / 32).next_multiple_of(32);
+            if kt > GX_MAXT || g.t != 1 {
+                return Err(Error::Invalid(format!(
+                    "{kernel}: one token of at most {} columns, not {} of {}",
+                    32 * GX_MAXT,
+                    g.t,
+                    g.cols
+                )));
+            }
+            let nt = kt * (GX_MAXT / kt).max(1);
+            let passes = g.rows.div_ceil(nt / kt * rows_per);
+            let grid =
+                passes.min(self.resident_blocks(kernel, nt as u32, GH_LUT_BYTES as usize)?);
+            return self.launch_smem(kernel, (grid as u32, 1), nt as u32, GH_LUT_BYTES, &args);
         }
         if kernel.starts_with("gemv4x_") {
             let kt = (g.cols / 32).next_multiple_of(32);

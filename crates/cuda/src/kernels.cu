@@ -1497,6 +1497,161 @@ gemv4h(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
     }
 }
 
+// The x-stationary GEMV with f16 products (gemv4xh_t1 / gemv4xh4_t1, bf16 mode, one token):
+// gemv4x_t1's threads (thread (sub, c) owns the 32-column piece c of every row; persistent
+// blocks take passes of rs · R rows), with three changes that cut the instructions and the
+// shared-memory wavefronts per code, the two limits Nsight showed for gemv4x_t1 (run 8):
+// - a byte's two codes are one 32-bit lookup of an f16 pair (gemv4h's table: byte b's entry
+//   for lane l at b · 256 + 4l, so one PRMT is the address and no two lanes share a bank);
+// - the pair is multiplied by the thread's two activations and added in one HFMA2. The
+//   activations are scaled by a power of two 2^e per piece (largest magnitude in [2^10,
+//   2^11)), so a sum of 8 products stays below 2^14; each half of an f16 pair accumulates 8
+//   products, then the four halves are summed in f32 and scaled by absmax · 2^-e exactly;
+// - the weights go straight to registers (no cp.async staging through shared memory), each
+//   pass's loads issued one pass ahead.
+// A thread's R row partials are reduced together: the first butterfly level exchanges half of
+// them, so R rows cost log2(32) shuffles per R/2 rows rather than per row; fixed order.
+// Error: f16 codes (2^-12) and f16 partial sums of 8 products: 4.4e-4 relative on random NF4
+// rows of 4096 (a CPU model of it), against 1.0e-3 for bf16 codes. Needs what gemv4x_t1 needs.
+// Dynamic shared memory: GH_LUT_BYTES.
+__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+    unsigned d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+// The two halves of an f16 pair, widened to f32 and added (low first).
+__device__ __forceinline__ float h2_sum(unsigned h) {
+    float lo, hi;
+    asm("{.reg .f16 l, h;\n mov.b32 {l, h}, %2;\n cvt.f32.f16 %0, l;\n cvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi) : "r"(h));
+    return lo + hi;
+}
+__device__ __forceinline__ uint4 ldg_stream16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+// Σ code pair · x pair over a 16-byte piece (32 codes) with f16 products and partial sums of 8.
+__device__ __forceinline__ float dot32h(uint4 q, const unsigned* xh, const char* lut, unsigned lane4) {
+    const unsigned w[4] = {q.x, q.y, q.z, q.w};
+    unsigned acc[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            acc[e >> 1] = hfma2(*(const unsigned*)(lut + GH_ADDR(w[e], lane4, k)), xh[4 * e + k], acc[e >> 1]);
+    return h2_sum(acc[0]) + h2_sum(acc[1]);
+}
+template <int R>
+__device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
+                                             const float* __restrict__ code, int blocksize, int rows, int cols,
+                                             const lp_t* __restrict__ x, float* __restrict__ y, int ld,
+                                             int accumulate) {
+    extern __shared__ uint4 gxh_dyn[];
+    const char* lut = (const char*)gxh_dyn;
+    __shared__ float red[2][R][GX_MAXT / 32];  // [pass parity][row][warp]
+    const int nt = blockDim.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int e = tid; e < 256 * 32; e += nt) {
+        const int b = e >> 5;
+        ((unsigned*)gxh_dyn)[b * 64 + (e & 31)] = f2_to_h2(code[b >> 4], code[b & 15]);
+    }
+    qlora_grid_wait();
+    const int chunks = cols / 32;
+    const int kt = (chunks + 31) & ~31, kw = kt / 32, rs = nt / kt;
+    const int sub = tid / kt, c = tid % kt;
+    const bool active = c < chunks;
+    const int rows_pass = rs * R;
+    const int passes = (rows + rows_pass - 1) / rows_pass;
+    const int steps = (int)blockIdx.x < passes ? (passes - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
+    unsigned xh[16];
+    float inv = 0.f;
+    if (active) {
+        float xv[32];
+        load_x32(x + c * 32, xv);
+        float m = 0.f;
+#pragma unroll
+        for (int e = 0; e < 32; e++) m = fmaxf(m, fabsf(xv[e]));
+        int s = 0;
+        if (m > 0.f) s = min(max(10 - ((int)((__float_as_uint(m) >> 23) & 255u) - 127), -120), 120);
+        const float sc = __uint_as_float((unsigned)(127 + s) << 23);
+        inv = __uint_as_float((unsigned)(127 - s) << 23);
+#pragma unroll
+        for (int f = 0; f < 16; f++) xh[f] = f2_to_h2(xv[2 * f] * sc, xv[2 * f + 1] * sc);
+    } else {
+#pragma unroll
+        for (int f = 0; f < 16; f++) xh[f] = 0u;
+    }
+    const unsigned lane4 = (unsigned)lane * 4u;
+    const u8* pc = packed + (long)c * 16;
+    const float* ac = absmax + (c * 32) / blocksize;
+    const long row_bytes = cols / 2;
+    const int row_scales = cols / blocksize;
+    uint4 qn[R];
+    float sn[R];
+    auto load = [&](int st) {
+        const int p = (int)blockIdx.x + st * (int)gridDim.x;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = min(p * rows_pass + sub * R + r, rows - 1);
+            qn[r] = ldg_stream16(pc + (long)row * row_bytes);
+            sn[r] = __ldg(ac + (long)row * row_scales);
+        }
+    };
+    if (steps > 0 && active) load(0);
+    __syncthreads();  // the table
+    for (int st = 0; st < steps; st++) {
+        uint4 q[R];
+        float s[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            q[r] = qn[r];
+            s[r] = sn[r];
+        }
+        if (st + 1 < steps && active) load(st + 1);
+        const int par = st & 1, p = (int)blockIdx.x + st * (int)gridDim.x;
+        float v[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) v[r] = active ? dot32h(q[r], xh, lut, lane4) * inv * s[r] : 0.f;
+        // Butterfly over the R rows at once: level 16 keeps rows [0, R/2) on the low lanes and
+        // [R/2, R) on the high ones; the other levels reduce R/2 values each.
+        const bool upper = lane & 16;
+        float h[R / 2];
+#pragma unroll
+        for (int r = 0; r < R / 2; r++) {
+            const float give = upper ? v[r] : v[r + R / 2];
+            const float keep = upper ? v[r + R / 2] : v[r];
+            h[r] = keep + __shfl_xor_sync(0xffffffffu, give, 16);
+        }
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1)
+#pragma unroll
+            for (int r = 0; r < R / 2; r++) h[r] += __shfl_xor_sync(0xffffffffu, h[r], o);
+        if ((lane & 15) == 0)
+#pragma unroll
+            for (int r = 0; r < R / 2; r++) red[par][r + (upper ? R / 2 : 0)][warp] = h[r];
+        __syncthreads();
+        if (tid < rows_pass) {
+            const int g = tid / R, r = tid % R, row = p * rows_pass + tid;
+            if (row < rows) {
+                float sum = 0.f;
+                for (int w = 0; w < kw; w++) sum += red[par][r][g * kw + w];
+                float* o = y + row;
+                *o = accumulate ? *o + sum : sum;
+            }
+        }
+    }
+}
+#define GEMVXH_KERNEL(NAME, R, MINB)                                                                     \
+    extern "C" __global__ void __launch_bounds__(GX_MAXT, MINB)                                          \
+    NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
+         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
+         int ld, int accumulate) {                                                                        \
+        gemv4xh_body<R>(packed, absmax, code, blocksize, rows, cols, x, y, ld, accumulate);              \
+    }
+GEMVXH_KERNEL(gemv4xh_t1, 2, 2)
+GEMVXH_KERNEL(gemv4xh4_t1, 4, 1)
+
 // ---------------------------------------------------------------------------------------------
 // Adapters
 
