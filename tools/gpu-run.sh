@@ -127,8 +127,8 @@ for stage in "$@"; do
         done
       done ;;
     ncuxh)
-      # Nsight Compute on one layer's batch-1 decode GEMVs (gemv4xh_t1 by default).
-      ncu --clock-control none -k regex:gemv4 --launch-skip 300 --launch-count 4 \
+      # Nsight Compute on four of the batch-1 decode steps' gemv4xh_t1 launches (a layer's four).
+      ncu --clock-control none -k regex:gemv4xh --launch-skip 8 --launch-count 4 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         --metrics dram__bytes_read.sum,smsp__inst_executed.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum \
         $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
