@@ -1369,12 +1369,20 @@ __device__ __forceinline__ void load_x8(const lp_t* __restrict__ p, float* v) {
 }
 // Byte k (0-3) of w as the address of its entry for this lane: b · 256 + lane4.
 #define GH_ADDR(w, lane4, k) __byte_perm((w), (lane4), 0x5504u + ((k) << 4))
+// A 32-bit load at a 32-bit shared-window address (`smem_addr` of the table plus GH_ADDR): one
+// 32-bit add, which ptxas can fold into the load's addressing, where a generic pointer plus
+// the offset costs a 64-bit add per lookup.
+__device__ __forceinline__ unsigned lds32(unsigned a) {
+    unsigned v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(a));
+    return v;
+}
 extern "C" __global__ void __launch_bounds__(GH_WARPS * 32, 2)
 gemv4h(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
        int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
        int accumulate) {
     extern __shared__ uint4 gh_dyn[];
-    const char* lut = (const char*)gh_dyn;
+    const unsigned lut_s = smem_addr(gh_dyn);
     unsigned short* xs = (unsigned short*)((char*)gh_dyn + GH_LUT_BYTES);  // [t][cols + 8] f16
     __shared__ float red[GH_WARPS][16][8];
     __shared__ float tmax[GH_WARPS][GH_MAXT];
@@ -1467,10 +1475,10 @@ gemv4h(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
                     for (int m = 0; m < 4; m++) {
                         const unsigned ra = wa[m >> 1], rb = wb[m >> 1];
                         const int k = 2 * (m & 1);
-                        const unsigned a[4] = {*(const unsigned*)(lut + GH_ADDR(ra, lane4, k)),
-                                               *(const unsigned*)(lut + GH_ADDR(rb, lane4, k)),
-                                               *(const unsigned*)(lut + GH_ADDR(ra, lane4, k + 1)),
-                                               *(const unsigned*)(lut + GH_ADDR(rb, lane4, k + 1))};
+                        const unsigned a[4] = {lds32(lut_s + GH_ADDR(ra, lane4, k)),
+                                               lds32(lut_s + GH_ADDR(rb, lane4, k)),
+                                               lds32(lut_s + GH_ADDR(ra, lane4, k + 1)),
+                                               lds32(lut_s + GH_ADDR(rb, lane4, k + 1))};
                         mma_f16_16816(d, a, xr[2 * m], xr[2 * m + 1], m == 0 ? zero : d);
                     }
                     acc[0] = fmaf(d[0], s0, acc[0]);
@@ -1536,14 +1544,14 @@ __device__ __forceinline__ uint4 ldg_stream16(const void* p) {
     return v;
 }
 // Σ code pair · x pair over a 16-byte piece (32 codes) with f16 products and partial sums of 8.
-__device__ __forceinline__ float dot32h(uint4 q, const unsigned* xh, const char* lut, unsigned lane4) {
+__device__ __forceinline__ float dot32h(uint4 q, const unsigned* xh, unsigned lut_s, unsigned lane4) {
     const unsigned w[4] = {q.x, q.y, q.z, q.w};
     unsigned acc[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int e = 0; e < 4; e++)
 #pragma unroll
         for (int k = 0; k < 4; k++)
-            acc[e >> 1] = hfma2(*(const unsigned*)(lut + GH_ADDR(w[e], lane4, k)), xh[4 * e + k], acc[e >> 1]);
+            acc[e >> 1] = hfma2(lds32(lut_s + GH_ADDR(w[e], lane4, k)), xh[4 * e + k], acc[e >> 1]);
     return h2_sum(acc[0]) + h2_sum(acc[1]);
 }
 template <int R>
@@ -1552,7 +1560,7 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
                                              const lp_t* __restrict__ x, float* __restrict__ y, int ld,
                                              int accumulate) {
     extern __shared__ uint4 gxh_dyn[];
-    const char* lut = (const char*)gxh_dyn;
+    const unsigned lut_s = smem_addr(gxh_dyn);
     __shared__ float red[2][R][GX_MAXT / 32];  // [pass parity][row][warp]
     const int nt = blockDim.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     for (int e = tid; e < 256 * 32; e += nt) {
@@ -1615,7 +1623,7 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         const int par = st & 1, p = (int)blockIdx.x + st * (int)gridDim.x;
         float v[R];
 #pragma unroll
-        for (int r = 0; r < R; r++) v[r] = active ? dot32h(q[r], xh, lut, lane4) * inv * s[r] : 0.f;
+        for (int r = 0; r < R; r++) v[r] = active ? dot32h(q[r], xh, lut_s, lane4) * inv * s[r] : 0.f;
         // Butterfly over the R rows at once: level 16 keeps rows [0, R/2) on the low lanes and
         // [R/2, R) on the high ones; the other levels reduce R/2 values each.
         const bool upper = lane & 16;
