@@ -11,7 +11,9 @@
 # peertrain (h200_peer.py --train), mma (the default tensor-core GEMV against QLORA_GEMV=cuda), sets (many
 # adapters at once: the adapter-set and GPU-serve tests, mixed-adapter decode), ncumma (Nsight Compute on the tensor-core
 # GEMVs: gemv4m in batch-8 decode, gemv4m4 in a 16-token prefill), f16 (the f16 tensor-core GEMV
-# against the kernels before it, decode at batch 1 and 8), serve7b (the HTTP load test of the GPU server at Mistral-7B size).
+# against the kernels before it, decode at batch 1 and 8), t1h (the one-token GEMV with f16 products
+# against gemv4x_t1, decode at batch 1), ncuxh (Nsight Compute on gemv4xh_t1), serve7b (the HTTP
+# load test of the GPU server at Mistral-7B size).
 # Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -33,6 +35,19 @@ s = sum(tot.values())
 for k, v in sorted(tot.items(), key=lambda kv: -kv[1]): print(f"{v:10.1f} us {100*v/s:5.1f}% {cnt[k]:5d}x {k}")
 print(f"{s:10.1f} us total over {sum(cnt.values())} kernels")
 PY
+}
+# Decode A/B over a switch: VAR unset, then each of VALUES, twice over, each with and without
+# an r=16 adapter, at BATCHES.   decode_ab VAR "VALUES" BATCHES
+decode_ab() {
+  local var=$1 values=$2 batches=$3 f ad pre
+  for f in default $values default $values; do
+    for ad in "" "--adapter-rank 16"; do
+      echo "== decode, $var=$f ${ad:-(no adapter)}" | tee -a "$OUT/bench.log"
+      if [ "$f" = default ]; then pre=""; else pre="$var=$f"; fi
+      env $pre $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
+        --prompt-tokens 16 --gen-tokens 64 --batch "$batches" --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
+    done
+  done
 }
 for stage in "$@"; do
   echo "== stage $stage at $(date -u +%T)" | tee -a "$OUT/gpu.txt"
@@ -104,28 +119,12 @@ for stage in "$@"; do
       done ;;
     f16)
       # The f16 tensor-core GEMV (gemv4h, the bf16 default for 2-8 tokens; QLORA_GEMV_F16=1
-      # at one token too) against the kernels before it (QLORA_GEMV_F16=0: gemv4m at 2-8),
-      # decode at batch 1 and 8, with and without an adapter.
-      for f in default 0 1 default 0 1; do
-        for ad in "" "--adapter-rank 16"; do
-          echo "== decode, QLORA_GEMV_F16=$f ${ad:-(no adapter)}" | tee -a "$OUT/bench.log"
-          if [ "$f" = default ]; then pre=""; else pre="QLORA_GEMV_F16=$f"; fi
-          env $pre $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
-            --prompt-tokens 16 --gen-tokens 64 --batch 1,8 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
-        done
-      done ;;
+      # at one token too) against the kernels before it (QLORA_GEMV_F16=0: gemv4m at 2-8).
+      decode_ab QLORA_GEMV_F16 "0 1" 1,8 ;;
     t1h)
       # The one-token GEMV with f16 products (gemv4xh_t1, the bf16 default at one token;
-      # QLORA_GEMV_T1H=4: 4 rows a thread and pass) against the f32 gemv4x_t1
-      # (QLORA_GEMV_T1H=0), decode at batch 1 and 8, with and without an adapter.
-      for f in default 0 4 default 0 4; do
-        for ad in "" "--adapter-rank 16"; do
-          echo "== decode, QLORA_GEMV_T1H=$f ${ad:-(no adapter)}" | tee -a "$OUT/bench.log"
-          if [ "$f" = default ]; then pre=""; else pre="QLORA_GEMV_T1H=$f"; fi
-          env $pre $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
-            --prompt-tokens 16 --gen-tokens 64 --batch 1 --repeats 3 2>&1 | grep -E "decode|prefill" | tee -a "$OUT/bench.log"
-        done
-      done ;;
+      # QLORA_GEMV_T1H=4: 4 rows a thread and pass) against the f32 gemv4x_t1 (=0).
+      decode_ab QLORA_GEMV_T1H "0 4" 1 ;;
     ncuxh)
       # Nsight Compute on four of the batch-1 decode steps' gemv4xh_t1 launches (a layer's four).
       ncu --clock-control none -k regex:gemv4xh --launch-skip 8 --launch-count 4 \

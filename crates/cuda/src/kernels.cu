@@ -1594,23 +1594,31 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         for (int f = 0; f < 16; f++) xh[f] = 0u;
     }
     const unsigned lane4 = (unsigned)lane * 4u;
-    const u8* pc = packed + (long)c * 16;
-    const float* ac = absmax + (c * 32) / blocksize;
+    // The thread's first row of the next pass to load, and its weights and scales; each load
+    // advances them by a constant stride (no multiplies or clamps in the loop).
     const long row_bytes = cols / 2;
     const int row_scales = cols / blocksize;
+    int lrow = (int)blockIdx.x * rows_pass + sub * R;
+    const int rstep = (int)gridDim.x * rows_pass;
+    const u8* qp = packed + (long)c * 16 + (long)lrow * row_bytes;
+    const float* sp = absmax + (c * 32) / blocksize + (long)lrow * row_scales;
+    const long qstep = (long)rstep * row_bytes, sstep = (long)rstep * row_scales;
     uint4 qn[R];
     float sn[R];
-    auto load = [&](int st) {
-        const int p = (int)blockIdx.x + st * (int)gridDim.x;
+    auto load = [&]() {
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const int row = min(p * rows_pass + sub * R + r, rows - 1);
-            qn[r] = ldg_stream16(pc + (long)row * row_bytes);
-            sn[r] = __ldg(ac + (long)row * row_scales);
+            const bool in = lrow + r < rows;
+            qn[r] = in ? ldg_stream16(qp + r * row_bytes) : make_uint4(0u, 0u, 0u, 0u);
+            sn[r] = in ? __ldg(sp + r * row_scales) : 0.f;
         }
+        qp += qstep;
+        sp += sstep;
+        lrow += rstep;
     };
-    if (steps > 0 && active) load(0);
+    if (steps > 0 && active) load();
     __syncthreads();  // the table
+#pragma unroll 2
     for (int st = 0; st < steps; st++) {
         uint4 q[R];
         float s[R];
@@ -1619,7 +1627,7 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
             q[r] = qn[r];
             s[r] = sn[r];
         }
-        if (st + 1 < steps && active) load(st + 1);
+        if (st + 1 < steps && active) load();
         const int par = st & 1, p = (int)blockIdx.x + st * (int)gridDim.x;
         float v[R];
 #pragma unroll
