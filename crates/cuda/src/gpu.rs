@@ -870,7 +870,8 @@ impl Gpu {
     }
 
     /// The fused 4-bit GEMV: the CUDA-core kernel `gemv4_kernel` picks (1-8 tokens), or, where
-    /// in bf16 mode, the f16 tensor-core `gemv4h` (2-8 tokens, `f16_gemv`), the tensor-core
+    /// in bf16 mode, the one-token `gemv4xh_t1` with f16 products (`f16_gemv_t1`), the f16
+    /// tensor-core `gemv4h` (2-8 tokens, `f16_gemv`), the tensor-core
     /// `gemv4m` (2-8 tokens where gemv4h's staging does not fit, `gemv4m_serves`) and `gemv4m4`
     /// (9-32; with QLORA_GEMV=mma up to 64, in passes of 32).
     pub fn gemv4(&self, g: &Gemv4) -> Result<()> {
