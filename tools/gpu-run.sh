@@ -11,7 +11,7 @@
 # peertrain (h200_peer.py --train), mma (the default tensor-core GEMV against QLORA_GEMV=cuda), sets (many
 # adapters at once: the adapter-set and GPU-serve tests, mixed-adapter decode), ncumma (Nsight Compute on the tensor-core
 # GEMVs: gemv4m in batch-8 decode, gemv4m4 in a 16-token prefill), f16 (the f16 tensor-core GEMV
-# against the kernels before it, decode at batch 1 and 8), t1h (the one-token GEMV with f16 products
+# against the kernels before it, decode at batch 1 and 8), pdl (the early PDL trigger, A/B), fuse (the decode fusions one by one, A/B), t1h (the one-token GEMV with f16 products
 # against gemv4x_t1, decode at batch 1), ncuxh (Nsight Compute on gemv4xh_t1), serve7b (the HTTP
 # load test of the GPU server at Mistral-7B size).
 # Logs under $OUT.
@@ -38,6 +38,23 @@ PY
 }
 # Decode A/B over a switch: VAR unset, then each of VALUES, twice over, each with and without
 # an r=16 adapter, at BATCHES.   decode_ab VAR "VALUES" BATCHES
+# Decode at batch 1 and 8 under each setting ("-" = the default, or VAR=VALUE), two rounds
+# without an adapter, then the first two settings with an r=16 adapter.
+decode_settings() {
+  local r st
+  for r in 1 2; do
+    for st in "$@"; do
+      echo "== decode, ${st/#-/default} (no adapter)" | tee -a "$OUT/bench.log"
+      env $([ "$st" != - ] && echo "$st") $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+        --prompt-tokens 16 --gen-tokens 64 --batch 1,8 --repeats 3 2>&1 | grep -E "decode" | tee -a "$OUT/bench.log"
+    done
+  done
+  for st in "$1" "$2"; do
+    echo "== decode, ${st/#-/default} --adapter-rank 16" | tee -a "$OUT/bench.log"
+    env $([ "$st" != - ] && echo "$st") $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 \
+      --device cuda --prompt-tokens 16 --gen-tokens 64 --batch 1,8 --repeats 3 2>&1 | grep -E "decode" | tee -a "$OUT/bench.log"
+  done
+}
 decode_ab() {
   local var=$1 values=$2 batches=$3 f ad pre
   for f in default $values default $values; do
@@ -121,6 +138,14 @@ for stage in "$@"; do
       # The f16 tensor-core GEMV (gemv4h, the bf16 default for 2-8 tokens; QLORA_GEMV_F16=1
       # at one token too) against the kernels before it (QLORA_GEMV_F16=0: gemv4m at 2-8).
       decode_ab QLORA_GEMV_F16 "0 1" 1,8 ;;
+    pdl)
+      # The early PDL trigger (QLORA_PDL_TRIGGER, default on) against the implicit one.
+      decode_ab QLORA_PDL_TRIGGER "0" 1,8 ;;
+    fuse)
+      # The decode fusions one by one against the default, twice, batch 1 and 8 (no adapter;
+      # then the default and the first setting once each with one): the norm and SwiGLU
+      # folded into the one-token GEMV, the early PDL trigger (none, all, the GEMVs only).
+      decode_settings - QLORA_GEMV_FUSE=0 QLORA_PDL_TRIGGER=0 QLORA_PDL_TRIGGER=gemv,att,other QLORA_PDL_TRIGGER=gemv ;;
     t1h)
       # The one-token GEMV with f16 products (gemv4xh_t1, the bf16 default at one token;
       # QLORA_GEMV_T1H=4: 4 rows a thread and pass) against the f32 gemv4x_t1 (=0).

@@ -46,6 +46,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4x_t1",
     "gemv4x_t2",
     "gemv4xh_t1",
+    "gemv4xh_n_t1",
+    "gemv4xh_ng_t1",
     "gemv4xh4_t1",
     "gemvq4_t1",
     "gemvq4_t2",
@@ -116,6 +118,19 @@ pub struct Gemv4 {
     pub y: cu::CUdeviceptr,
     pub ld: usize,
     pub accumulate: bool,
+}
+
+/// What `Gpu::gemv4_fused` folds into a one-token GEMV (kernels.cu `GxhFuse`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemvFuse {
+    /// Non-zero (required): the input is RMSNorm(xn) · gn (xn f32 [cols], gn f32 [cols]);
+    /// `Gemv4::x` is then not read.
+    pub xn: cu::CUdeviceptr,
+    pub gn: cu::CUdeviceptr,
+    pub eps: f32,
+    /// Non-zero: rows j and pair + j (rows = 2 · pair) give silu(row j) · row pair + j, stored
+    /// lp at `Gemv4::y` [pair].
+    pub pair: usize,
 }
 
 /// Most tokens one fused GEMV launch takes (kernels.cu gemv4s_t8, gemv4m).
@@ -297,6 +312,12 @@ pub fn gemv4h_smem(t: usize, cols: usize) -> usize {
     GH_LUT_BYTES as usize + t * (cols + 8) * 2
 }
 
+/// Dynamic shared memory of the one-token f16 GEMVs (`gemv4xh_*`) over `cols` columns: the
+/// code table, then the input row staged once a block (lp).
+fn gemv4xh_smem(cols: usize, lp: usize) -> u32 {
+    GH_LUT_BYTES + (cols * lp) as u32
+}
+
 /// Dynamic shared memory the softmax kernels may stage a row in (`softmax_rows`): rows of up
 /// to 24,576 scores forward, 12,288 backward.
 const SOFTMAX_SMEM: u32 = 96 << 10;
@@ -400,6 +421,18 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
     ];
     if precision == Precision::Bf16 {
         opts.push("-DQLORA_BF16".to_string());
+    }
+    // Which kernels let the next one be scheduled right after their grid wait rather than when
+    // their blocks exit (kernels.cu qlora_grid_wait): QLORA_PDL_TRIGGER=gemv,att,other (any of
+    // them, comma-separated; 0 for none; default gemv,att).
+    let trigger = std::env::var("QLORA_PDL_TRIGGER").unwrap_or_else(|_| "gemv,att".into());
+    for group in trigger.split(',') {
+        match group {
+            "gemv" => opts.push("-DQLORA_PDL_TRIGGER_GEMV".to_string()),
+            "att" => opts.push("-DQLORA_PDL_TRIGGER_ATT".to_string()),
+            "other" => opts.push("-DQLORA_PDL_TRIGGER_OTHER".to_string()),
+            _ => {}
+        }
     }
     // QLORA_PTXAS_VERBOSE=1: print ptxas's registers / spills report for every kernel.
     let verbose = std::env::var_os("QLORA_PTXAS_VERBOSE").is_some();
@@ -623,7 +656,10 @@ impl Gpu {
                 } else if n == "gemv4h" {
                     gh_smem_max
                 } else if n.starts_with("gemv4xh") {
-                    GH_LUT_BYTES
+                    gemv4xh_smem(
+                        32 * GX_MAXT,
+                        if precision == Precision::Bf16 { 2 } else { 4 },
+                    )
                 } else if is_mma_gemv(n) {
                     GM_LUT_BYTES
                 } else if n.starts_with("gemv4x_") {
@@ -900,6 +936,62 @@ impl Gpu {
         self.gemv4_with(gemv4_kernel(g.t, g.cols), g)
     }
 
+    /// The one-token GEMV with the RMSNorm before it folded in (`gemv4xh_n_t1`), and the SwiGLU
+    /// after it too (`gemv4xh_ng_t1`), where `gemv4` would take `gemv4xh_t1`; Ok(false)
+    /// otherwise, having launched nothing.
+    /// QLORA_GEMV_FUSE=0 turns it off (the A/B switch).
+    pub fn gemv4_fused(&self, g: &Gemv4, fz: &GemvFuse) -> Result<bool> {
+        use Arg::*;
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*ON.get_or_init(|| std::env::var_os("QLORA_GEMV_FUSE").is_none_or(|v| v != "0")) {
+            return Ok(false);
+        }
+        if self.f16_gemv_t1(g.t, g.cols, g.blocksize) != Some("gemv4xh_t1")
+            || g.accumulate && fz.pair > 0
+        {
+            return Ok(false);
+        }
+        let kt = (g.cols / 32).next_multiple_of(32);
+        let nt = kt * (GX_MAXT / kt).max(1);
+        let rs = nt / kt;
+        // The kernel's offset from a gate row to its up row is 32-bit.
+        if fz.pair > 0 && (g.rows != 2 * fz.pair || fz.pair * g.cols / 2 >= 1 << 31) {
+            return Ok(false);
+        }
+        let kernel = match (fz.xn != 0, fz.pair > 0) {
+            (true, false) => "gemv4xh_n_t1",
+            (true, true) => "gemv4xh_ng_t1",
+            (false, _) => return Ok(false),
+        };
+        let passes = g.rows.div_ceil(rs * 2); // pairs: rs of them a pass
+        let smem = gemv4xh_smem(g.cols, self.lp().size());
+        let grid = passes.min(self.resident_blocks(kernel, nt as u32, smem as usize)?);
+        self.launch_smem(
+            kernel,
+            (grid as u32, 1),
+            nt as u32,
+            smem,
+            &[
+                P(g.packed),
+                P(g.absmax),
+                P(g.code),
+                I(g.blocksize as i32),
+                I(g.rows as i32),
+                I(g.cols as i32),
+                P(g.x),
+                I(1),
+                P(g.y),
+                I(g.ld as i32),
+                I(g.accumulate as i32),
+                P(fz.xn),
+                P(fz.gn),
+                F(fz.eps),
+                I(fz.pair as i32),
+            ],
+        )?;
+        Ok(true)
+    }
+
     /// Whether `gemv4h` can take `t` tokens over a matrix of this layout on this GPU (in either
     /// precision: the dispatch uses it in bf16 mode only).
     pub fn gemv4h_fits(&self, t: usize, cols: usize, blocksize: usize) -> bool {
@@ -1071,9 +1163,9 @@ impl Gpu {
             }
             let nt = kt * (GX_MAXT / kt).max(1);
             let passes = g.rows.div_ceil(nt / kt * rows_per);
-            let grid =
-                passes.min(self.resident_blocks(kernel, nt as u32, GH_LUT_BYTES as usize)?);
-            return self.launch_smem(kernel, (grid as u32, 1), nt as u32, GH_LUT_BYTES, &args);
+            let smem = gemv4xh_smem(g.cols, self.lp().size());
+            let grid = passes.min(self.resident_blocks(kernel, nt as u32, smem as usize)?);
+            return self.launch_smem(kernel, (grid as u32, 1), nt as u32, smem, &args);
         }
         if kernel.starts_with("gemv4x_") {
             let kt = (g.cols / 32).next_multiple_of(32);
@@ -1134,6 +1226,7 @@ impl Gpu {
         }
         let part_ml = a.part;
         let part_acc = a.part + (a.t * a.heads * splits * 2 * 4) as u64;
+
         self.launch(
             kernel,
             ((a.kvh * hgroups * splits) as u32, a.t as u32),

@@ -34,9 +34,37 @@ __device__ __forceinline__ lp_t f_to_lp(float v) { return v; }
 // before it on the stream finishes (its blocks are scheduled and run up to here); every kernel
 // waits here, before its first memory access, until the previous grid has completed and its
 // writes are visible. Without that launch attribute (and before sm_90) it does nothing.
+// With the trigger on (the host's default) each block then lets the next kernel's blocks
+// be scheduled at once, rather than when this grid's blocks exit: they take free SM room and
+// run their own prologue up to this wait (the code tables of the GEMVs) while this one works.
+// Safe because the trigger comes after the wait: when kernel k + 1 starts, kernel k − 1 has
+// completed, and no prologue touches what kernel k reads or writes.
+// The GEMVs call qlora_grid_wait_gemv and the decode attention's kernels qlora_grid_wait_att:
+// the host sets the trigger for each group apart (QLORA_PDL_TRIGGER_GEMV, _ATT, _OTHER). By
+// default the GEMVs and the attention trigger early and the rest does not: the rest's early
+// trigger gave batch-1 decode 2 % more but batch 8 7 % less (runs 54 and 56, GPU-NOTES.md).
 __device__ __forceinline__ void qlora_grid_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#ifdef QLORA_PDL_TRIGGER_OTHER
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+#endif
+}
+__device__ __forceinline__ void qlora_grid_wait_att() {  // rope_store, attention, its merge
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#ifdef QLORA_PDL_TRIGGER_ATT
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+#endif
+}
+__device__ __forceinline__ void qlora_grid_wait_gemv() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#ifdef QLORA_PDL_TRIGGER_GEMV
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 #endif
 }
 
@@ -188,7 +216,7 @@ extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads
                                       const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                       const int* __restrict__ pos, const int* __restrict__ slot,
                                       lp_t* __restrict__ kc, lp_t* __restrict__ vc, lp_t* __restrict__ qkv_lp) {
-    qlora_grid_wait();
+    qlora_grid_wait_att();
     int tok = blockIdx.x, head = blockIdx.y, half = hd / 2, j = threadIdx.x;
     if (j >= half) return;
     float* hp = qkv + (long)tok * ld + (long)head * hd;  // k heads follow q heads, v follow k
@@ -467,7 +495,7 @@ __device__ __forceinline__ void attention_body(
          int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale, int hpb,     \
          int splits, lp_t* __restrict__ out, float* __restrict__ out32, float* __restrict__ part_ml,       \
          float* __restrict__ part_acc) {                                                                   \
-        qlora_grid_wait();                                                                                 \
+        qlora_grid_wait_att();                                                                             \
         attention_body<V, U>(qkv, ld, kc, vc, seq, pos, tables, max_blocks, block_size, heads, kvh, hd,    \
                              window, scale, hpb, splits, out, out32, part_ml, part_acc);                  \
     }
@@ -484,7 +512,7 @@ ATTENTION_KERNEL(attention_s, 2, 2)
 extern "C" __global__ void attention_merge(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
                                            int heads, int hd, int splits, lp_t* __restrict__ out,
                                            float* __restrict__ out32) {
-    qlora_grid_wait();
+    qlora_grid_wait_att();
     __shared__ float f[32];
     __shared__ float gl;
     const long oh = (long)blockIdx.y * heads + blockIdx.x;
@@ -759,7 +787,7 @@ __device__ __forceinline__ void gemv4_body(const u8* __restrict__ packed, const 
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
-        qlora_grid_wait();                                                                                \
+        qlora_grid_wait_gemv();                                                                           \
         gemv4_body<T, PIPE>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);      \
     }
 GEMV_KERNEL(gemv4_t1, 1, true)
@@ -861,7 +889,7 @@ __device__ __forceinline__ void gemv4s_body(const u8* __restrict__ packed, const
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
-        qlora_grid_wait();                                                                                \
+        qlora_grid_wait_gemv();                                                                           \
         gemv4s_body<T>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);           \
     }
 GEMVS_KERNEL(gemv4s_t1, 1)
@@ -965,7 +993,7 @@ __device__ __forceinline__ void gemv4x_body(const u8* __restrict__ packed, const
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
-        qlora_grid_wait();                                                                                \
+        qlora_grid_wait_gemv();                                                                           \
         gemv4x_body<T>(packed, absmax, code, blocksize, rows, cols, x, t, y, ld, accumulate);           \
     }
 GEMVX_KERNEL(gemv4x_t1, 1, 2)
@@ -1060,7 +1088,7 @@ __device__ __forceinline__ void gemvq_body(const u8* __restrict__ codes, const f
     NAME(const u8* __restrict__ codes, const float* __restrict__ scales, const float* __restrict__ zeros,  \
          const unsigned* __restrict__ perm, int gs, int groups, int rows, int cols,                        \
          const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld, int accumulate) {               \
-        qlora_grid_wait();                                                                                 \
+        qlora_grid_wait_gemv();                                                                            \
         gemvq_body<BITS, T>(codes, scales, zeros, perm, gs, groups, rows, cols, x, t, y, ld, accumulate); \
     }
 GEMVQ_KERNEL(gemvq4_t1, 4, 1)
@@ -1153,7 +1181,7 @@ extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 2)
 gemv4m4(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
         int accumulate) {
-    qlora_grid_wait();
+    qlora_grid_wait_gemv();
     extern __shared__ uint2 lut[];  // GM_LUT_BYTES: gm_fill_lut's table
     __shared__ float red[GM_WARPS][16][8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1242,7 +1270,7 @@ extern "C" __global__ void __launch_bounds__(GM_WARPS * 32, 3)
 gemv4m(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code,
        int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y, int ld,
        int accumulate) {
-    qlora_grid_wait();
+    qlora_grid_wait_gemv();
     extern __shared__ uint2 lut[];  // GM_LUT_BYTES: gm_fill_lut's table
     __shared__ float red[GM_WARPS][16][8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1393,7 +1421,7 @@ gemv4h(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
         const int b = e >> 5;
         ((unsigned*)gh_dyn)[b * 64 + (e & 31)] = f2_to_h2(code[b >> 4], code[b & 15]);
     }
-    qlora_grid_wait();
+    qlora_grid_wait_gemv();
     // Each token's scale from its largest magnitude (fmaxf drops NaNs, which f16 keeps).
     const int pitch = cols + 8;
     for (int k = 0; k < t; k++) {
@@ -1524,7 +1552,8 @@ gemv4h(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
 // them, so R rows cost log2(32) shuffles per R/2 rows rather than per row; fixed order.
 // Error: f16 codes (2^-12) and f16 partial sums of 8 products: 4.4e-4 relative on random NF4
 // rows of 4096 (a CPU model of it), against 1.0e-3 for bf16 codes. Needs what gemv4x_t1 needs.
-// Dynamic shared memory: GH_LUT_BYTES.
+// The input row is staged once a block in shared memory after the table (read rs times a block
+// from L2 before). Dynamic shared memory: GH_LUT_BYTES + cols · sizeof(lp_t) (gemv4xh_smem).
 __device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
     unsigned d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -1554,32 +1583,126 @@ __device__ __forceinline__ float dot32h(uint4 q, const unsigned* xh, unsigned lu
             acc[e >> 1] = hfma2(lds32(lut_s + GH_ADDR(w[e], lane4, k)), xh[4 * e + k], acc[e >> 1]);
     return h2_sum(acc[0]) + h2_sum(acc[1]);
 }
-template <int R>
+// What `gemv4xh_n_t1` and `gemv4xh_ng_t1` fold into the GEMV (NORM, PAIR; null / 0 in the
+// plain kernels):
+// - NORM: x is RMSNorm(xn) · gn (xn f32 [cols], the residual row; gn f32 [cols]), rounded to
+//   lp as `rms_norm` rounds it, so the norm kernel before the product goes;
+// - PAIR (pair > 0): rows j and pair + j (gate and up) make silu(gate) · up, stored lp at
+//   y[j], so the `swiglu` kernel after it goes (no f32 copy for adapters: one more pointer
+//   made ptxas spill). A thread's two rows are then a gate row and its up row.
+template <int R, bool NORM, bool PAIR>
 __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
                                              const float* __restrict__ code, int blocksize, int rows, int cols,
                                              const lp_t* __restrict__ x, float* __restrict__ y, int ld,
-                                             int accumulate) {
+                                             int accumulate, const float* __restrict__ xn,
+                                             const float* __restrict__ gn, float eps, int pair) {
     extern __shared__ uint4 gxh_dyn[];
     const unsigned lut_s = smem_addr(gxh_dyn);
     __shared__ float red[2][R][GX_MAXT / 32];  // [pass parity][row][warp]
+    __shared__ float redn[32];                 // the norm's block_sum
     const int nt = blockDim.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     for (int e = tid; e < 256 * 32; e += nt) {
         const int b = e >> 5;
         ((unsigned*)gxh_dyn)[b * 64 + (e & 31)] = f2_to_h2(code[b >> 4], code[b & 15]);
     }
-    qlora_grid_wait();
+    qlora_grid_wait_gemv();
     const int chunks = cols / 32;
     const int kt = (chunks + 31) & ~31, kw = kt / 32, rs = nt / kt;
     const int sub = tid / kt, c = tid % kt;
     const bool active = c < chunks;
     const int rows_pass = rs * R;
-    const int passes = (rows + rows_pass - 1) / rows_pass;
+    // Rows in index space: [0, limit), P a pass; with pairs (R = 2) a thread's two rows are
+    // gate row j and up row pair + j, and a pass takes rs pairs.
+    static_assert(!PAIR || R == 2, "pairs take two rows a thread");
+    const int P = PAIR ? rs : rows_pass, limit = PAIR ? pair : rows;
+    const int passes = (limit + P - 1) / P;
     const int steps = (int)blockIdx.x < passes ? (passes - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
+    const unsigned lane4 = (unsigned)lane * 4u;
+    // The thread's first row of the next pass to load, and its weights and scales; each load
+    // advances them by a constant stride (no multiplies or clamps in the loop).
+    const long row_bytes = cols / 2;
+    const int row_scales = cols / blocksize;
+    int lrow = (int)blockIdx.x * P + (PAIR ? sub : sub * R);
+    const int rstep = (int)gridDim.x * P;
+    const u8* qp = packed + (long)c * 16 + (long)lrow * row_bytes;
+    const float* sp = absmax + (c * 32) / blocksize + (long)lrow * row_scales;
+    const long qstep = (long)rstep * row_bytes, sstep = (long)rstep * row_scales;
+    // From a thread's row r = 0 to its row r = 1: the next row, or with pairs the up row (32
+    // bits: the host keeps pair · row bytes below 2^31).
+    const int qnext = PAIR ? pair * (int)row_bytes : (int)row_bytes;
+    const int snext = PAIR ? pair * row_scales : row_scales;
+    uint4 qn[R];
+    float sn[R];
+    auto load = [&]() {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const bool in = (PAIR ? lrow : lrow + r) < limit;
+            qn[r] = in ? ldg_stream16(qp + r * qnext) : make_uint4(0u, 0u, 0u, 0u);
+            sn[r] = in ? __ldg(sp + r * snext) : 0.f;
+        }
+        qp += qstep;
+        sp += sstep;
+        lrow += rstep;
+    };
+    // The first pass's weights in flight while the input row is staged.
+    if (steps > 0 && active) load();
+    // The input row, once a block, into shared memory after the table (lp [cols]); with NORM,
+    // RMSNorm(xn) · gn first, rounded to lp as `rms_norm` rounds it. (Each thread loading its
+    // own piece read the row rs times a block: for the f32 norm input that was more than the
+    // weights of a 6144-row matrix.)
+    lp_t* xs = (lp_t*)(gxh_dyn + GH_LUT_BYTES / 16);
+    if (NORM) {
+        // A thread's first NU float4s of xn stay in registers across the sum (rows of up to
+        // 4 · NU · nt elements: Mistral's 4096 takes two), and its norm weights are prefetched
+        // into L1 meanwhile, so the row costs one trip to L2; the rest is read again.
+        constexpr int NU = 4;
+        const int n4 = cols / 4;
+        const float4* x4 = (const float4*)xn;
+        const float4* g4 = (const float4*)gn;
+        float4 u[NU];
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < NU; k++) {
+            const int i = tid + k * nt;
+            u[k] = i < n4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            if (i < n4) asm volatile("prefetch.global.L1 [%0];" ::"l"(g4 + i));
+        }
+#pragma unroll
+        for (int k = 0; k < NU; k++) {
+            ss = fmaf(u[k].x, u[k].x, ss);
+            ss = fmaf(u[k].y, u[k].y, ss);
+            ss = fmaf(u[k].z, u[k].z, ss);
+            ss = fmaf(u[k].w, u[k].w, ss);
+        }
+        for (int i = tid + NU * nt; i < n4; i += nt) {
+            const float4 v = x4[i];
+            ss = fmaf(v.x, v.x, ss);
+            ss = fmaf(v.y, v.y, ss);
+            ss = fmaf(v.z, v.z, ss);
+            ss = fmaf(v.w, v.w, ss);
+        }
+        const float rinv = 1.0f / sqrtf(block_sum(ss, redn) / (float)cols + eps);
+        auto put = [&](int i, float4 v) {
+            const float4 g = g4[i];
+            xs[4 * i] = f_to_lp(g.x * (v.x * rinv));
+            xs[4 * i + 1] = f_to_lp(g.y * (v.y * rinv));
+            xs[4 * i + 2] = f_to_lp(g.z * (v.z * rinv));
+            xs[4 * i + 3] = f_to_lp(g.w * (v.w * rinv));
+        };
+#pragma unroll
+        for (int k = 0; k < NU; k++)
+            if (tid + k * nt < n4) put(tid + k * nt, u[k]);
+        for (int i = tid + NU * nt; i < n4; i += nt) put(i, x4[i]);
+    } else {
+        const int n16 = cols * (int)sizeof(lp_t) / 16;
+        for (int i = tid; i < n16; i += nt) ((uint4*)xs)[i] = ((const uint4*)x)[i];
+    }
+    __syncthreads();  // the table and the input row
     unsigned xh[16];
     float inv = 0.f;
     if (active) {
         float xv[32];
-        load_x32(x + c * 32, xv);
+        load_x32(xs + c * 32, xv);
         float m = 0.f;
 #pragma unroll
         for (int e = 0; e < 32; e++) m = fmaxf(m, fabsf(xv[e]));
@@ -1593,31 +1716,6 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
 #pragma unroll
         for (int f = 0; f < 16; f++) xh[f] = 0u;
     }
-    const unsigned lane4 = (unsigned)lane * 4u;
-    // The thread's first row of the next pass to load, and its weights and scales; each load
-    // advances them by a constant stride (no multiplies or clamps in the loop).
-    const long row_bytes = cols / 2;
-    const int row_scales = cols / blocksize;
-    int lrow = (int)blockIdx.x * rows_pass + sub * R;
-    const int rstep = (int)gridDim.x * rows_pass;
-    const u8* qp = packed + (long)c * 16 + (long)lrow * row_bytes;
-    const float* sp = absmax + (c * 32) / blocksize + (long)lrow * row_scales;
-    const long qstep = (long)rstep * row_bytes, sstep = (long)rstep * row_scales;
-    uint4 qn[R];
-    float sn[R];
-    auto load = [&]() {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const bool in = lrow + r < rows;
-            qn[r] = in ? ldg_stream16(qp + r * row_bytes) : make_uint4(0u, 0u, 0u, 0u);
-            sn[r] = in ? __ldg(sp + r * row_scales) : 0.f;
-        }
-        qp += qstep;
-        sp += sstep;
-        lrow += rstep;
-    };
-    if (steps > 0 && active) load();
-    __syncthreads();  // the table
 #pragma unroll 2
     for (int st = 0; st < steps; st++) {
         uint4 q[R];
@@ -1650,11 +1748,22 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
 #pragma unroll
             for (int r = 0; r < R / 2; r++) red[par][r + (upper ? R / 2 : 0)][warp] = h[r];
         __syncthreads();
-        if (tid < rows_pass) {
-            const int g = tid / R, r = tid % R, row = p * rows_pass + tid;
+        auto row_sum = [&](int i) {  // the pass's row i (thread group i / R), warps in order
+            float sum = 0.f;
+            for (int w = 0; w < kw; w++) sum += red[par][i % R][(i / R) * kw + w];
+            return sum;
+        };
+        if (PAIR) {
+            const int j = p * rs + tid;
+            if (tid < rs && j < pair) {
+                const float gt = row_sum(2 * tid), up = row_sum(2 * tid + 1);
+                const lp_t o = f_to_lp(gt / (1.0f + expf(-gt)) * up);
+                ((lp_t*)y)[j] = o;
+            }
+        } else if (tid < rows_pass) {
+            const int row = p * rows_pass + tid;
             if (row < rows) {
-                float sum = 0.f;
-                for (int w = 0; w < kw; w++) sum += red[par][r][g * kw + w];
+                const float sum = row_sum(tid);
                 float* o = y + row;
                 *o = accumulate ? *o + sum : sum;
             }
@@ -1666,10 +1775,24 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
-        gemv4xh_body<R>(packed, absmax, code, blocksize, rows, cols, x, y, ld, accumulate);              \
+        gemv4xh_body<R, false, false>(packed, absmax, code, blocksize, rows, cols, x, y, ld, accumulate, \
+                                      nullptr, nullptr, 0.f, 0);                                         \
     }
 GEMVXH_KERNEL(gemv4xh_t1, 2, 2)
 GEMVXH_KERNEL(gemv4xh4_t1, 4, 1)
+// gemv4xh_t1 with the norm before it (gemv4xh_n_t1), and the SwiGLU after it too
+// (gemv4xh_ng_t1): see gemv4xh_body's NORM and PAIR.
+#define GEMVXH_FUSED_KERNEL(NAME, PAIR)                                                                  \
+    extern "C" __global__ void __launch_bounds__(GX_MAXT, 2)                                             \
+    NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
+         int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
+         int ld, int accumulate, const float* __restrict__ xn, const float* __restrict__ gn, float eps,  \
+         int pair) {                                                                                      \
+        gemv4xh_body<2, true, PAIR>(packed, absmax, code, blocksize, rows, cols, x, y, ld, accumulate,   \
+                                    xn, gn, eps, pair);                                                  \
+    }
+GEMVXH_FUSED_KERNEL(gemv4xh_n_t1, false)
+GEMVXH_FUSED_KERNEL(gemv4xh_ng_t1, true)
 
 // ---------------------------------------------------------------------------------------------
 // Adapters

@@ -1502,17 +1502,19 @@ impl CudaModel {
         for l in &self.layers {
             // The adapters' f32 copy of each linear's input, written by its producer.
             let c = self.copy32();
-            self.rms_norm(s.x.ptr(), &l.ln1, t, s.h.ptr(), c)?;
-            self.linear(
-                &l.qkv,
-                s.h.ptr(),
-                nz(c),
-                t,
-                s.qkv.ptr(),
-                qkv_ld,
-                false,
-                groups,
-            )?;
+            if !self.fused_norm_linear(&l.qkv, &l.ln1, t, s.qkv.ptr(), qkv_ld, 0, groups)? {
+                self.rms_norm(s.x.ptr(), &l.ln1, t, s.h.ptr(), c)?;
+                self.linear(
+                    &l.qkv,
+                    s.h.ptr(),
+                    nz(c),
+                    t,
+                    s.qkv.ptr(),
+                    qkv_ld,
+                    false,
+                    groups,
+                )?;
+            }
             g.launch(
                 "rope_store",
                 (t as u32, (self.heads + 2 * self.kvh) as u32),
@@ -1563,28 +1565,33 @@ impl CudaModel {
                 t,
                 groups,
             )?;
-            self.rms_norm(s.x.ptr(), &l.ln2, t, s.h.ptr(), c)?;
-            self.linear(
-                &l.gu,
-                s.h.ptr(),
-                nz(c),
-                t,
-                s.gu.ptr(),
-                2 * self.f,
-                false,
-                groups,
-            )?;
-            g.launch_n(
-                "swiglu",
-                t * self.f,
-                &[
-                    P(s.gu.ptr()),
-                    I(self.f as i32),
-                    P(s.h.ptr()),
-                    L((t * self.f) as i64),
-                    P(c),
-                ],
-            )?;
+            // (Not when the down projection's adapters want an f32 copy of its input.)
+            if c != 0
+                || !self.fused_norm_linear(&l.gu, &l.ln2, t, s.h.ptr(), self.f, self.f, groups)?
+            {
+                self.rms_norm(s.x.ptr(), &l.ln2, t, s.h.ptr(), c)?;
+                self.linear(
+                    &l.gu,
+                    s.h.ptr(),
+                    nz(c),
+                    t,
+                    s.gu.ptr(),
+                    2 * self.f,
+                    false,
+                    groups,
+                )?;
+                g.launch_n(
+                    "swiglu",
+                    t * self.f,
+                    &[
+                        P(s.gu.ptr()),
+                        I(self.f as i32),
+                        P(s.h.ptr()),
+                        L((t * self.f) as i64),
+                        P(c),
+                    ],
+                )?;
+            }
             self.residual(&l.down, s.h.ptr(), nz(c), t, groups)?;
         }
         // The rows that get logits, normed, through the head.
@@ -1610,6 +1617,64 @@ impl CudaModel {
             self.vocab,
             false,
             out_groups,
+        )
+    }
+
+    /// RMSNorm(x) · w, then `lin`, for one token as one kernel (`Gpu::gemv4_fused`); with
+    /// `pair` > 0 the SwiGLU of the output's two halves too (y is then lp [pair]). Ok(false),
+    /// having launched nothing, where that does not apply:
+    /// several tokens, biases, several base matrices, adapters on these rows, or a layout the
+    /// kernel does not take. The normed input is not written (no one else reads it).
+    #[allow(clippy::too_many_arguments)]
+    fn fused_norm_linear(
+        &self,
+        lin: &DevLinear,
+        w: &DevBuf,
+        t: usize,
+        y: u64,
+        ldy: usize,
+        pair: usize,
+        groups: &[Group],
+    ) -> Result<bool> {
+        let adapted = groups
+            .iter()
+            .any(|gr| gr.rows > 0 && lin.sets.get(gr.set).is_some_and(|s| !s.is_empty()));
+        if t != 1 || adapted || lin.mats.len() != 1 || lin.parts.iter().any(|p| p.bias.is_some()) {
+            return Ok(false);
+        }
+        let mat = &lin.mats[0];
+        let MatKind::Bnb4 {
+            packed,
+            absmax,
+            code,
+            blocksize,
+        } = &mat.kind
+        else {
+            return Ok(false);
+        };
+        if mat.col0 != 0 {
+            return Ok(false);
+        }
+        self.gpu.gemv4_fused(
+            &Gemv4 {
+                packed: packed.ptr(),
+                absmax: absmax.ptr(),
+                code: code.ptr(),
+                blocksize: *blocksize,
+                rows: mat.rows,
+                cols: mat.cols,
+                x: 0,
+                t,
+                y,
+                ld: ldy,
+                accumulate: false,
+            },
+            &crate::gpu::GemvFuse {
+                xn: self.s.x.ptr(),
+                gn: w.ptr(),
+                eps: self.eps,
+                pair,
+            },
         )
     }
 

@@ -6,7 +6,7 @@
 //! Needs a GPU: skipped (with a line on stderr) where there is none, unless
 //! QLORA_REQUIRE_GPU=1 (the device script sets it), which turns a missing GPU into a failure.
 
-use qlora_cuda::{gemv4_kernel, gemv4m_fits, Arg, DevBuf, Gemv4, Gpu, Precision};
+use qlora_cuda::{gemv4_kernel, gemv4m_fits, Arg, DevBuf, Gemv4, GemvFuse, Gpu, Precision};
 use qlora_engine::{ops, Weight};
 use qlora_quant::Quant4;
 use std::sync::Arc;
@@ -1149,6 +1149,107 @@ impl GemvCase {
             rel("accumulate", &twice, &want2) <= budget,
             "{name} accumulate"
         );
+    }
+}
+
+/// The one-token GEMV with the RMSNorm before it folded in (`Gpu::gemv4_fused`), and with the
+/// SwiGLU of its two halves after it: against the CPU's norm (rounded to the activations' type),
+/// product and SwiGLU, every output written and nothing past it. Odd shapes: inputs of 18, 20
+/// and 448 pieces (threads past the row; one row group a block), pair counts that end inside a
+/// pass, blocksizes 64-256; in f32 mode it launches nothing.
+#[test]
+fn fused_norm_gemv_and_swiglu() {
+    for g in gpus() {
+        for (quant, rows, cols, bs, pair) in [
+            (Quant4::Nf4, 6144usize, 4096usize, 64usize, false),
+            (Quant4::Fp4, 13, 576, 64, false),
+            (Quant4::Nf4, 37, 640, 128, false),
+            (Quant4::Nf4, 50, 1536, 256, false),
+            (Quant4::Nf4, 40, 14336, 64, false),
+            (Quant4::Nf4, 2 * 14336, 4096, 64, true),
+            (Quant4::Nf4, 2 * 29, 4096, 64, true),
+            (Quant4::Fp4, 2 * 13, 576, 64, true),
+            (Quant4::Nf4, 2 * 37, 640, 128, true),
+            (Quant4::Nf4, 2 * 40, 14336, 64, true),
+        ] {
+            let w = bnb4(quant, rows, cols, bs, 90 + rows as u64);
+            let s = w.scales().unwrap();
+            let x: Vec<f32> = rand(91, cols).iter().map(|v| v * 3.0).collect();
+            let gn: Vec<f32> = rand(92, cols).iter().map(|v| 1.0 + v / 4.0).collect();
+            let mut normed = vec![0f32; cols];
+            ops::rms_norm(&x, &gn, 1e-5, &mut normed);
+            let mut y = vec![0f32; rows];
+            ops::linear(&lp_round(g.precision, &normed), 1, &w, &mut y);
+            let f = rows / 2;
+            let want = if pair {
+                let (mut gate, upv) = (y[..f].to_vec(), y[f..].to_vec());
+                ops::swiglu(&mut gate, &upv);
+                gate
+            } else {
+                y
+            };
+            let n = want.len();
+            let bufs = [
+                g.upload(w.bytes()).unwrap(),
+                up(&g, &s.values),
+                up(&g, &s.code),
+                up(&g, &x),
+                up(&g, &gn),
+            ];
+            // Three more elements than the output: they must stay poisoned.
+            let out = if pair {
+                poison_lp(&g, n + 3)
+            } else {
+                poison(&g, n + 3)
+            };
+            let label = format!("fused norm GEMV {quant:?} [{rows}, {cols}] bs {bs} pair {pair}");
+            let ran = g
+                .gemv4_fused(
+                    &Gemv4 {
+                        packed: bufs[0].ptr(),
+                        absmax: bufs[1].ptr(),
+                        code: bufs[2].ptr(),
+                        blocksize: bs,
+                        rows,
+                        cols,
+                        x: 0,
+                        t: 1,
+                        y: out.ptr(),
+                        ld: rows,
+                        accumulate: false,
+                    },
+                    &GemvFuse {
+                        xn: bufs[3].ptr(),
+                        gn: bufs[4].ptr(),
+                        eps: 1e-5,
+                        pair: if pair { f } else { 0 },
+                    },
+                )
+                .unwrap();
+            assert_eq!(
+                ran,
+                g.precision == Precision::Bf16,
+                "{label} ({:?}): launched or not",
+                g.precision
+            );
+            if !ran {
+                continue;
+            }
+            let all = if pair {
+                down_lp(&g, &out, n + 3)
+            } else {
+                down(&g, &out, n + 3)
+            };
+            assert!(
+                all[n..].iter().all(|v| v.is_nan()),
+                "{label}: wrote past its output"
+            );
+            let e = rel(&label, &all[..n], &want);
+            eprintln!("{label}: {e:.2e}");
+            // The product's budget, and in pairs the output's rounding to bf16 on top.
+            let b = if pair { BF16_BUDGET } else { F16_SUMS_BUDGET };
+            assert!(e <= b, "{label}: relative error {e:.3e} over {b:.0e}");
+        }
     }
 }
 
