@@ -144,8 +144,9 @@ for stage in "$@"; do
     fuse)
       # The decode fusions one by one against the default, twice, batch 1 and 8 (no adapter;
       # then the default and the first setting once each with one): the norm and SwiGLU
-      # folded into the one-token GEMV, the early PDL trigger (none, all, the GEMVs only).
-      decode_settings - QLORA_GEMV_FUSE=0 QLORA_PDL_TRIGGER=0 QLORA_PDL_TRIGGER=gemv,att,other QLORA_PDL_TRIGGER=gemv ;;
+      # folded into the one-token GEMV (and the LoRA expands), the early PDL trigger for the
+      # GEMVs alone.
+      decode_settings - QLORA_GEMV_FUSE=0 QLORA_PDL_TRIGGER=gemv ;;
     t1h)
       # The one-token GEMV with f16 products (gemv4xh_t1, the bf16 default at one token;
       # QLORA_GEMV_T1H=4: 4 rows a thread and pass) against the f32 gemv4x_t1 (=0).

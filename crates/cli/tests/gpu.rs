@@ -458,11 +458,15 @@ fn synthetic_mistral_7b_layers_match_the_cpu() {
     // 40 tokens: a fresh prefill of ≥ 32 takes the cuBLAS attention path. Then steps of 12
     // and 4 tokens over the cache: in bf16 mode the tensor-core GEMVs (gemv4m4, gemv4m) take
     // those 4-bit products, and their errors add up over the layers as a decode batch's do.
+    // Then two one-token steps: in bf16 mode the one-token GEMVs with the norms, the SwiGLU
+    // and the LoRA expands folded in (`gemv4xh_*_t1`, `lora_shrink_t1`).
     let toks: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 1) % 32768).collect();
     let steps: Vec<Vec<u32>> = vec![
         toks.clone(),
         (0..12u32).map(|i| (i * 104_729 + 5) % 32768).collect(),
         (0..4u32).map(|i| (i * 1299 + 11) % 32768).collect(),
+        vec![31_337],
+        vec![4_242],
     ];
     for (base, rank) in [
         (SyntheticBase::Bnb4Quantized(qlora_quant::Quant4::Nf4), None),
@@ -519,7 +523,7 @@ fn synthetic_mistral_7b_layers_match_the_cpu() {
                 err(prec, &k, &g[0])
             );
             eprintln!(
-                "synthetic mistral-7b ×2 layers {base:?} lora {rank:?} {p:?}: {e:.2e} (steps of 40, 12, 4 tokens: {}; max-relative {:.2e})",
+                "synthetic mistral-7b ×2 layers {base:?} lora {rank:?} {p:?}: {e:.2e} (steps of 40, 12, 4, 1, 1 tokens: {}; max-relative {:.2e})",
                 each.iter().map(|v| format!("{v:.2e}")).collect::<Vec<_>>().join(", "),
                 rel(&g[0], &cpu[0])
             );

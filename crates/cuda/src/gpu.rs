@@ -48,6 +48,10 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4xh_t1",
     "gemv4xh_n_t1",
     "gemv4xh_ng_t1",
+    "gemv4xh_l_t1",
+    "gemv4xh_nl_t1",
+    "gemv4xh_ngl_t1",
+    "lora_shrink_t1",
     "gemv4xh4_t1",
     "gemvq4_t1",
     "gemvq4_t2",
@@ -120,17 +124,22 @@ pub struct Gemv4 {
     pub accumulate: bool,
 }
 
-/// What `Gpu::gemv4_fused` folds into a one-token GEMV (kernels.cu `GxhFuse`).
+/// What `Gpu::gemv4_fused` folds into a one-token GEMV (kernels.cu `gemv4xh_body`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GemvFuse {
-    /// Non-zero (required): the input is RMSNorm(xn) · gn (xn f32 [cols], gn f32 [cols]);
-    /// `Gemv4::x` is then not read.
+    /// Non-zero: the input is RMSNorm(xn) · gn (xn f32 [cols], gn f32 [cols]); `Gemv4::x` is
+    /// then not read.
     pub xn: cu::CUdeviceptr,
     pub gn: cu::CUdeviceptr,
     pub eps: f32,
-    /// Non-zero: rows j and pair + j (rows = 2 · pair) give silu(row j) · row pair + j, stored
-    /// lp at `Gemv4::y` [pair].
+    /// Non-zero (with xn): rows j and pair + j (rows = 2 · pair) give silu(row j) · row pair +
+    /// j, stored lp at `Gemv4::y` [pair].
     pub pair: usize,
+    /// lr > 0: each row adds lb[row, :lr] · lh (lb f32 [rows, lr], a fused LoRA's s·B; lh f32
+    /// [lr], its shrink from `Gpu::lora_shrink_t1`), before the SwiGLU where there is one.
+    pub lb: cu::CUdeviceptr,
+    pub lr: usize,
+    pub lh: cu::CUdeviceptr,
 }
 
 /// Most tokens one fused GEMV launch takes (kernels.cu gemv4s_t8, gemv4m).
@@ -317,6 +326,10 @@ pub fn gemv4h_smem(t: usize, cols: usize) -> usize {
 fn gemv4xh_smem(cols: usize, lp: usize) -> u32 {
     GH_LUT_BYTES + (cols * lp) as u32
 }
+
+/// Most shared memory a fused one-token GEMV stages of its LoRA's B rows (and h): past it,
+/// the adapter takes the two-product path.
+const GXH_LORA_STAGE_MAX: u32 = 32 << 10;
 
 /// Dynamic shared memory the softmax kernels may stage a row in (`softmax_rows`): rows of up
 /// to 24,576 scores forward, 12,288 backward.
@@ -659,7 +672,7 @@ impl Gpu {
                     gemv4xh_smem(
                         32 * GX_MAXT,
                         if precision == Precision::Bf16 { 2 } else { 4 },
-                    )
+                    ) + GXH_LORA_STAGE_MAX
                 } else if is_mma_gemv(n) {
                     GM_LUT_BYTES
                 } else if n.starts_with("gemv4x_") {
@@ -936,40 +949,19 @@ impl Gpu {
         self.gemv4_with(gemv4_kernel(g.t, g.cols), g)
     }
 
-    /// The one-token GEMV with the RMSNorm before it folded in (`gemv4xh_n_t1`), and the SwiGLU
-    /// after it too (`gemv4xh_ng_t1`), where `gemv4` would take `gemv4xh_t1`; Ok(false)
-    /// otherwise, having launched nothing.
+    /// The one-token GEMV with what `fz` folds in (`gemv4xh_{n,ng,l,nl,ngl}_t1`: the RMSNorm
+    /// before it, the SwiGLU after it, a fused LoRA's expand), where `gemv4` would take
+    /// `gemv4xh_t1`; Ok(false) otherwise (or with nothing to fold), having launched nothing.
     /// QLORA_GEMV_FUSE=0 turns it off (the A/B switch).
     pub fn gemv4_fused(&self, g: &Gemv4, fz: &GemvFuse) -> Result<bool> {
         use Arg::*;
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if !*ON.get_or_init(|| std::env::var_os("QLORA_GEMV_FUSE").is_none_or(|v| v != "0")) {
+        let Some((kernel, grid, nt, smem)) = self.gemv4_fused_shape(g, fz)? else {
             return Ok(false);
-        }
-        if self.f16_gemv_t1(g.t, g.cols, g.blocksize) != Some("gemv4xh_t1")
-            || g.accumulate && fz.pair > 0
-        {
-            return Ok(false);
-        }
-        let kt = (g.cols / 32).next_multiple_of(32);
-        let nt = kt * (GX_MAXT / kt).max(1);
-        let rs = nt / kt;
-        // The kernel's offset from a gate row to its up row is 32-bit.
-        if fz.pair > 0 && (g.rows != 2 * fz.pair || fz.pair * g.cols / 2 >= 1 << 31) {
-            return Ok(false);
-        }
-        let kernel = match (fz.xn != 0, fz.pair > 0) {
-            (true, false) => "gemv4xh_n_t1",
-            (true, true) => "gemv4xh_ng_t1",
-            (false, _) => return Ok(false),
         };
-        let passes = g.rows.div_ceil(rs * 2); // pairs: rs of them a pass
-        let smem = gemv4xh_smem(g.cols, self.lp().size());
-        let grid = passes.min(self.resident_blocks(kernel, nt as u32, smem as usize)?);
         self.launch_smem(
             kernel,
-            (grid as u32, 1),
-            nt as u32,
+            (grid, 1),
+            nt,
             smem,
             &[
                 P(g.packed),
@@ -987,9 +979,93 @@ impl Gpu {
                 P(fz.gn),
                 F(fz.eps),
                 I(fz.pair as i32),
+                P(fz.lb),
+                I(fz.lr as i32),
+                P(fz.lh),
             ],
         )?;
         Ok(true)
+    }
+
+    /// The kernel `gemv4_fused` would launch for this GEMV and fold, with its grid, block and
+    /// dynamic shared memory (None: it launches none).
+    pub fn gemv4_fused_shape(
+        &self,
+        g: &Gemv4,
+        fz: &GemvFuse,
+    ) -> Result<Option<(&'static str, u32, u32, u32)>> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*ON.get_or_init(|| std::env::var_os("QLORA_GEMV_FUSE").is_none_or(|v| v != "0")) {
+            return Ok(None);
+        }
+        if self.f16_gemv_t1(g.t, g.cols, g.blocksize) != Some("gemv4xh_t1")
+            || g.accumulate && fz.pair > 0
+        {
+            return Ok(None);
+        }
+        // The kernel's offset from a gate row to its up row is 32-bit.
+        if fz.pair > 0 && (g.rows != 2 * fz.pair || fz.pair * g.cols / 2 >= 1 << 31) {
+            return Ok(None);
+        }
+        let kernel = match (fz.xn != 0, fz.pair > 0, fz.lr > 0) {
+            (true, false, false) => "gemv4xh_n_t1",
+            (true, true, false) => "gemv4xh_ng_t1",
+            (false, false, true) => "gemv4xh_l_t1",
+            (true, false, true) => "gemv4xh_nl_t1",
+            (true, true, true) => "gemv4xh_ngl_t1",
+            (false, _, _) => return Ok(None),
+        };
+        let kt = (g.cols / 32).next_multiple_of(32);
+        let nt = kt * (GX_MAXT / kt).max(1);
+        let rows_pass = nt / kt * 2;
+        let passes = g.rows.div_ceil(rows_pass); // pairs: rows_pass / 2 of them a pass
+        let base = gemv4xh_smem(g.cols, self.lp().size());
+        let grid = passes.min(self.resident_blocks(kernel, nt as u32, base as usize)?);
+        // The block's B rows, every pass's, and h (kernels.cu gemv4xh_body's LORA).
+        let stage = if fz.lr > 0 {
+            ((passes.div_ceil(grid) * rows_pass + 1) * fz.lr * 4) as u64
+        } else {
+            0
+        };
+        if stage > GXH_LORA_STAGE_MAX as u64 {
+            return Ok(None);
+        }
+        let smem = base + stage as u32;
+        if stage > 0 && self.resident_blocks(kernel, nt as u32, smem as usize)? < grid {
+            return Ok(None);
+        }
+        Ok(Some((kernel, grid as u32, nt as u32, smem)))
+    }
+
+    /// h[k] = A[k, :] · x for one token, k < r (a fused LoRA's shrink before
+    /// `gemv4_fused` with lr = r): A f32 [r, d_in], x lp [d_in], or with xn ≠ 0 RMSNorm(xn) ·
+    /// gn, rounded to lp exactly as the GEMV's folded norm rounds it; h f32 [r].
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_shrink_t1(
+        &self,
+        a: cu::CUdeviceptr,
+        r: usize,
+        d_in: usize,
+        x: cu::CUdeviceptr,
+        (xn, gn, eps): (cu::CUdeviceptr, cu::CUdeviceptr, f32),
+        h: cu::CUdeviceptr,
+    ) -> Result<()> {
+        use Arg::*;
+        if !d_in.is_multiple_of(32) || d_in / 32 > GX_MAXT {
+            return Err(Error::Invalid(format!(
+                "lora_shrink_t1: {d_in} inputs (a multiple of 32, at most {})",
+                32 * GX_MAXT
+            )));
+        }
+        // The GEMV's block size, so that a folded norm sums in the same order.
+        let kt = (d_in / 32).next_multiple_of(32);
+        let nt = kt * (GX_MAXT / kt).max(1);
+        self.launch(
+            "lora_shrink_t1",
+            (r as u32, 1),
+            nt as u32,
+            &[P(a), I(d_in as i32), P(x), P(xn), P(gn), F(eps), P(h)],
+        )
     }
 
     /// Whether `gemv4h` can take `t` tokens over a matrix of this layout on this GPU (in either

@@ -1553,7 +1553,8 @@ gemv4h(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
 // Error: f16 codes (2^-12) and f16 partial sums of 8 products: 4.4e-4 relative on random NF4
 // rows of 4096 (a CPU model of it), against 1.0e-3 for bf16 codes. Needs what gemv4x_t1 needs.
 // The input row is staged once a block in shared memory after the table (read rs times a block
-// from L2 before). Dynamic shared memory: GH_LUT_BYTES + cols · sizeof(lp_t) (gemv4xh_smem).
+// from L2 before). Dynamic shared memory: GH_LUT_BYTES + cols · sizeof(lp_t) (gemv4xh_smem),
+// and for LORA (steps · rows_pass + 1) · lr floats more (gpu.rs `Gpu::gemv4_fused_shape`).
 __device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
     unsigned d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -1583,19 +1584,34 @@ __device__ __forceinline__ float dot32h(uint4 q, const unsigned* xh, unsigned lu
             acc[e >> 1] = hfma2(lds32(lut_s + GH_ADDR(w[e], lane4, k)), xh[4 * e + k], acc[e >> 1]);
     return h2_sum(acc[0]) + h2_sum(acc[1]);
 }
-// What `gemv4xh_n_t1` and `gemv4xh_ng_t1` fold into the GEMV (NORM, PAIR; null / 0 in the
+// s·B[row, :lr] · h from shared memory, in order.
+__device__ __forceinline__ float lora_row(const float* b, int lr, const float* h) {
+    float d = 0.f;
+#pragma unroll 4
+    for (int k = 0; k < lr; k++) d = fmaf(b[k], h[k], d);
+    return d;
+}
+// What the `gemv4xh_*_t1` kernels fold into the GEMV (NORM, PAIR; null / 0 in the
 // plain kernels):
 // - NORM: x is RMSNorm(xn) · gn (xn f32 [cols], the residual row; gn f32 [cols]), rounded to
 //   lp as `rms_norm` rounds it, so the norm kernel before the product goes;
 // - PAIR (pair > 0): rows j and pair + j (gate and up) make silu(gate) · up, stored lp at
 //   y[j], so the `swiglu` kernel after it goes (no f32 copy for adapters: one more pointer
 //   made ptxas spill). A thread's two rows are then a gate row and its up row.
-template <int R, bool NORM, bool PAIR>
+// - LORA: each row adds s·B[row, :lr] · lh (lb f32 [rows, lr]: a fused LoRA's s·B; lh f32 [lr]:
+//   its A · x, from `lora_shrink_t1` just before), so an adapter costs one small kernel
+//   instead of two matrix products. With PAIR, both rows add theirs before the SwiGLU. The
+//   block's rows of B (steps passes of rows_pass rows) and lh are staged in shared memory at
+//   the start, after the input row: read in each pass's epilogue from L2 they put a chain of
+//   dependent loads on every pass (run 57: batch-1 decode with an adapter 285 → 209 tok/s).
+template <int R, bool NORM, bool PAIR, bool LORA>
 __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
                                              const float* __restrict__ code, int blocksize, int rows, int cols,
                                              const lp_t* __restrict__ x, float* __restrict__ y, int ld,
                                              int accumulate, const float* __restrict__ xn,
-                                             const float* __restrict__ gn, float eps, int pair) {
+                                             const float* __restrict__ gn, float eps, int pair,
+                                             const float* __restrict__ lb, int lr,
+                                             const float* __restrict__ lh) {
     extern __shared__ uint4 gxh_dyn[];
     const unsigned lut_s = smem_addr(gxh_dyn);
     __shared__ float red[2][R][GX_MAXT / 32];  // [pass parity][row][warp]
@@ -1651,6 +1667,28 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
     // own piece read the row rs times a block: for the f32 norm input that was more than the
     // weights of a 6144-row matrix.)
     lp_t* xs = (lp_t*)(gxh_dyn + GH_LUT_BYTES / 16);
+    const int cl = rows_pass * lr;       // B's staged floats a pass (pairs: rs gate rows, rs up)
+    // As float offsets into the dynamic shared memory (32-bit: pointers here would spill).
+    const int bst = GH_LUT_BYTES / 4 + cols * (int)sizeof(lp_t) / 4;  // [steps][cl]
+    const int hst = bst + steps * cl;                                  // [lr]
+    float* dynf = (float*)gxh_dyn;
+    if (LORA) {
+        for (int i = tid; i < lr; i += nt) dynf[hst + i] = lh[i];
+        for (int st = 0; st < steps; st++) {
+            const int p = (int)blockIdx.x + st * (int)gridDim.x;
+            for (int i = tid; i < cl; i += nt) {
+                float v = 0.f;
+                if (PAIR) {
+                    const int up = i >= rs * lr, ii = i - (up ? rs * lr : 0), j = p * rs + ii / lr;
+                    if (j < pair) v = __ldg(lb + ((long)(up ? pair : 0) + j) * lr + ii % lr);
+                } else {
+                    const long e = (long)p * cl + i;
+                    if (e < (long)rows * lr) v = __ldg(lb + e);
+                }
+                dynf[bst + st * cl + i] = v;
+            }
+        }
+    }
     if (NORM) {
         // A thread's first NU float4s of xn stay in registers across the sum (rows of up to
         // 4 · NU · nt elements: Mistral's 4096 takes two), and its norm weights are prefetched
@@ -1756,14 +1794,19 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         if (PAIR) {
             const int j = p * rs + tid;
             if (tid < rs && j < pair) {
-                const float gt = row_sum(2 * tid), up = row_sum(2 * tid + 1);
+                float gt = row_sum(2 * tid), up = row_sum(2 * tid + 1);
+                if (LORA) {
+                    gt += lora_row(dynf + bst + st * cl + tid * lr, lr, dynf + hst);
+                    up += lora_row(dynf + bst + st * cl + (rs + tid) * lr, lr, dynf + hst);
+                }
                 const lp_t o = f_to_lp(gt / (1.0f + expf(-gt)) * up);
                 ((lp_t*)y)[j] = o;
             }
         } else if (tid < rows_pass) {
             const int row = p * rows_pass + tid;
             if (row < rows) {
-                const float sum = row_sum(tid);
+                float sum = row_sum(tid);
+                if (LORA) sum += lora_row(dynf + bst + st * cl + tid * lr, lr, dynf + hst);
                 float* o = y + row;
                 *o = accumulate ? *o + sum : sum;
             }
@@ -1775,24 +1818,70 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
-        gemv4xh_body<R, false, false>(packed, absmax, code, blocksize, rows, cols, x, y, ld, accumulate, \
-                                      nullptr, nullptr, 0.f, 0);                                         \
+        gemv4xh_body<R, false, false, false>(packed, absmax, code, blocksize, rows, cols, x, y, ld,      \
+                                             accumulate, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr); \
     }
 GEMVXH_KERNEL(gemv4xh_t1, 2, 2)
 GEMVXH_KERNEL(gemv4xh4_t1, 4, 1)
-// gemv4xh_t1 with the norm before it (gemv4xh_n_t1), and the SwiGLU after it too
-// (gemv4xh_ng_t1): see gemv4xh_body's NORM and PAIR.
-#define GEMVXH_FUSED_KERNEL(NAME, PAIR)                                                                  \
+// gemv4xh_t1 with what gemv4xh_body's NORM, PAIR and LORA fold in: n the norm before it, g the
+// SwiGLU after it, l a fused LoRA's expand.
+#define GEMVXH_FUSED_KERNEL(NAME, NORM, PAIR, LORA)                                                      \
     extern "C" __global__ void __launch_bounds__(GX_MAXT, 2)                                             \
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate, const float* __restrict__ xn, const float* __restrict__ gn, float eps,  \
-         int pair) {                                                                                      \
-        gemv4xh_body<2, true, PAIR>(packed, absmax, code, blocksize, rows, cols, x, y, ld, accumulate,   \
-                                    xn, gn, eps, pair);                                                  \
+         int pair, const float* __restrict__ lb, int lr, const float* __restrict__ lh) {                 \
+        gemv4xh_body<2, NORM, PAIR, LORA>(packed, absmax, code, blocksize, rows, cols, x, y, ld,          \
+                                          accumulate, xn, gn, eps, pair, lb, lr, lh);                    \
     }
-GEMVXH_FUSED_KERNEL(gemv4xh_n_t1, false)
-GEMVXH_FUSED_KERNEL(gemv4xh_ng_t1, true)
+GEMVXH_FUSED_KERNEL(gemv4xh_n_t1, true, false, false)
+GEMVXH_FUSED_KERNEL(gemv4xh_ng_t1, true, true, false)
+GEMVXH_FUSED_KERNEL(gemv4xh_l_t1, false, false, true)
+GEMVXH_FUSED_KERNEL(gemv4xh_nl_t1, true, false, true)
+GEMVXH_FUSED_KERNEL(gemv4xh_ngl_t1, true, true, true)
+
+// h[k] = A[k, :] · x for one token (a fused LoRA's shrink before `gemv4xh_*l_t1`): A f32 [r,
+// d_in], x lp [d_in] widened, or with xn the row RMSNorm(xn) · gn rounded to lp exactly as the
+// GEMV's NORM rounds it (the same block size, so the same sum of squares in the same order).
+// Grid r, block as the GEMV's; fixed-order sums.
+extern "C" __global__ void lora_shrink_t1(const float* __restrict__ a, int d_in, const lp_t* __restrict__ x,
+                                          const float* __restrict__ xn, const float* __restrict__ gn, float eps,
+                                          float* __restrict__ h) {
+    __shared__ float shm[32];
+    qlora_grid_wait_gemv();
+    const int n4 = d_in / 4, tid = threadIdx.x, nt = blockDim.x;
+    const float4* a4 = (const float4*)(a + (long)blockIdx.x * d_in);
+    float acc = 0.f;
+    if (xn) {
+        const float4* x4 = (const float4*)xn;
+        float ss = 0.f;
+        for (int i = tid; i < n4; i += nt) {
+            const float4 v = x4[i];
+            ss = fmaf(v.x, v.x, ss);
+            ss = fmaf(v.y, v.y, ss);
+            ss = fmaf(v.z, v.z, ss);
+            ss = fmaf(v.w, v.w, ss);
+        }
+        const float rinv = 1.0f / sqrtf(block_sum(ss, shm) / (float)d_in + eps);
+        for (int i = tid; i < n4; i += nt) {
+            const float4 v = x4[i], g = __ldg((const float4*)gn + i), w = __ldg(a4 + i);
+            acc = fmaf(w.x, lp_to_f(f_to_lp(g.x * (v.x * rinv))), acc);
+            acc = fmaf(w.y, lp_to_f(f_to_lp(g.y * (v.y * rinv))), acc);
+            acc = fmaf(w.z, lp_to_f(f_to_lp(g.z * (v.z * rinv))), acc);
+            acc = fmaf(w.w, lp_to_f(f_to_lp(g.w * (v.w * rinv))), acc);
+        }
+    } else {
+        for (int i = tid; i < n4; i += nt) {
+            const float4 w = __ldg(a4 + i);
+            acc = fmaf(w.x, lp_to_f(x[4 * i]), acc);
+            acc = fmaf(w.y, lp_to_f(x[4 * i + 1]), acc);
+            acc = fmaf(w.z, lp_to_f(x[4 * i + 2]), acc);
+            acc = fmaf(w.w, lp_to_f(x[4 * i + 3]), acc);
+        }
+    }
+    acc = block_sum(acc, shm);
+    if (tid == 0) h[blockIdx.x] = acc;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Adapters

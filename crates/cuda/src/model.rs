@@ -138,6 +138,22 @@ enum MatKind {
     },
 }
 
+/// Whether one-token GEMVs fold their fused LoRA in (QLORA_LORA_FOLD=1; off by default: with
+/// the shrink as a kernel of its own before each GEMV, batch-1 decode with an r=16 adapter on
+/// every projection ran 266 tok/s against 285 for the two-product path, run 58 in
+/// GPU-NOTES.md; kept for profiling).
+fn lora_fold_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("QLORA_LORA_FOLD").is_some_and(|v| v == "1"))
+}
+
+/// What `CudaModel::linear_t1` reads: the linear's lp input, or the residual row normed with
+/// these RMSNorm weights.
+enum T1In<'a> {
+    Lp(u64),
+    Norm(&'a DevBuf),
+}
+
 /// One base matrix on the device, writing output columns [col0, col0 + rows).
 struct DevMat {
     kind: MatKind,
@@ -1502,7 +1518,15 @@ impl CudaModel {
         for l in &self.layers {
             // The adapters' f32 copy of each linear's input, written by its producer.
             let c = self.copy32();
-            if !self.fused_norm_linear(&l.qkv, &l.ln1, t, s.qkv.ptr(), qkv_ld, 0, groups)? {
+            if !self.linear_t1(
+                &l.qkv,
+                T1In::Norm(&l.ln1),
+                s.qkv.ptr(),
+                qkv_ld,
+                false,
+                0,
+                groups,
+            )? {
                 self.rms_norm(s.x.ptr(), &l.ln1, t, s.h.ptr(), c)?;
                 self.linear(
                     &l.qkv,
@@ -1565,10 +1589,18 @@ impl CudaModel {
                 t,
                 groups,
             )?;
-            // (Not when the down projection's adapters want an f32 copy of its input.)
-            if c != 0
-                || !self.fused_norm_linear(&l.gu, &l.ln2, t, s.h.ptr(), self.f, self.f, groups)?
-            {
+            // Folded, it writes no f32 copy of its output for the down projection's adapters:
+            // their input is then widened from h (the same values).
+            let gu_t1 = self.linear_t1(
+                &l.gu,
+                T1In::Norm(&l.ln2),
+                s.h.ptr(),
+                self.f,
+                false,
+                self.f,
+                groups,
+            )?;
+            if !gu_t1 {
                 self.rms_norm(s.x.ptr(), &l.ln2, t, s.h.ptr(), c)?;
                 self.linear(
                     &l.gu,
@@ -1592,7 +1624,7 @@ impl CudaModel {
                     ],
                 )?;
             }
-            self.residual(&l.down, s.h.ptr(), nz(c), t, groups)?;
+            self.residual(&l.down, s.h.ptr(), nz(c).filter(|_| !gu_t1), t, groups)?;
         }
         // The rows that get logits, normed, through the head.
         g.launch(
@@ -1620,28 +1652,39 @@ impl CudaModel {
         )
     }
 
-    /// RMSNorm(x) · w, then `lin`, for one token as one kernel (`Gpu::gemv4_fused`); with
-    /// `pair` > 0 the SwiGLU of the output's two halves too (y is then lp [pair]). Ok(false),
-    /// having launched nothing, where that does not apply:
-    /// several tokens, biases, several base matrices, adapters on these rows, or a layout the
-    /// kernel does not take. The normed input is not written (no one else reads it).
+    /// `lin` for one token as one fused GEMV (`Gpu::gemv4_fused`) with what it folds in: the
+    /// input's RMSNorm (T1In::Norm: the residual row normed with these weights), the SwiGLU of
+    /// the output's two halves (`pair` > 0: y is then lp [pair]), and with QLORA_LORA_FOLD=1
+    /// the expand of the rows' fused LoRA (its shrink a small kernel just before). Ok(false),
+    /// having launched nothing, where that does not apply: several tokens, biases, several
+    /// base matrices, adapters (unless folded: one fused LoRA, no DoRA or lora_B biases), or a
+    /// layout the kernel does not take. The normed input is not written (no one else reads it).
     #[allow(clippy::too_many_arguments)]
-    fn fused_norm_linear(
+    fn linear_t1(
         &self,
         lin: &DevLinear,
-        w: &DevBuf,
-        t: usize,
+        input: T1In,
         y: u64,
         ldy: usize,
+        accumulate: bool,
         pair: usize,
         groups: &[Group],
     ) -> Result<bool> {
-        let adapted = groups
-            .iter()
-            .any(|gr| gr.rows > 0 && lin.sets.get(gr.set).is_some_and(|s| !s.is_empty()));
-        if t != 1 || adapted || lin.mats.len() != 1 || lin.parts.iter().any(|p| p.bias.is_some()) {
+        let rows: Vec<&Group> = groups.iter().filter(|g| g.rows > 0).collect();
+        if rows.len() != 1
+            || rows[0].rows != 1
+            || lin.mats.len() != 1
+            || lin.parts.iter().any(|p| p.bias.is_some())
+        {
             return Ok(false);
         }
+        let lora = match lin.sets.get(rows[0].set).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(set) => match &set.fused {
+                Some(f) if lora_fold_on() && set.parts.iter().all(|p| p.is_empty()) => Some(f),
+                _ => return Ok(false),
+            },
+        };
         let mat = &lin.mats[0];
         let MatKind::Bnb4 {
             packed,
@@ -1655,27 +1698,46 @@ impl CudaModel {
         if mat.col0 != 0 {
             return Ok(false);
         }
-        self.gpu.gemv4_fused(
-            &Gemv4 {
-                packed: packed.ptr(),
-                absmax: absmax.ptr(),
-                code: code.ptr(),
-                blocksize: *blocksize,
-                rows: mat.rows,
-                cols: mat.cols,
-                x: 0,
-                t,
-                y,
-                ld: ldy,
-                accumulate: false,
-            },
-            &crate::gpu::GemvFuse {
-                xn: self.s.x.ptr(),
-                gn: w.ptr(),
-                eps: self.eps,
-                pair,
-            },
-        )
+        let (x, xn, gn) = match input {
+            T1In::Lp(x) => (x, 0, 0),
+            T1In::Norm(w) => (0, self.s.x.ptr(), w.ptr()),
+        };
+        let gemv = Gemv4 {
+            packed: packed.ptr(),
+            absmax: absmax.ptr(),
+            code: code.ptr(),
+            blocksize: *blocksize,
+            rows: mat.rows,
+            cols: mat.cols,
+            x,
+            t: 1,
+            y,
+            ld: ldy,
+            accumulate,
+        };
+        let fz = crate::gpu::GemvFuse {
+            xn,
+            gn,
+            eps: self.eps,
+            pair,
+            lb: lora.map_or(0, |f| f.b.ptr()),
+            lr: lora.map_or(0, |f| f.r),
+            lh: self.s.lh.ptr(),
+        };
+        if self.gpu.gemv4_fused_shape(&gemv, &fz)?.is_none() {
+            return Ok(false);
+        }
+        if let Some(f) = lora {
+            self.gpu.lora_shrink_t1(
+                f.a.ptr(),
+                f.r,
+                lin.d_in,
+                x,
+                (xn, gn, self.eps),
+                self.s.lh.ptr(),
+            )?;
+        }
+        self.gpu.gemv4_fused(&gemv, &fz)
     }
 
     /// y[rows, d] (lp) = RMSNorm(x[rows, d]) · w.
@@ -1723,6 +1785,8 @@ impl CudaModel {
                 t * d,
                 &[Arg::P(s.x.ptr()), Arg::P(s.o.ptr()), Arg::L((t * d) as i64)],
             )
+        } else if t == 1 && self.linear_t1(lin, T1In::Lp(a), s.x.ptr(), d, true, 0, groups)? {
+            Ok(())
         } else {
             self.linear(lin, a, a32, t, s.x.ptr(), d, true, groups)
         }

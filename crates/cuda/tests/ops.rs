@@ -1152,34 +1152,67 @@ impl GemvCase {
     }
 }
 
-/// The one-token GEMV with the RMSNorm before it folded in (`Gpu::gemv4_fused`), and with the
-/// SwiGLU of its two halves after it: against the CPU's norm (rounded to the activations' type),
-/// product and SwiGLU, every output written and nothing past it. Odd shapes: inputs of 18, 20
-/// and 448 pieces (threads past the row; one row group a block), pair counts that end inside a
-/// pass, blocksizes 64-256; in f32 mode it launches nothing.
+/// The one-token GEMV with what `Gpu::gemv4_fused` folds in: the RMSNorm before it, the SwiGLU
+/// of its two halves after it, and a fused LoRA's expand (its shrink `lora_shrink_t1` first):
+/// against the CPU's norm (rounded to the activations' type), product, adapter and SwiGLU, every
+/// output written and nothing past it, accumulation adding. Odd shapes: inputs of 18, 20 and 448
+/// pieces (threads past the row; one row group a block), pair counts that end inside a pass,
+/// blocksizes 64-256, ranks 7, 16 and 48; in f32 mode it launches nothing.
 #[test]
-fn fused_norm_gemv_and_swiglu() {
+fn fused_norm_gemv_swiglu_and_lora() {
     for g in gpus() {
-        for (quant, rows, cols, bs, pair) in [
-            (Quant4::Nf4, 6144usize, 4096usize, 64usize, false),
-            (Quant4::Fp4, 13, 576, 64, false),
-            (Quant4::Nf4, 37, 640, 128, false),
-            (Quant4::Nf4, 50, 1536, 256, false),
-            (Quant4::Nf4, 40, 14336, 64, false),
-            (Quant4::Nf4, 2 * 14336, 4096, 64, true),
-            (Quant4::Nf4, 2 * 29, 4096, 64, true),
-            (Quant4::Fp4, 2 * 13, 576, 64, true),
-            (Quant4::Nf4, 2 * 37, 640, 128, true),
-            (Quant4::Nf4, 2 * 40, 14336, 64, true),
+        // (quant, rows, cols, blocksize, norm, pair, LoRA rank)
+        for (quant, rows, cols, bs, norm, pair, r) in [
+            (
+                Quant4::Nf4,
+                6144usize,
+                4096usize,
+                64usize,
+                true,
+                false,
+                0usize,
+            ),
+            (Quant4::Nf4, 6144, 4096, 64, true, false, 48),
+            (Quant4::Fp4, 13, 576, 64, true, false, 7),
+            (Quant4::Nf4, 37, 640, 128, true, false, 0),
+            (Quant4::Nf4, 50, 1536, 256, true, false, 16),
+            (Quant4::Nf4, 40, 14336, 64, true, false, 0),
+            (Quant4::Nf4, 2 * 14336, 4096, 64, true, true, 0),
+            (Quant4::Nf4, 2 * 29, 4096, 64, true, true, 16),
+            (Quant4::Fp4, 2 * 13, 576, 64, true, true, 7),
+            (Quant4::Nf4, 2 * 37, 640, 128, true, true, 0),
+            (Quant4::Nf4, 2 * 40, 14336, 64, true, true, 16),
+            // The plain input with an adapter, accumulating (the o and down projections).
+            (Quant4::Nf4, 4096, 4096, 64, false, false, 16),
+            (Quant4::Nf4, 40, 14336, 64, false, false, 7),
+            (Quant4::Fp4, 13, 576, 64, false, false, 48),
         ] {
             let w = bnb4(quant, rows, cols, bs, 90 + rows as u64);
             let s = w.scales().unwrap();
             let x: Vec<f32> = rand(91, cols).iter().map(|v| v * 3.0).collect();
             let gn: Vec<f32> = rand(92, cols).iter().map(|v| 1.0 + v / 4.0).collect();
-            let mut normed = vec![0f32; cols];
-            ops::rms_norm(&x, &gn, 1e-5, &mut normed);
+            let a: Vec<f32> = rand(93, r * cols).iter().map(|v| v / 8.0).collect();
+            let b: Vec<f32> = rand(94, rows * r).iter().map(|v| v / 4.0).collect();
+            let x_in = if norm {
+                let mut normed = vec![0f32; cols];
+                ops::rms_norm(&x, &gn, 1e-5, &mut normed);
+                lp_round(g.precision, &normed)
+            } else {
+                lp_round(g.precision, &x)
+            };
+            let accumulate = !norm;
+            let y0: Vec<f32> = rand(95, rows).iter().map(|v| v * 2.0).collect();
             let mut y = vec![0f32; rows];
-            ops::linear(&lp_round(g.precision, &normed), 1, &w, &mut y);
+            ops::linear(&x_in, 1, &w, &mut y);
+            let h: Vec<f32> = (0..r)
+                .map(|k| (0..cols).map(|i| a[k * cols + i] * x_in[i]).sum())
+                .collect();
+            for (row, v) in y.iter_mut().enumerate() {
+                *v += (0..r).map(|k| b[row * r + k] * h[k]).sum::<f32>();
+                if accumulate {
+                    *v += y0[row];
+                }
+            }
             let f = rows / 2;
             let want = if pair {
                 let (mut gate, upv) = (y[..f].to_vec(), y[f..].to_vec());
@@ -1195,46 +1228,75 @@ fn fused_norm_gemv_and_swiglu() {
                 up(&g, &s.code),
                 up(&g, &x),
                 up(&g, &gn),
+                up_lp(&g, &x),
+                up(&g, &a),
+                up(&g, &b),
+                poison(&g, r.max(1)),
             ];
             // Three more elements than the output: they must stay poisoned.
             let out = if pair {
                 poison_lp(&g, n + 3)
+            } else if accumulate {
+                up(
+                    &g,
+                    &y0.iter().copied().chain([f32::NAN; 3]).collect::<Vec<_>>(),
+                )
             } else {
                 poison(&g, n + 3)
             };
-            let label = format!("fused norm GEMV {quant:?} [{rows}, {cols}] bs {bs} pair {pair}");
-            let ran = g
-                .gemv4_fused(
-                    &Gemv4 {
-                        packed: bufs[0].ptr(),
-                        absmax: bufs[1].ptr(),
-                        code: bufs[2].ptr(),
-                        blocksize: bs,
-                        rows,
-                        cols,
-                        x: 0,
-                        t: 1,
-                        y: out.ptr(),
-                        ld: rows,
-                        accumulate: false,
-                    },
-                    &GemvFuse {
-                        xn: bufs[3].ptr(),
-                        gn: bufs[4].ptr(),
-                        eps: 1e-5,
-                        pair: if pair { f } else { 0 },
-                    },
-                )
-                .unwrap();
+            let label = format!(
+                "fused GEMV {quant:?} [{rows}, {cols}] bs {bs} norm {norm} pair {pair} rank {r}"
+            );
+            let (xn, gnp) = if norm {
+                (bufs[3].ptr(), bufs[4].ptr())
+            } else {
+                (0, 0)
+            };
+            let x_lp = if norm { 0 } else { bufs[5].ptr() };
+            let gemv = Gemv4 {
+                packed: bufs[0].ptr(),
+                absmax: bufs[1].ptr(),
+                code: bufs[2].ptr(),
+                blocksize: bs,
+                rows,
+                cols,
+                x: x_lp,
+                t: 1,
+                y: out.ptr(),
+                ld: rows,
+                accumulate,
+            };
+            let fz = GemvFuse {
+                xn,
+                gn: gnp,
+                eps: 1e-5,
+                pair: if pair { f } else { 0 },
+                lb: bufs[7].ptr(),
+                lr: r,
+                lh: bufs[8].ptr(),
+            };
+            let fits = g.gemv4_fused_shape(&gemv, &fz).unwrap().is_some();
             assert_eq!(
-                ran,
+                fits,
                 g.precision == Precision::Bf16,
-                "{label} ({:?}): launched or not",
+                "{label} ({:?}): fused or not",
                 g.precision
             );
-            if !ran {
+            if !fits {
+                assert!(!g.gemv4_fused(&gemv, &fz).unwrap(), "{label}: launched");
                 continue;
             }
+            if r > 0 {
+                g.lora_shrink_t1(bufs[6].ptr(), r, cols, x_lp, (xn, gnp, 1e-5), bufs[8].ptr())
+                    .unwrap();
+                let got_h = down(&g, &bufs[8], r);
+                let eh = rel(&format!("{label}: shrink"), &got_h, &h);
+                assert!(
+                    eh <= F32_BUDGET,
+                    "{label}: the shrink's relative error {eh:.3e}"
+                );
+            }
+            assert!(g.gemv4_fused(&gemv, &fz).unwrap(), "{label}: not launched");
             let all = if pair {
                 down_lp(&g, &out, n + 3)
             } else {
