@@ -142,6 +142,24 @@ pub struct GemvFuse {
     pub lh: cu::CUdeviceptr,
 }
 
+/// The arguments every fused 4-bit GEMV kernel starts with.
+fn gemv4_args(g: &Gemv4) -> [Arg; 11] {
+    use Arg::*;
+    [
+        P(g.packed),
+        P(g.absmax),
+        P(g.code),
+        I(g.blocksize as i32),
+        I(g.rows as i32),
+        I(g.cols as i32),
+        P(g.x),
+        I(g.t as i32),
+        P(g.y),
+        I(g.ld as i32),
+        I(g.accumulate as i32),
+    ]
+}
+
 /// Most tokens one fused GEMV launch takes (kernels.cu gemv4s_t8, gemv4m).
 pub const GEMV_MAX_T: usize = 8;
 /// Most tokens one `gemv4m4` launch takes (kernels.cu GM4_NT · 8).
@@ -958,32 +976,17 @@ impl Gpu {
         let Some((kernel, grid, nt, smem)) = self.gemv4_fused_shape(g, fz)? else {
             return Ok(false);
         };
-        self.launch_smem(
-            kernel,
-            (grid, 1),
-            nt,
-            smem,
-            &[
-                P(g.packed),
-                P(g.absmax),
-                P(g.code),
-                I(g.blocksize as i32),
-                I(g.rows as i32),
-                I(g.cols as i32),
-                P(g.x),
-                I(1),
-                P(g.y),
-                I(g.ld as i32),
-                I(g.accumulate as i32),
-                P(fz.xn),
-                P(fz.gn),
-                F(fz.eps),
-                I(fz.pair as i32),
-                P(fz.lb),
-                I(fz.lr as i32),
-                P(fz.lh),
-            ],
-        )?;
+        let mut args = gemv4_args(g).to_vec();
+        args.extend([
+            P(fz.xn),
+            P(fz.gn),
+            F(fz.eps),
+            I(fz.pair as i32),
+            P(fz.lb),
+            I(fz.lr as i32),
+            P(fz.lh),
+        ]);
+        self.launch_smem(kernel, (grid, 1), nt, smem, &args)?;
         Ok(true)
     }
 
@@ -1169,7 +1172,6 @@ impl Gpu {
 
     /// The fused 4-bit GEMV with a named kernel of one of the three families (benchmarks).
     pub fn gemv4_with(&self, kernel: &str, g: &Gemv4) -> Result<()> {
-        use Arg::*;
         let max_t = if kernel == "gemv4m4" {
             GEMV4M4_MAX_T
         } else {
@@ -1181,19 +1183,7 @@ impl Gpu {
                 g.t, g.rows, g.cols, g.blocksize
             )));
         }
-        let args = [
-            P(g.packed),
-            P(g.absmax),
-            P(g.code),
-            I(g.blocksize as i32),
-            I(g.rows as i32),
-            I(g.cols as i32),
-            P(g.x),
-            I(g.t as i32),
-            P(g.y),
-            I(g.ld as i32),
-            I(g.accumulate as i32),
-        ];
+        let args = gemv4_args(g);
         if kernel == "gemv4h" {
             let smem = gemv4h_smem(g.t, g.cols);
             if !self.gemv4h_fits(g.t, g.cols, g.blocksize) {

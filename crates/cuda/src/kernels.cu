@@ -43,30 +43,32 @@ __device__ __forceinline__ lp_t f_to_lp(float v) { return v; }
 // the host sets the trigger for each group apart (QLORA_PDL_TRIGGER_GEMV, _ATT, _OTHER). By
 // default the GEMVs and the attention trigger early and the rest does not: the rest's early
 // trigger gave batch-1 decode 2 % more but batch 8 7 % less (runs 54 and 56, GPU-NOTES.md).
-__device__ __forceinline__ void qlora_grid_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
 #ifdef QLORA_PDL_TRIGGER_OTHER
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#define QLORA_TRIGGER_OTHER true
+#else
+#define QLORA_TRIGGER_OTHER false
 #endif
-#endif
-}
-__device__ __forceinline__ void qlora_grid_wait_att() {  // rope_store, attention, its merge
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
 #ifdef QLORA_PDL_TRIGGER_ATT
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#define QLORA_TRIGGER_ATT true
+#else
+#define QLORA_TRIGGER_ATT false
 #endif
+#ifdef QLORA_PDL_TRIGGER_GEMV
+#define QLORA_TRIGGER_GEMV true
+#else
+#define QLORA_TRIGGER_GEMV false
 #endif
-}
-__device__ __forceinline__ void qlora_grid_wait_gemv() {
+template <bool TRIGGER>
+__device__ __forceinline__ void grid_wait_then() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#ifdef QLORA_PDL_TRIGGER_GEMV
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    if (TRIGGER) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+__device__ __forceinline__ void qlora_grid_wait() { grid_wait_then<QLORA_TRIGGER_OTHER>(); }
+// rope_store, the decode attention and its merge
+__device__ __forceinline__ void qlora_grid_wait_att() { grid_wait_then<QLORA_TRIGGER_ATT>(); }
+__device__ __forceinline__ void qlora_grid_wait_gemv() { grid_wait_then<QLORA_TRIGGER_GEMV>(); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

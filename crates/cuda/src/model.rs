@@ -1527,17 +1527,7 @@ impl CudaModel {
                 0,
                 groups,
             )? {
-                self.rms_norm(s.x.ptr(), &l.ln1, t, s.h.ptr(), c)?;
-                self.linear(
-                    &l.qkv,
-                    s.h.ptr(),
-                    nz(c),
-                    t,
-                    s.qkv.ptr(),
-                    qkv_ld,
-                    false,
-                    groups,
-                )?;
+                self.norm_linear(&l.ln1, &l.qkv, t, s.qkv.ptr(), qkv_ld, groups)?;
             }
             g.launch(
                 "rope_store",
@@ -1601,17 +1591,7 @@ impl CudaModel {
                 groups,
             )?;
             if !gu_t1 {
-                self.rms_norm(s.x.ptr(), &l.ln2, t, s.h.ptr(), c)?;
-                self.linear(
-                    &l.gu,
-                    s.h.ptr(),
-                    nz(c),
-                    t,
-                    s.gu.ptr(),
-                    2 * self.f,
-                    false,
-                    groups,
-                )?;
+                self.norm_linear(&l.ln2, &l.gu, t, s.gu.ptr(), 2 * self.f, groups)?;
                 g.launch_n(
                     "swiglu",
                     t * self.f,
@@ -1738,6 +1718,22 @@ impl CudaModel {
             )?;
         }
         self.gpu.gemv4_fused(&gemv, &fz)
+    }
+
+    /// y = lin(RMSNorm(x) · w) for the batch's t rows, by two kernels (the norm into `h`, and
+    /// its f32 copy for the adapters where they want one).
+    fn norm_linear(
+        &self,
+        w: &DevBuf,
+        lin: &DevLinear,
+        t: usize,
+        y: u64,
+        ldy: usize,
+        groups: &[Group],
+    ) -> Result<()> {
+        let (s, c) = (&self.s, self.copy32());
+        self.rms_norm(s.x.ptr(), w, t, s.h.ptr(), c)?;
+        self.linear(lin, s.h.ptr(), nz(c), t, y, ldy, false, groups)
     }
 
     /// y[rows, d] (lp) = RMSNorm(x[rows, d]) · w.
