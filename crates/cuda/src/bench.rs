@@ -2,7 +2,7 @@
 //! the fused NF4 GEMV at Mistral-7B's shapes. Event-timed, medians of several runs, inputs
 //! rotated over several buffers larger than L2 together.
 
-use crate::gpu::{check, Arg, DevBuf, Gemv4, Gemvq, Gpu};
+use crate::gpu::{check, Arg, DevBuf, Gemv4, GemvFuse, Gemvq, Gpu};
 use crate::Result;
 
 pub struct KernelRow {
@@ -159,6 +159,67 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
                 name: format!("{kernel} t={t} {name} [{r}, {c}]"),
                 ms,
                 gbps: bytes as f64 / ms / 1e6,
+            });
+        }
+        // The one-token GEMV with what it folds in (bf16 mode): the norm before it (n), the
+        // SwiGLU after it (g: the rows as gate | up halves), an r=16 LoRA's expand (l); and
+        // that LoRA's shrink on its own. Bytes: the weights only (plus B's rows for l).
+        if gpu.precision == crate::Precision::Bf16 {
+            let lr = 16;
+            let (xn, gn) = (gpu.upload(&vec![0.5f32; c])?, gpu.upload(&vec![1.0f32; c])?);
+            let (la, lb) = (
+                gpu.upload(&vec![0.01f32; lr * c])?,
+                gpu.upload(&vec![0.01f32; r * lr])?,
+            );
+            let lh = gpu.upload(&vec![0.1f32; lr])?;
+            for (label, norm, pair, rank) in [
+                ("n", true, false, 0),
+                ("ng", true, true, 0),
+                ("l", false, false, lr),
+                ("ngl", true, true, lr),
+            ] {
+                let fz = GemvFuse {
+                    xn: if norm { xn.ptr() } else { 0 },
+                    gn: gn.ptr(),
+                    eps: 1e-5,
+                    pair: if pair { r / 2 } else { 0 },
+                    lb: lb.ptr(),
+                    lr: rank,
+                    lh: lh.ptr(),
+                };
+                let gemv = |i: usize| Gemv4 {
+                    packed: packed[i].ptr(),
+                    absmax: absmax[i].ptr(),
+                    code: code.ptr(),
+                    blocksize: 64,
+                    rows: r,
+                    cols: c,
+                    x: x.ptr(),
+                    t: 1,
+                    y: y.ptr(),
+                    ld: r,
+                    accumulate: false,
+                };
+                if gpu.gemv4_fused_shape(&gemv(0), &fz)?.is_none() {
+                    continue;
+                }
+                let ms = time(gpu, reps, sets, |i| {
+                    gpu.gemv4_fused(&gemv(i), &fz).map(|_| ())
+                })?;
+                let bytes = el / 2 + el / 64 * 4 + r * rank * 4;
+                rows.push(KernelRow {
+                    name: format!("gemv4xh_{label}_t1 t=1 {name} [{r}, {c}]"),
+                    ms,
+                    gbps: bytes as f64 / ms / 1e6,
+                });
+            }
+            let ms = time(gpu, reps, sets, |_| {
+                gpu.lora_shrink_t1(la.ptr(), lr, c, x.ptr(), (0, 0, 0.0), lh.ptr())
+            })?;
+            rows.push(KernelRow {
+                name: format!("lora_shrink_t1 r={lr} {name} [{lr}, {c}]"),
+                ms,
+                gbps: (lr * c * 4) as f64 / ms / 1e6,
             });
         }
         // GPTQ 4-bit in groups of 128 (the common checkpoint), the same codes' bytes.
