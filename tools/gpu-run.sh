@@ -3,7 +3,7 @@
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
 # QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
-# time over two decode steps), attn (the decode attention and GEMV kernels' durations at batch 1
+# time over two decode steps), fold (the LoRA fold against the two-product path: ncu per kernel, kernel bench), attn (the decode attention and GEMV kernels' durations at batch 1
 # and 64, short and long contexts), models (test-gpu alone), gemvcap (decode with the tensor-core
 # GEMVs off, A/B), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
@@ -199,6 +199,20 @@ for stage in "$@"; do
         --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-step.csv" 2>"$OUT/ncu-step.err"
       ncu_summary "$OUT/ncu-step.csv"
       ;;
+    fold)
+      # The LoRA fold (QLORA_LORA_FOLD=1, off by default: 266 against 285 tok/s in run 58)
+      # against the two-product path: every kernel's duration over decode steps with an r=16
+      # adapter on all seven projections, then the kernel bench (the fused GEMVs' and
+      # lora_shrink_t1's own rows).
+      for f in 0 1; do
+        echo "== ncu: per-kernel durations over decode steps with an adapter, QLORA_LORA_FOLD=$f"
+        QLORA_LORA_FOLD=$f ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+          --launch-skip 4000 --launch-count 900 \
+          $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda \
+          --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-fold$f.csv" 2>"$OUT/ncu-fold$f.err"
+        ncu_summary "$OUT/ncu-fold$f.csv"
+      done
+      $Q bench --kernels --device cuda --precision bf16 2>&1 | tee "$OUT/kernels.txt" | grep -E "gemv4xh|lora_shrink|copy" ;;
     models)
       echo "== .gpu/bin/test-gpu"; .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|over|differ|synthetic" ;;
     gemvcap)
