@@ -213,7 +213,14 @@ pub fn dequantize_4bit(
         // Pairs from whole bytes, then a possible trailing high nibble.
         let pairs = (seg_end - i) / 2;
         let bytes = &packed[i / 2..i / 2 + pairs];
-        for (j, &byte) in bytes.iter().enumerate() {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if crate::use_avx512() && pairs >= 16 {
+            // SAFETY: AVX-512F detected (`use_avx512`); the kernel reads `bytes` and writes
+            // 2 · its whole 16-byte runs of `out[o..]`, within the segment.
+            done = unsafe { avx512::widen_pairs(bytes, code, s, &mut out[o..o + 2 * pairs]) };
+        }
+        for (j, &byte) in bytes.iter().enumerate().skip(done) {
             out[o + 2 * j] = code[(byte >> 4) as usize] * s;
             out[o + 2 * j + 1] = code[(byte & 0xF) as usize] * s;
         }
@@ -224,6 +231,36 @@ pub fn dequantize_4bit(
             i += 1;
             o += 1;
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// `out[2j] = code[bytes[j] >> 4] · s`, `out[2j + 1] = code[bytes[j] & 15] · s` for the
+    /// whole 16-byte runs of `bytes`; returns how many bytes it took. The same f32 product per
+    /// element as the scalar loop (one multiply, no FMA), so the same bits: 16 bytes widen to
+    /// 16 lanes, each nibble indexes the code book in one permute, and two two-source permutes
+    /// interleave the high (even) and low (odd) elements.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen_pairs(bytes: &[u8], code: &[f32; 16], s: f32, out: &mut [f32]) -> usize {
+        let runs = bytes.len() / 16;
+        debug_assert!(out.len() >= 32 * runs);
+        let table = _mm512_loadu_ps(code.as_ptr());
+        let sv = _mm512_set1_ps(s);
+        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let second =
+            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let (p, o) = (bytes.as_ptr(), out.as_mut_ptr());
+        for r in 0..runs {
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16 * r) as *const __m128i));
+            let hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), sv);
+            let lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, table), sv);
+            _mm512_storeu_ps(o.add(32 * r), _mm512_permutex2var_ps(hi, first, lo));
+            _mm512_storeu_ps(o.add(32 * r + 16), _mm512_permutex2var_ps(hi, second, lo));
+        }
+        16 * runs
     }
 }
 
@@ -427,5 +464,50 @@ pub fn dequantize_int8_row(cb: &[u8], scb: f32, out: &mut [f32]) {
     const INV127: f32 = 7.874_016e-3;
     for (o, &q) in out.iter_mut().zip(cb) {
         *o = q as i8 as f32 * scb * INV127;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dequantize_4bit` (which takes the AVX-512 widening where the CPU has it) equals the
+    /// plain per-element product bit for bit: odd starts and lengths, runs shorter and longer
+    /// than one vector, several block sizes, and absmax of inf, −inf, NaN, subnormal and huge.
+    #[test]
+    fn dequantize_4bit_equals_the_per_element_product() {
+        let n: usize = 4096 + 77;
+        let packed: Vec<u8> = (0..n.div_ceil(2))
+            .map(|i| (i * 2_654_435_761usize >> 7) as u8)
+            .collect();
+        for quant in [Quant4::Nf4, Quant4::Fp4] {
+            let code = quant.code();
+            for bs in [32usize, 64, 128, 256] {
+                let mut absmax: Vec<f32> = (0..n.div_ceil(bs))
+                    .map(|b| 0.01 + (b % 13) as f32 * 0.37)
+                    .collect();
+                for (k, v) in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-39, 3.4e38]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if k < absmax.len() {
+                        absmax[k] = v;
+                    }
+                }
+                for (start, len) in [(0usize, n), (1, n - 1), (33, 31), (64, 64), (7, 1000)] {
+                    let mut got = vec![0f32; len];
+                    dequantize_4bit(&packed, &absmax, &code, bs, start, &mut got);
+                    for (k, g) in got.iter().enumerate() {
+                        let i = start + k;
+                        let want = code[nibble(&packed, i) as usize] * absmax[i / bs];
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{quant:?} bs {bs} start {start}: element {i}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
