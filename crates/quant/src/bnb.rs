@@ -478,7 +478,7 @@ mod tests {
     fn dequantize_4bit_equals_the_per_element_product() {
         let n: usize = 4096 + 77;
         let packed: Vec<u8> = (0..n.div_ceil(2))
-            .map(|i| (i * 2_654_435_761usize >> 7) as u8)
+            .map(|i| ((i * 2_654_435_761usize) >> 7) as u8)
             .collect();
         for quant in [Quant4::Nf4, Quant4::Fp4] {
             let code = quant.code();
