@@ -120,6 +120,20 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
         // Fill x with small finite values (random bytes may be NaN patterns).
         gpu.write(&x, 0, &vec![0u8; 8 * c * lp])?;
         let y = gpu.alloc(8 * r * 4)?;
+        // Copy i of the weights, t tokens of x into y.
+        let gemv = |i: usize, t: usize| Gemv4 {
+            packed: packed[i].ptr(),
+            absmax: absmax[i].ptr(),
+            code: code.ptr(),
+            blocksize: 64,
+            rows: r,
+            cols: c,
+            x: x.ptr(),
+            t,
+            y: y.ptr(),
+            ld: r,
+            accumulate: false,
+        };
         // One token through every family; 8 (a decode batch) through the tensor-core ones.
         for (kernel, t) in [
             ("gemv4h", 1),
@@ -136,24 +150,7 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
             if kernel == "gemv4h" && !gpu.gemv4h_fits(t, c, 64) {
                 continue;
             }
-            let ms = time(gpu, reps, sets, |i| {
-                gpu.gemv4_with(
-                    kernel,
-                    &Gemv4 {
-                        packed: packed[i].ptr(),
-                        absmax: absmax[i].ptr(),
-                        code: code.ptr(),
-                        blocksize: 64,
-                        rows: r,
-                        cols: c,
-                        x: x.ptr(),
-                        t,
-                        y: y.ptr(),
-                        ld: r,
-                        accumulate: false,
-                    },
-                )
-            })?;
+            let ms = time(gpu, reps, sets, |i| gpu.gemv4_with(kernel, &gemv(i, t)))?;
             let bytes = el / 2 + el / 64 * 4;
             rows.push(KernelRow {
                 name: format!("{kernel} t={t} {name} [{r}, {c}]"),
@@ -187,24 +184,11 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
                     lr: rank,
                     lh: lh.ptr(),
                 };
-                let gemv = |i: usize| Gemv4 {
-                    packed: packed[i].ptr(),
-                    absmax: absmax[i].ptr(),
-                    code: code.ptr(),
-                    blocksize: 64,
-                    rows: r,
-                    cols: c,
-                    x: x.ptr(),
-                    t: 1,
-                    y: y.ptr(),
-                    ld: r,
-                    accumulate: false,
-                };
-                if gpu.gemv4_fused_shape(&gemv(0), &fz)?.is_none() {
+                if gpu.gemv4_fused_shape(&gemv(0, 1), &fz)?.is_none() {
                     continue;
                 }
                 let ms = time(gpu, reps, sets, |i| {
-                    gpu.gemv4_fused(&gemv(i), &fz).map(|_| ())
+                    gpu.gemv4_fused(&gemv(i, 1), &fz).map(|_| ())
                 })?;
                 let bytes = el / 2 + el / 64 * 4 + r * rank * 4;
                 rows.push(KernelRow {

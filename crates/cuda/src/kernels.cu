@@ -1586,6 +1586,13 @@ __device__ __forceinline__ float dot32h(uint4 q, const unsigned* xh, unsigned lu
             acc[e >> 1] = hfma2(lds32(lut_s + GH_ADDR(w[e], lane4, k)), xh[4 * e + k], acc[e >> 1]);
     return h2_sum(acc[0]) + h2_sum(acc[1]);
 }
+// s + v.x² + v.y² + v.z² + v.w², one fmaf each in that order (the folded norms' sums of squares).
+__device__ __forceinline__ float fma_sq4(float4 v, float s) {
+    s = fmaf(v.x, v.x, s);
+    s = fmaf(v.y, v.y, s);
+    s = fmaf(v.z, v.z, s);
+    return fmaf(v.w, v.w, s);
+}
 // s·B[row, :lr] · h from shared memory, in order.
 __device__ __forceinline__ float lora_row(const float* b, int lr, const float* h) {
     float d = 0.f;
@@ -1709,17 +1716,11 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         }
 #pragma unroll
         for (int k = 0; k < NU; k++) {
-            ss = fmaf(u[k].x, u[k].x, ss);
-            ss = fmaf(u[k].y, u[k].y, ss);
-            ss = fmaf(u[k].z, u[k].z, ss);
-            ss = fmaf(u[k].w, u[k].w, ss);
+            ss = fma_sq4(u[k], ss);
         }
         for (int i = tid + NU * nt; i < n4; i += nt) {
             const float4 v = x4[i];
-            ss = fmaf(v.x, v.x, ss);
-            ss = fmaf(v.y, v.y, ss);
-            ss = fmaf(v.z, v.z, ss);
-            ss = fmaf(v.w, v.w, ss);
+            ss = fma_sq4(v, ss);
         }
         const float rinv = 1.0f / sqrtf(block_sum(ss, redn) / (float)cols + eps);
         auto put = [&](int i, float4 v) {
@@ -1859,10 +1860,7 @@ extern "C" __global__ void lora_shrink_t1(const float* __restrict__ a, int d_in,
         float ss = 0.f;
         for (int i = tid; i < n4; i += nt) {
             const float4 v = x4[i];
-            ss = fmaf(v.x, v.x, ss);
-            ss = fmaf(v.y, v.y, ss);
-            ss = fmaf(v.z, v.z, ss);
-            ss = fmaf(v.w, v.w, ss);
+            ss = fma_sq4(v, ss);
         }
         const float rinv = 1.0f / sqrtf(block_sum(ss, shm) / (float)d_in + eps);
         for (int i = tid; i < n4; i += nt) {
