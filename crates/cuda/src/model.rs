@@ -183,6 +183,35 @@ struct Part {
     bias: Option<DevBuf>,
 }
 
+impl DevMat {
+    /// This matrix as the fused 4-bit GEMV's operand, t rows of x into y (None: it is not
+    /// bitsandbytes 4-bit).
+    fn gemv4(&self, x: u64, t: usize, y: u64, ld: usize, accumulate: bool) -> Option<Gemv4> {
+        let MatKind::Bnb4 {
+            packed,
+            absmax,
+            code,
+            blocksize,
+        } = &self.kind
+        else {
+            return None;
+        };
+        Some(Gemv4 {
+            packed: packed.ptr(),
+            absmax: absmax.ptr(),
+            code: code.ptr(),
+            blocksize: *blocksize,
+            rows: self.rows,
+            cols: self.cols,
+            x,
+            t,
+            y,
+            ld,
+            accumulate,
+        })
+    }
+}
+
 /// One adapter set's adapters on a linear.
 #[derive(Default)]
 struct LinLora {
@@ -1665,35 +1694,16 @@ impl CudaModel {
                 _ => return Ok(false),
             },
         };
-        let mat = &lin.mats[0];
-        let MatKind::Bnb4 {
-            packed,
-            absmax,
-            code,
-            blocksize,
-        } = &mat.kind
-        else {
-            return Ok(false);
-        };
-        if mat.col0 != 0 {
-            return Ok(false);
-        }
         let (x, xn, gn) = match input {
             T1In::Lp(x) => (x, 0, 0),
             T1In::Norm(w) => (0, self.s.x.ptr(), w.ptr()),
         };
-        let gemv = Gemv4 {
-            packed: packed.ptr(),
-            absmax: absmax.ptr(),
-            code: code.ptr(),
-            blocksize: *blocksize,
-            rows: mat.rows,
-            cols: mat.cols,
-            x,
-            t: 1,
-            y,
-            ld: ldy,
-            accumulate,
+        let mat = &lin.mats[0];
+        let Some(gemv) = mat
+            .gemv4(x, 1, y, ldy, accumulate)
+            .filter(|_| mat.col0 == 0)
+        else {
+            return Ok(false);
         };
         let fz = crate::gpu::GemvFuse {
             xn,
@@ -1859,26 +1869,12 @@ impl CudaModel {
             let yc = y + (mat.col0 * 4) as u64;
             // The matrix the product reads: as stored (dense), or dequantized into scratch.
             let w = match &mat.kind {
-                MatKind::Bnb4 {
-                    packed,
-                    absmax,
-                    code,
-                    blocksize,
-                } => {
+                MatKind::Bnb4 { blocksize, .. } => {
                     if t <= g.gemv4_max_t(mat.cols, *blocksize) {
-                        g.gemv4(&Gemv4 {
-                            packed: packed.ptr(),
-                            absmax: absmax.ptr(),
-                            code: code.ptr(),
-                            blocksize: *blocksize,
-                            rows: mat.rows,
-                            cols: mat.cols,
-                            x,
-                            t,
-                            y: yc,
-                            ld: ldy,
-                            accumulate,
-                        })?;
+                        let gemv = mat
+                            .gemv4(x, t, yc, ldy, accumulate)
+                            .expect("a 4-bit matrix");
+                        g.gemv4(&gemv)?;
                         continue;
                     }
                     self.dequantized(mat)?
