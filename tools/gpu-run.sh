@@ -11,7 +11,7 @@
 # peertrain (h200_peer.py --train), mma (the default tensor-core GEMV against QLORA_GEMV=cuda), sets (many
 # adapters at once: the adapter-set and GPU-serve tests, mixed-adapter decode), ncumma (Nsight Compute on the tensor-core
 # GEMVs: gemv4m in batch-8 decode, gemv4m4 in a 16-token prefill), f16 (the f16 tensor-core GEMV
-# against the kernels before it, decode at batch 1 and 8), pdl (the early PDL trigger, A/B), prefetch (the L2 prefetch of weights, A/B), fuse (the decode fusions one by one, A/B), t1h (the one-token GEMV with f16 products
+# against the kernels before it, decode at batch 1 and 8), pdl (the early PDL trigger, A/B), fuse (the decode fusions one by one, A/B), t1h (the one-token GEMV with f16 products
 # against gemv4x_t1, decode at batch 1), ncuxh (Nsight Compute on gemv4xh_t1), serve7b (the HTTP
 # load test of the GPU server at Mistral-7B size).
 # Logs under $OUT.
@@ -147,11 +147,6 @@ for stage in "$@"; do
       # folded into the one-token GEMV (and the LoRA expands), the early PDL trigger for the
       # GEMVs alone.
       decode_settings - QLORA_GEMV_FUSE=0 QLORA_PDL_TRIGGER=gemv ;;
-    prefetch)
-      # The weights asked of L2 ahead of use (the default) against none in the GEMVs
-      # (QLORA_GEMV_PREFETCH=0) and none of the attention projection in rope_store
-      # (QLORA_L2_PREFETCH=0).
-      decode_settings - QLORA_GEMV_PREFETCH=0 QLORA_L2_PREFETCH=0 ;;
     t1h)
       # The one-token GEMV with f16 products (gemv4xh_t1, the bf16 default at one token;
       # QLORA_GEMV_T1H=4: 4 rows a thread and pass) against the f32 gemv4x_t1 (=0).

@@ -465,14 +465,6 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
             _ => {}
         }
     }
-    // How many passes ahead the one-token GEMVs ask L2 for their weights (kernels.cu
-    // QLORA_GEMV_PREFETCH; default 3, 0 for none).
-    if let Some(n) = std::env::var("QLORA_GEMV_PREFETCH")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-    {
-        opts.push(format!("-DQLORA_GEMV_PREFETCH={}", n.min(16)));
-    }
     // QLORA_PTXAS_VERBOSE=1: print ptxas's registers / spills report for every kernel.
     let verbose = std::env::var_os("QLORA_PTXAS_VERBOSE").is_some();
     if verbose {

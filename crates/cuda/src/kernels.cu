@@ -70,27 +70,6 @@ __device__ __forceinline__ void qlora_grid_wait() { grid_wait_then<QLORA_TRIGGER
 __device__ __forceinline__ void qlora_grid_wait_att() { grid_wait_then<QLORA_TRIGGER_ATT>(); }
 __device__ __forceinline__ void qlora_grid_wait_gemv() { grid_wait_then<QLORA_TRIGGER_GEMV>(); }
 
-// Asks for [p, p + bytes) to be brought into L2 (sm_90's bulk prefetch, a hint: no result, no
-// fault, nothing waits for it); the range is cut to its 16-byte-aligned inside. Weights do
-// not depend on the kernel before, so a kernel may ask for them before its grid wait.
-__device__ __forceinline__ void prefetch_l2(const void* p, long bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    unsigned long long a = ((unsigned long long)p + 15ull) & ~15ull;
-    const unsigned long long e = ((unsigned long long)p + (unsigned long long)max(bytes, 0l)) & ~15ull;
-    while (a < e) {
-        const unsigned n = (unsigned)min(e - a, 1ull << 20);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(n) : "memory");
-        a += n;
-    }
-#endif
-}
-// How many of their first passes' weights the one-token GEMVs ask L2 for before their grid
-// wait (after it, each load asks for the pass after it); the host's QLORA_GEMV_PREFETCH,
-// default 3, 0 for none of either.
-#ifndef QLORA_GEMV_PREFETCH
-#define QLORA_GEMV_PREFETCH 3
-#endif
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -238,17 +217,7 @@ extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __r
 extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads, int kvh, int hd,
                                       const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                       const int* __restrict__ pos, const int* __restrict__ slot,
-                                      lp_t* __restrict__ kc, lp_t* __restrict__ vc, lp_t* __restrict__ qkv_lp,
-                                      const u8* __restrict__ pf, long pf_bytes, const u8* __restrict__ pf2,
-                                      long pf2_bytes) {
-    // Decode: the attention projection's weights (pf, pf2: its packed codes and scales) into
-    // L2 while the attention runs and the memory would otherwise idle, each block a slice.
-    if (threadIdx.x == 0 && (pf || pf2)) {
-        const long nb = (long)gridDim.x * gridDim.y, b = blockIdx.x + (long)blockIdx.y * gridDim.x;
-        const long c1 = (pf_bytes + nb - 1) / nb, c2 = (pf2_bytes + nb - 1) / nb;
-        if (pf) prefetch_l2(pf + b * c1, min(c1, pf_bytes - b * c1));
-        if (pf2) prefetch_l2(pf2 + b * c2, min(c2, pf2_bytes - b * c2));
-    }
+                                      lp_t* __restrict__ kc, lp_t* __restrict__ vc, lp_t* __restrict__ qkv_lp) {
     qlora_grid_wait_att();
     int tok = blockIdx.x, head = blockIdx.y, half = hd / 2, j = threadIdx.x;
     if (j >= half) return;
@@ -1644,21 +1613,6 @@ __device__ __forceinline__ float lora_row(const float* b, int lr, const float* h
 //   block's rows of B (steps passes of rows_pass rows) and lh are staged in shared memory at
 //   the start, after the input row: read in each pass's epilogue from L2 they put a chain of
 //   dependent loads on every pass (run 57: batch-1 decode with an adapter 285 → 209 tok/s).
-// The first QLORA_GEMV_PREFETCH passes of a one-token GEMV block into L2 (gemv4xh_body, before
-// its grid wait): pass p's rows [p · P, p · P + P) of `limit` (with pairs, pair > 0, the gate
-// rows and their up rows from `pair` on); part 0 / 1 the codes of the rows / their up rows, 2 / 3
-// their scales. Called first thing (elsewhere its temporaries made ptxas spill the gate/up kernel).
-__device__ __forceinline__ void gemv_prefetch_passes(const u8* packed, const float* absmax, long row_bytes,
-                                                  int row_scales, int P, int limit, int pair, int part) {
-    if ((part & 1) && !pair) return;
-    for (int st = 0; st < QLORA_GEMV_PREFETCH; st++) {
-        const int r0 = ((int)blockIdx.x + st * (int)gridDim.x) * P, n = min(P, limit - r0);
-        if (n <= 0) return;
-        const long first = (part & 1) ? (long)pair + r0 : r0;
-        if (part < 2) prefetch_l2(packed + first * row_bytes, n * row_bytes);
-        else prefetch_l2(absmax + first * row_scales, (long)n * row_scales * 4);
-    }
-}
 template <int R, bool NORM, bool PAIR, bool LORA>
 __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
                                              const float* __restrict__ code, int blocksize, int rows, int cols,
@@ -1672,18 +1626,11 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
     __shared__ float red[2][R][GX_MAXT / 32];  // [pass parity][row][warp]
     __shared__ float redn[32];                 // the norm's block_sum
     const int nt = blockDim.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    // Before the grid wait (the weights do not depend on the kernel before), the block's
-    // first passes' weights and scales into L2: the small products (2-3 passes a block) were
-    // mostly ramp and tail (run 55: q/k/v at 1.2 TB/s, o at 0.9).
-    if (tid < 128 && !(lane)) {
-        const int kt0 = ((cols / 32 + 31) & ~31), p0 = nt / kt0 * (PAIR ? 1 : R);
-        gemv_prefetch_passes(packed, absmax, cols / 2, cols / blocksize, p0, PAIR ? pair : rows,
-                             PAIR ? pair : 0, warp);
-    }
     for (int e = tid; e < 256 * 32; e += nt) {
         const int b = e >> 5;
         ((unsigned*)gxh_dyn)[b * 64 + (e & 31)] = f2_to_h2(code[b >> 4], code[b & 15]);
     }
+    qlora_grid_wait_gemv();
     const int chunks = cols / 32;
     const int kt = (chunks + 31) & ~31, kw = kt / 32, rs = nt / kt;
     const int sub = tid / kt, c = tid % kt;
@@ -1721,17 +1668,9 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         qp += qstep;
         sp += sstep;
         lrow += rstep;
-        // The pass after it into L2 (a pass of loads in flight alone left the large products
-        // short of the bandwidth: run 55, down at 1.6 TB/s); no registers beyond the loads'.
-        if (QLORA_GEMV_PREFETCH > 0)
-#pragma unroll
-            for (int r = 0; r < R; r++)
-                if ((PAIR ? lrow : lrow + r) < limit)
-                    asm volatile("prefetch.global.L2 [%0];" ::"l"(qp + r * qnext));
     };
-    // And the first pass's weights into registers, while the previous kernel ends.
+    // The first pass's weights in flight while the input row is staged.
     if (steps > 0 && active) load();
-    qlora_grid_wait_gemv();
     // The input row, once a block, into shared memory after the table (lp [cols]); with NORM,
     // RMSNorm(xn) · gn first, rounded to lp as `rms_norm` rounds it. (Each thread loading its
     // own piece read the row rs times a block: for the f32 norm input that was more than the

@@ -147,17 +147,6 @@ fn lora_fold_on() -> bool {
     *ON.get_or_init(|| std::env::var_os("QLORA_LORA_FOLD").is_some_and(|v| v == "1"))
 }
 
-/// Most tokens a step may have for `rope_store` to ask L2 for the attention projection's
-/// weights (decode; a prefill dequantizes them instead).
-const GEMV_PREFETCH_MAX_T: usize = 64;
-
-/// Whether kernels ask L2 for weights ahead of their use (QLORA_L2_PREFETCH=0: not; the
-/// GEMVs' own prefetch is QLORA_GEMV_PREFETCH, a compile-time setting).
-fn l2_prefetch_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("QLORA_L2_PREFETCH").is_none_or(|v| v != "0"))
-}
-
 /// What `CudaModel::linear_t1` reads: the linear's lp input, or the residual row normed with
 /// these RMSNorm weights.
 enum T1In<'a> {
@@ -1569,19 +1558,6 @@ impl CudaModel {
             )? {
                 self.norm_linear(&l.ln1, &l.qkv, t, s.qkv.ptr(), qkv_ld, groups)?;
             }
-            // In decode, the attention projection's 4-bit weights into L2 during the attention.
-            let pf = match &l.o.mats[..] {
-                [DevMat {
-                    kind: MatKind::Bnb4 { packed, absmax, .. },
-                    ..
-                }] if t <= GEMV_PREFETCH_MAX_T && pa.is_none() && l2_prefetch_on() => (
-                    packed.ptr(),
-                    packed.bytes() as i64,
-                    absmax.ptr(),
-                    absmax.bytes() as i64,
-                ),
-                _ => (0, 0, 0, 0),
-            };
             g.launch(
                 "rope_store",
                 (t as u32, (self.heads + 2 * self.kvh) as u32),
@@ -1599,10 +1575,6 @@ impl CudaModel {
                     P(l.k.ptr()),
                     P(l.v.ptr()),
                     P(pa.map_or(0, |p| p.qkv.ptr())),
-                    P(pf.0),
-                    L(pf.1),
-                    P(pf.2),
-                    L(pf.3),
                 ],
             )?;
             match pa {

@@ -679,11 +679,6 @@ fn rope_and_cache_store() {
                 P(kc.ptr()),
                 P(vc.ptr()),
                 P(qlp.ptr()),
-                // The L2 prefetch of weights (a hint) over ranges of odd sizes and starts.
-                P(bc.ptr() + 4),
-                L(bc.bytes() as i64 - 7),
-                P(bs.ptr()),
-                L(bs.bytes() as i64 - 1),
             ],
         )
         .unwrap();
