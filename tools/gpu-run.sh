@@ -3,7 +3,7 @@
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
 # QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
-# time over two decode steps), fold (the LoRA fold against the two-product path: ncu per kernel, kernel bench), attn (the decode attention and GEMV kernels' durations at batch 1
+# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), attn (the decode attention and GEMV kernels' durations at batch 1
 # and 64, short and long contexts), models (test-gpu alone), gemvcap (decode with the tensor-core
 # GEMVs off, A/B), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
@@ -200,19 +200,24 @@ for stage in "$@"; do
       ncu_summary "$OUT/ncu-step.csv"
       ;;
     fold)
-      # The LoRA fold (QLORA_LORA_FOLD=1, off by default: 266 against 285 tok/s in run 58)
-      # against the two-product path: every kernel's duration over decode steps with an r=16
-      # adapter on all seven projections, then the kernel bench (the fused GEMVs' and
-      # lora_shrink_t1's own rows).
-      for f in 0 1; do
-        echo "== ncu: per-kernel durations over decode steps with an adapter, QLORA_LORA_FOLD=$f"
-        QLORA_LORA_FOLD=$f ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
-          --launch-skip 4000 --launch-count 900 \
-          $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda \
-          --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-fold$f.csv" 2>"$OUT/ncu-fold$f.err"
-        ncu_summary "$OUT/ncu-fold$f.csv"
+      # The fused LoRA in the one-token GEMV (the default) against the two-product path
+      # (QLORA_LORA_FOLD=0), batch 1 and 8 with an r=16 adapter on all seven projections, twice;
+      # then every kernel's duration over decode steps with the adapter, fold on.
+      for r in 1 2; do
+        for st in - QLORA_LORA_FOLD=0; do
+          echo "== decode, ${st/#-/default} --adapter-rank 16" | tee -a "$OUT/bench.log"
+          env $([ "$st" != - ] && echo "$st") $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 \
+            --device cuda --prompt-tokens 16 --gen-tokens 64 --batch 1,8 --repeats 3 2>&1 | grep -E "decode" | tee -a "$OUT/bench.log"
+        done
       done
-      $Q bench --kernels --device cuda --precision bf16 2>&1 | tee "$OUT/kernels.txt" | grep -E "gemv4xh|lora_shrink|copy" ;;
+      echo "== ncu: per-kernel durations over decode steps with an adapter (fold on)"
+      ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+        --launch-skip 2500 --launch-count 600 \
+        $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda \
+        --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-fold.csv" 2>"$OUT/ncu-fold.err"
+      ncu_summary "$OUT/ncu-fold.csv" ;;
+    opsfuse)
+      echo "== .gpu/bin/test-ops fused_norm"; .gpu/bin/test-ops fused_norm --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|fused GEMV" ;;
     models)
       echo "== .gpu/bin/test-gpu"; .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|over|differ|synthetic" ;;
     gemvcap)

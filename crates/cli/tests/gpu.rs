@@ -459,7 +459,7 @@ fn synthetic_mistral_7b_layers_match_the_cpu() {
     // and 4 tokens over the cache: in bf16 mode the tensor-core GEMVs (gemv4m4, gemv4m) take
     // those 4-bit products, and their errors add up over the layers as a decode batch's do.
     // Then two one-token steps: in bf16 mode the one-token GEMVs with the norms, the SwiGLU
-    // and the LoRA expands folded in (`gemv4xh_*_t1`, `lora_shrink_t1`).
+    // and the fused LoRAs folded in (`gemv4xh_*_t1`).
     let toks: Vec<u32> = (0..40u32).map(|i| (i * 7919 + 1) % 32768).collect();
     let steps: Vec<Vec<u32>> = vec![
         toks.clone(),

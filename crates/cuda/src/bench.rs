@@ -159,8 +159,8 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
             });
         }
         // The one-token GEMV with what it folds in (bf16 mode): the norm before it (n), the
-        // SwiGLU after it (g: the rows as gate | up halves), an r=16 LoRA's expand (l); and
-        // that LoRA's shrink on its own. Bytes: the weights only (plus B's rows for l).
+        // SwiGLU after it (g: the rows as gate | up halves), an r=16 LoRA, shrink and expand
+        // (l). Bytes: the weights (plus A's and B's for l).
         if gpu.precision == crate::Precision::Bf16 {
             let lr = 16;
             let (xn, gn) = (gpu.upload(&vec![0.5f32; c])?, gpu.upload(&vec![1.0f32; c])?);
@@ -169,6 +169,7 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
                 gpu.upload(&vec![0.01f32; r * lr])?,
             );
             let lh = gpu.upload(&vec![0.1f32; lr])?;
+            let lflag = gpu.upload(&[0u32; 2])?;
             for (label, norm, pair, rank) in [
                 ("n", true, false, 0),
                 ("ng", true, true, 0),
@@ -183,6 +184,9 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
                     lb: lb.ptr(),
                     lr: rank,
                     lh: lh.ptr(),
+                    la: la.ptr(),
+                    lflag: lflag.ptr(),
+                    lora_fallback: false,
                 };
                 if gpu.gemv4_fused_shape(&gemv(0, 1), &fz)?.is_none() {
                     continue;
@@ -190,21 +194,13 @@ pub fn bench_kernels(gpu: &Gpu, reps: usize) -> Result<Vec<KernelRow>> {
                 let ms = time(gpu, reps, sets, |i| {
                     gpu.gemv4_fused(&gemv(i, 1), &fz).map(|_| ())
                 })?;
-                let bytes = el / 2 + el / 64 * 4 + r * rank * 4;
+                let bytes = el / 2 + el / 64 * 4 + (r + c) * rank * 4;
                 rows.push(KernelRow {
                     name: format!("gemv4xh_{label}_t1 t=1 {name} [{r}, {c}]"),
                     ms,
                     gbps: bytes as f64 / ms / 1e6,
                 });
             }
-            let ms = time(gpu, reps, sets, |_| {
-                gpu.lora_shrink_t1(la.ptr(), lr, c, x.ptr(), (0, 0, 0.0), lh.ptr())
-            })?;
-            rows.push(KernelRow {
-                name: format!("lora_shrink_t1 r={lr} {name} [{lr}, {c}]"),
-                ms,
-                gbps: (lr * c * 4) as f64 / ms / 1e6,
-            });
         }
         // GPTQ 4-bit in groups of 128 (the common checkpoint), the same codes' bytes.
         let groups = c / 128;

@@ -51,7 +51,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv4xh_l_t1",
     "gemv4xh_nl_t1",
     "gemv4xh_ngl_t1",
-    "lora_shrink_t1",
     "gemv4xh4_t1",
     "gemvq4_t1",
     "gemvq4_t2",
@@ -135,11 +134,19 @@ pub struct GemvFuse {
     /// Non-zero (with xn): rows j and pair + j (rows = 2 · pair) give silu(row j) · row pair +
     /// j, stored lp at `Gemv4::y` [pair].
     pub pair: usize,
-    /// lr > 0: each row adds lb[row, :lr] · lh (lb f32 [rows, lr], a fused LoRA's s·B; lh f32
-    /// [lr], its shrink from `Gpu::lora_shrink_t1`), before the SwiGLU where there is one.
+    /// lr > 0: a fused LoRA, computed in the same kernel: its shrink h = la · x (la f32 [lr,
+    /// cols], h written to lh f32 [lr]) by the grid's last blocks, then each row adds lb[row,
+    /// :lr] · h (lb f32 [rows, lr], the LoRA's s·B), before the SwiGLU where there is one.
     pub lb: cu::CUdeviceptr,
     pub lr: usize,
     pub lh: cu::CUdeviceptr,
+    pub la: cu::CUdeviceptr,
+    /// u32 [2], zero before the first launch (each launch leaves it zero): the count of h's
+    /// published rows and of the blocks done with it.
+    pub lflag: cu::CUdeviceptr,
+    /// Every block computes h itself rather than wait for the shrink's blocks (the path a
+    /// block takes if that wait times out; for tests: the same bits either way).
+    pub lora_fallback: bool,
 }
 
 /// The arguments every fused 4-bit GEMV kernel starts with.
@@ -985,6 +992,9 @@ impl Gpu {
             P(fz.lb),
             I(fz.lr as i32),
             P(fz.lh),
+            P(fz.la),
+            P(fz.lflag),
+            I(fz.lora_fallback as i32),
         ]);
         self.launch_smem(kernel, (grid, 1), nt, smem, &args)?;
         Ok(true)
@@ -1024,9 +1034,12 @@ impl Gpu {
         let passes = g.rows.div_ceil(rows_pass); // pairs: rows_pass / 2 of them a pass
         let base = gemv4xh_smem(g.cols, self.lp().size());
         let grid = passes.min(self.resident_blocks(kernel, nt as u32, base as usize)?);
-        // The block's B rows, every pass's, and h (kernels.cu gemv4xh_body's LORA).
+        // The block's B rows, every pass's, h, and the rows' sums (kernels.cu gemv4xh_body's
+        // LORA). The kernel's wait for h needs all its blocks resident at once: the grid is at
+        // most what fits (checked again below with this shared memory).
         let stage = if fz.lr > 0 {
-            ((passes.div_ceil(grid) * rows_pass + 1) * fz.lr * 4) as u64
+            let steps = passes.div_ceil(grid);
+            ((steps * rows_pass * (fz.lr + 1) + fz.lr) * 4) as u64
         } else {
             0
         };
@@ -1038,37 +1051,6 @@ impl Gpu {
             return Ok(None);
         }
         Ok(Some((kernel, grid as u32, nt as u32, smem)))
-    }
-
-    /// h[k] = A[k, :] · x for one token, k < r (a fused LoRA's shrink before
-    /// `gemv4_fused` with lr = r): A f32 [r, d_in], x lp [d_in], or with xn ≠ 0 RMSNorm(xn) ·
-    /// gn, rounded to lp exactly as the GEMV's folded norm rounds it; h f32 [r].
-    #[allow(clippy::too_many_arguments)]
-    pub fn lora_shrink_t1(
-        &self,
-        a: cu::CUdeviceptr,
-        r: usize,
-        d_in: usize,
-        x: cu::CUdeviceptr,
-        (xn, gn, eps): (cu::CUdeviceptr, cu::CUdeviceptr, f32),
-        h: cu::CUdeviceptr,
-    ) -> Result<()> {
-        use Arg::*;
-        if !d_in.is_multiple_of(32) || d_in / 32 > GX_MAXT {
-            return Err(Error::Invalid(format!(
-                "lora_shrink_t1: {d_in} inputs (a multiple of 32, at most {})",
-                32 * GX_MAXT
-            )));
-        }
-        // The GEMV's block size, so that a folded norm sums in the same order.
-        let kt = (d_in / 32).next_multiple_of(32);
-        let nt = kt * (GX_MAXT / kt).max(1);
-        self.launch(
-            "lora_shrink_t1",
-            (r as u32, 1),
-            nt as u32,
-            &[P(a), I(d_in as i32), P(x), P(xn), P(gn), F(eps), P(h)],
-        )
     }
 
     /// Whether `gemv4h` can take `t` tokens over a matrix of this layout on this GPU (in either

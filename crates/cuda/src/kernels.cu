@@ -1556,7 +1556,7 @@ gemv4h(const u8* __restrict__ packed, const float* __restrict__ absmax, const fl
 // rows of 4096 (a CPU model of it), against 1.0e-3 for bf16 codes. Needs what gemv4x_t1 needs.
 // The input row is staged once a block in shared memory after the table (read rs times a block
 // from L2 before). Dynamic shared memory: GH_LUT_BYTES + cols · sizeof(lp_t) (gemv4xh_smem),
-// and for LORA (steps · rows_pass + 1) · lr floats more (gpu.rs `Gpu::gemv4_fused_shape`).
+// and for LORA steps · rows_pass · (lr + 1) + lr floats more (gpu.rs `Gpu::gemv4_fused_shape`).
 __device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
     unsigned d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -1593,6 +1593,31 @@ __device__ __forceinline__ float fma_sq4(float4 v, float s) {
     s = fmaf(v.z, v.z, s);
     return fmaf(v.w, v.w, s);
 }
+// A[k, :] · xs for one row of a fused LoRA's A (f32 [cols], read through L2) and the block's
+// staged input row (lp [cols] in shared memory): every thread's float4s, then block_sum, so a
+// fixed order for a given block size (gemv4xh_body's shrink and its fallback agree).
+__device__ __forceinline__ float lora_shrink_row(const float* __restrict__ a, const lp_t* xs, int cols,
+                                                 float* shm) {
+    const float4* a4 = (const float4*)a;
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < cols / 4; i += blockDim.x) {
+        const float4 w = __ldg(a4 + i);
+        acc = fmaf(w.x, lp_to_f(xs[4 * i]), acc);
+        acc = fmaf(w.y, lp_to_f(xs[4 * i + 1]), acc);
+        acc = fmaf(w.z, lp_to_f(xs[4 * i + 2]), acc);
+        acc = fmaf(w.w, lp_to_f(xs[4 * i + 3]), acc);
+    }
+    return block_sum(acc, shm);
+}
+// 4 bytes global → shared, asynchronously; src_size 0 writes a zero and reads nothing.
+__device__ __forceinline__ void cp_async4_zfill(unsigned dst, const void* src, int src_size) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
+}
+__device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
 // s·B[row, :lr] · h from shared memory, in order.
 __device__ __forceinline__ float lora_row(const float* b, int lr, const float* h) {
     float d = 0.f;
@@ -1607,20 +1632,24 @@ __device__ __forceinline__ float lora_row(const float* b, int lr, const float* h
 // - PAIR (pair > 0): rows j and pair + j (gate and up) make silu(gate) · up, stored lp at
 //   y[j], so the `swiglu` kernel after it goes (no f32 copy for adapters: one more pointer
 //   made ptxas spill). A thread's two rows are then a gate row and its up row.
-// - LORA: each row adds s·B[row, :lr] · lh (lb f32 [rows, lr]: a fused LoRA's s·B; lh f32 [lr]:
-//   its A · x, from `lora_shrink_t1` just before), so an adapter costs one small kernel
-//   instead of two matrix products. With PAIR, both rows add theirs before the SwiGLU. The
-//   block's rows of B (steps passes of rows_pass rows) and lh are staged in shared memory at
-//   the start, after the input row: read in each pass's epilogue from L2 they put a chain of
-//   dependent loads on every pass (run 57: batch-1 decode with an adapter 285 → 209 tok/s).
+// - LORA: a fused LoRA in the same kernel, so an adapter costs no launch of its own (the
+//   two-product path is four: a shrink and an expand, each a cuBLAS product, per linear).
+//   The shrink h = A · x (la f32 [lr, cols]) is computed over the staged input row by the
+//   grid's last blocks (row k by block gridDim − 1 − k mod gridDim), written to lh and
+//   published with a count in lflag[0]; the rows' sums wait in shared memory, and once the
+//   count reaches lr (all the grid's blocks are resident: the host sizes it so) each row
+//   adds s·B[row, :lr] · h (lb f32 [rows, lr]) and is stored; with PAIR both rows add theirs
+//   before the SwiGLU. The block's rows of B (steps passes of rows_pass rows) are staged in
+//   shared memory by cp.async before the grid wait. The last block resets lflag.
 template <int R, bool NORM, bool PAIR, bool LORA>
 __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
                                              const float* __restrict__ code, int blocksize, int rows, int cols,
                                              const lp_t* __restrict__ x, float* __restrict__ y, int ld,
                                              int accumulate, const float* __restrict__ xn,
                                              const float* __restrict__ gn, float eps, int pair,
-                                             const float* __restrict__ lb, int lr,
-                                             const float* __restrict__ lh) {
+                                             const float* __restrict__ lb, int lr, float* __restrict__ lh,
+                                             const float* __restrict__ la, unsigned* __restrict__ lflag,
+                                             int lfallback) {
     extern __shared__ uint4 gxh_dyn[];
     const unsigned lut_s = smem_addr(gxh_dyn);
     __shared__ float red[2][R][GX_MAXT / 32];  // [pass parity][row][warp]
@@ -1630,7 +1659,6 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         const int b = e >> 5;
         ((unsigned*)gxh_dyn)[b * 64 + (e & 31)] = f2_to_h2(code[b >> 4], code[b & 15]);
     }
-    qlora_grid_wait_gemv();
     const int chunks = cols / 32;
     const int kt = (chunks + 31) & ~31, kw = kt / 32, rs = nt / kt;
     const int sub = tid / kt, c = tid % kt;
@@ -1669,35 +1697,47 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         sp += sstep;
         lrow += rstep;
     };
-    // The first pass's weights in flight while the input row is staged.
-    if (steps > 0 && active) load();
-    // The input row, once a block, into shared memory after the table (lp [cols]); with NORM,
-    // RMSNorm(xn) · gn first, rounded to lp as `rms_norm` rounds it. (Each thread loading its
-    // own piece read the row rs times a block: for the f32 norm input that was more than the
-    // weights of a 6144-row matrix.)
+    // Shared memory after the table: the input row (lp [cols]); with LORA, as float offsets
+    // (32-bit: pointers here would spill), the block's rows of s·B [steps][cl], h [lr] and the
+    // rows' sums [steps][rows_pass] (pairs: gate, up) until h is known.
     lp_t* xs = (lp_t*)(gxh_dyn + GH_LUT_BYTES / 16);
-    const int cl = rows_pass * lr;       // B's staged floats a pass (pairs: rs gate rows, rs up)
-    // As float offsets into the dynamic shared memory (32-bit: pointers here would spill).
-    const int bst = GH_LUT_BYTES / 4 + cols * (int)sizeof(lp_t) / 4;  // [steps][cl]
-    const int hst = bst + steps * cl;                                  // [lr]
+    const int cl = rows_pass * lr;  // B's staged floats a pass (pairs: rs gate rows, rs up)
+    const int bst = GH_LUT_BYTES / 4 + cols * (int)sizeof(lp_t) / 4;
+    const int hst = bst + steps * cl, yst = hst + lr;
     float* dynf = (float*)gxh_dyn;
     if (LORA) {
-        for (int i = tid; i < lr; i += nt) dynf[hst + i] = lh[i];
+        // B does not depend on the kernel before: every pass's rows by cp.async before the
+        // grid wait (one trip, zero past the end), waited for once the input row is staged.
+        // (Read in each pass's epilogue from L2 they put a chain of loads on every pass: run
+        // 57, 285 → 209 tok/s.)
         for (int st = 0; st < steps; st++) {
             const int p = (int)blockIdx.x + st * (int)gridDim.x;
             for (int i = tid; i < cl; i += nt) {
-                float v = 0.f;
+                const float* src = nullptr;
                 if (PAIR) {
                     const int up = i >= rs * lr, ii = i - (up ? rs * lr : 0), j = p * rs + ii / lr;
-                    if (j < pair) v = __ldg(lb + ((long)(up ? pair : 0) + j) * lr + ii % lr);
+                    if (j < pair) src = lb + ((long)(up ? pair : 0) + j) * lr + ii % lr;
                 } else {
                     const long e = (long)p * cl + i;
-                    if (e < (long)rows * lr) v = __ldg(lb + e);
+                    if (e < (long)rows * lr) src = lb + e;
                 }
-                dynf[bst + st * cl + i] = v;
+                cp_async4_zfill(smem_addr(dynf + bst + st * cl + i), src ? src : lb, src ? 4 : 0);
             }
         }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        // The rows of A this block's shrink takes (k ≡ gridDim − 1 − block), into L2.
+        for (int k = (int)gridDim.x - 1 - (int)blockIdx.x; k < lr; k += (int)gridDim.x)
+            for (int i = tid * 32; i < cols; i += nt * 32)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(la + (long)k * cols + i));
     }
+    // The first pass's weights in flight while the kernel before ends and the input row is
+    // staged (they do not depend on it either).
+    if (steps > 0 && active) load();
+    qlora_grid_wait_gemv();
+    // The input row, once a block, into shared memory after the table; with NORM,
+    // RMSNorm(xn) · gn first, rounded to lp as `rms_norm` rounds it. (Each thread loading its
+    // own piece read the row rs times a block: for the f32 norm input that was more than the
+    // weights of a 6144-row matrix.)
     if (NORM) {
         // A thread's first NU float4s of xn stay in registers across the sum (rows of up to
         // 4 · NU · nt elements: Mistral's 4096 takes two), and its norm weights are prefetched
@@ -1738,7 +1778,21 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         const int n16 = cols * (int)sizeof(lp_t) / 16;
         for (int i = tid; i < n16; i += nt) ((uint4*)xs)[i] = ((const uint4*)x)[i];
     }
-    __syncthreads();  // the table and the input row
+    if (LORA) asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();  // the table, the input row (and B's rows)
+    if (LORA) {
+        // The shrink, h = A · x over the staged row, its rows spread over the grid's last
+        // blocks (those with the fewest passes), each block's published with one count.
+        int mine = 0;
+        for (int k = (int)gridDim.x - 1 - (int)blockIdx.x; k < lr; k += (int)gridDim.x, mine++) {
+            const float hk = lora_shrink_row(la + (long)k * cols, xs, cols, redn);
+            if (tid == 0) lh[k] = hk;
+        }
+        if (mine && tid == 0) {
+            __threadfence();
+            atomicAdd(lflag, (unsigned)mine);
+        }
+    }
     unsigned xh[16];
     float inv = 0.f;
     if (active) {
@@ -1797,22 +1851,76 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         if (PAIR) {
             const int j = p * rs + tid;
             if (tid < rs && j < pair) {
-                float gt = row_sum(2 * tid), up = row_sum(2 * tid + 1);
+                const float gt = row_sum(2 * tid), up = row_sum(2 * tid + 1);
                 if (LORA) {
-                    gt += lora_row(dynf + bst + st * cl + tid * lr, lr, dynf + hst);
-                    up += lora_row(dynf + bst + st * cl + (rs + tid) * lr, lr, dynf + hst);
+                    dynf[yst + st * rows_pass + 2 * tid] = gt;
+                    dynf[yst + st * rows_pass + 2 * tid + 1] = up;
+                } else {
+                    ((lp_t*)y)[j] = f_to_lp(gt / (1.0f + expf(-gt)) * up);
                 }
-                const lp_t o = f_to_lp(gt / (1.0f + expf(-gt)) * up);
-                ((lp_t*)y)[j] = o;
             }
         } else if (tid < rows_pass) {
             const int row = p * rows_pass + tid;
             if (row < rows) {
-                float sum = row_sum(tid);
-                if (LORA) sum += lora_row(dynf + bst + st * cl + tid * lr, lr, dynf + hst);
-                float* o = y + row;
-                *o = accumulate ? *o + sum : sum;
+                const float sum = row_sum(tid);
+                if (LORA) {
+                    dynf[yst + st * rows_pass + tid] = sum;
+                } else {
+                    float* o = y + row;
+                    *o = accumulate ? *o + sum : sum;
+                }
             }
+        }
+    }
+    if (LORA) {
+        // h, once every shrink row is published (the host sizes the grid so that all its
+        // blocks are resident at once), then each row's s·B · h and the store. The wait is
+        // bounded: past it (a GPU shared with other work; or lfallback, set by a test) the
+        // block computes h itself, the same rows in the same order, so the same bits.
+        __shared__ int lfail;
+        if (tid == 0) {
+            int fail = lfallback;
+            for (unsigned n = 0; !fail && ld_acquire_u32(lflag) < (unsigned)lr; n++) {
+                if (n > (1u << 22)) fail = 1;
+                __nanosleep(64);
+            }
+            lfail = fail;
+        }
+        __syncthreads();
+        if (lfail) {
+            for (int k = 0; k < lr; k++) {
+                const float hk = lora_shrink_row(la + (long)k * cols, xs, cols, redn);
+                if (tid == 0) dynf[hst + k] = hk;
+            }
+        } else {
+            for (int i = tid; i < lr; i += nt) dynf[hst + i] = __ldcg(lh + i);
+        }
+        __syncthreads();
+        for (int st = 0; st < steps; st++) {
+            const int p = (int)blockIdx.x + st * (int)gridDim.x;
+            const float* bs = dynf + bst + st * cl;
+            const float* ys = dynf + yst + st * rows_pass;
+            if (PAIR) {
+                const int j = p * rs + tid;
+                if (tid < rs && j < pair) {
+                    const float gt = ys[2 * tid] + lora_row(bs + tid * lr, lr, dynf + hst);
+                    const float up = ys[2 * tid + 1] + lora_row(bs + (rs + tid) * lr, lr, dynf + hst);
+                    ((lp_t*)y)[j] = f_to_lp(gt / (1.0f + expf(-gt)) * up);
+                }
+            } else if (tid < rows_pass) {
+                const int row = p * rows_pass + tid;
+                if (row < rows) {
+                    const float sum = ys[tid] + lora_row(bs + tid * lr, lr, dynf + hst);
+                    float* o = y + row;
+                    *o = accumulate ? *o + sum : sum;
+                }
+            }
+        }
+        // The last block here resets the count for the next launch (which counts only after
+        // its grid wait, so after this grid has completed).
+        if (tid == 0 && atomicAdd(lflag + 1, 1u) == gridDim.x - 1) {
+            atomicExch(lflag, 0u);
+            atomicExch(lflag + 1, 0u);
         }
     }
 }
@@ -1822,7 +1930,8 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate) {                                                                        \
         gemv4xh_body<R, false, false, false>(packed, absmax, code, blocksize, rows, cols, x, y, ld,      \
-                                             accumulate, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr); \
+                                             accumulate, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr,  \
+                                             nullptr, nullptr, 0);                                        \
     }
 GEMVXH_KERNEL(gemv4xh_t1, 2, 2)
 GEMVXH_KERNEL(gemv4xh4_t1, 4, 1)
@@ -1833,55 +1942,17 @@ GEMVXH_KERNEL(gemv4xh4_t1, 4, 1)
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate, const float* __restrict__ xn, const float* __restrict__ gn, float eps,  \
-         int pair, const float* __restrict__ lb, int lr, const float* __restrict__ lh) {                 \
+         int pair, const float* __restrict__ lb, int lr, float* __restrict__ lh,                         \
+         const float* __restrict__ la, unsigned* __restrict__ lflag, int lfallback) {                   \
         gemv4xh_body<2, NORM, PAIR, LORA>(packed, absmax, code, blocksize, rows, cols, x, y, ld,          \
-                                          accumulate, xn, gn, eps, pair, lb, lr, lh);                    \
+                                          accumulate, xn, gn, eps, pair, lb, lr, lh, la, lflag,          \
+                                          lfallback);                                                    \
     }
 GEMVXH_FUSED_KERNEL(gemv4xh_n_t1, true, false, false)
 GEMVXH_FUSED_KERNEL(gemv4xh_ng_t1, true, true, false)
 GEMVXH_FUSED_KERNEL(gemv4xh_l_t1, false, false, true)
 GEMVXH_FUSED_KERNEL(gemv4xh_nl_t1, true, false, true)
 GEMVXH_FUSED_KERNEL(gemv4xh_ngl_t1, true, true, true)
-
-// h[k] = A[k, :] · x for one token (a fused LoRA's shrink before `gemv4xh_*l_t1`): A f32 [r,
-// d_in], x lp [d_in] widened, or with xn the row RMSNorm(xn) · gn rounded to lp exactly as the
-// GEMV's NORM rounds it (the same block size, so the same sum of squares in the same order).
-// Grid r, block as the GEMV's; fixed-order sums.
-extern "C" __global__ void lora_shrink_t1(const float* __restrict__ a, int d_in, const lp_t* __restrict__ x,
-                                          const float* __restrict__ xn, const float* __restrict__ gn, float eps,
-                                          float* __restrict__ h) {
-    __shared__ float shm[32];
-    qlora_grid_wait_gemv();
-    const int n4 = d_in / 4, tid = threadIdx.x, nt = blockDim.x;
-    const float4* a4 = (const float4*)(a + (long)blockIdx.x * d_in);
-    float acc = 0.f;
-    if (xn) {
-        const float4* x4 = (const float4*)xn;
-        float ss = 0.f;
-        for (int i = tid; i < n4; i += nt) {
-            const float4 v = x4[i];
-            ss = fma_sq4(v, ss);
-        }
-        const float rinv = 1.0f / sqrtf(block_sum(ss, shm) / (float)d_in + eps);
-        for (int i = tid; i < n4; i += nt) {
-            const float4 v = x4[i], g = __ldg((const float4*)gn + i), w = __ldg(a4 + i);
-            acc = fmaf(w.x, lp_to_f(f_to_lp(g.x * (v.x * rinv))), acc);
-            acc = fmaf(w.y, lp_to_f(f_to_lp(g.y * (v.y * rinv))), acc);
-            acc = fmaf(w.z, lp_to_f(f_to_lp(g.z * (v.z * rinv))), acc);
-            acc = fmaf(w.w, lp_to_f(f_to_lp(g.w * (v.w * rinv))), acc);
-        }
-    } else {
-        for (int i = tid; i < n4; i += nt) {
-            const float4 w = __ldg(a4 + i);
-            acc = fmaf(w.x, lp_to_f(x[4 * i]), acc);
-            acc = fmaf(w.y, lp_to_f(x[4 * i + 1]), acc);
-            acc = fmaf(w.z, lp_to_f(x[4 * i + 2]), acc);
-            acc = fmaf(w.w, lp_to_f(x[4 * i + 3]), acc);
-        }
-    }
-    acc = block_sum(acc, shm);
-    if (tid == 0) h[blockIdx.x] = acc;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Adapters

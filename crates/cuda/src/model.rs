@@ -138,13 +138,11 @@ enum MatKind {
     },
 }
 
-/// Whether one-token GEMVs fold their fused LoRA in (QLORA_LORA_FOLD=1; off by default: with
-/// the shrink as a kernel of its own before each GEMV, batch-1 decode with an r=16 adapter on
-/// every projection ran 266 tok/s against 285 for the two-product path, run 58 in
-/// GPU-NOTES.md; kept for profiling).
+/// Whether one-token GEMVs take their fused LoRA in, shrink and expand in the same kernel
+/// (QLORA_LORA_FOLD=0: not, the two matrix products after the GEMV instead).
 fn lora_fold_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("QLORA_LORA_FOLD").is_some_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var_os("QLORA_LORA_FOLD").is_none_or(|v| v != "0"))
 }
 
 /// What `CudaModel::linear_t1` reads: the linear's lp input, or the residual row normed with
@@ -355,6 +353,9 @@ struct Scratch {
     w: DevBuf,
     /// f32 [T, max rank]
     lh: DevBuf,
+    /// u32 [2], zero between launches: the fused one-token GEMV's count of its LoRA shrink's
+    /// published rows and of its blocks done (`GemvFuse::lflag`).
+    lflag: DevBuf,
     /// f32 [T, max adapter output]
     ld: DevBuf,
     /// f32 [T, vocab]
@@ -956,6 +957,7 @@ impl CudaModel {
             gu: gpu.alloc(t * 2 * f * 4)?,
             w: gpu.alloc(max_w * lp)?,
             lh: gpu.alloc(t * max_r * 4)?,
+            lflag: gpu.upload(&[0u32; 2])?,
             ld: gpu.alloc(t * max_part * 4)?,
             logits: gpu.alloc(t * vocab * 4)?,
             meta: gpu.alloc(meta.total * 4)?,
@@ -1663,8 +1665,8 @@ impl CudaModel {
 
     /// `lin` for one token as one fused GEMV (`Gpu::gemv4_fused`) with what it folds in: the
     /// input's RMSNorm (T1In::Norm: the residual row normed with these weights), the SwiGLU of
-    /// the output's two halves (`pair` > 0: y is then lp [pair]), and with QLORA_LORA_FOLD=1
-    /// the expand of the rows' fused LoRA (its shrink a small kernel just before). Ok(false),
+    /// the output's two halves (`pair` > 0: y is then lp [pair]), and the rows' fused LoRA
+    /// (its shrink by the grid's last blocks, its expand in the rows' stores). Ok(false),
     /// having launched nothing, where that does not apply: several tokens, biases, several
     /// base matrices, adapters (unless folded: one fused LoRA, no DoRA or lora_B biases), or a
     /// layout the kernel does not take. The normed input is not written (no one else reads it).
@@ -1713,20 +1715,10 @@ impl CudaModel {
             lb: lora.map_or(0, |f| f.b.ptr()),
             lr: lora.map_or(0, |f| f.r),
             lh: self.s.lh.ptr(),
+            la: lora.map_or(0, |f| f.a.ptr()),
+            lflag: self.s.lflag.ptr(),
+            lora_fallback: false,
         };
-        if self.gpu.gemv4_fused_shape(&gemv, &fz)?.is_none() {
-            return Ok(false);
-        }
-        if let Some(f) = lora {
-            self.gpu.lora_shrink_t1(
-                f.a.ptr(),
-                f.r,
-                lin.d_in,
-                x,
-                (xn, gn, self.eps),
-                self.s.lh.ptr(),
-            )?;
-        }
         self.gpu.gemv4_fused(&gemv, &fz)
     }
 

@@ -126,6 +126,12 @@ fn down(g: &Gpu, b: &DevBuf, n: usize) -> Vec<f32> {
     v
 }
 
+fn down_u32(g: &Gpu, b: &DevBuf, n: usize) -> Vec<u32> {
+    let mut v = vec![0u32; n];
+    g.read(b.ptr(), &mut v).unwrap();
+    v
+}
+
 fn down_lp(g: &Gpu, b: &DevBuf, n: usize) -> Vec<f32> {
     match g.precision {
         Precision::F32 => down(g, b, n),
@@ -1153,7 +1159,8 @@ impl GemvCase {
 }
 
 /// The one-token GEMV with what `Gpu::gemv4_fused` folds in: the RMSNorm before it, the SwiGLU
-/// of its two halves after it, and a fused LoRA's expand (its shrink `lora_shrink_t1` first):
+/// of its two halves after it, and a fused LoRA, shrink and expand in the same kernel (the
+/// shrink's h checked too, and its fallback, every block computing h, giving the same bits):
 /// against the CPU's norm (rounded to the activations' type), product, adapter and SwiGLU, every
 /// output written and nothing past it, accumulation adding. Odd shapes: inputs of 18, 20 and 448
 /// pieces (threads past the row; one row group a block), pair counts that end inside a pass,
@@ -1232,6 +1239,7 @@ fn fused_norm_gemv_swiglu_and_lora() {
                 up(&g, &a),
                 up(&g, &b),
                 poison(&g, r.max(1)),
+                g.upload(&[0u32; 2]).unwrap(),
             ];
             // Three more elements than the output: they must stay poisoned.
             let out = if pair {
@@ -1274,6 +1282,9 @@ fn fused_norm_gemv_swiglu_and_lora() {
                 lb: bufs[7].ptr(),
                 lr: r,
                 lh: bufs[8].ptr(),
+                la: bufs[6].ptr(),
+                lflag: bufs[9].ptr(),
+                lora_fallback: false,
             };
             let fits = g.gemv4_fused_shape(&gemv, &fz).unwrap().is_some();
             assert_eq!(
@@ -1286,22 +1297,55 @@ fn fused_norm_gemv_swiglu_and_lora() {
                 assert!(!g.gemv4_fused(&gemv, &fz).unwrap(), "{label}: launched");
                 continue;
             }
+            assert!(g.gemv4_fused(&gemv, &fz).unwrap(), "{label}: not launched");
+            let read_out = |out: &DevBuf| {
+                if pair {
+                    down_lp(&g, out, n + 3)
+                } else {
+                    down(&g, out, n + 3)
+                }
+            };
+            let all = read_out(&out);
             if r > 0 {
-                g.lora_shrink_t1(bufs[6].ptr(), r, cols, x_lp, (xn, gnp, 1e-5), bufs[8].ptr())
-                    .unwrap();
                 let got_h = down(&g, &bufs[8], r);
                 let eh = rel(&format!("{label}: shrink"), &got_h, &h);
                 assert!(
                     eh <= F32_BUDGET,
                     "{label}: the shrink's relative error {eh:.3e}"
                 );
+                // The count is back at zero for the next launch, and the fallback (each block
+                // computing h) gives the same bits; then the published path once more, from
+                // the fallback's count.
+                assert_eq!(down_u32(&g, &bufs[9], 2), [0, 0], "{label}: the count");
+                for fallback in [true, false] {
+                    let again = if pair {
+                        poison_lp(&g, n + 3)
+                    } else if accumulate {
+                        up(
+                            &g,
+                            &y0.iter().copied().chain([f32::NAN; 3]).collect::<Vec<_>>(),
+                        )
+                    } else {
+                        poison(&g, n + 3)
+                    };
+                    let fz2 = GemvFuse {
+                        lora_fallback: fallback,
+                        ..fz
+                    };
+                    let gemv2 = Gemv4 {
+                        y: again.ptr(),
+                        ..gemv
+                    };
+                    assert!(g.gemv4_fused(&gemv2, &fz2).unwrap());
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&read_out(&again)),
+                        bits(&all),
+                        "{label}: fallback {fallback}: other bits"
+                    );
+                    assert_eq!(down_u32(&g, &bufs[9], 2), [0, 0], "{label}: the count");
+                }
             }
-            assert!(g.gemv4_fused(&gemv, &fz).unwrap(), "{label}: not launched");
-            let all = if pair {
-                down_lp(&g, &out, n + 3)
-            } else {
-                down(&g, &out, n + 3)
-            };
             assert!(
                 all[n..].iter().all(|v| v.is_nan()),
                 "{label}: wrote past its output"
