@@ -1618,12 +1618,14 @@ __device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
-// s·B[row, :lr] · h from shared memory, in order.
-__device__ __forceinline__ float lora_row(const float* b, int lr, const float* h) {
-    float d = 0.f;
-#pragma unroll 4
-    for (int k = 0; k < lr; k++) d = fmaf(b[k], h[k], d);
-    return d;
+// Waits (one thread) until *count ≥ n; 1 if it gave up (after ~2^22 polls, or at once with
+// `give_up`), 0 once the count is there. Not inlined (inlined, it made ptxas spill in the GEMVs).
+__device__ __noinline__ int wait_count(const unsigned* count, unsigned n, int give_up) {
+    for (unsigned i = 0; !give_up && ld_acquire_u32(count) < n; i++) {
+        if (i > (1u << 22)) return 1;
+        __nanosleep(64);
+    }
+    return give_up;
 }
 // What the `gemv4xh_*_t1` kernels fold into the GEMV (NORM, PAIR; null / 0 in the
 // plain kernels):
@@ -1876,16 +1878,11 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         // h, once every shrink row is published (the host sizes the grid so that all its
         // blocks are resident at once), then each row's s·B · h and the store. The wait is
         // bounded: past it (a GPU shared with other work; or lfallback, set by a test) the
-        // block computes h itself, the same rows in the same order, so the same bits.
+        // block computes h itself, the same rows in the same order, so the same bits. (The
+        // wait moved to the third pass's barrier, to hide its trip to L2, changed nothing:
+        // run 62.)
         __shared__ int lfail;
-        if (tid == 0) {
-            int fail = lfallback;
-            for (unsigned n = 0; !fail && ld_acquire_u32(lflag) < (unsigned)lr; n++) {
-                if (n > (1u << 22)) fail = 1;
-                __nanosleep(64);
-            }
-            lfail = fail;
-        }
+        if (tid == 0) lfail = wait_count(lflag, (unsigned)lr, lfallback);
         __syncthreads();
         if (lfail) {
             for (int k = 0; k < lr; k++) {
@@ -1896,23 +1893,39 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
             for (int i = tid; i < lr; i += nt) dynf[hst + i] = __ldcg(lh + i);
         }
         __syncthreads();
-        for (int st = 0; st < steps; st++) {
-            const int p = (int)blockIdx.x + st * (int)gridDim.x;
-            const float* bs = dynf + bst + st * cl;
-            const float* ys = dynf + yst + st * rows_pass;
-            if (PAIR) {
-                const int j = p * rs + tid;
-                if (tid < rs && j < pair) {
-                    const float gt = ys[2 * tid] + lora_row(bs + tid * lr, lr, dynf + hst);
-                    const float up = ys[2 * tid + 1] + lora_row(bs + (rs + tid) * lr, lr, dynf + hst);
+        // Each row's s·B · h by a warp (lanes over the rank, then warp_sum: the block's whole
+        // set of rows at once; one thread a row chained rs rows × steps × lr dependent FMAs,
+        // run 60: the gate/up kernel 45 µs against 27 without the adapter), into its sum.
+        const int nslots = steps * rows_pass, nw = nt >> 5;
+        for (int slot = warp; slot < nslots; slot += nw) {
+            const int st = slot / rows_pass, i = slot - st * rows_pass;
+            // Pairs: slot i is pair i / 2's gate (even) or up (odd) row; B's staged rows are
+            // the pass's rs gate rows, then its rs up rows.
+            const int brow = PAIR ? (i & 1) * rs + (i >> 1) : i;
+            const float* b = dynf + bst + st * cl + brow * lr;
+            float d = 0.f;
+            for (int k = lane; k < lr; k += 32) d = fmaf(b[k], dynf[hst + k], d);
+            d = warp_sum(d);
+            if (lane == 0) dynf[yst + slot] += d;
+        }
+        __syncthreads();
+        if (PAIR) {
+            for (int q = tid; q < steps * rs; q += nt) {
+                const int st = q / rs, ip = q - st * rs;
+                const int j = ((int)blockIdx.x + st * (int)gridDim.x) * rs + ip;
+                if (j < pair) {
+                    const float gt = dynf[yst + st * rows_pass + 2 * ip];
+                    const float up = dynf[yst + st * rows_pass + 2 * ip + 1];
                     ((lp_t*)y)[j] = f_to_lp(gt / (1.0f + expf(-gt)) * up);
                 }
-            } else if (tid < rows_pass) {
-                const int row = p * rows_pass + tid;
+            }
+        } else {
+            for (int slot = tid; slot < nslots; slot += nt) {
+                const int st = slot / rows_pass, i = slot - st * rows_pass;
+                const int row = ((int)blockIdx.x + st * (int)gridDim.x) * rows_pass + i;
                 if (row < rows) {
-                    const float sum = ys[tid] + lora_row(bs + tid * lr, lr, dynf + hst);
                     float* o = y + row;
-                    *o = accumulate ? *o + sum : sum;
+                    *o = accumulate ? *o + dynf[yst + slot] : dynf[yst + slot];
                 }
             }
         }
