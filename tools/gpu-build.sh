@@ -2,7 +2,7 @@
 # Builds what the GPU checks need, here (no CUDA toolkit needed), into .gpu/ (git-ignored via
 # .git/info/exclude): the stripped qlora binary, the stripped GPU test executables, and the
 # device-side driver script, and .gpu.tgz of them (also git-ignored). Then one `device` call
-# with carry [".gpu.tgz"] (+ ".gpu-peer") runs `tar xzf .gpu.tgz` and:
+# with carry [".gpu.tgz"] (+ ".gpu-peer") runs `tar xf .gpu.tgz` and:
 #     bash .gpu/gpu-run.sh [check] [bench] [peer]
 # (see tools/gpu-run.sh). Everything travels in well under 64 MiB (the peer's bitsandbytes
 # wheel, 43 MB, from .gpu-peer/whl when that is carried too: python3 -m pip download --no-deps
@@ -23,7 +23,7 @@ for line in sys.stdin:
 ' | while read -r name exe; do strip -o ".gpu/bin/test-$name" "$exe"; done
 cp tools/gpu-run.sh .gpu/
 [ -f ../shared/peers/h200_peer.py ] && cp ../shared/peers/h200_peer.py .gpu/ || true
-# Compressed for the carry (the binaries and the peer's wheel together exceed 64 MiB otherwise):
-# carry [".gpu.tgz", ".gpu-peer"] and run `tar xzf .gpu.tgz && bash .gpu/gpu-run.sh ...`.
-tar czf .gpu.tgz .gpu
+# Compressed (xz: with gzip, the binaries, the peer's wheel and the tree passed 64 MiB in run 63)
+# for the carry: carry [".gpu.tgz", ".gpu-peer"] and run `tar xf .gpu.tgz && bash .gpu/gpu-run.sh ...`.
+XZ_OPT=-9 tar cJf .gpu.tgz .gpu
 du -sh .gpu/bin/* .gpu.tgz .gpu-peer/whl 2>/dev/null || true

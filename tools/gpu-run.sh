@@ -3,7 +3,7 @@
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
 # QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
-# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), attn (the decode attention and GEMV kernels' durations at batch 1
+# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), serve (test-serve alone), attn (the decode attention and GEMV kernels' durations at batch 1
 # and 64, short and long contexts), models (test-gpu alone), gemvcap (decode with the tensor-core
 # GEMVs off, A/B), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
@@ -216,6 +216,8 @@ for stage in "$@"; do
         $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda \
         --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-fold.csv" 2>"$OUT/ncu-fold.err"
       ncu_summary "$OUT/ncu-fold.csv" ;;
+    serve)
+      echo "== .gpu/bin/test-serve"; .gpu/bin/test-serve --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked" ;;
     opsfuse)
       echo "== .gpu/bin/test-ops fused_norm"; .gpu/bin/test-ops fused_norm --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|fused GEMV" ;;
     models)
