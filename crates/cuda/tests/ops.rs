@@ -1242,16 +1242,19 @@ fn fused_norm_gemv_swiglu_and_lora() {
                 g.upload(&[0u32; 2]).unwrap(),
             ];
             // Three more elements than the output: they must stay poisoned.
-            let out = if pair {
-                poison_lp(&g, n + 3)
-            } else if accumulate {
-                up(
-                    &g,
-                    &y0.iter().copied().chain([f32::NAN; 3]).collect::<Vec<_>>(),
-                )
-            } else {
-                poison(&g, n + 3)
+            let fresh_out = || {
+                if pair {
+                    poison_lp(&g, n + 3)
+                } else if accumulate {
+                    up(
+                        &g,
+                        &y0.iter().copied().chain([f32::NAN; 3]).collect::<Vec<_>>(),
+                    )
+                } else {
+                    poison(&g, n + 3)
+                }
             };
+            let out = fresh_out();
             let label = format!(
                 "fused GEMV {quant:?} [{rows}, {cols}] bs {bs} norm {norm} pair {pair} rank {r}"
             );
@@ -1318,16 +1321,7 @@ fn fused_norm_gemv_swiglu_and_lora() {
                 // the fallback's count.
                 assert_eq!(down_u32(&g, &bufs[9], 2), [0, 0], "{label}: the count");
                 for fallback in [true, false] {
-                    let again = if pair {
-                        poison_lp(&g, n + 3)
-                    } else if accumulate {
-                        up(
-                            &g,
-                            &y0.iter().copied().chain([f32::NAN; 3]).collect::<Vec<_>>(),
-                        )
-                    } else {
-                        poison(&g, n + 3)
-                    };
+                    let again = fresh_out();
                     let fz2 = GemvFuse {
                         lora_fallback: fallback,
                         ..fz

@@ -23,35 +23,173 @@ pub fn available() -> bool {
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn nt(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, y: *mut f32, ys: usize) {
     debug_assert!(x.len() >= t * k && w.len() >= n * k);
+    for_blocks(t, n, |i, j, tb, rb| {
+        let (xp, wp, yp) = (
+            x.as_ptr().add(i * k),
+            w.as_ptr().add(j * k),
+            y.add(i * ys + j),
+        );
+        by_shape!(block, tb, rb, xp, wp, k, yp, ys);
+    });
+}
+
+/// Calls `f(i, j, tb, rb)` for each block of up to TB tokens × RB rows of a t × n output,
+/// tokens outer.
+#[cfg(target_arch = "x86_64")]
+fn for_blocks(t: usize, n: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
     let mut i = 0;
     while i < t {
         let tb = TB.min(t - i);
         let mut j = 0;
         while j < n {
             let rb = RB.min(n - j);
-            let (xp, wp, yp) = (
-                x.as_ptr().add(i * k),
-                w.as_ptr().add(j * k),
-                y.add(i * ys + j),
-            );
-            macro_rules! go {
-                ($($a:literal, $b:literal);*) => {
-                    match (tb, rb) {
-                        $(($a, $b) => block::<$a, $b>(xp, wp, k, yp, ys),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 2, 2; 2, 3; 2, 4; 3, 1; 3, 2; 3, 3; 3, 4; 4, 1; 4, 2; 4, 3; 4, 4);
+            f(i, j, tb, rb);
             j += rb;
         }
         i += tb;
     }
 }
 
+/// `$block::<tb, rb>(args)` for runtime tb, rb ≤ 4.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_shape {
+    ($block:ident, $tb:expr, $rb:expr, $($arg:expr),*) => {
+        by_shape!(@arms $block, ($tb, $rb), ($($arg),*);
+            1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 2, 2; 2, 3; 2, 4; 3, 1; 3, 2; 3, 3; 3, 4; 4, 1; 4, 2; 4, 3; 4, 4)
+    };
+    (@arms $block:ident, $sel:expr, $args:tt; $($a:literal, $b:literal);*) => {
+        match $sel {
+            $(($a, $b) => by_shape!(@call $block, $a, $b, $args),)*
+            _ => unreachable!(),
+        }
+    };
+    (@call $block:ident, $a:literal, $b:literal, ($($arg:expr),*)) => {
+        $block::<$a, $b>($($arg),*)
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_shape;
+
 #[cfg(not(target_arch = "x86_64"))]
 pub unsafe fn nt(_: &[f32], _: usize, _: &[f32], _: usize, _: usize, _: *mut f32, _: usize) {
     unreachable!("available() is false off x86_64")
+}
+
+/// Whether `nt_bf16` runs: what `nt` needs, and AVX512-BF16.
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available() && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// dst[i] = src[i] rounded to bf16, to nearest even (NaN stays NaN), as its bits.
+///
+/// # Safety
+/// `bf16_available()` must be true; `dst` at least as long as `src`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    debug_assert!(dst.len() >= src.len());
+    let n = src.len();
+    let mut i = 0;
+    while i < n {
+        let left = (n - i).min(16);
+        let m: __mmask16 = if left == 16 {
+            u16::MAX
+        } else {
+            (1u16 << left) - 1
+        };
+        let v = _mm512_maskz_loadu_ps(m, src.as_ptr().add(i));
+        let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+        _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, m, h);
+        i += 16;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn to_bf16(_: &[f32], _: &mut [u16]) {
+    unreachable!("bf16_available() is false off x86_64")
+}
+
+/// `nt` over bf16 operands (their bits): y[i·ys + j] = Σ_c x[i·k + c] · w[j·k + c], each pair
+/// of products by one `vdpbf16ps` (bf16 products are exact in f32; the sums are f32), twice
+/// the multiply-adds an instruction of `nt`'s f32 FMAs.
+///
+/// # Safety
+/// As `nt`, with `bf16_available()`.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn nt_bf16(x: &[u16], t: usize, w: &[u16], n: usize, k: usize, y: *mut f32, ys: usize) {
+    debug_assert!(x.len() >= t * k && w.len() >= n * k);
+    for_blocks(t, n, |i, j, tb, rb| {
+        let (xp, wp, yp) = (
+            x.as_ptr().add(i * k),
+            w.as_ptr().add(j * k),
+            y.add(i * ys + j),
+        );
+        by_shape!(block_bf16, tb, rb, xp, wp, k, yp, ys);
+    });
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn nt_bf16(_: &[u16], _: usize, _: &[u16], _: usize, _: usize, _: *mut f32, _: usize) {
+    unreachable!("bf16_available() is false off x86_64")
+}
+
+/// One T × R block of `nt_bf16` over the whole k, 32 elements at a time (the tail masked).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn block_bf16<const T: usize, const R: usize>(
+    x: *const u16,
+    w: *const u16,
+    k: usize,
+    y: *mut f32,
+    ys: usize,
+) {
+    use std::arch::x86_64::*;
+    let ld = |p: *const u16| -> __m512bh {
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _))
+    };
+    let ldm = |m: __mmask32, p: *const u16| -> __m512bh {
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(m, p as *const i16))
+    };
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
+    let mut c = 0;
+    while c + 32 <= k {
+        let mut xv: [__m512bh; T] =
+            [std::mem::transmute::<__m512, __m512bh>(_mm512_setzero_ps()); T];
+        for (a, xv) in xv.iter_mut().enumerate() {
+            *xv = ld(x.add(a * k + c));
+        }
+        for b in 0..R {
+            let wv = ld(w.add(b * k + c));
+            for a in 0..T {
+                acc[a][b] = _mm512_dpbf16_ps(acc[a][b], xv[a], wv);
+            }
+        }
+        c += 32;
+    }
+    if c < k {
+        let m: __mmask32 = (1u32 << (k - c)) - 1;
+        for b in 0..R {
+            let wv = ldm(m, w.add(b * k + c));
+            for a in 0..T {
+                let xv = ldm(m, x.add(a * k + c));
+                acc[a][b] = _mm512_dpbf16_ps(acc[a][b], xv, wv);
+            }
+        }
+    }
+    for (a, row) in acc.iter().enumerate() {
+        for (b, v) in row.iter().enumerate() {
+            *y.add(a * ys + b) = _mm512_reduce_add_ps(*v);
+        }
+    }
 }
 
 /// C[i·ldc + j] += Σ_r A[i·lda + r] · B[r·ldb + j] for i < t, j < m, r < n: the training
@@ -258,6 +396,83 @@ mod tests {
                         "{t}x{n}x{m} [{i},{j}]: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// bf16 rounding to nearest even (ties, NaN, inf, subnormals, odd lengths), and every
+    /// block shape of `nt_bf16` with masked tails: each output equals the f64 dot product of
+    /// the rounded operands closely.
+    #[test]
+    fn bf16_rounding_and_nt_bf16_match_sums() {
+        if !bf16_available() {
+            eprintln!("skipping: no AVX512-BF16");
+            return;
+        }
+        let odd = [
+            1.0f32,
+            1.0 + f32::EPSILON,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            -2.5e-39,
+            f32::INFINITY,
+            f32::MAX,
+            -0.0,
+            1.234_567,
+        ];
+        for len in [1usize, 9, 16, 17, 33] {
+            let src: Vec<f32> = (0..len)
+                .map(|i| odd[i % odd.len()] * (1.0 + i as f32))
+                .collect();
+            let mut got = vec![0u16; len + 2];
+            // SAFETY: bf16_available() checked; got is longer than src.
+            unsafe { to_bf16(&src, &mut got) };
+            for (i, v) in src.iter().enumerate() {
+                assert_eq!(got[i], half::bf16::from_f32(*v).to_bits(), "{v:e}");
+            }
+            assert_eq!(&got[len..], &[0, 0], "wrote past the end");
+        }
+        let mut nan = [0u16; 1];
+        // SAFETY: as above.
+        unsafe { to_bf16(&[f32::NAN], &mut nan) };
+        assert!(half::bf16::from_bits(nan[0]).is_nan());
+        for (t, n, k) in [
+            (1, 1, 32),
+            (5, 7, 37),
+            (9, 64, 576),
+            (4, 4, 3),
+            (13, 6, 100),
+        ] {
+            let x: Vec<f32> = (0..t * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+                .collect();
+            let (mut xb, mut wb) = (vec![0u16; t * k], vec![0u16; n * k]);
+            // SAFETY: as above.
+            unsafe {
+                to_bf16(&x, &mut xb);
+                to_bf16(&w, &mut wb);
+            }
+            let f = |b: u16| half::bf16::from_bits(b).to_f32() as f64;
+            let ys = n + 3;
+            let mut y = vec![f32::NAN; t * ys];
+            // SAFETY: bf16_available() checked; y holds t rows of ys ≥ n.
+            unsafe { nt_bf16(&xb, t, &wb, n, k, y.as_mut_ptr(), ys) };
+            for i in 0..t {
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|c| f(xb[i * k + c]) * f(wb[j * k + c])).sum();
+                    let got = y[i * ys + j];
+                    assert!(
+                        (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{t}x{n}x{k} [{i},{j}]: {got} vs {want}"
+                    );
+                }
+                assert!(
+                    y[i * ys + n..(i + 1) * ys].iter().all(|v| v.is_nan()),
+                    "wrote past n"
+                );
             }
         }
     }

@@ -27,16 +27,63 @@ impl SendPtr {
     }
 }
 
+/// Whether the batched products (more than GEMV_MAX_TOKENS tokens: prefill, perplexity, the
+/// trainer's forward) round both operands to bf16 and take `matmul::nt_bf16`, twice the f32
+/// path's multiply-adds an instruction: QLORA_CPU_BF16=1, on a CPU with AVX512-BF16. Not exact
+/// (off by default): the weights and activations each lose 16 bits of mantissa, as in a
+/// bf16-compute-dtype PyTorch model.
+fn bf16_products() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var_os("QLORA_CPU_BF16").is_some_and(|v| v == "1")
+            && crate::matmul::bf16_available()
+    })
+}
+
+/// Whether this CPU can take `linear_with`'s bf16 products (AVX-512 on, and AVX512-BF16).
+pub fn bf16_available() -> bool {
+    crate::matmul::bf16_available()
+}
+
 /// y = x · Wᵀ.
 /// # Shapes
 /// x [t, d_in], w [d_out, d_in] → y [t, d_out]
 pub fn linear(x: &[f32], t: usize, w: &Weight, y: &mut [f32]) {
+    linear_with(x, t, w, y, bf16_products())
+}
+
+/// `linear`, its batched products in bf16 (`bf16_products`) when `bf16` and the CPU has
+/// AVX512-BF16.
+pub fn linear_with(x: &[f32], t: usize, w: &Weight, y: &mut [f32], bf16: bool) {
     let (d_out, d_in) = (w.rows, w.cols);
     debug_assert_eq!(x.len(), t * d_in);
     debug_assert_eq!(y.len(), t * d_out);
     let yp = SendPtr(y.as_mut_ptr());
     if t <= GEMV_MAX_TOKENS {
         gemv(x, t, w, y);
+        return;
+    }
+    if bf16 && crate::matmul::bf16_available() {
+        let mut xb = vec![0u16; t * d_in];
+        // SAFETY: AVX512-BF16 checked; xb is as long as x.
+        unsafe { crate::matmul::to_bf16(x, &mut xb) };
+        (0..d_out.div_ceil(TILE_ROWS))
+            .into_par_iter()
+            .for_each_init(
+                || (vec![0f32; TILE_ROWS * d_in], vec![0u16; TILE_ROWS * d_in]),
+                |(buf, bb), c| {
+                    let r0 = c * TILE_ROWS;
+                    let n = TILE_ROWS.min(d_out - r0);
+                    let (tile, tb) = (&mut buf[..n * d_in], &mut bb[..n * d_in]);
+                    w.dequantize_rows(r0, tile);
+                    // SAFETY: AVX512-BF16 checked; the task writes columns r0..r0+n of y [t,
+                    // d_out], disjoint from other tasks.
+                    unsafe {
+                        crate::matmul::to_bf16(tile, tb);
+                        crate::matmul::nt_bf16(&xb, t, tb, n, d_in, yp.get().add(r0), d_out)
+                    };
+                },
+            );
         return;
     }
     (0..d_out.div_ceil(TILE_ROWS))

@@ -196,6 +196,50 @@ fn linear_on_bitsandbytes_4bit_and_int8_weights() {
     }
 }
 
+/// QLORA_CPU_BF16's products (`ops::linear_with(.., true)`): on a CPU with AVX512-BF16, equal
+/// the reference over bf16-rounded activations and weights (f32 sums), on 4-bit and dense
+/// weights, odd widths (masked tails of the 32-wide steps), prefill token counts; decode
+/// counts keep the exact path. Elsewhere the call is the exact `linear`.
+#[test]
+fn linear_in_bf16_equals_the_product_of_rounded_operands() {
+    use qlora_quant::bnb;
+    use qlora_quant::Quant4;
+    let round = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|x| half::bf16::from_f32(*x).to_f32())
+            .collect()
+    };
+    let bf16 = ops::bf16_available();
+    for (quant, bs, out, inp) in [
+        (Quant4::Nf4, 64, 70, 128),
+        (Quant4::Nf4, 64, 130, 576),
+        (Quant4::Fp4, 64, 21, 33),
+    ] {
+        let vals = data(out * inp, 17);
+        let (packed, absmax) = bnb::quantize_4bit(&vals, bs, quant);
+        let w = Weight::bnb4(quant, quant.code(), bs, out, inp, Arc::new(packed), absmax).unwrap();
+        let wr = Weight::from_f32(out, inp, &round(&w.to_f32()));
+        for t in [3usize, 5, 9, 17] {
+            let x = data(t * inp, 18);
+            let mut y = vec![0f32; t * out];
+            ops::linear_with(&x, t, &w, &mut y, true);
+            let exact = reference::linear(&x, t, &w);
+            if bf16 && t > 4 {
+                close(&y, &reference::linear(&round(&x), t, &wr), TOL);
+                assert!(
+                    y != exact,
+                    "[{out}, {inp}] t {t}: bf16 products gave the exact bits"
+                );
+            } else {
+                close(&y, &exact, TOL);
+            }
+        }
+    }
+    if !bf16 {
+        eprintln!("no AVX512-BF16 here: only the exact path was checked");
+    }
+}
+
 #[test]
 fn linear_on_gptq_awq_grouped_weights_fused_and_widened() {
     use qlora_engine::Groups;
