@@ -443,37 +443,59 @@ mod tests {
             (4, 4, 3),
             (13, 6, 100),
         ] {
-            let x: Vec<f32> = (0..t * k)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
-                .collect();
+            let (x, w) = operands(t, n, k);
             let (mut xb, mut wb) = (vec![0u16; t * k], vec![0u16; n * k]);
             // SAFETY: as above.
             unsafe {
                 to_bf16(&x, &mut xb);
                 to_bf16(&w, &mut wb);
             }
-            let f = |b: u16| half::bf16::from_bits(b).to_f32() as f64;
             let ys = n + 3;
             let mut y = vec![f32::NAN; t * ys];
             // SAFETY: bf16_available() checked; y holds t rows of ys ≥ n.
             unsafe { nt_bf16(&xb, t, &wb, n, k, y.as_mut_ptr(), ys) };
-            for i in 0..t {
-                for j in 0..n {
-                    let want: f64 = (0..k).map(|c| f(xb[i * k + c]) * f(wb[j * k + c])).sum();
-                    let got = y[i * ys + j];
-                    assert!(
-                        (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "{t}x{n}x{k} [{i},{j}]: {got} vs {want}"
-                    );
-                }
+            let f = |v: &[u16]| -> Vec<f64> {
+                v.iter()
+                    .map(|b| half::bf16::from_bits(*b).to_f32() as f64)
+                    .collect()
+            };
+            check_products(&y, ys, (t, n, k), &f(&xb), &f(&wb));
+        }
+    }
+
+    /// x [t, k] and w [n, k] of O(1) values.
+    fn operands(t: usize, n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..t * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let w = (0..n * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+            .collect();
+        (x, w)
+    }
+
+    /// y [t, ys]: each y[i, j] for j < n close to the f64 dot of x's row i and w's row j, and
+    /// the columns from n on untouched (NaN).
+    fn check_products(
+        y: &[f32],
+        ys: usize,
+        (t, n, k): (usize, usize, usize),
+        x: &[f64],
+        w: &[f64],
+    ) {
+        for i in 0..t {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|c| x[i * k + c] * w[j * k + c]).sum();
+                let got = y[i * ys + j];
                 assert!(
-                    y[i * ys + n..(i + 1) * ys].iter().all(|v| v.is_nan()),
-                    "wrote past n"
+                    (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{t}x{n}x{k} [{i},{j}]: {got} vs {want}"
                 );
             }
+            assert!(
+                y[i * ys + n..(i + 1) * ys].iter().all(|v| v.is_nan()),
+                "wrote past n"
+            );
         }
     }
 
@@ -491,32 +513,13 @@ mod tests {
             (4, 4, 3),
             (13, 6, 100),
         ] {
-            let x: Vec<f32> = (0..t * k)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
-                .collect();
+            let (x, w) = operands(t, n, k);
             let ys = n + 3;
             let mut y = vec![f32::NAN; t * ys];
             // SAFETY: available() checked; y holds t rows of ys ≥ n.
             unsafe { nt(&x, t, &w, n, k, y.as_mut_ptr(), ys) };
-            for i in 0..t {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
-                        .sum();
-                    let got = y[i * ys + j];
-                    assert!(
-                        (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "{t}x{n}x{k} [{i},{j}]: {got} vs {want}"
-                    );
-                }
-                assert!(
-                    y[i * ys + n..(i + 1) * ys].iter().all(|v| v.is_nan()),
-                    "wrote past n"
-                );
-            }
+            let f = |v: &[f32]| -> Vec<f64> { v.iter().map(|x| *x as f64).collect() };
+            check_products(&y, ys, (t, n, k), &f(&x), &f(&w));
         }
     }
 }
