@@ -63,38 +63,33 @@ pub fn linear_with(x: &[f32], t: usize, w: &Weight, y: &mut [f32], bf16: bool) {
         gemv(x, t, w, y);
         return;
     }
-    if bf16 && crate::matmul::bf16_available() {
+    // The activations rounded to bf16 once, for the bf16 products.
+    let xb = (bf16 && crate::matmul::bf16_available()).then(|| {
         let mut xb = vec![0u16; t * d_in];
         // SAFETY: AVX512-BF16 checked; xb is as long as x.
         unsafe { crate::matmul::to_bf16(x, &mut xb) };
-        (0..d_out.div_ceil(TILE_ROWS))
-            .into_par_iter()
-            .for_each_init(
-                || (vec![0f32; TILE_ROWS * d_in], vec![0u16; TILE_ROWS * d_in]),
-                |(buf, bb), c| {
-                    let r0 = c * TILE_ROWS;
-                    let n = TILE_ROWS.min(d_out - r0);
-                    let (tile, tb) = (&mut buf[..n * d_in], &mut bb[..n * d_in]);
-                    w.dequantize_rows(r0, tile);
-                    // SAFETY: AVX512-BF16 checked; the task writes columns r0..r0+n of y [t,
-                    // d_out], disjoint from other tasks.
-                    unsafe {
-                        crate::matmul::to_bf16(tile, tb);
-                        crate::matmul::nt_bf16(&xb, t, tb, n, d_in, yp.get().add(r0), d_out)
-                    };
-                },
-            );
-        return;
-    }
+        xb
+    });
+    let tb_len = if xb.is_some() { TILE_ROWS * d_in } else { 0 };
     (0..d_out.div_ceil(TILE_ROWS))
         .into_par_iter()
         .for_each_init(
-            || vec![0f32; TILE_ROWS * d_in],
-            |buf, c| {
+            || (vec![0f32; TILE_ROWS * d_in], vec![0u16; tb_len]),
+            |(buf, bb), c| {
                 let r0 = c * TILE_ROWS;
                 let n = TILE_ROWS.min(d_out - r0);
                 let tile = &mut buf[..n * d_in];
                 w.dequantize_rows(r0, tile);
+                if let Some(xb) = &xb {
+                    let tb = &mut bb[..n * d_in];
+                    // SAFETY: AVX512-BF16 checked; the task writes columns r0..r0+n of y [t,
+                    // d_out], disjoint from other tasks.
+                    unsafe {
+                        crate::matmul::to_bf16(tile, tb);
+                        crate::matmul::nt_bf16(xb, t, tb, n, d_in, yp.get().add(r0), d_out)
+                    };
+                    return;
+                }
                 if crate::matmul::available() {
                     // SAFETY: AVX-512 checked; the task writes columns r0..r0+n of y [t, d_out],
                     // disjoint from other tasks.
