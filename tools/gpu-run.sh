@@ -3,7 +3,7 @@
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
 # QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
-# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), serve (test-serve alone), attn (the decode attention and GEMV kernels' durations at batch 1
+# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), attrope (the attention with RoPE inside, A/B with its L2 prefetch), serve (test-serve alone), attn (the decode attention and GEMV kernels' durations at batch 1
 # and 64, short and long contexts), models (test-gpu alone), gemvcap (decode with the tensor-core
 # GEMVs off, A/B), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
@@ -216,6 +216,12 @@ for stage in "$@"; do
         $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda \
         --prompt-tokens 16 --gen-tokens 32 --repeats 1 > "$OUT/ncu-fold.csv" 2>"$OUT/ncu-fold.err"
       ncu_summary "$OUT/ncu-fold.csv" ;;
+    attrope)
+      # The decode attention with RoPE and the cache store inside it (QLORA_ATT_ROPE) and its
+      # keys asked of L2 before the grid wait (QLORA_ATT_PREFETCH): the attention op tests,
+      # then decode at batch 1 and 8, A/B.
+      echo "== .gpu/bin/test-ops attention"; .gpu/bin/test-ops attention --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked"
+      decode_settings - QLORA_ATT_ROPE=0 QLORA_ATT_PREFETCH=0 "QLORA_ATT_ROPE=0 QLORA_ATT_PREFETCH=0" ;;
     serve)
       echo "== .gpu/bin/test-serve"; .gpu/bin/test-serve --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked" ;;
     opsfuse)

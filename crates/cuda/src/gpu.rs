@@ -25,6 +25,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "rope_store",
     "attention_v",
     "attention_s",
+    "attention_rope_v",
+    "attention_rope_s",
     "attention_merge",
     "dequant4",
     "dequant4_x32",
@@ -213,6 +215,26 @@ pub struct Attention {
     pub part: u64,
     /// The parts each token's keys are split into; None: `attention_splits`.
     pub splits: Option<usize>,
+    /// RoPE in the attention (one token, `t` = 1): q and the new key arrive unrotated, and
+    /// the kernel rotates them and stores the key and value at the token's slot, which is
+    /// what `rope_store` before it would do, to the bit.
+    pub rope: Option<AttRope>,
+}
+
+/// The rotation tables and the token's cache slot for `Attention::rope`: cos/sin [n_pos,
+/// hd/2] f32, slot [t] i32 (block · block_size + offset).
+#[derive(Clone, Copy, Debug)]
+pub struct AttRope {
+    pub cos: u64,
+    pub sin: u64,
+    pub slot: u64,
+}
+
+/// Whether the decode attention asks L2 for its part's first keys before its grid wait
+/// (kernels.cu `attention_body`); `QLORA_ATT_PREFETCH=0` turns it off.
+fn att_prefetch() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("QLORA_ATT_PREFETCH").is_none_or(|v| v != "0"))
 }
 
 /// Query heads one attention block takes (kernels.cu ATT_HEADS).
@@ -1262,16 +1284,29 @@ impl Gpu {
                 )
             })
             .clamp(1, ATT_MAX_SPLITS);
-        let kernel = if (a.hd * lp).is_multiple_of(16) {
-            "attention_v"
-        } else {
-            "attention_s"
+        let kernel = match ((a.hd * lp).is_multiple_of(16), a.rope.is_some()) {
+            (true, false) => "attention_v",
+            (false, false) => "attention_s",
+            (true, true) => "attention_rope_v",
+            (false, true) => "attention_rope_s",
         };
         if splits > 1 && a.part == 0 {
             return Err(Error::Invalid(
                 "attention: split keys need the part scratch".into(),
             ));
         }
+        if a.rope.is_some() && a.t != 1 {
+            // Several tokens of one sequence would need each other's keys stored first.
+            return Err(Error::Invalid(format!(
+                "attention: RoPE in the attention takes one token, got {}",
+                a.t
+            )));
+        }
+        let rope = a.rope.unwrap_or(AttRope {
+            cos: 0,
+            sin: 0,
+            slot: 0,
+        });
         let part_ml = a.part;
         let part_acc = a.part + (a.t * a.heads * splits * 2 * 4) as u64;
 
@@ -1300,6 +1335,10 @@ impl Gpu {
                 P(a.out32),
                 P(part_ml),
                 P(part_acc),
+                P(rope.cos),
+                P(rope.sin),
+                P(rope.slot),
+                I(att_prefetch() as i32),
             ],
         )?;
         if splits > 1 {

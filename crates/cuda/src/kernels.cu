@@ -208,6 +208,16 @@ extern "C" __global__ void swiglu(const float* __restrict__ gu, int f, lp_t* __r
     if (out32) out32[i] = lp_to_f(o);
 }
 
+// One rotate-half pair (x1 at j, x2 at j + hd/2) by the angle whose cosine and sine are c, s:
+// unfused products and sums, as the CPU computes them, and the same bits in every kernel that
+// rotates (rope_store, attention_rope).
+__device__ __forceinline__ void rope_pair(float* x1, float* x2, float c, float s) {
+    float r1 = __fsub_rn(__fmul_rn(*x1, c), __fmul_rn(*x2, s));
+    float r2 = __fadd_rn(__fmul_rn(*x2, c), __fmul_rn(*x1, s));
+    *x1 = r1;
+    *x2 = r2;
+}
+
 // RoPE (rotate-half) in place on the q and k columns of qkv, and the k/v rows stored into the
 // paged cache at each token's slot. One block per (token, head) over the q, k and v heads,
 // one thread per rotated pair (j, j + hd/2): no loop, so every load is in flight at once.
@@ -225,10 +235,7 @@ extern "C" __global__ void rope_store(float* __restrict__ qkv, int ld, int heads
     float x1 = hp[j], x2 = hp[j + half];
     if (head < heads + kvh) {
         int ps = pos[tok];
-        float c = cos_t[(long)ps * half + j], s = sin_t[(long)ps * half + j];
-        float r1 = x1 * c - x2 * s, r2 = x2 * c + x1 * s;
-        x1 = r1;
-        x2 = r2;
+        rope_pair(&x1, &x2, cos_t[(long)ps * half + j], sin_t[(long)ps * half + j]);
         hp[j] = x1;
         hp[j + half] = x2;
     }
@@ -347,26 +354,38 @@ template <> struct KvChunk<2> {
 #endif
 
 // V: elements of a key chunk; U: output dims a lane accumulates per pass over the value row.
-template <int V, int U>
+// Keys of a part asked of L2 before the grid wait (attention_body's prologue).
+#define ATT_PREFETCH_KEYS 128
+
+// With ROPE (attention_rope, one token): q and the new key arrive unrotated in qkv; the block
+// rotates its heads' q into shared memory, and the blocks whose part holds the token's own
+// position rotate its key, keep it and its value (rounded to lp, as the cache holds them) in
+// shared memory for that key's turn, and the first head block of the kv head stores both at
+// `slot`: what rope_store then attention would compute, to the bit, in one launch. Either way
+// the prologue, which reads only what was written before the previous kernel (the batch's
+// metadata, the block table, the older keys), runs before the grid wait: the positions, the
+// part's bounds and table, and the part's first ATT_PREFETCH_KEYS keys and values asked of L2
+// (`prefetch` 0: not asked).
+template <int V, int U, bool ROPE>
 __device__ __forceinline__ void attention_body(
-    const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, const lp_t* __restrict__ vc,
+    const float* __restrict__ qkv, int ld, lp_t* kc, lp_t* vc,
     const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,
     int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale, int hpb,
     int splits, lp_t* __restrict__ out, float* __restrict__ out32, float* __restrict__ part_ml,
-    float* __restrict__ part_acc) {
+    float* __restrict__ part_acc, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+    const int* __restrict__ slot, int prefetch) {
     constexpr int E = ATT_MAX_HD / (32 * U);  // value passes a lane may need
     __shared__ float qs[ATT_HEADS][ATT_MAX_HD];
     __shared__ float wm[ATT_WARPS][ATT_HEADS], wl[ATT_WARPS][ATT_HEADS], wf[ATT_WARPS][ATT_HEADS];
     __shared__ float gls[ATT_HEADS], gms[ATT_HEADS];
     __shared__ float wacc[ATT_WARPS][ATT_HEADS][ATT_MAX_HD];
+    __shared__ __align__(16) lp_t knew[ROPE ? ATT_MAX_HD : 1], vnew[ROPE ? ATT_MAX_HD : 1];
     const int group = heads / kvh, hgroups = (group + hpb - 1) / hpb;
     const int split = blockIdx.x % splits, hb = blockIdx.x / splits;
     const int kvhead = hb / hgroups, head0 = kvhead * group + (hb % hgroups) * hpb;
     const int nh = min(hpb, kvhead * group + group - head0);
     const int tok = blockIdx.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, key = lane >> 2, part = lane & 3;
-    const float* q = qkv + (long)tok * ld + (long)head0 * hd;
-    for (int i = threadIdx.x; i < nh * hd; i += blockDim.x) qs[i / hd][i % hd] = q[i];
     const int p = pos[tok];
     const int lo = window > 0 ? max(0, p + 1 - window) : 0;
     const int per = (p + 1 - lo + splits - 1) / splits;
@@ -374,6 +393,55 @@ __device__ __forceinline__ void attention_body(
     const int* table = tables + (long)seq[tok] * max_blocks;
     const long row = (long)kvh * hd;
     const int nchunks = hd / V;
+    const int half = hd / 2;
+    if (prefetch) {
+        // 128-byte lines of the part's first keys' K and V rows (the token's own key, not
+        // written yet with ROPE, is skipped).
+        const int lines = (int)((hd * sizeof(lp_t) + 127) / 128);
+        const int nk = min(b, a + ATT_PREFETCH_KEYS) - a;
+        for (int i = threadIdx.x; i < nk * lines * 2; i += blockDim.x) {
+            const int j = a + i / (lines * 2), r = i % (lines * 2);
+            if (ROPE && j == p) continue;
+            const long at = ((long)table[j / block_size] * block_size + j % block_size) * row + (long)kvhead * hd;
+            const char* line = reinterpret_cast<const char*>((r < lines ? kc : vc) + at) + (r % lines) * 128;
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+        }
+    }
+    float cs = 0.f, sn = 0.f;
+    if (ROPE && threadIdx.x < half) { cs = cos_t[(long)p * half + threadIdx.x]; sn = sin_t[(long)p * half + threadIdx.x]; }
+    qlora_grid_wait_att();
+    const float* q = qkv + (long)tok * ld + (long)head0 * hd;
+    if (ROPE) {
+        // blockDim.x ≥ hd / 2 (the host's check): thread j rotates pair j of every head.
+        const int j = threadIdx.x;
+        if (j < half) {
+            for (int h = 0; h < nh; h++) {
+                float x1 = q[h * hd + j], x2 = q[h * hd + j + half];
+                rope_pair(&x1, &x2, cs, sn);
+                qs[h][j] = x1;
+                qs[h][j + half] = x2;
+            }
+            if (a <= p && p < b) {
+                const float* kp = qkv + (long)tok * ld + (long)(heads + kvhead) * hd;
+                const float* vp = kp + (long)kvh * hd;
+                float x1 = kp[j], x2 = kp[j + half];
+                rope_pair(&x1, &x2, cs, sn);
+                knew[j] = f_to_lp(x1);
+                knew[j + half] = f_to_lp(x2);
+                vnew[j] = f_to_lp(vp[j]);
+                vnew[j + half] = f_to_lp(vp[j + half]);
+                if (hb % hgroups == 0) {
+                    const long at = (long)slot[tok] * row + (long)kvhead * hd;
+                    kc[at + j] = knew[j];
+                    kc[at + j + half] = knew[j + half];
+                    vc[at + j] = vnew[j];
+                    vc[at + j + half] = vnew[j + half];
+                }
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < nh * hd; i += blockDim.x) qs[i / hd][i % hd] = q[i];
+    }
     float m[ATT_HEADS], l[ATT_HEADS], acc[ATT_HEADS][E][U];
 #pragma unroll
     for (int h = 0; h < ATT_HEADS; h++) {
@@ -389,13 +457,14 @@ __device__ __forceinline__ void attention_body(
         const bool valid = j < b;
         const int jl = valid ? j : j0;  // past the end: the round's first key, weighed 0
         const long base = ((long)table[jl / block_size] * block_size + jl % block_size) * row + (long)kvhead * hd;
+        const lp_t* krow = (ROPE && jl == p) ? knew : kc + base;
         float sc[ATT_HEADS];
 #pragma unroll
         for (int h = 0; h < ATT_HEADS; h++) sc[h] = 0.f;
 #pragma unroll 4
         for (int c = part; c < nchunks; c += 4) {
             float kv[V];
-            KvChunk<V>::load(kc + base + c * V, kv);
+            KvChunk<V>::load(krow + c * V, kv);
 #pragma unroll
             for (int h = 0; h < ATT_HEADS; h++) {
                 if (h < nh) {
@@ -437,7 +506,9 @@ __device__ __forceinline__ void attention_body(
                 const int d = (lane + 32 * e) * U;
                 if (d < hd) {
                     float vv[U];
-                    KvChunk<U>::load(vc + bj + d, vv);
+                    // the key this lane group loaded (the round's first past the end)
+                    const int jk = j0 + jj < b ? j0 + jj : j0;
+                    KvChunk<U>::load((ROPE && jk == p) ? vnew + d : vc + bj + d, vv);
 #pragma unroll
                     for (int h = 0; h < ATT_HEADS; h++)
 #pragma unroll
@@ -490,24 +561,29 @@ __device__ __forceinline__ void attention_body(
     }
 }
 
-#define ATTENTION_KERNEL(NAME, V, U)                                                                       \
+#define ATTENTION_KERNEL(NAME, V, U, ROPE)                                                                 \
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                         \
-    NAME(const float* __restrict__ qkv, int ld, const lp_t* __restrict__ kc, const lp_t* __restrict__ vc, \
-         const int* __restrict__ seq, const int* __restrict__ pos, const int* __restrict__ tables,         \
-         int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale, int hpb,     \
-         int splits, lp_t* __restrict__ out, float* __restrict__ out32, float* __restrict__ part_ml,       \
-         float* __restrict__ part_acc) {                                                                   \
-        qlora_grid_wait_att();                                                                             \
-        attention_body<V, U>(qkv, ld, kc, vc, seq, pos, tables, max_blocks, block_size, heads, kvh, hd,    \
-                             window, scale, hpb, splits, out, out32, part_ml, part_acc);                  \
+    NAME(const float* __restrict__ qkv, int ld, lp_t* kc, lp_t* vc, const int* __restrict__ seq,          \
+         const int* __restrict__ pos, const int* __restrict__ tables, int max_blocks, int block_size,     \
+         int heads, int kvh, int hd, int window, float scale, int hpb, int splits, lp_t* __restrict__ out, \
+         float* __restrict__ out32, float* __restrict__ part_ml, float* __restrict__ part_acc,            \
+         const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ slot,   \
+         int prefetch) {                                                                                   \
+        attention_body<V, U, ROPE>(qkv, ld, kc, vc, seq, pos, tables, max_blocks, block_size, heads, kvh,  \
+                                   hd, window, scale, hpb, splits, out, out32, part_ml, part_acc, cos_t,   \
+                                   sin_t, slot, prefetch);                                                 \
     }
-// attention_v: hd a multiple of 16 bytes' worth of elements; attention_s: any even hd.
+// attention_v: hd a multiple of 16 bytes' worth of elements; attention_s: any even hd. The
+// _rope kernels rotate and store the token's key themselves (one token a sequence, t = 1).
 #ifdef QLORA_BF16
-ATTENTION_KERNEL(attention_v, 8, 4)
+ATTENTION_KERNEL(attention_v, 8, 4, false)
+ATTENTION_KERNEL(attention_rope_v, 8, 4, true)
 #else
-ATTENTION_KERNEL(attention_v, 4, 4)
+ATTENTION_KERNEL(attention_v, 4, 4, false)
+ATTENTION_KERNEL(attention_rope_v, 4, 4, true)
 #endif
-ATTENTION_KERNEL(attention_s, 2, 2)
+ATTENTION_KERNEL(attention_s, 2, 2, false)
+ATTENTION_KERNEL(attention_rope_s, 2, 2, true)
 
 // The splits of `attention` combined in split order: out [t, heads · hd] (lp) and out32.
 // Grid (heads, t); part_ml and part_acc as attention writes them.

@@ -138,6 +138,14 @@ enum MatKind {
     },
 }
 
+/// Whether a one-token step's attention rotates q and the new key and stores the key itself
+/// (kernels.cu `attention_rope_*`) instead of a `rope_store` launch before it;
+/// `QLORA_ATT_ROPE=0` turns it off.
+fn att_rope() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("QLORA_ATT_ROPE").is_none_or(|v| v != "0"))
+}
+
 /// Whether one-token GEMVs take their fused LoRA in, shrink and expand in the same kernel
 /// (QLORA_LORA_FOLD=0: not, the two matrix products after the GEMV instead).
 fn lora_fold_on() -> bool {
@@ -1560,25 +1568,33 @@ impl CudaModel {
             )? {
                 self.norm_linear(&l.ln1, &l.qkv, t, s.qkv.ptr(), qkv_ld, groups)?;
             }
-            g.launch(
-                "rope_store",
-                (t as u32, (self.heads + 2 * self.kvh) as u32),
-                (self.hd / 2).next_multiple_of(32) as u32,
-                &[
-                    P(s.qkv.ptr()),
-                    I(qkv_ld as i32),
-                    I(self.heads as i32),
-                    I(self.kvh as i32),
-                    I(self.hd as i32),
-                    P(self.cos.ptr()),
-                    P(self.sin.ptr()),
-                    P(self.mptr(m.pos)),
-                    P(self.mptr(m.slot)),
-                    P(l.k.ptr()),
-                    P(l.v.ptr()),
-                    P(pa.map_or(0, |p| p.qkv.ptr())),
-                ],
-            )?;
+            // One token over the cache: the attention rotates and stores it itself.
+            let rope = (pa.is_none() && t == 1 && att_rope()).then(|| crate::gpu::AttRope {
+                cos: self.cos.ptr(),
+                sin: self.sin.ptr(),
+                slot: self.mptr(m.slot),
+            });
+            if rope.is_none() {
+                g.launch(
+                    "rope_store",
+                    (t as u32, (self.heads + 2 * self.kvh) as u32),
+                    (self.hd / 2).next_multiple_of(32) as u32,
+                    &[
+                        P(s.qkv.ptr()),
+                        I(qkv_ld as i32),
+                        I(self.heads as i32),
+                        I(self.kvh as i32),
+                        I(self.hd as i32),
+                        P(self.cos.ptr()),
+                        P(self.sin.ptr()),
+                        P(self.mptr(m.pos)),
+                        P(self.mptr(m.slot)),
+                        P(l.k.ptr()),
+                        P(l.v.ptr()),
+                        P(pa.map_or(0, |p| p.qkv.ptr())),
+                    ],
+                )?;
+            }
             match pa {
                 Some(p) => self.prefill_attention(p, t, qkv_ld, scale)?,
                 None => g.attention(&crate::gpu::Attention {
@@ -1601,6 +1617,7 @@ impl CudaModel {
                     out32: c,
                     part: s.att_part.ptr(),
                     splits: None,
+                    rope,
                 })?,
             }
             self.residual(

@@ -369,6 +369,7 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                     out32: o32.ptr(),
                     part: part.ptr(),
                     splits,
+                    rope: None,
                 })
                 .unwrap();
                 let got = down_lp(&g, &out, t * heads * hd);
@@ -410,6 +411,191 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                 );
             }
         }
+    }
+}
+
+/// Bit patterns of f32s, so that NaN (poison) compares equal to itself.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn attention_with_rope_equals_rope_store_then_attention() {
+    for g in gpus() {
+        // (heads, kv heads, head dim, window, position of the token): the first token (no
+        // older keys), a position inside a cache block and at a block's start, GQA groups
+        // split over two head blocks (12 / 2), the 2-element key loads (38), windows that
+        // start past key 0, and parts that the token's key falls in or past.
+        for (heads, kvh, hd, window, p) in [
+            (8usize, 2usize, 128usize, 0usize, 0usize),
+            (8, 2, 128, 0, 37),
+            (32, 8, 128, 0, 79),
+            (6, 2, 40, 0, 2 * BS),
+            (12, 2, 38, 0, 70),
+            (4, 4, 64, 9, 37),
+            (2, 1, 256, 5, 600),
+            (3, 3, 16, 7, 90),
+        ] {
+            let kvd = kvh * hd;
+            let ld = (heads + 2 * kvh) * hd;
+            let n = p + 1;
+            let table = block_table(n, 2);
+            let total = table.len() + 5;
+            let max_blocks = table.len() + 1;
+            let mut tables = vec![0i32; max_blocks];
+            tables[..table.len()].copy_from_slice(&table);
+            let slot = table[p / BS] as usize * BS + p % BS;
+            // The older keys and values in the cache; the token's own slot poisoned.
+            let (kold, vold) = (rand(30, p * kvd), rand(31, p * kvd));
+            let mut kc = vec![f32::NAN; total * BS * kvd];
+            let mut vc = kc.clone();
+            for j in 0..p {
+                let sl = table[j / BS] as usize * BS + j % BS;
+                kc[sl * kvd..(sl + 1) * kvd].copy_from_slice(&kold[j * kvd..(j + 1) * kvd]);
+                vc[sl * kvd..(sl + 1) * kvd].copy_from_slice(&vold[j * kvd..(j + 1) * kvd]);
+            }
+            let qkv = rand(32, ld);
+            let inv_freq: Vec<f32> = (0..hd / 2)
+                .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+                .collect();
+            let rt = ops::RopeTable { inv_freq };
+            let (cos, sin) = rt.cos_sin(0..n + 3);
+            let (bc, bsn) = (up(&g, &cos), up(&g, &sin));
+            let (bseq, bpos, bslot, bt) = (
+                up_i(&g, &[0]),
+                up_i(&g, &[p as i32]),
+                up_i(&g, &[slot as i32]),
+                up_i(&g, &tables),
+            );
+            let part = g
+                .alloc(heads * qlora_cuda::ATT_MAX_SPLITS * (hd + 2) * 4)
+                .unwrap();
+            let scale = 1.0 / (hd as f32).sqrt();
+            // The CPU: the rotated q and key, then attention over every key.
+            let mut q = qkv[..heads * hd].to_vec();
+            let mut knew = qkv[heads * hd..heads * hd + kvd].to_vec();
+            let vnew = &qkv[heads * hd + kvd..];
+            let (c1, s1) = rt.cos_sin([p].into_iter());
+            ops::rope(&mut q, heads, hd, &c1, &s1);
+            ops::rope(&mut knew, kvh, hd, &c1, &s1);
+            let kall = [lp_round(g.precision, &kold), lp_round(g.precision, &knew)].concat();
+            let vall = [lp_round(g.precision, &vold), lp_round(g.precision, vnew)].concat();
+            let mut want = vec![0f32; heads * hd];
+            let w = (window > 0).then_some(window);
+            ops::attention(&q, &kall, &vall, 1, p, heads, kvh, hd, w, &mut want);
+            for splits in [None, Some(1), Some(3), Some(qlora_cuda::ATT_MAX_SPLITS)] {
+                let mut got = Vec::new();
+                for fused in [false, true] {
+                    let (bq, bk, bv) = (up(&g, &qkv), up_lp(&g, &kc), up_lp(&g, &vc));
+                    if !fused {
+                        g.launch(
+                            "rope_store",
+                            (1, (heads + 2 * kvh) as u32),
+                            (hd / 2).next_multiple_of(32) as u32,
+                            &[
+                                P(bq.ptr()),
+                                I(ld as i32),
+                                I(heads as i32),
+                                I(kvh as i32),
+                                I(hd as i32),
+                                P(bc.ptr()),
+                                P(bsn.ptr()),
+                                P(bpos.ptr()),
+                                P(bslot.ptr()),
+                                P(bk.ptr()),
+                                P(bv.ptr()),
+                                P(0),
+                            ],
+                        )
+                        .unwrap();
+                    }
+                    let out = poison_lp(&g, heads * hd);
+                    let o32 = poison(&g, heads * hd);
+                    g.attention(&qlora_cuda::Attention {
+                        qkv: bq.ptr(),
+                        ld,
+                        k: bk.ptr(),
+                        v: bv.ptr(),
+                        seq: bseq.ptr(),
+                        pos: bpos.ptr(),
+                        tables: bt.ptr(),
+                        max_blocks,
+                        block_size: BS,
+                        heads,
+                        kvh,
+                        hd,
+                        window,
+                        scale,
+                        t: 1,
+                        out: out.ptr(),
+                        out32: o32.ptr(),
+                        part: part.ptr(),
+                        splits,
+                        rope: fused.then_some(qlora_cuda::AttRope {
+                            cos: bc.ptr(),
+                            sin: bsn.ptr(),
+                            slot: bslot.ptr(),
+                        }),
+                    })
+                    .unwrap();
+                    let o = down_lp(&g, &out, heads * hd);
+                    assert_eq!(bits(&down(&g, &o32, heads * hd)), bits(&o), "f32 copy");
+                    let nc = total * BS * kvd;
+                    got.push((o, down_lp(&g, &bk, nc), down_lp(&g, &bv, nc)));
+                }
+                let what =
+                    format!("h{heads} kv{kvh} hd{hd} window {window} p {p} splits {splits:?}");
+                within(
+                    &g,
+                    &format!("attention with rope, {what}"),
+                    &got[1].0,
+                    &want,
+                );
+                assert_eq!(
+                    bits(&got[1].0),
+                    bits(&got[0].0),
+                    "{what}: output against rope_store + attention"
+                );
+                assert_eq!(
+                    bits(&got[1].1),
+                    bits(&got[0].1),
+                    "{what}: keys in the cache"
+                );
+                assert_eq!(
+                    bits(&got[1].2),
+                    bits(&got[0].2),
+                    "{what}: values in the cache"
+                );
+            }
+        }
+        // Several tokens need each other's keys stored first: refused.
+        let e = g.attention(&qlora_cuda::Attention {
+            qkv: 0,
+            ld: 0,
+            k: 0,
+            v: 0,
+            seq: 0,
+            pos: 0,
+            tables: 0,
+            max_blocks: 1,
+            block_size: BS,
+            heads: 2,
+            kvh: 1,
+            hd: 16,
+            window: 0,
+            scale: 1.0,
+            t: 2,
+            out: 0,
+            out32: 0,
+            part: 0,
+            splits: Some(1),
+            rope: Some(qlora_cuda::AttRope {
+                cos: 0,
+                sin: 0,
+                slot: 0,
+            }),
+        });
+        assert!(e.unwrap_err().to_string().contains("one token"));
     }
 }
 
