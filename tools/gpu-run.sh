@@ -3,7 +3,7 @@
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
 # QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
-# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), attrope (the attention with RoPE inside, A/B with its L2 prefetch), depth (the one-token GEMVs' passes in flight, 1-4), serve (test-serve alone), attn (the decode attention and GEMV kernels' durations at batch 1
+# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), attrope (the attention with RoPE inside, A/B with its L2 prefetch), serve (test-serve alone), attn (the decode attention and GEMV kernels' durations at batch 1
 # and 64, short and long contexts), models (test-gpu alone), gemvcap (decode with the tensor-core
 # GEMVs off, A/B), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
@@ -222,23 +222,6 @@ for stage in "$@"; do
       # then decode at batch 1 and 8, A/B.
       echo "== .gpu/bin/test-ops attention"; .gpu/bin/test-ops attention --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked"
       decode_settings - QLORA_ATT_ROPE=0 QLORA_ATT_PREFETCH=0 "QLORA_ATT_ROPE=0 QLORA_ATT_PREFETCH=0" ;;
-    depth)
-      # The one-token f16 GEMVs with 1-4 passes of weights in flight a thread
-      # (QLORA_GEMV_DEPTH): the fused GEMV op test at depths 2 and 4, then decode at batch 1
-      # with and without an r=16 adapter, twice over.
-      for dp in 2 4; do
-        echo "== QLORA_GEMV_DEPTH=$dp .gpu/bin/test-ops fused_norm"
-        QLORA_GEMV_DEPTH=$dp .gpu/bin/test-ops fused_norm --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked"
-      done
-      for r in 1 2; do
-        for dp in 1 2 3 4; do
-          for ad in "" "--adapter-rank 16"; do
-            echo "== decode, QLORA_GEMV_DEPTH=$dp $ad" | tee -a "$OUT/bench.log"
-            QLORA_GEMV_DEPTH=$dp $Q bench --synthetic mistral-7b --quantize nf4 --double-quant $ad --device cuda \
-              --prompt-tokens 16 --gen-tokens 64 --batch 1 --repeats 3 2>&1 | grep -E "decode" | tee -a "$OUT/bench.log"
-          done
-        done
-      done ;;
     serve)
       echo "== .gpu/bin/test-serve"; .gpu/bin/test-serve --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked" ;;
     opsfuse)

@@ -494,15 +494,6 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
             _ => {}
         }
     }
-    // Passes of weights a one-token f16 GEMV thread keeps in flight (kernels.cu GXH_DEPTH):
-    // QLORA_GEMV_DEPTH=1-4, default 1.
-    if let Some(d) = std::env::var("QLORA_GEMV_DEPTH")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|d| (1..=4).contains(d))
-    {
-        opts.push(format!("-DQLORA_GXH_DEPTH={d}"));
-    }
     // QLORA_PTXAS_VERBOSE=1: print ptxas's registers / spills report for every kernel.
     let verbose = std::env::var_os("QLORA_PTXAS_VERBOSE").is_some();
     if verbose {

@@ -1645,20 +1645,6 @@ __device__ __forceinline__ float h2_sum(unsigned h) {
         : "=f"(lo), "=f"(hi) : "r"(h));
     return lo + hi;
 }
-// Passes of weights a one-token f16 GEMV thread has in flight (the host's QLORA_GEMV_DEPTH):
-// one keeps it at 64 registers, two blocks an SM; more take one block an SM with the
-// registers for the deeper ring, the same bytes in flight per thread times the depth over two.
-#ifndef QLORA_GXH_DEPTH
-#define QLORA_GXH_DEPTH 1
-#endif
-#define GXH_DEPTH QLORA_GXH_DEPTH
-#if GXH_DEPTH == 1
-#define GXH_MINB 2
-#define GXH_UNROLL 2
-#else
-#define GXH_MINB 1
-#define GXH_UNROLL 1
-#endif
 __device__ __forceinline__ uint4 ldg_stream16(const void* p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -1743,7 +1729,6 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
                                              const float* __restrict__ la, unsigned* __restrict__ lflag,
                                              int lfallback) {
     extern __shared__ uint4 gxh_dyn[];
-    constexpr int DEP = R == 4 ? 1 : GXH_DEPTH;  // gemv4xh4_t1 keeps one pass (its registers)
     const unsigned lut_s = smem_addr(gxh_dyn);
     __shared__ float red[2][R][GX_MAXT / 32];  // [pass parity][row][warp]
     __shared__ float redn[32];                 // the norm's block_sum
@@ -1777,16 +1762,14 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
     // bits: the host keeps pair · row bytes below 2^31).
     const int qnext = PAIR ? pair * (int)row_bytes : (int)row_bytes;
     const int snext = PAIR ? pair * row_scales : row_scales;
-    // A ring of DEP passes' weights and scales in registers: pass st's in slot st mod
-    // DEP, loaded DEP passes ahead.
-    uint4 qn[DEP][R];
-    float sn[DEP][R];
-    auto load = [&](uint4* qd, float* sd) {
+    uint4 qn[R];
+    float sn[R];
+    auto load = [&]() {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const bool in = (PAIR ? lrow : lrow + r) < limit;
-            qd[r] = in ? ldg_stream16(qp + r * qnext) : make_uint4(0u, 0u, 0u, 0u);
-            sd[r] = in ? __ldg(sp + r * snext) : 0.f;
+            qn[r] = in ? ldg_stream16(qp + r * qnext) : make_uint4(0u, 0u, 0u, 0u);
+            sn[r] = in ? __ldg(sp + r * snext) : 0.f;
         }
         qp += qstep;
         sp += sstep;
@@ -1825,11 +1808,9 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
             for (int i = tid * 32; i < cols; i += nt * 32)
                 asm volatile("prefetch.global.L2 [%0];" ::"l"(la + (long)k * cols + i));
     }
-    // The first passes' weights in flight while the kernel before ends and the input row is
+    // The first pass's weights in flight while the kernel before ends and the input row is
     // staged (they do not depend on it either).
-#pragma unroll
-    for (int d = 0; d < DEP; d++)
-        if (d < steps && active) load(qn[d], sn[d]);
+    if (steps > 0 && active) load();
     qlora_grid_wait_gemv();
     // The input row, once a block, into shared memory after the table; with NORM,
     // RMSNorm(xn) · gn first, rounded to lp as `rms_norm` rounds it. (Each thread loading its
@@ -1908,20 +1889,16 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
 #pragma unroll
         for (int f = 0; f < 16; f++) xh[f] = 0u;
     }
-#pragma unroll GXH_UNROLL
-    for (int st0 = 0; st0 < steps; st0 += DEP)
-#pragma unroll
-    for (int d = 0; d < DEP; d++) {
-        const int st = st0 + d;
-        if (st >= steps) break;
+#pragma unroll 2
+    for (int st = 0; st < steps; st++) {
         uint4 q[R];
         float s[R];
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            q[r] = qn[d][r];
-            s[r] = sn[d][r];
+            q[r] = qn[r];
+            s[r] = sn[r];
         }
-        if (st + DEP < steps && active) load(qn[d], sn[d]);
+        if (st + 1 < steps && active) load();
         const int par = st & 1, p = (int)blockIdx.x + st * (int)gridDim.x;
         float v[R];
 #pragma unroll
@@ -2045,12 +2022,12 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
                                              accumulate, nullptr, nullptr, 0.f, 0, nullptr, 0, nullptr,  \
                                              nullptr, nullptr, 0);                                        \
     }
-GEMVXH_KERNEL(gemv4xh_t1, 2, GXH_MINB)
+GEMVXH_KERNEL(gemv4xh_t1, 2, 2)
 GEMVXH_KERNEL(gemv4xh4_t1, 4, 1)
 // gemv4xh_t1 with what gemv4xh_body's NORM, PAIR and LORA fold in: n the norm before it, g the
 // SwiGLU after it, l a fused LoRA's expand.
 #define GEMVXH_FUSED_KERNEL(NAME, NORM, PAIR, LORA)                                                      \
-    extern "C" __global__ void __launch_bounds__(GX_MAXT, GXH_MINB)                                      \
+    extern "C" __global__ void __launch_bounds__(GX_MAXT, 2)                                             \
     NAME(const u8* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ code, \
          int blocksize, int rows, int cols, const lp_t* __restrict__ x, int t, float* __restrict__ y,    \
          int ld, int accumulate, const float* __restrict__ xn, const float* __restrict__ gn, float eps,  \
