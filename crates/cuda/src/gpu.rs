@@ -219,6 +219,15 @@ pub struct Attention {
     /// the kernel rotates them and stores the key and value at the token's slot, which is
     /// what `rope_store` before it would do, to the bit.
     pub rope: Option<AttRope>,
+    /// With split keys, the merge done by each (token, head block)'s last part to finish
+    /// rather than by `attention_merge` after: u32 counts [t, heads], zero, and zero again after
+    /// (`attention_merge_counts`); 0 launches the merge kernel. The same bits either way.
+    pub merge_count: u64,
+}
+
+/// The u32 counts `Attention::merge_count` needs for up to `t_max` tokens.
+pub fn attention_merge_counts(t_max: usize, heads: usize) -> usize {
+    t_max * heads
 }
 
 /// The rotation tables and the token's cache slot for `Attention::rope`: cos/sin [n_pos,
@@ -493,6 +502,15 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
             "other" => opts.push("-DQLORA_PDL_TRIGGER_OTHER".to_string()),
             _ => {}
         }
+    }
+    // Passes a one-token f16 GEMV block runs between barriers (kernels.cu GXH_WINDOW):
+    // QLORA_GEMV_WINDOW=1, 2, 4, 8, 16 or 32 (default 8; 1 meets after every pass).
+    if let Some(w) = std::env::var("QLORA_GEMV_WINDOW")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|w| w.is_power_of_two() && *w <= 32)
+    {
+        opts.push(format!("-DQLORA_GXH_WINDOW={w}"));
     }
     // QLORA_PTXAS_VERBOSE=1: print ptxas's registers / spills report for every kernel.
     let verbose = std::env::var_os("QLORA_PTXAS_VERBOSE").is_some();
@@ -1339,9 +1357,10 @@ impl Gpu {
                 P(rope.sin),
                 P(rope.slot),
                 I(att_prefetch() as i32),
+                P(a.merge_count),
             ],
         )?;
-        if splits > 1 {
+        if splits > 1 && a.merge_count == 0 {
             self.launch(
                 "attention_merge",
                 (a.heads as u32, a.t as u32),

@@ -357,6 +357,37 @@ template <> struct KvChunk<2> {
 // Keys of a part asked of L2 before the grid wait (attention_body's prologue).
 #define ATT_PREFETCH_KEYS 128
 
+// Head oh's (token · heads + head) parts combined in split order into out (lp) and out32:
+// attention_merge's work, and the last part's block's with a merge count (attention_body). The
+// parts are read through L2 (other blocks wrote them). Ends with a barrier.
+__device__ __forceinline__ void merge_parts(long oh, int splits, int hd, const float* part_ml,
+                                            const float* part_acc, lp_t* out, float* out32) {
+    __shared__ float f[32];
+    __shared__ float gl;
+    const float* ml = part_ml + 2 * oh * splits;
+    if (threadIdx.x == 0) {
+        float gm = -INFINITY;
+        for (int s = 0; s < splits; s++) if (__ldcg(ml + 2 * s + 1) > 0.f) gm = fmaxf(gm, __ldcg(ml + 2 * s));
+        float l = 0.f;
+        for (int s = 0; s < splits; s++) {
+            const float ls = __ldcg(ml + 2 * s + 1);
+            float w = ls > 0.f ? expf(__ldcg(ml + 2 * s) - gm) : 0.f;
+            f[s] = w;
+            l += ls * w;
+        }
+        gl = l;
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++) if (f[s] > 0.f) a += __ldcg(part_acc + (oh * splits + s) * hd + d) * f[s];
+        lp_t v = f_to_lp(a / gl);
+        out[oh * hd + d] = v;
+        if (out32) out32[oh * hd + d] = lp_to_f(v);
+    }
+    __syncthreads();
+}
+
 // With ROPE (attention_rope, one token): q and the new key arrive unrotated in qkv; the block
 // rotates its heads' q into shared memory, and the blocks whose part holds the token's own
 // position rotate its key, keep it and its value (rounded to lp, as the cache holds them) in
@@ -373,7 +404,7 @@ __device__ __forceinline__ void attention_body(
     int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale, int hpb,
     int splits, lp_t* __restrict__ out, float* __restrict__ out32, float* __restrict__ part_ml,
     float* __restrict__ part_acc, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-    const int* __restrict__ slot, int prefetch) {
+    const int* __restrict__ slot, int prefetch, unsigned* __restrict__ merge_count) {
     constexpr int E = ATT_MAX_HD / (32 * U);  // value passes a lane may need
     __shared__ float qs[ATT_HEADS][ATT_MAX_HD];
     __shared__ float wm[ATT_WARPS][ATT_HEADS], wl[ATT_WARPS][ATT_HEADS], wf[ATT_WARPS][ATT_HEADS];
@@ -559,6 +590,23 @@ __device__ __forceinline__ void attention_body(
             if (d == 0) { part_ml[2 * (oh * splits + split)] = gms[h]; part_ml[2 * (oh * splits + split) + 1] = gls[h]; }
         }
     }
+    if (splits > 1 && merge_count) {
+        // The merge in the last of the token's head block's parts to finish (a count a
+        // (token, head block), back at 0 after it), in split order whichever block it is: the
+        // same bits as attention_merge, with no launch of its own.
+        __shared__ int last;
+        __threadfence();
+        __syncthreads();
+        unsigned* count = merge_count + (long)tok * (gridDim.x / splits) + hb;
+        if (threadIdx.x == 0) last = atomicAdd(count, 1u) == (unsigned)splits - 1;
+        __syncthreads();
+        if (last) {
+            __threadfence();
+            for (int h = 0; h < nh; h++)
+                merge_parts((long)tok * heads + head0 + h, splits, hd, part_ml, part_acc, out, out32);
+            if (threadIdx.x == 0) *count = 0u;
+        }
+    }
 }
 
 #define ATTENTION_KERNEL(NAME, V, U, ROPE)                                                                 \
@@ -568,10 +616,10 @@ __device__ __forceinline__ void attention_body(
          int heads, int kvh, int hd, int window, float scale, int hpb, int splits, lp_t* __restrict__ out, \
          float* __restrict__ out32, float* __restrict__ part_ml, float* __restrict__ part_acc,            \
          const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ slot,   \
-         int prefetch) {                                                                                   \
+         int prefetch, unsigned* __restrict__ merge_count) {                                               \
         attention_body<V, U, ROPE>(qkv, ld, kc, vc, seq, pos, tables, max_blocks, block_size, heads, kvh,  \
                                    hd, window, scale, hpb, splits, out, out32, part_ml, part_acc, cos_t,   \
-                                   sin_t, slot, prefetch);                                                 \
+                                   sin_t, slot, prefetch, merge_count);                                    \
     }
 // attention_v: hd a multiple of 16 bytes' worth of elements; attention_s: any even hd. The
 // _rope kernels rotate and store the token's key themselves (one token a sequence, t = 1).
@@ -591,29 +639,7 @@ extern "C" __global__ void attention_merge(const float* __restrict__ part_ml, co
                                            int heads, int hd, int splits, lp_t* __restrict__ out,
                                            float* __restrict__ out32) {
     qlora_grid_wait_att();
-    __shared__ float f[32];
-    __shared__ float gl;
-    const long oh = (long)blockIdx.y * heads + blockIdx.x;
-    const float* ml = part_ml + 2 * oh * splits;
-    if (threadIdx.x == 0) {
-        float gm = -INFINITY;
-        for (int s = 0; s < splits; s++) if (ml[2 * s + 1] > 0.f) gm = fmaxf(gm, ml[2 * s]);
-        float l = 0.f;
-        for (int s = 0; s < splits; s++) {
-            float w = ml[2 * s + 1] > 0.f ? expf(ml[2 * s] - gm) : 0.f;
-            f[s] = w;
-            l += ml[2 * s + 1] * w;
-        }
-        gl = l;
-    }
-    __syncthreads();
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < splits; s++) if (f[s] > 0.f) a += part_acc[(oh * splits + s) * hd + d] * f[s];
-        lp_t v = f_to_lp(a / gl);
-        out[oh * hd + d] = v;
-        if (out32) out32[oh * hd + d] = lp_to_f(v);
-    }
+    merge_parts((long)blockIdx.y * heads + blockIdx.x, splits, hd, part_ml, part_acc, out, out32);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1703,6 +1729,14 @@ __device__ __noinline__ int wait_count(const unsigned* count, unsigned n, int gi
     }
     return give_up;
 }
+// Passes a one-token f16 GEMV block runs between its barriers (a power of two; 1 meets after
+// every pass): 8 against 1, batch-1 decode 415 → 477 tok/s (run 67). QLORA_GEMV_WINDOW sets it
+// at compile time (gpu.rs).
+#ifndef QLORA_GXH_WINDOW
+#define QLORA_GXH_WINDOW 8
+#endif
+#define GXH_WINDOW QLORA_GXH_WINDOW
+static_assert(GXH_WINDOW > 0 && (GXH_WINDOW & (GXH_WINDOW - 1)) == 0, "the window is a power of two");
 // What the `gemv4xh_*_t1` kernels fold into the GEMV (NORM, PAIR; null / 0 in the
 // plain kernels):
 // - NORM: x is RMSNorm(xn) · gn (xn f32 [cols], the residual row; gn f32 [cols]), rounded to
@@ -1730,7 +1764,7 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
                                              int lfallback) {
     extern __shared__ uint4 gxh_dyn[];
     const unsigned lut_s = smem_addr(gxh_dyn);
-    __shared__ float red[2][R][GX_MAXT / 32];  // [pass parity][row][warp]
+    __shared__ float red[2 * GXH_WINDOW][R][GX_MAXT / 32];  // [pass mod 2·window][row][warp]
     __shared__ float redn[32];                 // the norm's block_sum
     const int nt = blockDim.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     for (int e = tid; e < 256 * 32; e += nt) {
@@ -1899,7 +1933,7 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
             s[r] = sn[r];
         }
         if (st + 1 < steps && active) load();
-        const int par = st & 1, p = (int)blockIdx.x + st * (int)gridDim.x;
+        const int slot = st % (2 * GXH_WINDOW);
         float v[R];
 #pragma unroll
         for (int r = 0; r < R; r++) v[r] = active ? dot32h(q[r], xh, lut_s, lane4) * inv * s[r] : 0.f;
@@ -1919,33 +1953,43 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
             for (int r = 0; r < R / 2; r++) h[r] += __shfl_xor_sync(0xffffffffu, h[r], o);
         if ((lane & 15) == 0)
 #pragma unroll
-            for (int r = 0; r < R / 2; r++) red[par][r + (upper ? R / 2 : 0)][warp] = h[r];
+            for (int r = 0; r < R / 2; r++) red[slot][r + (upper ? R / 2 : 0)][warp] = h[r];
+        // The block meets only at the end of a window of GXH_WINDOW passes (and after its last
+        // pass), and then finishes that window's rows; the window after it writes the other
+        // half of `red`, so no warp waits for the others in between.
+        if (st % GXH_WINDOW != GXH_WINDOW - 1 && st + 1 != steps) continue;
         __syncthreads();
-        auto row_sum = [&](int i) {  // the pass's row i (thread group i / R), warps in order
+        const int w0 = st - st % GXH_WINDOW;
+        auto row_sum = [&](int sl, int i) {  // pass slot sl's row i (thread group i / R), warps in order
             float sum = 0.f;
-            for (int w = 0; w < kw; w++) sum += red[par][i % R][(i / R) * kw + w];
+            for (int w = 0; w < kw; w++) sum += red[sl][i % R][(i / R) * kw + w];
             return sum;
         };
-        if (PAIR) {
-            const int j = p * rs + tid;
-            if (tid < rs && j < pair) {
-                const float gt = row_sum(2 * tid), up = row_sum(2 * tid + 1);
-                if (LORA) {
-                    dynf[yst + st * rows_pass + 2 * tid] = gt;
-                    dynf[yst + st * rows_pass + 2 * tid + 1] = up;
-                } else {
-                    ((lp_t*)y)[j] = f_to_lp(gt / (1.0f + expf(-gt)) * up);
+        const int per = PAIR ? rs : rows_pass;  // what a pass finishes: pairs, or rows
+        for (int q = tid; q < (st - w0 + 1) * per; q += nt) {
+            const int sw = w0 + q / per, i = q % per, sl = sw % (2 * GXH_WINDOW);
+            const int p = (int)blockIdx.x + sw * (int)gridDim.x;
+            if (PAIR) {
+                const int j = p * rs + i;
+                if (j < pair) {
+                    const float gt = row_sum(sl, 2 * i), up = row_sum(sl, 2 * i + 1);
+                    if (LORA) {
+                        dynf[yst + sw * rows_pass + 2 * i] = gt;
+                        dynf[yst + sw * rows_pass + 2 * i + 1] = up;
+                    } else {
+                        ((lp_t*)y)[j] = f_to_lp(gt / (1.0f + expf(-gt)) * up);
+                    }
                 }
-            }
-        } else if (tid < rows_pass) {
-            const int row = p * rows_pass + tid;
-            if (row < rows) {
-                const float sum = row_sum(tid);
-                if (LORA) {
-                    dynf[yst + st * rows_pass + tid] = sum;
-                } else {
-                    float* o = y + row;
-                    *o = accumulate ? *o + sum : sum;
+            } else {
+                const int row = p * rows_pass + i;
+                if (row < rows) {
+                    const float sum = row_sum(sl, i);
+                    if (LORA) {
+                        dynf[yst + sw * rows_pass + i] = sum;
+                    } else {
+                        float* o = y + row;
+                        *o = accumulate ? *o + sum : sum;
+                    }
                 }
             }
         }

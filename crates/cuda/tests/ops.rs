@@ -345,8 +345,12 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                 .alloc(t * heads * qlora_cuda::ATT_MAX_SPLITS * (hd + 2) * 4)
                 .unwrap();
             let scale = 1.0 / (hd as f32).sqrt();
-            let mut runs = Vec::new();
-            for splits in [None, Some(1), Some(3), Some(qlora_cuda::ATT_MAX_SPLITS)] {
+            let counts = up_i(&g, &vec![0; qlora_cuda::attention_merge_counts(t, heads)]);
+            let mut runs: Vec<(Option<usize>, bool, Vec<f32>)> = Vec::new();
+            for (splits, merged) in [None, Some(1), Some(3), Some(qlora_cuda::ATT_MAX_SPLITS)]
+                .into_iter()
+                .flat_map(|sp| [(sp, false), (sp, true)])
+            {
                 let out = poison_lp(&g, t * heads * hd);
                 let o32 = poison(&g, t * heads * hd);
                 g.attention(&qlora_cuda::Attention {
@@ -370,11 +374,26 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                     part: part.ptr(),
                     splits,
                     rope: None,
+                    merge_count: if merged { counts.ptr() } else { 0 },
                 })
                 .unwrap();
                 let got = down_lp(&g, &out, t * heads * hd);
                 assert_eq!(down(&g, &o32, t * heads * hd), got, "attention's f32 copy");
-                runs.push((splits, got));
+                if merged {
+                    // The in-kernel merge: the merge kernel's bits, and its counts back at 0.
+                    let (_, _, alone) = runs.last().expect("the unmerged run first");
+                    assert_eq!(
+                        bits(&got),
+                        bits(alone),
+                        "h{heads} kv{kvh} hd{hd} splits {splits:?}: merged in the kernel"
+                    );
+                    let n = qlora_cuda::attention_merge_counts(t, heads);
+                    assert!(
+                        down_u32(&g, &counts, n).iter().all(|&c| c == 0),
+                        "counts left"
+                    );
+                }
+                runs.push((splits, merged, got));
             }
             let w = (window > 0).then_some(window);
             let mut want = vec![0f32; t * heads * hd];
@@ -402,7 +421,7 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                 w,
                 &mut want[ta * heads * hd..],
             );
-            for (splits, got) in &runs {
+            for (splits, _, got) in &runs {
                 within(
                     &g,
                     &format!("attention h{heads} kv{kvh} hd{hd} window {window} splits {splits:?}"),
@@ -483,9 +502,11 @@ fn attention_with_rope_equals_rope_store_then_attention() {
             let mut want = vec![0f32; heads * hd];
             let w = (window > 0).then_some(window);
             ops::attention(&q, &kall, &vall, 1, p, heads, kvh, hd, w, &mut want);
+            let counts = up_i(&g, &vec![0; qlora_cuda::attention_merge_counts(1, heads)]);
             for splits in [None, Some(1), Some(3), Some(qlora_cuda::ATT_MAX_SPLITS)] {
                 let mut got = Vec::new();
-                for fused in [false, true] {
+                // rope_store + attention, RoPE inside, and RoPE and the merge inside.
+                for (fused, merged) in [(false, false), (true, false), (true, true)] {
                     let (bq, bk, bv) = (up(&g, &qkv), up_lp(&g, &kc), up_lp(&g, &vc));
                     if !fused {
                         g.launch(
@@ -536,6 +557,7 @@ fn attention_with_rope_equals_rope_store_then_attention() {
                             sin: bsn.ptr(),
                             slot: bslot.ptr(),
                         }),
+                        merge_count: if merged { counts.ptr() } else { 0 },
                     })
                     .unwrap();
                     let o = down_lp(&g, &out, heads * hd);
@@ -566,6 +588,16 @@ fn attention_with_rope_equals_rope_store_then_attention() {
                     bits(&got[0].2),
                     "{what}: values in the cache"
                 );
+                assert_eq!(
+                    bits(&got[2].0),
+                    bits(&got[0].0),
+                    "{what}: output with the merge in the kernel"
+                );
+                assert_eq!(bits(&got[2].1), bits(&got[0].1), "{what}: keys, merged");
+                assert!(
+                    down_u32(&g, &counts, heads).iter().all(|&c| c == 0),
+                    "{what}: counts left"
+                );
             }
         }
         // Several tokens need each other's keys stored first: refused.
@@ -594,6 +626,7 @@ fn attention_with_rope_equals_rope_store_then_attention() {
                 sin: 0,
                 slot: 0,
             }),
+            merge_count: 0,
         });
         assert!(e.unwrap_err().to_string().contains("one token"));
     }
@@ -1375,6 +1408,8 @@ fn fused_norm_gemv_swiglu_and_lora() {
             (Quant4::Fp4, 2 * 13, 576, 64, true, true, 7),
             (Quant4::Nf4, 2 * 37, 640, 128, true, true, 0),
             (Quant4::Nf4, 2 * 40, 14336, 64, true, true, 16),
+            // Mistral's gate/up with an adapter: 14 passes a block, two windows.
+            (Quant4::Nf4, 2 * 14336, 4096, 64, true, true, 16),
             // The plain input with an adapter, accumulating (the o and down projections).
             (Quant4::Nf4, 4096, 4096, 64, false, false, 16),
             (Quant4::Nf4, 40, 14336, 64, false, false, 7),
@@ -1566,6 +1601,8 @@ fn fused_4bit_gemv_and_cublas_gemm() {
             (Quant4::Fp4, 50, 1536, 256, 1, 1e-7),
             (Quant4::Nf4, 4096, 14336, 64, 1, 1.0),
             (Quant4::Nf4, 29, 640, 128, 1, 1.0),
+            // gemv4xh: 8-9 passes a block (a window of 8 and one pass more), 32 rows a pass.
+            (Quant4::Nf4, 70001, 64, 64, 1, 1.0),
         ] {
             let case = gemv_case(&g, quant, (rows, cols, bs, t), (7, 50), x_scale);
             // Every GEMV family for t: the default, the x-stationary, the staged, the register
