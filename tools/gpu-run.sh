@@ -3,7 +3,7 @@
 # built by tools/gpu-build.sh. Stages (any of): check (the GPU test executables with
 # QLORA_REQUIRE_GPU=1), ops (the op-level GPU tests alone), bench (qlora bench on a synthetic Mistral-7B), kernels (the kernel
 # bench alone), decode1 (batch-1 decode with and without an adapter), ncu (Nsight Compute: the decode GEMVs' stall reasons), steps (every kernel's
-# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), attrope (the attention with RoPE inside, A/B with its L2 prefetch), window (the one-token GEMVs' barrier every 8 passes against 1 and 16, the attention's merge in-kernel against its kernel, A/B), serve (test-serve alone), attn (the decode attention and GEMV kernels' durations at batch 1
+# time over two decode steps), fold (the fused LoRA against the two-product path, and ncu per kernel with it), opsfuse (the fused one-token GEMV op test alone), attrope (the attention with RoPE inside, A/B with its L2 prefetch), window (the one-token GEMVs' barrier every 8 passes against 1 and 16, A/B), serve (test-serve alone), attn (the decode attention and GEMV kernels' durations at batch 1
 # and 64, short and long contexts), models (test-gpu alone), gemvcap (decode with the tensor-core
 # GEMVs off, A/B), peer (HF + PEFT +
 # bitsandbytes, ../shared/peers/h200_peer.py --decode, when its wheel is in .gpu-peer/whl; carry it too),
@@ -224,14 +224,14 @@ for stage in "$@"; do
       decode_settings - QLORA_ATT_ROPE=0 QLORA_ATT_PREFETCH=0 "QLORA_ATT_ROPE=0 QLORA_ATT_PREFETCH=0" ;;
     window)
       # The one-token f16 GEMVs' barrier every 8 passes (the default) against every pass
-      # (QLORA_GEMV_WINDOW=1) and every 16, and the attention's merge in its last part's block
-      # (the default) against the merge kernel (QLORA_ATT_MERGE=0): the op tests, then decode A/B.
+      # (QLORA_GEMV_WINDOW=1) and every 16: the op tests, then decode A/B. (Run 68 also had
+      # the attention merge in its last part's block here: 393 against 453 tok/s, removed.)
       for w in "" QLORA_GEMV_WINDOW=16; do
         echo "== ${w:-default} .gpu/bin/test-ops fused_"
         env $w .gpu/bin/test-ops fused_ --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked"
       done
       echo "== .gpu/bin/test-ops attention"; .gpu/bin/test-ops attention --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked"
-      decode_settings - QLORA_GEMV_WINDOW=1 QLORA_ATT_MERGE=0 QLORA_GEMV_WINDOW=16 ;;
+      decode_settings - QLORA_GEMV_WINDOW=1 QLORA_GEMV_WINDOW=16 ;;
     serve)
       echo "== .gpu/bin/test-serve"; .gpu/bin/test-serve --test-threads=1 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked" ;;
     opsfuse)

@@ -219,15 +219,6 @@ pub struct Attention {
     /// the kernel rotates them and stores the key and value at the token's slot, which is
     /// what `rope_store` before it would do, to the bit.
     pub rope: Option<AttRope>,
-    /// With split keys, the merge done by each (token, head block)'s last part to finish
-    /// rather than by `attention_merge` after: u32 counts [t, heads], zero, and zero again after
-    /// (`attention_merge_counts`); 0 launches the merge kernel. The same bits either way.
-    pub merge_count: u64,
-}
-
-/// The u32 counts `Attention::merge_count` needs for up to `t_max` tokens.
-pub fn attention_merge_counts(t_max: usize, heads: usize) -> usize {
-    t_max * heads
 }
 
 /// The rotation tables and the token's cache slot for `Attention::rope`: cos/sin [n_pos,
@@ -1357,10 +1348,9 @@ impl Gpu {
                 P(rope.sin),
                 P(rope.slot),
                 I(att_prefetch() as i32),
-                P(a.merge_count),
             ],
         )?;
-        if splits > 1 && a.merge_count == 0 {
+        if splits > 1 {
             self.launch(
                 "attention_merge",
                 (a.heads as u32, a.t as u32),

@@ -357,37 +357,6 @@ template <> struct KvChunk<2> {
 // Keys of a part asked of L2 before the grid wait (attention_body's prologue).
 #define ATT_PREFETCH_KEYS 128
 
-// Head oh's (token · heads + head) parts combined in split order into out (lp) and out32:
-// attention_merge's work, and the last part's block's with a merge count (attention_body). The
-// parts are read through L2 (other blocks wrote them). Ends with a barrier.
-__device__ __forceinline__ void merge_parts(long oh, int splits, int hd, const float* part_ml,
-                                            const float* part_acc, lp_t* out, float* out32) {
-    __shared__ float f[32];
-    __shared__ float gl;
-    const float* ml = part_ml + 2 * oh * splits;
-    if (threadIdx.x == 0) {
-        float gm = -INFINITY;
-        for (int s = 0; s < splits; s++) if (__ldcg(ml + 2 * s + 1) > 0.f) gm = fmaxf(gm, __ldcg(ml + 2 * s));
-        float l = 0.f;
-        for (int s = 0; s < splits; s++) {
-            const float ls = __ldcg(ml + 2 * s + 1);
-            float w = ls > 0.f ? expf(__ldcg(ml + 2 * s) - gm) : 0.f;
-            f[s] = w;
-            l += ls * w;
-        }
-        gl = l;
-    }
-    __syncthreads();
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < splits; s++) if (f[s] > 0.f) a += __ldcg(part_acc + (oh * splits + s) * hd + d) * f[s];
-        lp_t v = f_to_lp(a / gl);
-        out[oh * hd + d] = v;
-        if (out32) out32[oh * hd + d] = lp_to_f(v);
-    }
-    __syncthreads();
-}
-
 // With ROPE (attention_rope, one token): q and the new key arrive unrotated in qkv; the block
 // rotates its heads' q into shared memory, and the blocks whose part holds the token's own
 // position rotate its key, keep it and its value (rounded to lp, as the cache holds them) in
@@ -404,7 +373,7 @@ __device__ __forceinline__ void attention_body(
     int max_blocks, int block_size, int heads, int kvh, int hd, int window, float scale, int hpb,
     int splits, lp_t* __restrict__ out, float* __restrict__ out32, float* __restrict__ part_ml,
     float* __restrict__ part_acc, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-    const int* __restrict__ slot, int prefetch, unsigned* __restrict__ merge_count) {
+    const int* __restrict__ slot, int prefetch) {
     constexpr int E = ATT_MAX_HD / (32 * U);  // value passes a lane may need
     __shared__ float qs[ATT_HEADS][ATT_MAX_HD];
     __shared__ float wm[ATT_WARPS][ATT_HEADS], wl[ATT_WARPS][ATT_HEADS], wf[ATT_WARPS][ATT_HEADS];
@@ -590,23 +559,6 @@ __device__ __forceinline__ void attention_body(
             if (d == 0) { part_ml[2 * (oh * splits + split)] = gms[h]; part_ml[2 * (oh * splits + split) + 1] = gls[h]; }
         }
     }
-    if (splits > 1 && merge_count) {
-        // The merge in the last of the token's head block's parts to finish (a count a
-        // (token, head block), back at 0 after it), in split order whichever block it is: the
-        // same bits as attention_merge, with no launch of its own.
-        __shared__ int last;
-        __threadfence();
-        __syncthreads();
-        unsigned* count = merge_count + (long)tok * (gridDim.x / splits) + hb;
-        if (threadIdx.x == 0) last = atomicAdd(count, 1u) == (unsigned)splits - 1;
-        __syncthreads();
-        if (last) {
-            __threadfence();
-            for (int h = 0; h < nh; h++)
-                merge_parts((long)tok * heads + head0 + h, splits, hd, part_ml, part_acc, out, out32);
-            if (threadIdx.x == 0) *count = 0u;
-        }
-    }
 }
 
 #define ATTENTION_KERNEL(NAME, V, U, ROPE)                                                                 \
@@ -616,10 +568,10 @@ __device__ __forceinline__ void attention_body(
          int heads, int kvh, int hd, int window, float scale, int hpb, int splits, lp_t* __restrict__ out, \
          float* __restrict__ out32, float* __restrict__ part_ml, float* __restrict__ part_acc,            \
          const float* __restrict__ cos_t, const float* __restrict__ sin_t, const int* __restrict__ slot,   \
-         int prefetch, unsigned* __restrict__ merge_count) {                                               \
+         int prefetch) {                                                                                   \
         attention_body<V, U, ROPE>(qkv, ld, kc, vc, seq, pos, tables, max_blocks, block_size, heads, kvh,  \
                                    hd, window, scale, hpb, splits, out, out32, part_ml, part_acc, cos_t,   \
-                                   sin_t, slot, prefetch, merge_count);                                    \
+                                   sin_t, slot, prefetch);                                                 \
     }
 // attention_v: hd a multiple of 16 bytes' worth of elements; attention_s: any even hd. The
 // _rope kernels rotate and store the token's key themselves (one token a sequence, t = 1).
@@ -639,7 +591,29 @@ extern "C" __global__ void attention_merge(const float* __restrict__ part_ml, co
                                            int heads, int hd, int splits, lp_t* __restrict__ out,
                                            float* __restrict__ out32) {
     qlora_grid_wait_att();
-    merge_parts((long)blockIdx.y * heads + blockIdx.x, splits, hd, part_ml, part_acc, out, out32);
+    __shared__ float f[32];
+    __shared__ float gl;
+    const long oh = (long)blockIdx.y * heads + blockIdx.x;
+    const float* ml = part_ml + 2 * oh * splits;
+    if (threadIdx.x == 0) {
+        float gm = -INFINITY;
+        for (int s = 0; s < splits; s++) if (ml[2 * s + 1] > 0.f) gm = fmaxf(gm, ml[2 * s]);
+        float l = 0.f;
+        for (int s = 0; s < splits; s++) {
+            float w = ml[2 * s + 1] > 0.f ? expf(ml[2 * s] - gm) : 0.f;
+            f[s] = w;
+            l += ml[2 * s + 1] * w;
+        }
+        gl = l;
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++) if (f[s] > 0.f) a += part_acc[(oh * splits + s) * hd + d] * f[s];
+        lp_t v = f_to_lp(a / gl);
+        out[oh * hd + d] = v;
+        if (out32) out32[oh * hd + d] = lp_to_f(v);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ mod model;
 mod nccl;
 
 pub use gpu::{
-    attention_merge_counts, attention_part_bytes, attention_splits, compile, compile_source,
-    device_count, gemv4_fits, gemv4_kernel, gemv4m_fits, gemvq_fits, nvrtc_present, Arg, AttRope,
-    Attention, DevBuf, Dt, Gemv4, GemvFuse, Gemvq, Gpu, Graph, ATT_MAX_SPLITS, GEMVQ_MAX_T,
-    GEMV_MAX_T, KERNELS, KERNEL_NAMES,
+    attention_part_bytes, attention_splits, compile, compile_source, device_count, gemv4_fits,
+    gemv4_kernel, gemv4m_fits, gemvq_fits, nvrtc_present, Arg, AttRope, Attention, DevBuf, Dt,
+    Gemv4, GemvFuse, Gemvq, Gpu, Graph, ATT_MAX_SPLITS, GEMVQ_MAX_T, GEMV_MAX_T, KERNELS,
+    KERNEL_NAMES,
 };
 pub use model::train::{CudaTrainer, Recompute};
 pub use model::{CudaDecoder, CudaModel, CudaOptions, Seq, KV_BLOCK};

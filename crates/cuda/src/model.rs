@@ -146,14 +146,6 @@ fn att_rope() -> bool {
     *ON.get_or_init(|| std::env::var_os("QLORA_ATT_ROPE").is_none_or(|v| v != "0"))
 }
 
-/// Whether the decode attention with split keys merges them in its last part's block
-/// (`Attention::merge_count`) instead of an `attention_merge` launch after it;
-/// `QLORA_ATT_MERGE=0` turns it off.
-fn att_merge_in_kernel() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("QLORA_ATT_MERGE").is_none_or(|v| v != "0"))
-}
-
 /// Whether one-token GEMVs take their fused LoRA in, shrink and expand in the same kernel
 /// (QLORA_LORA_FOLD=0: not, the two matrix products after the GEMV instead).
 fn lora_fold_on() -> bool {
@@ -361,9 +353,6 @@ struct Scratch {
     attn: DevBuf,
     /// f32: the attention's split keys (`attention_part_bytes`)
     att_part: DevBuf,
-    /// u32 [t, heads], zero between launches: the in-kernel merge's counts
-    /// (`attention_merge_counts`)
-    att_count: DevBuf,
     /// f32 [T, d] o/down outputs, head rows
     o: DevBuf,
     /// f32 [T, 2 f] gate | up
@@ -972,7 +961,6 @@ impl CudaModel {
                 max_blocks * KV_BLOCK,
                 gpu.sms as usize,
             ))?,
-            att_count: gpu.upload(&vec![0u32; crate::gpu::attention_merge_counts(t, heads)])?,
             o: gpu.alloc(t * d * 4)?,
             gu: gpu.alloc(t * 2 * f * 4)?,
             w: gpu.alloc(max_w * lp)?,
@@ -1630,11 +1618,6 @@ impl CudaModel {
                     part: s.att_part.ptr(),
                     splits: None,
                     rope,
-                    merge_count: if att_merge_in_kernel() {
-                        s.att_count.ptr()
-                    } else {
-                        0
-                    },
                 })?,
             }
             self.residual(

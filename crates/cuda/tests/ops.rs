@@ -345,12 +345,8 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                 .alloc(t * heads * qlora_cuda::ATT_MAX_SPLITS * (hd + 2) * 4)
                 .unwrap();
             let scale = 1.0 / (hd as f32).sqrt();
-            let counts = up_i(&g, &vec![0; qlora_cuda::attention_merge_counts(t, heads)]);
-            let mut runs: Vec<(Option<usize>, bool, Vec<f32>)> = Vec::new();
-            for (splits, merged) in [None, Some(1), Some(3), Some(qlora_cuda::ATT_MAX_SPLITS)]
-                .into_iter()
-                .flat_map(|sp| [(sp, false), (sp, true)])
-            {
+            let mut runs = Vec::new();
+            for splits in [None, Some(1), Some(3), Some(qlora_cuda::ATT_MAX_SPLITS)] {
                 let out = poison_lp(&g, t * heads * hd);
                 let o32 = poison(&g, t * heads * hd);
                 g.attention(&qlora_cuda::Attention {
@@ -374,26 +370,11 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                     part: part.ptr(),
                     splits,
                     rope: None,
-                    merge_count: if merged { counts.ptr() } else { 0 },
                 })
                 .unwrap();
                 let got = down_lp(&g, &out, t * heads * hd);
                 assert_eq!(down(&g, &o32, t * heads * hd), got, "attention's f32 copy");
-                if merged {
-                    // The in-kernel merge: the merge kernel's bits, and its counts back at 0.
-                    let (_, _, alone) = runs.last().expect("the unmerged run first");
-                    assert_eq!(
-                        bits(&got),
-                        bits(alone),
-                        "h{heads} kv{kvh} hd{hd} splits {splits:?}: merged in the kernel"
-                    );
-                    let n = qlora_cuda::attention_merge_counts(t, heads);
-                    assert!(
-                        down_u32(&g, &counts, n).iter().all(|&c| c == 0),
-                        "counts left"
-                    );
-                }
-                runs.push((splits, merged, got));
+                runs.push((splits, got));
             }
             let w = (window > 0).then_some(window);
             let mut want = vec![0f32; t * heads * hd];
@@ -421,7 +402,7 @@ fn attention_over_a_paged_cache_gqa_window_and_two_sequences() {
                 w,
                 &mut want[ta * heads * hd..],
             );
-            for (splits, _, got) in &runs {
+            for (splits, got) in &runs {
                 within(
                     &g,
                     &format!("attention h{heads} kv{kvh} hd{hd} window {window} splits {splits:?}"),
@@ -502,11 +483,9 @@ fn attention_with_rope_equals_rope_store_then_attention() {
             let mut want = vec![0f32; heads * hd];
             let w = (window > 0).then_some(window);
             ops::attention(&q, &kall, &vall, 1, p, heads, kvh, hd, w, &mut want);
-            let counts = up_i(&g, &vec![0; qlora_cuda::attention_merge_counts(1, heads)]);
             for splits in [None, Some(1), Some(3), Some(qlora_cuda::ATT_MAX_SPLITS)] {
                 let mut got = Vec::new();
-                // rope_store + attention, RoPE inside, and RoPE and the merge inside.
-                for (fused, merged) in [(false, false), (true, false), (true, true)] {
+                for fused in [false, true] {
                     let (bq, bk, bv) = (up(&g, &qkv), up_lp(&g, &kc), up_lp(&g, &vc));
                     if !fused {
                         g.launch(
@@ -557,7 +536,6 @@ fn attention_with_rope_equals_rope_store_then_attention() {
                             sin: bsn.ptr(),
                             slot: bslot.ptr(),
                         }),
-                        merge_count: if merged { counts.ptr() } else { 0 },
                     })
                     .unwrap();
                     let o = down_lp(&g, &out, heads * hd);
@@ -588,16 +566,6 @@ fn attention_with_rope_equals_rope_store_then_attention() {
                     bits(&got[0].2),
                     "{what}: values in the cache"
                 );
-                assert_eq!(
-                    bits(&got[2].0),
-                    bits(&got[0].0),
-                    "{what}: output with the merge in the kernel"
-                );
-                assert_eq!(bits(&got[2].1), bits(&got[0].1), "{what}: keys, merged");
-                assert!(
-                    down_u32(&g, &counts, heads).iter().all(|&c| c == 0),
-                    "{what}: counts left"
-                );
             }
         }
         // Several tokens need each other's keys stored first: refused.
@@ -626,7 +594,6 @@ fn attention_with_rope_equals_rope_store_then_attention() {
                 sin: 0,
                 slot: 0,
             }),
-            merge_count: 0,
         });
         assert!(e.unwrap_err().to_string().contains("one token"));
     }
