@@ -4,7 +4,8 @@
 use crate::simd::dot;
 use crate::{Weight, WeightFormat};
 use qlora_quant::{
-    bf16_dot_rows, block_sums, bnb4_dot_rows, dot_rows, has_fused_dot, Bnb4Activation, GgmlType,
+    bf16_dot_rows, block_sums, bnb4_dot_rows, bnb4_dot_rows_q8, dot_rows, has_fused_dot,
+    Bnb4Activation, GgmlType, Q8Activation, Q8Code,
 };
 use rayon::prelude::*;
 
@@ -38,6 +39,16 @@ fn bf16_products() -> bool {
         std::env::var_os("QLORA_CPU_BF16").is_some_and(|v| v == "1")
             && crate::matmul::bf16_available()
     })
+}
+
+/// Whether decode (at most GEMV_MAX_TOKENS tokens) dots bitsandbytes 4-bit rows whose code
+/// book fits 8 bits (NF4) with integer products against the activation rounded to 8 bits per
+/// run of 32 (`qlora_quant::bnb4_dot_rows_q8`, llama.cpp's Q8_0 × IQ4_NL way): QLORA_CPU_Q8=1.
+/// Not exact (off by default): each NF4 code value moves by 0.0017 of its block's absmax (RMS, `Q8Code::new`), each
+/// activation by up to half of its run's 8-bit step.
+fn q8_products() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("QLORA_CPU_Q8").is_some_and(|v| v == "1"))
 }
 
 /// Whether this CPU can take `linear_with`'s bf16 products (AVX-512 on, and AVX512-BF16).
@@ -133,6 +144,9 @@ enum Prepared<'a> {
     Ggml(qlora_quant::GgmlType, Vec<Vec<f32>>),
     /// The fused bitsandbytes 4-bit kernel, with the activations in its order.
     Bnb4(&'a crate::weight::Scales, Vec<Bnb4Activation>),
+    /// The same with 8-bit integer products (`q8_products`): the code book and each token's
+    /// activation in 8 bits.
+    Bnb4Q8(&'a crate::weight::Scales, Q8Code, Vec<Q8Activation>),
     /// GPTQ/AWQ with contiguous groups of `size` columns: each token's input in stored
     /// column order (`Groups::perm`) and its group sums.
     Grouped(
@@ -164,7 +178,15 @@ impl<'a> Prepared<'a> {
             }
             WeightFormat::Bnb4(_) => {
                 let s = w.scales().expect("bnb4 weight has scales");
-                if s.blocksize.is_multiple_of(32) && w.cols.is_multiple_of(s.blocksize) {
+                let fits = s.blocksize.is_multiple_of(32) && w.cols.is_multiple_of(s.blocksize);
+                let q8 = if fits && q8_products() {
+                    Q8Code::cached(&s.code)
+                } else {
+                    None
+                };
+                if let Some(code) = q8 {
+                    Prepared::Bnb4Q8(s, code, x.chunks(w.cols).map(Q8Activation::new).collect())
+                } else if fits {
                     Prepared::Bnb4(s, x.chunks(w.cols).map(Bnb4Activation::new).collect())
                 } else {
                     Prepared::Widen
@@ -321,6 +343,14 @@ pub fn linear_many(x: &[f32], t: usize, ws: &[&Weight], ys: &mut [&mut [f32]]) {
                 let absmax = &s.values[r0 * per_row..(r0 + n) * per_row];
                 for (tok, xr) in acts.iter().enumerate() {
                     bnb4_dot_rows(rows, absmax, &s.code, s.blocksize, xr, out(tok));
+                }
+            }
+            Prepared::Bnb4Q8(s, code, acts) => {
+                let rows = &w.bytes()[r0 * d_in / 2..(r0 + n) * d_in / 2];
+                let per_row = d_in / s.blocksize;
+                let absmax = &s.values[r0 * per_row..(r0 + n) * per_row];
+                for (tok, xr) in acts.iter().enumerate() {
+                    bnb4_dot_rows_q8(rows, absmax, code, s.blocksize, xr, out(tok));
                 }
             }
             Prepared::GroupedBnb(g, acts, sums) => {

@@ -20,6 +20,18 @@ pub trait Decoder {
         self.reset();
         Ok(nll_of(&logits, ids, self.vocab_size()))
     }
+    /// `nll` the way generation sees the text: one token a step through the cache, so the
+    /// one-token (decode) kernels score every prediction.
+    fn nll_stepwise(&mut self, ids: &[u32]) -> Result<(f64, usize)> {
+        self.reset();
+        let mut nll = 0f64;
+        for pair in ids.windows(2) {
+            let logits = self.step(&pair[..1], Logits::Last)?;
+            nll += nll_of(&logits, pair, self.vocab_size()).0;
+        }
+        self.reset();
+        Ok((nll, ids.len().saturating_sub(1)))
+    }
 }
 
 /// The negative log-likelihood of each next token under `logits` [t, v].

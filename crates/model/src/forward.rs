@@ -405,6 +405,27 @@ mod tests {
         a.iter().zip(b).fold(0f32, |e, (x, y)| e.max((x - y).abs())) / m
     }
 
+    /// Scoring one token a step (the decode kernels) gives the one-pass negative
+    /// log-likelihood within rounding, with the same count, and leaves the decoder fresh.
+    #[test]
+    fn stepwise_nll_equals_the_one_pass_nll() {
+        use crate::decoder::{CpuDecoder, Decoder};
+        let (base, ad) = models();
+        let ids = [3u32, 17, 250, 9, 9, 41, 7, 600, 2, 11];
+        for m in [&base, &ad] {
+            let mut d = CpuDecoder::new(m);
+            let (one, n1) = d.nll(&ids).unwrap();
+            let (step, n2) = d.nll_stepwise(&ids).unwrap();
+            assert_eq!((n1, n2), (ids.len() - 1, ids.len() - 1));
+            assert!((one - step).abs() <= 1e-4 * one.abs(), "{one} vs {step}");
+            assert_eq!(
+                d.nll_stepwise(&ids).unwrap().0,
+                step,
+                "a second run starts fresh"
+            );
+        }
+    }
+
     #[test]
     fn a_batch_equals_each_sequence_alone() {
         let (base, ad) = models();

@@ -3,6 +3,7 @@
 
 pub mod bnb;
 mod bnb_dot;
+mod bnb_q8;
 mod bnb_tensor;
 mod dot;
 mod ggml;
@@ -12,6 +13,7 @@ pub use bnb::Quant4;
 pub use bnb_dot::{
     bf16_dot_row, bf16_dot_rows, bnb4_dot_row, bnb4_dot_row_scalar, bnb4_dot_rows, Bnb4Activation,
 };
+pub use bnb_q8::{bnb4_dot_rows_q8, Q8Activation, Q8Code};
 pub use bnb_tensor::{quantize_tensor, QuantizeSpec, Quantized4};
 pub use dot::{block_sums, dot_row, dot_row_scalar, dot_rows, has_fused_dot};
 

@@ -26,6 +26,11 @@ pub struct Args {
     /// Window length in tokens (default: 512, capped by the model's max_position_embeddings).
     #[arg(long)]
     context: Option<usize>,
+    /// Feed each window one token a step through the KV cache, as generation does, so the
+    /// decode kernels (and their options, such as QLORA_CPU_Q8=1) make every prediction;
+    /// slower. Without it each window is one forward pass (the prefill kernels).
+    #[arg(long)]
+    stepwise: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -48,7 +53,11 @@ pub fn run(a: Args) -> Result<()> {
     let t0 = std::time::Instant::now();
     a.device.with_decoder(&loaded.model, |d| {
         for w in ids.chunks(context) {
-            let (s, c) = d.nll(w)?;
+            let (s, c) = if a.stepwise {
+                d.nll_stepwise(w)?
+            } else {
+                d.nll(w)?
+            };
             nll += s;
             n += c;
         }
@@ -60,8 +69,9 @@ pub fn run(a: Args) -> Result<()> {
     let ppl = (nll / n as f64).exp();
     println!("{ppl:.4}");
     eprintln!(
-        "perplexity {ppl:.4} over {n} predicted tokens ({} tokens, windows of {context}), {:.1} tok/s",
+        "perplexity {ppl:.4} over {n} predicted tokens ({} tokens, windows of {context}{}), {:.1} tok/s",
         ids.len(),
+        if a.stepwise { ", one token a step" } else { "" },
         ids.len() as f64 / t0.elapsed().as_secs_f64()
     );
     Ok(())
