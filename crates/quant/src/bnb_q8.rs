@@ -99,7 +99,15 @@ impl Q8Activation {
             Vec::with_capacity(8 * runs),
         );
         for c in x.chunks_exact(32) {
-            let m = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // A NaN anywhere makes the run's scale NaN, so it reaches the output as in the
+            // exact path (f32::max would skip it); an infinity makes it infinite, then NaN.
+            let m = c.iter().fold(0f32, |m, v| {
+                if v.is_nan() || m.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(v.abs())
+                }
+            });
             let dr = m / 127.0;
             let inv = if dr > 0.0 { 1.0 / dr } else { 0.0 };
             let qi = |v: f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
@@ -139,6 +147,8 @@ fn detect() -> Simd {
     {
         if crate::use_avx512()
             && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512dq")
             && std::is_x86_feature_detected!("avx512vnni")
         {
             return Simd::Avx512Vnni;
@@ -451,6 +461,21 @@ mod tests {
             c
         };
         assert!(Q8Code::new(&nan).is_none());
+    }
+
+    /// A non-finite activation is not rounded away: every kernel's output is NaN.
+    #[test]
+    fn non_finite_activations_reach_the_output() {
+        let code = Q8Code::new(&Quant4::Nf4.code()).unwrap();
+        let (w, mut x) = rows_data(128, 2, 11);
+        let (packed, absmax) = quantize_4bit(&w, 64, Quant4::Nf4);
+        for bad in [f32::NAN, f32::INFINITY] {
+            x[70] = bad;
+            let act = Q8Activation::new(&x);
+            let mut out = [0f32; 2];
+            bnb4_dot_rows_q8(&packed, &absmax, &code, 64, &act, &mut out);
+            assert!(out.iter().all(|v| v.is_nan()), "{bad}: {out:?}");
+        }
     }
 
     #[test]
