@@ -164,6 +164,24 @@ fn perplexity_matches_transformers() {
     );
 }
 
+/// `--stepwise` scores one token a step through the decode kernels (the fused NF4 dot, the
+/// one-token attention over the growing cache): the same perplexity as the one-pass forward
+/// and as transformers + bitsandbytes.
+#[test]
+fn stepwise_nf4_perplexity_matches_the_one_pass_one() {
+    if gguf().is_none() {
+        return;
+    }
+    let want = reference()["perplexity"]["nf4_double_quant"]
+        .as_f64()
+        .unwrap();
+    let got = perplexity_of(&["--quantize", "nf4", "--double-quant", "--stepwise"]);
+    assert!(
+        ((got - want) / want).abs() < PPL_REL_TOL,
+        "stepwise NF4 perplexity {got} vs transformers + bitsandbytes {want}"
+    );
+}
+
 /// NF4 with double quantization at load, against transformers + bitsandbytes quantizing the
 /// same (f32-converted) weights at load: the whole real model through the 4-bit path.
 #[test]

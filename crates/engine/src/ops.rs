@@ -44,8 +44,8 @@ fn bf16_products() -> bool {
 /// Whether decode (at most GEMV_MAX_TOKENS tokens) dots bitsandbytes 4-bit rows whose code
 /// book fits 8 bits (NF4) with integer products against the activation rounded to 8 bits per
 /// run of 32 (`qlora_quant::bnb4_dot_rows_q8`, llama.cpp's Q8_0 × IQ4_NL way): QLORA_CPU_Q8=1.
-/// Not exact (off by default): each NF4 code value moves by 0.0017 of its block's absmax (RMS, `Q8Code::new`), each
-/// activation by up to half of its run's 8-bit step.
+/// Not exact (off by default): each NF4 code value moves by 0.0017 of its block's absmax
+/// (RMS, `Q8Code::new`), each activation by up to half of its run's 8-bit step.
 fn q8_products() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("QLORA_CPU_Q8").is_some_and(|v| v == "1"))
