@@ -164,26 +164,10 @@ fn perplexity_matches_transformers() {
     );
 }
 
-/// `--stepwise` scores one token a step through the decode kernels (the fused NF4 dot, the
-/// one-token attention over the growing cache): the same perplexity as the one-pass forward
-/// and as transformers + bitsandbytes.
-#[test]
-fn stepwise_nf4_perplexity_matches_the_one_pass_one() {
-    if gguf().is_none() {
-        return;
-    }
-    let want = reference()["perplexity"]["nf4_double_quant"]
-        .as_f64()
-        .unwrap();
-    let got = perplexity_of(&["--quantize", "nf4", "--double-quant", "--stepwise"]);
-    assert!(
-        ((got - want) / want).abs() < PPL_REL_TOL,
-        "stepwise NF4 perplexity {got} vs transformers + bitsandbytes {want}"
-    );
-}
-
 /// NF4 with double quantization at load, against transformers + bitsandbytes quantizing the
-/// same (f32-converted) weights at load: the whole real model through the 4-bit path.
+/// same (f32-converted) weights at load: the whole real model through the 4-bit path, once as
+/// one forward pass a window and once `--stepwise` (one token a step through the decode
+/// kernels: the fused NF4 dot, the one-token attention over the growing cache).
 #[test]
 fn nf4_perplexity_matches_transformers_and_bitsandbytes() {
     if gguf().is_none() {
@@ -192,9 +176,13 @@ fn nf4_perplexity_matches_transformers_and_bitsandbytes() {
     let want = reference()["perplexity"]["nf4_double_quant"]
         .as_f64()
         .unwrap();
-    let got = perplexity_of(&["--quantize", "nf4", "--double-quant"]);
-    assert!(
-        ((got - want) / want).abs() < PPL_REL_TOL,
-        "NF4 perplexity {got} vs transformers + bitsandbytes {want}"
-    );
+    for extra in [None, Some("--stepwise")] {
+        let mut args = vec!["--quantize", "nf4", "--double-quant"];
+        args.extend(extra);
+        let got = perplexity_of(&args);
+        assert!(
+            ((got - want) / want).abs() < PPL_REL_TOL,
+            "NF4 perplexity {extra:?}: {got} vs transformers + bitsandbytes {want}"
+        );
+    }
 }
