@@ -488,13 +488,10 @@ pub fn attention_rows(
             let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
             let qv = &q[idx * hd..(idx + 1) * hd];
             scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in lo..=p {
-                let kr = &k[(j * kv_heads + kvh) * hd..(j * kv_heads + kvh + 1) * hd];
-                let s = dot(qv, kr) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
+            scores.resize(p + 1 - lo, 0.0);
+            let first = (lo * kv_heads + kvh) * hd;
+            crate::simd::scaled_dots(qv, k, first, kv_heads * hd, scale, scores);
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let mut sum = 0f32;
             for s in scores.iter_mut() {
                 *s = (*s - max).exp();

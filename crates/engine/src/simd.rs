@@ -35,9 +35,16 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_avx2_raw(a.as_ptr(), b.as_ptr(), a.len())
+}
+
+/// `dot_avx2` over n elements at `pa` and `pb`: four accumulators over runs of 32, one over the
+/// runs of 8 left, their sum, its lanes in order, then the scalar tail. Inlined into its callers
+/// (`scaled_dots_avx2` keeps the query in registers across keys) with the same bits.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_avx2_raw(pa: *const f32, pb: *const f32, n: usize) -> f32 {
     use std::arch::x86_64::*;
-    let n = a.len();
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
     let mut acc0 = _mm256_setzero_ps();
     let mut acc1 = _mm256_setzero_ps();
     let mut acc2 = _mm256_setzero_ps();
@@ -71,10 +78,47 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
     let mut s: f32 = lanes.iter().sum();
     while i < n {
-        s += a[i] * b[i];
+        s += *pa.add(i) * *pb.add(i);
         i += 1;
     }
     s
+}
+
+/// out[j] = dot(q, k[first + j·stride ..][..q.len()]) · scale for j < out.len(): one query's
+/// attention scores against a run of cached keys, each with the bits `dot(..) * scale` gives,
+/// in one call (the per-key `dot` was a call, a feature check and two bounds checks a key).
+pub fn scaled_dots(q: &[f32], k: &[f32], first: usize, stride: usize, scale: f32, out: &mut [f32]) {
+    let n = q.len();
+    if let Some(j) = out.len().checked_sub(1) {
+        assert!(k.len() >= first + j * stride + n);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected just above; the bounds are asserted above.
+            unsafe { scaled_dots_avx2(q, k, first, stride, scale, out) };
+            return;
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_portable(q, &k[first + j * stride..first + j * stride + n]) * scale;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scaled_dots_avx2(
+    q: &[f32],
+    k: &[f32],
+    first: usize,
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (n, qp, kp) = (q.len(), q.as_ptr(), k.as_ptr().add(first));
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_avx2_raw(qp, kp.add(j * stride), n) * scale;
+    }
 }
 
 /// o += Σ_j (w[j] / sum) · v[first + j·stride ..][..o.len()] for j < w.len(): attention's
@@ -108,6 +152,10 @@ pub fn weighted_rows(o: &mut [f32], w: &[f32], sum: f32, v: &[f32], first: usize
     }
 }
 
+// The vector paths keep a block of o in registers over all the keys (64 elements: four 512-bit
+// or eight 256-bit registers), then the next block; each element still takes o + p_j·v_j in j
+// order, the multiply and the add rounded apart, with p_j = w[j] / sum, so the same bits as
+// the scalar loop. (Loading and storing o at every key made them store-bound.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn weighted_rows_avx512(
@@ -121,23 +169,58 @@ unsafe fn weighted_rows_avx512(
     use std::arch::x86_64::*;
     let n = o.len();
     let (op, vp) = (o.as_mut_ptr(), v.as_ptr().add(first));
-    for (j, &s) in w.iter().enumerate() {
-        let p = s / sum;
-        let pv = _mm512_set1_ps(p);
-        let r = vp.add(j * stride);
-        let mut c = 0;
-        while c + 16 <= n {
-            let a = _mm512_loadu_ps(op.add(c));
-            _mm512_storeu_ps(
-                op.add(c),
-                _mm512_add_ps(a, _mm512_mul_ps(pv, _mm512_loadu_ps(r.add(c)))),
+    let mut c = 0;
+    while c + 64 <= n {
+        let mut a = [
+            _mm512_loadu_ps(op.add(c)),
+            _mm512_loadu_ps(op.add(c + 16)),
+            _mm512_loadu_ps(op.add(c + 32)),
+            _mm512_loadu_ps(op.add(c + 48)),
+        ];
+        for (j, &s) in w.iter().enumerate() {
+            let pv = _mm512_set1_ps(s / sum);
+            let r = vp.add(j * stride + c);
+            for (u, a) in a.iter_mut().enumerate() {
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(pv, _mm512_loadu_ps(r.add(16 * u))));
+            }
+        }
+        for (u, a) in a.iter().enumerate() {
+            _mm512_storeu_ps(op.add(c + 16 * u), *a);
+        }
+        c += 64;
+    }
+    while c + 16 <= n {
+        let mut a = _mm512_loadu_ps(op.add(c));
+        for (j, &s) in w.iter().enumerate() {
+            let pv = _mm512_set1_ps(s / sum);
+            a = _mm512_add_ps(
+                a,
+                _mm512_mul_ps(pv, _mm512_loadu_ps(vp.add(j * stride + c))),
             );
-            c += 16;
         }
-        while c < n {
-            *op.add(c) += p * *r.add(c);
-            c += 1;
+        _mm512_storeu_ps(op.add(c), a);
+        c += 16;
+    }
+    weighted_rows_tail(o, c, w, sum, vp, stride);
+}
+
+/// Elements [c, o.len()) of `weighted_rows`, one at a time over the keys in order.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weighted_rows_tail(
+    o: &mut [f32],
+    c: usize,
+    w: &[f32],
+    sum: f32,
+    vp: *const f32,
+    stride: usize,
+) {
+    for (e, oc) in o.iter_mut().enumerate().skip(c) {
+        let mut a = *oc;
+        for (j, &s) in w.iter().enumerate() {
+            a += (s / sum) * *vp.add(j * stride + e);
         }
+        *oc = a;
     }
 }
 
@@ -154,24 +237,37 @@ unsafe fn weighted_rows_avx2(
     use std::arch::x86_64::*;
     let n = o.len();
     let (op, vp) = (o.as_mut_ptr(), v.as_ptr().add(first));
-    for (j, &s) in w.iter().enumerate() {
-        let p = s / sum;
-        let pv = _mm256_set1_ps(p);
-        let r = vp.add(j * stride);
-        let mut c = 0;
-        while c + 8 <= n {
-            let a = _mm256_loadu_ps(op.add(c));
-            _mm256_storeu_ps(
-                op.add(c),
-                _mm256_add_ps(a, _mm256_mul_ps(pv, _mm256_loadu_ps(r.add(c)))),
-            );
-            c += 8;
+    let mut c = 0;
+    while c + 64 <= n {
+        let mut a = [_mm256_setzero_ps(); 8];
+        for (u, a) in a.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(op.add(c + 8 * u));
         }
-        while c < n {
-            *op.add(c) += p * *r.add(c);
-            c += 1;
+        for (j, &s) in w.iter().enumerate() {
+            let pv = _mm256_set1_ps(s / sum);
+            let r = vp.add(j * stride + c);
+            for (u, a) in a.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, _mm256_loadu_ps(r.add(8 * u))));
+            }
         }
+        for (u, a) in a.iter().enumerate() {
+            _mm256_storeu_ps(op.add(c + 8 * u), *a);
+        }
+        c += 64;
     }
+    while c + 8 <= n {
+        let mut a = _mm256_loadu_ps(op.add(c));
+        for (j, &s) in w.iter().enumerate() {
+            let pv = _mm256_set1_ps(s / sum);
+            a = _mm256_add_ps(
+                a,
+                _mm256_mul_ps(pv, _mm256_loadu_ps(vp.add(j * stride + c))),
+            );
+        }
+        _mm256_storeu_ps(op.add(c), a);
+        c += 8;
+    }
+    weighted_rows_tail(o, c, w, sum, vp, stride);
 }
 
 /// Attention backward's inner loop over the keys j < ds.len() of one query: dq += ds_j·k_j,
@@ -295,10 +391,32 @@ mod tests {
         }
     }
 
-    /// The vector paths give the scalar loop's bits (odd widths, strided rows).
+    /// The scores of a run of keys have `dot`'s bits, key by key (widths that take every
+    /// branch of the dot: runs of 32, of 8, the scalar tail), strided keys.
+    #[test]
+    fn scaled_dots_equal_dot_times_scale() {
+        for n in [1usize, 7, 8, 31, 32, 33, 64, 100, 128] {
+            let (keys, stride) = (11, n + 5);
+            let q: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.11).collect();
+            let k: Vec<f32> = (0..keys * stride + 3)
+                .map(|i| ((i * 5 % 17) as f32 - 8.0) * 0.37)
+                .collect();
+            let scale = 1.0 / (n as f32).sqrt();
+            let want: Vec<f32> = (0..keys)
+                .map(|j| super::dot(&q, &k[3 + j * stride..3 + j * stride + n]) * scale)
+                .collect();
+            let mut got = vec![f32::NAN; keys];
+            super::scaled_dots(&q, &k, 3, stride, scale, &mut got);
+            assert_eq!(got, want, "n={n}");
+        }
+    }
+
+    /// The vector paths give the scalar loop's bits (odd widths, strided rows; widths that take
+    /// the 64-element blocks, the single vectors and the tail), the AVX2 path on AVX-512
+    /// hosts as well.
     #[test]
     fn weighted_rows_equal_the_scalar_loop() {
-        for n in [1usize, 7, 16, 64, 70] {
+        for n in [1usize, 7, 16, 64, 70, 128, 136, 200] {
             let (rows, stride) = (9, n + 3);
             let v: Vec<f32> = (0..rows * stride + 2)
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
@@ -315,6 +433,13 @@ mod tests {
             let mut got = vec![0.5f32; n];
             super::weighted_rows(&mut got, &w, sum, &v, 2, stride);
             assert_eq!(got, want, "n={n}");
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                let mut got = vec![0.5f32; n];
+                // SAFETY: AVX2 detected; v holds every row read.
+                unsafe { super::weighted_rows_avx2(&mut got, &w, sum, &v, 2, stride) };
+                assert_eq!(got, want, "avx2 n={n}");
+            }
         }
     }
 
