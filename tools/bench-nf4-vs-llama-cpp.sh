@@ -24,9 +24,11 @@ PYTHONPATH="$build/../gguf-py" "$py" "$build/../convert_hf_to_gguf.py" "$work/bf
     "$work/f16.gguf" "$work/q4_0-bf16emb.gguf" Q4_0 "$threads" >/dev/null 2>&1
 echo "== qlora NF4 (double quant; embedding/lm_head bf16, as transformers + bitsandbytes) =="
 $q --threads "$threads" bench --model "$work/nf4" --prompt-tokens 128 --gen-tokens 64 --repeats 5
+# qlora decodes after its 128-token prompt: read llama-bench's "tg64 @ d128" row beside it
+# (its plain "tg64" decodes from an empty cache) and its "pp128" row (depth 0) for prefill.
 echo "== llama.cpp Q4_0 (embedding/output Q4_0, llama-quantize's default) =="
-"$build/bin/llama-bench" -m "$work/q4_0.gguf" -t "$threads" -p 128 -n 64 -r 5 -o md
+"$build/bin/llama-bench" -m "$work/q4_0.gguf" -t "$threads" -p 128 -n 64 -d 0,128 -r 5 -o md
 echo "== llama.cpp Q4_0 with bf16 embedding/output =="
-"$build/bin/llama-bench" -m "$work/q4_0-bf16emb.gguf" -t "$threads" -p 128 -n 64 -r 5 -o md
+"$build/bin/llama-bench" -m "$work/q4_0-bf16emb.gguf" -t "$threads" -p 128 -n 64 -d 0,128 -r 5 -o md
 echo "== NF4 kernels =="
 $q --threads "$threads" bench --kernels --repeats 5

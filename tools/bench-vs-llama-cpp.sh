@@ -10,5 +10,7 @@ bench="${LLAMA_CPP_BUILD:?set LLAMA_CPP_BUILD to llama.cpp/build}/bin/llama-benc
 echo "date: $(date -u +%F)  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)  threads: $threads"
 echo "== qlora =="
 target/release/qlora --threads "$threads" bench --model "$model" --prompt-tokens 128 --gen-tokens 64 --repeats 5
+# qlora decodes after its 128-token prompt: read llama-bench's "tg64 @ d128" row beside it
+# (its plain "tg64" decodes from an empty cache) and its "pp128" row (depth 0) for prefill.
 echo "== llama.cpp =="
-"$bench" -m "$model" -t "$threads" -p 128 -n 64 -r 5 -o md
+"$bench" -m "$model" -t "$threads" -p 128 -n 64 -d 0,128 -r 5 -o md
