@@ -152,57 +152,79 @@ pub fn weighted_rows(o: &mut [f32], w: &[f32], sum: f32, v: &[f32], first: usize
     }
 }
 
-// The vector paths keep a block of o in registers over all the keys (64 elements: four 512-bit
-// or eight 256-bit registers), then the next block; each element still takes o + p_j·v_j in j
-// order, the multiply and the add rounded apart, with p_j = w[j] / sum, so the same bits as
-// the scalar loop. (Loading and storing o at every key made them store-bound.)
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn weighted_rows_avx512(
-    o: &mut [f32],
-    w: &[f32],
-    sum: f32,
-    v: &[f32],
-    first: usize,
-    stride: usize,
-) {
-    use std::arch::x86_64::*;
-    let n = o.len();
-    let (op, vp) = (o.as_mut_ptr(), v.as_ptr().add(first));
-    let mut c = 0;
-    while c + 64 <= n {
-        let mut a = [
-            _mm512_loadu_ps(op.add(c)),
-            _mm512_loadu_ps(op.add(c + 16)),
-            _mm512_loadu_ps(op.add(c + 32)),
-            _mm512_loadu_ps(op.add(c + 48)),
-        ];
-        for (j, &s) in w.iter().enumerate() {
-            let pv = _mm512_set1_ps(s / sum);
-            let r = vp.add(j * stride + c);
-            for (u, a) in a.iter_mut().enumerate() {
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(pv, _mm512_loadu_ps(r.add(16 * u))));
+// `weighted_rows_avx512` and `weighted_rows_avx2` ($w lanes a vector): a block of 64 elements
+// of o stays in registers (64 / $w vectors) over all the keys, then the next block, then single
+// vectors, then the tail. Each element still takes o + p_j·v_j in j order, the multiply and the
+// add rounded apart, with p_j = w[j] / sum: the scalar loop's bits. (They used to load and
+// store o at every key.)
+macro_rules! weighted_rows_kernel {
+    ($name:ident, $feature:literal, $w:literal, $zero:ident, $load:ident, $store:ident,
+     $set1:ident, $add:ident, $mul:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(
+            o: &mut [f32],
+            w: &[f32],
+            sum: f32,
+            v: &[f32],
+            first: usize,
+            stride: usize,
+        ) {
+            use std::arch::x86_64::*;
+            let n = o.len();
+            let (op, vp) = (o.as_mut_ptr(), v.as_ptr().add(first));
+            let mut c = 0;
+            while c + 64 <= n {
+                let mut a = [$zero(); 64 / $w];
+                for (u, a) in a.iter_mut().enumerate() {
+                    *a = $load(op.add(c + $w * u));
+                }
+                for (j, &s) in w.iter().enumerate() {
+                    let pv = $set1(s / sum);
+                    let r = vp.add(j * stride + c);
+                    for (u, a) in a.iter_mut().enumerate() {
+                        *a = $add(*a, $mul(pv, $load(r.add($w * u))));
+                    }
+                }
+                for (u, a) in a.iter().enumerate() {
+                    $store(op.add(c + $w * u), *a);
+                }
+                c += 64;
             }
+            while c + $w <= n {
+                let mut a = $load(op.add(c));
+                for (j, &s) in w.iter().enumerate() {
+                    a = $add(a, $mul($set1(s / sum), $load(vp.add(j * stride + c))));
+                }
+                $store(op.add(c), a);
+                c += $w;
+            }
+            weighted_rows_tail(o, c, w, sum, vp, stride);
         }
-        for (u, a) in a.iter().enumerate() {
-            _mm512_storeu_ps(op.add(c + 16 * u), *a);
-        }
-        c += 64;
-    }
-    while c + 16 <= n {
-        let mut a = _mm512_loadu_ps(op.add(c));
-        for (j, &s) in w.iter().enumerate() {
-            let pv = _mm512_set1_ps(s / sum);
-            a = _mm512_add_ps(
-                a,
-                _mm512_mul_ps(pv, _mm512_loadu_ps(vp.add(j * stride + c))),
-            );
-        }
-        _mm512_storeu_ps(op.add(c), a);
-        c += 16;
-    }
-    weighted_rows_tail(o, c, w, sum, vp, stride);
+    };
 }
+weighted_rows_kernel!(
+    weighted_rows_avx512,
+    "avx512f",
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_set1_ps,
+    _mm512_add_ps,
+    _mm512_mul_ps
+);
+weighted_rows_kernel!(
+    weighted_rows_avx2,
+    "avx2",
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_add_ps,
+    _mm256_mul_ps
+);
 
 /// Elements [c, o.len()) of `weighted_rows`, one at a time over the keys in order.
 #[cfg(target_arch = "x86_64")]
@@ -222,52 +244,6 @@ unsafe fn weighted_rows_tail(
         }
         *oc = a;
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn weighted_rows_avx2(
-    o: &mut [f32],
-    w: &[f32],
-    sum: f32,
-    v: &[f32],
-    first: usize,
-    stride: usize,
-) {
-    use std::arch::x86_64::*;
-    let n = o.len();
-    let (op, vp) = (o.as_mut_ptr(), v.as_ptr().add(first));
-    let mut c = 0;
-    while c + 64 <= n {
-        let mut a = [_mm256_setzero_ps(); 8];
-        for (u, a) in a.iter_mut().enumerate() {
-            *a = _mm256_loadu_ps(op.add(c + 8 * u));
-        }
-        for (j, &s) in w.iter().enumerate() {
-            let pv = _mm256_set1_ps(s / sum);
-            let r = vp.add(j * stride + c);
-            for (u, a) in a.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, _mm256_loadu_ps(r.add(8 * u))));
-            }
-        }
-        for (u, a) in a.iter().enumerate() {
-            _mm256_storeu_ps(op.add(c + 8 * u), *a);
-        }
-        c += 64;
-    }
-    while c + 8 <= n {
-        let mut a = _mm256_loadu_ps(op.add(c));
-        for (j, &s) in w.iter().enumerate() {
-            let pv = _mm256_set1_ps(s / sum);
-            a = _mm256_add_ps(
-                a,
-                _mm256_mul_ps(pv, _mm256_loadu_ps(vp.add(j * stride + c))),
-            );
-        }
-        _mm256_storeu_ps(op.add(c), a);
-        c += 8;
-    }
-    weighted_rows_tail(o, c, w, sum, vp, stride);
 }
 
 /// Attention backward's inner loop over the keys j < ds.len() of one query: dq += ds_j·k_j,
