@@ -279,6 +279,21 @@ for stage in "$@"; do
         $Q bench --train --synthetic mistral-7b --layers 2 --quantize nf4 --double-quant --device cuda \
         --prompt-tokens 2048 --batch 1 --recompute never --repeats 1 > "$OUT/ncu-train.csv" 2>"$OUT/ncu-train.err"
       ncu_summary "$OUT/ncu-train.csv" | head -40 ;;
+    split)
+      # The fused LoRA's shrink split into QLORA_LORA_SPLIT parts a row (default 2): the
+      # fused-GEMV op tests (fallback bits included) under the default and under 4, the model
+      # tests, then batch-1 decode with the adapter, 1 / 2 / 4, twice over.
+      for k in 2 4; do
+        echo "== test-ops fused, QLORA_LORA_SPLIT=$k" | tee -a "$OUT/split.log"
+        QLORA_LORA_SPLIT=$k .gpu/bin/test-ops fused --test-threads=1 --nocapture 2>&1 | grep -E "^test |test result|panicked" | tee -a "$OUT/split.log"
+      done
+      echo "== test-gpu" | tee -a "$OUT/split.log"
+      .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | grep -E "^test |test result|panicked" | tee -a "$OUT/split.log"
+      for r in 1 2; do for k in 1 2 4; do
+        echo "== decode batch 1 r=16, QLORA_LORA_SPLIT=$k" | tee -a "$OUT/split.log"
+        QLORA_LORA_SPLIT=$k $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda \
+          --prompt-tokens 16 --gen-tokens 64 --batch 1 --repeats 3 2>&1 | grep -E "decode" | tee -a "$OUT/split.log"
+      done; done ;;
     gputrain)
       echo "== .gpu/bin/test-gpu_train"; .gpu/bin/test-gpu_train --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|Bf16|F32" ;;
     peer|peertrain)

@@ -180,6 +180,21 @@ pub const GEMV_MMA_MAX_T: usize = 64;
 /// tokens dequantization and cuBLAS were faster (run 26: 4,352 against run 22's 4,925 tok/s).
 pub const GEMV_MMA_DEFAULT_MAX_T: usize = GEMV4M4_MAX_T;
 
+/// Parts a row of a fused LoRA's A its shrink is split into (kernels.cu LORA_SPLIT): the
+/// one-token GEMV's `lh` then holds h[k]'s parts at k · split + p, summed in order. 2 by
+/// default (batch-1 decode with r=16 on all seven projections 361-364 → 372 tok/s, run 80);
+/// QLORA_LORA_SPLIT=1, 2 or 4.
+pub fn lora_split() -> usize {
+    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        std::env::var("QLORA_LORA_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|k| matches!(k, 1 | 2 | 4))
+            .unwrap_or(2)
+    })
+}
+
 /// Most tokens the tensor-core GEMVs take in bf16 mode.
 fn mma_max_t() -> usize {
     if gemv_family() == "mma" {
@@ -503,6 +518,8 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
     {
         opts.push(format!("-DQLORA_GXH_WINDOW={w}"));
     }
+    // A fused LoRA's shrink split into parts a row (kernels.cu LORA_SPLIT; `lora_split`).
+    opts.push(format!("-DQLORA_LORA_SPLIT={}", lora_split()));
     // QLORA_PTXAS_VERBOSE=1: print ptxas's registers / spills report for every kernel.
     let verbose = std::env::var_os("QLORA_PTXAS_VERBOSE").is_some();
     if verbose {

@@ -1669,14 +1669,25 @@ __device__ __forceinline__ float fma_sq4(float4 v, float s) {
     s = fmaf(v.z, v.z, s);
     return fmaf(v.w, v.w, s);
 }
-// A[k, :] · xs for one row of a fused LoRA's A (f32 [cols], read through L2) and the block's
-// staged input row (lp [cols] in shared memory): every thread's float4s, then block_sum, so a
-// fixed order for a given block size (gemv4xh_body's shrink and its fallback agree).
-__device__ __forceinline__ float lora_shrink_row(const float* __restrict__ a, const lp_t* xs, int cols,
-                                                 float* shm) {
-    const float4* a4 = (const float4*)a;
+// A fused LoRA's shrink h = A · xs is split into LORA_SPLIT parts a row of A, column ranges
+// (item k = part k % LORA_SPLIT of row k / LORA_SPLIT), so more blocks share it and none
+// carries a whole row; h[row] is its parts' sum in order. The host sets QLORA_LORA_SPLIT
+// (gpu.rs `lora_split`).
+#ifndef QLORA_LORA_SPLIT
+#define QLORA_LORA_SPLIT 2
+#endif
+#define LORA_SPLIT QLORA_LORA_SPLIT
+// Item k's partial sum over the part's float4s of A's row (f32, read through L2) and the
+// block's staged input row (lp [cols] in shared memory): every thread's float4s, then
+// block_sum, so a fixed order for a given block size (gemv4xh_body's shrink and its fallback
+// agree).
+__device__ __forceinline__ float lora_shrink_item(const float* __restrict__ la, const lp_t* xs, int cols, int k,
+                                                  float* shm) {
+    const int n4 = cols / 4, part = k % LORA_SPLIT;
+    const int b = part * n4 / LORA_SPLIT, e = (part + 1) * n4 / LORA_SPLIT;
+    const float4* a4 = (const float4*)(la + (long)(k / LORA_SPLIT) * cols);
     float acc = 0.f;
-    for (int i = threadIdx.x; i < cols / 4; i += blockDim.x) {
+    for (int i = b + threadIdx.x; i < e; i += blockDim.x) {
         const float4 w = __ldg(a4 + i);
         acc = fmaf(w.x, lp_to_f(xs[4 * i]), acc);
         acc = fmaf(w.y, lp_to_f(xs[4 * i + 1]), acc);
@@ -1721,10 +1732,11 @@ static_assert(GXH_WINDOW > 0 && (GXH_WINDOW & (GXH_WINDOW - 1)) == 0, "the windo
 // - LORA: a fused LoRA in the same kernel, so an adapter costs no launch of its own (the
 //   two-product path is four: a shrink and an expand, each a cuBLAS product, per linear).
 //   The shrink h = A · x (la f32 [lr, cols]) is computed over the staged input row by the
-//   grid's last blocks (row k by block gridDim − 1 − k mod gridDim), written to lh and
-//   published with a count in lflag[0]; the rows' sums wait in shared memory, and once the
-//   count reaches lr (all the grid's blocks are resident: the host sizes it so) each row
-//   adds s·B[row, :lr] · h (lb f32 [rows, lr]) and is stored; with PAIR both rows add theirs
+//   grid's last blocks (item k, a part of a row as lora_shrink_item, by block gridDim − 1 − k
+//   mod gridDim), written to lh [lr · LORA_SPLIT] and published with a count in lflag[0]; the
+//   rows' sums wait in shared memory, and once the count reaches lr · LORA_SPLIT (all the
+//   grid's blocks are resident: the host sizes it so) each row adds s·B[row, :lr] · h (lb
+//   f32 [rows, lr]) and is stored; with PAIR both rows add theirs
 //   before the SwiGLU. The block's rows of B (steps passes of rows_pass rows) are staged in
 //   shared memory by cp.async before the grid wait. The last block resets lflag.
 template <int R, bool NORM, bool PAIR, bool LORA>
@@ -1811,10 +1823,13 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
             }
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
-        // The rows of A this block's shrink takes (k ≡ gridDim − 1 − block), into L2.
-        for (int k = (int)gridDim.x - 1 - (int)blockIdx.x; k < lr; k += (int)gridDim.x)
-            for (int i = tid * 32; i < cols; i += nt * 32)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(la + (long)k * cols + i));
+        // The parts of A's rows this block's shrink takes (item k ≡ gridDim − 1 − block), into L2.
+        for (int k = (int)gridDim.x - 1 - (int)blockIdx.x; k < lr * LORA_SPLIT; k += (int)gridDim.x) {
+            const int part = k % LORA_SPLIT;
+            const int b = part * cols / LORA_SPLIT, e = (part + 1) * cols / LORA_SPLIT;
+            for (int i = b + tid * 32; i < e; i += nt * 32)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(la + (long)(k / LORA_SPLIT) * cols + i));
+        }
     }
     // The first pass's weights in flight while the kernel before ends and the input row is
     // staged (they do not depend on it either).
@@ -1870,8 +1885,8 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         // The shrink, h = A · x over the staged row, its rows spread over the grid's last
         // blocks (those with the fewest passes), each block's published with one count.
         int mine = 0;
-        for (int k = (int)gridDim.x - 1 - (int)blockIdx.x; k < lr; k += (int)gridDim.x, mine++) {
-            const float hk = lora_shrink_row(la + (long)k * cols, xs, cols, redn);
+        for (int k = (int)gridDim.x - 1 - (int)blockIdx.x; k < lr * LORA_SPLIT; k += (int)gridDim.x, mine++) {
+            const float hk = lora_shrink_item(la, xs, cols, k, redn);
             if (tid == 0) lh[k] = hk;
         }
         if (mine && tid == 0) {
@@ -1976,15 +1991,20 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         // wait moved to the third pass's barrier, to hide its trip to L2, changed nothing:
         // run 62.)
         __shared__ int lfail;
-        if (tid == 0) lfail = wait_count(lflag, (unsigned)lr, lfallback);
+        if (tid == 0) lfail = wait_count(lflag, (unsigned)(lr * LORA_SPLIT), lfallback);
         __syncthreads();
         if (lfail) {
             for (int k = 0; k < lr; k++) {
-                const float hk = lora_shrink_row(la + (long)k * cols, xs, cols, redn);
+                float hk = lora_shrink_item(la, xs, cols, k * LORA_SPLIT, redn);
+                for (int p = 1; p < LORA_SPLIT; p++) hk += lora_shrink_item(la, xs, cols, k * LORA_SPLIT + p, redn);
                 if (tid == 0) dynf[hst + k] = hk;
             }
         } else {
-            for (int i = tid; i < lr; i += nt) dynf[hst + i] = __ldcg(lh + i);
+            for (int i = tid; i < lr; i += nt) {
+                float hk = __ldcg(lh + i * LORA_SPLIT);
+                for (int p = 1; p < LORA_SPLIT; p++) hk += __ldcg(lh + i * LORA_SPLIT + p);
+                dynf[hst + i] = hk;
+            }
         }
         __syncthreads();
         // Each row's s·B · h by a warp (lanes over the rank, then warp_sum: the block's whole

@@ -14,9 +14,9 @@ mod nccl;
 
 pub use gpu::{
     attention_part_bytes, attention_splits, compile, compile_source, device_count, gemv4_fits,
-    gemv4_kernel, gemv4m_fits, gemvq_fits, nvrtc_present, Arg, AttRope, Attention, DevBuf, Dt,
-    Gemv4, GemvFuse, Gemvq, Gpu, Graph, ATT_MAX_SPLITS, GEMVQ_MAX_T, GEMV_MAX_T, KERNELS,
-    KERNEL_NAMES,
+    gemv4_kernel, gemv4m_fits, gemvq_fits, lora_split, nvrtc_present, Arg, AttRope, Attention,
+    DevBuf, Dt, Gemv4, GemvFuse, Gemvq, Gpu, Graph, ATT_MAX_SPLITS, GEMVQ_MAX_T, GEMV_MAX_T,
+    KERNELS, KERNEL_NAMES,
 };
 pub use model::train::{CudaTrainer, Recompute};
 pub use model::{CudaDecoder, CudaModel, CudaOptions, Seq, KV_BLOCK};

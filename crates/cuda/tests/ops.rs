@@ -1426,7 +1426,7 @@ fn fused_norm_gemv_swiglu_and_lora() {
                 up_lp(&g, &x),
                 up(&g, &a),
                 up(&g, &b),
-                poison(&g, r.max(1)),
+                poison(&g, r.max(1) * qlora_cuda::lora_split()),
                 g.upload(&[0u32; 2]).unwrap(),
             ];
             // Three more elements than the output: they must stay poisoned.
@@ -1498,7 +1498,13 @@ fn fused_norm_gemv_swiglu_and_lora() {
             };
             let all = read_out(&out);
             if r > 0 {
-                let got_h = down(&g, &bufs[8], r);
+                // h[k]'s parts (one unless the shrink is split), summed in order.
+                let split = qlora_cuda::lora_split();
+                let parts = down(&g, &bufs[8], r * split);
+                let got_h: Vec<f32> = parts
+                    .chunks(split)
+                    .map(|p| p.iter().fold(0f32, |a, v| a + v))
+                    .collect();
                 let eh = rel(&format!("{label}: shrink"), &got_h, &h);
                 assert!(
                     eh <= F32_BUDGET,
