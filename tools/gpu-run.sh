@@ -13,7 +13,8 @@
 # GEMVs: gemv4m in batch-8 decode, gemv4m4 in a 16-token prefill), f16 (the f16 tensor-core GEMV
 # against the kernels before it, decode at batch 1 and 8), pdl (the early PDL trigger, A/B), fuse (the decode fusions one by one, A/B), t1h (the one-token GEMV with f16 products
 # against gemv4x_t1, decode at batch 1), ncuxh (Nsight Compute on gemv4xh_t1), serve7b (the HTTP
-# load test of the GPU server at Mistral-7B size).
+# load test of the GPU server at Mistral-7B size), split (the fused LoRA's shrink in 1 / 2 / 4
+# parts a row: op and model tests, batch-1 decode with an adapter).
 # Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"

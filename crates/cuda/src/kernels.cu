@@ -1736,8 +1736,8 @@ static_assert(GXH_WINDOW > 0 && (GXH_WINDOW & (GXH_WINDOW - 1)) == 0, "the windo
 //   mod gridDim), written to lh [lr · LORA_SPLIT] and published with a count in lflag[0]; the
 //   rows' sums wait in shared memory, and once the count reaches lr · LORA_SPLIT (all the
 //   grid's blocks are resident: the host sizes it so) each row adds s·B[row, :lr] · h (lb
-//   f32 [rows, lr]) and is stored; with PAIR both rows add theirs
-//   before the SwiGLU. The block's rows of B (steps passes of rows_pass rows) are staged in
+//   f32 [rows, lr]) and is stored; with PAIR both rows add theirs before the SwiGLU. The
+//   block's rows of B (steps passes of rows_pass rows) are staged in
 //   shared memory by cp.async before the grid wait. The last block resets lflag.
 template <int R, bool NORM, bool PAIR, bool LORA>
 __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, const float* __restrict__ absmax,
@@ -1825,8 +1825,8 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         asm volatile("cp.async.commit_group;" ::: "memory");
         // The parts of A's rows this block's shrink takes (item k ≡ gridDim − 1 − block), into L2.
         for (int k = (int)gridDim.x - 1 - (int)blockIdx.x; k < lr * LORA_SPLIT; k += (int)gridDim.x) {
-            const int part = k % LORA_SPLIT;
-            const int b = part * cols / LORA_SPLIT, e = (part + 1) * cols / LORA_SPLIT;
+            const int part = k % LORA_SPLIT, n4 = cols / 4;  // lora_shrink_item's range
+            const int b = 4 * (part * n4 / LORA_SPLIT), e = 4 * ((part + 1) * n4 / LORA_SPLIT);
             for (int i = b + tid * 32; i < e; i += nt * 32)
                 asm volatile("prefetch.global.L2 [%0];" ::"l"(la + (long)(k / LORA_SPLIT) * cols + i));
         }

@@ -964,7 +964,7 @@ impl CudaModel {
             o: gpu.alloc(t * d * 4)?,
             gu: gpu.alloc(t * 2 * f * 4)?,
             w: gpu.alloc(max_w * lp)?,
-            lh: gpu.alloc(t.max(4) * max_r * 4)?,
+            lh: gpu.alloc(t.max(crate::gpu::lora_split()) * max_r * 4)?,
             lflag: gpu.upload(&[0u32; 2])?,
             ld: gpu.alloc(t * max_part * 4)?,
             logits: gpu.alloc(t * vocab * 4)?,
@@ -1205,9 +1205,9 @@ impl CudaModel {
         self.graphs.clear();
         let t = self.opts.max_batch_tokens;
         if rank > r0 {
-            // At least 4 rows: a fused LoRA's split shrink keeps up to 4 parts of each h
-            // (`gpu::lora_split`).
-            self.s.lh = self.gpu.alloc(t.max(4) * rank * 4)?;
+            // At least `lora_split` rows: a fused LoRA's split shrink keeps that many parts
+            // of each h.
+            self.s.lh = self.gpu.alloc(t.max(crate::gpu::lora_split()) * rank * 4)?;
         }
         if part > p0 {
             self.s.ld = self.gpu.alloc(t * part * 4)?;
