@@ -14,7 +14,8 @@
 # against the kernels before it, decode at batch 1 and 8), pdl (the early PDL trigger, A/B), fuse (the decode fusions one by one, A/B), t1h (the one-token GEMV with f16 products
 # against gemv4x_t1, decode at batch 1), ncuxh (Nsight Compute on gemv4xh_t1), serve7b (the HTTP
 # load test of the GPU server at Mistral-7B size), split (the fused LoRA's shrink in 1 / 2 / 4
-# parts a row: op and model tests, batch-1 decode with an adapter).
+# parts a row: op and model tests, batch-1 decode with an adapter), stage16 (the fused LoRA's B
+# staged by 16-byte against 4-byte copies: op and model tests, batch-1 decode).
 # Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -295,6 +296,24 @@ for stage in "$@"; do
         QLORA_LORA_SPLIT=$k $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda \
           --prompt-tokens 16 --gen-tokens 64 --batch 1 --repeats 3 2>&1 | grep -E "decode" | tee -a "$OUT/split.log"
       done; done ;;
+    stage16)
+      # The fused LoRA's B staged by 16-byte copies (QLORA_LORA_STAGE16, default 1) against the
+      # 4-byte ones: the fused-GEMV op tests and the model tests under each, then batch-1
+      # decode with the adapter, 0 / 1 alternated three times, and the base once.
+      for k in 1 0; do
+        echo "== test-ops fused, QLORA_LORA_STAGE16=$k" | tee -a "$OUT/stage16.log"
+        QLORA_LORA_STAGE16=$k .gpu/bin/test-ops fused --test-threads=1 --nocapture 2>&1 | grep -E "^test |test result|panicked" | tee -a "$OUT/stage16.log"
+      done
+      echo "== test-gpu" | tee -a "$OUT/stage16.log"
+      .gpu/bin/test-gpu --test-threads=1 --nocapture 2>&1 | grep -E "^test |test result|panicked" | tee -a "$OUT/stage16.log"
+      for r in 1 2 3; do for k in 0 1; do
+        echo "== decode batch 1 r=16, QLORA_LORA_STAGE16=$k" | tee -a "$OUT/stage16.log"
+        QLORA_LORA_STAGE16=$k $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --adapter-rank 16 --device cuda \
+          --prompt-tokens 16 --gen-tokens 64 --batch 1 --repeats 3 2>&1 | grep -E "decode" | tee -a "$OUT/stage16.log"
+      done; done
+      echo "== decode batch 1 base" | tee -a "$OUT/stage16.log"
+      $Q bench --synthetic mistral-7b --quantize nf4 --double-quant --device cuda \
+        --prompt-tokens 16 --gen-tokens 64 --batch 1 --repeats 3 2>&1 | grep -E "decode" | tee -a "$OUT/stage16.log" ;;
     gputrain)
       echo "== .gpu/bin/test-gpu_train"; .gpu/bin/test-gpu_train --test-threads=1 --nocapture 2>&1 | tee -a "$OUT/check.log" | grep -E "^test |test result|panicked|Bf16|F32" ;;
     peer|peertrain)

@@ -520,6 +520,11 @@ pub fn compile_source(source: &str, arch: &str, precision: Precision) -> Result<
     }
     // A fused LoRA's shrink split into parts a row (kernels.cu LORA_SPLIT; `lora_split`).
     opts.push(format!("-DQLORA_LORA_SPLIT={}", lora_split()));
+    // The fused LoRA's B staged by 16-byte copies (kernels.cu LORA_STAGE16): QLORA_LORA_STAGE16=0
+    // keeps the 4-byte ones.
+    if std::env::var_os("QLORA_LORA_STAGE16").is_some_and(|v| v == "0") {
+        opts.push("-DQLORA_LORA_STAGE16=0".to_string());
+    }
     // QLORA_PTXAS_VERBOSE=1: print ptxas's registers / spills report for every kernel.
     let verbose = std::env::var_os("QLORA_PTXAS_VERBOSE").is_some();
     if verbose {

@@ -1700,6 +1700,16 @@ __device__ __forceinline__ float lora_shrink_item(const float* __restrict__ la, 
 __device__ __forceinline__ void cp_async4_zfill(unsigned dst, const void* src, int src_size) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
 }
+// 16 bytes global → shared (both 16-byte aligned); src_size 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16_zfill(unsigned dst, const void* src, int src_size) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
+}
+// Whether the fused LoRA stages B by 16-byte copies where it can (the host sets
+// QLORA_LORA_STAGE16 from the variable of that name; 0 keeps the 4-byte copies).
+#ifndef QLORA_LORA_STAGE16
+#define QLORA_LORA_STAGE16 1
+#endif
+#define LORA_STAGE16 QLORA_LORA_STAGE16
 __device__ __forceinline__ unsigned ld_acquire_u32(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -1808,7 +1818,24 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         // grid wait (one trip, zero past the end), waited for once the input row is staged.
         // (Read in each pass's epilogue from L2 they put a chain of loads on every pass: run
         // 57, 285 → 209 tok/s.)
-        for (int st = 0; st < steps; st++) {
+        // 16 bytes a copy where B's rows, the staged rows and lb are 16-byte aligned (lr a
+        // multiple of 4: a group of 4 floats then never crosses a row, nor the gate/up halves).
+        const bool wide = LORA_STAGE16 && (lr & 3) == 0 && (bst & 3) == 0 && (((unsigned long)lb) & 15) == 0;
+        for (int st = 0; wide && st < steps; st++) {
+            const int p = (int)blockIdx.x + st * (int)gridDim.x;
+            for (int i = 4 * tid; i < cl; i += 4 * nt) {
+                const float* src = nullptr;
+                if (PAIR) {
+                    const int up = i >= rs * lr, ii = i - (up ? rs * lr : 0), j = p * rs + ii / lr;
+                    if (j < pair) src = lb + ((long)(up ? pair : 0) + j) * lr + ii % lr;
+                } else {
+                    const long e = (long)p * cl + i;
+                    if (e < (long)rows * lr) src = lb + e;
+                }
+                cp_async16_zfill(smem_addr(dynf + bst + st * cl + i), src ? src : lb, src ? 16 : 0);
+            }
+        }
+        for (int st = 0; !wide && st < steps; st++) {
             const int p = (int)blockIdx.x + st * (int)gridDim.x;
             for (int i = tid; i < cl; i += nt) {
                 const float* src = nullptr;
