@@ -1821,9 +1821,10 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
         // 16 bytes a copy where B's rows, the staged rows and lb are 16-byte aligned (lr a
         // multiple of 4: a group of 4 floats then never crosses a row, nor the gate/up halves).
         const bool wide = LORA_STAGE16 && (lr & 3) == 0 && (bst & 3) == 0 && (((unsigned long)lb) & 15) == 0;
-        for (int st = 0; wide && st < steps; st++) {
+        const int g = wide ? 4 : 1;  // floats a copy
+        for (int st = 0; st < steps; st++) {
             const int p = (int)blockIdx.x + st * (int)gridDim.x;
-            for (int i = 4 * tid; i < cl; i += 4 * nt) {
+            for (int i = g * tid; i < cl; i += g * nt) {
                 const float* src = nullptr;
                 if (PAIR) {
                     const int up = i >= rs * lr, ii = i - (up ? rs * lr : 0), j = p * rs + ii / lr;
@@ -1832,21 +1833,9 @@ __device__ __forceinline__ void gemv4xh_body(const u8* __restrict__ packed, cons
                     const long e = (long)p * cl + i;
                     if (e < (long)rows * lr) src = lb + e;
                 }
-                cp_async16_zfill(smem_addr(dynf + bst + st * cl + i), src ? src : lb, src ? 16 : 0);
-            }
-        }
-        for (int st = 0; !wide && st < steps; st++) {
-            const int p = (int)blockIdx.x + st * (int)gridDim.x;
-            for (int i = tid; i < cl; i += nt) {
-                const float* src = nullptr;
-                if (PAIR) {
-                    const int up = i >= rs * lr, ii = i - (up ? rs * lr : 0), j = p * rs + ii / lr;
-                    if (j < pair) src = lb + ((long)(up ? pair : 0) + j) * lr + ii % lr;
-                } else {
-                    const long e = (long)p * cl + i;
-                    if (e < (long)rows * lr) src = lb + e;
-                }
-                cp_async4_zfill(smem_addr(dynf + bst + st * cl + i), src ? src : lb, src ? 4 : 0);
+                const unsigned dst = smem_addr(dynf + bst + st * cl + i);
+                if (wide) cp_async16_zfill(dst, src ? src : lb, src ? 16 : 0);
+                else cp_async4_zfill(dst, src ? src : lb, src ? 4 : 0);
             }
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
